@@ -1,0 +1,110 @@
+"""Fan-out of status events to any number of consumers.
+
+Policy: every consumer has its own bounded buffer. Publishing never waits, so a
+slow consumer never slows the scheduler or the other consumers. When a
+consumer's buffer is full the *oldest* event in it is dropped and counted in
+:attr:`EventStream.dropped`; the events it does see are still in order, for
+each task and overall.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import weakref
+from collections import deque
+from collections.abc import AsyncIterator
+from types import TracebackType
+
+from ._models import Event
+
+__all__ = ["DEFAULT_EVENT_BUFFER", "EventHub", "EventStream"]
+
+DEFAULT_EVENT_BUFFER = 10_000
+"""Events buffered for one consumer before the oldest are dropped."""
+
+
+class EventStream(AsyncIterator[Event]):
+    """Live events, from the moment it was created until it or its scheduler is closed.
+
+    Use ``async for event in stream`` and close it with ``aclose()`` (or
+    ``async with``). A stream that is simply dropped is unsubscribed when it is
+    garbage collected.
+    """
+
+    def __init__(self, hub: EventHub, batch_id: str | None, maxlen: int) -> None:
+        self.batch_id = batch_id
+        self.dropped = 0
+        self._buffer: deque[Event] = deque(maxlen=maxlen)
+        self._waiter: asyncio.Future[None] | None = None
+        self._closed = False
+        self._hub = hub
+
+    def _push(self, event: Event) -> None:
+        buffer = self._buffer
+        if len(buffer) == buffer.maxlen:
+            self.dropped += 1
+        buffer.append(event)
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _end(self) -> None:
+        self._closed = True
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def __aiter__(self) -> EventStream:
+        return self
+
+    async def __anext__(self) -> Event:
+        while not self._buffer:
+            if self._closed:
+                raise StopAsyncIteration
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        return self._buffer.popleft()
+
+    async def aclose(self) -> None:
+        """Stop receiving events; what is buffered is discarded. Idempotent."""
+        self._hub._subscribers.discard(self)
+        self._buffer.clear()
+        self._end()
+
+    async def __aenter__(self) -> EventStream:
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await self.aclose()
+
+
+class EventHub:
+    """Publishes each event to every live :class:`EventStream`."""
+
+    def __init__(self, maxlen: int = DEFAULT_EVENT_BUFFER) -> None:
+        self._subscribers: weakref.WeakSet[EventStream] = weakref.WeakSet()
+        self._maxlen = maxlen
+
+    def subscribe(self, batch_id: str | None = None, maxlen: int | None = None) -> EventStream:
+        stream = EventStream(self, batch_id, maxlen or self._maxlen)
+        self._subscribers.add(stream)
+        return stream
+
+    @property
+    def active(self) -> bool:
+        return bool(self._subscribers)
+
+    def publish(self, event: Event) -> None:
+        for stream in self._subscribers:
+            if stream.batch_id is None or stream.batch_id == event.batch_id:
+                stream._push(event)
+
+    def close(self) -> None:
+        """End every stream once it has delivered what it holds."""
+        for stream in list(self._subscribers):
+            stream._end()
+        self._subscribers.clear()

@@ -1,0 +1,98 @@
+"""Backends that run on this machine: the process pool, and any Executor."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import multiprocessing.context
+import os
+import time
+from typing import Any
+
+from ._backend import Backend, Emit
+from ._models import Attempt, Outcome, Status, TaskReported, TaskStarted
+from ._pool import ProcessPool
+from ._worker import error_info, run_capturing
+
+__all__ = ["ExecutorBackend", "ProcessBackend"]
+
+
+class ProcessBackend(Backend):
+    """The default backend: a :class:`ProcessPool` that kills timed-out and cancelled attempts.
+
+    Pass a pool you built yourself, or the pool's own arguments.
+    """
+
+    def __init__(
+        self,
+        pool: ProcessPool | None = None,
+        *,
+        workers: int | str = "cpu",
+        mp_context: str | multiprocessing.context.BaseContext | None = None,
+        max_tasks_per_child: int | None = None,
+    ) -> None:
+        self.pool = pool or ProcessPool(workers, mp_context=mp_context, max_tasks_per_child=max_tasks_per_child)
+        self.capacity = self.pool.size
+
+    async def start(self) -> None:
+        self.pool.start()
+
+    def submit(self, attempt: Attempt, emit: Emit) -> asyncio.Future[Outcome]:
+        batch_id, key, number = attempt.batch_id, attempt.key, attempt.number
+
+        def on_start(pid: int, timestamp: float) -> None:
+            emit(TaskStarted(batch_id, key, Status.RUNNING, timestamp, pid, attempt=number))
+
+        def on_report(pid: int, timestamp: float, message: str | None, progress: float | None,
+                      data: dict[str, Any]) -> None:
+            emit(TaskReported(batch_id, key, Status.RUNNING, timestamp, pid, message, progress, number, data or None))
+
+        return self.pool.call(attempt.fn, attempt.args, timeout=attempt.timeout, on_start=on_start,
+                              on_report=on_report)
+
+    async def aclose(self) -> None:
+        await self.pool.aclose()
+
+
+class ExecutorBackend(Backend):
+    """Runs attempts on any ``concurrent.futures.Executor`` through ``loop.run_in_executor``.
+
+    A thread pool makes a fast in-process backend for tests; the stdlib
+    ``ProcessPoolExecutor`` works too. What an executor cannot do stays
+    undone, honestly reported: a timed-out attempt is recorded ``timed_out`` at
+    once, but a plain executor cannot stop it, so it runs on in the
+    background. ``report()`` events arrive when the attempt ends.
+    The executor is shut down on :meth:`aclose` when ``owned`` is true.
+    """
+
+    def __init__(self, executor: concurrent.futures.Executor, *, capacity: int | None = None,
+                 owned: bool = True) -> None:
+        self.executor = executor
+        self.capacity = capacity or getattr(executor, "_max_workers", None) or os.cpu_count() or 1
+        self._owned = owned
+
+    def submit(self, attempt: Attempt, emit: Emit) -> asyncio.Future[Outcome]:
+        return asyncio.ensure_future(self._run(attempt, emit))
+
+    async def _run(self, attempt: Attempt, emit: Emit) -> Outcome:
+        loop = asyncio.get_running_loop()
+        emit(TaskStarted(attempt.batch_id, attempt.key, Status.RUNNING, time.time(), attempt=attempt.number))
+        future = loop.run_in_executor(self.executor, run_capturing, attempt.fn, attempt.args)
+        try:
+            async with asyncio.timeout(attempt.timeout):
+                ok, value, started, finished, pid, reports = await future
+        except TimeoutError:
+            return Outcome(Status.TIMED_OUT, error=f"timed out after {attempt.timeout:g}s (this executor cannot "
+                           "stop a running call)", error_type="TimeoutError")
+        except Exception as exc:  # the executor itself failed: broken pool, unpicklable argument, ...
+            return Outcome.from_error(error_info(exc))
+        for timestamp, message, progress, data in reports:
+            emit(TaskReported(attempt.batch_id, attempt.key, Status.RUNNING, timestamp, pid, message, progress,
+                              attempt.number, data or None))
+        if ok:
+            return Outcome(Status.COMPLETED, value=value, pid=pid, started_at=started, finished_at=finished)
+        return Outcome.from_error(value, pid=pid, started_at=started, finished_at=finished)
+
+    async def aclose(self) -> None:
+        if self._owned:
+            await asyncio.get_running_loop().run_in_executor(None, self.executor.shutdown)

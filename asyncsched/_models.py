@@ -1,0 +1,355 @@
+"""Value objects: tasks, results, events, statistics and the retry policy."""
+
+from __future__ import annotations
+
+import enum
+import functools
+import pickle
+import random
+import types
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from ._errors import (
+    RemoteTraceback,
+    TaskCancelledError,
+    TaskCrashedError,
+    TaskDefinitionError,
+    TaskError,
+    TaskFailedError,
+    TaskTimeoutError,
+)
+
+__all__ = [
+    "Attempt",
+    "Event",
+    "Outcome",
+    "RetryPolicy",
+    "Stats",
+    "Status",
+    "Summary",
+    "Task",
+    "TaskFinished",
+    "TaskReported",
+    "TaskResult",
+    "TaskRetried",
+    "TaskStarted",
+]
+
+
+class Status(enum.StrEnum):
+    """Where a task stands. A ``str`` enum: ``Status.COMPLETED == "completed"``."""
+
+    PENDING = "pending"
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    TIMED_OUT = "timed_out"
+    CRASHED = "crashed"
+    CANCELLED = "cancelled"
+
+    @property
+    def is_final(self) -> bool:
+        return self not in (Status.PENDING, Status.RUNNING)
+
+
+def _check_sendable(fn: Callable[..., Any]) -> None:
+    """Refuse, at submission, functions a worker process could never load."""
+    if not callable(fn):
+        raise TaskDefinitionError(f"a Task needs a callable, got {type(fn).__name__} {fn!r}")
+    while isinstance(fn, functools.partial):
+        fn = fn.func
+    if isinstance(fn, types.FunctionType) and "<" in fn.__qualname__:
+        what = "a lambda" if fn.__name__ == "<lambda>" else "a nested function"
+        raise TaskDefinitionError(
+            f"{fn.__module__}.{fn.__qualname__} is {what}; a worker process can only load functions "
+            "by name: define it at module level (use functools.partial to bind arguments)"
+        )
+
+
+class Task:
+    """One call to run in a worker: ``Task(fn, *args, key=None, timeout=None, retries=None)``.
+
+    ``fn`` must be loadable by name in another process: a module-level function,
+    a builtin, or a ``functools.partial`` of one (that is how keyword arguments
+    are passed). ``key`` identifies the task in its batch (default: its position,
+    as a string); ``timeout`` (seconds) and ``retries`` override the scheduler's
+    defaults. A Task holds no state of a run, so one list of tasks can be run
+    several times.
+    """
+
+    __slots__ = ("args", "fn", "key", "retries", "timeout")
+
+    def __init__(
+        self,
+        fn: Callable[..., Any],
+        /,
+        *args: Any,
+        key: str | int | None = None,
+        timeout: float | None = None,
+        retries: int | None = None,
+    ) -> None:
+        _check_sendable(fn)
+        if timeout is not None and not timeout > 0:
+            raise TaskDefinitionError(f"timeout must be a positive number of seconds, got {timeout!r}")
+        if retries is not None and (not isinstance(retries, int) or retries < 0):
+            raise TaskDefinitionError(f"retries must be a non-negative int, got {retries!r}")
+        self.fn = fn
+        self.args = args
+        self.key = None if key is None else str(key)
+        self.timeout = timeout
+        self.retries = retries
+
+    def __repr__(self) -> str:
+        name = getattr(self.fn, "__qualname__", repr(self.fn))
+        return f"Task({name}, *{self.args!r}, key={self.key!r})"
+
+
+@dataclass(frozen=True, slots=True)
+class Attempt:
+    """One attempt of one task, as handed to a backend."""
+
+    batch_id: str
+    key: str
+    fn: Callable[..., Any]
+    args: tuple[Any, ...]
+    timeout: float | None
+    number: int = 1
+
+
+@dataclass(slots=True)
+class Outcome:
+    """How one attempt ended, as a backend reports it."""
+
+    status: Status
+    value: Any = None
+    error: str | None = None
+    traceback: str | None = None
+    exception: BaseException | None = None
+    error_type: str | None = None
+    pid: int | None = None
+    started_at: float | None = None
+    finished_at: float | None = None
+
+    @classmethod
+    def from_error(
+        cls, info: tuple[str, str, str, bytes | None], *, status: Status = Status.FAILED, **kw: Any
+    ) -> Outcome:
+        """Build a failed outcome from a worker's ``ErrorInfo``, rebuilding the exception."""
+        name, text, tb, blob = info
+        exc: BaseException | None = None
+        if blob is not None:
+            try:
+                exc = pickle.loads(blob)
+            except Exception:
+                exc = None
+            if isinstance(exc, BaseException):
+                exc.__cause__ = RemoteTraceback(tb)
+            else:
+                exc = None
+        return cls(status, error=text, traceback=tb, exception=exc, error_type=name, **kw)
+
+
+_RAISES: dict[Status, type[TaskError]] = {
+    Status.FAILED: TaskFailedError,
+    Status.TIMED_OUT: TaskTimeoutError,
+    Status.CRASHED: TaskCrashedError,
+    Status.CANCELLED: TaskCancelledError,
+}
+
+
+def task_error(status: Status, key: str | None, error: str | None) -> TaskError:
+    """The :class:`TaskError` that stands for a task that ended with ``status``."""
+    name = "task" if key is None else f"task {key!r}"
+    return _RAISES.get(status, TaskError)(f"{name} {status.value}: {error}")
+
+
+@dataclass(frozen=True, slots=True)
+class TaskResult:
+    """The final record of one task."""
+
+    batch_id: str
+    key: str
+    status: Status
+    value: Any = None
+    error: str | None = None
+    traceback: str | None = None
+    attempts: int = 0
+    pid: int | None = None
+    started_at: float | None = None
+    finished_at: float | None = None
+    message: str | None = None
+    progress: float | None = None
+    error_type: str | None = None
+    index: int = -1
+    exception: BaseException | None = field(default=None, compare=False, repr=False)
+
+    @property
+    def duration(self) -> float | None:
+        """Seconds between the start and the end of the last attempt."""
+        if self.started_at is None or self.finished_at is None:
+            return None
+        return self.finished_at - self.started_at
+
+    @property
+    def ok(self) -> bool:
+        return self.status is Status.COMPLETED
+
+    def unwrap(self) -> Any:
+        """Return the value, or raise a :class:`TaskError` describing why there is none.
+
+        For a failed task the task's own exception (with its type) is the
+        ``__cause__`` of the :class:`TaskFailedError`.
+        """
+        if self.status is Status.COMPLETED:
+            return self.value
+        raise task_error(self.status, self.key, self.error) from self.exception
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """A status event. Subclasses tell what happened; all carry the same fields."""
+
+    batch_id: str
+    key: str
+    status: Status
+    timestamp: float
+    pid: int | None = None
+    message: str | None = None
+    progress: float | None = None
+    attempt: int = 1
+    data: dict[str, Any] | None = None
+
+
+class TaskStarted(Event):
+    """An attempt started running on a worker (status ``RUNNING``)."""
+
+    __slots__ = ()
+
+
+class TaskReported(Event):
+    """The task called ``report()`` (status ``RUNNING``)."""
+
+    __slots__ = ()
+
+
+class TaskRetried(Event):
+    """An attempt ended badly and another one is scheduled; ``status`` is that attempt's."""
+
+    __slots__ = ()
+
+
+class TaskFinished(Event):
+    """The task reached its final status."""
+
+    __slots__ = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Stats:
+    """Counts of final results, for one batch or for all of them."""
+
+    total: int = 0
+    completed: int = 0
+    failed: int = 0
+    timed_out: int = 0
+    crashed: int = 0
+    cancelled: int = 0
+    batch_id: str | None = None
+
+    @property
+    def success_rate(self) -> float:
+        """Completed over total, between 0 and 1 (0 for an empty batch)."""
+        return self.completed / self.total if self.total else 0.0
+
+    @classmethod
+    def of(cls, counts: dict[Status, int], batch_id: str | None = None) -> Stats:
+        return cls(
+            total=sum(counts.values()),
+            completed=counts.get(Status.COMPLETED, 0),
+            failed=counts.get(Status.FAILED, 0),
+            timed_out=counts.get(Status.TIMED_OUT, 0),
+            crashed=counts.get(Status.CRASHED, 0),
+            cancelled=counts.get(Status.CANCELLED, 0),
+            batch_id=batch_id,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Summary:
+    """What :meth:`Scheduler.run` returns: the counts and every result in submission order."""
+
+    batch_id: str
+    total: int
+    completed: int
+    failed: int
+    timed_out: int
+    crashed: int
+    cancelled: int
+    elapsed: float
+    results: list[TaskResult]
+
+    @property
+    def success_rate(self) -> float:
+        """Completed over total, between 0 and 1 (0 for an empty batch)."""
+        return self.completed / self.total if self.total else 0.0
+
+    @classmethod
+    def of(cls, batch_id: str, results: list[TaskResult], elapsed: float) -> Summary:
+        counts = {status: 0 for status in Status}
+        for result in results:
+            counts[result.status] += 1
+        stats = Stats.of(counts)
+        return cls(
+            batch_id=batch_id,
+            total=len(results),
+            completed=stats.completed,
+            failed=stats.failed,
+            timed_out=stats.timed_out,
+            crashed=stats.crashed,
+            cancelled=stats.cancelled,
+            elapsed=elapsed,
+            results=results,
+        )
+
+
+DEFAULT_RETRY_ON = frozenset({Status.FAILED, Status.CRASHED, Status.TIMED_OUT})
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """When and how soon a task that did not complete is tried again.
+
+    The delay before retry ``n`` (1-based) is ``min(max_delay, base_delay * 2 ** (n - 1))``,
+    scaled by a random factor in ``[1 - jitter, 1]``. ``exceptions`` limits the
+    retried *failures* to those types (matched on the rebuilt exception, or on
+    the type's name when it could not be rebuilt); ``None`` retries any.
+
+    >>> RetryPolicy(base_delay=0.5, max_delay=10, on=frozenset({Status.CRASHED}))  # doctest: +ELLIPSIS
+    RetryPolicy(...)
+    """
+
+    base_delay: float = 0.1
+    max_delay: float = 30.0
+    jitter: float = 0.5
+    on: frozenset[Status] = DEFAULT_RETRY_ON
+    exceptions: tuple[type[BaseException], ...] | None = None
+
+    def delay(self, retry: int) -> float:
+        raw = min(self.max_delay, self.base_delay * 2 ** (retry - 1))
+        return raw * (1 - self.jitter * random.random())
+
+    def should_retry(self, outcome: Outcome) -> bool:
+        if outcome.status not in self.on:
+            return False
+        if outcome.status is not Status.FAILED or self.exceptions is None:
+            return True
+        if outcome.exception is not None:
+            return isinstance(outcome.exception, self.exceptions)
+        return outcome.error_type in {type_name(kind) for kind in self.exceptions}
+
+
+def type_name(kind: type) -> str:
+    """``ValueError`` for builtins, ``module.Qualified`` for the rest."""
+    return kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"

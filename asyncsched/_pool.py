@@ -1,0 +1,712 @@
+"""The local process pool: a ``concurrent.futures.Executor`` that can kill one task.
+
+Data flow (everything on the left runs on one event loop thread; no locks)::
+
+    ProcessPool.call() / submit()                              worker process (one per slot)
+      |                                                        -------------------------------
+      | pickle (fn, args) once, here: a bad argument fails
+      | only this call
+      v
+    _Call -> pending deque --dispatch to an idle _Worker--> socket pair (one per worker)
+                                                             (call_id, payload) -----------> worker_main()
+                                                                                              runs fn(*args)
+    _Call.future <---- _on_message <---- add_reader(socket) <---- READY / REPORT / DONE <------
+         ^                                                                                    |
+         |           _on_exit  <-------- add_reader(process sentinel) <---- process exit -----+
+         |
+    deadline timer (loop.call_at) or future.cancel() -> _kill(worker): SIGTERM to the worker's
+    process group, SIGKILL after a short grace, and a new worker takes the slot.
+
+Actors:
+
+* ``_Call`` is the record kept in the parent for one call: the pickled payload,
+  its timeout, the future the caller awaits and the worker running it. Only
+  ``(call_id, payload)`` crosses the wire; the wire format is in ``_worker``.
+* ``_Worker`` is the record of one process: its socket, its sentinel and the
+  call it runs. Each worker has its own socket, so killing one worker loses
+  nothing but its own call; a dead worker never breaks the pool (unlike the
+  stdlib ``ProcessPoolExecutor``).
+* The event loop watches every socket and every process sentinel with
+  ``add_reader``: nothing polls and nothing sleeps. Reads and writes are
+  non-blocking, so a large argument or result never blocks the loop.
+* Before a worker is declared crashed or timed out, what it already sent is
+  read, so a result that raced with a kill or an exit is not lost.
+
+Used from a thread with no running loop (plain ``Executor`` use), the pool runs
+its own loop in a private thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import concurrent.futures
+import contextlib
+import functools
+import itertools
+import multiprocessing
+import multiprocessing.context
+import multiprocessing.util
+import os
+import pickle
+import signal
+import socket
+import struct
+import threading
+import time
+import weakref
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from typing import Any
+
+from ._errors import BrokenPoolError, ClosedError, ConfigurationError
+from ._models import Outcome, Status, task_error
+from ._worker import DONE, READY, REPORT, worker_main
+
+__all__ = ["PoolStatistics", "ProcessPool", "default_start_method", "resolve_workers"]
+
+KILL_GRACE = 0.3
+"""Seconds between SIGTERM and SIGKILL when a worker is killed."""
+MAX_START_FAILURES = 3
+"""Workers dying one after another before their READY break the pool."""
+
+_HEADER = struct.Struct("!i")
+_BIG_HEADER = struct.Struct("!iQ")
+_READ_SIZE = 1 << 18
+_PROTOCOL = pickle.HIGHEST_PROTOCOL
+
+OnStart = Callable[[int, float], None]
+OnReport = Callable[[int, float, "str | None", "float | None", "dict[str, Any]"], None]
+
+
+def resolve_workers(workers: int | str) -> int:
+    """``"cpu"`` is the number of cores, ``"io"`` twice that, or a positive int."""
+    cores = os.cpu_count() or 1
+    if workers == "cpu":
+        return cores
+    if workers == "io":
+        return 2 * cores
+    if isinstance(workers, int) and not isinstance(workers, bool) and workers > 0:
+        return workers
+    if isinstance(workers, str) and workers.isdigit() and int(workers) > 0:
+        return int(workers)
+    raise ConfigurationError(f'workers must be "cpu", "io" or a positive int, got {workers!r}')
+
+
+def default_start_method() -> str:
+    """``forkserver`` where the platform has it, else ``spawn``.
+
+    ``fork`` is available on request but unsafe once threads exist (aiosqlite and
+    the default executor start some), so it is never the default.
+    """
+    methods = multiprocessing.get_all_start_methods()
+    return "forkserver" if "forkserver" in methods else "spawn"
+
+
+def _context(mp_context: str | multiprocessing.context.BaseContext | None) -> Any:
+    if mp_context is None:
+        return multiprocessing.get_context(default_start_method())
+    if isinstance(mp_context, str):
+        try:
+            return multiprocessing.get_context(mp_context)
+        except ValueError:
+            raise ConfigurationError(
+                f"unknown start method {mp_context!r}; use one of {multiprocessing.get_all_start_methods()}"
+            ) from None
+    return mp_context
+
+
+@dataclass(frozen=True, slots=True)
+class PoolStatistics:
+    """A snapshot of the pool, from :meth:`ProcessPool.statistics`."""
+
+    workers: int
+    idle: int
+    running: int
+    pending: int
+    started: int
+    crashed: int
+    killed: int
+
+
+class _CallFuture(asyncio.Future[Outcome]):
+    """The future of one call; cancelling it kills the worker running the call."""
+
+    _on_cancel: Callable[[], None] | None = None
+
+    def cancel(self, msg: Any | None = None) -> bool:
+        if not super().cancel(msg):
+            return False
+        if self._on_cancel is not None:
+            self._on_cancel()
+        return True
+
+
+class _Call:
+    __slots__ = ("call_id", "future", "on_report", "on_start", "payload", "timeout", "worker")
+
+    def __init__(
+        self,
+        call_id: int,
+        payload: bytes,
+        timeout: float | None,
+        future: _CallFuture,
+        on_start: OnStart | None,
+        on_report: OnReport | None,
+    ) -> None:
+        self.call_id = call_id
+        self.payload = payload
+        self.timeout = timeout
+        self.future = future
+        self.on_start = on_start
+        self.on_report = on_report
+        self.worker: _Worker | None = None
+
+
+class _Worker:
+    __slots__ = ("call", "calls_done", "deadline", "fd", "inbuf", "killed", "outbuf", "pid", "process",
+                 "ready", "retiring", "sock")
+
+    def __init__(self, process: Any, sock: socket.socket) -> None:
+        self.process = process
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.pid: int = process.pid
+        self.ready = False
+        self.retiring = False  # leaving the pool: killed or told to stop
+        self.killed = False
+        self.call: _Call | None = None
+        self.calls_done = 0
+        self.deadline: asyncio.TimerHandle | None = None
+        self.inbuf = bytearray()
+        self.outbuf = bytearray()
+
+    def signal(self, signum: int) -> None:
+        """Signal the worker's whole process group (the task's own children too)."""
+        try:
+            if self.ready:  # the worker has made itself a group leader
+                os.killpg(self.pid, signum)
+            else:
+                os.kill(self.pid, signum)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+_live_pools: weakref.WeakSet[ProcessPool] = weakref.WeakSet()
+
+
+@atexit.register
+def _kill_leftover_workers() -> None:
+    # Registered after multiprocessing's own exit handler, so it runs first:
+    # a pool nobody closed cannot make the interpreter wait for its workers.
+    for pool in list(_live_pools):
+        for worker in list(pool._workers):
+            worker.signal(signal.SIGKILL)
+
+
+class ProcessPool(concurrent.futures.Executor):
+    """A pool of worker processes where any running call can be killed alone.
+
+    ``workers`` is ``"cpu"``, ``"io"`` or a number. ``mp_context`` is a start
+    method name or a multiprocessing context (default: :func:`default_start_method`).
+    A worker is replaced after ``max_tasks_per_child`` calls when that is set.
+
+    From async code use :meth:`call` (or ``loop.run_in_executor``) inside
+    ``async with ProcessPool(...)``. As a plain ``Executor``, ``submit()`` and
+    ``map()`` work from any thread. Cancelling a future, even a running one,
+    kills the worker that runs it and starts a new one.
+    """
+
+    def __init__(
+        self,
+        workers: int | str = "cpu",
+        *,
+        mp_context: str | multiprocessing.context.BaseContext | None = None,
+        max_tasks_per_child: int | None = None,
+    ) -> None:
+        self.size = resolve_workers(workers)
+        if max_tasks_per_child is not None and max_tasks_per_child < 1:
+            raise ConfigurationError(f"max_tasks_per_child must be at least 1, got {max_tasks_per_child!r}")
+        self._ctx = _context(mp_context)
+        self._max_tasks = max_tasks_per_child
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._workers: set[_Worker] = set()
+        self._idle: list[_Worker] = []
+        self._pending: deque[_Call] = deque()
+        self._ids = itertools.count()
+        self._closed = False
+        self._broken: BrokenPoolError | None = None
+        self._start_failures = 0
+        self._all_exited: asyncio.Event | None = None
+        self._started = self._crashed = self._killed = 0
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the workers, on the running loop, or on a private loop thread if there is none."""
+        if self._loop is not None:
+            return
+        if self._closed:
+            raise ClosedError("this ProcessPool is closed; create a new one")
+        try:
+            self._bind(asyncio.get_running_loop())
+        except RuntimeError:
+            self._start_thread()
+
+    def _bind(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._all_exited = asyncio.Event()
+        _live_pools.add(self)
+        self._fill()
+
+    def _start_thread(self) -> None:
+        loop = asyncio.new_event_loop()
+        started = threading.Event()
+
+        def run() -> None:
+            asyncio.set_event_loop(loop)
+            loop.call_soon(started.set)
+            loop.run_forever()
+            loop.close()
+
+        self._thread = threading.Thread(target=run, name="asyncsched-pool", daemon=True)
+        self._thread.start()
+        started.wait()
+        asyncio.run_coroutine_threadsafe(self._bind_async(loop), loop).result()
+
+    async def _bind_async(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._bind(loop)
+
+    async def __aenter__(self) -> ProcessPool:
+        self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Kill what runs, stop every worker and wait until all are gone. Idempotent."""
+        await self._close(cancel=True)
+
+    async def _close(self, *, cancel: bool) -> None:
+        if self._loop is None:
+            self._closed = True
+            return
+        if not self._closed and not cancel:
+            while self._pending or any(w.call for w in self._workers):
+                waiting = [c.future for c in self._pending] + [w.call.future for w in self._workers if w.call]
+                await asyncio.wait(waiting)
+        self._closed = True
+        for call in self._pending:
+            call.future.cancel()
+        self._pending.clear()
+        for worker in list(self._workers):
+            if worker.call is not None:
+                worker.call.future.cancel()  # kills the worker
+            elif not worker.retiring:
+                self._retire(worker)
+        assert self._all_exited is not None
+        if self._workers:
+            try:
+                await asyncio.wait_for(asyncio.shield(self._all_exited.wait()), 2.0)
+            except TimeoutError:  # a worker ignored its stop: no process outlives the pool
+                for worker in list(self._workers):
+                    worker.signal(signal.SIGKILL)
+                await self._all_exited.wait()
+        _live_pools.discard(self)
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """``Executor.shutdown``. From the pool's own loop thread use ``await aclose()`` instead."""
+        loop = self._loop
+        if loop is None or self._closed:
+            self._closed = True
+            return
+        if self._on_loop_thread():
+            loop.create_task(self._close(cancel=True))
+            return
+        done = asyncio.run_coroutine_threadsafe(self._close(cancel=cancel_futures), loop)
+        if wait:
+            done.result()
+            if self._thread is not None:
+                loop.call_soon_threadsafe(loop.stop)
+                self._thread.join()
+
+    # -- async API ---------------------------------------------------------------------------
+
+    def call(
+        self,
+        fn: Callable[..., Any],
+        args: tuple[Any, ...] = (),
+        *,
+        timeout: float | None = None,
+        on_start: OnStart | None = None,
+        on_report: OnReport | None = None,
+    ) -> asyncio.Future[Outcome]:
+        """Run ``fn(*args)`` in a worker; the future resolves to its :class:`Outcome`.
+
+        Must be called on the pool's loop. The future never raises for the task's
+        own errors: those are outcomes (failed, timed out, crashed). Cancelling it
+        stops the call; if it runs, its worker is killed and replaced.
+        """
+        if self._loop is None:
+            self.start()
+        if self._closed:
+            raise ClosedError("this ProcessPool is closed; create a new one")
+        future = _CallFuture(loop=self._loop)
+        if self._broken is not None:
+            future.set_exception(self._broken)
+            return future
+        try:
+            payload = pickle.dumps((fn, args), _PROTOCOL)
+        except Exception as exc:
+            future.set_result(_pickle_failure(fn, args, exc))
+            return future
+        call = _Call(next(self._ids), payload, timeout, future, on_start, on_report)
+        future._on_cancel = lambda: self._on_cancel(call)
+        self._pending.append(call)
+        self._dispatch()
+        return future
+
+    @property
+    def pids(self) -> list[int]:
+        """Process ids of the workers that are alive and in service."""
+        return [w.pid for w in self._workers if not w.retiring]
+
+    def statistics(self) -> PoolStatistics:
+        return PoolStatistics(
+            workers=len(self._workers),
+            idle=len(self._idle),
+            running=sum(1 for w in self._workers if w.call is not None),
+            pending=len(self._pending),
+            started=self._started,
+            crashed=self._crashed,
+            killed=self._killed,
+        )
+
+    # -- Executor API ------------------------------------------------------------------------
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> concurrent.futures.Future[Any]:
+        """``Executor.submit``: a future of the value; a task's exception is raised from it.
+
+        Unlike the stdlib's, ``cancel()`` works while the call runs: it kills the worker.
+        """
+        if kwargs:
+            fn = functools.partial(fn, **kwargs)
+        if self._closed:
+            raise ClosedError("this ProcessPool is closed; create a new one")
+        self.start()
+        result: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        loop = self._loop
+        assert loop is not None
+        if self._on_loop_thread():
+            self._submit_on_loop(result, fn, args)
+        else:
+            loop.call_soon_threadsafe(self._submit_on_loop, result, fn, args)
+        return result
+
+    def _submit_on_loop(self, result: concurrent.futures.Future[Any], fn: Callable[..., Any], args: Any) -> None:
+        if result.cancelled():
+            return
+        try:
+            inner = self.call(fn, args)
+        except Exception as exc:
+            _settle(result, exc, error=True)
+            return
+        loop = self._loop
+        assert loop is not None
+        # Never marked RUNNING, so cancel() keeps working until the call finishes.
+        result.add_done_callback(lambda f: f.cancelled() and loop.call_soon_threadsafe(inner.cancel))
+        inner.add_done_callback(lambda f: _settle_from_outcome(result, f))
+
+    def _on_loop_thread(self) -> bool:
+        try:
+            return asyncio.get_running_loop() is self._loop
+        except RuntimeError:
+            return False
+
+    # -- workers -----------------------------------------------------------------------------
+
+    def _fill(self) -> None:
+        if self._closed or self._broken is not None:
+            return
+        for _ in range(self.size - sum(1 for w in self._workers if not w.retiring)):
+            self._spawn()
+
+    def _spawn(self) -> None:
+        loop = self._loop
+        assert loop is not None
+        parent_sock, child_sock = socket.socketpair()
+        child_conn = Connection(child_sock.detach())
+        process = self._ctx.Process(target=worker_main, args=(child_conn,), name="asyncsched-worker")
+        try:
+            process.start()
+        finally:
+            child_conn.close()
+        parent_sock.setblocking(False)
+        worker = _Worker(process, parent_sock)
+        self._workers.add(worker)
+        self._started += 1
+        assert self._all_exited is not None
+        self._all_exited.clear()
+        loop.add_reader(worker.fd, self._on_readable, worker)
+        loop.add_reader(process.sentinel, self._on_exit, worker)
+
+    def _retire(self, worker: _Worker) -> None:
+        """Ask an idle worker to finish; it exits after reading ``None``."""
+        worker.retiring = True
+        with contextlib.suppress(ValueError):
+            self._idle.remove(worker)
+        self._send(worker, pickle.dumps(None))
+
+    def _kill(self, worker: _Worker) -> None:
+        """SIGTERM the worker's process group now, SIGKILL it after the grace period."""
+        if worker.killed:
+            return
+        worker.killed = worker.retiring = True
+        worker.call = None
+        self._killed += 1
+        if worker.deadline is not None:
+            worker.deadline.cancel()
+        with contextlib.suppress(ValueError):
+            self._idle.remove(worker)
+        worker.signal(signal.SIGTERM)
+        assert self._loop is not None
+        self._loop.call_later(KILL_GRACE, worker.signal, signal.SIGKILL)
+        self._fill()
+
+    def _on_exit(self, worker: _Worker) -> None:
+        loop = self._loop
+        assert loop is not None
+        loop.remove_reader(worker.process.sentinel)
+        self._read(worker)  # a result sent just before the exit still counts
+        loop.remove_reader(worker.fd)
+        if worker.outbuf:
+            loop.remove_writer(worker.fd)
+        worker.process.join()
+        code = worker.process.exitcode
+        worker.sock.close()
+        worker.process.close()
+        if worker.killed:
+            worker.signal(signal.SIGKILL)  # the task's own children, if any survived SIGTERM
+        self._workers.discard(worker)
+        with contextlib.suppress(ValueError):
+            self._idle.remove(worker)
+        if worker.deadline is not None:
+            worker.deadline.cancel()
+        call, worker.call = worker.call, None
+        if call is not None and not call.future.done():
+            self._crashed += 1
+            call.future.set_result(
+                Outcome(Status.CRASHED, error=f"worker {worker.pid} {_describe_exit(code)}",
+                        error_type="WorkerCrash", pid=worker.pid)
+            )
+        if not worker.ready and not worker.retiring:
+            self._start_failures += 1
+            if self._start_failures >= MAX_START_FAILURES:
+                self._break(f"{self._start_failures} workers in a row {_describe_exit(code)} before they were "
+                            "ready; check that the task module imports cleanly in a fresh process")
+        if not self._workers:
+            assert self._all_exited is not None
+            self._all_exited.set()
+        self._fill()
+        self._dispatch()
+
+    def _break(self, why: str) -> None:
+        self._broken = BrokenPoolError(why)
+        for call in self._pending:
+            if not call.future.done():
+                call.future.set_exception(self._broken)
+        self._pending.clear()
+
+    # -- the wire ----------------------------------------------------------------------------
+
+    def _on_readable(self, worker: _Worker) -> None:
+        if not self._read(worker):
+            assert self._loop is not None
+            self._loop.remove_reader(worker.fd)  # EOF: the sentinel tells the rest
+
+    def _read(self, worker: _Worker) -> bool:
+        """Read what the worker has sent and handle each whole message; False at EOF."""
+        buf = worker.inbuf
+        alive = True
+        while True:
+            try:
+                data = worker.sock.recv(_READ_SIZE)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:
+                data = b""
+            if not data:
+                alive = False
+                break
+            buf += data
+            if len(data) < _READ_SIZE:
+                break
+        messages = []
+        pos, end = 0, len(buf)
+        while end - pos >= 4:
+            (size,) = _HEADER.unpack_from(buf, pos)
+            head = 4
+            if size == -1:
+                if end - pos < _BIG_HEADER.size:
+                    break
+                size = _BIG_HEADER.unpack_from(buf, pos)[1]
+                head = _BIG_HEADER.size
+            if end - pos - head < size:
+                break
+            messages.append(pickle.loads(buf[pos + head: pos + head + size]))
+            pos += head + size
+        del buf[:pos]
+        for message in messages:
+            self._on_message(worker, message)
+        return alive
+
+    def _on_message(self, worker: _Worker, message: tuple[Any, ...]) -> None:
+        kind = message[0]
+        call = worker.call
+        if kind == DONE:
+            if call is None or call.call_id != message[1]:
+                return  # the call was cancelled or timed out meanwhile
+            _, _, ok, value, started, finished = message
+            worker.call = None
+            if worker.deadline is not None:
+                worker.deadline.cancel()
+                worker.deadline = None
+            if not call.future.done():
+                if ok:
+                    outcome = Outcome(Status.COMPLETED, value=value, pid=worker.pid,
+                                      started_at=started, finished_at=finished)
+                else:
+                    outcome = Outcome.from_error(value, pid=worker.pid, started_at=started, finished_at=finished)
+                call.future.set_result(outcome)
+            worker.calls_done += 1
+            if self._closed or (self._max_tasks is not None and worker.calls_done >= self._max_tasks):
+                self._retire(worker)
+                self._fill()
+            else:
+                self._idle.append(worker)
+            self._dispatch()
+        elif kind == REPORT:
+            if call is not None and call.call_id == message[1] and call.on_report is not None:
+                _, _, timestamp, text, progress, data = message
+                call.on_report(worker.pid, timestamp, text, progress, data)
+        elif kind == READY:
+            worker.ready = True
+            self._start_failures = 0
+            if self._closed:
+                self._retire(worker)
+            else:
+                self._idle.append(worker)
+                self._dispatch()
+
+    def _send(self, worker: _Worker, data: bytes) -> None:
+        header = _HEADER.pack(len(data)) if len(data) < 0x7FFFFFFF else _BIG_HEADER.pack(-1, len(data))
+        if worker.outbuf:
+            worker.outbuf += header + data
+            return
+        try:
+            sent = worker.sock.sendmsg([header, data])
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError:
+            return  # the worker is gone; its sentinel will say so
+        total = len(header) + len(data)
+        if sent < total:
+            worker.outbuf += (header + data)[sent:]
+            assert self._loop is not None
+            self._loop.add_writer(worker.fd, self._on_writable, worker)
+
+    def _on_writable(self, worker: _Worker) -> None:
+        try:
+            sent = worker.sock.send(worker.outbuf)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            sent = len(worker.outbuf)
+        del worker.outbuf[:sent]
+        if not worker.outbuf:
+            assert self._loop is not None
+            self._loop.remove_writer(worker.fd)
+
+    # -- scheduling --------------------------------------------------------------------------
+
+    def _dispatch(self) -> None:
+        pending, idle = self._pending, self._idle
+        while pending and idle:
+            call = pending.popleft()
+            if call.future.done():
+                continue
+            worker = idle.pop()
+            worker.call = call
+            call.worker = worker
+            if call.timeout is not None:
+                assert self._loop is not None
+                worker.deadline = self._loop.call_later(call.timeout, self._on_deadline, worker, call)
+            self._send(worker, pickle.dumps((call.call_id, call.payload), _PROTOCOL))
+            if call.on_start is not None:
+                call.on_start(worker.pid, time.time())
+
+    def _on_deadline(self, worker: _Worker, call: _Call) -> None:
+        worker.deadline = None
+        self._read(worker)  # the result may already be here
+        if worker.call is not call or call.future.done():
+            return
+        call.future.set_result(
+            Outcome(Status.TIMED_OUT, error=f"timed out after {call.timeout:g}s; worker {worker.pid} was killed",
+                    error_type="TimeoutError", pid=worker.pid)
+        )
+        self._kill(worker)
+
+    def _on_cancel(self, call: _Call) -> None:
+        worker = call.worker
+        if worker is not None and worker.call is call:
+            self._kill(worker)
+        # a pending call is skipped by _dispatch
+
+
+def _describe_exit(code: int | None) -> str:
+    if code is None:
+        return "ended with an unknown status"
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        return f"was killed by {name}"
+    return f"exited with code {code}"
+
+
+def _pickle_failure(fn: Callable[..., Any], args: tuple[Any, ...], exc: Exception) -> Outcome:
+    what = f"the function {fn!r}"
+    for position, arg in enumerate(args):
+        try:
+            pickle.dumps(arg, _PROTOCOL)
+        except Exception as arg_exc:
+            what, exc = f"argument {position} ({type(arg).__name__})", arg_exc
+            break
+    text = f"PicklingError: {what} could not be pickled: {type(exc).__name__}: {exc}"
+    return Outcome(Status.FAILED, error=text, error_type="pickle.PicklingError")
+
+
+def _settle(result: concurrent.futures.Future[Any], value: Any, *, error: bool) -> None:
+    with contextlib.suppress(concurrent.futures.InvalidStateError):  # cancelled meanwhile
+        if error:
+            result.set_exception(value)
+        else:
+            result.set_result(value)
+
+
+def _settle_from_outcome(result: concurrent.futures.Future[Any], inner: asyncio.Future[Outcome]) -> None:
+    if inner.cancelled():
+        result.cancel()
+        return
+    exc = inner.exception()
+    if exc is not None:
+        _settle(result, exc, error=True)
+    elif (outcome := inner.result()).status is Status.COMPLETED:
+        _settle(result, outcome.value, error=False)
+    else:
+        _settle(result, outcome.exception or task_error(outcome.status, None, outcome.error), error=True)

@@ -1,0 +1,445 @@
+"""The scheduler: batches in, results and events out.
+
+Data flow for one batch::
+
+    batch (iterable or async iterable of Task), pulled lazily: at most `window` in flight
+        |
+        v
+    _Record (parent-side state of one task: attempts, last message, current future)
+        |  Attempt
+        v
+    Backend.submit(attempt, emit) --> future of Outcome
+        |                                   |
+        | emit(TaskStarted / TaskReported)  | done: retry later (RetryPolicy) or finish
+        v                                   v
+    EventHub --> every events() stream   TaskResult --> Store.add() and the batch's ready queue
+                                                              |
+                                                              v
+                                         stream() yields it; run() collects and sorts them
+
+The scheduler knows backends and stores only through their interfaces. It
+owns retries, persistence, cancellation and the events fan-out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import time
+import uuid
+from collections import deque
+from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Iterable, Iterator, Mapping
+from typing import Any
+
+from ._backend import Backend
+from ._errors import ClosedError, ConfigurationError, TaskDefinitionError
+from ._events import DEFAULT_EVENT_BUFFER, EventHub, EventStream
+from ._models import (
+    Attempt,
+    Event,
+    Outcome,
+    RetryPolicy,
+    Stats,
+    Status,
+    Summary,
+    Task,
+    TaskFinished,
+    TaskResult,
+    TaskRetried,
+)
+from ._store import BatchInfo, MemoryStore, Store
+
+__all__ = ["Scheduler"]
+
+Batch = Iterable[Task] | AsyncIterable[Task]
+
+WINDOW_PER_SLOT = 4
+"""Tasks pulled ahead of execution, per slot of the backend's capacity."""
+MIN_WINDOW = 16
+
+_END: Any = object()
+
+
+class _Record:
+    """What the parent keeps about one task of a running batch."""
+
+    __slots__ = ("attempts", "future", "index", "key", "message", "progress", "retries", "retry_handle", "task",
+                 "timeout")
+
+    def __init__(self, index: int, key: str, task: Task | None, timeout: float | None, retries: int) -> None:
+        self.index = index
+        self.key = key
+        self.task = task
+        self.timeout = timeout
+        self.retries = retries
+        self.attempts = 0
+        self.future: asyncio.Future[Outcome] | None = None
+        self.retry_handle: asyncio.TimerHandle | None = None
+        self.message: str | None = None
+        self.progress: float | None = None
+
+
+class _BatchRun:
+    """The live state of one batch: what is in flight and what is ready to hand out."""
+
+    def __init__(self, scheduler: Scheduler, batch_id: str) -> None:
+        self.batch_id = batch_id
+        self.loop = asyncio.get_running_loop()
+        self.backend = scheduler._backend
+        self.store = scheduler._store
+        self.hub = scheduler._hub
+        self.policy = scheduler._retry_policy
+        self.records: dict[int, _Record] = {}
+        self.ready: deque[TaskResult] = deque()
+        self.waiter: asyncio.Future[None] | None = None
+        self.aborted: BaseException | None = None
+
+    def start(self, record: _Record) -> None:
+        record.retry_handle = None
+        record.attempts += 1
+        task = record.task
+        assert task is not None
+        attempt = Attempt(self.batch_id, record.key, task.fn, task.args, record.timeout, record.attempts)
+        try:
+            future = self.backend.submit(attempt, functools.partial(self._on_event, record))
+        except Exception as exc:  # a backend that cannot take work any more
+            self._finish(record, Outcome(Status.CRASHED, error=f"{type(exc).__name__}: {exc}",
+                                         error_type=type(exc).__name__))
+            return
+        record.future = future
+        future.add_done_callback(functools.partial(self._on_done, record))
+
+    def _on_event(self, record: _Record, event: Event) -> None:
+        if event.message is not None:
+            record.message = event.message
+        if event.progress is not None:
+            record.progress = event.progress
+        self.hub.publish(event)
+
+    def _on_done(self, record: _Record, future: asyncio.Future[Outcome]) -> None:
+        if future.cancelled() or record.future is not future:
+            return  # cancelled by cancel_all(), which records the task itself
+        record.future = None
+        exc = future.exception()
+        if exc is not None:
+            outcome = Outcome(Status.CRASHED, error=f"{type(exc).__name__}: {exc}", error_type=type(exc).__name__)
+        else:
+            outcome = future.result()
+        if (outcome.status is not Status.COMPLETED and record.attempts <= record.retries
+                and self.policy.should_retry(outcome)):
+            delay = self.policy.delay(record.attempts)
+            self.hub.publish(TaskRetried(self.batch_id, record.key, outcome.status, time.time(), outcome.pid,
+                                         f"{outcome.error}; retrying in {delay:.2f}s", None, record.attempts))
+            record.retry_handle = self.loop.call_later(delay, self.start, record)
+            return
+        self._finish(record, outcome)
+
+    def _finish(self, record: _Record, outcome: Outcome) -> None:
+        del self.records[record.index]
+        result = TaskResult(
+            self.batch_id, record.key, outcome.status, outcome.value, outcome.error, outcome.traceback,
+            record.attempts, outcome.pid, outcome.started_at, outcome.finished_at, record.message,
+            record.progress, outcome.error_type, record.index, outcome.exception,
+        )
+        self.store.add(result)
+        if self.hub.active:
+            self.hub.publish(TaskFinished(self.batch_id, record.key, outcome.status,
+                                          outcome.finished_at or time.time(), outcome.pid,
+                                          outcome.error or record.message, record.progress, record.attempts))
+        self.ready.append(result)
+        self._wake()
+
+    def _wake(self) -> None:
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def fail_item(self, index: int, key: str, error: str) -> None:
+        """Record a batch item that is not a runnable Task as failed, without running it."""
+        record = _Record(index, key, None, None, 0)
+        self.records[index] = record
+        self._finish(record, Outcome(Status.FAILED, error=error, error_type="asyncsched.TaskDefinitionError"))
+
+    def cancel_all(self, why: str) -> None:
+        """Stop every task still in flight and record it as cancelled."""
+        for record in list(self.records.values()):
+            future, record.future = record.future, None
+            if future is not None:
+                future.cancel()
+            if record.retry_handle is not None:
+                record.retry_handle.cancel()
+            self._finish(record, Outcome(Status.CANCELLED, error=why, error_type="asyncio.CancelledError"))
+
+    def abort(self, error: BaseException) -> None:
+        self.aborted = error
+        self.cancel_all(str(error))
+
+    async def wait(self) -> None:
+        self.waiter = self.loop.create_future()
+        try:
+            await self.waiter
+        finally:
+            self.waiter = None
+
+
+class Scheduler:
+    """Runs batches of :class:`Task` on a backend, keeps their results and publishes their events.
+
+    ``workers`` sizes the default local process pool: ``"cpu"`` (one per core),
+    ``"io"`` (two per core) or a number. ``store`` is ``None`` (results kept in
+    memory only), a :class:`Store`, or a path to a SQLite file. ``timeout``
+    (seconds) and ``retries`` are defaults that each Task may override;
+    ``retry_policy`` says which attempts are retried and after what delay.
+    ``backend`` replaces the local pool (then ``workers``, ``mp_context`` and
+    ``max_tasks_per_child`` must be left alone). ``window`` bounds how many tasks
+    of a batch are pulled ahead of execution. ``event_buffer`` is each events()
+    consumer's buffer.
+
+    Use it as ``async with Scheduler(...) as scheduler``; ``aclose()`` works too.
+    """
+
+    def __init__(
+        self,
+        workers: int | str = "cpu",
+        *,
+        store: Store | str | None = None,
+        timeout: float | None = None,
+        retries: int = 0,
+        retry_policy: RetryPolicy | None = None,
+        backend: Backend | None = None,
+        mp_context: Any = None,
+        max_tasks_per_child: int | None = None,
+        window: int | None = None,
+        event_buffer: int = DEFAULT_EVENT_BUFFER,
+    ) -> None:
+        if timeout is not None and not timeout > 0:
+            raise ConfigurationError(f"timeout must be a positive number of seconds or None, got {timeout!r}")
+        if not isinstance(retries, int) or retries < 0:
+            raise ConfigurationError(f"retries must be a non-negative int, got {retries!r}")
+        if window is not None and window < 1:
+            raise ConfigurationError(f"window must be at least 1, got {window!r}")
+        if backend is None:
+            from ._local import ProcessBackend  # the default; any Backend plugs in instead
+
+            backend = ProcessBackend(workers=workers, mp_context=mp_context, max_tasks_per_child=max_tasks_per_child)
+        elif workers != "cpu" or mp_context is not None or max_tasks_per_child is not None:
+            raise ConfigurationError("workers, mp_context and max_tasks_per_child configure the default local pool; "
+                                     "with backend= configure the backend itself")
+        self._backend = backend
+        self._store = _open_store(store)
+        self.timeout = timeout
+        self.retries = retries
+        self._retry_policy = retry_policy or RetryPolicy()
+        self._window = window or max(MIN_WINDOW, WINDOW_PER_SLOT * backend.capacity)
+        self._hub = EventHub(event_buffer)
+        self._runs: set[_BatchRun] = set()
+        self._started = False
+        self._closed = False
+        self._start_lock: asyncio.Lock | None = None
+
+    @property
+    def backend(self) -> Backend:
+        return self._backend
+
+    @property
+    def store(self) -> Store:
+        return self._store
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def __aenter__(self) -> Scheduler:
+        await self._ensure_started()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    async def _ensure_started(self) -> None:
+        if self._closed:
+            raise ClosedError("this Scheduler is closed; create a new one")
+        if self._started:
+            return
+        if self._start_lock is None:
+            self._start_lock = asyncio.Lock()
+        async with self._start_lock:
+            if not self._started:
+                await self._store.open()
+                await self._backend.start()
+                self._started = True
+
+    async def aclose(self) -> None:
+        """Cancel running batches, stop every worker, flush the store. Idempotent.
+
+        Runs to the end even when the calling task is cancelled meanwhile, so no
+        process outlives the scheduler.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        for run in list(self._runs):
+            run.abort(ClosedError("the scheduler was closed while the batch ran"))
+        self._hub.close()
+        closing = asyncio.ensure_future(self._release())
+        try:
+            await asyncio.shield(closing)
+        except asyncio.CancelledError:
+            await closing
+            raise
+
+    async def _release(self) -> None:
+        try:
+            await self._backend.aclose()
+        finally:
+            await self._store.aclose()
+
+    # -- running batches -------------------------------------------------------------------
+
+    async def run(self, batch: Batch, *, batch_id: str | None = None, name: str | None = None,
+                  resume: bool = False) -> Summary:
+        """Run every task of ``batch`` and return the :class:`Summary`, results in submission order.
+
+        With ``resume=True`` the tasks whose key already has a final result in
+        the store for ``batch_id`` are not run again; their stored results are
+        part of the summary.
+        """
+        started = time.monotonic()
+        batch_id, previous = await self._begin(batch_id, name, resume)
+        results = list(previous.values())
+        async with contextlib.aclosing(self._stream(batch, batch_id, previous)) as stream:
+            async for result in stream:
+                results.append(result)
+        results.sort(key=lambda r: r.index)
+        return Summary.of(batch_id, results, time.monotonic() - started)
+
+    async def stream(self, batch: Batch, *, batch_id: str | None = None, name: str | None = None,
+                     resume: bool = False) -> AsyncIterator[TaskResult]:
+        """Yield each :class:`TaskResult` as its task finishes.
+
+        Leaving the loop early (``break``, an exception, cancellation) cancels
+        the batch's remaining tasks and kills the workers running them. Wrap
+        the stream in ``contextlib.aclosing`` to have that happen at once rather
+        than when the stream is garbage collected.
+        """
+        batch_id, previous = await self._begin(batch_id, name, resume)
+        async with contextlib.aclosing(self._stream(batch, batch_id, previous)) as stream:
+            async for result in stream:
+                yield result
+
+    async def _begin(self, batch_id: str | None, name: str | None,
+                     resume: bool) -> tuple[str, Mapping[str, TaskResult]]:
+        await self._ensure_started()
+        if batch_id is None:
+            if resume:
+                raise ConfigurationError("resume=True needs the batch_id of the batch to resume")
+            batch_id = uuid.uuid4().hex[:12]
+        return batch_id, await self._store.begin_batch(batch_id, name=name, resume=resume)
+
+    async def _stream(self, batch: Batch, batch_id: str,
+                      previous: Mapping[str, TaskResult]) -> AsyncGenerator[TaskResult, None]:
+        run = _BatchRun(self, batch_id)
+        self._runs.add(run)
+        items = _pull(batch)
+        window = self._window
+        index = 0
+        exhausted = False
+        try:
+            while True:
+                while not exhausted and len(run.records) < window:
+                    item = await anext(items, _END)
+                    if item is _END:
+                        exhausted = True
+                        break
+                    index = self._admit(run, item, index, previous)
+                if run.ready:
+                    yield run.ready.popleft()
+                    continue
+                if run.aborted is not None:
+                    raise run.aborted
+                if not run.records:
+                    break
+                await run.wait()
+        finally:
+            self._runs.discard(run)
+            try:
+                if run.records:
+                    run.cancel_all("the batch was cancelled")
+            finally:
+                with contextlib.suppress(Exception):
+                    await items.aclose()
+                await self._store.end_batch(batch_id)
+
+    def _admit(self, run: _BatchRun, item: object, index: int, previous: Mapping[str, TaskResult]) -> int:
+        """Start one batch item; returns the next index."""
+        if not isinstance(item, Task):
+            run.fail_item(index, str(index), f"TaskDefinitionError: batch item {index} is "
+                          f"{type(item).__name__}, not a Task")
+            return index + 1
+        key = item.key if item.key is not None else str(index)
+        if key not in previous:
+            timeout = item.timeout if item.timeout is not None else self.timeout
+            retries = item.retries if item.retries is not None else self.retries
+            record = _Record(index, key, item, timeout, retries)
+            run.records[index] = record
+            run.start(record)
+        return index + 1
+
+    # -- events and queries ----------------------------------------------------------------
+
+    def events(self, *, batch_id: str | None = None, buffer: int | None = None) -> EventStream:
+        """Live status events from now on, for every batch or for one.
+
+        Each consumer has its own buffer of ``buffer`` events (default
+        ``event_buffer``); when it is full the oldest are dropped and counted in
+        ``stream.dropped``, so a slow consumer never slows the run. The stream
+        ends when the scheduler closes.
+        """
+        if self._closed:
+            raise ClosedError("this Scheduler is closed; create a new one")
+        return self._hub.subscribe(batch_id, buffer)
+
+    async def results(self, batch_id: str | None = None, status: Status | str | None = None,
+                      limit: int | None = None, offset: int = 0) -> list[TaskResult]:
+        """Stored results, oldest first, filtered by batch and status."""
+        if status is not None:
+            status = _status(status)
+        await self._ensure_started()
+        return await self._store.results(batch_id=batch_id, status=status, limit=limit, offset=offset)
+
+    async def stats(self, batch_id: str | None = None) -> Stats:
+        """Counts of stored results, for one batch or for all."""
+        await self._ensure_started()
+        return await self._store.stats(batch_id)
+
+    async def batches(self) -> list[BatchInfo]:
+        """Every batch the store knows, oldest first."""
+        await self._ensure_started()
+        return await self._store.batches()
+
+
+async def _pull(batch: Batch) -> AsyncGenerator[Task, None]:
+    """Items of a sync or async iterable, one at a time, pulled only when asked for."""
+    if isinstance(batch, AsyncIterable):
+        async for item in batch:
+            yield item
+        return
+    if not isinstance(batch, Iterable):
+        raise TaskDefinitionError(f"a batch is an iterable or async iterable of Task, got {type(batch).__name__}")
+    iterator: Iterator[Task] = iter(batch)
+    for item in iterator:
+        yield item
+
+
+def _status(value: Status | str) -> Status:
+    try:
+        return Status(value)
+    except ValueError:
+        raise ConfigurationError(f"unknown status {value!r}; use one of {[s.value for s in Status]}") from None
+
+
+def _open_store(store: Store | str | None) -> Store:
+    if store is None:
+        return MemoryStore()
+    if isinstance(store, Store):
+        return store
+    raise ConfigurationError(f"store must be None or a Store, got {store!r}")

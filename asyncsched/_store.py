@@ -1,0 +1,131 @@
+"""The store seam: where final results are kept, and the in-memory store.
+
+The scheduler hands every final :class:`TaskResult` to a :class:`Store` with
+:meth:`Store.add`, which must not block: a store buffers and writes in the
+background. Queries are async. ``Scheduler(store=None)`` uses
+:class:`MemoryStore`; a path selects the SQLite store.
+"""
+
+from __future__ import annotations
+
+import abc
+import time
+from collections import Counter, deque
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from ._errors import ConfigurationError
+from ._models import Stats, Status, TaskResult
+
+__all__ = ["BatchInfo", "MemoryStore", "Store"]
+
+
+@dataclass(frozen=True, slots=True)
+class BatchInfo:
+    """One batch as the store knows it."""
+
+    batch_id: str
+    name: str | None
+    created_at: float
+    finished_at: float | None
+    stats: Stats = field(default_factory=Stats)
+
+
+class Store(abc.ABC):
+    """Keeps final results. Every method runs on the scheduler's loop.
+
+    * :meth:`begin_batch` records a batch and, with ``resume=True``, returns the
+      results it already holds for it, by key, so those tasks are not run again.
+      Without ``resume`` a batch id that exists is an error.
+    * :meth:`add` takes one final result. It does no I/O: a store buffers and
+      writes in the background, and says in its docs how soon a result is durable.
+    * :meth:`end_batch` marks the batch finished once all of its results are written.
+    """
+
+    async def open(self) -> None:  # noqa: B027 - optional hook
+        """Open files or connections; called once before first use."""
+
+    async def aclose(self) -> None:  # noqa: B027 - optional hook
+        """Write what is buffered and release resources. Idempotent."""
+
+    @abc.abstractmethod
+    async def begin_batch(self, batch_id: str, *, name: str | None = None,
+                          resume: bool = False) -> Mapping[str, TaskResult]: ...
+
+    @abc.abstractmethod
+    def add(self, result: TaskResult) -> None: ...
+
+    @abc.abstractmethod
+    async def end_batch(self, batch_id: str) -> None: ...
+
+    @abc.abstractmethod
+    async def results(self, *, batch_id: str | None = None, status: Status | str | None = None,
+                      limit: int | None = None, offset: int = 0) -> list[TaskResult]: ...
+
+    @abc.abstractmethod
+    async def stats(self, batch_id: str | None = None) -> Stats: ...
+
+    @abc.abstractmethod
+    async def batches(self) -> list[BatchInfo]: ...
+
+
+class _Batch:
+    __slots__ = ("counts", "created_at", "finished_at", "name")
+
+    def __init__(self, name: str | None) -> None:
+        self.name = name
+        self.created_at = time.time()
+        self.finished_at: float | None = None
+        self.counts: Counter[Status] = Counter()
+
+
+class MemoryStore(Store):
+    """Results in memory only, gone with the process.
+
+    Counts are exact for every batch; of the results themselves the latest
+    ``max_results`` are kept (all of them with ``None``), so that a stream of
+    millions of tasks runs in flat memory.
+    """
+
+    def __init__(self, max_results: int | None = 10_000) -> None:
+        self._results: deque[TaskResult] = deque(maxlen=max_results)
+        self._batches: dict[str, _Batch] = {}
+
+    async def begin_batch(self, batch_id: str, *, name: str | None = None,
+                          resume: bool = False) -> Mapping[str, TaskResult]:
+        if batch_id in self._batches:
+            if not resume:
+                raise ConfigurationError(
+                    f"batch {batch_id!r} already exists; pass resume=True to continue it, or use another batch_id"
+                )
+            self._batches[batch_id].finished_at = None
+            return {r.key: r for r in self._results if r.batch_id == batch_id}
+        self._batches[batch_id] = _Batch(name)
+        return {}
+
+    def add(self, result: TaskResult) -> None:
+        self._results.append(result)
+        self._batches[result.batch_id].counts[result.status] += 1
+
+    async def end_batch(self, batch_id: str) -> None:
+        self._batches[batch_id].finished_at = time.time()
+
+    async def results(self, *, batch_id: str | None = None, status: Status | str | None = None,
+                      limit: int | None = None, offset: int = 0) -> list[TaskResult]:
+        wanted = None if status is None else Status(status)
+        matches = [r for r in self._results
+                   if (batch_id is None or r.batch_id == batch_id) and (wanted is None or r.status is wanted)]
+        return matches[offset:None if limit is None else offset + limit]
+
+    async def stats(self, batch_id: str | None = None) -> Stats:
+        if batch_id is not None:
+            batch = self._batches.get(batch_id)
+            return Stats.of(dict(batch.counts) if batch else {}, batch_id)
+        total: Counter[Status] = Counter()
+        for batch in self._batches.values():
+            total.update(batch.counts)
+        return Stats.of(dict(total))
+
+    async def batches(self) -> list[BatchInfo]:
+        return [BatchInfo(batch_id, b.name, b.created_at, b.finished_at, Stats.of(dict(b.counts), batch_id))
+                for batch_id, b in self._batches.items()]
