@@ -337,7 +337,7 @@ class RetryPolicy:
     exceptions: tuple[type[BaseException], ...] | None = None
 
     def delay(self, retry: int) -> float:
-        raw = min(self.max_delay, self.base_delay * 2 ** (retry - 1))
+        raw: float = min(self.max_delay, self.base_delay * 2.0 ** (retry - 1))
         return raw * (1 - self.jitter * random.random())
 
     def should_retry(self, outcome: Outcome) -> bool:

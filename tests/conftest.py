@@ -1,0 +1,84 @@
+"""Shared fixtures: every async test runs under asyncio and uvloop; no test may leak a process or a task."""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing.forkserver
+import multiprocessing.resource_tracker
+import os
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+import uvloop
+
+from asyncsched import Scheduler
+
+LOOPS: Mapping[str, Callable[[], asyncio.AbstractEventLoop]] = {
+    "asyncio": asyncio.new_event_loop,
+    "uvloop": uvloop.new_event_loop,
+}
+
+
+def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> Mapping[str, Any]:
+    return LOOPS
+
+
+def _helper_pids() -> set[int]:
+    """Long-lived multiprocessing helpers (forkserver, resource tracker) are not leaks."""
+    pids = set()
+    server_pid = getattr(multiprocessing.forkserver._forkserver, "_forkserver_pid", None)
+    tracker_pid = getattr(multiprocessing.resource_tracker._resource_tracker, "_pid", None)
+    for pid in (server_pid, tracker_pid):
+        if pid:
+            pids.add(pid)
+    return pids
+
+
+def _children() -> list[psutil.Process]:
+    helpers = _helper_pids()
+    found = []
+    for child in psutil.Process().children(recursive=True):
+        try:
+            if child.pid not in helpers and child.status() != psutil.STATUS_ZOMBIE:
+                found.append(child)
+        except psutil.NoSuchProcess:
+            pass
+    return found
+
+
+@pytest.fixture(autouse=True)
+def no_leftover_processes() -> Iterator[None]:
+    before = {p.pid for p in _children()}
+    yield
+    leftover = [p for p in _children() if p.pid not in before]
+    # A killed worker's process group gets its SIGKILL after a short grace: wait for it, bounded.
+    _, alive = psutil.wait_procs(leftover, timeout=3)
+    for process in alive:
+        process.kill()
+    assert not alive, f"the test left processes behind: {[(p.pid, p.name()) for p in alive]}"
+
+
+@pytest.fixture(autouse=True)
+async def no_leftover_tasks() -> AsyncIterator[None]:
+    yield
+    current = asyncio.current_task()
+    leftover = [t for t in asyncio.all_tasks() if t is not current and not t.done()]
+    for task in leftover:
+        task.cancel()
+    assert not leftover, f"the test left asyncio tasks behind: {leftover}"
+
+
+@pytest.fixture
+async def scheduler() -> AsyncIterator[Scheduler]:
+    async with Scheduler(workers=2) as s:
+        yield s
+
+
+@pytest.fixture
+def gate(tmp_path: Path) -> Callable[[], str]:
+    """A path a task can wait for (tests.tasks.wait_for_file); create it to let the task go on."""
+    counter = iter(range(1_000_000))
+    return lambda: os.fspath(tmp_path / f"gate-{next(counter)}")

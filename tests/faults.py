@@ -1,0 +1,74 @@
+"""Fault functions: each goes wrong in one way. Module level, so they pickle under spawn."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import threading
+import time
+from typing import Any
+
+
+class CustomError(Exception):
+    pass
+
+
+class UnrebuildableError(Exception):
+    """Its __init__ needs two arguments, so unpickling it in the parent fails."""
+
+    def __init__(self, a: Any, b: Any) -> None:
+        super().__init__(f"{a}/{b}")
+
+
+def boom(message: str = "boom") -> None:
+    raise ValueError(message)
+
+
+def raise_custom() -> None:
+    raise CustomError("custom failure")
+
+
+def raise_unrebuildable() -> None:
+    raise UnrebuildableError(1, 2)
+
+
+def raise_unpicklable() -> None:
+    error = ValueError("carries a lock")
+    error.lock = threading.Lock()  # type: ignore[attr-defined]
+    raise error
+
+
+def hang(seconds: float = 3600) -> None:
+    time.sleep(seconds)
+
+
+def exit_hard(code: int = 3) -> None:
+    os._exit(code)
+
+
+def segfault() -> None:
+    ctypes.string_at(0)
+
+
+def sigkill_self() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def return_unpicklable() -> Any:
+    return threading.Lock()
+
+
+def ignore_sigterm_and_hang() -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    time.sleep(3600)
+
+
+def spawn_child_and_hang(pidfile: str) -> None:
+    import subprocess
+
+    child = subprocess.Popen(["sleep", "3600"])
+    with open(pidfile + ".tmp", "w") as f:
+        f.write(str(child.pid))
+    os.rename(pidfile + ".tmp", pidfile)
+    time.sleep(3600)

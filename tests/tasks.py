@@ -1,0 +1,47 @@
+"""Task functions for the tests: module level, so they pickle under every start method."""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+from asyncsched import report
+
+
+def square(n: int) -> int:
+    return n * n
+
+
+def double(n: int) -> int:
+    return n * 2
+
+
+def identity(value: Any) -> Any:
+    return value
+
+
+def sleep_then(seconds: float, value: Any = None) -> Any:
+    time.sleep(seconds)
+    return value
+
+
+def whoami() -> int:
+    return os.getpid()
+
+
+def reporting(n: int, steps: int = 3) -> int:
+    for step in range(steps):
+        report(message=f"step {step}", progress=(step + 1) / steps, step=step)
+    return n
+
+
+def add(a: int, b: int = 0) -> int:
+    return a + b
+
+
+def wait_for_file(path: str, value: Any = None) -> Any:
+    """Block until ``path`` exists: lets a test decide when a task may finish."""
+    while not os.path.exists(path):
+        time.sleep(0.005)
+    return value

@@ -1,0 +1,243 @@
+"""The public API of the core: run, stream, events, timeouts, errors, lazy batches, presets."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+
+from asyncsched import (
+    ClosedError,
+    ConfigurationError,
+    Scheduler,
+    Status,
+    Task,
+    TaskDefinitionError,
+    TaskFailedError,
+    TaskFinished,
+    TaskReported,
+    TaskStarted,
+)
+from asyncsched._pool import ProcessPool
+
+from . import faults, tasks
+from .util import wait_gone
+
+
+async def test_run_returns_results_in_submission_order(scheduler: Scheduler) -> None:
+    batch = [Task(tasks.sleep_then, 0.3 if i == 0 else 0.0, i, key=f"job-{i}") for i in range(8)]
+    summary = await scheduler.run(batch)
+    assert [r.key for r in summary.results] == [f"job-{i}" for i in range(8)]
+    assert [r.value for r in summary.results] == list(range(8))
+    assert (summary.total, summary.completed, summary.success_rate) == (8, 8, 1.0)
+    assert summary.elapsed > 0
+    assert all(r.batch_id == summary.batch_id for r in summary.results)
+    first = summary.results[0]
+    assert first.status == "completed" and first.attempts == 1 and first.pid
+    assert first.started_at is not None and first.finished_at is not None
+    assert first.duration is not None and first.duration >= 0.3
+
+
+async def test_stream_yields_in_completion_order(scheduler: Scheduler, gate: Callable[[], str]) -> None:
+    release = gate()
+    batch = [Task(tasks.wait_for_file, release, "slow", key="slow")]
+    batch += [Task(tasks.identity, i, key=str(i)) for i in range(5)]
+    seen = []
+    async for result in scheduler.stream(batch):
+        seen.append(result.key)
+        if len(seen) == 5:
+            await asyncio.to_thread(Path(release).touch)  # every fast task is out: the slow one may finish
+    assert set(seen[:5]) == {"0", "1", "2", "3", "4"} and seen[-1] == "slow"
+
+
+async def test_default_keys_are_positions(scheduler: Scheduler) -> None:
+    summary = await scheduler.run([Task(tasks.square, i) for i in range(3)])
+    assert [r.key for r in summary.results] == ["0", "1", "2"]
+    assert [r.value for r in summary.results] == [0, 1, 4]
+
+
+async def test_timeout_kills_the_worker_and_others_complete() -> None:
+    async with Scheduler(workers=2, timeout=30) as scheduler:
+        pool: ProcessPool = scheduler.backend.pool  # type: ignore[attr-defined]
+        batch = [Task(faults.hang, key="stuck", timeout=0.5)] + [Task(tasks.square, i) for i in range(20)]
+        summary = await scheduler.run(batch)
+        stuck = summary.results[0]
+        assert stuck.status is Status.TIMED_OUT
+        assert "timed out after 0.5s" in (stuck.error or "")
+        assert stuck.pid is not None
+        assert wait_gone(stuck.pid, timeout=2)
+        assert summary.completed == 20 and summary.timed_out == 1
+        assert len(pool.pids) == 2 and stuck.pid not in pool.pids  # back to full size
+
+
+async def test_exceptions_keep_type_message_and_traceback(scheduler: Scheduler) -> None:
+    summary = await scheduler.run([Task(faults.boom, "bad input 7"), Task(faults.raise_custom)])
+    failed, custom = summary.results
+    assert failed.status is Status.FAILED
+    assert failed.error == "ValueError: bad input 7"
+    assert failed.error_type == "ValueError"
+    assert failed.traceback is not None and "in boom" in failed.traceback and "faults.py" in failed.traceback
+    assert isinstance(failed.exception, ValueError)
+    assert "in boom" in str(failed.exception.__cause__)
+    with pytest.raises(TaskFailedError) as info:
+        failed.unwrap()
+    assert isinstance(info.value.__cause__, ValueError)
+    assert isinstance(custom.exception, faults.CustomError)
+    assert custom.error_type == "tests.faults.CustomError"
+
+
+async def test_report_events_arrive_before_completion(scheduler: Scheduler) -> None:
+    events = scheduler.events(batch_id="b")
+    summary = await scheduler.run([Task(tasks.reporting, i, key=f"k{i}") for i in range(6)], batch_id="b")
+    await scheduler.aclose()  # the stream ends once it has delivered what it holds
+    received = [event async for event in events]
+    assert summary.completed == 6
+    for key in (f"k{i}" for i in range(6)):
+        mine = [e for e in received if e.key == key]
+        kinds = [type(e) for e in mine]
+        assert kinds == [TaskStarted, TaskReported, TaskReported, TaskReported, TaskFinished], kinds
+        assert [e.progress for e in mine[1:4]] == pytest.approx([1 / 3, 2 / 3, 1.0])
+        assert mine[1].message == "step 0" and mine[1].data == {"step": 0}
+        assert all(e.pid == mine[0].pid and e.batch_id == "b" for e in mine)
+        assert mine[-1].status is Status.COMPLETED
+
+
+async def test_every_consumer_sees_every_event_in_order(scheduler: Scheduler) -> None:
+    first, second = scheduler.events(), scheduler.events()
+    await scheduler.run([Task(tasks.reporting, i, 2) for i in range(4)], batch_id="b")
+    await scheduler.aclose()  # ends both streams once they are drained
+    one = [e async for e in first]
+    two = [e async for e in second]
+    assert one == two and len(one) == 4 * 4
+
+
+async def test_slow_consumer_drops_oldest_and_keeps_order(scheduler: Scheduler) -> None:
+    slow = scheduler.events(buffer=5)
+    summary = await scheduler.run([Task(tasks.square, i) for i in range(20)])
+    await scheduler.aclose()
+    kept = [e async for e in slow]
+    assert len(kept) == 5 and slow.dropped == 20 * 2 - 5
+    assert summary.completed == 20  # the run never waited for the consumer
+    stamps = [e.timestamp for e in kept if isinstance(e, TaskFinished)]
+    assert stamps == sorted(stamps)
+
+
+async def test_loop_stays_responsive_during_a_large_batch(scheduler: Scheduler) -> None:
+    gaps: list[float] = []
+    stop = asyncio.Event()
+
+    async def heartbeat() -> None:
+        last = time.monotonic()
+        while not stop.is_set():
+            await asyncio.sleep(0.01)
+            now = time.monotonic()
+            gaps.append(now - last)
+            last = now
+
+    beat = asyncio.ensure_future(heartbeat())
+    summary = await scheduler.run(Task(tasks.double, i) for i in range(5000))
+    stop.set()
+    await beat
+    assert summary.completed == 5000
+    assert len(gaps) > 5 and max(gaps) < 0.5, max(gaps)
+
+
+async def test_generator_batch_is_consumed_lazily(scheduler: Scheduler) -> None:
+    pulled = 0
+
+    def batch() -> Iterator[Task]:
+        nonlocal pulled
+        for i in range(10_000):
+            pulled += 1
+            yield Task(tasks.double, i)
+
+    window = scheduler._window
+    seen = 0
+    async for _ in scheduler.stream(batch()):
+        seen += 1
+        assert pulled <= seen + window
+        if seen == 50:
+            break
+    assert pulled < 50 + window + 1
+
+
+async def test_async_iterable_batch(scheduler: Scheduler) -> None:
+    async def batch() -> AsyncIterator[Task]:
+        for i in range(10):
+            await asyncio.sleep(0)
+            yield Task(tasks.square, i)
+
+    summary = await scheduler.run(batch())
+    assert [r.value for r in summary.results] == [i * i for i in range(10)]
+
+
+async def test_io_preset_runs_two_workers_per_core() -> None:
+    cores = os.cpu_count() or 1
+    async with Scheduler(workers="io") as scheduler:
+        assert scheduler.backend.capacity == 2 * cores
+        pids = {r.value for r in (await scheduler.run(
+            Task(tasks.sleep_then, 0.2, None) for _ in range(2 * cores))).results}
+        assert pids == {None}
+        assert len(scheduler.backend.pool.pids) == 2 * cores  # type: ignore[attr-defined]
+
+
+async def test_cpu_preset_runs_one_worker_per_core() -> None:
+    async with Scheduler(workers="cpu") as scheduler:
+        assert scheduler.backend.capacity == (os.cpu_count() or 1)
+
+
+async def test_no_child_process_remains_after_exit() -> None:
+    me = psutil.Process()
+    with pytest.raises(RuntimeError, match="leaving"):
+        async with Scheduler(workers=2) as scheduler:
+            workers = list(scheduler.backend.pool.pids)  # type: ignore[attr-defined]
+            assert workers
+            await scheduler.run([Task(tasks.square, 2)])
+            running = asyncio.ensure_future(scheduler.run([Task(faults.hang)]))
+            await asyncio.sleep(0)
+            raise RuntimeError("leaving with a task running")
+    await asyncio.gather(running, return_exceptions=True)
+    alive = {p.pid for p in me.children(recursive=True) if p.status() != psutil.STATUS_ZOMBIE}
+    assert not alive & set(workers)
+
+
+async def test_scheduler_is_closed_after_exit() -> None:
+    async with Scheduler(workers=1) as scheduler:
+        pass
+    await scheduler.aclose()  # a second close is a no-op
+    with pytest.raises(ClosedError):
+        await scheduler.run([Task(tasks.square, 1)])
+
+
+def test_bad_arguments_get_clear_errors() -> None:
+    with pytest.raises(ConfigurationError, match="workers"):
+        Scheduler(workers="many")
+    with pytest.raises(ConfigurationError, match="timeout"):
+        Scheduler(workers=1, timeout=-1)
+    with pytest.raises(TaskDefinitionError, match="callable"):
+        Task(42)  # type: ignore[arg-type]
+    with pytest.raises(TaskDefinitionError, match="lambda"):
+        Task(lambda: 1)
+
+    def nested() -> None: ...
+
+    with pytest.raises(TaskDefinitionError, match="nested function"):
+        Task(nested)
+
+
+async def test_a_non_task_item_fails_alone(scheduler: Scheduler) -> None:
+    summary = await scheduler.run([Task(tasks.square, 3), "not a task", Task(tasks.square, 4)])  # type: ignore[list-item]
+    assert [r.status for r in summary.results] == [Status.COMPLETED, Status.FAILED, Status.COMPLETED]
+    assert "batch item 1 is str, not a Task" in (summary.results[1].error or "")
+
+
+async def test_keyword_arguments_through_partial(scheduler: Scheduler) -> None:
+    import functools
+
+    summary = await scheduler.run([Task(functools.partial(tasks.add, b=10), 5)])
+    assert summary.results[0].value == 15
