@@ -345,7 +345,7 @@ class Scheduler:
         exhausted = False
         try:
             while True:
-                while not exhausted and len(run.records) < window:
+                while not exhausted and len(run.records) + len(run.ready) < window:
                     item = await anext(items, _END)
                     if item is _END:
                         exhausted = True
