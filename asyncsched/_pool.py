@@ -526,9 +526,10 @@ class ProcessPool(concurrent.futures.Executor):
         if worker.outbuf:
             loop.remove_writer(worker.fd)
         worker.process.join()
-        code = worker.process.exitcode
+        code = worker.process.exitcode  # None if something else reaped it (e.g. psutil's wait())
         worker.sock.close()
-        worker.process.close()
+        with contextlib.suppress(ValueError):
+            worker.process.close()
         if worker.killed:
             worker.signal(signal.SIGKILL)  # the task's own children, if any survived SIGTERM
         self._workers.discard(worker)
