@@ -72,3 +72,10 @@ def spawn_child_and_hang(pidfile: str) -> None:
         f.write(str(child.pid))
     os.rename(pidfile + ".tmp", pidfile)
     time.sleep(3600)
+
+
+def announce_then_hang(fifo: str) -> None:
+    """Tell the test (blocked reading the FIFO ``fifo``) that the task runs, then hang."""
+    with open(fifo, "w") as f:
+        f.write("started")
+    time.sleep(3600)

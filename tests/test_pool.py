@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -71,16 +72,17 @@ async def test_queued_calls_behind_a_timed_out_one_are_not_lost() -> None:
         assert [o.value for o in outcomes[1:]] == [2 * i for i in range(50)]
 
 
-def test_plain_executor_from_sync_code() -> None:
+def test_plain_executor_from_sync_code(tmp_path: Path) -> None:
+    fifo = tmp_path / "started"
+    os.mkfifo(fifo)
     with ProcessPool(2) as pool:
         assert list(pool.map(tasks.square, range(6))) == [0, 1, 4, 9, 16, 25]
         assert pool.submit(tasks.add, 1, b=2).result(timeout=10) == 3
         with pytest.raises(ValueError, match="sync boom"):
             pool.submit(faults.boom, "sync boom").result(timeout=10)
         victim = pool.submit(tasks.whoami).result(timeout=10)
-        running = pool.submit(faults.hang)
-        while pool.statistics().running == 0:
-            pass  # the call reaches a worker
+        running = pool.submit(faults.announce_then_hang, os.fspath(fifo))
+        assert fifo.read_text() == "started"  # blocks until the task runs
         assert running.cancel()  # works while it runs: its worker is killed
         assert pool.submit(tasks.square, 3).result(timeout=10) == 9
         assert pool.statistics().killed == 1
