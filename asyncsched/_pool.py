@@ -66,6 +66,8 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any
 
+import psutil
+
 from ._errors import BrokenPoolError, ClosedError, ConfigurationError
 from ._models import Outcome, Status, task_error
 from ._worker import DONE, READY, REPORT, worker_main
@@ -80,6 +82,8 @@ BATCH_SECONDS = 0.005
 """Queue several calls on one worker only while that much work or less waits behind the running one."""
 MAX_DEPTH = 64
 """The most calls queued on one worker."""
+MEMORY_CHECK_SECONDS = 0.1
+"""How often busy workers' memory is sampled when ``max_memory_per_child`` is set."""
 
 _HEADER = struct.Struct("!i")
 _BIG_HEADER = struct.Struct("!iQ")
@@ -226,6 +230,10 @@ class ProcessPool(concurrent.futures.Executor):
     ``workers`` is ``"cpu"``, ``"io"`` or a number. ``mp_context`` is a start
     method name or a multiprocessing context (default: :func:`default_start_method`).
     A worker is replaced after ``max_tasks_per_child`` calls when that is set.
+    With ``max_memory_per_child`` (bytes, or a string such as ``"512MB"``) the
+    resident memory of every busy worker is sampled every
+    ``MEMORY_CHECK_SECONDS``; a worker over the limit is killed and its task
+    ends ``crashed``, with the limit named in its error.
 
     From async code use :meth:`call` (or ``loop.run_in_executor``) inside
     ``async with ProcessPool(...)``. As a plain ``Executor``, ``submit()`` and
@@ -239,12 +247,14 @@ class ProcessPool(concurrent.futures.Executor):
         *,
         mp_context: str | multiprocessing.context.BaseContext | None = None,
         max_tasks_per_child: int | None = None,
+        max_memory_per_child: int | str | None = None,
     ) -> None:
         self.size = resolve_workers(workers)
         if max_tasks_per_child is not None and max_tasks_per_child < 1:
             raise ConfigurationError(f"max_tasks_per_child must be at least 1, got {max_tasks_per_child!r}")
         self._ctx = _context(mp_context)
         self._max_tasks = max_tasks_per_child
+        self._max_memory = parse_size(max_memory_per_child)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._workers: set[_Worker] = set()
@@ -279,6 +289,8 @@ class ProcessPool(concurrent.futures.Executor):
         self._all_exited = asyncio.Event()
         _live_pools.add(self)
         self._fill()
+        if self._max_memory is not None:
+            loop.call_later(MEMORY_CHECK_SECONDS, self._check_memory)
 
     def _start_thread(self) -> None:
         loop = asyncio.new_event_loop()
@@ -645,22 +657,24 @@ class ProcessPool(concurrent.futures.Executor):
             else:
                 self._ready.append(worker)
 
-    def _send(self, worker: _Worker, data: bytes) -> None:
+    def _send(self, worker: _Worker, data: bytes) -> bool:
+        """Send one frame without blocking; False if the worker can no longer be reached."""
         header = _HEADER.pack(len(data)) if len(data) < 0x7FFFFFFF else _BIG_HEADER.pack(-1, len(data))
         if worker.outbuf:
             worker.outbuf += header + data
-            return
+            return True
         try:
             sent = worker.sock.sendmsg([header, data])
         except (BlockingIOError, InterruptedError):
             sent = 0
         except OSError:
-            return  # the worker is gone; its sentinel will say so
+            return False  # the worker is gone; its sentinel will say so
         total = len(header) + len(data)
         if sent < total:
             worker.outbuf += (header + data)[sent:]
             assert self._loop is not None
             self._loop.add_writer(worker.fd, self._on_writable, worker)
+        return True
 
     def _on_writable(self, worker: _Worker) -> None:
         try:
@@ -687,7 +701,7 @@ class ProcessPool(concurrent.futures.Executor):
         if not pending or not self._ready:
             return
         depth = self._depth()
-        for worker in sorted(self._ready, key=lambda w: len(w.calls)):
+        for worker in sorted(self._ready, key=lambda w: len(w.calls)):  # a copy: the loop may remove some
             room = depth - len(worker.calls)
             if self._max_tasks is not None:
                 room = min(room, self._max_tasks - worker.calls_sent)
@@ -699,12 +713,18 @@ class ProcessPool(concurrent.futures.Executor):
                 call.worker = worker
                 worker.calls.append(call)
                 batch.append((call.call_id, call.payload))
-            if batch:
-                worker.calls_sent += len(batch)
-                was_idle = len(worker.calls) == len(batch)
-                self._send(worker, pickle.dumps(batch, _PROTOCOL))
-                if was_idle:
-                    self._begin(worker, worker.calls[0])
+            if not batch:
+                continue
+            if not self._send(worker, pickle.dumps(batch, _PROTOCOL)):
+                # It died while idle: the calls never reached it, so they go back, not crashed.
+                for _ in batch:
+                    pending.appendleft(worker.calls.pop())
+                worker.retiring = True
+                self._ready.remove(worker)
+                continue
+            worker.calls_sent += len(batch)
+            if len(worker.calls) == len(batch):  # it was idle: the first call starts now
+                self._begin(worker, worker.calls[0])
             if not pending:
                 return
 
@@ -727,11 +747,53 @@ class ProcessPool(concurrent.futures.Executor):
         )
         self._kill(worker)
 
+    def _check_memory(self) -> None:
+        limit = self._max_memory
+        if self._closed or limit is None or self._loop is None:
+            return
+        for worker in list(self._workers):
+            call = worker.call
+            if call is None or worker.killed:
+                continue
+            try:
+                rss = psutil.Process(worker.pid).memory_info().rss
+            except psutil.Error:
+                continue  # it is exiting; the sentinel tells
+            if rss > limit and not call.future.done():
+                self._crashed += 1
+                call.future.set_result(Outcome(
+                    Status.CRASHED, error_type="MemoryError", pid=worker.pid,
+                    error=f"worker {worker.pid} used {rss / 2**20:.0f} MiB, over max_memory_per_child="
+                          f"{limit / 2**20:.0f} MiB; it was killed",
+                ))
+                self._kill(worker)
+        self._loop.call_later(MEMORY_CHECK_SECONDS, self._check_memory)
+
     def _on_cancel(self, call: _Call) -> None:
         worker = call.worker
         if worker is not None and worker.call is call:
             self._kill(worker)
         # a call still pending is skipped by _dispatch; one queued on a worker is dropped when it ends
+
+
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+def parse_size(size: int | str | None) -> int | None:
+    """Bytes from an int or a string like ``"512MB"`` or ``"1.5GiB"``."""
+    if size is None or (isinstance(size, int) and not isinstance(size, bool) and size > 0):
+        return size
+    if isinstance(size, str):
+        text = size.strip().upper().replace(" ", "")
+        number = text.rstrip("BKMGI")
+        unit = text[len(number):]
+        try:
+            value = float(number) * _UNITS[unit]
+        except (ValueError, KeyError):
+            value = 0
+        if value >= 1:
+            return int(value)
+    raise ConfigurationError(f'a memory limit is a positive number of bytes or a string like "512MB", got {size!r}')
 
 
 def _describe_exit(code: int | None) -> str:

@@ -176,7 +176,17 @@ def _run_call(channel: _Channel, call_id: int, payload: bytes, more_waiting: boo
 
 
 def _die_with_parent() -> None:
-    """Make sure this worker cannot outlive the process that started it."""
+    """Make sure this worker cannot outlive the process that started it.
+
+    Under forkserver the parent is the fork server, which exits when the
+    orchestrator does, once no process holds its "alive" pipe open. Workers
+    inherit that pipe: drop it, or server and workers would wait on each other.
+    """
+    forkserver = sys.modules.get("multiprocessing.forkserver")
+    alive_fd = getattr(getattr(forkserver, "_forkserver", None), "_forkserver_alive_fd", None)
+    if alive_fd is not None:
+        os.close(alive_fd)
+        forkserver._forkserver._forkserver_alive_fd = None  # type: ignore[union-attr]
     parent = os.getppid()
     if sys.platform.startswith("linux"):
         import ctypes
