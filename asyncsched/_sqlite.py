@@ -160,6 +160,9 @@ class SQLiteStore(Store):
             return
         try:
             with self._translate("open"):
+                # A failed aiosqlite.connect() leaves its thread to finish on its own, maybe after the loop
+                # closed: find out in a thread of ours whether the file opens at all.
+                await asyncio.to_thread(_try_to_open, self.path)
                 self._db = await self._connect()
                 await self._db.execute("PRAGMA journal_mode = WAL")
                 await self._db.execute("PRAGMA synchronous = FULL")
@@ -400,7 +403,8 @@ def _advice(path: str, exc: sqlite3.Error, busy_timeout: float) -> str:
         directory = os.path.dirname(os.path.abspath(path))
         if not os.path.isdir(directory):
             return f"directory {directory} does not exist: create it, or choose another path"
-        return f"check that the file and its directory {directory} are writable (SQLite creates files beside it)"
+        return (f"check that directory {directory} is writable, since SQLite creates the file and its WAL files "
+                "there, and that the path is not a directory")
     if code == sqlite3.SQLITE_FULL:
         return "the disk is full: free some space, and the queued results are written at the next commit"
     return "see the SQLite error above"
@@ -414,6 +418,10 @@ def _file_errors(doing: str, path: str | os.PathLike[str]) -> Iterator[None]:
         raise StoreError(f"cannot {doing} {os.fspath(path)}: {exc}") from exc
     except UnicodeError as exc:
         raise StoreError(f"cannot {doing} {os.fspath(path)}: it is not UTF-8 text ({exc})") from exc
+
+
+def _try_to_open(path: str) -> None:
+    sqlite3.connect(path).close()
 
 
 async def _pragma(db: aiosqlite.Connection, name: str) -> int:
