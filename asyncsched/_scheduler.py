@@ -211,7 +211,7 @@ class Scheduler:
         self,
         workers: int | str = "cpu",
         *,
-        store: Store | str | None = None,
+        store: Store | str | os.PathLike[str] | None = None,
         timeout: float | None = None,
         retries: int = 0,
         retry_policy: RetryPolicy | None = None,
@@ -343,7 +343,8 @@ class Scheduler:
 
         With ``resume=True`` the tasks whose key already has a final result in
         the store for ``batch_id`` are not run again; their stored results are
-        part of the summary.
+        part of the summary. A task recorded as cancelled (the batch was stopped
+        before it finished) runs again.
         """
         started = time.monotonic()
         batch_id, previous = await self._begin(batch_id, name, resume)
@@ -375,7 +376,8 @@ class Scheduler:
             if resume:
                 raise ConfigurationError("resume=True needs the batch_id of the batch to resume")
             batch_id = uuid.uuid4().hex[:12]
-        return batch_id, await self._store.begin_batch(batch_id, name=name, resume=resume)
+        previous = await self._store.begin_batch(batch_id, name=name, resume=resume)
+        return batch_id, {key: r for key, r in previous.items() if r.status is not Status.CANCELLED}
 
     async def _stream(self, batch: Batch, batch_id: str,
                       previous: Mapping[str, TaskResult]) -> AsyncGenerator[TaskResult, None]:
@@ -479,9 +481,13 @@ def _status(value: Status | str) -> Status:
         raise ConfigurationError(f"unknown status {value!r}; use one of {[s.value for s in Status]}") from None
 
 
-def _open_store(store: Store | str | None) -> Store:
+def _open_store(store: Store | str | os.PathLike[str] | None) -> Store:
     if store is None:
         return MemoryStore()
     if isinstance(store, Store):
         return store
-    raise ConfigurationError(f"store must be None or a Store, got {store!r}")
+    if isinstance(store, str | os.PathLike):
+        from ._sqlite import SQLiteStore  # imported only when asked for: it pulls in aiosqlite
+
+        return SQLiteStore(store)
+    raise ConfigurationError(f"store must be None, a Store or the path of a SQLite file, got {store!r}")
