@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import multiprocessing.forkserver
 import multiprocessing.resource_tracker
 import os
@@ -16,6 +17,8 @@ import uvloop
 
 from asyncsched import Scheduler
 
+from . import services
+
 LOOPS: Mapping[str, Callable[[], asyncio.AbstractEventLoop]] = {
     "asyncio": asyncio.new_event_loop,
     "uvloop": uvloop.new_event_loop,
@@ -27,13 +30,18 @@ def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> M
 
 
 def _helper_pids() -> set[int]:
-    """Long-lived multiprocessing helpers (forkserver, resource tracker) are not leaks."""
+    """Long-lived multiprocessing helpers (forkserver, resource tracker) are not leaks, nor are the session's
+    services (tests.services) and their children."""
     pids = set()
     server_pid = getattr(multiprocessing.forkserver._forkserver, "_forkserver_pid", None)
     tracker_pid = getattr(multiprocessing.resource_tracker._resource_tracker, "_pid", None)
     for pid in (server_pid, tracker_pid):
         if pid:
             pids.add(pid)
+    for pid in services.PIDS:
+        pids.add(pid)
+        with contextlib.suppress(psutil.NoSuchProcess):
+            pids.update(child.pid for child in psutil.Process(pid).children(recursive=True))
     return pids
 
 
@@ -82,3 +90,29 @@ def gate(tmp_path: Path) -> Callable[[], str]:
     """A path a task can wait for (tests.tasks.wait_for_file); create it to let the task go on."""
     counter = iter(range(1_000_000))
     return lambda: os.fspath(tmp_path / f"gate-{next(counter)}")
+
+
+@pytest.fixture(scope="session")
+def dask_address() -> Iterator[str]:
+    """The address of a LocalCluster (two worker processes) shared by the whole session."""
+    with services.dask_cluster() as address:
+        yield address
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    """A private Redis server for the session; the tests that need it skip only where it cannot start at all."""
+    with contextlib.ExitStack() as stack:
+        try:
+            url = stack.enter_context(services.redis_server())
+        except services.ServiceError as exc:
+            pytest.skip(f"Redis cannot be started here: {exc}")
+        yield url
+
+
+@pytest.fixture(scope="session")
+def celery_urls(redis_url: str) -> Iterator[tuple[str, str]]:
+    """(broker, result backend) URLs served by one Celery worker (two children) for the session."""
+    broker, backend = f"{redis_url}/0", f"{redis_url}/1"
+    with services.celery_worker(broker, backend):
+        yield broker, backend
