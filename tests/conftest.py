@@ -111,8 +111,8 @@ def redis_url() -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
-def celery_urls(redis_url: str) -> Iterator[tuple[str, str]]:
-    """(broker, result backend) URLs served by one Celery worker (two children) for the session."""
+def celery_worker(redis_url: str) -> Iterator[services.CeleryWorker]:
+    """One Celery worker (two children) for the session, with its broker and result backend URLs."""
     broker, backend = f"{redis_url}/0", f"{redis_url}/1"
-    with services.celery_worker(broker, backend):
-        yield broker, backend
+    with services.celery_worker(broker, backend) as ready_line:
+        yield services.CeleryWorker(broker, backend, ready_line)

@@ -20,7 +20,7 @@ from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 ROOT = Path(__file__).resolve().parent.parent
 START_TIMEOUT = 60.0
@@ -32,6 +32,12 @@ PIDS: set[int] = set()
 
 class ServiceError(RuntimeError):
     pass
+
+
+class CeleryWorker(NamedTuple):
+    broker: str
+    backend: str
+    ready_line: str
 
 
 def free_port() -> int:

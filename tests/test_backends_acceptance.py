@@ -26,8 +26,8 @@ def make_scheduler(request: pytest.FixtureRequest) -> MakeScheduler:
     if request.param == "dask":
         address = request.getfixturevalue("dask_address")
         return lambda **options: Scheduler(backend=DaskBackend(address, capacity=2, kill_on_timeout=True), **options)
-    broker, backend = request.getfixturevalue("celery_urls")
-    return lambda **options: Scheduler(backend=CeleryBackend(broker, backend, capacity=2), **options)
+    worker = request.getfixturevalue("celery_worker")
+    return lambda **options: Scheduler(backend=CeleryBackend(worker.broker, worker.backend, capacity=2), **options)
 
 
 def rebuilds_exceptions(scheduler: Scheduler) -> bool:

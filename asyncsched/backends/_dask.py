@@ -99,7 +99,8 @@ class DaskBackend(Backend):
         self._topic = f"asyncsched-{uuid.uuid4().hex}"
         self._tags = (f"{n:x}" for n in itertools.count())
         self._running: dict[str, _Running] = {}
-        self._restarts: set[asyncio.Task[Any]] = set()
+        self._attempts: set[asyncio.Future[Outcome]] = set()
+        self._restarts: set[asyncio.Future[None]] = set()
         self._closed = False
 
     async def start(self) -> None:
@@ -108,7 +109,10 @@ class DaskBackend(Backend):
         self.client.subscribe_topic(self._topic, self._on_event)
 
     def submit(self, attempt: Attempt, emit: Emit) -> asyncio.Future[Outcome]:
-        return asyncio.ensure_future(self._run(attempt, emit))
+        run = asyncio.ensure_future(self._run(attempt, emit))
+        self._attempts.add(run)
+        run.add_done_callback(self._attempts.discard)
+        return run
 
     def _on_event(self, event: tuple[float, Any]) -> None:
         kind, tag, *rest = event[1]
@@ -199,8 +203,9 @@ class DaskBackend(Backend):
         if self._closed:
             return
         self._closed = True
-        if self._restarts:
-            await asyncio.gather(*self._restarts, return_exceptions=True)
+        for run in self._attempts:
+            run.cancel()  # each cancels its Dask future
+        await asyncio.gather(*self._attempts, *self._restarts, return_exceptions=True)
         client = self.client
         if client is None:
             return
