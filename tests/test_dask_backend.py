@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import signal
 from collections.abc import Callable
@@ -74,10 +73,9 @@ async def test_leaving_a_stream_cancels_its_dask_tasks(dask_address: str, gate: 
     async with await Client(dask_address, asynchronous=True) as client:
         async with Scheduler(backend=DaskBackend(client=client, capacity=2)) as scheduler:
             batch = [Task(tasks.identity, "first")] + [Task(tasks.wait_for_file, release) for _ in range(4)]
-            async with contextlib.aclosing(scheduler.stream(batch)) as stream:
-                async for result in stream:
-                    assert result.value == "first"
-                    break
+            stream = scheduler.stream(batch)
+            assert (await anext(stream)).value == "first"
+            await stream.aclose()  # type: ignore[attr-defined]  # stream() is typed AsyncIterator, is a generator
             results = await scheduler.results()
         assert not client.futures  # the backend cancelled every Dask future before it closed
         await asyncio.to_thread(Path(release).touch)  # the tasks already running end
