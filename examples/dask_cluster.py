@@ -77,7 +77,7 @@ async def main(address: str) -> None:
     backend = DaskBackend(address, capacity=WORKERS, kill_on_timeout=True)
     async with Scheduler(backend=backend, timeout=30) as scheduler:
         assert backend.client is not None
-        await backend.client.wait_for_workers(WORKERS, timeout=60)
+        await backend.client.wait_for_workers(WORKERS, timeout=60)  # type: ignore[func-returns-value,misc]
         events = scheduler.events()
         texts = ["the quick brown fox", "jumps over", "the lazy dog", "and runs away again"]
         batch = [Task(count_words, text, key=f"text-{i}") for i, text in enumerate(texts)]
