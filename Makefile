@@ -42,7 +42,7 @@ bench: $(VENV)/.installed-test
 	$(BIN)/python benchmarks/throughput.py
 
 bench-backends: $(VENV)/.installed-test redis-server
-	$(BIN)/python benchmarks/backends.py
+	$(BIN)/python -m benchmarks.backends
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
