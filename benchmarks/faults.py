@@ -24,18 +24,18 @@ KINDS = {"crash": (crash, Status.CRASHED), "hang": (hang, Status.TIMED_OUT), "fa
          "work": (work, Status.COMPLETED)}
 
 
-async def run(n: int, workers: int, timeout: float) -> None:
+async def run(n: int, workers: int, deadline: float) -> None:
     kinds = ["crash"] * (n // 10) + ["hang"] * (n // 10) + ["fail"] * (n // 10)
     kinds += ["work"] * (n - len(kinds))
     random.Random(7).shuffle(kinds)
-    async with Scheduler(workers=workers, timeout=timeout) as scheduler:
+    async with Scheduler(workers=workers, timeout=deadline) as scheduler:
         await scheduler.run([Task(work)])
         start = time.perf_counter()
         summary = await scheduler.run(Task(KINDS[kind][0], key=f"{kind}-{i}") for i, kind in enumerate(kinds))
         elapsed = time.perf_counter() - start
     wrong = [(r.key, r.status) for r, kind in zip(summary.results, kinds, strict=True) if r.status != KINDS[kind][1]]
-    ideal = (kinds.count("hang") * timeout + kinds.count("work") * 0.01) / workers
-    print(f"mixed faults: {n} tasks on {workers} workers, timeout {timeout}s")
+    ideal = (kinds.count("hang") * deadline + kinds.count("work") * 0.01) / workers
+    print(f"mixed faults: {n} tasks on {workers} workers, timeout {deadline}s")
     print(f"  statuses     {dict(Counter(r.status.value for r in summary.results))}")
     print(f"  mismatches   {len(wrong)} {wrong[:5]}")
     print(f"  elapsed      {elapsed:.2f}s")
