@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -28,6 +30,12 @@ def make_scheduler(request: pytest.FixtureRequest) -> MakeScheduler:
         return lambda **options: Scheduler(backend=DaskBackend(address, capacity=2, kill_on_timeout=True), **options)
     worker = request.getfixturevalue("celery_worker")
     return lambda **options: Scheduler(backend=CeleryBackend(worker.broker, worker.backend, capacity=2), **options)
+
+
+def test_the_backends_are_imported_lazily() -> None:
+    code = ("import sys, asyncsched.backends as b; assert 'distributed' not in sys.modules and 'celery' not in "
+            "sys.modules; b.DaskBackend; assert 'distributed' in sys.modules and 'celery' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def rebuilds_exceptions(scheduler: Scheduler) -> bool:

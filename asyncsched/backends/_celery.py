@@ -199,13 +199,21 @@ class CeleryBackend(Backend):
         self._listener: asyncio.Task[None] | None = None
         self._closed = False
 
-
     # -- lifecycle -------------------------------------------------------------------------
 
     async def start(self) -> None:
         self._redis = redis.asyncio.Redis.from_url(self.app.conf.result_backend)
         self._pubsub = await self._subscribe()
         self._listener = asyncio.ensure_future(self._listen())
+        self._listener.add_done_callback(self._on_listener_done)
+
+    def _on_listener_done(self, listener: asyncio.Task[None]) -> None:
+        """A listener that died of a bug must not leave attempts waiting forever: they fail with its error."""
+        if listener.cancelled() or listener.exception() is None:
+            return
+        for pending in self._pending.values():
+            if not pending.future.done():
+                pending.future.set_exception(listener.exception())  # type: ignore[arg-type]
 
     async def _subscribe(self) -> Any:
         assert self._redis is not None
@@ -223,6 +231,8 @@ class CeleryBackend(Backend):
         self._closed = True
         pending, self._pending = self._pending, {}
         for task_id, left in pending.items():
+            if left.deadline is not None:
+                left.deadline.cancel()
             left.future.cancel()
             self._revoking.append(task_id)
         self._flush_revokes()
@@ -258,7 +268,7 @@ class CeleryBackend(Backend):
         return future
 
     def _on_sent(self, task_id: str, sent: asyncio.Future[Any]) -> None:
-        exc = sent.exception()
+        exc = None if sent.cancelled() else sent.exception()
         if exc is not None:  # arguments that are not JSON, a broker that cannot be reached, ...
             name, text, tb, _ = error_info(exc)
             self._finish(task_id, Outcome(Status.FAILED, error=f"the task could not be sent to Celery: {text}",
@@ -337,7 +347,11 @@ class CeleryBackend(Backend):
         pending = self._pending.get(task_id)
         if pending is None:
             return  # finished, cancelled, or another client's
-        meta = self.app.backend.decode(payload)
+        try:
+            meta = self.app.backend.decode(payload)
+        except Exception:
+            logger.warning("asyncsched: unreadable Celery result for %s", task_id, exc_info=True)
+            return
         state, result = meta.get("status"), meta.get("result")
         attempt = pending.attempt
         if state == "STARTED" and isinstance(result, dict) and result.get("started_at") != pending.started_at:

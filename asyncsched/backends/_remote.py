@@ -28,8 +28,6 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import cloudpickle
-
 from .._worker import _capture, error_info
 
 __all__ = ["REPORT_STATE", "STARTED", "REPORTED", "resolve", "run_by_name", "run_on_dask", "run_reporting"]
@@ -75,6 +73,7 @@ def _failure(what: str, exc: BaseException) -> Outcome:
 
 def run_on_dask(payload: bytes, topic: str, tag: str) -> bytes:
     """Run one attempt in a Dask worker; ``payload`` is a pickle of ``(fn, args)``."""
+    import cloudpickle  # comes with distributed, not with Celery
     from distributed import get_worker
 
     worker = get_worker()
