@@ -18,7 +18,6 @@ import sys
 import threading
 from collections import deque
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -47,7 +46,7 @@ def free_port() -> int:
         return port
 
 
-@contextmanager
+@contextlib.contextmanager
 def service(argv: list[str], ready: str, *, env: dict[str, str] | None = None) -> Iterator[str]:
     """Run ``argv`` until the context ends; yields the output line that contains ``ready``.
 
@@ -92,7 +91,7 @@ def service(argv: list[str], ready: str, *, env: dict[str, str] | None = None) -
             PIDS.discard(process.pid)
 
 
-@contextmanager
+@contextlib.contextmanager
 def dask_cluster() -> Iterator[str]:
     """A LocalCluster of two single-threaded worker processes; yields the scheduler address."""
     # One reschedule for the tasks of a lost worker, so a task that kills its worker is reported soon.
@@ -101,7 +100,7 @@ def dask_cluster() -> Iterator[str]:
         yield line
 
 
-@contextmanager
+@contextlib.contextmanager
 def redis_server() -> Iterator[str]:
     """A private redis-server on a free port; yields its URL. Raises ServiceError when there is none."""
     binary = shutil.which("redis-server")
@@ -113,7 +112,7 @@ def redis_server() -> Iterator[str]:
         yield f"redis://127.0.0.1:{port}"
 
 
-@contextmanager
+@contextlib.contextmanager
 def celery_worker(broker: str, backend: str, concurrency: int = 2) -> Iterator[str]:
     """``python -m asyncsched.backends.celery_worker``; yields its ``celery@host ready.`` line."""
     argv = [sys.executable, "-m", "asyncsched.backends.celery_worker", "--broker", broker, "--backend", backend,
