@@ -701,6 +701,8 @@ class ProcessPool(concurrent.futures.Executor):
             return
         depth = self._depth()
         for worker in sorted(self._ready, key=lambda w: len(w.calls)):  # a copy: the loop may remove some
+            if len(worker.calls) > depth // 2:
+                break  # refill a worker only once half of its calls are done: fewer, larger frames
             room = depth - len(worker.calls)
             if self._max_tasks is not None:
                 room = min(room, self._max_tasks - worker.calls_sent)
