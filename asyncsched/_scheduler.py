@@ -97,9 +97,13 @@ class _BatchRun:
         self.ready: deque[TaskResult] = deque()
         self.waiter: asyncio.Future[None] | None = None
         self.aborted: BaseException | None = None
+        self.stopped: str | None = None  # why the batch was cancelled (Scheduler.cancel)
 
     def start(self, record: _Record) -> None:
         record.retry_handle = None
+        if self.stopped is not None:  # admitted while the batch was being cancelled
+            self._finish(record, Outcome(Status.CANCELLED, error=self.stopped, error_type="asyncio.CancelledError"))
+            return
         record.attempts += 1
         task = record.task
         assert task is not None
@@ -177,6 +181,11 @@ class _BatchRun:
     def abort(self, error: BaseException) -> None:
         self.aborted = error
         self.cancel_all(str(error))
+
+    def stop(self, why: str) -> None:
+        """Cancel what is in flight and start nothing more: the batch ends with the results it has."""
+        self.stopped = why
+        self.cancel_all(why)
 
     async def wait(self) -> None:
         self.waiter = self.loop.create_future()
@@ -389,7 +398,7 @@ class Scheduler:
         exhausted = False
         try:
             while True:
-                while not exhausted and len(run.records) + len(run.ready) < window:
+                while not exhausted and run.stopped is None and len(run.records) + len(run.ready) < window:
                     item = await anext(items, _END)
                     if item is _END:
                         exhausted = True
@@ -427,6 +436,21 @@ class Scheduler:
             run.records[index] = record
             run.start(record)
         return index + 1
+
+    def cancel(self, batch_id: str) -> bool:
+        """Cancel a running batch: its tasks in flight are killed and recorded as cancelled, no more are started.
+
+        The batch's ``run()`` then returns, and its ``stream()`` ends, with the
+        results recorded so far. Returns False when no batch of that id runs here.
+        """
+        runs = [run for run in self._runs if run.batch_id == batch_id]
+        for run in runs:
+            run.stop("the batch was cancelled")
+        return bool(runs)
+
+    def running(self) -> list[str]:
+        """The ids of the batches running now, sorted."""
+        return sorted({run.batch_id for run in self._runs})
 
     # -- events and queries ----------------------------------------------------------------
 

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import types
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import psutil
@@ -161,6 +162,47 @@ async def test_cancelling_one_batch_leaves_another_alone() -> None:
         assert summary.completed == 10
         with pytest.raises(asyncio.CancelledError):
             await doomed
+
+
+async def test_cancel_by_id_kills_the_running_tasks_and_run_returns() -> None:
+    async with Scheduler(workers=2) as scheduler:
+        events = scheduler.events(batch_id="doomed")
+        batch = [Task(faults.hang, key=str(i)) for i in range(100)]
+        run = asyncio.ensure_future(scheduler.run(batch, batch_id="doomed"))
+        pids = set()
+        async for event in events:
+            pids.add(event.pid)
+            if len(pids) == 2:
+                break
+        assert scheduler.running() == ["doomed"]
+        assert scheduler.cancel("doomed") and not scheduler.cancel("no-such-batch")
+        summary = await run  # ends with what it has: the tasks admitted so far, cancelled
+        assert 2 <= summary.total < 100 and summary.cancelled == summary.total
+        assert {r.error for r in summary.results} == {"the batch was cancelled"}
+        assert all(pid is not None and wait_gone(pid, timeout=1.0) for pid in pids)
+        assert scheduler.running() == [] and not scheduler.cancel("doomed")
+        assert (await scheduler.stats("doomed")).cancelled == summary.total
+
+
+async def test_cancel_by_id_while_an_async_batch_is_pulled() -> None:
+    async with Scheduler(workers=1) as scheduler:
+        pulled = asyncio.Event()
+        release = asyncio.Event()
+
+        async def batch() -> AsyncIterator[Task]:
+            yield Task(tasks.square, 2, key="first")
+            pulled.set()
+            await release.wait()  # cancelled while the scheduler waits for this item
+            yield Task(tasks.square, 3, key="late")
+            yield Task(tasks.square, 4, key="never")
+
+        run = asyncio.ensure_future(scheduler.run(batch(), batch_id="b"))
+        await pulled.wait()
+        scheduler.cancel("b")
+        release.set()
+        summary = await run
+        statuses = {r.key: r.status for r in summary.results}
+        assert statuses["late"] is Status.CANCELLED and "never" not in statuses
 
 
 # -- 4. signals and orphans -----------------------------------------------------------------
