@@ -55,3 +55,16 @@ def log_run(log: str, key: str, seconds: float = 0.0, gate: str | None = None) -
     if gate is not None:
         wait_for_file(gate)
     return key
+
+
+def odd_values() -> Any:
+    """A value JSON cannot carry as it is: a tuple, a set, a non-finite float, a non-string key."""
+    return {"tuple": (1, 2), "set": {3}, "nan": float("nan"), 4: "int key"}
+
+
+def say(message: str, fail: bool = False) -> str:
+    """Report ``message``; raise with it when ``fail``."""
+    report(message=message)
+    if fail:
+        raise ValueError(message)
+    return message

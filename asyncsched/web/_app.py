@@ -1,0 +1,418 @@
+"""The routes :func:`setup` mounts on an aiohttp app: the JSON API, live events and the dashboard.
+
+Data flow::
+
+    HTTP client or dashboard
+        |  {prefix}/api/...  (Authorization: Bearer <token>, when a token is set)
+        v
+    _Api handlers --POST--> a background task per submitted batch: Scheduler.run(tasks)
+        |        --DELETE-> Scheduler.cancel(batch_id)
+        |        --GET----> Scheduler.batches() / stats() / results() (the store)
+        |
+        +--GET events--> EventLog.listen() <-- EventLog.pump() <-- Scheduler.events()
+
+Nothing a client sends is code: a submission names a task of the
+:class:`TaskRegistry` and gives JSON arguments. Bodies, batches and pages are
+bounded by :class:`Limits`; store queries are parameterized by the store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import logging
+import re
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass, fields
+from importlib import resources
+from typing import Any, NoReturn
+
+from aiohttp import web
+
+from .._errors import ConfigurationError
+from .._models import Status, Task
+from .._scheduler import Scheduler
+from .._store import BatchInfo
+from ._json import batch_json, result_json
+from ._openapi import openapi
+from ._registry import TaskRegistry, task_from_json
+from ._sse import EventLog
+
+__all__ = ["Limits", "setup"]
+
+logger = logging.getLogger("asyncsched.web")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+BATCH_ID = re.compile(r"[A-Za-z0-9_.:-]{1,100}")
+"""What a batch id given by a client may be: it appears in URLs."""
+FINAL = [s.value for s in Status if s.is_final]
+SUBMISSION_FIELDS = ("task", "inputs", "timeout", "retries", "batch_id")
+STATIC = {  # the dashboard's files: served by name from this list only
+    "app.js": "text/javascript",
+    "style.css": "text/css",
+    "index.html": "text/html",
+}
+SECURITY_HEADERS = {
+    "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; "
+                               "img-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-cache",
+}
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Bounds on what one client can ask of the server.
+
+    >>> Limits(max_inputs=1000, max_page=200)  # doctest: +ELLIPSIS
+    Limits(...)
+    """
+
+    max_body: int = 1 << 20
+    """Bytes in a request body; more gets 413."""
+    max_inputs: int = 10_000
+    """Tasks in one submitted batch; more gets 413."""
+    max_page: int = 1000
+    """Results or batches in one page: a larger ``limit`` is capped to it."""
+    default_page: int = 100
+    """Page size when the request gives no ``limit``."""
+    event_backlog: int = 1000
+    """Events kept for clients that reconnect with ``Last-Event-ID``."""
+    heartbeat: float = 15.0
+    """Seconds between keep-alive comments on an idle event stream."""
+
+    def __post_init__(self) -> None:
+        for field in fields(self):
+            value = getattr(self, field.name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+                raise ConfigurationError(f"Limits.{field.name} must be a positive number, got {value!r}")
+        if self.default_page > self.max_page:
+            raise ConfigurationError(f"Limits.default_page ({self.default_page}) is over max_page ({self.max_page})")
+
+
+def setup(app: web.Application, scheduler: Scheduler, *, registry: TaskRegistry | None,
+          prefix: str = "/asyncsched", token: str | None = None, limits: Limits | None = None) -> None:
+    """Mount the JSON API, the events stream and the dashboard under ``prefix``, and run ``scheduler`` with ``app``.
+
+    The scheduler is entered (``async with``) when the app starts and closed
+    when it stops, through ``app.cleanup_ctx``; batches submitted over HTTP are
+    cancelled then. ``registry`` names the tasks that clients may run; ``None``
+    serves a read-only view of the scheduler's store. With a ``token``, every
+    ``{prefix}/api/`` route needs ``Authorization: Bearer <token>``.
+    """
+    if not isinstance(prefix, str) or not re.fullmatch(r"(/[A-Za-z0-9_.~-]+)+", prefix):
+        raise ConfigurationError(f"prefix must be a path like '/asyncsched' (no trailing slash), got {prefix!r}")
+    if token is not None and (not isinstance(token, str) or not token or not token.isascii()):
+        raise ConfigurationError("token must be a non-empty ASCII string, or None for no authentication")
+    if registry is not None and not isinstance(registry, TaskRegistry):
+        raise ConfigurationError(f"registry must be a TaskRegistry or None, got {type(registry).__name__}")
+    api = _Api(scheduler, registry, token, limits or Limits(), prefix)
+    app.cleanup_ctx.append(api.lifecycle)
+    app.on_shutdown.append(api.on_shutdown)
+    router = app.router
+    router.add_get(prefix, api.to_dashboard)
+    router.add_get(f"{prefix}/", api.dashboard)
+    router.add_get(f"{prefix}/static/{{name}}", api.static)
+    routes: list[tuple[str, str, Handler]] = [
+        ("GET", "/tasks", api.tasks),
+        ("GET", "/batches", api.list_batches),
+        ("POST", "/batches", api.submit),
+        ("GET", "/batches/{batch_id}", api.get_batch),
+        ("DELETE", "/batches/{batch_id}", api.cancel),
+        ("GET", "/batches/{batch_id}/results", api.results),
+        ("GET", "/events", api.events),
+        ("GET", "/openapi.json", api.openapi),
+    ]
+    for method, path, handler in routes:
+        router.add_route(method, f"{prefix}/api{path}", api.endpoint(handler))
+
+
+class _Refusal(Exception):
+    """Ends a request with ``status`` and ``{"error": message, ...}``."""
+
+    def __init__(self, status: int, message: str, extra: dict[str, Any]) -> None:
+        super().__init__(message)
+        self.status = status
+        self.body = {"error": message, **extra}
+
+
+def _fail(status: int, message: str, **extra: Any) -> NoReturn:
+    raise _Refusal(status, message, extra)
+
+
+class _Api:
+    def __init__(self, scheduler: Scheduler, registry: TaskRegistry | None, token: str | None, limits: Limits,
+                 prefix: str) -> None:
+        self.scheduler = scheduler
+        self.registry = registry
+        self.limits = limits
+        self.prefix = prefix
+        self.log = EventLog(limits.event_backlog)
+        self.jobs: dict[str, tuple[asyncio.Task[None], int]] = {}  # batches submitted here: task, size
+        self._token = None if token is None else token.encode()
+        self._files: dict[str, bytes] = {}
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def lifecycle(self, app: web.Application) -> AsyncIterator[None]:
+        async with self.scheduler:
+            pump = asyncio.create_task(self.log.pump(self.scheduler.events()), name="asyncsched.web events")
+            try:
+                yield
+            finally:
+                jobs = [task for task, _ in self.jobs.values()]
+                for task in jobs:
+                    task.cancel()  # each records its running tasks as cancelled
+                await asyncio.gather(*jobs, return_exceptions=True)
+                pump.cancel()
+                await asyncio.gather(pump, return_exceptions=True)
+                self.log.close()
+
+    async def on_shutdown(self, app: web.Application) -> None:
+        self.log.close()  # event streams end, so the server need not wait for them
+
+    # -- auth and input --------------------------------------------------------------------
+
+    def endpoint(self, handler: Handler) -> Handler:
+        """``handler`` behind the token, when there is one, with its refusals answered in JSON."""
+        expected = None if self._token is None else b"Bearer " + self._token
+
+        async def answer(request: web.Request) -> web.StreamResponse:
+            if expected is not None:
+                given = request.headers.get("Authorization", "").encode("utf-8", "replace")
+                if not hmac.compare_digest(given, expected):
+                    return web.json_response({"error": "this API needs the header 'Authorization: Bearer <token>'"},
+                                             status=401, headers={"WWW-Authenticate": 'Bearer realm="asyncsched"'})
+            try:
+                return await handler(request)
+            except _Refusal as refusal:
+                return web.json_response(refusal.body, status=refusal.status)
+
+        return answer
+
+    async def _body(self, request: web.Request) -> Any:
+        if request.content_type != "application/json":
+            _fail(415, "the body must be JSON, sent with 'Content-Type: application/json'")
+        limit = self.limits.max_body
+        if request.content_length is not None and request.content_length > limit:
+            _fail(413, f"the body is over the limit of {limit} bytes")
+        body = bytearray()
+        async for chunk in request.content.iter_chunked(1 << 16):
+            body += chunk
+            if len(body) > limit:
+                _fail(413, f"the body is over the limit of {limit} bytes")
+        try:
+            return json.loads(body, parse_constant=_no_constant)
+        except (ValueError, RecursionError) as exc:
+            _fail(400, f"the body is not valid JSON: {exc}")
+
+    def _page(self, request: web.Request) -> tuple[int, int]:
+        """``limit`` (capped to ``max_page``) and ``offset`` from the query."""
+        limit = min(_query_int(request, "limit", self.limits.default_page, 1), self.limits.max_page)
+        return limit, _query_int(request, "offset", 0, 0)
+
+    # -- batches ---------------------------------------------------------------------------
+
+    def _running(self) -> set[str]:
+        return set(self.scheduler.running()) | set(self.jobs)
+
+    def _summary(self, info: BatchInfo, running: set[str]) -> dict[str, Any]:
+        state = "running" if info.batch_id in running else "finished" if info.finished_at else "unfinished"
+        job = self.jobs.get(info.batch_id)
+        return batch_json(info, state, None if job is None else job[1])
+
+    async def _batch(self, batch_id: str) -> BatchInfo:
+        for info in await self.scheduler.batches():
+            if info.batch_id == batch_id:
+                return info
+        _fail(404, f"no batch {batch_id!r}")
+
+    async def list_batches(self, request: web.Request) -> web.Response:
+        limit, offset = self._page(request)
+        batches = (await self.scheduler.batches())[::-1]  # newest first
+        running = self._running()
+        return web.json_response({
+            "batches": [self._summary(info, running) for info in batches[offset:offset + limit]],
+            "total": len(batches), "limit": limit, "offset": offset, "last_event_id": self.log.last_id,
+        })
+
+    async def get_batch(self, request: web.Request) -> web.Response:
+        info = await self._batch(request.match_info["batch_id"])
+        return web.json_response(self._summary(info, self._running()))
+
+    async def submit(self, request: web.Request) -> web.Response:
+        if self.registry is None:
+            _fail(403, "this server is read-only: it was started without a task registry")
+        body = await self._body(request)
+        fn, name, inputs, timeout, retries, batch_id = self._submission(body)
+        if batch_id in self.jobs:
+            _fail(409, f"batch {batch_id!r} is running")
+        tasks = [task_from_json(fn, value, timeout=timeout, retries=retries) for value in inputs]
+        began = asyncio.get_running_loop().create_future()
+        job = asyncio.create_task(self._run(batch_id, name, tasks, began), name=f"asyncsched.web batch {batch_id}")
+        self.jobs[batch_id] = (job, len(tasks))
+        await asyncio.wait([job, began], return_when=asyncio.FIRST_COMPLETED)
+        if not began.done():  # the batch could not begin
+            exc = job.exception()
+            if isinstance(exc, ConfigurationError):  # the store has a batch of that id
+                _fail(409, str(exc))
+            _fail(503, f"the batch could not start: {type(exc).__name__}: {exc}")
+        location = f"{self.prefix}/api/batches/{batch_id}"
+        return web.json_response({"batch_id": batch_id, "state": "running", "expected": len(tasks),
+                                  "url": location}, status=202, headers={"Location": location})
+
+    def _submission(self, body: Any) -> tuple[Any, str, list[Any], float | None, int | None, str]:
+        """The checked fields of a submission; 400, 404 or 413 naming what is wrong."""
+        assert self.registry is not None
+        if not isinstance(body, dict):
+            _fail(400, f"the body must be a JSON object with the fields {list(SUBMISSION_FIELDS)}")
+        unknown = sorted(set(body) - set(SUBMISSION_FIELDS))
+        if unknown:
+            _fail(400, f"unknown field {unknown[0]!r}; the fields are {list(SUBMISSION_FIELDS)}",
+                  field=unknown[0])
+        name = body.get("task")
+        if not isinstance(name, str):
+            _fail(400, "field 'task' must be the name of a registered task", field="task",
+                  tasks=self.registry.names())
+        fn = self.registry.get(name)
+        if fn is None:
+            _fail(404, f"unknown task {name!r}", field="task", tasks=self.registry.names())
+        inputs = body.get("inputs")
+        if not isinstance(inputs, list) or not inputs:
+            _fail(400, "field 'inputs' must be a non-empty array, one JSON value per task",
+                  field="inputs")
+        if len(inputs) > self.limits.max_inputs:
+            _fail(413,
+                  f"field 'inputs' has {len(inputs)} tasks, over the limit of {self.limits.max_inputs}",
+                  field="inputs")
+        timeout = body.get("timeout")
+        if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, int | float)
+                                    or not 0 < timeout < float("inf")):
+            _fail(400, f"field 'timeout' must be a positive number of seconds or null, got {timeout!r}",
+                  field="timeout")
+        retries = body.get("retries")
+        if retries is not None and (isinstance(retries, bool) or not isinstance(retries, int) or retries < 0):
+            _fail(400, f"field 'retries' must be a non-negative integer or null, got {retries!r}",
+                  field="retries")
+        batch_id = body.get("batch_id")
+        if batch_id is None:
+            batch_id = uuid.uuid4().hex[:12]
+        elif not isinstance(batch_id, str) or not BATCH_ID.fullmatch(batch_id):
+            _fail(400, f"field 'batch_id' must be 1 to 100 letters, digits or _.:- characters, "
+                  f"got {batch_id!r}", field="batch_id")
+        return fn, name, inputs, timeout, retries, batch_id
+
+    async def _run(self, batch_id: str, name: str, tasks: list[Task], began: asyncio.Future[None]) -> None:
+        """Run a submitted batch; ``began`` is set once the store has recorded it."""
+
+        def announcing() -> Iterator[Task]:  # the scheduler pulls the first task once the batch is recorded
+            began.set_result(None)
+            self.log.publish_notice(batch_id, {"batch_id": batch_id, "state": "running", "expected": len(tasks)})
+            yield from tasks
+
+        try:
+            await self.scheduler.run(announcing(), batch_id=batch_id, name=name)
+        except Exception:
+            if not began.done():
+                raise  # answered by submit()
+            logger.exception("batch %s ended with an error", batch_id)
+        finally:
+            del self.jobs[batch_id]
+        self.log.publish_notice(batch_id, {"batch_id": batch_id, "state": "finished"})
+
+    async def cancel(self, request: web.Request) -> web.Response:
+        batch_id = request.match_info["batch_id"]
+        if self.registry is None:
+            _fail(403, "this server is read-only: it was started without a task registry")
+        info = await self._batch(batch_id)
+        if not self.scheduler.cancel(batch_id):
+            _fail(409, f"batch {batch_id!r} is not running", state=self._summary(info, set())["state"])
+        job = self.jobs.get(batch_id)
+        if job is not None:  # its tasks are all recorded now: wait for the batch to be written
+            await asyncio.wait([job[0]])
+        return web.json_response(self._summary(await self._batch(batch_id), self._running()))
+
+    # -- results ---------------------------------------------------------------------------
+
+    async def results(self, request: web.Request) -> web.Response:
+        batch_id = request.match_info["batch_id"]
+        status = request.query.get("status") or None
+        if status is not None and status not in FINAL:
+            _fail(400, f"query parameter 'status' must be one of {FINAL}, got {status!r}",
+                  field="status")
+        limit, offset = self._page(request)
+        stats = await self.scheduler.stats(batch_id)
+        if stats.total == 0:
+            await self._batch(batch_id)  # 404 when there is no such batch
+        rows = await self.scheduler.results(batch_id, status=status, limit=limit, offset=offset)
+        return web.json_response({
+            "results": [result_json(r) for r in rows],
+            "total": stats.total if status is None else getattr(stats, status),
+            "limit": limit, "offset": offset,
+        })
+
+    # -- events ----------------------------------------------------------------------------
+
+    async def events(self, request: web.Request) -> web.StreamResponse:
+        batch_id = request.query.get("batch") or None
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
+                                               "X-Accel-Buffering": "no"})
+        listener = self.log.listen(batch_id, request.headers.get("Last-Event-ID"))
+        try:
+            await response.prepare(request)
+            await response.write(b"retry: 1000\n\n")
+            while (chunk := await listener.next_chunk(self.limits.heartbeat)) is not None:
+                await response.write(chunk)
+        except ConnectionResetError:
+            pass  # the client went away
+        finally:
+            self.log.forget(listener)
+        return response
+
+    # -- the rest --------------------------------------------------------------------------
+
+    async def tasks(self, request: web.Request) -> web.Response:
+        return web.json_response({"tasks": [] if self.registry is None else self.registry.names(),
+                                  "read_only": self.registry is None})
+
+    async def openapi(self, request: web.Request) -> web.Response:
+        return web.json_response(openapi(self.prefix, self.limits, token=self._token is not None))
+
+    async def to_dashboard(self, request: web.Request) -> web.Response:
+        raise web.HTTPFound(f"{self.prefix}/")
+
+    async def dashboard(self, request: web.Request) -> web.Response:
+        return self._file("index.html")
+
+    async def static(self, request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        if name not in STATIC or name == "index.html":
+            raise web.HTTPNotFound()
+        return self._file(name)
+
+    def _file(self, name: str) -> web.Response:
+        body = self._files.get(name)
+        if body is None:
+            body = self._files[name] = resources.files(__package__).joinpath("static", name).read_bytes()
+        return web.Response(body=body, content_type=STATIC[name], charset="utf-8", headers=SECURITY_HEADERS)
+
+
+def _no_constant(name: str) -> NoReturn:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _query_int(request: web.Request, name: str, default: int, minimum: int) -> int:
+    text = request.query.get(name)
+    if text is None or text == "":
+        return default
+    with contextlib.suppress(ValueError):
+        value = int(text)
+        if value >= minimum:
+            return value
+    _fail(400, f"query parameter {name!r} must be an integer of at least {minimum}, got {text!r}",
+          field=name)

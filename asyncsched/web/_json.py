@@ -1,0 +1,75 @@
+"""How results, batches and values look in JSON."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from .._models import TaskResult
+from .._store import BatchInfo
+
+__all__ = ["MAX_DEPTH", "batch_json", "jsonable", "result_json"]
+
+MAX_DEPTH = 64
+"""Nesting kept in a value; deeper parts are shown by their ``repr``."""
+
+
+def jsonable(value: Any, depth: int = 0) -> Any:
+    """``value`` as plain JSON: lists, objects with string keys, strings, finite numbers, booleans, null.
+
+    Anything else (a tuple becomes a list) is shown by its ``repr``, and so is a
+    non-finite float, which JSON has no token for.
+    """
+    if value is None or isinstance(value, str | bool | int):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else repr(value)
+    if depth >= MAX_DEPTH:
+        return repr(value)
+    if isinstance(value, list | tuple):
+        return [jsonable(item, depth + 1) for item in value]
+    if isinstance(value, dict):
+        return {str(key): jsonable(item, depth + 1) for key, item in value.items()}
+    return repr(value)
+
+
+def result_json(result: TaskResult) -> dict[str, Any]:
+    """The fields of a :class:`TaskResult` (all but the rebuilt exception), as JSON."""
+    return {
+        "batch_id": result.batch_id,
+        "key": result.key,
+        "index": result.index,
+        "status": result.status.value,
+        "value": jsonable(result.value),
+        "error": result.error,
+        "error_type": result.error_type,
+        "traceback": result.traceback,
+        "attempts": result.attempts,
+        "pid": result.pid,
+        "started_at": result.started_at,
+        "finished_at": result.finished_at,
+        "duration": result.duration,
+        "message": result.message,
+        "progress": result.progress,
+    }
+
+
+def batch_json(info: BatchInfo, state: str, expected: int | None) -> dict[str, Any]:
+    """A batch's summary: its counts at the top level, its times and its state."""
+    stats = info.stats
+    return {
+        "batch_id": info.batch_id,
+        "name": info.name,
+        "state": state,
+        "total": stats.total,
+        "expected": expected,
+        "completed": stats.completed,
+        "failed": stats.failed,
+        "timed_out": stats.timed_out,
+        "crashed": stats.crashed,
+        "cancelled": stats.cancelled,
+        "success_rate": stats.success_rate,
+        "created_at": info.created_at,
+        "finished_at": info.finished_at,
+        "elapsed": None if info.finished_at is None else info.finished_at - info.created_at,
+    }

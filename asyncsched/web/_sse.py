@@ -1,0 +1,181 @@
+"""Server-Sent Events: the scheduler's events numbered, encoded once, kept for catch-up and fanned out.
+
+Data flow::
+
+    Scheduler.events() --pump()--> EventLog.publish(): numbers and encodes the event once
+                                        |                        |
+                                        v                        v
+                           backlog (the latest N)      every Listener's pending chunks
+                                        |                        |
+             a reconnect with Last-Event-ID                      v
+             is served from here first ------------> one GET {prefix}/api/events response each
+
+Every event has an id ``<epoch>-<number>``: ``epoch`` is random for each log, so
+an id from before a restart is recognised as such. A client that reconnects
+with ``Last-Event-ID`` gets the events it missed from the backlog. When they are
+no longer all there (or the id is from another epoch), it gets one ``reset``
+event instead, which carries the latest id: it should then reload its state.
+
+A listener that falls ``2 * backlog`` events behind (its connection is too slow) has
+its stream ended after what it holds: its client reconnects and catches up from
+the backlog, so a slow client never makes the server buffer without bound.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+from collections import deque
+from typing import Any, NamedTuple
+
+from .._events import EventStream
+from .._models import Event
+from ._json import jsonable
+
+__all__ = ["EventLog", "Listener"]
+
+KEEP_ALIVE = b": keep-alive\n\n"
+
+_KINDS = {"TaskStarted": "started", "TaskReported": "reported", "TaskRetried": "retried", "TaskFinished": "finished"}
+
+
+class _Entry(NamedTuple):
+    number: int
+    batch_id: str
+    chunk: bytes
+
+
+class Listener:
+    """One client's live events: chunks of encoded events, waiting to be written."""
+
+    def __init__(self, batch_id: str | None, limit: int) -> None:
+        self.batch_id = batch_id
+        self.ended = False
+        self._limit = limit
+        self._pending: list[bytes] = []
+        self._wake = asyncio.Event()
+
+    def push(self, entry: _Entry) -> None:
+        if self.batch_id is None or entry.batch_id == self.batch_id:
+            self.add(entry.chunk)
+
+    def add(self, chunk: bytes) -> None:
+        if self.ended:
+            return
+        self._pending.append(chunk)
+        if len(self._pending) >= self._limit:
+            self.ended = True  # too far behind: it reconnects and catches up from the backlog
+        self._wake.set()
+
+    def end(self) -> None:
+        self.ended = True
+        self._wake.set()
+
+    async def next_chunk(self, heartbeat: float) -> bytes | None:
+        """What to write next: the pending events, a keep-alive comment after ``heartbeat`` idle
+        seconds, or None once the stream has ended and everything was written."""
+        if not self._pending and not self.ended:
+            try:
+                async with asyncio.timeout(heartbeat):
+                    await self._wake.wait()
+            except TimeoutError:
+                return KEEP_ALIVE
+        self._wake.clear()
+        chunk, self._pending = b"".join(self._pending), []
+        return chunk or None
+
+
+class EventLog:
+    """Numbers events, keeps the latest ``backlog`` of them, and hands each to every live listener."""
+
+    def __init__(self, backlog: int) -> None:
+        self.epoch = secrets.token_hex(4)
+        self._backlog: deque[_Entry] = deque(maxlen=backlog)
+        self._listeners: set[Listener] = set()
+        self._last = 0
+        self._closed = False
+        self._stream: EventStream | None = None
+
+    @property
+    def last_id(self) -> str:
+        """The id of the latest event (``<epoch>-0`` before the first)."""
+        return f"{self.epoch}-{self._last}"
+
+    def publish(self, kind: str, batch_id: str, data: dict[str, Any]) -> None:
+        self._last += 1
+        text = json.dumps(data, separators=(",", ":"), allow_nan=False)
+        entry = _Entry(self._last, batch_id, f"id: {self.last_id}\nevent: {kind}\ndata: {text}\n\n".encode())
+        self._backlog.append(entry)
+        for listener in self._listeners:
+            listener.push(entry)
+
+    def publish_event(self, event: Event) -> None:
+        """Publish one of the scheduler's events, as a ``task`` event."""
+        self.publish("task", event.batch_id, {
+            "type": _KINDS.get(type(event).__name__, "event"),
+            "batch_id": event.batch_id,
+            "key": event.key,
+            "status": event.status.value,
+            "timestamp": event.timestamp,
+            "pid": event.pid,
+            "message": event.message,
+            "progress": event.progress,
+            "attempt": event.attempt,
+            "data": jsonable(event.data),
+        })
+
+    def publish_notice(self, batch_id: str, data: dict[str, Any]) -> None:
+        """Publish a ``batch`` event, after the scheduler's events published before it."""
+        if self._stream is not None:
+            for event in self._stream.drain():
+                self.publish_event(event)
+        self.publish("batch", batch_id, data)
+
+    async def pump(self, stream: EventStream) -> None:
+        """Publish every event of ``stream`` until it ends (the scheduler closed) or this task is cancelled."""
+        self._stream = stream
+        try:
+            async with stream:
+                async for event in stream:
+                    self.publish_event(event)
+        finally:
+            self._stream = None
+
+    def listen(self, batch_id: str | None, last_event_id: str | None) -> Listener:
+        """A listener for the events from now on, after those missed since ``last_event_id``, if given."""
+        listener = Listener(batch_id, 2 * (self._backlog.maxlen or 1))  # room for a full catch-up, and more
+        if self._closed:
+            listener.end()
+            return listener
+        if last_event_id is not None:
+            missed = self._since(last_event_id)
+            if missed is None:
+                reset = json.dumps({"last_event_id": self.last_id, "reason": "events were missed: reload the state"})
+                listener.add(f"id: {self.last_id}\nevent: reset\ndata: {reset}\n\n".encode())
+            else:
+                for entry in missed:
+                    listener.push(entry)
+        self._listeners.add(listener)
+        return listener
+
+    def _since(self, last_event_id: str) -> list[_Entry] | None:
+        """The backlog after ``last_event_id``, or None when some events after it are gone or it is not ours."""
+        epoch, _, number = last_event_id.strip().partition("-")
+        if epoch != self.epoch or not number.isdigit() or int(number) > self._last:
+            return None
+        after = int(number)
+        oldest = self._backlog[0].number if self._backlog else self._last + 1
+        if after + 1 < oldest:
+            return None
+        return [entry for entry in self._backlog if entry.number > after]
+
+    def forget(self, listener: Listener) -> None:
+        self._listeners.discard(listener)
+
+    def close(self) -> None:
+        """End every live stream (the app is shutting down); new listeners end at once."""
+        self._closed = True
+        for listener in self._listeners:
+            listener.end()
+        self._listeners.clear()

@@ -1,0 +1,475 @@
+"""The web API through aiohttp's test client: every route, status code and error, auth, events, cancel."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+from aiohttp import ClientResponse, web
+from aiohttp.test_utils import TestClient
+from pytest_aiohttp import AiohttpClient
+
+from asyncsched import ClosedError, ConfigurationError, Scheduler, Task, TaskDefinitionError
+from asyncsched.web import Limits, TaskRegistry, setup
+
+from . import faults, tasks
+from .util import wait_gone
+
+API = "/asyncsched/api"
+TOKEN = "s3cret-token"
+LIMITS = Limits(max_body=4096, max_inputs=50, max_page=10, default_page=5, event_backlog=40)
+
+REGISTRY = TaskRegistry()
+REGISTRY.add("square", tasks.square)
+REGISTRY.add("add", tasks.add)
+REGISTRY.add("say", tasks.say)
+REGISTRY.add("odd_values", tasks.odd_values)
+REGISTRY.add("hang", faults.hang)
+
+Client = TestClient[web.Request, web.Application]
+
+
+async def make_client(aiohttp_client: AiohttpClient, *, registry: TaskRegistry | None = REGISTRY,
+                      token: str | None = None, scheduler: Scheduler | None = None) -> Client:
+    app = web.Application()
+    setup(app, scheduler or Scheduler(workers=2), registry=registry, token=token, limits=LIMITS)
+    return await aiohttp_client(app)
+
+
+@pytest.fixture
+async def client(aiohttp_client: AiohttpClient) -> Client:
+    return await make_client(aiohttp_client)
+
+
+# -- reading Server-Sent Events -------------------------------------------------------------
+
+@dataclass
+class Sse:
+    id: str  # "" when the event has none
+    event: str
+    data: Any
+
+
+async def read_event(response: ClientResponse) -> Sse:
+    """The next event of a stream (comments and field-less blocks skipped)."""
+    fields: dict[str, str] = {}
+    while True:
+        line = await response.content.readline()
+        if not line:
+            raise EOFError("the event stream ended")
+        text = line.decode().rstrip("\n")
+        if text.startswith(":"):
+            continue
+        if text:
+            name, _, value = text.partition(":")
+            fields[name] = value.removeprefix(" ")
+        elif "data" in fields:
+            return Sse(fields.get("id", ""), fields.get("event", "message"), json.loads(fields["data"]))
+        else:
+            fields = {}
+
+
+async def events_until(response: ClientResponse, done: Callable[[list[Sse]], bool]) -> list[Sse]:
+    seen: list[Sse] = []
+    async with asyncio.timeout(30):
+        while not done(seen):
+            seen.append(await read_event(response))
+    return seen
+
+
+def batch_finished(seen: list[Sse]) -> bool:
+    return bool(seen) and seen[-1].event == "batch" and seen[-1].data["state"] == "finished"
+
+
+async def submit(client: Client, **body: Any) -> dict[str, Any]:
+    response = await client.post(f"{API}/batches", json=body)
+    assert response.status == 202, await response.text()
+    answer: dict[str, Any] = await response.json()
+    return answer
+
+
+async def run_batch(client: Client, batch_id: str, **body: Any) -> list[Sse]:
+    """Submit a batch and return its events, up to its end."""
+    events = await client.get(f"{API}/events", params={"batch": batch_id})
+    try:
+        await submit(client, batch_id=batch_id, **body)
+        return await events_until(events, batch_finished)
+    finally:
+        events.close()
+
+
+async def get_json(client: Client, path: str, status: int = 200, **kw: Any) -> Any:
+    response = await client.get(f"{API}{path}", **kw)
+    assert response.status == status, await response.text()
+    return await response.json()
+
+
+# -- submitting and reading batches ---------------------------------------------------------
+
+async def test_a_submitted_batch_runs_in_the_background(client: Client) -> None:
+    events = await client.get(f"{API}/events", params={"batch": "b1"})
+    response = await client.post(f"{API}/batches", json={"task": "square", "inputs": [1, 2, [3]], "batch_id": "b1"})
+    assert response.status == 202
+    answer = await response.json()
+    assert answer == {"batch_id": "b1", "state": "running", "expected": 3, "url": f"{API}/batches/b1"}
+    assert response.headers["Location"] == f"{API}/batches/b1"
+    await events_until(events, batch_finished)
+    events.close()
+    summary = await get_json(client, "/batches/b1")
+    assert summary["state"] == "finished" and summary["name"] == "square"
+    assert {k: summary[k] for k in ("batch_id", "total", "completed", "failed", "timed_out", "crashed",
+                                    "cancelled", "success_rate")} == {
+        "batch_id": "b1", "total": 3, "completed": 3, "failed": 0, "timed_out": 0, "crashed": 0, "cancelled": 0,
+        "success_rate": 1.0}
+    assert summary["finished_at"] >= summary["created_at"] and summary["elapsed"] >= 0
+    results = await get_json(client, "/batches/b1/results")
+    assert sorted(r["value"] for r in results["results"]) == [1, 4, 9]
+    assert (results["total"], results["limit"], results["offset"]) == (3, 5, 0)
+    first = results["results"][0]
+    assert set(first) >= {"key", "status", "value", "error", "attempts", "pid", "started_at", "finished_at",
+                          "duration", "message", "progress", "batch_id", "index", "traceback", "error_type"}
+    assert first["status"] == "completed" and first["attempts"] == 1 and first["pid"] > 0
+
+
+async def test_inputs_follow_the_cli_rule(client: Client) -> None:
+    await run_batch(client, "rule", task="add", inputs=[[1, 2], {"a": 3, "b": 4}, 5, {"a": 1, "c": 2}])
+    page = await get_json(client, "/batches/rule/results")
+    by_key = {r["key"]: r for r in page["results"]}
+    assert [by_key[k]["value"] for k in "012"] == [3, 7, 5]
+    assert by_key["3"]["status"] == "failed" and "unexpected keyword argument 'c'" in by_key["3"]["error"]
+
+
+async def test_timeout_and_retries_apply_to_every_task(client: Client) -> None:
+    events = await run_batch(client, "tr", task="hang", inputs=[[]], timeout=0.3, retries=1)
+    assert [e.data["type"] for e in events if e.event == "task"].count("retried") == 1
+    (result,) = (await get_json(client, "/batches/tr/results"))["results"]
+    assert result["status"] == "timed_out" and result["attempts"] == 2
+
+
+async def test_batches_are_listed_newest_first_with_counts(client: Client) -> None:
+    for batch_id in ("first", "second"):
+        await run_batch(client, batch_id, task="say", inputs=[["ok"], ["bad", True]])
+    page = await get_json(client, "/batches")
+    assert [b["batch_id"] for b in page["batches"]] == ["second", "first"]
+    assert (page["total"], page["limit"], page["offset"]) == (2, 5, 0)
+    assert page["batches"][0]["completed"] == 1 and page["batches"][0]["failed"] == 1
+    assert page["batches"][0]["success_rate"] == 0.5
+    assert [b["batch_id"] for b in (await get_json(client, "/batches?limit=1&offset=1"))["batches"]] == ["first"]
+
+
+async def test_results_filter_by_status_and_pages_are_capped(client: Client) -> None:
+    inputs = [["fine"]] * 12 + [["broken", True]] * 3
+    await run_batch(client, "mix", task="say", inputs=inputs)
+    failed = await get_json(client, "/batches/mix/results?status=failed")
+    assert failed["total"] == 3 and {r["status"] for r in failed["results"]} == {"failed"}
+    assert all("ValueError: broken" in r["error"] for r in failed["results"])
+    capped = await get_json(client, "/batches/mix/results?limit=1000")
+    assert capped["limit"] == 10 and len(capped["results"]) == 10 and capped["total"] == 15
+    rest = await get_json(client, "/batches/mix/results?limit=10&offset=10")
+    assert len(rest["results"]) == 5
+    assert not (await get_json(client, "/batches/mix/results?status=crashed"))["results"]
+
+
+async def test_values_that_json_cannot_carry_are_shown_by_repr(client: Client) -> None:
+    await run_batch(client, "odd", task="odd_values", inputs=[[]])
+    (result,) = (await get_json(client, "/batches/odd/results"))["results"]
+    assert result["value"] == {"tuple": [1, 2], "set": "{3}", "nan": "nan", "4": "int key"}
+
+
+async def test_task_messages_reach_the_api_as_plain_text(client: Client) -> None:
+    message = "<script>alert('x')</script> & \"quotes\""
+    events = await run_batch(client, "msg", task="say", inputs=[[message]])
+    assert any(e.data.get("message") == message for e in events if e.data.get("type") == "reported")
+    (result,) = (await get_json(client, "/batches/msg/results"))["results"]
+    assert result["message"] == message and result["value"] == message
+
+
+# -- bad input ------------------------------------------------------------------------------
+
+BAD_SUBMISSIONS: list[tuple[Any, int, str, str | None]] = [
+    ([1, 2], 400, "must be a JSON object", None),
+    ({"task": "square", "inputs": [1], "priority": 3}, 400, "unknown field 'priority'", "priority"),
+    ({"inputs": [1]}, 400, "'task' must be the name", "task"),
+    ({"task": 7, "inputs": [1]}, 400, "'task' must be the name", "task"),
+    ({"task": "nope", "inputs": [1]}, 404, "unknown task 'nope'", "task"),
+    ({"task": "square"}, 400, "'inputs' must be a non-empty array", "inputs"),
+    ({"task": "square", "inputs": {"n": 1}}, 400, "'inputs' must be a non-empty array", "inputs"),
+    ({"task": "square", "inputs": []}, 400, "'inputs' must be a non-empty array", "inputs"),
+    ({"task": "square", "inputs": [1] * 51}, 413, "over the limit of 50", "inputs"),
+    ({"task": "square", "inputs": [1], "timeout": "5"}, 400, "'timeout' must be a positive number", "timeout"),
+    ({"task": "square", "inputs": [1], "timeout": 0}, 400, "'timeout' must be a positive number", "timeout"),
+    ({"task": "square", "inputs": [1], "timeout": True}, 400, "'timeout' must be a positive number", "timeout"),
+    ({"task": "square", "inputs": [1], "retries": -1}, 400, "'retries' must be a non-negative integer", "retries"),
+    ({"task": "square", "inputs": [1], "retries": 1.5}, 400, "'retries' must be a non-negative integer", "retries"),
+    ({"task": "square", "inputs": [1], "batch_id": "a/b"}, 400, "'batch_id' must be", "batch_id"),
+    ({"task": "square", "inputs": [1], "batch_id": 12}, 400, "'batch_id' must be", "batch_id"),
+]
+
+
+@pytest.mark.parametrize(("body", "status", "error", "field"), BAD_SUBMISSIONS)
+async def test_bad_submissions_say_what_is_wrong(client: Client, body: Any, status: int, error: str,
+                                                 field: str | None) -> None:
+    response = await client.post(f"{API}/batches", json=body)
+    assert response.status == status
+    answer = await response.json()
+    assert error in answer["error"]
+    assert answer.get("field") == field
+    if status == 404:
+        assert answer["tasks"] == ["add", "hang", "odd_values", "say", "square"]
+    assert (await get_json(client, "/batches"))["total"] == 0  # nothing was started
+
+
+@pytest.mark.parametrize(("data", "content_type", "status", "error"), [
+    (b'{"task": "square", "inputs": [1]', "application/json", 400, "not valid JSON"),
+    (b'{"task": "square", "inputs": [NaN]}', "application/json", 400, "NaN is not JSON"),
+    (b"[" * 100_000, "application/json", 413, "over the limit of 4096 bytes"),
+    (b"[" * 3000 + b"]" * 3000, "application/json", 413, "over the limit"),
+    (b"[" * 2000 + b"]" * 2000, "application/json", 400, "not valid JSON"),
+    (b'{"task": "square", "inputs": [1]}', "text/plain", 415, "Content-Type: application/json"),
+])
+async def test_bad_bodies_are_refused(client: Client, data: bytes, content_type: str, status: int,
+                                      error: str) -> None:
+    response = await client.post(f"{API}/batches", data=data, headers={"Content-Type": content_type})
+    assert response.status == status
+    assert error in (await response.json())["error"]
+
+
+async def test_a_chunked_body_over_the_limit_is_refused(client: Client) -> None:
+    async def chunks() -> AsyncIterator[bytes]:
+        for _ in range(10):
+            yield b" " * 1000
+
+    response = await client.post(f"{API}/batches", data=chunks(), headers={"Content-Type": "application/json"})
+    assert response.status == 413
+
+
+async def test_a_batch_id_that_exists_is_a_conflict(client: Client) -> None:
+    await run_batch(client, "once", task="square", inputs=[1])
+    response = await client.post(f"{API}/batches", json={"task": "square", "inputs": [1], "batch_id": "once"})
+    assert response.status == 409
+    assert "already exists" in (await response.json())["error"]
+
+
+async def test_a_running_batch_id_is_a_conflict(client: Client) -> None:
+    events = await client.get(f"{API}/events", params={"batch": "busy"})
+    await submit(client, task="hang", inputs=[[]], batch_id="busy")
+    response = await client.post(f"{API}/batches", json={"task": "square", "inputs": [1], "batch_id": "busy"})
+    assert response.status == 409
+    assert "is running" in (await response.json())["error"]
+    assert (await client.delete(f"{API}/batches/busy")).status == 200
+    await events_until(events, batch_finished)
+    events.close()
+
+
+@pytest.mark.parametrize(("path", "status", "error"), [
+    ("/batches/nope", 404, "no batch 'nope'"),
+    ("/batches/nope/results", 404, "no batch 'nope'"),
+    ("/batches?limit=0", 400, "'limit' must be an integer of at least 1"),
+    ("/batches?limit=ten", 400, "'limit' must be an integer"),
+    ("/batches?offset=-1", 400, "'offset' must be an integer of at least 0"),
+    ("/batches/x/results?status=running", 400, "'status' must be one of"),
+])
+async def test_bad_queries(client: Client, path: str, status: int, error: str) -> None:
+    assert error in (await get_json(client, path, status))["error"]
+
+
+# -- cancel ---------------------------------------------------------------------------------
+
+async def test_delete_cancels_a_running_batch_and_kills_its_tasks(client: Client) -> None:
+    events = await client.get(f"{API}/events", params={"batch": "doomed"})
+    await submit(client, task="hang", inputs=[[]] * 40, batch_id="doomed")
+    seen = await events_until(events, lambda seen: sum(e.data.get("type") == "started" for e in seen) == 2)
+    pids = {e.data["pid"] for e in seen if e.data.get("type") == "started"}
+    assert (await get_json(client, "/batches/doomed"))["state"] == "running"
+    response = await client.delete(f"{API}/batches/doomed")
+    assert response.status == 200
+    summary = await response.json()
+    assert summary["state"] == "finished" and summary["total"] >= 2
+    assert summary["cancelled"] == summary["total"] and summary["success_rate"] == 0
+    assert all(wait_gone(pid, timeout=2) for pid in pids)
+    rest = await events_until(events, batch_finished)
+    assert {e.data["status"] for e in rest if e.data.get("type") == "finished"} == {"cancelled"}
+    events.close()
+    again = await client.delete(f"{API}/batches/doomed")
+    assert again.status == 409 and (await again.json())["state"] == "finished"
+    assert (await client.delete(f"{API}/batches/nope")).status == 404
+
+
+async def test_a_batch_run_by_the_host_app_is_shown_and_can_be_cancelled(aiohttp_client: AiohttpClient) -> None:
+    scheduler = Scheduler(workers=2)
+    client = await make_client(aiohttp_client, scheduler=scheduler)
+    events = await client.get(f"{API}/events")
+    batch = [Task(faults.hang) for _ in range(3)]
+    hosted = asyncio.ensure_future(scheduler.run(batch, batch_id="host"))
+    await events_until(events, lambda seen: any(e.data.get("type") == "started" for e in seen))
+    summary = await get_json(client, "/batches/host")
+    assert (summary["state"], summary["expected"]) == ("running", None)
+    assert (await client.delete(f"{API}/batches/host")).status == 200
+    cancelled = await hosted
+    assert cancelled.cancelled == 3
+    events.close()
+
+
+# -- events ---------------------------------------------------------------------------------
+
+async def test_events_arrive_in_order_with_ids(client: Client) -> None:
+    events = await run_batch(client, "ordered", task="say", inputs=[[f"m{i}"] for i in range(6)])
+    assert events[0].event == "batch" and events[0].data == {"batch_id": "ordered", "state": "running",
+                                                             "expected": 6}
+    numbers = [int(e.id.rsplit("-", 1)[1]) for e in events if e.id]
+    assert len(numbers) == len(events) and numbers == sorted(numbers) and len(set(numbers)) == len(numbers)
+    for key in map(str, range(6)):
+        kinds = [e.data["type"] for e in events if e.event == "task" and e.data["key"] == key]
+        assert kinds == ["started", "reported", "finished"]
+    finished = [e.data for e in events if e.data.get("type") == "finished"]
+    assert {f["status"] for f in finished} == {"completed"} and all(f["pid"] for f in finished)
+
+
+async def test_a_reconnect_with_last_event_id_catches_up(client: Client) -> None:
+    full = await run_batch(client, "catch", task="square", inputs=list(range(5)))
+    assert len(full) > 8
+    middle = full[4].id
+    resumed = await client.get(f"{API}/events", params={"batch": "catch"}, headers={"Last-Event-ID": middle})
+    replay = [await read_event(resumed) for _ in full[5:]]
+    assert [(e.id, e.data) for e in replay] == [(e.id, e.data) for e in full[5:]]
+    resumed.close()
+
+
+async def test_a_reconnect_that_missed_too_much_gets_a_reset(client: Client) -> None:
+    full = await run_batch(client, "long", task="square", inputs=list(range(25)))  # 52 events, backlog 40
+    for stale in (full[0].id, "deadbeef-3", "garbage"):
+        resumed = await client.get(f"{API}/events", headers={"Last-Event-ID": stale})
+        reset = await read_event(resumed)
+        assert reset.event == "reset" and reset.id == full[-1].id == reset.data["last_event_id"]
+        resumed.close()
+
+
+async def test_event_streams_end_when_the_app_stops(aiohttp_client: AiohttpClient) -> None:
+    client = await make_client(aiohttp_client)
+    events = await client.get(f"{API}/events")
+    assert events.headers["Content-Type"] == "text/event-stream"
+    async with asyncio.timeout(10):  # the server does not wait for the stream to end on its own
+        await client.server.close()
+        with pytest.raises(EOFError):
+            await read_event(events)
+
+
+# -- auth -----------------------------------------------------------------------------------
+
+API_ROUTES = [("GET", "/tasks"), ("GET", "/batches"), ("POST", "/batches"), ("GET", "/batches/x"),
+              ("DELETE", "/batches/x"), ("GET", "/batches/x/results"), ("GET", "/events"), ("GET", "/openapi.json")]
+
+
+async def test_with_a_token_every_api_route_needs_it(aiohttp_client: AiohttpClient) -> None:
+    client = await make_client(aiohttp_client, token=TOKEN)
+    for method, path in API_ROUTES:
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": TOKEN},
+                        {"Authorization": f"Basic {TOKEN}"}):
+            response = await client.request(method, f"{API}{path}", headers=headers)
+            assert response.status == 401, (method, path, headers)
+            assert response.headers["WWW-Authenticate"].startswith("Bearer")
+            assert "Authorization: Bearer" in (await response.json())["error"]
+    good = {"Authorization": f"Bearer {TOKEN}"}
+    assert (await client.get(f"{API}/batches", headers=good)).status == 200
+    answer = await client.post(f"{API}/batches", json={"task": "square", "inputs": [2], "batch_id": "t"},
+                               headers=good)
+    assert answer.status == 202
+    events = await client.get(f"{API}/events", headers={**good, "Last-Event-ID": f"{'0' * 8}-0"})
+    assert (await read_event(events)).event == "reset"
+    events.close()
+    for path in ("/asyncsched/", "/asyncsched/static/app.js", "/asyncsched/static/style.css"):
+        assert (await client.get(path)).status == 200  # the dashboard's files hold no data
+
+
+# -- read-only, OpenAPI, dashboard ----------------------------------------------------------
+
+async def test_without_a_registry_the_api_is_read_only(aiohttp_client: AiohttpClient) -> None:
+    client = await make_client(aiohttp_client, registry=None)
+    assert await get_json(client, "/tasks") == {"tasks": [], "read_only": True}
+    response = await client.post(f"{API}/batches", json={"task": "square", "inputs": [1]})
+    assert response.status == 403 and "read-only" in (await response.json())["error"]
+    assert (await client.delete(f"{API}/batches/x")).status == 403
+    assert (await get_json(client, "/batches"))["batches"] == []
+
+
+async def test_openapi_describes_every_route(client: Client) -> None:
+    spec = await get_json(client, "/openapi.json")
+    assert spec["openapi"].startswith("3.1") and spec["servers"] == [{"url": API}]
+    described = {(method.upper(), path) for path, item in spec["paths"].items() for method in item
+                 if method != "parameters"}
+    assert described == {(m, p.replace("/x", "/{batch_id}")) for m, p in API_ROUTES}
+    assert spec["paths"]["/batches"]["post"]["responses"].keys() >= {"202", "400", "404", "409", "413"}
+    assert "security" not in spec
+
+
+async def test_the_dashboard_is_served_from_the_package(client: Client) -> None:
+    redirect = await client.get("/asyncsched", allow_redirects=False)
+    assert redirect.status == 302 and redirect.headers["Location"] == "/asyncsched/"
+    page = await client.get("/asyncsched/")
+    assert page.status == 200 and page.content_type == "text/html"
+    assert "script-src 'self'" in page.headers["Content-Security-Policy"]
+    assert 'src="static/app.js"' in await page.text()
+    script = await client.get("/asyncsched/static/app.js")
+    assert script.content_type == "text/javascript" and "textContent" in await script.text()
+    assert "innerHTML" not in await script.text()
+    for missing in ("/asyncsched/static/index.html", "/asyncsched/static/nope.js",
+                    "/asyncsched/static/..%2F_app.py", "/asyncsched/static/../_app.py"):
+        assert (await client.get(missing)).status == 404, missing
+
+
+# -- lifecycle ------------------------------------------------------------------------------
+
+async def test_the_scheduler_starts_and_stops_with_the_app(aiohttp_client: AiohttpClient) -> None:
+    scheduler = Scheduler(workers=2)
+    client = await make_client(aiohttp_client, scheduler=scheduler)
+    assert scheduler.backend.pool.pids  # type: ignore[attr-defined]  # started with the app
+    events = await client.get(f"{API}/events", params={"batch": "left"})
+    await submit(client, task="hang", inputs=[[]] * 2, batch_id="left")
+    seen = await events_until(events, lambda seen: sum(e.data.get("type") == "started" for e in seen) == 2)
+    events.close()
+    await client.close()  # cancels the running batch and closes the scheduler
+    assert scheduler.running() == []
+    assert all(wait_gone(e.data["pid"], timeout=2) for e in seen if e.data.get("type") == "started")
+    with pytest.raises(ClosedError):
+        scheduler.events()
+
+
+# -- the library side -----------------------------------------------------------------------
+
+def test_a_registry_names_module_level_functions_once() -> None:
+    registry = TaskRegistry()
+    with pytest.raises(TaskDefinitionError, match="nested function"):
+        @registry.task("nested")
+        def nested(n: int) -> int:  # a worker could not load it
+            return n
+
+    assert registry.task("square")(tasks.square) is tasks.square
+    assert registry.names() == ["square"] and list(registry) == ["square"] and len(registry) == 1
+    assert registry.get("square") is tasks.square and registry.get("nope") is None
+    with pytest.raises(ConfigurationError, match="already registered"):
+        registry.add("square", tasks.double)
+    for name in ("", "a b", "x" * 101, 3):
+        with pytest.raises(ConfigurationError, match="task name"):
+            registry.add(name, tasks.double)  # type: ignore[arg-type]
+    with pytest.raises(TaskDefinitionError, match="lambda"):
+        registry.add("lambda", lambda: None)
+
+
+def test_setup_refuses_bad_arguments() -> None:
+    app = web.Application()
+    scheduler = Scheduler(workers=1)
+    for prefix in ("", "/", "api", "/a/", "/a b"):
+        with pytest.raises(ConfigurationError, match="prefix"):
+            setup(app, scheduler, registry=REGISTRY, prefix=prefix)
+    with pytest.raises(ConfigurationError, match="token"):
+        setup(app, scheduler, registry=REGISTRY, token="")
+    with pytest.raises(ConfigurationError, match="registry"):
+        setup(app, scheduler, registry={"square": tasks.square})  # type: ignore[arg-type]
+    with pytest.raises(ConfigurationError, match="max_page"):
+        Limits(max_page=0)
+    with pytest.raises(ConfigurationError, match="default_page"):
+        Limits(max_page=5, default_page=10)
