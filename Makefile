@@ -2,12 +2,13 @@
 #   make demo   creates .venv, installs the package and runs the demo
 #   make test   creates .venv, installs the test extras and runs ruff, mypy --strict and pytest
 #               (the Celery tests need redis-server: as root, make installs it with apt-get when missing;
-#               the tests start their own servers on 127.0.0.1)
+#               the tests start their own servers on 127.0.0.1; the dashboard's browser test needs Debian's
+#               chromium, installed the same way)
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint bench bench-backends redis-server clean
+.PHONY: demo test lint bench bench-backends redis-server chromium clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -35,7 +36,13 @@ redis-server:
 		&& apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; } \
 		|| echo "redis-server is not installed and cannot be installed here: the Celery tests will skip"
 
-test: lint redis-server
+# The same for the browser that tests the dashboard (driven by Playwright, which never downloads one here).
+chromium:
+	@[ -x /usr/bin/chromium ] || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 \
+		&& apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } \
+		|| echo "chromium is not installed and cannot be installed here: the browser test will skip"
+
+test: lint redis-server chromium
 	$(BIN)/pytest
 
 bench: $(VENV)/.installed-test

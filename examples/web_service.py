@@ -40,9 +40,9 @@ def word_count(text: str) -> int:
 @registry.task("slow_square")
 def slow_square(n: float, seconds: float = 0.5) -> float:
     """Square a number, slowly, reporting progress on the way."""
-    for step in range(1, 5):
+    for step in range(4):
+        report(message=f"squaring {n}: step {step + 1} of 4", progress=step / 4)
         time.sleep(seconds / 4)
-        report(message=f"squaring {n}: step {step} of 4", progress=step / 4)
     return n * n
 
 

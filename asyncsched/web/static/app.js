@@ -11,7 +11,8 @@ const MESSAGES_SHOWN = 5;
 const LIVE_CARDS = 6;
 const RESULTS_PAGE = 50;
 const RECONNECT_MS = 1000;
-const REFRESH_MS = 3000; // re-read running batches that this page did not see start
+const REFRESH_MS = 3000;
+const RESULTS_DELAY_MS = 1000; // re-read running batches that this page did not see start
 
 const $ = (selector) => document.querySelector(selector);
 
@@ -132,6 +133,11 @@ function dispatch(type, data) {
 function onTaskEvent(event) {
   const id = event.batch_id;
   state.lastTimestamp.set(id, event.timestamp);
+  if (event.type === "reported" && event.message !== null) {
+    const messages = state.messages.get(id) || [];
+    messages.unshift(`${event.key}: ${event.message}`);
+    state.messages.set(id, messages.slice(0, MESSAGES_SHOWN));
+  }
   const batch = state.batches.get(id);
   if (!batch) {
     showLive(id);
@@ -142,11 +148,7 @@ function onTaskEvent(event) {
     batch.total += 1;
     batch[event.status] = (batch[event.status] || 0) + 1;
     batch.success_rate = batch.total ? batch.completed / batch.total : 0;
-  }
-  if (event.type === "reported" && event.message !== null) {
-    const messages = state.messages.get(id) || [];
-    messages.unshift(`${event.key}: ${event.message}`);
-    state.messages.set(id, messages.slice(0, MESSAGES_SHOWN));
+    if (id === state.selected) scheduleResults();
   }
   scheduleRender();
 }
@@ -187,6 +189,17 @@ function showLive(batchId) {
 }
 
 let renderPending = false;
+let resultsTimer = null;
+
+function scheduleResults() {
+  // The selected batch's results, re-read at most every RESULTS_DELAY_MS while it runs.
+  if (resultsTimer === null) {
+    resultsTimer = setTimeout(() => {
+      resultsTimer = null;
+      loadResults();
+    }, RESULTS_DELAY_MS);
+  }
+}
 
 function scheduleRender() {
   if (renderPending) return;
@@ -235,7 +248,7 @@ function fillCard(card, batch) {
   bar.querySelector(".bar-fill").style.width = `${percent}%`;
   card.querySelector(".percent").textContent = expected || !running ? `${percent}%` : "—";
   card.querySelector(".done").textContent = `${done}/${expected ?? "?"}`;
-  card.querySelector(".eta").textContent = running ? eta(batch, done, expected) : "done";
+  card.querySelector(".eta").textContent = running ? `ETA ${eta(batch, done, expected)}` : took(batch);
   card.querySelector(".success").textContent = percentOf(batch.success_rate);
   card.querySelector(".counts").textContent = FINAL.map((s) => `${s.replace("_", " ")} ${batch[s] || 0}`).join(" · ");
   const list = card.querySelector(".messages");
@@ -249,10 +262,15 @@ function fillCard(card, batch) {
 function eta(batch, done, expected) {
   const now = state.lastTimestamp.get(batch.batch_id);
   if (!expected || !done || !now) return "—";
-  const seconds = ((now - batch.created_at) / done) * (expected - done);
-  if (seconds < 1) return "<1s";
-  if (seconds < 90) return `${Math.round(seconds)}s`;
-  return `${Math.round(seconds / 60)}min`;
+  return seconds(((now - batch.created_at) / done) * (expected - done));
+}
+
+function took(batch) {
+  return batch.elapsed === null ? "ended" : `took ${seconds(batch.elapsed)}`;
+}
+
+function seconds(value) {
+  return value < 90 ? `${Math.round(value * 10) / 10}s` : `${Math.round(value / 60)}min`;
 }
 
 function percentOf(rate) {

@@ -1,0 +1,107 @@
+"""The dashboard in a real browser: Debian's chromium, driven by Playwright, against the example service.
+
+`make test` installs chromium when it is missing; without it (and without root
+to install it) this test skips, saying why. Playwright never downloads a browser
+here: it drives /usr/bin/chromium through ``executable_path``. On failure a
+screenshot is saved under the test's tmp_path, and its path is printed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from playwright.async_api import Page, async_playwright, expect
+from pytest_aiohttp import AiohttpServer
+
+from asyncsched import Scheduler
+from examples import web_service
+
+CHROMIUM = "/usr/bin/chromium"
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+        "--disable-component-update", "--disable-sync", "--no-first-run"]
+TOKEN = "browser-token"
+TIMEOUT_MS = 30_000
+SCRIPT = "<script>window.pwned = 1</script> six words of text"
+
+pytestmark = pytest.mark.skipif(not os.access(CHROMIUM, os.X_OK),
+                                reason=f"{CHROMIUM} is missing: `make test` installs Debian's chromium (as root)")
+
+
+@pytest.fixture
+async def page(tmp_path: Path) -> AsyncIterator[Page]:
+    """A page of a fresh browser; a screenshot of it is saved if the test fails."""
+    async with async_playwright() as playwright:
+        browser = await playwright.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        try:
+            page = await browser.new_page()
+            page.set_default_timeout(TIMEOUT_MS)
+            expect.set_options(timeout=TIMEOUT_MS)
+            errors: list[str] = []
+            page.on("pageerror", lambda error: errors.append(str(error)))
+            page.on("console", lambda message: errors.append(message.text) if message.type == "error"
+                    and "status of 401" not in message.text else None)  # the first request, before the token
+            try:
+                yield page
+                assert not errors, errors
+            except BaseException:
+                shot = tmp_path / "dashboard.png"
+                await page.screenshot(path=shot, full_page=True)
+                print(f"screenshot of the failed page: {shot}")
+                raise
+        finally:
+            await browser.close()
+
+
+async def test_the_dashboard_runs_a_batch_and_shows_it_live(aiohttp_server: AiohttpServer, page: Page) -> None:
+    server = await aiohttp_server(web_service.build_app(Scheduler(workers=2), token=TOKEN))
+    await page.goto(str(server.make_url("/asyncsched/")))
+
+    # the token is asked for once, then kept for the tab's session
+    await page.fill("#token-input", TOKEN)
+    await page.click("#token-form button")
+    await expect(page.locator("#submit-form")).to_be_visible()
+    assert await page.evaluate("sessionStorage.getItem('asyncsched.token')") == TOKEN
+
+    texts = ["one two three", "", SCRIPT, "a b", "   ", "just four words here", "x", "y z"]
+    await page.select_option("#task-select", "word_count")
+    await page.fill("#inputs", json.dumps(texts))
+    await page.click("#submit-form button")
+    await expect(page.locator("#submit-status")).to_contain_text("is running")
+
+    card = page.locator("#live .card").first
+    await expect(card.locator(".bar")).to_have_attribute("aria-valuenow", "100")
+    await expect(card.locator(".percent")).to_have_text("100%")
+    await expect(card.locator(".done")).to_have_text("8/8")
+    await expect(card.locator(".card-state")).to_have_text("finished")
+    await expect(card.locator(".success")).to_have_text("75%")
+    await expect(card.locator(".counts")).to_contain_text("failed 2")
+
+    rows = page.locator("#results tbody tr")
+    await page.select_option("#results-status", "failed")
+    await expect(rows).to_have_count(2)
+    for status in await rows.evaluate_all("rows => rows.map(row => row.dataset.status)"):
+        assert status == "failed"
+    await expect(rows.first).to_contain_text("ValueError: the text is empty")
+
+    await page.select_option("#results-status", "completed")
+    await expect(rows).to_have_count(6)
+    shown = page.locator("#results td", has_text="<script>window.pwned")
+    await expect(shown).to_have_text(f"counting the words of {SCRIPT}")  # the tag shows as text
+    assert await page.locator("main script").count() == 0
+    assert await page.evaluate("window.pwned") is None
+
+    # a slow batch, cancelled from its card
+    await page.select_option("#task-select", "slow_square")
+    await page.fill("#inputs", json.dumps([[n, 60] for n in range(3)]))
+    await page.click("#submit-form button")
+    slow = page.locator("#live .card").first
+    await expect(slow.locator(".card-state")).to_have_text("running")
+    await expect(slow.locator(".messages li").first).to_contain_text("step 1 of 4")
+    await slow.locator("button.cancel").click()
+    await expect(slow.locator(".card-state")).to_have_text("finished")
+    await expect(slow.locator(".counts")).to_contain_text("cancelled 3")
+    await expect(page.locator("#batches tbody tr")).to_have_count(2)
