@@ -1,0 +1,1 @@
+"""Examples of asyncsched, runnable from the repository root (``python -m examples.NAME``)."""
