@@ -27,7 +27,7 @@ import asyncio
 import json
 import secrets
 from collections import deque
-from typing import Any, NamedTuple
+from typing import Any
 
 from .._events import EventStream
 from .._models import Event
@@ -40,30 +40,57 @@ KEEP_ALIVE = b": keep-alive\n\n"
 _KINDS = {"TaskStarted": "started", "TaskReported": "reported", "TaskRetried": "retried", "TaskFinished": "finished"}
 
 
-class _Entry(NamedTuple):
-    number: int
-    batch_id: str
-    chunk: bytes
+class _Entry:
+    """One numbered event, encoded the first time a client needs it (and then once for all of them)."""
+
+    __slots__ = ("_chunk", "batch_id", "kind", "number", "payload")
+
+    def __init__(self, number: int, batch_id: str, kind: str, payload: Event | dict[str, Any]) -> None:
+        self.number = number
+        self.batch_id = batch_id
+        self.kind = kind
+        self.payload = payload
+        self._chunk: bytes | None = None
+
+    def chunk(self, epoch: str) -> bytes:
+        if self._chunk is None:
+            payload = self.payload
+            data = _event_json(payload) if isinstance(payload, Event) else payload
+            text = json.dumps(data, separators=(",", ":"), allow_nan=False)
+            self._chunk = f"id: {epoch}-{self.number}\nevent: {self.kind}\ndata: {text}\n\n".encode()
+        return self._chunk
+
+
+def _event_json(event: Event) -> dict[str, Any]:
+    return {
+        "type": _KINDS.get(type(event).__name__, "event"),
+        "batch_id": event.batch_id,
+        "key": event.key,
+        "status": event.status.value,
+        "timestamp": event.timestamp,
+        "pid": event.pid,
+        "message": event.message,
+        "progress": event.progress,
+        "attempt": event.attempt,
+        "data": jsonable(event.data),
+    }
 
 
 class Listener:
-    """One client's live events: chunks of encoded events, waiting to be written."""
+    """One client's live events, waiting to be written."""
 
-    def __init__(self, batch_id: str | None, limit: int) -> None:
+    def __init__(self, epoch: str, batch_id: str | None, limit: int) -> None:
         self.batch_id = batch_id
         self.ended = False
+        self._epoch = epoch
         self._limit = limit
-        self._pending: list[bytes] = []
+        self._pending: list[_Entry] = []
         self._wake = asyncio.Event()
 
     def push(self, entry: _Entry) -> None:
-        if self.batch_id is None or entry.batch_id == self.batch_id:
-            self.add(entry.chunk)
-
-    def add(self, chunk: bytes) -> None:
-        if self.ended:
+        if self.ended or (self.batch_id is not None and entry.batch_id != self.batch_id and entry.kind != "reset"):
             return
-        self._pending.append(chunk)
+        self._pending.append(entry)
         if len(self._pending) >= self._limit:
             self.ended = True  # too far behind: it reconnects and catches up from the backlog
         self._wake.set()
@@ -82,8 +109,8 @@ class Listener:
             except TimeoutError:
                 return KEEP_ALIVE
         self._wake.clear()
-        chunk, self._pending = b"".join(self._pending), []
-        return chunk or None
+        entries, self._pending = self._pending, []
+        return b"".join(entry.chunk(self._epoch) for entry in entries) or None
 
 
 class EventLog:
@@ -102,57 +129,43 @@ class EventLog:
         """The id of the latest event (``<epoch>-0`` before the first)."""
         return f"{self.epoch}-{self._last}"
 
-    def publish(self, kind: str, batch_id: str, data: dict[str, Any]) -> None:
+    def _publish(self, batch_id: str, kind: str, payload: Event | dict[str, Any]) -> None:
         self._last += 1
-        text = json.dumps(data, separators=(",", ":"), allow_nan=False)
-        entry = _Entry(self._last, batch_id, f"id: {self.last_id}\nevent: {kind}\ndata: {text}\n\n".encode())
+        entry = _Entry(self._last, batch_id, kind, payload)
         self._backlog.append(entry)
         for listener in self._listeners:
             listener.push(entry)
-
-    def publish_event(self, event: Event) -> None:
-        """Publish one of the scheduler's events, as a ``task`` event."""
-        self.publish("task", event.batch_id, {
-            "type": _KINDS.get(type(event).__name__, "event"),
-            "batch_id": event.batch_id,
-            "key": event.key,
-            "status": event.status.value,
-            "timestamp": event.timestamp,
-            "pid": event.pid,
-            "message": event.message,
-            "progress": event.progress,
-            "attempt": event.attempt,
-            "data": jsonable(event.data),
-        })
 
     def publish_notice(self, batch_id: str, data: dict[str, Any]) -> None:
         """Publish a ``batch`` event, after the scheduler's events published before it."""
         if self._stream is not None:
             for event in self._stream.drain():
-                self.publish_event(event)
-        self.publish("batch", batch_id, data)
+                self._publish(event.batch_id, "task", event)
+        self._publish(batch_id, "batch", data)
 
     async def pump(self, stream: EventStream) -> None:
-        """Publish every event of ``stream`` until it ends (the scheduler closed) or this task is cancelled."""
+        """Publish every event of ``stream`` as a ``task`` event, until it ends (the scheduler closed)
+        or this task is cancelled."""
         self._stream = stream
         try:
             async with stream:
-                async for event in stream:
-                    self.publish_event(event)
+                async for event in stream:  # waits for one, then takes all that came meanwhile
+                    for each in (event, *stream.drain()):
+                        self._publish(each.batch_id, "task", each)
         finally:
             self._stream = None
 
     def listen(self, batch_id: str | None, last_event_id: str | None) -> Listener:
         """A listener for the events from now on, after those missed since ``last_event_id``, if given."""
-        listener = Listener(batch_id, 2 * (self._backlog.maxlen or 1))  # room for a full catch-up, and more
+        listener = Listener(self.epoch, batch_id, 2 * (self._backlog.maxlen or 1))  # room for a full catch-up
         if self._closed:
             listener.end()
             return listener
         if last_event_id is not None:
             missed = self._since(last_event_id)
             if missed is None:
-                reset = json.dumps({"last_event_id": self.last_id, "reason": "events were missed: reload the state"})
-                listener.add(f"id: {self.last_id}\nevent: reset\ndata: {reset}\n\n".encode())
+                listener.push(_Entry(self._last, "", "reset", {
+                    "last_event_id": self.last_id, "reason": "events were missed: reload the state"}))
             else:
                 for entry in missed:
                     listener.push(entry)
