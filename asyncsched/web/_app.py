@@ -28,7 +28,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, fields
 from importlib import resources
-from typing import Any, NoReturn
+from typing import Any, NamedTuple, NoReturn
 
 from aiohttp import web
 
@@ -145,6 +145,22 @@ def _fail(status: int, message: str, **extra: Any) -> NoReturn:
     raise _Refusal(status, message, extra)
 
 
+class _Submission(NamedTuple):
+    fn: Callable[..., Any]
+    name: str
+    inputs: list[Any]
+    timeout: float | None
+    retries: int | None
+    batch_id: str
+
+
+class _Job(NamedTuple):
+    """A batch submitted over HTTP, while it runs."""
+
+    task: asyncio.Task[None]
+    expected: int
+
+
 class _Api:
     def __init__(self, scheduler: Scheduler, registry: TaskRegistry | None, token: str | None, limits: Limits,
                  prefix: str) -> None:
@@ -153,7 +169,7 @@ class _Api:
         self.limits = limits
         self.prefix = prefix
         self.log = EventLog(limits.event_backlog)
-        self.jobs: dict[str, tuple[asyncio.Task[None], int]] = {}  # batches submitted here: task, size
+        self.jobs: dict[str, _Job] = {}
         self._token = None if token is None else token.encode()
         self._files: dict[str, bytes] = {}
 
@@ -165,7 +181,7 @@ class _Api:
             try:
                 yield
             finally:
-                jobs = [task for task, _ in self.jobs.values()]
+                jobs = [job.task for job in self.jobs.values()]
                 for task in jobs:
                     task.cancel()  # each records its running tasks as cancelled
                 await asyncio.gather(*jobs, return_exceptions=True)
@@ -224,7 +240,7 @@ class _Api:
     def _summary(self, info: BatchInfo, running: set[str]) -> dict[str, Any]:
         state = "running" if info.batch_id in running else "finished" if info.finished_at else "unfinished"
         job = self.jobs.get(info.batch_id)
-        return batch_json(info, state, None if job is None else job[1])
+        return batch_json(info, state, None if job is None else job.expected)
 
     async def _batch(self, batch_id: str) -> BatchInfo:
         for info in await self.scheduler.batches():
@@ -238,7 +254,7 @@ class _Api:
         running = self._running()
         return web.json_response({
             "batches": [self._summary(info, running) for info in batches[offset:offset + limit]],
-            "total": len(batches), "limit": limit, "offset": offset, "last_event_id": self.log.last_id,
+            "total": len(batches), "limit": limit, "offset": offset,
         })
 
     async def get_batch(self, request: web.Request) -> web.Response:
@@ -248,14 +264,16 @@ class _Api:
     async def submit(self, request: web.Request) -> web.Response:
         if self.registry is None:
             _fail(403, "this server is read-only: it was started without a task registry")
-        body = await self._body(request)
-        fn, name, inputs, timeout, retries, batch_id = self._submission(body)
+        submission = self._submission(await self._body(request))
+        batch_id = submission.batch_id
         if batch_id in self.jobs:
             _fail(409, f"batch {batch_id!r} is running")
-        tasks = [task_from_json(fn, value, timeout=timeout, retries=retries) for value in inputs]
+        tasks = [task_from_json(submission.fn, value, timeout=submission.timeout, retries=submission.retries)
+                 for value in submission.inputs]
         began = asyncio.get_running_loop().create_future()
-        job = asyncio.create_task(self._run(batch_id, name, tasks, began), name=f"asyncsched.web batch {batch_id}")
-        self.jobs[batch_id] = (job, len(tasks))
+        job = asyncio.create_task(self._run(batch_id, submission.name, tasks, began),
+                                  name=f"asyncsched.web batch {batch_id}")
+        self.jobs[batch_id] = _Job(job, len(tasks))
         await asyncio.wait([job, began], return_when=asyncio.FIRST_COMPLETED)
         if not began.done():  # the batch could not begin
             exc = job.exception()
@@ -266,7 +284,7 @@ class _Api:
         return web.json_response({"batch_id": batch_id, "state": "running", "expected": len(tasks),
                                   "url": location}, status=202, headers={"Location": location})
 
-    def _submission(self, body: Any) -> tuple[Any, str, list[Any], float | None, int | None, str]:
+    def _submission(self, body: Any) -> _Submission:
         """The checked fields of a submission; 400, 404 or 413 naming what is wrong."""
         assert self.registry is not None
         if not isinstance(body, dict):
@@ -305,7 +323,7 @@ class _Api:
         elif not isinstance(batch_id, str) or not BATCH_ID.fullmatch(batch_id):
             _fail(400, f"field 'batch_id' must be 1 to 100 letters, digits or _.:- characters, "
                   f"got {batch_id!r}", field="batch_id")
-        return fn, name, inputs, timeout, retries, batch_id
+        return _Submission(fn, name, inputs, timeout, retries, batch_id)
 
     async def _run(self, batch_id: str, name: str, tasks: list[Task], began: asyncio.Future[None]) -> None:
         """Run a submitted batch; ``began`` is set once the store has recorded it."""
@@ -334,7 +352,7 @@ class _Api:
             _fail(409, f"batch {batch_id!r} is not running", state=self._summary(info, set())["state"])
         job = self.jobs.get(batch_id)
         if job is not None:  # its tasks are all recorded now: wait for the batch to be written
-            await asyncio.wait([job[0]])
+            await asyncio.wait([job.task])
         return web.json_response(self._summary(await self._batch(batch_id), self._running()))
 
     # -- results ---------------------------------------------------------------------------
