@@ -15,6 +15,7 @@ from pytest_aiohttp import AiohttpClient
 
 from asyncsched import ClosedError, ConfigurationError, Scheduler, Task, TaskDefinitionError
 from asyncsched.web import Limits, TaskRegistry, setup
+from asyncsched.web._sse import EventLog
 
 from . import faults, tasks
 from .util import wait_gone
@@ -341,11 +342,24 @@ async def test_a_reconnect_with_last_event_id_catches_up(client: Client) -> None
 
 async def test_a_reconnect_that_missed_too_much_gets_a_reset(client: Client) -> None:
     full = await run_batch(client, "long", task="square", inputs=list(range(25)))  # 52 events, backlog 40
-    for stale in (full[0].id, "deadbeef-3", "garbage"):
+    epoch = full[0].id.split("-")[0]
+    for stale in (full[0].id, "deadbeef-3", "garbage", f"{epoch}-\u00b2", f"{epoch}-{'9' * 5000}", f"{epoch}-999"):
         resumed = await client.get(f"{API}/events", headers={"Last-Event-ID": stale})
         reset = await read_event(resumed)
         assert reset.event == "reset" and reset.id == full[-1].id == reset.data["last_event_id"]
         resumed.close()
+
+
+async def test_a_listener_too_far_behind_is_ended_after_what_it_holds() -> None:
+    log = EventLog(backlog=3)
+    slow = log.listen(None, None)
+    for n in range(8):
+        log.publish_notice("b", {"n": n})
+    held = await slow.next_chunk(heartbeat=30)
+    assert held is not None and held.count(b"event: batch") == 6  # twice the backlog, then it ends
+    assert await slow.next_chunk(heartbeat=30) is None
+    resumed = log.listen(None, f"{log.epoch}-6")  # its client reconnects and catches up
+    assert (await resumed.next_chunk(heartbeat=30) or b"").count(b"event: batch") == 2
 
 
 async def test_event_streams_end_when_the_app_stops(aiohttp_client: AiohttpClient) -> None:

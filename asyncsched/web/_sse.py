@@ -175,7 +175,8 @@ class EventLog:
     def _since(self, last_event_id: str) -> list[_Entry] | None:
         """The backlog after ``last_event_id``, or None when some events after it are gone or it is not ours."""
         epoch, _, number = last_event_id.strip().partition("-")
-        if epoch != self.epoch or not number.isdigit() or int(number) > self._last:
+        if epoch != self.epoch or not (number.isascii() and number.isdigit() and len(number) < 19) \
+                or int(number) > self._last:
             return None
         after = int(number)
         oldest = self._backlog[0].number if self._backlog else self._last + 1
