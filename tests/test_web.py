@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -13,6 +15,7 @@ from aiohttp import ClientResponse, web
 from aiohttp.test_utils import TestClient
 from pytest_aiohttp import AiohttpClient
 
+import asyncsched.web
 from asyncsched import ClosedError, ConfigurationError, Scheduler, Task, TaskDefinitionError
 from asyncsched.web import Limits, TaskRegistry, setup
 from asyncsched.web._sse import EventLog
@@ -487,3 +490,11 @@ def test_setup_refuses_bad_arguments() -> None:
         Limits(max_page=0)
     with pytest.raises(ConfigurationError, match="default_page"):
         Limits(max_page=5, default_page=10)
+
+
+def test_the_core_never_imports_aiohttp_and_the_web_names_are_exported() -> None:
+    code = ("import sys, asyncsched; [getattr(asyncsched, name) for name in asyncsched.__all__]; "
+            "assert 'aiohttp' not in sys.modules and 'asyncsched.web' not in sys.modules, 'imported'")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=30)
+    assert asyncsched.web.__all__ == sorted(asyncsched.web.__all__) == ["Limits", "TaskRegistry", "setup"]
+    assert all(getattr(asyncsched.web, name) for name in asyncsched.web.__all__)
