@@ -27,13 +27,15 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import functools
+import itertools
 import json
 import math
 import os
 import pickle
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -90,10 +92,12 @@ assert len(_MIGRATIONS) == SCHEMA_VERSION
 
 _COLUMNS = ("batch_id", "key", "position", "status", "value", "value_pickle", "error", "error_type", "traceback",
             "attempts", "pid", "started_at", "finished_at", "message", "progress")
-_INSERT = f"INSERT OR REPLACE INTO results ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})"
+_ROWS_PER_INSERT = 64
+"""Rows per INSERT statement: each statement is one SQLite step, and each step hands the GIL to the loop and back."""
 _SELECT = f"SELECT {', '.join(_COLUMNS)} FROM results"
 
 Row = tuple[Any, ...]
+_JSON = json.JSONEncoder(separators=(",", ":"))
 
 
 class SQLiteStore(Store):
@@ -266,9 +270,7 @@ class SQLiteStore(Store):
         try:
             async with self._writing() as db:
                 results, self._pending = self._pending, []
-                if results:
-                    # The rows are built in the connection's thread, off the event loop.
-                    await db.executemany(_INSERT, map(_row, results))
+                await _insert(db, results, _row)
                 return 0 if sql is None else (await db.execute(sql, parameters)).rowcount
         except BaseException:
             self._pending[:0] = results  # not committed: queued again, ahead of newer ones
@@ -377,7 +379,7 @@ class SQLiteStore(Store):
                             rows.append(_import_row(line, path, number, batch_id))
                     await db.executemany("INSERT OR IGNORE INTO batches (batch_id, created_at, finished_at) "
                                          "VALUES (?, ?, ?)", [(b, now, now) for b in {row[0] for row in rows}])
-                    await db.executemany(_INSERT, rows)
+                    await _insert(db, rows)
                     count += len(rows)
         return count
 
@@ -418,6 +420,29 @@ def _file_errors(doing: str, path: str | os.PathLike[str]) -> Iterator[None]:
         raise StoreError(f"cannot {doing} {os.fspath(path)}: {exc}") from exc
     except UnicodeError as exc:
         raise StoreError(f"cannot {doing} {os.fspath(path)}: it is not UTF-8 text ({exc})") from exc
+
+
+@functools.cache
+def _insert_sql(rows: int) -> str:
+    values = ", ".join([f"({', '.join('?' * len(_COLUMNS))})"] * rows)
+    return f"INSERT OR REPLACE INTO results ({', '.join(_COLUMNS)}) VALUES {values}"
+
+
+async def _insert(db: aiosqlite.Connection, items: Sequence[Any], to_row: Callable[[Any], Row] | None = None) -> None:
+    """Insert (or replace) the rows of ``items``, :data:`_ROWS_PER_INSERT` per statement.
+
+    The rows of the full statements are built in the connection's thread, off the event loop.
+    """
+
+    def values(part: Sequence[Any]) -> Row:
+        return tuple(itertools.chain.from_iterable(part if to_row is None else map(to_row, part)))
+
+    size = _ROWS_PER_INSERT
+    full = len(items) - len(items) % size
+    if full:
+        await db.executemany(_insert_sql(size), (values(items[i:i + size]) for i in range(0, full, size)))
+    if full < len(items):
+        await db.execute(_insert_sql(len(items) - full), values(items[full:]))
 
 
 def _try_to_open(path: str) -> None:
@@ -464,7 +489,7 @@ def _encode(value: Any) -> tuple[str | None, bytes | None]:
         return None, None
     try:
         if _plain_json(value):
-            return json.dumps(value, separators=(",", ":")), None
+            return _JSON.encode(value), None
         return None, pickle.dumps(value, pickle.HIGHEST_PROTOCOL)
     except Exception:  # neither (only an in-process backend can return such a value): keep what can be kept
         return json.dumps(repr(value)), None

@@ -194,6 +194,7 @@ async def test_export_and_import_round_trip(tmp_path: Path) -> None:
     exported = tmp_path / "results.jsonl"
     async with threads(tmp_path / "a.db") as scheduler:
         batch = [Task(tasks.identity, value) for value in JSON_VALUES + PICKLED_VALUES] + [Task(faults.boom)]
+        batch += [Task(tasks.square, i) for i in range(200)]  # more than one INSERT statement's worth of rows
         await scheduler.run(batch, batch_id="x")
         await scheduler.run([Task(tasks.square, 3)], batch_id="y")
         assert isinstance(scheduler.store, SQLiteStore)
