@@ -70,7 +70,7 @@ class EventStream(AsyncIterator[Event]):
 
     async def aclose(self) -> None:
         """Stop receiving events; what is buffered is discarded. Idempotent."""
-        self._hub._subscribers.discard(self)
+        self._hub._unsubscribe(self)
         self._buffer.clear()
         self._end()
 
@@ -83,28 +83,41 @@ class EventStream(AsyncIterator[Event]):
 
 
 class EventHub:
-    """Publishes each event to every live :class:`EventStream`."""
+    """Publishes each event to every live :class:`EventStream`.
+
+    Streams are held through weak references, so one the user drops is
+    unsubscribed when it is collected.
+    """
 
     def __init__(self, maxlen: int = DEFAULT_EVENT_BUFFER) -> None:
-        self._subscribers: weakref.WeakSet[EventStream] = weakref.WeakSet()
+        self._refs: list[weakref.ref[EventStream]] = []
         self._maxlen = maxlen
 
     def subscribe(self, batch_id: str | None = None, maxlen: int | None = None) -> EventStream:
         stream = EventStream(self, batch_id, maxlen or self._maxlen)
-        self._subscribers.add(stream)
+        self._refs = [*self._refs, weakref.ref(stream, self._forget)]
         return stream
+
+    def _forget(self, ref: weakref.ref[EventStream]) -> None:
+        self._refs = [r for r in self._refs if r is not ref]
+
+    def _unsubscribe(self, stream: EventStream) -> None:
+        self._refs = [r for r in self._refs if r() is not stream]
 
     @property
     def active(self) -> bool:
-        return bool(self._subscribers)
+        return bool(self._refs)
 
     def publish(self, event: Event) -> None:
-        for stream in self._subscribers:
-            if stream.batch_id is None or stream.batch_id == event.batch_id:
+        for ref in self._refs:
+            stream = ref()
+            if stream is not None and (stream.batch_id is None or stream.batch_id == event.batch_id):
                 stream._push(event)
 
     def close(self) -> None:
         """End every stream once it has delivered what it holds."""
-        for stream in list(self._subscribers):
-            stream._end()
-        self._subscribers.clear()
+        refs, self._refs = self._refs, []
+        for ref in refs:
+            stream = ref()
+            if stream is not None:
+                stream._end()

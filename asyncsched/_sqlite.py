@@ -247,7 +247,8 @@ class SQLiteStore(Store):
                 "or use another batch_id"
             )
         await self._commit("UPDATE batches SET finished_at = NULL WHERE batch_id = ?", (batch_id,))
-        return {r.key: r for r in await self._select(" WHERE batch_id = ?", (batch_id,))}
+        cancelled = Status.CANCELLED.value  # a cancelled task never reached an outcome: the resumed batch runs it
+        return {r.key: r for r in await self._select(" WHERE batch_id = ? AND status != ?", (batch_id, cancelled))}
 
     async def end_batch(self, batch_id: str) -> None:
         await self._commit("UPDATE batches SET finished_at = ? WHERE batch_id = ?", (time.time(), batch_id))
