@@ -135,7 +135,7 @@ async def test_resume_runs_cancelled_tasks_again(tmp_path: Path, gate: Callable[
     batch += [Task(tasks.log_run, log, key, 0.0, release, key=key) for key in ("b", "c")]
     async with Scheduler(workers=2, store=db) as scheduler:
         stream = scheduler.stream(batch, batch_id="job")
-        async with contextlib.aclosing(stream):  # type: ignore[type-var]  # an async generator, typed AsyncIterator
+        async with contextlib.aclosing(stream):
             async for result in stream:
                 assert result.key == "a"
                 break
