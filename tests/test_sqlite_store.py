@@ -34,6 +34,7 @@ from asyncsched import (
 from asyncsched._sqlite import SCHEMA_VERSION
 
 from . import faults, orchestrator_script, tasks
+from .util import wait_gone
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -150,7 +151,7 @@ async def test_resume_after_the_orchestrator_is_killed(tmp_path: Path) -> None:
     db, log, release = str(tmp_path / "results.db"), str(tmp_path / "runs.log"), str(tmp_path / "gate")
     orchestrator = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "tests.orchestrator_script", db, log, release, cwd=ROOT, stdout=subprocess.PIPE)
-    tree = [psutil.Process(orchestrator.pid)]
+    helpers: list[psutil.Process] = []
     try:
         assert orchestrator.stdout is not None
         assert await asyncio.wait_for(orchestrator.stdout.readline(), 30) == b"started\n"
@@ -160,21 +161,18 @@ async def test_resume_after_the_orchestrator_is_killed(tmp_path: Path) -> None:
                 return (await reader.stats(orchestrator_script.BATCH_ID)).total >= 5
 
             await wait_until(some_are_durable)
-            # Its workers too: a worker busy with a task outlives a SIGKILLed orchestrator until the task
-            # ends, and these tasks wait for a gate that opens only for the resumed run.
-            tree += tree[0].children(recursive=True)
-            for process in tree:
-                with contextlib.suppress(psutil.NoSuchProcess):
-                    process.kill()
-            await orchestrator.wait()
+            helpers = psutil.Process(orchestrator.pid).children(recursive=True)
+            orchestrator.kill()  # SIGKILL: its workers and helpers must end by themselves
+            alive = [p for p in helpers if not await asyncio.to_thread(wait_gone, p.pid, 10)]
+            assert not alive, f"processes of the killed orchestrator are still alive: {alive}"
             durable = {r.key for r in await reader.results(batch_id=orchestrator_script.BATCH_ID)}
     finally:
-        for process in tree:
+        for process in helpers:  # after a failure above: leave nothing behind
             with contextlib.suppress(psutil.NoSuchProcess):
                 process.kill()
-        _, alive = await asyncio.to_thread(psutil.wait_procs, tree, timeout=10)
-        await asyncio.wait_for(orchestrator.communicate(), 10)
-    assert not alive, f"processes of the killed orchestrator are still alive: {alive}"
+        with contextlib.suppress(ProcessLookupError):
+            orchestrator.kill()
+        await asyncio.wait_for(orchestrator.communicate(), 10)  # reaps it (its helpers held its stdout)
     assert 5 <= len(durable) <= orchestrator_script.FREE  # killed in the middle: the gated tasks never finished
 
     await asyncio.to_thread(Path(release).touch)
