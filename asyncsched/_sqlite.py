@@ -496,12 +496,6 @@ def _encode(value: Any) -> tuple[str | None, bytes | None]:
         return json.dumps(repr(value)), None
 
 
-def _decode(text: str | None, blob: bytes | None) -> Any:
-    if blob is not None:
-        return pickle.loads(blob)
-    return None if text is None else json.loads(text)
-
-
 def _row(r: TaskResult) -> Row:
     value, blob = _encode(r.value)
     return (r.batch_id, r.key, r.index, r.status.value, value, blob, r.error, r.error_type, r.traceback,
@@ -511,8 +505,17 @@ def _row(r: TaskResult) -> Row:
 def _result(row: Row) -> TaskResult:
     (batch_id, key, index, status, value, blob, error, error_type, tb, attempts, pid, started_at, finished_at,
      message, progress) = row
-    return TaskResult(batch_id, key, Status(status), _decode(value, blob), error, tb, attempts, pid, started_at,
-                      finished_at, message, progress, error_type, index)
+    if blob is not None:
+        try:
+            value = pickle.loads(blob)
+        except Exception as exc:
+            raise StoreError(f"the value of task {key!r} of batch {batch_id!r} cannot be unpickled here "
+                             f"({type(exc).__name__}: {exc}); make the module that defines its type importable, "
+                             "or read it with export_jsonl, which leaves it pickled") from exc
+    elif value is not None:
+        value = json.loads(value)
+    return TaskResult(batch_id, key, Status(status), value, error, tb, attempts, pid, started_at, finished_at,
+                      message, progress, error_type, index)
 
 
 def _line(row: Row) -> str:

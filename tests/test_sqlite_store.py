@@ -10,6 +10,7 @@ import os
 import sqlite3
 import subprocess
 import sys
+import types
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -246,6 +247,23 @@ async def test_a_failed_commit_loses_nothing(tmp_path: Path) -> None:
         await store.flush()
         [result] = await store.results()
     assert (result.key, result.value) == ("k", (1, 2))
+
+
+async def test_a_value_of_a_type_this_process_cannot_import_is_a_clear_error(tmp_path: Path) -> None:
+    module = types.ModuleType("results_of_another_process")
+    module.Point = type("Point", (), {"__module__": module.__name__})  # type: ignore[attr-defined]
+    sys.modules[module.__name__] = module
+    try:
+        async with SQLiteStore(tmp_path / "results.db") as store:
+            await store.begin_batch("b")
+            store.add(TaskResult("b", "k", Status.COMPLETED, value=module.Point()))
+            await store.flush()
+            del sys.modules[module.__name__]
+            with pytest.raises(StoreError, match="task 'k' of batch 'b' cannot be unpickled here"):
+                await store.results()
+            assert await store.export_jsonl(tmp_path / "out.jsonl") == 1  # exporting does not unpickle
+    finally:
+        sys.modules.pop(module.__name__, None)
 
 
 # -- bad input gets a clear error before any work starts ---------------------------------------
