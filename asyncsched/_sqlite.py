@@ -55,7 +55,7 @@ DEFAULT_BUSY_TIMEOUT = 5.0
 SCHEMA_VERSION = 1
 APPLICATION_ID = 0x61736368  # "asch", in PRAGMA application_id: marks a file as ours
 _CHUNK = 500
-"""Rows per fetch while exporting, and lines per insert while importing."""
+"""Rows per fetch while exporting; about as many lines per read while importing."""
 
 _MIGRATIONS: tuple[tuple[str, ...], ...] = (
     (  # 0 -> 1
@@ -159,7 +159,7 @@ class SQLiteStore(Store):
     async def open(self) -> None:
         """Open the file, creating or migrating its schema; fails with :class:`StoreError` on a bad file."""
         if self._closed:
-            raise ClosedError(f"{self!r} is closed; create a new one")
+            raise self._unavailable()
         if self._db is not None:
             return
         try:
@@ -227,7 +227,7 @@ class SQLiteStore(Store):
     def add(self, result: TaskResult) -> None:
         """Queue one final result; the writer task commits it within :data:`FLUSH_INTERVAL`."""
         if self._closed:
-            raise ClosedError(f"{self!r} is closed; create a new one")
+            raise self._unavailable()
         self._pending.append(result)
         self._wake.set()
 
@@ -259,8 +259,10 @@ class SQLiteStore(Store):
             await self._wake.wait()
             self._wake.clear()
             started = loop.time()
-            with contextlib.suppress(StoreError):  # the results stay queued: the next commit tries again
+            try:
                 await self._commit()
+            except StoreError:
+                self._wake.set()  # the results stay queued: try again after the interval
             await asyncio.sleep(started + FLUSH_INTERVAL - loop.time())  # let the next group gather
 
     async def _commit(self, sql: str | None = None, parameters: tuple[Any, ...] = ()) -> int:
@@ -282,7 +284,7 @@ class SQLiteStore(Store):
         """A write transaction on the write connection, committed at the end or rolled back."""
         db = self._db
         if db is None:
-            raise ClosedError(f"{self!r} is not open") if self._closed else StoreError(f"{self!r} is not open")
+            raise self._unavailable()
         async with self._lock:
             with self._translate(doing):
                 await db.execute("BEGIN IMMEDIATE")
@@ -329,15 +331,20 @@ class SQLiteStore(Store):
 
     def _read_connection(self) -> aiosqlite.Connection:
         if self._reader is None:
-            raise ClosedError(f"{self!r} is closed") if self._closed else StoreError(f"{self!r} is not open")
+            raise self._unavailable()
         return self._reader
+
+    def _unavailable(self) -> Exception:
+        if self._closed:
+            return ClosedError(f"{self!r} is closed; create a new one")
+        return StoreError(f"{self!r} is not open; use `async with` or await open() first")
 
     # -- JSON Lines ------------------------------------------------------------------------
 
     async def export_jsonl(self, path: str | os.PathLike[str], *, batch_id: str | None = None) -> int:
         """Write the stored results (of one batch, or all), oldest first, as JSON Lines; returns how many.
 
-        Streams: rows are read and written :data:`_CHUNK` at a time. Each line
+        Streams: rows are read and written a few hundred at a time. Each line
         has the fields ``task_id`` (our key), ``status``, ``message``,
         ``response_data`` (the value, when it is plain JSON), ``timestamp`` (the
         end, ISO 8601 in UTC) and ``process_id``, plus ``batch_id``, ``index``,
@@ -372,7 +379,7 @@ class SQLiteStore(Store):
         now = time.time()
         with _file_errors("read", path):
             async with aiofiles.open(path, encoding="utf-8") as source, self._writing() as db:
-                while lines := await source.readlines(_CHUNK * 200):
+                while lines := await source.readlines(_CHUNK * 200):  # a hint in characters
                     rows = []
                     for line in lines:
                         number += 1
@@ -493,7 +500,7 @@ def _encode(value: Any) -> tuple[str | None, bytes | None]:
             return _JSON.encode(value), None
         return None, pickle.dumps(value, pickle.HIGHEST_PROTOCOL)
     except Exception:  # neither (only an in-process backend can return such a value): keep what can be kept
-        return json.dumps(repr(value)), None
+        return _JSON.encode(repr(value)), None
 
 
 def _row(r: TaskResult) -> Row:
@@ -559,7 +566,7 @@ def _import_row(line: str, path: str | os.PathLike[str], number: int, batch_id: 
             finished_at = float(stamp) if isinstance(stamp, int | float) else datetime.fromisoformat(stamp).timestamp()
         return (
             str(record.get("batch_id") or batch_id), str(record["task_id"]), int(record.get("index", -1)),
-            status.value, None if data is None or pickled else json.dumps(data),
+            status.value, None if data is None or pickled else _JSON.encode(data),
             base64.b64decode(pickled) if pickled else None, record.get("error"), record.get("error_type"),
             record.get("traceback"), int(record.get("attempts", 1)), record.get("process_id"),
             record.get("started_at"), finished_at, record.get("message"), record.get("progress"),
