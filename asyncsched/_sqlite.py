@@ -495,6 +495,9 @@ def _encode(value: Any) -> tuple[str | None, bytes | None]:
     """The ``(value, value_pickle)`` columns of a value."""
     if value is None:
         return None, None
+    kind = type(value)
+    if kind is int or (kind is float and math.isfinite(value)):
+        return repr(value), None  # the JSON of a number is its repr
     try:
         if _plain_json(value):
             return _JSON.encode(value), None
