@@ -47,6 +47,7 @@ if TYPE_CHECKING:
     from ._local import ExecutorBackend, ProcessBackend
     from ._pool import PoolStatistics, ProcessPool
     from ._scheduler import Scheduler
+    from ._sqlite import SQLiteStore
     from ._store import BatchInfo, MemoryStore, Store
 
 __version__ = "0.1.0"
@@ -69,6 +70,7 @@ __all__ = [
     "ProcessPool",
     "RemoteTraceback",
     "RetryPolicy",
+    "SQLiteStore",
     "Scheduler",
     "Stats",
     "Status",
@@ -99,6 +101,7 @@ _LAZY = {
     "PoolStatistics": "._pool",
     "ProcessBackend": "._local",
     "ProcessPool": "._pool",
+    "SQLiteStore": "._sqlite",
     "Scheduler": "._scheduler",
     "Store": "._store",
 }
