@@ -352,8 +352,7 @@ class Scheduler:
 
         With ``resume=True`` the tasks whose key already has a final result in
         the store for ``batch_id`` are not run again; their stored results are
-        part of the summary. A task recorded as cancelled (the batch was stopped
-        before it finished) runs again.
+        part of the summary.
         """
         started = time.monotonic()
         batch_id, previous = await self._begin(batch_id, name, resume)
@@ -385,8 +384,7 @@ class Scheduler:
             if resume:
                 raise ConfigurationError("resume=True needs the batch_id of the batch to resume")
             batch_id = uuid.uuid4().hex[:12]
-        previous = await self._store.begin_batch(batch_id, name=name, resume=resume)
-        return batch_id, {key: r for key, r in previous.items() if r.status is not Status.CANCELLED}
+        return batch_id, await self._store.begin_batch(batch_id, name=name, resume=resume)
 
     async def _stream(self, batch: Batch, batch_id: str,
                       previous: Mapping[str, TaskResult]) -> AsyncGenerator[TaskResult, None]:

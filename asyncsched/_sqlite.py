@@ -27,13 +27,15 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import functools
+import itertools
 import json
 import math
 import os
 import pickle
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -53,7 +55,7 @@ DEFAULT_BUSY_TIMEOUT = 5.0
 SCHEMA_VERSION = 1
 APPLICATION_ID = 0x61736368  # "asch", in PRAGMA application_id: marks a file as ours
 _CHUNK = 500
-"""Rows per fetch while exporting, and lines per insert while importing."""
+"""Rows per fetch while exporting; about as many lines per read while importing."""
 
 _MIGRATIONS: tuple[tuple[str, ...], ...] = (
     (  # 0 -> 1
@@ -90,10 +92,12 @@ assert len(_MIGRATIONS) == SCHEMA_VERSION
 
 _COLUMNS = ("batch_id", "key", "position", "status", "value", "value_pickle", "error", "error_type", "traceback",
             "attempts", "pid", "started_at", "finished_at", "message", "progress")
-_INSERT = f"INSERT OR REPLACE INTO results ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})"
+_ROWS_PER_INSERT = 64
+"""Rows per INSERT statement: each statement is one SQLite step, and each step hands the GIL to the loop and back."""
 _SELECT = f"SELECT {', '.join(_COLUMNS)} FROM results"
 
 Row = tuple[Any, ...]
+_JSON = json.JSONEncoder(separators=(",", ":"))
 
 
 class SQLiteStore(Store):
@@ -155,7 +159,7 @@ class SQLiteStore(Store):
     async def open(self) -> None:
         """Open the file, creating or migrating its schema; fails with :class:`StoreError` on a bad file."""
         if self._closed:
-            raise ClosedError(f"{self!r} is closed; create a new one")
+            raise self._unavailable()
         if self._db is not None:
             return
         try:
@@ -223,7 +227,7 @@ class SQLiteStore(Store):
     def add(self, result: TaskResult) -> None:
         """Queue one final result; the writer task commits it within :data:`FLUSH_INTERVAL`."""
         if self._closed:
-            raise ClosedError(f"{self!r} is closed; create a new one")
+            raise self._unavailable()
         self._pending.append(result)
         self._wake.set()
 
@@ -243,7 +247,8 @@ class SQLiteStore(Store):
                 "or use another batch_id"
             )
         await self._commit("UPDATE batches SET finished_at = NULL WHERE batch_id = ?", (batch_id,))
-        return {r.key: r for r in await self._select(" WHERE batch_id = ?", (batch_id,))}
+        cancelled = Status.CANCELLED.value  # a cancelled task never reached an outcome: the resumed batch runs it
+        return {r.key: r for r in await self._select(" WHERE batch_id = ? AND status != ?", (batch_id, cancelled))}
 
     async def end_batch(self, batch_id: str) -> None:
         await self._commit("UPDATE batches SET finished_at = ? WHERE batch_id = ?", (time.time(), batch_id))
@@ -254,8 +259,10 @@ class SQLiteStore(Store):
             await self._wake.wait()
             self._wake.clear()
             started = loop.time()
-            with contextlib.suppress(StoreError):  # the results stay queued: the next commit tries again
+            try:
                 await self._commit()
+            except StoreError:
+                self._wake.set()  # the results stay queued: try again after the interval
             await asyncio.sleep(started + FLUSH_INTERVAL - loop.time())  # let the next group gather
 
     async def _commit(self, sql: str | None = None, parameters: tuple[Any, ...] = ()) -> int:
@@ -266,9 +273,7 @@ class SQLiteStore(Store):
         try:
             async with self._writing() as db:
                 results, self._pending = self._pending, []
-                if results:
-                    # The rows are built in the connection's thread, off the event loop.
-                    await db.executemany(_INSERT, map(_row, results))
+                await _insert(db, results, _row)
                 return 0 if sql is None else (await db.execute(sql, parameters)).rowcount
         except BaseException:
             self._pending[:0] = results  # not committed: queued again, ahead of newer ones
@@ -279,7 +284,7 @@ class SQLiteStore(Store):
         """A write transaction on the write connection, committed at the end or rolled back."""
         db = self._db
         if db is None:
-            raise ClosedError(f"{self!r} is not open") if self._closed else StoreError(f"{self!r} is not open")
+            raise self._unavailable()
         async with self._lock:
             with self._translate(doing):
                 await db.execute("BEGIN IMMEDIATE")
@@ -326,15 +331,20 @@ class SQLiteStore(Store):
 
     def _read_connection(self) -> aiosqlite.Connection:
         if self._reader is None:
-            raise ClosedError(f"{self!r} is closed") if self._closed else StoreError(f"{self!r} is not open")
+            raise self._unavailable()
         return self._reader
+
+    def _unavailable(self) -> Exception:
+        if self._closed:
+            return ClosedError(f"{self!r} is closed; create a new one")
+        return StoreError(f"{self!r} is not open; use `async with` or await open() first")
 
     # -- JSON Lines ------------------------------------------------------------------------
 
     async def export_jsonl(self, path: str | os.PathLike[str], *, batch_id: str | None = None) -> int:
         """Write the stored results (of one batch, or all), oldest first, as JSON Lines; returns how many.
 
-        Streams: rows are read and written :data:`_CHUNK` at a time. Each line
+        Streams: rows are read and written a few hundred at a time. Each line
         has the fields ``task_id`` (our key), ``status``, ``message``,
         ``response_data`` (the value, when it is plain JSON), ``timestamp`` (the
         end, ISO 8601 in UTC) and ``process_id``, plus ``batch_id``, ``index``,
@@ -369,7 +379,7 @@ class SQLiteStore(Store):
         now = time.time()
         with _file_errors("read", path):
             async with aiofiles.open(path, encoding="utf-8") as source, self._writing() as db:
-                while lines := await source.readlines(_CHUNK * 200):
+                while lines := await source.readlines(_CHUNK * 200):  # a hint in characters
                     rows = []
                     for line in lines:
                         number += 1
@@ -377,7 +387,7 @@ class SQLiteStore(Store):
                             rows.append(_import_row(line, path, number, batch_id))
                     await db.executemany("INSERT OR IGNORE INTO batches (batch_id, created_at, finished_at) "
                                          "VALUES (?, ?, ?)", [(b, now, now) for b in {row[0] for row in rows}])
-                    await db.executemany(_INSERT, rows)
+                    await _insert(db, rows)
                     count += len(rows)
         return count
 
@@ -418,6 +428,29 @@ def _file_errors(doing: str, path: str | os.PathLike[str]) -> Iterator[None]:
         raise StoreError(f"cannot {doing} {os.fspath(path)}: {exc}") from exc
     except UnicodeError as exc:
         raise StoreError(f"cannot {doing} {os.fspath(path)}: it is not UTF-8 text ({exc})") from exc
+
+
+@functools.cache
+def _insert_sql(rows: int) -> str:
+    values = ", ".join([f"({', '.join('?' * len(_COLUMNS))})"] * rows)
+    return f"INSERT OR REPLACE INTO results ({', '.join(_COLUMNS)}) VALUES {values}"
+
+
+async def _insert(db: aiosqlite.Connection, items: Sequence[Any], to_row: Callable[[Any], Row] | None = None) -> None:
+    """Insert (or replace) the rows of ``items``, :data:`_ROWS_PER_INSERT` per statement.
+
+    The rows of the full statements are built in the connection's thread, off the event loop.
+    """
+
+    def values(part: Sequence[Any]) -> Row:
+        return tuple(itertools.chain.from_iterable(part if to_row is None else map(to_row, part)))
+
+    size = _ROWS_PER_INSERT
+    full = len(items) - len(items) % size
+    if full:
+        await db.executemany(_insert_sql(size), (values(items[i:i + size]) for i in range(0, full, size)))
+    if full < len(items):
+        await db.execute(_insert_sql(len(items) - full), values(items[full:]))
 
 
 def _try_to_open(path: str) -> None:
@@ -462,18 +495,15 @@ def _encode(value: Any) -> tuple[str | None, bytes | None]:
     """The ``(value, value_pickle)`` columns of a value."""
     if value is None:
         return None, None
+    kind = type(value)
+    if kind is int or (kind is float and math.isfinite(value)):
+        return repr(value), None  # the JSON of a number is its repr
     try:
         if _plain_json(value):
-            return json.dumps(value, separators=(",", ":")), None
+            return _JSON.encode(value), None
         return None, pickle.dumps(value, pickle.HIGHEST_PROTOCOL)
     except Exception:  # neither (only an in-process backend can return such a value): keep what can be kept
-        return json.dumps(repr(value)), None
-
-
-def _decode(text: str | None, blob: bytes | None) -> Any:
-    if blob is not None:
-        return pickle.loads(blob)
-    return None if text is None else json.loads(text)
+        return _JSON.encode(repr(value)), None
 
 
 def _row(r: TaskResult) -> Row:
@@ -485,8 +515,17 @@ def _row(r: TaskResult) -> Row:
 def _result(row: Row) -> TaskResult:
     (batch_id, key, index, status, value, blob, error, error_type, tb, attempts, pid, started_at, finished_at,
      message, progress) = row
-    return TaskResult(batch_id, key, Status(status), _decode(value, blob), error, tb, attempts, pid, started_at,
-                      finished_at, message, progress, error_type, index)
+    if blob is not None:
+        try:
+            value = pickle.loads(blob)
+        except Exception as exc:
+            raise StoreError(f"the value of task {key!r} of batch {batch_id!r} cannot be unpickled here "
+                             f"({type(exc).__name__}: {exc}); make the module that defines its type importable, "
+                             "or read it with export_jsonl, which leaves it pickled") from exc
+    elif value is not None:
+        value = json.loads(value)
+    return TaskResult(batch_id, key, Status(status), value, error, tb, attempts, pid, started_at, finished_at,
+                      message, progress, error_type, index)
 
 
 def _line(row: Row) -> str:
@@ -530,7 +569,7 @@ def _import_row(line: str, path: str | os.PathLike[str], number: int, batch_id: 
             finished_at = float(stamp) if isinstance(stamp, int | float) else datetime.fromisoformat(stamp).timestamp()
         return (
             str(record.get("batch_id") or batch_id), str(record["task_id"]), int(record.get("index", -1)),
-            status.value, None if data is None or pickled else json.dumps(data),
+            status.value, None if data is None or pickled else _JSON.encode(data),
             base64.b64decode(pickled) if pickled else None, record.get("error"), record.get("error_type"),
             record.get("traceback"), int(record.get("attempts", 1)), record.get("process_id"),
             record.get("started_at"), finished_at, record.get("message"), record.get("progress"),
