@@ -28,18 +28,17 @@ from asyncsched import Scheduler, Task, TaskReported, TaskStarted
 WORKERS = 2
 
 
-def spin(ms: float) -> int:
-    """About ``ms`` milliseconds of pure Python."""
-    end = time.perf_counter() + ms / 1000
-    n = 0
-    while time.perf_counter() < end:
-        n += 1
-    return n
+def crunch(iterations: int) -> int:
+    """A fixed amount of pure-Python work."""
+    total = 0
+    for i in range(iterations):
+        total += i * i % 7
+    return total
 
 
-def spin_many(count: int, ms: float) -> None:
+def crunch_many(count: int, iterations: int) -> None:
     for _ in range(count):
-        spin(ms)
+        crunch(iterations)
 
 
 def report_stamps(count: int) -> None:
@@ -47,7 +46,7 @@ def report_stamps(count: int) -> None:
 
     for i in range(count):
         report(progress=i / count)
-        spin(0.5)
+        crunch(2_000)
 
 
 def hang() -> None:
@@ -72,18 +71,20 @@ async def throughput(n: int, store: bool) -> dict[str, Any]:
 
 async def cpu_bound(n: int, ms: float) -> dict[str, Any]:
     start = time.perf_counter()
-    for _ in range(n // 10):
-        spin(ms)
-    sequential = (time.perf_counter() - start) * 10
+    crunch(100_000)
+    iterations = int(100_000 * ms / 1000 / (time.perf_counter() - start))  # about `ms` of work per task
+    start = time.perf_counter()
+    crunch_many(n, iterations)
+    sequential = time.perf_counter() - start
     async with Scheduler(workers=WORKERS) as scheduler:
-        await scheduler.run([Task(spin, 0.1)])
+        await scheduler.run([Task(crunch, 10)])
         start = time.perf_counter()
-        await scheduler.run(Task(spin, ms) for _ in range(n))
+        await scheduler.run(Task(crunch, iterations) for _ in range(n))
         ours = time.perf_counter() - start
     import multiprocessing
 
     ctx = multiprocessing.get_context("fork")
-    procs = [ctx.Process(target=spin_many, args=(n // WORKERS, ms)) for _ in range(WORKERS)]
+    procs = [ctx.Process(target=crunch_many, args=(n // WORKERS, iterations)) for _ in range(WORKERS)]
     start = time.perf_counter()
     for p in procs:
         p.start()
