@@ -46,6 +46,7 @@ if TYPE_CHECKING:
     from ._events import EventStream
     from ._local import ExecutorBackend, ProcessBackend
     from ._pool import PoolStatistics, ProcessPool
+    from ._progress import ProgressMonitor, ProgressStatistics
     from ._scheduler import Scheduler
     from ._store import BatchInfo, MemoryStore, Store
 
@@ -67,6 +68,8 @@ __all__ = [
     "PoolStatistics",
     "ProcessBackend",
     "ProcessPool",
+    "ProgressMonitor",
+    "ProgressStatistics",
     "RemoteTraceback",
     "RetryPolicy",
     "Scheduler",
@@ -99,6 +102,8 @@ _LAZY = {
     "PoolStatistics": "._pool",
     "ProcessBackend": "._local",
     "ProcessPool": "._pool",
+    "ProgressMonitor": "._progress",
+    "ProgressStatistics": "._progress",
     "Scheduler": "._scheduler",
     "Store": "._store",
 }

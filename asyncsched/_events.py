@@ -68,9 +68,19 @@ class EventStream(AsyncIterator[Event]):
                 self._waiter = None
         return self._buffer.popleft()
 
+    def drain(self) -> list[Event]:
+        """Every buffered event, oldest first, without waiting; the buffer is left empty.
+
+        For consumers that wake up on their own schedule (a display that
+        redraws a few times a second) and take what has arrived meanwhile.
+        """
+        events = list(self._buffer)
+        self._buffer.clear()
+        return events
+
     async def aclose(self) -> None:
         """Stop receiving events; what is buffered is discarded. Idempotent."""
-        self._hub._subscribers.discard(self)
+        self._hub.unsubscribe(self)
         self._buffer.clear()
         self._end()
 
@@ -83,28 +93,42 @@ class EventStream(AsyncIterator[Event]):
 
 
 class EventHub:
-    """Publishes each event to every live :class:`EventStream`."""
+    """Publishes each event to every live :class:`EventStream`.
+
+    Streams are held by weak reference in a tuple that is replaced, never
+    changed in place, when one comes or goes: publishing (on the scheduler's hot
+    path, twice per task) iterates a snapshot with no guard to set up.
+    """
 
     def __init__(self, maxlen: int = DEFAULT_EVENT_BUFFER) -> None:
-        self._subscribers: weakref.WeakSet[EventStream] = weakref.WeakSet()
+        self._streams: tuple[weakref.ref[EventStream], ...] = ()
         self._maxlen = maxlen
 
     def subscribe(self, batch_id: str | None = None, maxlen: int | None = None) -> EventStream:
         stream = EventStream(self, batch_id, maxlen or self._maxlen)
-        self._subscribers.add(stream)
+        self._streams = (*self._streams, weakref.ref(stream, self._forget))
         return stream
+
+    def unsubscribe(self, stream: EventStream) -> None:
+        self._streams = tuple(ref for ref in self._streams if ref() not in (stream, None))
+
+    def _forget(self, gone: weakref.ref[EventStream]) -> None:
+        self._streams = tuple(ref for ref in self._streams if ref is not gone)
 
     @property
     def active(self) -> bool:
-        return bool(self._subscribers)
+        return bool(self._streams)
 
     def publish(self, event: Event) -> None:
-        for stream in self._subscribers:
-            if stream.batch_id is None or stream.batch_id == event.batch_id:
+        for ref in self._streams:
+            stream = ref()
+            if stream is not None and (stream.batch_id is None or stream.batch_id == event.batch_id):
                 stream._push(event)
 
     def close(self) -> None:
         """End every stream once it has delivered what it holds."""
-        for stream in list(self._subscribers):
-            stream._end()
-        self._subscribers.clear()
+        streams, self._streams = self._streams, ()
+        for ref in streams:
+            stream = ref()
+            if stream is not None:
+                stream._end()
