@@ -285,19 +285,19 @@ class ProgressMonitor:
         return Group(*lines)
 
 
-def report(stats: ProgressStatistics) -> Table:
+def report(stats: ProgressStatistics) -> RenderableType:
     """The final report of a monitor: counts by status, rates and the total elapsed time."""
     batch = "" if stats.finished.batch_id is None else f"Batch {stats.finished.batch_id}: "
-    table = stats_table(stats.finished, title=f"{batch}finished {stats.done} tasks in {_seconds(stats.elapsed)}")
-    table.caption = (f"avg {_seconds(stats.average)}/task, {stats.rate:.1f} tasks/s"
-                     + (f", {stats.retries} retries" if stats.retries else "")
-                     + (f"; {stats.dropped} events were dropped, counts are short" if stats.dropped else ""))
-    return table
+    rates = (f"avg {_seconds(stats.average)}/task, {stats.rate:.1f} tasks/s"
+             + (f", {stats.retries} retries" if stats.retries else "")
+             + (f"; {stats.dropped} events were dropped, so counts are short" if stats.dropped else ""))
+    return Group(Text(f"{batch}finished {stats.done} tasks in {_seconds(stats.elapsed)}", style="bold"),
+                 stats_table(stats.finished), Text(rates))
 
 
-def stats_table(stats: Stats, *, title: str | None = None) -> Table:
+def stats_table(stats: Stats) -> Table:
     """Counts by final status with their share, and the success rate."""
-    table = Table(title=title, title_justify="left", caption_justify="left", box=box.SIMPLE_HEAD)
+    table = Table(box=box.SIMPLE_HEAD)
     table.add_column("status")
     table.add_column("tasks", justify="right")
     table.add_column("share", justify="right")
