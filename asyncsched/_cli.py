@@ -16,6 +16,7 @@ import argparse
 import asyncio
 import functools
 import importlib
+import inspect
 import json
 import os
 import stat
@@ -71,6 +72,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _demo_command(args: argparse.Namespace) -> int:
+    """Simulate requests, with live progress and the final statistics.
+
+    Each request takes 0.5-3 s and succeeds with data, fails with a server error,
+    or hangs until its timeout. The results are kept in a SQLite file.
+    """
     batch = [Task(_demo.fetch, n, key=f"request-{n}") for n in range(1, args.tasks + 1)]
     print(f"Simulating {args.tasks} requests on {args.workers} workers: each takes "
           f"{_demo.DELAY[0]}-{_demo.DELAY[1]}s and succeeds, fails with a server error, or hangs until "
@@ -84,6 +90,16 @@ def _demo_command(args: argparse.Namespace) -> int:
 
 
 def _run_command(args: argparse.Namespace) -> int:
+    r"""Call MODULE:FUNCTION once for each line of JSON input, on a pool of workers.
+
+    Each line is one task: an array gives positional arguments, an object keyword
+    arguments, and any other value is the single argument. Blank lines are skipped;
+    a task's key is its line number. The input is read as the tasks run.
+
+    examples:
+      printf '[1, 2]\n[3, 4]\n' | asyncsched run operator:add --workers 2
+      asyncsched run mypackage.jobs:process --input jobs.jsonl --db results.db --timeout 30
+    """
     fn = load_function(args.function)
     if args.resume and args.batch_id is None:
         raise UsageError("--resume continues a batch: give its id with --batch-id")
@@ -237,26 +253,21 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(title="commands", metavar="COMMAND")
 
-    def command(name: str, function: Command, description: str) -> argparse.ArgumentParser:
+    def command(name: str, function: Command) -> argparse.ArgumentParser:
+        """A subcommand whose help is the docstring of the function that runs it."""
+        description = inspect.cleandoc(function.__doc__ or "")
         sub = commands.add_parser(name, help=description.split("\n")[0], description=description,
                                   formatter_class=argparse.RawDescriptionHelpFormatter)
         sub.set_defaults(command=function, name=name)
         return sub
 
-    demo = command("demo", _demo_command, "Simulate requests, with live progress and the final statistics.\n\n"
-                   "Each request takes 0.5-3 s and succeeds with data, fails with a server error,\n"
-                   "or hangs until its timeout. The results are kept in a SQLite file.")
+    demo = command("demo", _demo_command)
     demo.add_argument("--tasks", type=_positive(int), default=50, metavar="N", help="requests to simulate (50)")
     demo.add_argument("--workers", type=_positive(int), default=10, metavar="W", help="worker processes (10)")
     demo.add_argument("--db", default=DEFAULT_DB, metavar="PATH", help=f"SQLite file for the results ({DEFAULT_DB})")
     demo.set_defaults(timeout=_demo.TIMEOUT, retries=0, progress=True, batch_id=None, resume=False)
 
-    run = command("run", _run_command, "Call MODULE:FUNCTION once for each line of JSON input, on a pool of workers.\n\n"
-                  "Each line is one task: an array gives positional arguments, an object keyword\n"
-                  "arguments, and any other value is the single argument. Blank lines are skipped;\n"
-                  "a task's key is its line number. The input is read as the tasks run.\n\n"
-                  "examples:\n  printf '[1, 2]\\n[3, 4]\\n' | asyncsched run operator:add --workers 2\n"
-                  "  asyncsched run mypackage.jobs:process --input jobs.jsonl --db results.db --timeout 30")
+    run = command("run", _run_command)
     run.add_argument("function", metavar="MODULE:FUNCTION", help="a module-level function, e.g. mypackage.jobs:process")
     run.add_argument("--input", default="-", metavar="FILE", help="JSON lines, one per task; - is stdin (default)")
     run.add_argument("--workers", type=_workers, default="cpu", metavar="cpu|io|N",

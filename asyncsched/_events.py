@@ -80,7 +80,7 @@ class EventStream(AsyncIterator[Event]):
 
     async def aclose(self) -> None:
         """Stop receiving events; what is buffered is discarded. Idempotent."""
-        self._hub.unsubscribe(self)
+        self._hub._unsubscribe(self)
         self._buffer.clear()
         self._end()
 
@@ -95,40 +95,39 @@ class EventStream(AsyncIterator[Event]):
 class EventHub:
     """Publishes each event to every live :class:`EventStream`.
 
-    Streams are held by weak reference in a tuple that is replaced, never
-    changed in place, when one comes or goes: publishing (on the scheduler's hot
-    path, twice per task) iterates a snapshot with no guard to set up.
+    Streams are held through weak references, so one the user drops is
+    unsubscribed when it is collected.
     """
 
     def __init__(self, maxlen: int = DEFAULT_EVENT_BUFFER) -> None:
-        self._streams: tuple[weakref.ref[EventStream], ...] = ()
+        self._refs: list[weakref.ref[EventStream]] = []
         self._maxlen = maxlen
 
     def subscribe(self, batch_id: str | None = None, maxlen: int | None = None) -> EventStream:
         stream = EventStream(self, batch_id, maxlen or self._maxlen)
-        self._streams = (*self._streams, weakref.ref(stream, self._forget))
+        self._refs = [*self._refs, weakref.ref(stream, self._forget)]
         return stream
 
-    def unsubscribe(self, stream: EventStream) -> None:
-        self._streams = tuple(ref for ref in self._streams if ref() not in (stream, None))
+    def _forget(self, ref: weakref.ref[EventStream]) -> None:
+        self._refs = [r for r in self._refs if r is not ref]
 
-    def _forget(self, gone: weakref.ref[EventStream]) -> None:
-        self._streams = tuple(ref for ref in self._streams if ref is not gone)
+    def _unsubscribe(self, stream: EventStream) -> None:
+        self._refs = [r for r in self._refs if r() is not stream]
 
     @property
     def active(self) -> bool:
-        return bool(self._streams)
+        return bool(self._refs)
 
     def publish(self, event: Event) -> None:
-        for ref in self._streams:
+        for ref in self._refs:
             stream = ref()
             if stream is not None and (stream.batch_id is None or stream.batch_id == event.batch_id):
                 stream._push(event)
 
     def close(self) -> None:
         """End every stream once it has delivered what it holds."""
-        streams, self._streams = self._streams, ()
-        for ref in streams:
+        refs, self._refs = self._refs, []
+        for ref in refs:
             stream = ref()
             if stream is not None:
                 stream._end()

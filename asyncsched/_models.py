@@ -351,5 +351,6 @@ class RetryPolicy:
 
 
 def type_name(kind: type) -> str:
-    """``ValueError`` for builtins, ``module.Qualified`` for the rest."""
-    return kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
+    """``ValueError`` for builtins, ``module.Qualified`` for the rest (``__main__`` as the parent knows it)."""
+    module = "__main__" if kind.__module__ == "__mp_main__" else kind.__module__
+    return kind.__qualname__ if module == "builtins" else f"{module}.{kind.__qualname__}"

@@ -7,9 +7,9 @@ Data flow (everything on the left runs on one event loop thread; no locks)::
       | pickle (fn, args) once, here: a bad argument fails
       | only this call
       v
-    _Call -> pending deque --dispatch to an idle _Worker--> socket pair (one per worker)
-                                                             (call_id, payload) -----------> worker_main()
-                                                                                              runs fn(*args)
+    _Call -> pending deque --_dispatch: up to `depth` calls--> socket pair (one per worker)
+                             per worker, in one frame          [(call_id, payload), ...] ---> worker_main()
+                                                                                              runs them in order
     _Call.future <---- _on_message <---- add_reader(socket) <---- READY / REPORT / DONE <------
          ^                                                                                    |
          |           _on_exit  <-------- add_reader(process sentinel) <---- process exit -----+
@@ -20,12 +20,17 @@ Data flow (everything on the left runs on one event loop thread; no locks)::
 Actors:
 
 * ``_Call`` is the record kept in the parent for one call: the pickled payload,
-  its timeout, the future the caller awaits and the worker running it. Only
+  its timeout, the future the caller awaits and the worker it was sent to. Only
   ``(call_id, payload)`` crosses the wire; the wire format is in ``_worker``.
 * ``_Worker`` is the record of one process: its socket, its sentinel and the
-  call it runs. Each worker has its own socket, so killing one worker loses
-  nothing but its own call; a dead worker never breaks the pool (unlike the
-  stdlib ``ProcessPoolExecutor``).
+  calls sent to it, in order; the first one is running. Each worker has its
+  own socket, so killing one worker costs only its running call: the calls
+  queued behind it go back to the pending deque. A dead worker never breaks
+  the pool (unlike the stdlib ``ProcessPoolExecutor``).
+* Batching adapts to the tasks: while they are fast (an average under
+  ``BATCH_SECONDS``) several calls go to a worker in one frame and their
+  results come back grouped; slow tasks go one at a time, so none waits behind
+  another. A call's timeout starts when it reaches the head of its worker.
 * The event loop watches every socket and every process sentinel with
   ``add_reader``: nothing polls and nothing sleeps. Reads and writes are
   non-blocking, so a large argument or result never blocks the loop.
@@ -61,6 +66,8 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any
 
+import psutil
+
 from ._errors import BrokenPoolError, ClosedError, ConfigurationError
 from ._models import Outcome, Status, task_error
 from ._worker import DONE, READY, REPORT, worker_main
@@ -71,10 +78,16 @@ KILL_GRACE = 0.3
 """Seconds between SIGTERM and SIGKILL when a worker is killed."""
 MAX_START_FAILURES = 3
 """Workers dying one after another before their READY break the pool."""
+BATCH_SECONDS = 0.005
+"""Queue several calls on one worker only while that much work or less waits behind the running one."""
+MAX_DEPTH = 64
+"""The most calls queued on one worker."""
+MEMORY_CHECK_SECONDS = 0.1
+"""How often busy workers' memory is sampled when ``max_memory_per_child`` is set."""
 
 _HEADER = struct.Struct("!i")
 _BIG_HEADER = struct.Struct("!iQ")
-_READ_SIZE = 1 << 18
+_READ_SIZE = 1 << 16
 _PROTOCOL = pickle.HIGHEST_PROTOCOL
 
 OnStart = Callable[[int, float], None]
@@ -166,7 +179,7 @@ class _Call:
 
 
 class _Worker:
-    __slots__ = ("call", "calls_done", "deadline", "fd", "inbuf", "killed", "outbuf", "pid", "process",
+    __slots__ = ("calls", "calls_sent", "deadline", "fd", "inbuf", "killed", "outbuf", "pid", "process",
                  "ready", "retiring", "sock")
 
     def __init__(self, process: Any, sock: socket.socket) -> None:
@@ -177,11 +190,16 @@ class _Worker:
         self.ready = False
         self.retiring = False  # leaving the pool: killed or told to stop
         self.killed = False
-        self.call: _Call | None = None
-        self.calls_done = 0
+        self.calls: deque[_Call] = deque()  # sent to this worker, in order; the first one runs
+        self.calls_sent = 0
         self.deadline: asyncio.TimerHandle | None = None
         self.inbuf = bytearray()
         self.outbuf = bytearray()
+
+    @property
+    def call(self) -> _Call | None:
+        """The running call."""
+        return self.calls[0] if self.calls else None
 
     def signal(self, signum: int) -> None:
         """Signal the worker's whole process group (the task's own children too)."""
@@ -212,6 +230,10 @@ class ProcessPool(concurrent.futures.Executor):
     ``workers`` is ``"cpu"``, ``"io"`` or a number. ``mp_context`` is a start
     method name or a multiprocessing context (default: :func:`default_start_method`).
     A worker is replaced after ``max_tasks_per_child`` calls when that is set.
+    With ``max_memory_per_child`` (bytes, or a string such as ``"512MB"``) the
+    resident memory of every busy worker is sampled every
+    ``MEMORY_CHECK_SECONDS``; a worker over the limit is killed and its task
+    ends ``crashed``, with the limit named in its error.
 
     From async code use :meth:`call` (or ``loop.run_in_executor``) inside
     ``async with ProcessPool(...)``. As a plain ``Executor``, ``submit()`` and
@@ -225,17 +247,21 @@ class ProcessPool(concurrent.futures.Executor):
         *,
         mp_context: str | multiprocessing.context.BaseContext | None = None,
         max_tasks_per_child: int | None = None,
+        max_memory_per_child: int | str | None = None,
     ) -> None:
         self.size = resolve_workers(workers)
         if max_tasks_per_child is not None and max_tasks_per_child < 1:
             raise ConfigurationError(f"max_tasks_per_child must be at least 1, got {max_tasks_per_child!r}")
         self._ctx = _context(mp_context)
         self._max_tasks = max_tasks_per_child
+        self._max_memory = parse_size(max_memory_per_child)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._workers: set[_Worker] = set()
-        self._idle: list[_Worker] = []
+        self._ready: list[_Worker] = []  # in service and READY: the ones calls may be sent to
         self._pending: deque[_Call] = deque()
+        self._dispatching = False
+        self._average = BATCH_SECONDS  # moving average of a call's run time
         self._ids = itertools.count()
         self._closed = False
         self._broken: BrokenPoolError | None = None
@@ -252,15 +278,19 @@ class ProcessPool(concurrent.futures.Executor):
         if self._closed:
             raise ClosedError("this ProcessPool is closed; create a new one")
         try:
-            self._bind(asyncio.get_running_loop())
+            loop = asyncio.get_running_loop()
         except RuntimeError:
             self._start_thread()
+        else:
+            self._bind(loop)
 
     def _bind(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
         self._all_exited = asyncio.Event()
         _live_pools.add(self)
         self._fill()
+        if self._max_memory is not None:
+            loop.call_later(MEMORY_CHECK_SECONDS, self._check_memory)
 
     def _start_thread(self) -> None:
         loop = asyncio.new_event_loop()
@@ -296,18 +326,18 @@ class ProcessPool(concurrent.futures.Executor):
             self._closed = True
             return
         if not self._closed and not cancel:
-            while self._pending or any(w.call for w in self._workers):
-                waiting = [c.future for c in self._pending] + [w.call.future for w in self._workers if w.call]
+            while waiting := self._unfinished():
                 await asyncio.wait(waiting)
         self._closed = True
+        self._ready.clear()  # nothing more is sent
+        for worker in list(self._workers):
+            if worker.call is not None:
+                worker.call.future.cancel()  # kills the worker; its queued calls go back to pending
+            elif not worker.retiring:
+                self._retire(worker)
         for call in self._pending:
             call.future.cancel()
         self._pending.clear()
-        for worker in list(self._workers):
-            if worker.call is not None:
-                worker.call.future.cancel()  # kills the worker
-            elif not worker.retiring:
-                self._retire(worker)
         assert self._all_exited is not None
         if self._workers:
             try:
@@ -317,6 +347,10 @@ class ProcessPool(concurrent.futures.Executor):
                     worker.signal(signal.SIGKILL)
                 await self._all_exited.wait()
         _live_pools.discard(self)
+
+    def _unfinished(self) -> list[asyncio.Future[Outcome]]:
+        calls = itertools.chain(self._pending, *(w.calls for w in self._workers))
+        return [call.future for call in calls if not call.future.done()]
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """``Executor.shutdown``. From the pool's own loop thread use ``await aclose()`` instead."""
@@ -367,7 +401,9 @@ class ProcessPool(concurrent.futures.Executor):
         call = _Call(next(self._ids), payload, timeout, future, on_start, on_report)
         future._on_cancel = lambda: self._on_cancel(call)
         self._pending.append(call)
-        self._dispatch()
+        if not self._dispatching:  # calls made in one loop iteration are sent together
+            self._dispatching = True
+            future.get_loop().call_soon(self._dispatch)
         return future
 
     @property
@@ -378,7 +414,7 @@ class ProcessPool(concurrent.futures.Executor):
     def statistics(self) -> PoolStatistics:
         return PoolStatistics(
             workers=len(self._workers),
-            idle=len(self._idle),
+            idle=sum(1 for w in self._ready if not w.calls),
             running=sum(1 for w in self._workers if w.call is not None),
             pending=len(self._pending),
             started=self._started,
@@ -455,48 +491,65 @@ class ProcessPool(concurrent.futures.Executor):
         loop.add_reader(process.sentinel, self._on_exit, worker)
 
     def _retire(self, worker: _Worker) -> None:
-        """Ask an idle worker to finish; it exits after reading ``None``."""
+        """Take a worker out of service; it exits once it has run what it was sent."""
         worker.retiring = True
         with contextlib.suppress(ValueError):
-            self._idle.remove(worker)
+            self._ready.remove(worker)
         self._send(worker, pickle.dumps(None))
+        self._fill()
 
     def _kill(self, worker: _Worker) -> None:
-        """SIGTERM the worker's process group now, SIGKILL it after the grace period."""
+        """SIGTERM the worker's process group now, SIGKILL it after the grace period.
+
+        The running call must be settled by the caller; the calls queued behind it go back to
+        the front of the pending deque.
+        """
         if worker.killed:
             return
         worker.killed = worker.retiring = True
-        worker.call = None
         self._killed += 1
         if worker.deadline is not None:
             worker.deadline.cancel()
         with contextlib.suppress(ValueError):
-            self._idle.remove(worker)
+            self._ready.remove(worker)
         worker.signal(signal.SIGTERM)
         assert self._loop is not None
         self._loop.call_later(KILL_GRACE, worker.signal, signal.SIGKILL)
+        self._requeue(worker)
         self._fill()
+
+    def _requeue(self, worker: _Worker) -> None:
+        """Give back the calls queued on a worker behind its running one; they never started."""
+        calls, worker.calls = worker.calls, deque()
+        if calls:
+            calls.popleft()
+        for call in reversed(calls):
+            if not call.future.done():
+                call.worker = None
+                self._pending.appendleft(call)
+        self._dispatch()
 
     def _on_exit(self, worker: _Worker) -> None:
         loop = self._loop
         assert loop is not None
         loop.remove_reader(worker.process.sentinel)
-        self._read(worker)  # a result sent just before the exit still counts
+        self._read(worker)  # results sent just before the exit still count
         loop.remove_reader(worker.fd)
         if worker.outbuf:
             loop.remove_writer(worker.fd)
         worker.process.join()
-        code = worker.process.exitcode
+        code = worker.process.exitcode  # None if something else reaped it (e.g. psutil's wait())
         worker.sock.close()
-        worker.process.close()
+        with contextlib.suppress(ValueError):
+            worker.process.close()
         if worker.killed:
             worker.signal(signal.SIGKILL)  # the task's own children, if any survived SIGTERM
         self._workers.discard(worker)
         with contextlib.suppress(ValueError):
-            self._idle.remove(worker)
+            self._ready.remove(worker)
         if worker.deadline is not None:
             worker.deadline.cancel()
-        call, worker.call = worker.call, None
+        call = worker.call
         if call is not None and not call.future.done():
             self._crashed += 1
             call.future.set_result(
@@ -511,8 +564,8 @@ class ProcessPool(concurrent.futures.Executor):
         if not self._workers:
             assert self._all_exited is not None
             self._all_exited.set()
+        self._requeue(worker)
         self._fill()
-        self._dispatch()
 
     def _break(self, why: str) -> None:
         self._broken = BrokenPoolError(why)
@@ -545,8 +598,8 @@ class ProcessPool(concurrent.futures.Executor):
             buf += data
             if len(data) < _READ_SIZE:
                 break
-        messages = []
         pos, end = 0, len(buf)
+        messages = []
         while end - pos >= 4:
             (size,) = _HEADER.unpack_from(buf, pos)
             head = 4
@@ -562,19 +615,22 @@ class ProcessPool(concurrent.futures.Executor):
         del buf[:pos]
         for message in messages:
             self._on_message(worker, message)
+        if messages:
+            self._dispatch()
         return alive
 
     def _on_message(self, worker: _Worker, message: tuple[Any, ...]) -> None:
         kind = message[0]
-        call = worker.call
         if kind == DONE:
-            if call is None or call.call_id != message[1]:
-                return  # the call was cancelled or timed out meanwhile
-            _, _, ok, value, started, finished = message
-            worker.call = None
+            _, call_id, ok, value, started, finished = message
+            calls = worker.calls
+            if not calls or calls[0].call_id != call_id:
+                return  # the worker was killed meanwhile and its calls given back
+            call = calls.popleft()
             if worker.deadline is not None:
                 worker.deadline.cancel()
                 worker.deadline = None
+            self._average += 0.2 * ((finished - started) - self._average)
             if not call.future.done():
                 if ok:
                     outcome = Outcome(Status.COMPLETED, value=value, pid=worker.pid,
@@ -582,42 +638,43 @@ class ProcessPool(concurrent.futures.Executor):
                 else:
                     outcome = Outcome.from_error(value, pid=worker.pid, started_at=started, finished_at=finished)
                 call.future.set_result(outcome)
-            worker.calls_done += 1
-            if self._closed or (self._max_tasks is not None and worker.calls_done >= self._max_tasks):
+            if calls:
+                self._begin(worker, calls[0])
+            elif worker.retiring:
+                pass  # it exits now; the sentinel follows
+            elif self._max_tasks is not None and worker.calls_sent >= self._max_tasks:
                 self._retire(worker)
-                self._fill()
-            else:
-                self._idle.append(worker)
-            self._dispatch()
         elif kind == REPORT:
-            if call is not None and call.call_id == message[1] and call.on_report is not None:
+            running = worker.call
+            if running is not None and running.call_id == message[1] and running.on_report is not None:
                 _, _, timestamp, text, progress, data = message
-                call.on_report(worker.pid, timestamp, text, progress, data)
+                running.on_report(worker.pid, timestamp, text, progress, data)
         elif kind == READY:
             worker.ready = True
             self._start_failures = 0
             if self._closed:
                 self._retire(worker)
             else:
-                self._idle.append(worker)
-                self._dispatch()
+                self._ready.append(worker)
 
-    def _send(self, worker: _Worker, data: bytes) -> None:
+    def _send(self, worker: _Worker, data: bytes) -> bool:
+        """Send one frame without blocking; False if the worker can no longer be reached."""
         header = _HEADER.pack(len(data)) if len(data) < 0x7FFFFFFF else _BIG_HEADER.pack(-1, len(data))
         if worker.outbuf:
             worker.outbuf += header + data
-            return
+            return True
         try:
             sent = worker.sock.sendmsg([header, data])
         except (BlockingIOError, InterruptedError):
             sent = 0
         except OSError:
-            return  # the worker is gone; its sentinel will say so
+            return False  # the worker is gone; its sentinel will say so
         total = len(header) + len(data)
         if sent < total:
             worker.outbuf += (header + data)[sent:]
             assert self._loop is not None
             self._loop.add_writer(worker.fd, self._on_writable, worker)
+        return True
 
     def _on_writable(self, worker: _Worker) -> None:
         try:
@@ -633,21 +690,51 @@ class ProcessPool(concurrent.futures.Executor):
 
     # -- scheduling --------------------------------------------------------------------------
 
+    def _depth(self) -> int:
+        """How many calls one worker may hold: one for slow tasks, more while tasks are fast."""
+        return max(1, min(MAX_DEPTH, int(BATCH_SECONDS / max(self._average, 1e-6))))
+
     def _dispatch(self) -> None:
-        pending, idle = self._pending, self._idle
-        while pending and idle:
-            call = pending.popleft()
-            if call.future.done():
+        """Send pending calls to the least loaded ready workers, a frame per worker."""
+        self._dispatching = False
+        pending = self._pending
+        if not pending or not self._ready:
+            return
+        depth = self._depth()
+        for worker in sorted(self._ready, key=lambda w: len(w.calls)):  # a copy: the loop may remove some
+            room = depth - len(worker.calls)
+            if self._max_tasks is not None:
+                room = min(room, self._max_tasks - worker.calls_sent)
+            batch: list[tuple[int, bytes]] = []
+            while pending and len(batch) < room:
+                call = pending.popleft()
+                if call.future.done():
+                    continue  # cancelled while pending
+                call.worker = worker
+                worker.calls.append(call)
+                batch.append((call.call_id, call.payload))
+            if not batch:
                 continue
-            worker = idle.pop()
-            worker.call = call
-            call.worker = worker
-            if call.timeout is not None:
-                assert self._loop is not None
-                worker.deadline = self._loop.call_later(call.timeout, self._on_deadline, worker, call)
-            self._send(worker, pickle.dumps((call.call_id, call.payload), _PROTOCOL))
-            if call.on_start is not None:
-                call.on_start(worker.pid, time.time())
+            if not self._send(worker, pickle.dumps(batch, _PROTOCOL)):
+                # It died while idle: the calls never reached it, so they go back, not crashed.
+                for _ in batch:
+                    pending.appendleft(worker.calls.pop())
+                worker.retiring = True
+                self._ready.remove(worker)
+                continue
+            worker.calls_sent += len(batch)
+            if len(worker.calls) == len(batch):  # it was idle: the first call starts now
+                self._begin(worker, worker.calls[0])
+            if not pending:
+                return
+
+    def _begin(self, worker: _Worker, call: _Call) -> None:
+        """``call`` has reached the head of its worker: it runs now, and its timeout starts."""
+        if call.timeout is not None:
+            assert self._loop is not None
+            worker.deadline = self._loop.call_later(call.timeout, self._on_deadline, worker, call)
+        if call.on_start is not None:
+            call.on_start(worker.pid, time.time())
 
     def _on_deadline(self, worker: _Worker, call: _Call) -> None:
         worker.deadline = None
@@ -660,11 +747,53 @@ class ProcessPool(concurrent.futures.Executor):
         )
         self._kill(worker)
 
+    def _check_memory(self) -> None:
+        limit = self._max_memory
+        if self._closed or limit is None or self._loop is None:
+            return
+        for worker in list(self._workers):
+            call = worker.call
+            if call is None or worker.killed:
+                continue
+            try:
+                rss = psutil.Process(worker.pid).memory_info().rss
+            except psutil.Error:
+                continue  # it is exiting; the sentinel tells
+            if rss > limit and not call.future.done():
+                self._crashed += 1
+                call.future.set_result(Outcome(
+                    Status.CRASHED, error_type="MemoryError", pid=worker.pid,
+                    error=f"worker {worker.pid} used {rss / 2**20:.0f} MiB, over max_memory_per_child="
+                          f"{limit / 2**20:.0f} MiB; it was killed",
+                ))
+                self._kill(worker)
+        self._loop.call_later(MEMORY_CHECK_SECONDS, self._check_memory)
+
     def _on_cancel(self, call: _Call) -> None:
         worker = call.worker
         if worker is not None and worker.call is call:
             self._kill(worker)
-        # a pending call is skipped by _dispatch
+        # a call still pending is skipped by _dispatch; one queued on a worker is dropped when it ends
+
+
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+def parse_size(size: int | str | None) -> int | None:
+    """Bytes from an int or a string like ``"512MB"`` or ``"1.5GiB"``."""
+    if size is None or (isinstance(size, int) and not isinstance(size, bool) and size > 0):
+        return size
+    if isinstance(size, str):
+        text = size.strip().upper().replace(" ", "")
+        number = text.rstrip("BKMGI")
+        unit = text[len(number):]
+        try:
+            value = float(number) * _UNITS[unit]
+        except (ValueError, KeyError):
+            value = 0
+        if value >= 1:
+            return int(value)
+    raise ConfigurationError(f'a memory limit is a positive number of bytes or a string like "512MB", got {size!r}')
 
 
 def _describe_exit(code: int | None) -> str:

@@ -26,6 +26,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import os
+import signal
+import threading
 import time
 import uuid
 from collections import deque
@@ -192,13 +195,18 @@ class Scheduler:
     memory only), a :class:`Store`, or a path to a SQLite file. ``timeout``
     (seconds) and ``retries`` are defaults that each Task may override;
     ``retry_policy`` says which attempts are retried and after what delay.
-    ``backend`` replaces the local pool (then ``workers``, ``mp_context`` and
-    ``max_tasks_per_child`` must be left alone). ``window`` bounds how many tasks
-    of a batch are pulled ahead of execution. ``event_buffer`` is each events()
+    ``max_tasks_per_child`` and ``max_memory_per_child`` recycle or kill pool
+    workers (see :class:`ProcessPool`). ``backend`` replaces the local pool
+    (then leave those pool options alone). ``window`` bounds how many tasks of a
+    batch are pulled ahead of execution. ``event_buffer`` is each events()
     consumer's buffer. ``progress=True`` shows a live progress display of each
     batch while it runs, and its final report (see :class:`ProgressMonitor`).
 
     Use it as ``async with Scheduler(...) as scheduler``; ``aclose()`` works too.
+    Inside ``async with`` on the main thread, a SIGTERM (when nothing else
+    handles it; turn off with ``handle_sigterm=False``) cancels the block, stops
+    every worker, and then ends the process as SIGTERM asks. Ctrl-C is
+    handled by ``asyncio.run`` the same way.
     """
 
     def __init__(
@@ -212,8 +220,10 @@ class Scheduler:
         backend: Backend | None = None,
         mp_context: Any = None,
         max_tasks_per_child: int | None = None,
+        max_memory_per_child: int | str | None = None,
         window: int | None = None,
         event_buffer: int = DEFAULT_EVENT_BUFFER,
+        handle_sigterm: bool = True,
         progress: bool = False,
     ) -> None:
         if timeout is not None and not timeout > 0:
@@ -225,10 +235,11 @@ class Scheduler:
         if backend is None:
             from ._local import ProcessBackend  # the default; any Backend plugs in instead
 
-            backend = ProcessBackend(workers=workers, mp_context=mp_context, max_tasks_per_child=max_tasks_per_child)
-        elif workers != "cpu" or mp_context is not None or max_tasks_per_child is not None:
-            raise ConfigurationError("workers, mp_context and max_tasks_per_child configure the default local pool; "
-                                     "with backend= configure the backend itself")
+            backend = ProcessBackend(workers=workers, mp_context=mp_context, max_tasks_per_child=max_tasks_per_child,
+                                     max_memory_per_child=max_memory_per_child)
+        elif (workers, mp_context, max_tasks_per_child, max_memory_per_child) != ("cpu", None, None, None):
+            raise ConfigurationError("workers, mp_context, max_tasks_per_child and max_memory_per_child configure "
+                                     "the default local pool; with backend= configure the backend itself")
         self._backend = backend
         self._store = _open_store(store)
         self.timeout = timeout
@@ -241,6 +252,9 @@ class Scheduler:
         self._started = False
         self._closed = False
         self._start_lock: asyncio.Lock | None = None
+        self._handle_sigterm = handle_sigterm
+        self._sigterm_installed = False
+        self._sigterm_received = False
 
     @property
     def backend(self) -> Backend:
@@ -254,10 +268,38 @@ class Scheduler:
 
     async def __aenter__(self) -> Scheduler:
         await self._ensure_started()
+        if self._handle_sigterm:
+            self._install_sigterm(asyncio.current_task())
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
-        await self.aclose()
+        try:
+            await self.aclose()
+        finally:
+            if self._sigterm_installed:
+                self._sigterm_installed = False
+                asyncio.get_running_loop().remove_signal_handler(signal.SIGTERM)
+            if self._sigterm_received:  # cleaned up: now end as SIGTERM asks
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    def _install_sigterm(self, task: asyncio.Task[Any] | None) -> None:
+        """On SIGTERM, cancel the task inside ``async with``, so workers are stopped before the process ends.
+
+        Only in the main thread, and only where nobody else handles SIGTERM.
+        """
+        if (task is None or threading.current_thread() is not threading.main_thread()
+                or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL):
+            return
+        loop = asyncio.get_running_loop()
+
+        def on_sigterm() -> None:
+            self._sigterm_received = True
+            self._sigterm_installed = False
+            loop.remove_signal_handler(signal.SIGTERM)  # a second SIGTERM ends the process at once
+            task.cancel("SIGTERM")
+
+        loop.add_signal_handler(signal.SIGTERM, on_sigterm)
+        self._sigterm_installed = True
 
     async def _ensure_started(self) -> None:
         if self._closed:
@@ -358,7 +400,7 @@ class Scheduler:
         exhausted = False
         try:
             while True:
-                while not exhausted and len(run.records) < window:
+                while not exhausted and len(run.records) + len(run.ready) < window:
                     item = await anext(items, _END)
                     if item is _END:
                         exhausted = True

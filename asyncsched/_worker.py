@@ -3,15 +3,21 @@
 This module is all a worker process imports of asyncsched. It must import
 neither asyncio machinery nor aiosqlite, and nothing from the parent's side.
 
-Wire protocol (one socket pair per worker, each message one length-prefixed
-pickle frame, the framing of ``multiprocessing.connection.Connection``):
+Wire protocol: one socket pair per worker; every frame is a length-prefixed
+pickle, in the framing of ``multiprocessing.connection.Connection``::
 
-    parent -> worker   (call_id, payload)   payload = pickle of (fn, args)
-                       None                 finish and exit
+    parent -> worker   [(call_id, payload), ...]   calls to run in order; payload = pickle of (fn, args)
+                       None                        finish and exit
     worker -> parent   (READY, pid)
                        (REPORT, call_id, timestamp, message, progress, data)
                        (DONE, call_id, True, value, started_at, finished_at)
                        (DONE, call_id, False, error, started_at, finished_at)
+
+The parent may queue several calls on one worker when tasks are fast; the
+worker runs them one by one and, while more are queued, sends their DONE
+messages in small groups (several frames in one write). Anything sent before
+a REPORT is flushed first, so the parent always sees a worker's messages in
+the order they happened.
 
 ``error`` is an :data:`ErrorInfo` tuple: the exception's qualified type name, its
 one-line ``"Type: message"`` text, the formatted traceback, and the pickled
@@ -23,10 +29,12 @@ from __future__ import annotations
 import os
 import pickle
 import signal
+import struct
 import sys
 import threading
 import time
 import traceback
+from collections import deque
 from collections.abc import Callable
 from multiprocessing.connection import Connection
 from typing import Any
@@ -92,7 +100,56 @@ def _describe_pickle_failure(what: str, exc: BaseException) -> ErrorInfo:
     return error_info(wrapped)
 
 
-def _run_call(send: Callable[[Any], None], call_id: int, payload: bytes) -> None:
+class _Channel:
+    """The worker's end of the socket: frames messages, and groups DONE messages while more calls wait."""
+
+    GROUP = 64
+    GROUP_SECONDS = 0.002
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+        self.fd = conn.fileno()
+        self.lock = threading.Lock()
+        self.held: list[bytes] = []
+        self.held_since = 0.0
+
+    def _frame(self, message: tuple[Any, ...]) -> bytes:
+        data = pickle.dumps(message, _PROTOCOL)
+        size = len(data)
+        header = struct.pack("!i", size) if size < 0x7FFFFFFF else struct.pack("!iQ", -1, size)
+        return header + data
+
+    def _write(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self.fd, view):]
+
+    def send(self, message: tuple[Any, ...]) -> None:
+        """Send now, after whatever is held."""
+        frame = self._frame(message)
+        with self.lock:
+            self.held.append(frame)
+            self._flush()
+
+    def hold(self, message: tuple[Any, ...], more_waiting: bool) -> None:
+        """Send a DONE message, grouped with the next ones while more calls wait."""
+        frame = self._frame(message)
+        with self.lock:
+            if not self.held:
+                self.held_since = time.monotonic()
+            self.held.append(frame)
+            if (not more_waiting or len(self.held) >= self.GROUP
+                    or time.monotonic() - self.held_since >= self.GROUP_SECONDS):
+                self._flush()
+
+    def _flush(self) -> None:
+        if self.held:
+            data = b"".join(self.held)
+            self.held.clear()
+            self._write(data)
+
+
+def _run_call(channel: _Channel, call_id: int, payload: bytes, more_waiting: bool) -> None:
     global _current
     started = time.time()
     try:
@@ -100,9 +157,9 @@ def _run_call(send: Callable[[Any], None], call_id: int, payload: bytes) -> None
     except BaseException as exc:
         info = error_info(exc)
         info = (info[0], f"the task could not be unpickled in the worker: {info[1]}", info[2], info[3])
-        send((DONE, call_id, False, info, started, time.time()))
+        channel.hold((DONE, call_id, False, info, started, time.time()), more_waiting)
         return
-    _current = (send, call_id)
+    _current = (channel.send, call_id)
     try:
         value = fn(*args)
     except BaseException as exc:
@@ -112,14 +169,24 @@ def _run_call(send: Callable[[Any], None], call_id: int, payload: bytes) -> None
     finally:
         _current = None
     try:
-        send(message)
+        channel.hold(message, more_waiting)
     except Exception as exc:  # the value (or an exception's payload) does not pickle
         what = f"the result of type {type(message[3]).__name__}" if message[2] else "the exception"
-        send((DONE, call_id, False, _describe_pickle_failure(what, exc), started, message[5]))
+        channel.hold((DONE, call_id, False, _describe_pickle_failure(what, exc), started, message[5]), more_waiting)
 
 
 def _die_with_parent() -> None:
-    """Make sure this worker cannot outlive the process that started it."""
+    """Make sure this worker cannot outlive the process that started it.
+
+    Under forkserver the parent is the fork server, which exits when the
+    orchestrator does, once no process holds its "alive" pipe open. Workers
+    inherit that pipe: drop it, or server and workers would wait on each other.
+    """
+    forkserver = sys.modules.get("multiprocessing.forkserver")
+    alive_fd = getattr(getattr(forkserver, "_forkserver", None), "_forkserver_alive_fd", None)
+    if alive_fd is not None:
+        os.close(alive_fd)
+        forkserver._forkserver._forkserver_alive_fd = None  # type: ignore[union-attr]
     parent = os.getppid()
     if sys.platform.startswith("linux"):
         import ctypes
@@ -143,23 +210,21 @@ def worker_main(conn: Connection) -> None:
     os.setpgrp()  # a kill of this worker's group takes the task's own children too
     _die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the orchestrator's to handle
-    lock = threading.Lock()
-
-    def send(message: Any) -> None:
-        data = pickle.dumps(message, _PROTOCOL)
-        with lock:  # report() may be called from the task's own threads
-            conn.send_bytes(data)
-
-    send((READY, os.getpid()))
+    channel = _Channel(conn)
+    channel.send((READY, os.getpid()))
+    queue: deque[tuple[int, bytes]] = deque()
     while True:
+        if queue:
+            call_id, payload = queue.popleft()
+            _run_call(channel, call_id, payload, bool(queue))
+            continue
         try:
-            frame = conn.recv_bytes()
+            calls = pickle.loads(conn.recv_bytes())
         except (EOFError, OSError):
             return
-        message = pickle.loads(frame)
-        if message is None:
+        if calls is None:
             return
-        _run_call(send, *message)
+        queue.extend(calls)
 
 
 def run_capturing(fn: Callable[..., Any], args: tuple[Any, ...]) -> tuple[Any, ...]:

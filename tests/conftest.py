@@ -16,6 +16,8 @@ import uvloop
 
 from asyncsched import Scheduler
 
+from .util import wait_gone
+
 LOOPS: Mapping[str, Callable[[], asyncio.AbstractEventLoop]] = {
     "asyncio": asyncio.new_event_loop,
     "uvloop": uvloop.new_event_loop,
@@ -55,7 +57,7 @@ def no_leftover_processes() -> Iterator[None]:
     yield
     leftover = [p for p in _children() if p.pid not in before]
     # A killed worker's process group gets its SIGKILL after a short grace: wait for it, bounded.
-    _, alive = psutil.wait_procs(leftover, timeout=3)
+    alive = [p for p in leftover if not wait_gone(p.pid, timeout=3)]
     for process in alive:
         process.kill()
     assert not alive, f"the test left processes behind: {[(p.pid, p.name()) for p in alive]}"

@@ -72,3 +72,48 @@ def spawn_child_and_hang(pidfile: str) -> None:
         f.write(str(child.pid))
     os.rename(pidfile + ".tmp", pidfile)
     time.sleep(3600)
+
+
+def announce_then_hang(fifo: str) -> None:
+    """Tell the test (blocked reading the FIFO ``fifo``) that the task runs, then hang."""
+    with open(fifo, "w") as f:
+        f.write("started")
+    time.sleep(3600)
+
+
+def return_then_exit(value: Any) -> Any:
+    """Return normally, and have the worker die the moment its result is written."""
+    from asyncsched import _worker
+
+    hold = _worker._Channel.hold
+
+    def hold_then_exit(self: Any, message: Any, more_waiting: bool) -> None:
+        hold(self, message, False)
+        os._exit(0)
+
+    _worker._Channel.hold = hold_then_exit  # type: ignore[method-assign]
+    return value
+
+
+def fail_until(counter: str, succeed_on: int) -> str:
+    """Fail until called ``succeed_on`` times (counted in the file ``counter``)."""
+    count = 1
+    if os.path.exists(counter):
+        with open(counter) as f:
+            count += int(f.read())
+    with open(counter, "w") as f:
+        f.write(str(count))
+    if count < succeed_on:
+        raise RuntimeError(f"attempt {count} fails")
+    return f"ok after {count}"
+
+
+def raise_key_error() -> None:
+    raise KeyError("missing")
+
+
+def allocate_and_hold(size: int) -> None:
+    block = bytearray(size)
+    for i in range(0, size, 4096):
+        block[i] = 1
+    time.sleep(3600)

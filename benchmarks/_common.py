@@ -1,0 +1,30 @@
+"""Helpers shared by the benchmarks: tiny task functions and a fresh-process runner."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from typing import Any
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def double(x: int) -> int:
+    return x * 2
+
+
+def in_fresh_process(script: str, *args: str) -> dict[str, Any]:
+    """Run ``script --one ...`` in a new interpreter, so each measurement has its own RSS; return its JSON."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(HERE), HERE]))
+    out = subprocess.run([sys.executable, os.path.join(HERE, script), "--one", *args], check=True,
+                         capture_output=True, text=True, env=env)
+    result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
+    return result
+
+
+def peak_rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -1,0 +1,274 @@
+"""However a task or a worker goes wrong, the outcome is a recorded result; every other task goes on."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import os
+import signal
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import psutil
+import pytest
+
+from asyncsched import ExecutorBackend, RetryPolicy, Scheduler, Status, Task, TaskFinished, TaskRetried, TaskStarted
+from asyncsched._pool import ProcessPool
+
+from . import faults, tasks
+from .util import wait_gone
+
+ROOT = Path(__file__).parent.parent
+START_METHODS = ["fork", "forkserver", "spawn"]
+
+
+# -- 1. crashes -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("method", START_METHODS)
+async def test_crashes_cost_only_their_own_task(method: str) -> None:
+    async with Scheduler(workers=2, mp_context=method) as scheduler:
+        batch = [Task(faults.exit_hard, 3, key="exit"), Task(faults.segfault, key="segv"),
+                 Task(faults.sigkill_self, key="kill")] + [Task(tasks.square, i) for i in range(30)]
+        summary = await scheduler.run(batch)
+    exit_, segv, kill = summary.results[:3]
+    assert (exit_.status, segv.status, kill.status) == (Status.CRASHED,) * 3
+    assert "exited with code 3" in (exit_.error or "")
+    assert "SIGSEGV" in (segv.error or "")
+    assert "SIGKILL" in (kill.error or "")
+    assert [r.value for r in summary.results[3:]] == [i * i for i in range(30)]
+    assert summary.crashed == 3 and summary.completed == 30
+
+
+async def test_pool_stays_full_and_work_goes_on_after_crashes() -> None:
+    async with ProcessPool(2) as pool:
+        crashes = [pool.call(faults.exit_hard, (1,)) for _ in range(6)]
+        assert {o.status for o in await asyncio.gather(*crashes)} == {Status.CRASHED}
+        assert len(pool.pids) == 2
+        assert (await pool.call(tasks.square, (9,))).value == 81
+
+
+async def test_a_result_sent_just_before_the_exit_is_kept() -> None:
+    async with ProcessPool(1) as pool:
+        started: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        call = pool.call(faults.return_then_exit, (42,), on_start=lambda pid, _: started.set_result(pid))
+        pid = await started
+        assert wait_gone(pid)  # blocks the loop until the worker is dead: result and exit are both pending now
+        outcome = await call
+        follow = await pool.call(tasks.square, (3,))
+    assert outcome.status is Status.COMPLETED and outcome.value == 42
+    assert follow.value == 9
+
+
+# -- 2. retries -----------------------------------------------------------------------------
+
+async def test_retries_count_attempts_and_give_up(tmp_path: Path) -> None:
+    counter = os.fspath(tmp_path / "count")
+    policy = RetryPolicy(base_delay=0.01, max_delay=0.05)
+    async with Scheduler(workers=2, retries=2, retry_policy=policy) as scheduler:
+        events = scheduler.events()
+        summary = await scheduler.run([
+            Task(faults.fail_until, counter, 3, key="flaky"),        # fails twice, then succeeds
+            Task(faults.exit_hard, 1, key="always-crashes"),          # crashes every time
+            Task(faults.boom, key="no-retry", retries=0),
+            Task(faults.hang, key="slow", timeout=0.2, retries=1),
+        ])
+        await scheduler.aclose()
+        retried = [e async for e in events if isinstance(e, TaskRetried)]
+    flaky, crashes, no_retry, slow = summary.results
+    assert (flaky.status, flaky.attempts, flaky.value) == (Status.COMPLETED, 3, "ok after 3")
+    assert (crashes.status, crashes.attempts) == (Status.CRASHED, 3)
+    assert (no_retry.status, no_retry.attempts) == (Status.FAILED, 1)
+    assert (slow.status, slow.attempts) == (Status.TIMED_OUT, 2)
+    assert sorted(e.key for e in retried) == ["always-crashes", "always-crashes", "flaky", "flaky", "slow"]
+
+
+async def test_retry_policy_filters_statuses_and_exception_types() -> None:
+    policy = RetryPolicy(base_delay=0.0, on=frozenset({Status.FAILED}), exceptions=(KeyError,))
+    async with Scheduler(workers=1, retries=3, retry_policy=policy) as scheduler:
+        summary = await scheduler.run([Task(faults.boom), Task(faults.exit_hard, 2), Task(faults.raise_key_error)])
+    assert [r.attempts for r in summary.results] == [1, 1, 4]
+
+
+def test_backoff_grows_exponentially_with_jitter_and_a_cap() -> None:
+    policy = RetryPolicy(base_delay=1.0, max_delay=5.0, jitter=0.5)
+    for retry, top in [(1, 1.0), (2, 2.0), (3, 4.0), (4, 5.0), (10, 5.0)]:
+        delays = [policy.delay(retry) for _ in range(200)]
+        assert all(top * 0.5 <= d <= top for d in delays)
+        assert max(delays) - min(delays) > 0  # jittered
+    assert RetryPolicy(jitter=0).delay(3) == pytest.approx(0.4)
+
+
+# -- 3. cancellation ------------------------------------------------------------------------
+
+async def test_cancelling_run_kills_its_workers_and_the_scheduler_goes_on() -> None:
+    async with Scheduler(workers=2) as scheduler:
+        events = scheduler.events(batch_id="doomed")
+        run = asyncio.ensure_future(scheduler.run([Task(faults.hang, key=str(i)) for i in range(4)],
+                                                  batch_id="doomed"))
+        pids = set()
+        async for event in events:
+            if event.pid is not None:
+                pids.add(event.pid)
+            if len(pids) == 2:
+                break
+        run.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await run
+        assert all(wait_gone(pid, timeout=1.0) for pid in pids)
+        stored = await scheduler.results(batch_id="doomed")
+        assert sorted(r.key for r in stored) == ["0", "1", "2", "3"]
+        assert {r.status for r in stored} == {Status.CANCELLED}
+        again = await scheduler.run([Task(tasks.square, 4)])  # still usable
+        assert again.results[0].value == 16
+
+
+async def test_breaking_out_of_stream_cancels_the_rest() -> None:
+    async with Scheduler(workers=2) as scheduler:
+        batch = [Task(tasks.square, 1, key="quick")] + [Task(faults.hang, key=f"h{i}") for i in range(3)]
+        events = scheduler.events()
+        async with asyncio.timeout(30):
+            stream = scheduler.stream(batch, batch_id="brk")
+            async for result in stream:
+                assert result.key == "quick"
+                break
+            await stream.aclose()  # type: ignore[attr-defined]
+        pids, ended = set(), set()
+        async for event in events:  # all buffered by now: the cancelled tasks are recorded
+            if event.key.startswith("h") and isinstance(event, TaskStarted):
+                pids.add(event.pid)
+            if event.key.startswith("h") and isinstance(event, TaskFinished):
+                ended.add(event.key)
+                if len(ended) == 3:
+                    break
+        assert pids and all(pid is not None and wait_gone(pid, timeout=1.0) for pid in pids)
+        statuses = {r.key: r.status for r in await scheduler.results(batch_id="brk")}
+        assert statuses["quick"] is Status.COMPLETED
+        assert {statuses[k] for k in statuses if k != "quick"} == {Status.CANCELLED}
+
+
+async def test_cancelling_one_batch_leaves_another_alone() -> None:
+    async with Scheduler(workers=2) as scheduler:
+        events = scheduler.events(batch_id="doomed")
+        doomed = asyncio.ensure_future(scheduler.run([Task(faults.hang)], batch_id="doomed"))
+        steady = asyncio.ensure_future(scheduler.run([Task(tasks.sleep_then, 0.05, i) for i in range(10)],
+                                                     batch_id="steady"))
+        await anext(events)  # the doomed task runs
+        doomed.cancel()
+        summary = await steady
+        assert summary.completed == 10
+        with pytest.raises(asyncio.CancelledError):
+            await doomed
+
+
+# -- 4. signals and orphans -----------------------------------------------------------------
+
+def _start_orchestrator(method: str) -> tuple[subprocess.Popen[str], list[int]]:
+    process = subprocess.Popen([sys.executable, "-m", "tests.orchestrator", "--start-method", method], cwd=ROOT,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert process.stdout is not None
+    pids: list[int] = json.loads(process.stdout.readline())
+    assert len(pids) == 2
+    return process, pids
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_sigint_and_sigterm_end_the_orchestrator_and_its_workers(signum: int) -> None:
+    process, pids = _start_orchestrator("forkserver")
+    process.send_signal(signum)
+    _, stderr = process.communicate(timeout=10)
+    assert process.returncode == -signum, stderr  # ended by the signal, after cleaning up
+    assert "KeyboardInterrupt" in stderr or signum == signal.SIGTERM
+    assert all(wait_gone(pid, timeout=5) for pid in pids)
+
+
+@pytest.mark.parametrize("method", START_METHODS)
+def test_workers_die_with_a_sigkilled_orchestrator(method: str) -> None:
+    process, pids = _start_orchestrator(method)
+    process.kill()
+    process.communicate(timeout=10)
+    assert all(wait_gone(pid, timeout=5) for pid in pids)
+
+
+# -- 5. a task's own children ---------------------------------------------------------------
+
+async def test_a_timed_out_task_takes_its_children_with_it(tmp_path: Path) -> None:
+    pidfile = os.fspath(tmp_path / "child.pid")
+    async with Scheduler(workers=1) as scheduler:
+        summary = await scheduler.run([Task(faults.spawn_child_and_hang, pidfile, timeout=1.0)])
+    assert summary.results[0].status is Status.TIMED_OUT
+    child = int(await asyncio.to_thread(Path(pidfile).read_text))
+    assert wait_gone(child, timeout=3)
+
+
+# -- 6. bad input ---------------------------------------------------------------------------
+
+async def test_unpicklable_argument_result_and_exception_fail_alone(scheduler: Scheduler) -> None:
+    lock = __import__("threading").Lock()
+    summary = await scheduler.run([
+        Task(tasks.identity, lock, key="arg"),
+        Task(faults.return_unpicklable, key="result"),
+        Task(faults.raise_unpicklable, key="exc"),
+        Task(faults.raise_unrebuildable, key="rebuild"),
+        Task(tasks.square, 5, key="fine"),
+    ])
+    arg, result, exc, rebuild, fine = summary.results
+    assert arg.status is Status.FAILED and "argument 0 (lock) could not be pickled" in (arg.error or "")
+    assert result.status is Status.FAILED and "result of type lock could not be pickled" in (result.error or "")
+    assert exc.status is Status.FAILED and exc.error == "ValueError: carries a lock" and exc.exception is None
+    assert rebuild.status is Status.FAILED and rebuild.error == "tests.faults.UnrebuildableError: 1/2"
+    assert rebuild.error_type == "tests.faults.UnrebuildableError"
+    assert fine.value == 25
+
+
+async def test_unimportable_function_fails_in_the_worker_with_a_clear_error(scheduler: Scheduler) -> None:
+    module = types.ModuleType("made_up_in_the_parent")  # importable here only: workers cannot load it
+    exec("def here_only():\n    return 1\n", module.__dict__)
+    sys.modules[module.__name__] = module
+    try:
+        summary = await scheduler.run([Task(functools.partial(tasks.add, 1), 2),
+                                       Task(module.here_only, key="local")])
+    finally:
+        del sys.modules[module.__name__]
+    assert summary.results[0].value == 3
+    assert summary.results[1].status is Status.FAILED
+    assert "could not be unpickled in the worker" in (summary.results[1].error or "")
+
+
+# -- 7. limits per worker -------------------------------------------------------------------
+
+async def test_max_tasks_per_child_recycles_workers() -> None:
+    async with Scheduler(workers=1, max_tasks_per_child=3) as scheduler:
+        summary = await scheduler.run([Task(tasks.whoami) for _ in range(9)])
+    pids = [r.value for r in summary.results]
+    assert len(set(pids)) == 3 and all(pids.count(pid) == 3 for pid in set(pids))
+
+
+async def test_max_memory_per_child_kills_the_hungry_task() -> None:
+    async with Scheduler(workers=2, max_memory_per_child="200MB") as scheduler:
+        summary = await scheduler.run([Task(faults.allocate_and_hold, 400 * 2**20, key="hog"),
+                                       Task(tasks.square, 6, key="fine")])
+    hog, fine = summary.results
+    assert hog.status is Status.CRASHED
+    assert "max_memory_per_child" in (hog.error or "") and hog.pid is not None
+    assert wait_gone(hog.pid)
+    assert fine.value == 36
+
+
+async def test_executor_backend_reports_timeouts_honestly() -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    backend = ExecutorBackend(ThreadPoolExecutor(2))
+    async with Scheduler(backend=backend) as scheduler:
+        summary = await scheduler.run([Task(tasks.reporting, 3), Task(faults.boom),
+                                       Task(tasks.sleep_then, 0.5, None, timeout=0.05)])
+    done, failed, slow = summary.results
+    assert done.value == 3 and done.message == "step 2" and done.progress == 1.0
+    assert isinstance(failed.exception, ValueError)
+    assert slow.status is Status.TIMED_OUT and "cannot stop" in (slow.error or "")
+
+
+def test_psutil_is_the_memory_probe() -> None:
+    assert psutil.Process().memory_info().rss > 0

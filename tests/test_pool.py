@@ -1,0 +1,120 @@
+"""The process pool on its own: as an Executor, across start methods, and its kill-one-worker promise."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from asyncsched import ProcessPool, Status, TaskFailedError
+from asyncsched._errors import ClosedError, ConfigurationError
+
+from . import faults, tasks
+from .util import wait_gone
+
+START_METHODS = ["fork", "forkserver", "spawn"]
+
+
+@pytest.mark.parametrize("method", START_METHODS)
+async def test_every_start_method_runs_fails_and_kills(method: str) -> None:
+    async with ProcessPool(2, mp_context=method) as pool:
+        ok, bad, stuck = await asyncio.gather(
+            pool.call(tasks.square, (7,)), pool.call(faults.boom, ("x",)), pool.call(faults.hang, (), timeout=0.3)
+        )
+        assert (ok.status, ok.value) == (Status.COMPLETED, 49)
+        assert bad.status is Status.FAILED and isinstance(bad.exception, ValueError)
+        assert stuck.status is Status.TIMED_OUT
+        assert stuck.pid is not None and wait_gone(stuck.pid)
+        after = await pool.call(tasks.whoami)
+        assert after.value != stuck.pid
+
+
+async def test_run_in_executor_and_wait_for_kill_the_worker() -> None:
+    loop = asyncio.get_running_loop()
+    async with ProcessPool(2) as pool:
+        assert await loop.run_in_executor(pool, tasks.square, 5) == 25
+        victim = await loop.run_in_executor(pool, tasks.whoami)
+        pids_before = set(pool.pids)
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(loop.run_in_executor(pool, faults.hang), 0.3)
+        assert len(pool.pids) == 2
+        killed = pids_before - set(pool.pids)
+        assert len(killed) == 1 and all(wait_gone(pid) for pid in killed)
+        assert victim  # the other worker and the pool go on
+        assert await loop.run_in_executor(pool, tasks.square, 6) == 36
+
+
+async def test_cancelling_a_running_call_kills_only_its_worker() -> None:
+    async with ProcessPool(2) as pool:
+        started: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        stuck = pool.call(faults.hang, on_start=lambda pid, _: started.set_result(pid))
+        others = [pool.call(tasks.square, (i,)) for i in range(10)]
+        pid = await started
+        stuck.cancel()
+        assert [o.value for o in await asyncio.gather(*others)] == [i * i for i in range(10)]
+        assert wait_gone(pid)
+        assert pool.statistics().killed == 1
+
+
+async def test_queued_calls_behind_a_timed_out_one_are_not_lost() -> None:
+    async with ProcessPool(1) as pool:
+        fast = [pool.call(tasks.double, (i,)) for i in range(200)]  # teaches the pool that tasks are fast
+        await asyncio.gather(*fast)
+        mixed = [pool.call(faults.hang, (), timeout=0.3)] + [pool.call(tasks.double, (i,)) for i in range(50)]
+        outcomes = await asyncio.gather(*mixed)
+        assert outcomes[0].status is Status.TIMED_OUT
+        assert [o.value for o in outcomes[1:]] == [2 * i for i in range(50)]
+
+
+def test_plain_executor_from_sync_code(tmp_path: Path) -> None:
+    fifo = tmp_path / "started"
+    os.mkfifo(fifo)
+    with ProcessPool(2) as pool:
+        assert list(pool.map(tasks.square, range(6))) == [0, 1, 4, 9, 16, 25]
+        assert pool.submit(tasks.add, 1, b=2).result(timeout=10) == 3
+        with pytest.raises(ValueError, match="sync boom"):
+            pool.submit(faults.boom, "sync boom").result(timeout=10)
+        victim = pool.submit(tasks.whoami).result(timeout=10)
+        running = pool.submit(faults.announce_then_hang, os.fspath(fifo))
+        assert fifo.read_text() == "started"  # blocks until the task runs
+        assert running.cancel()  # works while it runs: its worker is killed
+        assert pool.submit(tasks.square, 3).result(timeout=10) == 9
+        assert pool.statistics().killed == 1
+    assert victim
+    with pytest.raises(ClosedError):
+        pool.submit(tasks.square, 1)
+
+
+def test_executor_error_for_non_exception_outcomes() -> None:
+    with ProcessPool(1) as pool:
+        future: concurrent.futures.Future[Any] = pool.submit(faults.exit_hard, 4)
+        with pytest.raises(Exception, match="exited with code 4") as info:
+            future.result(timeout=10)
+        assert not isinstance(info.value, TaskFailedError)
+
+
+def test_bad_pool_arguments() -> None:
+    with pytest.raises(ConfigurationError, match="start method"):
+        ProcessPool(1, mp_context="teleport")
+    with pytest.raises(ConfigurationError, match="max_tasks_per_child"):
+        ProcessPool(1, max_tasks_per_child=0)
+    with pytest.raises(ConfigurationError, match="workers"):
+        ProcessPool(0)
+
+
+def test_worker_side_imports_no_asyncio_or_aiosqlite() -> None:
+    code = (
+        "import sys, asyncsched, asyncsched._worker\n"
+        "from asyncsched import report, Task, Status\n"
+        "bad = [m for m in ('asyncio', 'aiosqlite') if m in sys.modules]\n"
+        "print(bad)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).parent.parent)
+    assert out.stdout.strip() == "[]"
