@@ -73,7 +73,7 @@ async def test_counts_every_status_retries_and_the_last_message(scheduler: Sched
         summary = await scheduler.run(batch)
     stats = monitor.statistics()
     assert stats.finished == Stats.of({Status.COMPLETED: 2, Status.FAILED: 1, Status.TIMED_OUT: 1})
-    assert (stats.total, stats.running, stats.retries, stats.dropped) == (4, 0, 1, 0)
+    assert (stats.total, stats.running, stats.retries) == (4, 0, 1)
     assert stats.last_message == "[reports] step 2"
     durations = [r.duration for r in summary.results if r.duration is not None]
     assert stats.average is not None and min(durations) <= stats.average <= max(durations) + 0.1
@@ -153,3 +153,15 @@ async def test_monitor_lifecycle(scheduler: Scheduler) -> None:
         with pytest.raises(RuntimeError, match="already started"):
             monitor.start()
     await monitor.aclose()  # a second close is a no-op
+
+
+async def test_a_listener_sees_each_event_as_it_is_published(scheduler: Scheduler) -> None:
+    seen: list[str] = []
+    listener = scheduler._hub.listen(lambda event: seen.append(type(event).__name__), batch_id="b")
+    await scheduler.run([Task(tasks.square, 2)], batch_id="other")
+    await scheduler.run([Task(tasks.square, 2)], batch_id="b")
+    assert seen == ["TaskStarted", "TaskFinished"]
+    listener.close()
+    listener.close()  # idempotent
+    await scheduler.run([Task(tasks.square, 2)], batch_id="c")
+    assert len(seen) == 2 and not scheduler._hub.active
