@@ -106,7 +106,7 @@ class Task:
         return f"Task({name}, *{self.args!r}, key={self.key!r})"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Attempt:
     """One attempt of one task, as handed to a backend."""
 
@@ -165,9 +165,9 @@ def task_error(status: Status, key: str | None, error: str | None) -> TaskError:
     return _RAISES.get(status, TaskError)(f"{name} {status.value}: {error}")
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class TaskResult:
-    """The final record of one task."""
+    """The final record of one task. Treat it as read-only: it is shared by every consumer."""
 
     batch_id: str
     key: str
@@ -207,9 +207,14 @@ class TaskResult:
         raise task_error(self.status, self.key, self.error) from self.exception
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Event:
-    """A status event. Subclasses tell what happened; all carry the same fields."""
+    """A status event. Subclasses tell what happened; all carry the same fields.
+
+    Treat it as read-only: the same object goes to every consumer. (Not frozen,
+    because a frozen dataclass is five times slower to build, and events are
+    built for every task.)
+    """
 
     batch_id: str
     key: str

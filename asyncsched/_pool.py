@@ -179,7 +179,7 @@ class _Call:
 
 
 class _Worker:
-    __slots__ = ("calls", "calls_sent", "deadline", "fd", "inbuf", "killed", "outbuf", "pid", "process",
+    __slots__ = ("calls", "calls_sent", "deadline", "deadline_at", "fd", "inbuf", "killed", "outbuf", "pid", "process",
                  "ready", "retiring", "sock")
 
     def __init__(self, process: Any, sock: socket.socket) -> None:
@@ -192,7 +192,8 @@ class _Worker:
         self.killed = False
         self.calls: deque[_Call] = deque()  # sent to this worker, in order; the first one runs
         self.calls_sent = 0
-        self.deadline: asyncio.TimerHandle | None = None
+        self.deadline_at: float | None = None  # loop time by which the running call must end
+        self.deadline: asyncio.TimerHandle | None = None  # a timer at or before deadline_at
         self.inbuf = bytearray()
         self.outbuf = bytearray()
 
@@ -627,9 +628,7 @@ class ProcessPool(concurrent.futures.Executor):
             if not calls or calls[0].call_id != call_id:
                 return  # the worker was killed meanwhile and its calls given back
             call = calls.popleft()
-            if worker.deadline is not None:
-                worker.deadline.cancel()
-                worker.deadline = None
+            worker.deadline_at = None  # the timer, if any, stays: it re-checks when it fires
             self._average += 0.2 * ((finished - started) - self._average)
             if not call.future.done():
                 if ok:
@@ -702,6 +701,8 @@ class ProcessPool(concurrent.futures.Executor):
             return
         depth = self._depth()
         for worker in sorted(self._ready, key=lambda w: len(w.calls)):  # a copy: the loop may remove some
+            if len(worker.calls) > depth // 2:
+                break  # refill a worker only once half of its calls are done: fewer, larger frames
             room = depth - len(worker.calls)
             if self._max_tasks is not None:
                 room = min(room, self._max_tasks - worker.calls_sent)
@@ -729,17 +730,35 @@ class ProcessPool(concurrent.futures.Executor):
                 return
 
     def _begin(self, worker: _Worker, call: _Call) -> None:
-        """``call`` has reached the head of its worker: it runs now, and its timeout starts."""
+        """``call`` has reached the head of its worker: it runs now, and its timeout starts.
+
+        One timer per worker serves a stream of fast calls: it is re-armed when
+        it fires rather than replaced for every call.
+        """
         if call.timeout is not None:
-            assert self._loop is not None
-            worker.deadline = self._loop.call_later(call.timeout, self._on_deadline, worker, call)
+            loop = self._loop
+            assert loop is not None
+            worker.deadline_at = deadline = loop.time() + call.timeout
+            timer = worker.deadline
+            if timer is not None and timer.when() > deadline:
+                timer.cancel()
+                timer = None
+            if timer is None:
+                worker.deadline = loop.call_at(deadline, self._on_deadline, worker)
         if call.on_start is not None:
             call.on_start(worker.pid, time.time())
 
-    def _on_deadline(self, worker: _Worker, call: _Call) -> None:
+    def _on_deadline(self, worker: _Worker) -> None:
         worker.deadline = None
-        self._read(worker)  # the result may already be here
-        if worker.call is not call or call.future.done():
+        loop = self._loop
+        if worker.deadline_at is None or worker.killed or loop is None:
+            return
+        if worker.deadline_at > loop.time():  # a later call is running: wait for its deadline
+            worker.deadline = loop.call_at(worker.deadline_at, self._on_deadline, worker)
+            return
+        self._read(worker)  # the result may already be here (then a new call may have begun)
+        call = worker.call
+        if call is None or call.future.done() or worker.deadline_at is None or worker.deadline_at > loop.time():
             return
         call.future.set_result(
             Outcome(Status.TIMED_OUT, error=f"timed out after {call.timeout:g}s; worker {worker.pid} was killed",

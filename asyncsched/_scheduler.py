@@ -57,7 +57,7 @@ __all__ = ["Scheduler"]
 
 Batch = Iterable[Task] | AsyncIterable[Task]
 
-WINDOW_PER_SLOT = 4
+WINDOW_PER_SLOT = 16
 """Tasks pulled ahead of execution, per slot of the backend's capacity."""
 MIN_WINDOW = 16
 
