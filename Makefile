@@ -1,11 +1,13 @@
 # Two commands set everything up on a fresh machine with Python 3.11+:
 #   make demo   creates .venv, installs the package and runs `asyncsched demo`
 #   make test   creates .venv, installs the test extras and runs ruff, mypy --strict and pytest
+#               (the Celery tests need redis-server: as root, make installs it with apt-get when missing;
+#               the tests start their own servers on 127.0.0.1)
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench bench-backends redis-server clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -26,11 +28,21 @@ lint: $(VENV)/.installed-test
 	$(BIN)/ruff check asyncsched tests benchmarks examples
 	$(BIN)/mypy
 
-test: lint
+# Idempotent and quiet: nothing happens when redis-server is installed; without root or apt the
+# Celery tests skip, saying why.
+redis-server:
+	@command -v redis-server >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 \
+		&& apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; } \
+		|| echo "redis-server is not installed and cannot be installed here: the Celery tests will skip"
+
+test: lint redis-server
 	$(BIN)/pytest
 
 bench: $(VENV)/.installed-test
 	$(BIN)/python benchmarks/throughput.py
+
+bench-backends: $(VENV)/.installed-test redis-server
+	$(BIN)/python -m benchmarks.backends
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

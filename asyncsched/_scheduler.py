@@ -32,7 +32,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Iterable, Iterator, Mapping, Sized
+from collections.abc import AsyncGenerator, AsyncIterable, Iterable, Iterator, Mapping, Sized
 from typing import Any
 
 from ._backend import Backend
@@ -359,7 +359,7 @@ class Scheduler:
         return Summary.of(batch_id, results, time.monotonic() - started)
 
     async def stream(self, batch: Batch, *, batch_id: str | None = None, name: str | None = None,
-                     resume: bool = False) -> AsyncIterator[TaskResult]:
+                     resume: bool = False) -> AsyncGenerator[TaskResult, None]:
         """Yield each :class:`TaskResult` as its task finishes.
 
         Leaving the loop early (``break``, an exception, cancellation) cancels

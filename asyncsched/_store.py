@@ -36,7 +36,9 @@ class Store(abc.ABC):
 
     * :meth:`begin_batch` records a batch and, with ``resume=True``, returns the
       results it already holds for it, by key, so those tasks are not run again.
-      Without ``resume`` a batch id that exists is an error.
+      Cancelled results are left out: a cancelled task never reached an outcome,
+      so a resumed batch runs it. Without ``resume`` a batch id that exists is
+      an error.
     * :meth:`add` takes one final result. It does no I/O: a store buffers and
       writes in the background, and says in its docs how soon a result is durable.
     * :meth:`end_batch` marks the batch finished once all of its results are written.
@@ -99,7 +101,7 @@ class MemoryStore(Store):
                     f"batch {batch_id!r} already exists; pass resume=True to continue it, or use another batch_id"
                 )
             self._batches[batch_id].finished_at = None
-            return {r.key: r for r in self._results if r.batch_id == batch_id}
+            return {r.key: r for r in self._results if r.batch_id == batch_id and r.status is not Status.CANCELLED}
         self._batches[batch_id] = _Batch(name)
         return {}
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import multiprocessing.forkserver
 import multiprocessing.resource_tracker
 import os
@@ -16,6 +17,7 @@ import uvloop
 
 from asyncsched import Scheduler
 
+from . import services
 from .util import wait_gone
 
 LOOPS: Mapping[str, Callable[[], asyncio.AbstractEventLoop]] = {
@@ -29,13 +31,18 @@ def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> M
 
 
 def _helper_pids() -> set[int]:
-    """Long-lived multiprocessing helpers (forkserver, resource tracker) are not leaks."""
+    """Long-lived multiprocessing helpers (forkserver, resource tracker) are not leaks, nor are the session's
+    services (tests.services) and their children."""
     pids = set()
     server_pid = getattr(multiprocessing.forkserver._forkserver, "_forkserver_pid", None)
     tracker_pid = getattr(multiprocessing.resource_tracker._resource_tracker, "_pid", None)
     for pid in (server_pid, tracker_pid):
         if pid:
             pids.add(pid)
+    for pid in services.PIDS:
+        pids.add(pid)
+        with contextlib.suppress(psutil.NoSuchProcess):
+            pids.update(child.pid for child in psutil.Process(pid).children(recursive=True))
     return pids
 
 
@@ -84,3 +91,29 @@ def gate(tmp_path: Path) -> Callable[[], str]:
     """A path a task can wait for (tests.tasks.wait_for_file); create it to let the task go on."""
     counter = iter(range(1_000_000))
     return lambda: os.fspath(tmp_path / f"gate-{next(counter)}")
+
+
+@pytest.fixture(scope="session")
+def dask_address() -> Iterator[str]:
+    """The address of a LocalCluster (two worker processes) shared by the whole session."""
+    with services.dask_cluster() as address:
+        yield address
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    """A private Redis server for the session; the tests that need it skip only where it cannot start at all."""
+    with contextlib.ExitStack() as stack:
+        try:
+            url = stack.enter_context(services.redis_server())
+        except services.ServiceError as exc:
+            pytest.skip(f"Redis cannot be started here: {exc}")
+        yield url
+
+
+@pytest.fixture(scope="session")
+def celery_worker(redis_url: str) -> Iterator[services.CeleryWorker]:
+    """One Celery worker (two children) for the session, with its broker and result backend URLs."""
+    broker, backend = f"{redis_url}/0", f"{redis_url}/1"
+    with services.celery_worker(broker, backend) as ready_line:
+        yield services.CeleryWorker(broker, backend, ready_line)

@@ -134,7 +134,7 @@ async def test_breaking_out_of_stream_cancels_the_rest() -> None:
             async for result in stream:
                 assert result.key == "quick"
                 break
-            await stream.aclose()  # type: ignore[attr-defined]
+            await stream.aclose()
         pids, ended = set(), set()
         async for event in events:  # all buffered by now: the cancelled tasks are recorded
             if event.key.startswith("h") and isinstance(event, TaskStarted):

@@ -1,0 +1,397 @@
+"""Run attempts on Celery workers, with Redis as the result backend.
+
+Celery runs only registered tasks, so asyncsched registers one generic task,
+``asyncsched.run``, that imports ``module:qualname`` and calls it with JSON
+arguments (:func:`asyncsched.backends._remote.run_by_name`). Data flow::
+
+    submit(attempt) --one publisher thread--> send_task("asyncsched.run", [target, args, kwargs],
+                                                        task_id=prefix+n, time_limit=timeout)
+                                                    |
+                                                    v  Celery worker (prefork child)
+                      STARTED, ASYNCSCHED_REPORT: update_state(...)   SUCCESS / FAILURE / REVOKED
+                                                    |
+                                                    v  Redis result backend: SET key + PUBLISH key
+    _listen(): one PSUBSCRIBE on prefix* (redis.asyncio, on the scheduler's loop)
+       + a fallback MGET of every pending key after a reconnect and every SWEEP_INTERVAL
+       v
+    _on_meta -> emit(TaskStarted / TaskReported) or the attempt's future gets its Outcome
+
+Publishing is blocking in kombu, so it runs in one dedicated thread; nothing
+else leaves the loop, and nothing polls one task at a time.
+
+Faults, mapped to Celery's own mechanisms:
+
+* timeout: Celery's hard time limit (``time_limit``): the worker kills the
+  child running the task. The backend also gives up ``TIME_LIMIT_GRACE``
+  seconds past the limit, for workers whose pool cannot enforce it.
+* cancellation: ``revoke(terminate=True, signal="SIGKILL")``.
+* a child that dies (``os._exit``, segfault): the task is sent again once
+  (``retry_on_worker_lost``, falling back on ``reject_on_worker_lost``); when it
+  dies again it is recorded ``crashed``.
+* a whole worker lost: the message was not acknowledged (``acks_late``), so
+  the broker delivers it again (with Redis, after its visibility timeout).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import concurrent.futures
+import functools
+import itertools
+import logging
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import redis.asyncio
+from celery import Celery
+from celery.backends.redis import RedisBackend
+
+from .._backend import Backend, Emit
+from .._errors import ConfigurationError, TaskDefinitionError
+from .._models import Attempt, Outcome, Status, TaskReported, TaskStarted
+from .._worker import error_info
+from ._remote import REPORT_STATE, run_by_name
+
+__all__ = ["DEFAULT_CAPACITY", "TASK_NAME", "CeleryBackend", "celery_worker_main", "make_app", "register_task"]
+
+TASK_NAME = "asyncsched.run"
+"""The name of the one generic task that every asyncsched Celery worker registers."""
+DEFAULT_CAPACITY = 16
+"""Attempts in flight when ``capacity`` is not given: set it to the workers' total concurrency."""
+REDELIVERIES = 1
+"""Times a task whose worker child died is sent again before it is recorded ``crashed``."""
+TIME_LIMIT_GRACE = 5.0
+"""Seconds past an attempt's time limit after which the backend records it timed out itself."""
+SWEEP_INTERVAL = 5.0
+"""Seconds between fallback reads of every pending result, in case a published message was missed."""
+RECONNECT_DELAY = 0.5
+
+_FINAL_STATES = frozenset({"SUCCESS", "FAILURE", "REVOKED"})
+_FAILURES = {"TimeLimitExceeded": Status.TIMED_OUT, "WorkerLostError": Status.CRASHED, "Terminated": Status.CANCELLED}
+
+logger = logging.getLogger(__name__)
+
+
+def register_task(app: Celery) -> Any:
+    """Register the generic task on ``app`` (idempotent) and return it."""
+    if TASK_NAME in app.tasks:
+        return app.tasks[TASK_NAME]
+    return app.task(run_by_name, name=TASK_NAME, bind=True, acks_late=True, reject_on_worker_lost=True,
+                    retry_on_worker_lost=True, max_retries=REDELIVERIES, default_retry_delay=0)
+
+
+def make_app(broker_url: str | None = None, backend_url: str | None = None) -> Celery:
+    """A Celery app configured for asyncsched: JSON only, late acks, one task per child at a time."""
+    app = Celery("asyncsched", broker=broker_url, backend=backend_url, set_as_current=False)
+    app.conf.update(
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],
+        result_accept_content=["json"],
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        result_expires=3600,
+        broker_connection_retry_on_startup=True,
+    )
+    register_task(app)
+    return app
+
+
+def celery_worker_main(argv: Sequence[str] | None = None) -> int:
+    """``asyncsched celery-worker --broker URL --backend URL [--concurrency N]``: a Celery worker for asyncsched.
+
+    The same as ``celery -A asyncsched.backends.celery_worker --broker URL
+    --result-backend URL worker --loglevel INFO [--concurrency N]``. Any other
+    option goes to ``celery worker`` as it is (``--queues``, ``--without-mingle``, ...).
+    """
+    parser = argparse.ArgumentParser(prog="asyncsched celery-worker",
+                                     description="Start a Celery worker that runs asyncsched tasks; other options "
+                                     "are passed to `celery worker`.")
+    parser.add_argument("--broker", required=True, help="broker URL, e.g. redis://127.0.0.1:6379/0")
+    parser.add_argument("--backend", required=True, help="Redis result backend URL, e.g. redis://127.0.0.1:6379/1")
+    parser.add_argument("--concurrency", type=int, help="child processes (default: one per core)")
+    parser.add_argument("--hostname", help="node name (default: celery@%%h)")
+    parser.add_argument("--loglevel", default="INFO")
+    options, rest = parser.parse_known_args(argv)
+    app = make_app(options.broker, options.backend)
+    worker_argv = ["worker", f"--loglevel={options.loglevel}", *rest]
+    if options.concurrency:
+        worker_argv.append(f"--concurrency={options.concurrency}")
+    if options.hostname:
+        worker_argv.append(f"--hostname={options.hostname}")
+    try:
+        app.worker_main(worker_argv)
+    except SystemExit as exit_:
+        return exit_.code if isinstance(exit_.code, int) else 1
+    return 0
+
+
+def target_of(fn: Callable[..., Any], args: tuple[Any, ...]) -> tuple[str, list[Any], dict[str, Any]]:
+    """``("module:qualname", args, kwargs)`` for a function a worker can import, unwrapping partials."""
+    kwargs: dict[str, Any] = {}
+    while isinstance(fn, functools.partial):
+        args = fn.args + args
+        kwargs = {**fn.keywords, **kwargs}
+        fn = fn.func
+    module, qualname = getattr(fn, "__module__", None), getattr(fn, "__qualname__", None)
+    if not module or not qualname or "<" in qualname or module == "__main__":
+        raise TaskDefinitionError(f"{fn!r} cannot be imported by name in a Celery worker: define it at module "
+                                  "level in a module the workers can import")
+    return f"{module}:{qualname}", list(args), kwargs
+
+
+@dataclass(slots=True)
+class _Pending:
+    """The parent's record of one attempt sent to Celery."""
+
+    attempt: Attempt
+    emit: Emit
+    future: asyncio.Future[Outcome]
+    started_at: float | None = None
+    pid: int | None = None
+    deadline: asyncio.TimerHandle | None = None
+
+
+class CeleryBackend(Backend):
+    """Runs each attempt as one Celery task: ``CeleryBackend(broker_url=..., backend_url=...)`` or ``(app=app)``.
+
+    The result backend must be Redis: results and progress stream back over its
+    pub/sub. Start workers with ``asyncsched celery-worker --broker URL --backend
+    URL``; workers of an existing ``app`` need the generic task registered on it
+    with ``CeleryBackend.register_task(app)`` where the app is defined.
+    Arguments and results travel as JSON, so tuples come back as lists, and a
+    failed task's exception keeps its type name, message and traceback but is
+    not rebuilt. ``capacity`` is how many attempts run at once, usually the
+    workers' total concurrency.
+    """
+
+    register_task = staticmethod(register_task)
+
+    def __init__(self, broker_url: str | None = None, backend_url: str | None = None, *, app: Celery | None = None,
+                 capacity: int = DEFAULT_CAPACITY) -> None:
+        if app is None and (broker_url is None or backend_url is None):
+            raise ConfigurationError("CeleryBackend needs broker_url= and backend_url=, or app=")
+        if app is not None and (broker_url is not None or backend_url is not None):
+            raise ConfigurationError("CeleryBackend takes either app= or the URLs, not both")
+        if capacity < 1:
+            raise ConfigurationError(f"capacity must be at least 1, got {capacity!r}")
+        self.app = app or make_app(broker_url, backend_url)
+        if not isinstance(self.app.backend, RedisBackend):
+            raise ConfigurationError("CeleryBackend streams results over Redis pub/sub: the app's result backend "
+                                     f"must be redis://, got {self.app.conf.result_backend!r}")
+        register_task(self.app)
+        self.capacity = capacity
+        self._owns_app = app is None
+        self._prefix = f"asyncsched-{uuid.uuid4().hex[:12]}-"
+        keyprefix = self.app.backend.task_keyprefix  # the result of task i is at keyprefix + i
+        self._keyprefix: str = keyprefix.decode() if isinstance(keyprefix, bytes) else keyprefix
+        self._ids = itertools.count()
+        self._pending: dict[str, _Pending] = {}
+        self._revoking: list[str] = []
+        self._publisher = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="asyncsched-celery-publish")
+        self._redis: redis.asyncio.Redis | None = None
+        self._pubsub: Any = None
+        self._listener: asyncio.Task[None] | None = None
+        self._closed = False
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._redis = redis.asyncio.Redis.from_url(self.app.conf.result_backend)
+        self._pubsub = await self._subscribe()
+        self._listener = asyncio.ensure_future(self._listen())
+        self._listener.add_done_callback(self._on_listener_done)
+
+    def _on_listener_done(self, listener: asyncio.Task[None]) -> None:
+        """A listener that died of a bug must not leave attempts waiting forever: they fail with its error."""
+        if listener.cancelled() or listener.exception() is None:
+            return
+        for pending in self._pending.values():
+            if not pending.future.done():
+                pending.future.set_exception(listener.exception())  # type: ignore[arg-type]
+
+    async def _subscribe(self) -> Any:
+        assert self._redis is not None
+        pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
+        try:
+            await pubsub.psubscribe(f"{self._keyprefix}{self._prefix}*")
+        except BaseException:
+            await pubsub.aclose()
+            raise
+        return pubsub
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        pending, self._pending = self._pending, {}
+        for task_id, left in pending.items():
+            if left.deadline is not None:
+                left.deadline.cancel()
+            left.future.cancel()
+            self._revoking.append(task_id)
+        self._flush_revokes()
+        if self._listener is not None:
+            self._listener.cancel()
+            await asyncio.gather(self._listener, return_exceptions=True)
+        if self._pubsub is not None:
+            await self._pubsub.aclose()
+        if self._redis is not None:
+            await self._redis.aclose()
+        if self._owns_app:
+            self._publisher.submit(self.app.close)
+        await asyncio.get_running_loop().run_in_executor(None, self._publisher.shutdown)
+
+    # -- submitting ------------------------------------------------------------------------
+
+    def submit(self, attempt: Attempt, emit: Emit) -> asyncio.Future[Outcome]:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Outcome] = loop.create_future()
+        try:
+            target, args, kwargs = target_of(attempt.fn, attempt.args)
+        except TaskDefinitionError as exc:
+            future.set_result(Outcome(Status.FAILED, error=f"TaskDefinitionError: {exc}",
+                                      error_type="asyncsched.TaskDefinitionError"))
+            return future
+        task_id = f"{self._prefix}{next(self._ids):x}"
+        self._pending[task_id] = _Pending(attempt, emit, future)
+        future.add_done_callback(functools.partial(self._on_done, task_id))
+        sent = loop.run_in_executor(self._publisher, functools.partial(
+            self.app.send_task, TASK_NAME, args=[target, args, kwargs], task_id=task_id,
+            time_limit=attempt.timeout, serializer="json"))
+        sent.add_done_callback(functools.partial(self._on_sent, task_id))
+        return future
+
+    def _on_sent(self, task_id: str, sent: asyncio.Future[Any]) -> None:
+        exc = None if sent.cancelled() else sent.exception()
+        if exc is not None:  # arguments that are not JSON, a broker that cannot be reached, ...
+            name, text, tb, _ = error_info(exc)
+            self._finish(task_id, Outcome(Status.FAILED, error=f"the task could not be sent to Celery: {text}",
+                                          traceback=tb, error_type=name))
+
+    def _on_done(self, task_id: str, future: asyncio.Future[Outcome]) -> None:
+        pending = self._pending.pop(task_id, None)
+        if pending is None:
+            return
+        if pending.deadline is not None:
+            pending.deadline.cancel()
+        if future.cancelled():
+            self._revoke(task_id)
+
+    def _finish(self, task_id: str, outcome: Outcome) -> None:
+        pending = self._pending.get(task_id)
+        if pending is not None and not pending.future.done():
+            pending.future.set_result(outcome)
+
+    def _revoke(self, task_id: str) -> None:
+        """Revoke ``task_id`` and kill the child running it, batching the revokes of one loop iteration."""
+        if not self._revoking:
+            asyncio.get_running_loop().call_soon(self._flush_revokes)
+        self._revoking.append(task_id)
+
+    def _flush_revokes(self) -> None:
+        ids, self._revoking = self._revoking, []
+        if ids:
+            self._publisher.submit(self.app.control.revoke, ids, terminate=True, signal="SIGKILL")
+
+    def _expire(self, task_id: str) -> None:
+        pending = self._pending.get(task_id)
+        if pending is None:
+            return
+        self._finish(task_id, Outcome(
+            Status.TIMED_OUT, error=f"timed out after {pending.attempt.timeout:g}s; the worker did not enforce "
+            "the time limit, so the task was revoked", error_type="TimeoutError", pid=pending.pid))
+        self._revoke(task_id)
+
+    # -- results and progress --------------------------------------------------------------
+
+    async def _listen(self) -> None:
+        """Dispatch every published state; read what may have been missed after a reconnect and now and then."""
+        swept = time.monotonic()
+        while True:
+            try:
+                if self._pubsub is None:
+                    self._pubsub = await self._subscribe()
+                    await self._sweep()
+                message = await self._pubsub.get_message(timeout=SWEEP_INTERVAL)
+                if message is not None and message["type"] == "pmessage":
+                    self._dispatch(message["channel"], message["data"])
+                if self._pending and time.monotonic() - swept >= SWEEP_INTERVAL:
+                    swept = time.monotonic()
+                    await self._sweep()
+            except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+                logger.warning("asyncsched: lost the Celery result backend (%s); reconnecting", exc)
+                pubsub, self._pubsub = self._pubsub, None
+                if pubsub is not None:
+                    await pubsub.aclose()
+                await asyncio.sleep(RECONNECT_DELAY)
+
+    async def _sweep(self) -> None:
+        """One MGET of every pending result: the fallback for a missed message."""
+        assert self._redis is not None
+        ids = list(self._pending)
+        if not ids:
+            return
+        for task_id, payload in zip(ids, await self._redis.mget([self._keyprefix + i for i in ids]), strict=True):
+            if payload is not None:
+                self._dispatch(self._keyprefix + task_id, payload, swept=True)
+
+    def _dispatch(self, channel: bytes | str, payload: bytes | str, *, swept: bool = False) -> None:
+        key = channel.decode() if isinstance(channel, bytes) else channel
+        task_id = key[len(self._keyprefix):]
+        pending = self._pending.get(task_id)
+        if pending is None:
+            return  # finished, cancelled, or another client's
+        try:
+            meta = self.app.backend.decode(payload)
+        except Exception:
+            logger.warning("asyncsched: unreadable Celery result for %s", task_id, exc_info=True)
+            return
+        state, result = meta.get("status"), meta.get("result")
+        attempt = pending.attempt
+        if state == "STARTED" and isinstance(result, dict) and result.get("started_at") != pending.started_at:
+            pending.started_at, pending.pid = result.get("started_at"), result.get("pid")
+            if attempt.timeout is not None:
+                if pending.deadline is not None:
+                    pending.deadline.cancel()  # sent again after its worker was lost
+                pending.deadline = asyncio.get_running_loop().call_later(
+                    attempt.timeout + TIME_LIMIT_GRACE, self._expire, task_id)
+            pending.emit(TaskStarted(attempt.batch_id, attempt.key, Status.RUNNING, pending.started_at or time.time(),
+                                     pending.pid, attempt=attempt.number))
+        elif state == REPORT_STATE and not swept and isinstance(result, dict):
+            pending.emit(TaskReported(attempt.batch_id, attempt.key, Status.RUNNING, result["timestamp"],
+                                      result.get("pid"), result.get("message"), result.get("progress"),
+                                      attempt.number, result.get("data") or None))
+        elif state in _FINAL_STATES:
+            self._finish(task_id, self._outcome(pending, state, result, meta.get("traceback")))
+
+    @staticmethod
+    def _outcome(pending: _Pending, state: str, result: Any, traceback: str | None) -> Outcome:
+        if state == "SUCCESS" and isinstance(result, dict) and "ok" in result:
+            pid, started_at, finished_at = result.get("pid"), result.get("started_at"), result.get("finished_at")
+            if result["ok"]:
+                return Outcome(Status.COMPLETED, value=result.get("value"), pid=pid, started_at=started_at,
+                               finished_at=finished_at)
+            name, text, tb = result["value"]
+            return Outcome.from_error((name, text, tb, None), pid=pid, started_at=started_at,
+                                      finished_at=finished_at)
+        if state == "REVOKED":
+            return Outcome(Status.CANCELLED, error="the task was revoked",
+                           error_type="celery.exceptions.TaskRevokedError", pid=pending.pid)
+        exc_type = result.get("exc_type", "Exception") if isinstance(result, dict) else "Exception"
+        exc_message = result.get("exc_message") if isinstance(result, dict) else result
+        if isinstance(exc_message, list | tuple):
+            exc_message = ", ".join(map(str, exc_message))
+        status = _FAILURES.get(exc_type, Status.FAILED)
+        if status is Status.TIMED_OUT:
+            error = f"timed out after {pending.attempt.timeout:g}s; Celery killed the child running it"
+        elif status is Status.CRASHED:
+            error = f"the Celery worker child running it died ({REDELIVERIES + 1} times): {exc_message}"
+        else:
+            error = f"{exc_type}: {exc_message}"
+        return Outcome(status, error=error, traceback=traceback, error_type=exc_type, pid=pending.pid)

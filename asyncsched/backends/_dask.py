@@ -1,0 +1,214 @@
+"""Run attempts on a Dask distributed cluster.
+
+Data flow (everything here runs on the scheduler's event loop; Dask's async
+Client lives on the same loop, so there are no thread hops)::
+
+    submit(attempt) --cloudpickle (fn, args)--> client.submit(run_on_dask, payload, topic, tag, pure=False)
+                                                    |
+                                                    v  Dask worker: _remote.run_on_dask
+    _on_event <-- subscribe_topic(topic) <-- log_event(topic, STARTED / REPORTED)
+       | TaskStarted: the timeout starts now        |
+       | TaskReported                               v
+       v                                        result: pickle of (ok, value, started, finished, pid)
+    emit(...)                   _run() <--------- await future
+                                   |
+                                   v
+                                Outcome
+
+What Dask cannot do is reported honestly: cancelling a Dask future does not
+stop a task that is already running. A timed-out attempt is recorded
+``timed_out`` at once; with ``kill_on_timeout=True`` the worker running it is
+restarted (through its nanny), which stops the task but also every other task
+on that worker. A worker that dies (``os._exit``, segfault, lost host) is
+Dask's to handle: it reschedules the task elsewhere up to
+``distributed.scheduler.allowed-failures`` times, then reports ``KilledWorker``,
+which is recorded ``crashed``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import pickle
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import cloudpickle
+from distributed import Client, Future, KilledWorker
+
+from .._backend import Backend, Emit
+from .._errors import ConfigurationError
+from .._models import Attempt, Outcome, Status, TaskReported, TaskStarted
+from .._worker import error_info
+from ._remote import REPORTED, STARTED, run_on_dask
+
+__all__ = ["DEFAULT_CAPACITY", "DaskBackend"]
+
+DEFAULT_CAPACITY = 16
+"""Attempts in flight when ``capacity`` is not given: set it to the cluster's number of threads."""
+
+CANCEL_WAIT = 2.0
+"""Seconds to wait for the scheduler to forget a timed-out attempt before its worker is restarted."""
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class _Running:
+    """The parent's record of one attempt on the cluster."""
+
+    attempt: Attempt
+    emit: Emit
+    deadline: asyncio.Timeout | None = None
+    worker: str | None = None
+    pid: int | None = None
+
+
+class DaskBackend(Backend):
+    """Runs each attempt as one Dask task: ``DaskBackend(address="tcp://host:8786")`` or ``DaskBackend(client=c)``.
+
+    A ``client`` must be asynchronous (``await Client(..., asynchronous=True)``)
+    on the scheduler's loop; it stays open after :meth:`aclose`. With an
+    ``address`` the backend opens and closes its own client. ``capacity`` is
+    how many attempts run at once, usually the cluster's total threads.
+
+    ``kill_on_timeout=True`` restarts the worker running a timed-out attempt.
+    That is costly: it restarts the whole worker process, with every other
+    task it was running (Dask reschedules those), and needs workers started
+    under a nanny (the default of ``dask worker``). Without it a timed-out task
+    runs on in the background, its result discarded.
+    """
+
+    def __init__(self, address: str | None = None, *, client: Client | None = None,
+                 kill_on_timeout: bool = False, capacity: int = DEFAULT_CAPACITY) -> None:
+        if (address is None) == (client is None):
+            raise ConfigurationError("DaskBackend needs either address= or client=, not both")
+        if client is not None and not client.asynchronous:
+            raise ConfigurationError("DaskBackend needs an asynchronous client: Client(..., asynchronous=True)")
+        if capacity < 1:
+            raise ConfigurationError(f"capacity must be at least 1, got {capacity!r}")
+        self.address = address
+        self.client = client
+        self.kill_on_timeout = kill_on_timeout
+        self.capacity = capacity
+        self._owns_client = client is None
+        self._topic = f"asyncsched-{uuid.uuid4().hex}"
+        self._tags = (f"{n:x}" for n in itertools.count())
+        self._running: dict[str, _Running] = {}
+        self._attempts: set[asyncio.Future[Outcome]] = set()
+        self._restarts: set[asyncio.Future[None]] = set()
+        self._closed = False
+
+    async def start(self) -> None:
+        if self.client is None:
+            self.client = await Client(self.address, asynchronous=True)
+        self.client.subscribe_topic(self._topic, self._on_event)
+
+    def submit(self, attempt: Attempt, emit: Emit) -> asyncio.Future[Outcome]:
+        run = asyncio.ensure_future(self._run(attempt, emit))
+        self._attempts.add(run)
+        run.add_done_callback(self._attempts.discard)
+        return run
+
+    def _on_event(self, event: tuple[float, Any]) -> None:
+        kind, tag, *rest = event[1]
+        running = self._running.get(tag)
+        if running is None:
+            return  # an attempt that already ended: timed out, cancelled
+        attempt = running.attempt
+        if kind == STARTED:
+            timestamp, running.pid, running.worker = rest
+            if attempt.timeout is not None and running.deadline is not None:
+                running.deadline.reschedule(asyncio.get_running_loop().time() + attempt.timeout)
+            running.emit(TaskStarted(attempt.batch_id, attempt.key, Status.RUNNING, timestamp, running.pid,
+                                     attempt=attempt.number))
+        elif kind == REPORTED:
+            timestamp, message, progress, data = pickle.loads(rest[0])
+            running.emit(TaskReported(attempt.batch_id, attempt.key, Status.RUNNING, timestamp, running.pid,
+                                      message, progress, attempt.number, data or None))
+
+    async def _run(self, attempt: Attempt, emit: Emit) -> Outcome:
+        client = self.client
+        assert client is not None, "start() was not called"
+        try:
+            payload = cloudpickle.dumps((attempt.fn, attempt.args))
+        except Exception as exc:
+            name, text, tb, _ = error_info(exc)
+            return Outcome(Status.FAILED, error=f"the task could not be pickled: {text}", traceback=tb,
+                           error_type=name)
+        tag = next(self._tags)
+        running = self._running[tag] = _Running(attempt, emit)
+        future = client.submit(run_on_dask, payload, self._topic, tag, pure=False)
+        try:
+            async with asyncio.timeout(None) as running.deadline:  # set when the attempt starts
+                blob = await future
+        except TimeoutError:
+            return self._timed_out(running, future)
+        except KilledWorker as exc:
+            return Outcome(Status.CRASHED, error=f"the Dask worker running it died: {exc}", pid=running.pid,
+                           error_type="distributed.KilledWorker")
+        except Exception as exc:  # the cluster lost the task: scheduler restarted, client disconnected, ...
+            name, text, tb, _ = error_info(exc)
+            return Outcome(Status.CRASHED, error=f"Dask lost the task: {text}", traceback=tb, pid=running.pid,
+                           error_type=name)
+        finally:
+            del self._running[tag]
+            if not future.done():
+                await client.cancel([future])
+        ok, value, started, finished, pid = pickle.loads(blob)
+        if ok:
+            return Outcome(Status.COMPLETED, value=value, pid=pid, started_at=started, finished_at=finished)
+        return Outcome.from_error(value, pid=pid, started_at=started, finished_at=finished)
+
+    def _timed_out(self, running: _Running, future: Future[bytes]) -> Outcome:
+        timeout = running.attempt.timeout
+        if self.kill_on_timeout and running.worker is not None:
+            restart = asyncio.ensure_future(self._restart(future, running.worker))
+            self._restarts.add(restart)
+            restart.add_done_callback(self._restarts.discard)
+            how = f"its Dask worker {running.worker} is being restarted"
+        else:
+            how = "Dask cannot stop a running task: it runs on in the background (kill_on_timeout=True restarts " \
+                  "its worker)"
+        return Outcome(Status.TIMED_OUT, error=f"timed out after {timeout:g}s; {how}", pid=running.pid,
+                       error_type="TimeoutError", finished_at=time.time())
+
+    async def _restart(self, future: Future[bytes], worker: str) -> None:
+        """Cancel the attempt's key, then end its worker process at once; the worker's nanny starts a new one.
+
+        The cancel travels on the client's batched stream: wait until the
+        scheduler has applied it, or Dask could hand the task to another worker
+        when this one dies. (``Client.restart_workers`` is not used: it first
+        waits seconds for the stuck task to let the worker close.)
+        """
+        client = self.client
+        assert client is not None
+        try:
+            await client.cancel([future])
+            async with asyncio.timeout(CANCEL_WAIT):
+                while future.key in (await client.processing([worker])).get(worker, ()):
+                    pass
+        except TimeoutError:
+            pass
+        try:
+            await client.run(os._exit, 1, workers=[worker], on_error="ignore")
+        except Exception:  # the worker may be gone already; the timed-out outcome stands
+            logger.warning("asyncsched: could not restart Dask worker %s", worker, exc_info=True)
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for run in self._attempts:
+            run.cancel()  # each cancels its Dask future
+        await asyncio.gather(*self._attempts, *self._restarts, return_exceptions=True)
+        client = self.client
+        if client is None:
+            return
+        client.unsubscribe_topic(self._topic)
+        if self._owns_client:
+            await client.close()

@@ -1,0 +1,130 @@
+"""The worker side of the scale-out backends: what runs inside a Dask or Celery worker.
+
+Like ``asyncsched._worker``, this module imports no asyncio machinery and
+nothing of the parent's side, so a worker that imports it pays for nothing but
+the task. Both engines call one function per attempt:
+
+* :func:`run_on_dask` takes the attempt as one opaque pickle (so Dask never
+  reads the arguments as a graph) and returns one (so a result that does not
+  pickle is a failed attempt, not a stuck one). ``report()`` calls and the
+  start travel as Dask events on the backend's topic.
+* :func:`run_by_name` is the body of the one registered Celery task: it imports
+  ``module:qualname`` and calls it with JSON arguments. The start and each
+  ``report()`` are Celery task states (``update_state``), which the Redis
+  result backend publishes.
+
+Event messages on the Dask topic (msgpack-able tuples)::
+
+    (STARTED, tag, timestamp, pid, worker_address)
+    (REPORTED, tag, pickle of (timestamp, message, progress, data))
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import pickle
+import time
+from collections.abc import Callable
+from typing import Any
+
+from .._worker import _capture, error_info
+
+__all__ = ["REPORT_STATE", "STARTED", "REPORTED", "resolve", "run_by_name", "run_on_dask", "run_reporting"]
+
+STARTED = "started"
+REPORTED = "reported"
+REPORT_STATE = "ASYNCSCHED_REPORT"
+"""The Celery task state that carries one ``report()`` call."""
+
+Report = tuple[float, "str | None", "float | None", "dict[str, Any]"]
+
+
+class _Forward:
+    """Stands where ``run_capturing`` keeps its list: each ``report()`` goes out at once."""
+
+    def __init__(self, send: Callable[[Report], None]) -> None:
+        self.append = send
+
+
+Outcome = tuple[bool, Any, float, float, int]
+"""``(ok, value or ErrorInfo, started_at, finished_at, pid)``"""
+
+
+def run_reporting(fn: Callable[..., Any], args: Any, send: Callable[[Report], None],
+                  kwargs: dict[str, Any] | None = None) -> Outcome:
+    """Call ``fn(*args, **kwargs)`` with ``report()`` wired to ``send``."""
+    _capture.reports = _Forward(send)
+    started = time.time()
+    try:
+        value = fn(*args, **(kwargs or {}))
+    except BaseException as exc:
+        return False, error_info(exc), started, time.time(), os.getpid()
+    finally:
+        _capture.reports = None
+    return True, value, started, time.time(), os.getpid()
+
+
+def _failure(what: str, exc: BaseException) -> Outcome:
+    name, text, tb, blob = error_info(exc)
+    now = time.time()
+    return False, (name, f"{what}: {text}", tb, blob), now, now, os.getpid()
+
+
+def run_on_dask(payload: bytes, topic: str, tag: str) -> bytes:
+    """Run one attempt in a Dask worker; ``payload`` is a pickle of ``(fn, args)``."""
+    import cloudpickle  # comes with distributed, not with Celery
+    from distributed import get_worker
+
+    worker = get_worker()
+    worker.log_event(topic, (STARTED, tag, time.time(), os.getpid(), worker.address))
+
+    def send(report: Report) -> None:
+        worker.log_event(topic, (REPORTED, tag, pickle.dumps(report)))
+
+    try:
+        fn, args = pickle.loads(payload)
+    except BaseException as exc:
+        outcome = _failure("the task could not be unpickled in the worker", exc)
+    else:
+        outcome = run_reporting(fn, args, send)
+    try:
+        blob: bytes = cloudpickle.dumps(outcome)
+    except Exception as exc:  # the value, or the exception's payload, does not pickle
+        what = f"the result of type {type(outcome[1]).__name__}" if outcome[0] else "the exception"
+        blob = cloudpickle.dumps(_failure(f"{what} could not be pickled", exc)[:2] + outcome[2:])
+    return blob
+
+
+def resolve(target: str) -> Callable[..., Any]:
+    """The function named ``module:qualname``."""
+    module, _, qualname = target.partition(":")
+    found: Any = importlib.import_module(module)
+    for part in qualname.split("."):
+        found = getattr(found, part)
+    if not callable(found):
+        raise TypeError(f"{target} is not callable")
+    return found  # type: ignore[no-any-return]
+
+
+def run_by_name(task: Any, target: str, args: list[Any], kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The body of the registered Celery task (bound: ``task`` is the Celery task)."""
+    pid = os.getpid()
+    task.update_state(state="STARTED", meta={"pid": pid, "hostname": task.request.hostname,
+                                             "started_at": time.time()})
+
+    def send(report: Report) -> None:
+        timestamp, message, progress, data = report
+        task.update_state(state=REPORT_STATE, meta={"timestamp": timestamp, "message": message,
+                                                     "progress": progress, "data": data, "pid": pid})
+
+    try:
+        fn = resolve(target)
+    except BaseException as exc:
+        outcome = _failure(f"{target} could not be imported in the worker", exc)
+    else:
+        outcome = run_reporting(fn, args, send, kwargs)
+    ok, value, started, finished, pid = outcome
+    if not ok:
+        value = list(value[:3])  # JSON carries the type name, text and traceback, not the pickled exception
+    return {"ok": ok, "value": value, "started_at": started, "finished_at": finished, "pid": pid}

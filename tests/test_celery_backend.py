@@ -1,0 +1,112 @@
+"""What is particular to Celery: JSON calls by name, the worker command, redelivery, revoke, missed messages."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import redis.asyncio
+
+from asyncsched import ConfigurationError, Scheduler, Status, Task, TaskDefinitionError, TaskStarted
+from asyncsched.backends import CeleryBackend
+from asyncsched.backends._celery import target_of
+
+from . import faults, tasks
+from .services import CeleryWorker
+from .util import wait_gone
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def in_main() -> None:
+    """Stands for a function defined in a script: workers cannot import it."""
+
+
+in_main.__module__ = "__main__"
+
+
+def scheduler_on(worker: CeleryWorker, **options: object) -> Scheduler:
+    return Scheduler(backend=CeleryBackend(worker.broker, worker.backend, capacity=2), **options)  # type: ignore[arg-type]
+
+
+async def next_start(events: object) -> TaskStarted:
+    async for event in events:  # type: ignore[attr-defined]
+        if isinstance(event, TaskStarted):
+            return event
+    raise AssertionError("the events stream ended before a task started")
+
+
+def test_the_worker_logs_celerys_ready_line(celery_worker: CeleryWorker) -> None:
+    assert re.search(r"INFO/MainProcess\] celery@\S+ ready\.$", celery_worker.ready_line), celery_worker.ready_line
+
+
+def test_functions_travel_by_name() -> None:
+    assert target_of(tasks.add, (1,)) == ("tests.tasks:add", [1], {})
+    assert target_of(functools.partial(tasks.add, 1, b=2), ()) == ("tests.tasks:add", [1], {"b": 2})
+    assert target_of(len, ("ab",)) == ("builtins:len", ["ab"], {})
+    with pytest.raises(TaskDefinitionError, match="cannot be imported by name"):
+        target_of(in_main, ())
+
+
+def test_needs_urls_or_an_app_and_a_redis_result_backend() -> None:
+    with pytest.raises(ConfigurationError, match="broker_url= and backend_url="):
+        CeleryBackend("redis://127.0.0.1:1/0")
+    with pytest.raises(ConfigurationError, match="must be redis://"):
+        CeleryBackend("redis://127.0.0.1:1/0", "rpc://")
+
+
+async def test_keyword_arguments_and_json_values(celery_worker: CeleryWorker) -> None:
+    async with scheduler_on(celery_worker) as scheduler:
+        summary = await scheduler.run([Task(functools.partial(tasks.add, b=10), 5), Task(tasks.identity, (1, "a")),
+                                       Task(tasks.identity, {1, 2}), Task(in_main)])
+    added, pair, not_json, unnamed = summary.results
+    assert added.value == 15
+    assert pair.value == [1, "a"]  # JSON has no tuples
+    assert not_json.status is Status.FAILED and "could not be sent to Celery" in (not_json.error or "")
+    assert unnamed.status is Status.FAILED and unnamed.error_type == "asyncsched.TaskDefinitionError"
+
+
+async def test_a_crashing_task_is_redelivered_once_then_recorded_crashed(celery_worker: CeleryWorker) -> None:
+    async with scheduler_on(celery_worker) as scheduler:
+        events = scheduler.events()
+        summary = await scheduler.run([Task(faults.exit_hard, key="dies")])
+    starts = [e async for e in events if isinstance(e, TaskStarted)]
+    result = summary.results[0]
+    assert result.status is Status.CRASHED and "died (2 times)" in (result.error or "")
+    assert len(starts) == 2 and starts[0].pid != starts[1].pid  # sent again to a new child
+
+
+async def test_cancelling_revokes_and_kills_the_child(celery_worker: CeleryWorker, gate: Callable[[], str]) -> None:
+    release = gate()
+    async with scheduler_on(celery_worker) as scheduler:
+        events = scheduler.events()
+        running = asyncio.ensure_future(scheduler.run([Task(tasks.wait_for_file, release)]))
+        started = await next_start(events)
+        running.cancel()  # cancels the batch
+        with contextlib.suppress(asyncio.CancelledError):
+            await running
+        results = await scheduler.results()
+    assert [r.status for r in results] == [Status.CANCELLED]
+    assert started.pid is not None and wait_gone(started.pid, timeout=10)
+
+
+async def test_a_result_published_while_disconnected_is_not_lost(
+        celery_worker: CeleryWorker, gate: Callable[[], str], caplog: pytest.LogCaptureFixture) -> None:
+    release = gate()
+    async with scheduler_on(celery_worker) as scheduler:
+        events = scheduler.events()
+        running = asyncio.ensure_future(scheduler.run([Task(tasks.wait_for_file, release, "done")]))
+        await next_start(events)
+        with caplog.at_level(logging.WARNING, logger="asyncsched.backends._celery"):
+            async with redis.asyncio.Redis.from_url(celery_worker.backend) as admin:
+                await admin.execute_command("CLIENT", "KILL", "TYPE", "pubsub")  # drop the subscription
+            await asyncio.to_thread(Path(release).touch)  # the result is published, maybe to nobody
+            summary = await running
+    assert summary.results[0].value == "done"
+    assert "lost the Celery result backend" in caplog.text

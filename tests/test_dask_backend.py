@@ -1,0 +1,84 @@
+"""What is particular to Dask: an existing client, timeouts without a kill, lost workers, cancellation."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from collections.abc import Callable
+from pathlib import Path
+
+import psutil
+import pytest
+from distributed import Client
+
+from asyncsched import ConfigurationError, Scheduler, Status, Task, TaskStarted
+from asyncsched.backends import DaskBackend
+
+from . import tasks
+
+pytestmark = pytest.mark.timeout(120)
+
+
+async def next_start(events: object) -> TaskStarted:
+    async for event in events:  # type: ignore[attr-defined]
+        if isinstance(event, TaskStarted):
+            return event
+    raise AssertionError("the events stream ended before a task started")
+
+
+def test_needs_an_address_or_a_client() -> None:
+    with pytest.raises(ConfigurationError, match="address= or client="):
+        DaskBackend()
+    with pytest.raises(ConfigurationError, match="capacity"):
+        DaskBackend("tcp://127.0.0.1:1", capacity=0)
+
+
+async def test_an_existing_client_is_used_and_left_open(dask_address: str) -> None:
+    async with await Client(dask_address, asynchronous=True) as client:
+        async with Scheduler(backend=DaskBackend(client=client, capacity=2)) as scheduler:
+            summary = await scheduler.run([Task(tasks.square, i) for i in range(10)])
+        assert [r.value for r in summary.results] == [i * i for i in range(10)]
+        assert client.status == "running"
+        assert await client.submit(tasks.square, 3) == 9
+
+
+async def test_without_kill_a_timed_out_task_is_recorded_at_once_and_runs_on(dask_address: str) -> None:
+    async with Scheduler(backend=DaskBackend(dask_address, capacity=2)) as scheduler:
+        events = scheduler.events()
+        summary = await scheduler.run([Task(tasks.sleep_then, 2.0, "late", timeout=0.3)])
+    result = summary.results[0]
+    assert result.status is Status.TIMED_OUT
+    assert "runs on in the background" in (result.error or "")
+    started, finished = [e async for e in events]
+    assert finished.timestamp - started.timestamp < 1.5  # long before the task ends
+    assert result.pid is not None and psutil.pid_exists(result.pid)  # its worker was left alone
+
+
+async def test_a_lost_worker_task_is_rescheduled_by_dask(dask_address: str, gate: Callable[[], str]) -> None:
+    release = gate()
+    async with Scheduler(backend=DaskBackend(dask_address, capacity=2)) as scheduler:
+        events = scheduler.events()
+        running = asyncio.ensure_future(scheduler.run([Task(tasks.wait_for_file, release, "done")]))
+        first = await next_start(events)
+        assert first.pid is not None
+        os.kill(first.pid, signal.SIGKILL)  # the worker process dies under the task
+        second = await next_start(events)  # Dask runs it again on a worker that is alive
+        assert second.pid != first.pid
+        await asyncio.to_thread(Path(release).touch)
+        summary = await running
+    assert summary.results[0].value == "done" and summary.results[0].pid == second.pid
+
+
+async def test_leaving_a_stream_cancels_its_dask_tasks(dask_address: str, gate: Callable[[], str]) -> None:
+    release = gate()
+    async with await Client(dask_address, asynchronous=True) as client:
+        async with Scheduler(backend=DaskBackend(client=client, capacity=2)) as scheduler:
+            batch = [Task(tasks.identity, "first")] + [Task(tasks.wait_for_file, release) for _ in range(4)]
+            stream = scheduler.stream(batch)
+            assert (await anext(stream)).value == "first"
+            await stream.aclose()  # type: ignore[attr-defined]  # stream() is typed AsyncIterator, is a generator
+            results = await scheduler.results()
+        assert not client.futures  # the backend cancelled every Dask future before it closed
+        await asyncio.to_thread(Path(release).touch)  # the tasks already running end
+    assert [r.status for r in results].count(Status.CANCELLED) == 4 and len(results) == 5
