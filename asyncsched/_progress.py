@@ -51,6 +51,8 @@ PLAIN_INTERVAL = 5.0
 RUNNING_SHOWN = 5
 """Running tasks listed on a terminal (the longest-running first)."""
 
+_NONE: dict[str, float] = {}  # stays empty: what a batch with no task started yet has running
+
 FINAL_STATUSES = (Status.COMPLETED, Status.FAILED, Status.TIMED_OUT, Status.CRASHED, Status.CANCELLED)
 _STYLES = {Status.COMPLETED: "green", Status.FAILED: "red", Status.TIMED_OUT: "yellow", Status.CRASHED: "magenta",
            Status.CANCELLED: "dim"}
@@ -147,7 +149,7 @@ class ProgressMonitor:
         self.refresh_per_second = refresh_per_second
         self.interval = interval
         self._counts: Counter[Status] = Counter()
-        self._running: dict[tuple[str, str], float] = {}
+        self._running: dict[str, dict[str, float]] = {}  # batch -> key -> start of the running attempt
         self._retries = 0
         self._busy = 0.0  # seconds of finished tasks whose start was seen
         self._timed = 0
@@ -189,8 +191,8 @@ class ProgressMonitor:
             await asyncio.wait([self._ticker])
         statistics = self.statistics()
         if self._live is not None:
-            self._live.update(self._view(statistics), refresh=True)
-            self._live.stop()
+            self._live.update(self._view(statistics))
+            self._live.stop()  # draws that last frame
         self.console.print(report(statistics))
 
     async def _tick(self) -> None:
@@ -207,35 +209,40 @@ class ProgressMonitor:
     def _on_event(self, event: Event) -> None:
         """Called by the scheduler as it publishes each event: quick, and never raises."""
         kind = type(event)
+        # Nested dicts rather than (batch, key) tuples: no allocation, so no work for the garbage collector.
         if kind is TaskFinished:
             self._counts[event.status] += 1
-            started = self._running.pop((event.batch_id, event.key), None)
+            started = self._running.get(event.batch_id, _NONE).pop(event.key, None)
             if started is not None:
                 self._busy += event.timestamp - started
                 self._timed += 1
         elif kind is TaskStarted:
-            self._running[event.batch_id, event.key] = event.timestamp
+            running = self._running.get(event.batch_id)
+            if running is None:
+                running = self._running[event.batch_id] = {}
+            running[event.key] = event.timestamp
         elif kind is TaskReported:
             if event.message is not None:
                 self._last_message = f"[{event.key}] {event.message}"
         elif kind is TaskRetried:
-            self._running.pop((event.batch_id, event.key), None)
+            self._running.get(event.batch_id, _NONE).pop(event.key, None)
             self._retries += 1
 
     def statistics(self) -> ProgressStatistics:
         """What the monitor has counted so far."""
         finished = Stats.of(dict(self._counts), self.batch_id)
         now = time.time()
-        oldest = itertools.islice(self._running.items(), RUNNING_SHOWN)
+        batches = self._running.values()
+        oldest = itertools.islice(itertools.chain.from_iterable(running.items() for running in batches), RUNNING_SHOWN)
         return ProgressStatistics(
             finished=finished,
             total=self._total(finished.total),
-            running=len(self._running),
+            running=sum(map(len, batches)),
             retries=self._retries,
             elapsed=time.monotonic() - self._started if self._started else 0.0,
             average=self._busy / self._timed if self._timed else None,
             last_message=self._last_message,
-            running_tasks=tuple((key, max(0.0, now - started)) for (_, key), started in oldest),
+            running_tasks=tuple((key, max(0.0, now - started)) for key, started in oldest),
         )
 
     def _total(self, done: int) -> int | None:
