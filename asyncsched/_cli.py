@@ -214,8 +214,10 @@ def _print_outcome(summary: Summary, args: argparse.Namespace) -> None:
     failures = [r for r in summary.results if not r.ok]
     if failures:
         console.print(f"{len(failures)} of {summary.total} tasks did not complete:")
-        for result in failures[:FAILURES_SHOWN]:
-            console.print(f"  {escape(result.key)}  {result.status.value}  {escape(result.error or '')}",
+        shown = failures[:FAILURES_SHOWN]
+        width = max(len(result.key) for result in shown)
+        for result in shown:
+            console.print(f"  {escape(result.key):<{width}}  {result.status.value:<9}  {escape(result.error or '')}",
                           overflow="ellipsis", no_wrap=True)
         if len(failures) > FAILURES_SHOWN:
             console.print(f"  ... and {len(failures) - FAILURES_SHOWN} more")

@@ -296,7 +296,7 @@ def report(stats: ProgressStatistics) -> RenderableType:
 
 def stats_table(stats: Stats) -> Table:
     """Counts by final status with their share, and the success rate."""
-    table = Table(box=box.SIMPLE_HEAD)
+    table = Table(box=box.SIMPLE_HEAD, show_edge=False)
     table.add_column("status")
     table.add_column("tasks", justify="right")
     table.add_column("share", justify="right")

@@ -53,7 +53,7 @@ def test_run_exits_1_and_lists_the_tasks_that_did_not_complete(tmp_path: Path,
     assert main(["run", "tests.faults:boom", "--input", os.fspath(jobs), "--workers", "1", "--no-progress"]) == 1
     out = capsys.readouterr().out
     assert "2 of 2 tasks did not complete:" in out
-    assert "3  failed  ValueError: bad input" in out  # the key is the line number; blank lines count
+    assert "  3  failed     ValueError: bad input" in out  # the key is the line number; blank lines count
 
 
 def test_run_shows_progress_and_the_final_report(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
