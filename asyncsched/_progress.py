@@ -42,10 +42,10 @@ if TYPE_CHECKING:
     from ._events import EventListener
     from ._scheduler import Scheduler
 
-__all__ = ["ProgressMonitor", "ProgressStatistics", "format_duration", "stats_table"]
+__all__ = ["FINAL_STATUSES", "ProgressMonitor", "ProgressStatistics", "format_duration", "report", "stats_table"]
 
 REFRESH_PER_SECOND = 4
-"""Redraws per second on a terminal; events are counted at the same pace."""
+"""Redraws per second on a terminal."""
 PLAIN_INTERVAL = 5.0
 """Seconds between two plain lines when the output is not a terminal."""
 RUNNING_SHOWN = 5
@@ -309,14 +309,14 @@ def stats_table(stats: Stats) -> Table:
     return table
 
 
-def stats_count(stats: Stats, status: Status) -> int:
-    count: int = getattr(stats, status.value)
+def _count(stats: Stats, status: Status) -> int:
+    count: int = getattr(stats, status.value)  # Stats has one field per final status
     return count
 
 
 def _counts(stats: Stats) -> list[tuple[Status, int]]:
     """Every final status with its count, leaving out cancelled unless there are some."""
-    return [(status, stats_count(stats, status)) for status in FINAL_STATUSES
+    return [(status, _count(stats, status)) for status in FINAL_STATUSES
             if status is not Status.CANCELLED or stats.cancelled]
 
 
