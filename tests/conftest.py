@@ -71,13 +71,33 @@ def no_leftover_processes() -> Iterator[None]:
 
 
 @pytest.fixture(autouse=True)
-async def no_leftover_tasks() -> AsyncIterator[None]:
+async def no_leftover_tasks(request: pytest.FixtureRequest) -> AsyncIterator[None]:
+    # pytest-timeout's SIGALRM cannot interrupt an idle uvloop, so async tests get a watchdog
+    # on their own loop too: a few seconds before pytest-timeout, it cancels what still runs.
+    loop = asyncio.get_running_loop()
+    watchdog = loop.call_later(_timeout_of(request) - WATCHDOG_MARGIN, _cancel_all_tasks, loop)
     yield
+    watchdog.cancel()
     current = asyncio.current_task()
     leftover = [t for t in asyncio.all_tasks() if t is not current and not t.done()]
     for task in leftover:
         task.cancel()
     assert not leftover, f"the test left asyncio tasks behind: {leftover}"
+
+
+WATCHDOG_MARGIN = 3.0
+
+
+def _timeout_of(request: pytest.FixtureRequest) -> float:
+    marker = request.node.get_closest_marker("timeout")
+    if marker is not None and marker.args:
+        return float(marker.args[0])
+    return float(request.config.getini("timeout"))
+
+
+def _cancel_all_tasks(loop: asyncio.AbstractEventLoop) -> None:
+    for task in asyncio.all_tasks(loop):
+        task.cancel("the test ran past its timeout")
 
 
 @pytest.fixture

@@ -77,7 +77,7 @@ async def test_leaving_a_stream_cancels_its_dask_tasks(dask_address: str, gate: 
             batch = [Task(tasks.identity, "first")] + [Task(tasks.wait_for_file, release) for _ in range(4)]
             stream = scheduler.stream(batch)
             assert (await anext(stream)).value == "first"
-            await stream.aclose()  # type: ignore[attr-defined]  # stream() is typed AsyncIterator, is a generator
+            await stream.aclose()
             results = await scheduler.results()
         assert not client.futures  # the backend cancelled every Dask future before it closed
         await asyncio.to_thread(Path(release).touch)  # the tasks already running end
