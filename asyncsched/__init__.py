@@ -48,6 +48,7 @@ if TYPE_CHECKING:
     from ._pool import PoolStatistics, ProcessPool
     from ._progress import ProgressMonitor, ProgressStatistics
     from ._scheduler import Scheduler
+    from ._sqlite import SQLiteStore
     from ._store import BatchInfo, MemoryStore, Store
 
 __version__ = "0.1.0"
@@ -72,6 +73,7 @@ __all__ = [
     "ProgressStatistics",
     "RemoteTraceback",
     "RetryPolicy",
+    "SQLiteStore",
     "Scheduler",
     "Stats",
     "Status",
@@ -104,6 +106,7 @@ _LAZY = {
     "ProcessPool": "._pool",
     "ProgressMonitor": "._progress",
     "ProgressStatistics": "._progress",
+    "SQLiteStore": "._sqlite",
     "Scheduler": "._scheduler",
     "Store": "._store",
 }

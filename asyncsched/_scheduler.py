@@ -213,7 +213,7 @@ class Scheduler:
         self,
         workers: int | str = "cpu",
         *,
-        store: Store | str | None = None,
+        store: Store | str | os.PathLike[str] | None = None,
         timeout: float | None = None,
         retries: int = 0,
         retry_policy: RetryPolicy | None = None,
@@ -497,9 +497,13 @@ def _status(value: Status | str) -> Status:
         raise ConfigurationError(f"unknown status {value!r}; use one of {[s.value for s in Status]}") from None
 
 
-def _open_store(store: Store | str | None) -> Store:
+def _open_store(store: Store | str | os.PathLike[str] | None) -> Store:
     if store is None:
         return MemoryStore()
     if isinstance(store, Store):
         return store
-    raise ConfigurationError(f"store must be None or a Store, got {store!r}")
+    if isinstance(store, str | os.PathLike):
+        from ._sqlite import SQLiteStore  # imported only when asked for: it pulls in aiosqlite
+
+        return SQLiteStore(store)
+    raise ConfigurationError(f"store must be None, a Store or the path of a SQLite file, got {store!r}")

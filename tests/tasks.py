@@ -45,3 +45,13 @@ def wait_for_file(path: str, value: Any = None) -> Any:
     while not os.path.exists(path):
         time.sleep(0.005)
     return value
+
+
+def log_run(log: str, key: str, seconds: float = 0.0, gate: str | None = None) -> str:
+    """Append ``key`` to the file ``log`` (a line per run), then sleep, then wait for ``gate`` if given."""
+    with open(log, "a") as file:
+        file.write(key + "\n")
+    time.sleep(seconds)
+    if gate is not None:
+        wait_for_file(gate)
+    return key

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -104,17 +106,20 @@ async def test_report_reaches_events(make_scheduler: MakeScheduler) -> None:
         assert mine[-1].status is Status.COMPLETED
 
 
-async def test_results_persist_and_a_batch_resumes(make_scheduler: MakeScheduler) -> None:
-    async with make_scheduler() as scheduler:
+async def test_results_persist_and_a_batch_resumes(make_scheduler: MakeScheduler, tmp_path: Path) -> None:
+    db = os.fspath(tmp_path / "results.db")
+    async with make_scheduler(store=db) as scheduler:
         first = await scheduler.run([Task(tasks.identity, "a", key="a"), Task(tasks.identity, "b", key="b")],
                                     batch_id="nightly")
-        # a and b have results: they do not run again (a would fail now); c and d run.
+    # A new scheduler on the same file: a and b have results, so they do not run again (a would fail now).
+    async with make_scheduler(store=db) as scheduler:
         second = await scheduler.run([Task(faults.boom, key="a"), Task(tasks.identity, "b", key="b"),
                                       Task(tasks.identity, "c", key="c"), Task(tasks.square, 4, key="d")],
                                      batch_id="nightly", resume=True)
         stored = await scheduler.results(batch_id="nightly")
         stats = await scheduler.stats("nightly")
     assert [(r.key, r.value) for r in second.results] == [("a", "a"), ("b", "b"), ("c", "c"), ("d", 16)]
-    assert second.results[:2] == first.results
+    assert [(r.key, r.status, r.value, r.pid) for r in second.results[:2]] == [
+        (r.key, r.status, r.value, r.pid) for r in first.results]
     assert sorted(r.key for r in stored) == ["a", "b", "c", "d"]
     assert stats.completed == 4 and stats.total == 4

@@ -1,0 +1,579 @@
+"""The SQLite store: every batch and every final result in one file, through aiosqlite.
+
+Data flow::
+
+    Scheduler --add(result)--> pending list            no I/O: add() appends and wakes the writer
+                                   |
+                                   |  writer task: one transaction with everything pending,
+                                   |  at most every FLUSH_INTERVAL (group commit)
+                                   v
+    write connection (aiosqlite thread) --> results.db (WAL) <-- read connection (aiosqlite thread)
+      begin_batch, end_batch, flush,                               results, stats, batches,
+      import_jsonl                                                 export_jsonl
+
+Every write transaction holds ``_lock``, so the writer task, :meth:`SQLiteStore.flush`
+and an import never interleave on the write connection. Queries go through their
+own connection: in WAL mode they read the last commit without waiting for the
+writer, in this process and in any other one.
+
+The file carries its schema version in ``PRAGMA user_version``; ``_MIGRATIONS[n]``
+takes a file from version ``n`` to ``n + 1``, and :meth:`SQLiteStore.open` runs
+the missing steps in one transaction. Errors of sqlite3 are translated here into
+:class:`StoreError`, with what to do about them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import functools
+import itertools
+import json
+import math
+import os
+import pickle
+import sqlite3
+import time
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import aiofiles
+import aiosqlite
+
+from ._errors import ClosedError, ConfigurationError, StoreError
+from ._models import Stats, Status, TaskResult
+from ._store import BatchInfo, Store
+
+__all__ = ["SQLiteStore"]
+
+FLUSH_INTERVAL = 0.1
+"""Seconds between two group commits of the writer task: the most a result waits to be committed."""
+DEFAULT_BUSY_TIMEOUT = 5.0
+"""Seconds to wait for another connection's write lock before giving up."""
+SCHEMA_VERSION = 1
+APPLICATION_ID = 0x61736368  # "asch", in PRAGMA application_id: marks a file as ours
+_CHUNK = 500
+"""Rows per fetch while exporting; about as many lines per read while importing."""
+
+_MIGRATIONS: tuple[tuple[str, ...], ...] = (
+    (  # 0 -> 1
+        """CREATE TABLE batches (
+            batch_id TEXT PRIMARY KEY,
+            name TEXT,
+            created_at REAL NOT NULL,
+            finished_at REAL
+        )""",
+        """CREATE TABLE results (
+            id INTEGER PRIMARY KEY,
+            batch_id TEXT NOT NULL,
+            key TEXT NOT NULL,
+            position INTEGER NOT NULL,
+            status TEXT NOT NULL,
+            value TEXT,
+            value_pickle BLOB,
+            error TEXT,
+            error_type TEXT,
+            traceback TEXT,
+            attempts INTEGER NOT NULL,
+            pid INTEGER,
+            started_at REAL,
+            finished_at REAL,
+            duration REAL GENERATED ALWAYS AS (finished_at - started_at) VIRTUAL,
+            message TEXT,
+            progress REAL,
+            UNIQUE (batch_id, key)
+        )""",
+        "CREATE INDEX results_by_status ON results (batch_id, status)",
+    ),
+)
+assert len(_MIGRATIONS) == SCHEMA_VERSION
+
+_COLUMNS = ("batch_id", "key", "position", "status", "value", "value_pickle", "error", "error_type", "traceback",
+            "attempts", "pid", "started_at", "finished_at", "message", "progress")
+_ROWS_PER_INSERT = 64
+"""Rows per INSERT statement: each statement is one SQLite step, and each step hands the GIL to the loop and back."""
+_SELECT = f"SELECT {', '.join(_COLUMNS)} FROM results"
+
+Row = tuple[Any, ...]
+_JSON = json.JSONEncoder(separators=(",", ":"))
+
+
+class SQLiteStore(Store):
+    """Batches and results in a SQLite file: they survive the process and can be queried from others.
+
+    ``SQLiteStore("results.db")`` is what ``Scheduler(store="results.db")`` builds.
+    On its own it opens with ``async with SQLiteStore(path) as store``, e.g. to
+    query, export or import without running anything.
+
+    Durability: :meth:`add` only queues the result. A writer task commits what
+    is queued in one transaction, at most every :data:`FLUSH_INTERVAL` (0.1 s),
+    so a result is on disk at most about 0.1 s (plus the commit itself) after
+    its task is reported finished to the caller. :meth:`end_batch` (the end of
+    ``run()`` and ``stream()``), :meth:`flush` and :meth:`aclose` commit
+    everything queued before they return. Commits are synchronous (WAL with
+    ``synchronous=FULL``): a committed result survives SIGKILL and power loss.
+    If a commit fails (disk full, a lock held too long) the results stay queued
+    and the next commit tries again; ``end_batch``, ``flush`` and ``aclose``
+    raise :class:`StoreError` if it still fails.
+
+    One row per ``(batch_id, key)``: a later result for the same key replaces
+    the earlier one. Values are stored as JSON when they are plain JSON (dicts
+    with str keys, lists, str, int, finite float, bool, None) and pickled
+    otherwise, so every value reads back equal and of the same type. Reading a
+    pickled value unpickles it: open only files you trust.
+
+    ``busy_timeout`` (seconds) is how long a write waits for another
+    connection's lock before it fails with :class:`StoreError`.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, busy_timeout: float = DEFAULT_BUSY_TIMEOUT) -> None:
+        self.path = os.fspath(path)
+        if self.path in ("", ":memory:"):
+            raise ConfigurationError(f"SQLiteStore needs a file path, got {self.path!r}; "
+                                     "use store=None to keep results in memory")
+        if not busy_timeout >= 0:
+            raise ConfigurationError(f"busy_timeout must be a non-negative number of seconds, got {busy_timeout!r}")
+        self.busy_timeout = busy_timeout
+        self._db: aiosqlite.Connection | None = None
+        self._reader: aiosqlite.Connection | None = None
+        self._writer: asyncio.Task[None] | None = None
+        self._pending: list[TaskResult] = []
+        self._wake = asyncio.Event()
+        self._lock = asyncio.Lock()
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return f"SQLiteStore({self.path!r})"
+
+    async def __aenter__(self) -> SQLiteStore:
+        await self.open()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        """Open the file, creating or migrating its schema; fails with :class:`StoreError` on a bad file."""
+        if self._closed:
+            raise self._unavailable()
+        if self._db is not None:
+            return
+        try:
+            with self._translate("open"):
+                # A failed aiosqlite.connect() leaves its thread to finish on its own, maybe after the loop
+                # closed: find out in a thread of ours whether the file opens at all.
+                await asyncio.to_thread(_try_to_open, self.path)
+                self._db = await self._connect()
+                await self._db.execute("PRAGMA journal_mode = WAL")
+                await self._db.execute("PRAGMA synchronous = FULL")
+                await self._migrate()
+                self._reader = await self._connect()
+        except BaseException:
+            await self._close_connections()
+            raise
+        self._writer = asyncio.get_running_loop().create_task(self._write_loop(), name=f"{self!r} writer")
+
+    async def _connect(self) -> aiosqlite.Connection:
+        return await aiosqlite.connect(self.path, isolation_level=None, timeout=self.busy_timeout,
+                                       iter_chunk_size=_CHUNK)
+
+    async def _migrate(self) -> None:
+        async with self._writing("open") as db:  # BEGIN IMMEDIATE: waits for another writer up to busy_timeout
+            version = await _pragma(db, "user_version")
+            if version > SCHEMA_VERSION:
+                raise StoreError(f"{self.path} has schema version {version}, newer than this asyncsched "
+                                 f"understands ({SCHEMA_VERSION}); upgrade asyncsched, or use another file")
+            if version == 0 and await _pragma(db, "application_id") != APPLICATION_ID:
+                cursor = await db.execute("SELECT count(*) FROM sqlite_schema")
+                row = await cursor.fetchone()
+                if row is not None and row[0]:
+                    raise StoreError(f"{self.path} is a SQLite database of another application; "
+                                     "pass the path of an asyncsched results file, or of a new file")
+            for step in _MIGRATIONS[version:]:
+                for statement in step:
+                    await db.execute(statement)
+            # PRAGMA takes no parameters; both values are constants of this module.
+            await db.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+            await db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+    async def aclose(self) -> None:
+        """Commit what is queued and close the file. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            if self._writer is not None:
+                async with self._lock:  # never stop the writer in the middle of a commit
+                    self._writer.cancel()
+                await asyncio.wait([self._writer])
+            if self._db is not None:
+                await self.flush()
+        finally:
+            await self._close_connections()
+
+    async def _close_connections(self) -> None:
+        for connection in (self._reader, self._db):
+            if connection is not None:
+                with contextlib.suppress(sqlite3.Error):
+                    await connection.close()
+        self._reader = self._db = None
+
+    # -- writes ----------------------------------------------------------------------------
+
+    def add(self, result: TaskResult) -> None:
+        """Queue one final result; the writer task commits it within :data:`FLUSH_INTERVAL`."""
+        if self._closed:
+            raise self._unavailable()
+        self._pending.append(result)
+        self._wake.set()
+
+    async def flush(self) -> None:
+        """Commit every result queued so far."""
+        await self._commit()
+
+    async def begin_batch(self, batch_id: str, *, name: str | None = None,
+                          resume: bool = False) -> Mapping[str, TaskResult]:
+        created = await self._commit("INSERT OR IGNORE INTO batches (batch_id, name, created_at) VALUES (?, ?, ?)",
+                                     (batch_id, name, time.time()))
+        if created:
+            return {}
+        if not resume:
+            raise ConfigurationError(
+                f"batch {batch_id!r} already exists in {self.path}; pass resume=True to continue it, "
+                "or use another batch_id"
+            )
+        await self._commit("UPDATE batches SET finished_at = NULL WHERE batch_id = ?", (batch_id,))
+        cancelled = Status.CANCELLED.value  # a cancelled task never reached an outcome: the resumed batch runs it
+        return {r.key: r for r in await self._select(" WHERE batch_id = ? AND status != ?", (batch_id, cancelled))}
+
+    async def end_batch(self, batch_id: str) -> None:
+        await self._commit("UPDATE batches SET finished_at = ? WHERE batch_id = ?", (time.time(), batch_id))
+
+    async def _write_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            started = loop.time()
+            try:
+                await self._commit()
+            except StoreError:
+                self._wake.set()  # the results stay queued: try again after the interval
+            await asyncio.sleep(started + FLUSH_INTERVAL - loop.time())  # let the next group gather
+
+    async def _commit(self, sql: str | None = None, parameters: tuple[Any, ...] = ()) -> int:
+        """One transaction: every queued result, then ``sql``; returns how many rows ``sql`` changed."""
+        if sql is None and not self._pending:
+            return 0
+        results: list[TaskResult] = []
+        try:
+            async with self._writing() as db:
+                results, self._pending = self._pending, []
+                await _insert(db, results, _row)
+                return 0 if sql is None else (await db.execute(sql, parameters)).rowcount
+        except BaseException:
+            self._pending[:0] = results  # not committed: queued again, ahead of newer ones
+            raise
+
+    @contextlib.asynccontextmanager
+    async def _writing(self, doing: str = "write to") -> AsyncIterator[aiosqlite.Connection]:
+        """A write transaction on the write connection, committed at the end or rolled back."""
+        db = self._db
+        if db is None:
+            raise self._unavailable()
+        async with self._lock:
+            with self._translate(doing):
+                await db.execute("BEGIN IMMEDIATE")
+                try:
+                    yield db
+                    await db.execute("COMMIT")
+                except BaseException:
+                    with contextlib.suppress(sqlite3.Error):
+                        await db.rollback()
+                    raise
+
+    # -- queries ---------------------------------------------------------------------------
+
+    async def results(self, *, batch_id: str | None = None, status: Status | str | None = None,
+                      limit: int | None = None, offset: int = 0) -> list[TaskResult]:
+        where, parameters = _where(batch_id, status)
+        return await self._select(f"{where} ORDER BY id LIMIT ? OFFSET ?",
+                                  (*parameters, -1 if limit is None else limit, offset))
+
+    async def stats(self, batch_id: str | None = None) -> Stats:
+        where, parameters = _where(batch_id, None)
+        rows = await self._fetch(f"SELECT status, count(*) FROM results{where} GROUP BY status", parameters)
+        return Stats.of({Status(status): count for status, count in rows}, batch_id)
+
+    async def batches(self) -> list[BatchInfo]:
+        rows = await self._fetch(
+            "SELECT b.batch_id, b.name, b.created_at, b.finished_at, r.status, count(r.id)"
+            " FROM batches b LEFT JOIN results r USING (batch_id)"
+            " GROUP BY b.batch_id, r.status ORDER BY b.created_at, b.batch_id", ())
+        found: dict[str, tuple[str | None, float, float | None, dict[Status, int]]] = {}
+        for batch_id, name, created_at, finished_at, status, count in rows:
+            counts = found.setdefault(batch_id, (name, created_at, finished_at, {}))[3]
+            if status is not None:
+                counts[Status(status)] = count
+        return [BatchInfo(batch_id, name, created_at, finished_at, Stats.of(counts, batch_id))
+                for batch_id, (name, created_at, finished_at, counts) in found.items()]
+
+    async def _select(self, rest: str, parameters: tuple[Any, ...]) -> list[TaskResult]:
+        return [_result(row) for row in await self._fetch(_SELECT + rest, parameters)]
+
+    async def _fetch(self, sql: str, parameters: tuple[Any, ...]) -> list[Row]:
+        with self._translate("read"):
+            return [tuple(row) for row in await self._read_connection().execute_fetchall(sql, parameters)]
+
+    def _read_connection(self) -> aiosqlite.Connection:
+        if self._reader is None:
+            raise self._unavailable()
+        return self._reader
+
+    def _unavailable(self) -> Exception:
+        if self._closed:
+            return ClosedError(f"{self!r} is closed; create a new one")
+        return StoreError(f"{self!r} is not open; use `async with` or await open() first")
+
+    # -- JSON Lines ------------------------------------------------------------------------
+
+    async def export_jsonl(self, path: str | os.PathLike[str], *, batch_id: str | None = None) -> int:
+        """Write the stored results (of one batch, or all), oldest first, as JSON Lines; returns how many.
+
+        Streams: rows are read and written a few hundred at a time. Each line
+        has the fields ``task_id`` (our key), ``status``, ``message``,
+        ``response_data`` (the value, when it is plain JSON), ``timestamp`` (the
+        end, ISO 8601 in UTC) and ``process_id``, plus ``batch_id``, ``index``,
+        ``error``, ``error_type``, ``traceback``, ``attempts``, ``started_at``,
+        ``finished_at``, ``duration`` and ``progress`` (times in seconds since
+        the epoch), and ``response_pickle``: the base64 pickle of a value that
+        is not plain JSON, else null.
+        """
+        where, parameters = _where(batch_id, None)
+        count = 0
+        with self._translate("read"), _file_errors("write", path):
+            async with aiofiles.open(path, "w", encoding="utf-8") as out:
+                cursor = await self._read_connection().execute(f"{_SELECT}{where} ORDER BY id", parameters)
+                async with cursor:
+                    while rows := list(await cursor.fetchmany(_CHUNK)):
+                        await out.write("".join(_line(tuple(row)) for row in rows))
+                        count += len(rows)
+        return count
+
+    async def import_jsonl(self, path: str | os.PathLike[str], *, batch_id: str = "imported") -> int:
+        """Add the results of a JSON Lines file, as :meth:`export_jsonl` writes them; returns how many.
+
+        Streams, in one transaction: a bad line imports nothing and raises
+        :class:`StoreError` naming the line. A line needs ``task_id`` and a final
+        ``status``; the other fields are optional, so files in the bare format
+        (``task_id``, ``status``, ``message``, ``response_data``, ``timestamp``,
+        ``process_id``) import too. Lines without a ``batch_id`` go to
+        ``batch_id``. A result replaces the stored one with the same batch and
+        key, so importing a file twice changes nothing.
+        """
+        count = number = 0
+        now = time.time()
+        with _file_errors("read", path):
+            async with aiofiles.open(path, encoding="utf-8") as source, self._writing() as db:
+                while lines := await source.readlines(_CHUNK * 200):  # a hint in characters
+                    rows = []
+                    for line in lines:
+                        number += 1
+                        if line.strip():
+                            rows.append(_import_row(line, path, number, batch_id))
+                    await db.executemany("INSERT OR IGNORE INTO batches (batch_id, created_at, finished_at) "
+                                         "VALUES (?, ?, ?)", [(b, now, now) for b in {row[0] for row in rows}])
+                    await _insert(db, rows)
+                    count += len(rows)
+        return count
+
+    # -- errors ----------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _translate(self, doing: str) -> Iterator[None]:
+        try:
+            yield
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot {doing} the result store {self.path}: {exc}; "
+                             f"{_advice(self.path, exc, self.busy_timeout)}") from exc
+
+
+def _advice(path: str, exc: sqlite3.Error, busy_timeout: float) -> str:
+    code = getattr(exc, "sqlite_errorcode", 0) & 0xFF
+    if code in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
+        return (f"another connection held its write lock for more than busy_timeout={busy_timeout:g}s; "
+                "stop the other writer, or pass a larger busy_timeout")
+    if code == sqlite3.SQLITE_NOTADB:
+        return "it is not a SQLite database: pass the path of an asyncsched results file, or of a new file"
+    if code in (sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_READONLY, sqlite3.SQLITE_IOERR):
+        directory = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(directory):
+            return f"directory {directory} does not exist: create it, or choose another path"
+        return (f"check that directory {directory} is writable, since SQLite creates the file and its WAL files "
+                "there, and that the path is not a directory")
+    if code == sqlite3.SQLITE_FULL:
+        return "the disk is full: free some space, and the queued results are written at the next commit"
+    return "see the SQLite error above"
+
+
+@contextlib.contextmanager
+def _file_errors(doing: str, path: str | os.PathLike[str]) -> Iterator[None]:
+    try:
+        yield
+    except OSError as exc:
+        raise StoreError(f"cannot {doing} {os.fspath(path)}: {exc}") from exc
+    except UnicodeError as exc:
+        raise StoreError(f"cannot {doing} {os.fspath(path)}: it is not UTF-8 text ({exc})") from exc
+
+
+@functools.cache
+def _insert_sql(rows: int) -> str:
+    values = ", ".join([f"({', '.join('?' * len(_COLUMNS))})"] * rows)
+    return f"INSERT OR REPLACE INTO results ({', '.join(_COLUMNS)}) VALUES {values}"
+
+
+async def _insert(db: aiosqlite.Connection, items: Sequence[Any], to_row: Callable[[Any], Row] | None = None) -> None:
+    """Insert (or replace) the rows of ``items``, :data:`_ROWS_PER_INSERT` per statement.
+
+    The rows of the full statements are built in the connection's thread, off the event loop.
+    """
+
+    def values(part: Sequence[Any]) -> Row:
+        return tuple(itertools.chain.from_iterable(part if to_row is None else map(to_row, part)))
+
+    size = _ROWS_PER_INSERT
+    full = len(items) - len(items) % size
+    if full:
+        await db.executemany(_insert_sql(size), (values(items[i:i + size]) for i in range(0, full, size)))
+    if full < len(items):
+        await db.execute(_insert_sql(len(items) - full), values(items[full:]))
+
+
+def _try_to_open(path: str) -> None:
+    sqlite3.connect(path).close()
+
+
+async def _pragma(db: aiosqlite.Connection, name: str) -> int:
+    cursor = await db.execute(f"PRAGMA {name}")  # name is a constant of this module
+    row = await cursor.fetchone()
+    return int(row[0]) if row is not None else 0
+
+
+def _where(batch_id: str | None, status: Status | str | None) -> tuple[str, tuple[Any, ...]]:
+    conditions, parameters = [], []
+    if batch_id is not None:
+        conditions.append("batch_id = ?")
+        parameters.append(batch_id)
+    if status is not None:
+        conditions.append("status = ?")
+        parameters.append(Status(status).value)
+    return (" WHERE " + " AND ".join(conditions) if conditions else ""), tuple(parameters)
+
+
+# -- values and rows -------------------------------------------------------------------------
+
+
+def _plain_json(value: Any) -> bool:
+    """True when ``json.loads(json.dumps(value))`` gives back an equal value of the very same types."""
+    kind = type(value)
+    if value is None or kind is str or kind is int or kind is bool:
+        return True
+    if kind is float:
+        return math.isfinite(value)
+    if kind is list:
+        return all(_plain_json(item) for item in value)
+    if kind is dict:
+        return all(type(k) is str and _plain_json(v) for k, v in value.items())
+    return False
+
+
+def _encode(value: Any) -> tuple[str | None, bytes | None]:
+    """The ``(value, value_pickle)`` columns of a value."""
+    if value is None:
+        return None, None
+    kind = type(value)
+    if kind is int or (kind is float and math.isfinite(value)):
+        return repr(value), None  # the JSON of a number is its repr
+    try:
+        if _plain_json(value):
+            return _JSON.encode(value), None
+        return None, pickle.dumps(value, pickle.HIGHEST_PROTOCOL)
+    except Exception:  # neither (only an in-process backend can return such a value): keep what can be kept
+        return _JSON.encode(repr(value)), None
+
+
+def _row(r: TaskResult) -> Row:
+    value, blob = _encode(r.value)
+    return (r.batch_id, r.key, r.index, r.status.value, value, blob, r.error, r.error_type, r.traceback,
+            r.attempts, r.pid, r.started_at, r.finished_at, r.message, r.progress)
+
+
+def _result(row: Row) -> TaskResult:
+    (batch_id, key, index, status, value, blob, error, error_type, tb, attempts, pid, started_at, finished_at,
+     message, progress) = row
+    if blob is not None:
+        try:
+            value = pickle.loads(blob)
+        except Exception as exc:
+            raise StoreError(f"the value of task {key!r} of batch {batch_id!r} cannot be unpickled here "
+                             f"({type(exc).__name__}: {exc}); make the module that defines its type importable, "
+                             "or read it with export_jsonl, which leaves it pickled") from exc
+    elif value is not None:
+        value = json.loads(value)
+    return TaskResult(batch_id, key, Status(status), value, error, tb, attempts, pid, started_at, finished_at,
+                      message, progress, error_type, index)
+
+
+def _line(row: Row) -> str:
+    (batch_id, key, index, status, value, blob, error, error_type, tb, attempts, pid, started_at, finished_at,
+     message, progress) = row
+    return json.dumps({
+        "task_id": key,
+        "status": status,
+        "message": message,
+        "response_data": None if value is None else json.loads(value),
+        "timestamp": None if finished_at is None else datetime.fromtimestamp(finished_at, UTC).isoformat(),
+        "process_id": pid,
+        "batch_id": batch_id,
+        "index": index,
+        "error": error,
+        "error_type": error_type,
+        "traceback": tb,
+        "attempts": attempts,
+        "started_at": started_at,
+        "finished_at": finished_at,
+        "duration": None if started_at is None or finished_at is None else finished_at - started_at,
+        "progress": progress,
+        "response_pickle": None if blob is None else base64.b64encode(blob).decode("ascii"),
+    }) + "\n"
+
+
+def _import_row(line: str, path: str | os.PathLike[str], number: int, batch_id: str) -> Row:
+    """The row of one line written by :func:`_line`, or in the bare format."""
+    try:
+        record = json.loads(line)
+        if not isinstance(record, dict):
+            raise ValueError("not a JSON object")
+        status = Status(record["status"])
+        if not status.is_final:
+            raise ValueError(f"status {status.value!r} is not final")
+        pickled = record.get("response_pickle")
+        data = record.get("response_data")
+        finished_at = record.get("finished_at")
+        if finished_at is None and record.get("timestamp") is not None:
+            stamp = record["timestamp"]
+            finished_at = float(stamp) if isinstance(stamp, int | float) else datetime.fromisoformat(stamp).timestamp()
+        return (
+            str(record.get("batch_id") or batch_id), str(record["task_id"]), int(record.get("index", -1)),
+            status.value, None if data is None or pickled else _JSON.encode(data),
+            base64.b64decode(pickled) if pickled else None, record.get("error"), record.get("error_type"),
+            record.get("traceback"), int(record.get("attempts", 1)), record.get("process_id"),
+            record.get("started_at"), finished_at, record.get("message"), record.get("progress"),
+        )
+    except (ValueError, KeyError, TypeError) as exc:
+        raise StoreError(f"{os.fspath(path)}, line {number}: {type(exc).__name__}: {exc}; each line must be a JSON "
+                         "object with at least task_id and a final status") from exc

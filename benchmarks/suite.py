@@ -1,0 +1,232 @@
+"""The whole benchmark suite: one command, a table on stdout, JSON in benchmarks/results/suite.json.
+
+    python benchmarks/suite.py [--quick]
+
+Every measurement runs in a fresh interpreter, one after the other in the same
+run, on 2 workers. See benchmarks/README.md for what each one measures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Coroutine, Iterator
+from typing import Any
+
+from _common import HERE, double, in_fresh_process, peak_rss_mb
+from peers import PEERS
+from peers import measure as measure_peers
+
+from asyncsched import Scheduler, Task, TaskReported, TaskStarted
+
+WORKERS = 2
+
+
+def crunch(iterations: int) -> int:
+    """A fixed amount of pure-Python work."""
+    total = 0
+    for i in range(iterations):
+        total += i * i % 7
+    return total
+
+
+def crunch_many(count: int, iterations: int) -> None:
+    for _ in range(count):
+        crunch(iterations)
+
+
+def report_stamps(count: int) -> None:
+    from asyncsched import report
+
+    for i in range(count):
+        report(progress=i / count)
+        crunch(2_000)
+
+
+def hang() -> None:
+    time.sleep(3600)
+
+
+# -- measurements (each runs in its own interpreter) ----------------------------------------------
+
+async def throughput(n: int, store: bool) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "bench.db") if store else None
+        async with Scheduler(workers=WORKERS, timeout=10, store=path) as scheduler:
+            events = scheduler.events()
+            await scheduler.run([Task(double, 1)])
+            start = time.perf_counter()
+            summary = await scheduler.run(Task(double, i) for i in range(n))
+            elapsed = time.perf_counter() - start
+            await events.aclose()
+    assert summary.completed == n
+    return {"tasks_per_s": n / elapsed}
+
+
+async def cpu_bound(n: int, ms: float) -> dict[str, Any]:
+    start = time.perf_counter()
+    crunch(100_000)
+    iterations = int(100_000 * ms / 1000 / (time.perf_counter() - start))  # about `ms` of work per task
+    start = time.perf_counter()
+    crunch_many(n, iterations)
+    sequential = time.perf_counter() - start
+    async with Scheduler(workers=WORKERS) as scheduler:
+        await scheduler.run([Task(crunch, 10)])
+        start = time.perf_counter()
+        await scheduler.run(Task(crunch, iterations) for _ in range(n))
+        ours = time.perf_counter() - start
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=crunch_many, args=(n // WORKERS, iterations)) for _ in range(WORKERS)]
+    start = time.perf_counter()
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join()
+    bare = time.perf_counter() - start
+    return {"speedup": sequential / ours, "bare_speedup": sequential / bare, "ratio": bare / ours}
+
+
+async def memory(n: int) -> dict[str, Any]:
+    pulled = 0
+    yielded = 0
+    ahead = 0
+
+    def batch() -> Iterator[Task]:
+        nonlocal pulled, ahead
+        for i in range(n):
+            pulled += 1
+            ahead = max(ahead, pulled - yielded)
+            yield Task(double, i)
+
+    async with Scheduler(workers=WORKERS, timeout=10) as scheduler:
+        async for _ in scheduler.stream(batch()):
+            yielded += 1
+    assert yielded == n
+    return {"peak_rss_mb": peak_rss_mb(), "max_pulled_ahead": ahead}
+
+
+async def latency(n: int) -> dict[str, Any]:
+    delays: list[float] = []
+    per_task = n // 4
+    async with Scheduler(workers=WORKERS) as scheduler:
+        events = scheduler.events()
+
+        async def consume() -> None:
+            async for event in events:
+                if isinstance(event, TaskReported):
+                    delays.append(time.time() - event.timestamp)
+                    if len(delays) == per_task * 4:
+                        return
+
+        await asyncio.gather(scheduler.run([Task(report_stamps, per_task) for _ in range(4)]), consume())
+        await events.aclose()
+    delays.sort()
+    return {"p50_ms": 1000 * delays[len(delays) // 2], "p99_ms": 1000 * delays[int(len(delays) * 0.99)]}
+
+
+async def timeout_kill(n: int, seconds: float) -> dict[str, Any]:
+    loop = asyncio.get_running_loop()
+    lags: list[float] = []
+    done = asyncio.Event()
+    async with Scheduler(workers=WORKERS, timeout=seconds) as scheduler:
+        events = scheduler.events()
+
+        def watch(pid: int, deadline: float) -> None:
+            fd = os.pidfd_open(pid)
+
+            def dead() -> None:
+                lags.append(time.time() - deadline)
+                loop.remove_reader(fd)
+                os.close(fd)
+                if len(lags) == n:
+                    done.set()
+
+            loop.add_reader(fd, dead)
+
+        async def consume() -> None:
+            async for event in events:
+                if isinstance(event, TaskStarted) and event.pid is not None:
+                    watch(event.pid, event.timestamp + seconds)
+                    if event.key == str(n - 1):
+                        return
+
+        await asyncio.gather(scheduler.run([Task(hang) for _ in range(n)]), consume())
+        await done.wait()
+        await events.aclose()
+    return {"p50_ms": 1000 * statistics.median(lags), "max_ms": 1000 * max(lags)}
+
+
+MEASURES: dict[str, Callable[..., Coroutine[Any, Any, dict[str, Any]]]] = {
+    "throughput": throughput, "cpu": cpu_bound, "memory": memory, "latency": latency, "timeout": timeout_kill,
+}
+
+
+def one(name: str, args: list[str]) -> dict[str, Any]:
+    values: list[Any] = [json.loads(a) for a in args]
+    return in_fresh_process("suite.py", name, json.dumps(values))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="smaller sizes, for a smoke run")
+    parser.add_argument("--one", nargs=2, metavar=("NAME", "ARGS"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        result = asyncio.run(MEASURES[args.one[0]](*json.loads(args.one[1])))
+        print(json.dumps(result))
+        return
+
+    q = args.quick
+    n_tiny, n_cpu, n_mem = (2_000, 200, 20_000) if q else (20_000, 2_000, 1_000_000)
+    rows: list[tuple[str, str, str]] = []
+    out: dict[str, Any] = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, Python "
+                                      f"{platform.python_version()}", "workers": WORKERS}
+
+    off = one("throughput", [str(n_tiny), "false"])["tasks_per_s"]
+    on = one("throughput", [str(n_tiny), "true"])["tasks_per_s"]
+    peers = measure_peers(list(PEERS), n_tiny)
+    out["throughput"] = {"store_off": off, "store_on": on, "peers": peers}
+    rows.append((f"1. throughput, {n_tiny:,} tiny tasks, timeouts + events, store off", f"{off:,.0f}/s", ""))
+    rows.append(("   store on (SQLite)", f"{on:,.0f}/s", f"{on / off:.2f}x store off"))
+    for name, rate in peers.items():
+        rows.append((f"   {name}", f"{rate:,.0f}/s", f"asyncsched is {off / rate:.2f}x"))
+
+    cpu = one("cpu", [str(n_cpu), "1.0"])
+    out["cpu"] = cpu
+    rows.append((f"2. CPU-bound, {n_cpu:,} x 1 ms, speedup over sequential", f"{cpu['speedup']:.2f}x",
+                 f"{cpu['ratio']:.2f}x of 2 bare processes ({cpu['bare_speedup']:.2f}x)"))
+
+    mem = one("memory", [str(n_mem)])
+    out["memory"] = mem
+    rows.append((f"3. memory, {n_mem:,} tasks through stream(): peak RSS", f"{mem['peak_rss_mb']:.0f} MB",
+                 f"at most {mem['max_pulled_ahead']} pulled ahead"))
+
+    lat = one("latency", ["400" if q else "2000"])
+    out["latency"] = lat
+    rows.append(("4. report() -> events() latency p50 / p99", f"{lat['p50_ms']:.2f} / {lat['p99_ms']:.2f} ms", ""))
+
+    kill = one("timeout", ["6" if q else "20", "0.2"])
+    out["timeout"] = kill
+    rows.append(("5. deadline -> worker dead, p50 / max", f"{kill['p50_ms']:.0f} / {kill['max_ms']:.0f} ms", ""))
+
+    width = max(len(r[0]) for r in rows)
+    print(f"asyncsched benchmark suite: {out['machine']}, {WORKERS} workers")
+    for label, value, note in rows:
+        print(f"{label:<{width}}  {value:>16}  {note}")
+    print("6. mixed faults: python benchmarks/faults.py")
+    results = os.path.join(HERE, "results")
+    os.makedirs(results, exist_ok=True)
+    with open(os.path.join(results, "suite.json"), "w") as f:
+        json.dump(out, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,331 @@
+"""The SQLite store: persistence, queries, resume after SIGKILL, JSON Lines, and clear errors on bad files."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+import types
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+from asyncsched import (
+    ConfigurationError,
+    ExecutorBackend,
+    MemoryStore,
+    ProcessBackend,
+    Scheduler,
+    SQLiteStore,
+    Status,
+    StoreError,
+    Task,
+    TaskResult,
+)
+from asyncsched._sqlite import SCHEMA_VERSION
+
+from . import faults, orchestrator_script, tasks
+from .util import wait_gone
+
+ROOT = Path(__file__).resolve().parent.parent
+
+JSON_VALUES: list[Any] = [1, -0.5, "text", True, [1, "a", None], {"nested": {"list": [1.5, False]}}, 2**70]
+PICKLED_VALUES: list[Any] = [(1, 2), {1: "int key"}, {"a": (1,)}, [(1, 2)], {1, 2}, b"bytes", Status.COMPLETED,
+                             datetime.date(2024, 1, 2)]
+
+
+def threads(path: Path) -> Scheduler:
+    """A scheduler on the in-process thread backend: fast, for tests that need no process."""
+    return Scheduler(store=path, backend=ExecutorBackend(ThreadPoolExecutor(2)))
+
+
+async def wait_until(condition: Callable[[], Awaitable[bool]], within: float = 30.0) -> None:
+    """Poll ``condition`` (another process's progress has no event to wait on), for at most ``within`` seconds."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    while not await condition():
+        assert loop.time() < deadline, f"condition not met within {within}s"
+        await asyncio.sleep(0.02)
+
+
+def runs_per_key(log: str) -> Counter[str]:
+    """How many times each key ran, from the log that tasks.log_run appends to."""
+    return Counter(Path(log).read_text().split())
+
+
+def test_a_path_selects_the_sqlite_store(tmp_path: Path) -> None:
+    assert isinstance(Scheduler(store=str(tmp_path / "a.db")).store, SQLiteStore)
+    assert isinstance(Scheduler(store=tmp_path / "b.db").store, SQLiteStore)
+    assert isinstance(Scheduler(store=None).store, MemoryStore)
+    with pytest.raises(ConfigurationError, match="store must be None, a Store or the path"):
+        Scheduler(store=42)  # type: ignore[arg-type]
+    with pytest.raises(ConfigurationError, match="store=None"):
+        SQLiteStore(":memory:")
+
+
+async def test_results_survive_the_scheduler(tmp_path: Path) -> None:
+    db = tmp_path / "results.db"
+    values = JSON_VALUES + PICKLED_VALUES
+    batch = [Task(tasks.identity, value, key=f"v{i}") for i, value in enumerate(values)]
+    batch += [Task(faults.boom, "bad input", key="failed"), Task(tasks.reporting, 5, key="reported")]
+    async with Scheduler(workers=2, store=db) as scheduler:
+        summary = await scheduler.run(batch, batch_id="first", name="values")
+
+    async with Scheduler(workers=1, store=db) as again:
+        stored = sorted(await again.results(batch_id="first"), key=lambda r: r.index)
+        assert stored == summary.results
+        assert [r.value for r in stored[:len(values)]] == values
+        assert [type(r.value) for r in stored[:len(values)]] == [type(v) for v in values]
+        failed = stored[len(values)]
+        assert failed.status is Status.FAILED and failed.error_type == "ValueError"
+        assert "bad input" in (failed.error or "") and "Traceback" in (failed.traceback or "")
+        reported = stored[-1]
+        assert (reported.message, reported.progress, reported.attempts) == ("step 2", 1.0, 1)
+        assert reported.pid and reported.duration is not None and reported.duration >= 0
+        stats = await again.stats("first")
+        assert (stats.total, stats.completed, stats.failed) == (len(batch), len(batch) - 1, 1)
+        [info] = await again.batches()
+        assert (info.batch_id, info.name, info.stats) == ("first", "values", stats)
+        assert info.finished_at is not None and info.finished_at >= info.created_at
+
+    with contextlib.closing(sqlite3.connect(db)) as raw:
+        columns = dict(raw.execute("SELECT key, value_pickle IS NULL FROM results WHERE key LIKE 'v%'").fetchall())
+    assert [columns[f"v{i}"] for i in range(len(values))] == [1] * len(JSON_VALUES) + [0] * len(PICKLED_VALUES)
+
+
+async def test_queries_filter_and_page(tmp_path: Path) -> None:
+    async with threads(tmp_path / "results.db") as scheduler:
+        await scheduler.run([Task(tasks.square, i) for i in range(3)], batch_id="a")
+        await scheduler.run([Task(tasks.square, i) if i % 2 else Task(faults.boom) for i in range(10)], batch_id="b")
+
+        everything = await scheduler.results()
+        assert len(everything) == 13
+        page = await scheduler.results(batch_id="b", limit=3, offset=2)
+        assert page == (await scheduler.results(batch_id="b"))[2:5]
+        failed = await scheduler.results(status="failed")
+        assert {r.batch_id for r in failed} == {"b"} and len(failed) == 5
+        assert await scheduler.results(batch_id="a", status=Status.FAILED) == []
+        assert (await scheduler.stats()).total == 13
+        b = await scheduler.stats("b")
+        assert (b.total, b.completed, b.failed, b.batch_id, b.success_rate) == (10, 5, 5, "b", 0.5)
+        assert [info.batch_id for info in await scheduler.batches()] == ["a", "b"]
+
+
+async def test_an_existing_batch_needs_resume(tmp_path: Path) -> None:
+    async with threads(tmp_path / "results.db") as scheduler:
+        batch = [Task(tasks.square, i) for i in range(4)]
+        first = await scheduler.run(batch, batch_id="nightly")
+        with pytest.raises(ConfigurationError, match="already exists"):
+            await scheduler.run(batch, batch_id="nightly")
+        again = await scheduler.run(batch, batch_id="nightly", resume=True)
+        assert again.results == first.results  # nothing ran again: every result is the stored one
+
+
+async def test_resume_runs_cancelled_tasks_again(tmp_path: Path, gate: Callable[[], str]) -> None:
+    db, log, release = tmp_path / "results.db", str(tmp_path / "runs.log"), gate()
+    batch = [Task(tasks.log_run, log, "a", key="a")]
+    batch += [Task(tasks.log_run, log, key, 0.0, release, key=key) for key in ("b", "c")]
+    async with Scheduler(workers=2, store=db) as scheduler:
+        stream = scheduler.stream(batch, batch_id="job")
+        async with contextlib.aclosing(stream):
+            async for result in stream:
+                assert result.key == "a"
+                break
+        assert (await scheduler.stats("job")).cancelled == 2
+        await asyncio.to_thread(Path(release).touch)
+        summary = await scheduler.run(batch, batch_id="job", resume=True)
+    assert [(r.key, r.status) for r in summary.results] == [(k, Status.COMPLETED) for k in "abc"]
+    assert runs_per_key(log)["a"] == 1
+
+
+async def test_resume_after_the_orchestrator_is_killed(tmp_path: Path) -> None:
+    db, log, release = str(tmp_path / "results.db"), str(tmp_path / "runs.log"), str(tmp_path / "gate")
+    orchestrator = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "tests.orchestrator_script", db, log, release, cwd=ROOT, stdout=subprocess.PIPE)
+    helpers: list[psutil.Process] = []
+    try:
+        assert orchestrator.stdout is not None
+        assert await asyncio.wait_for(orchestrator.stdout.readline(), 30) == b"started\n"
+        async with SQLiteStore(db) as reader:  # another process reads while the orchestrator writes
+
+            async def some_are_durable() -> bool:
+                return (await reader.stats(orchestrator_script.BATCH_ID)).total >= 5
+
+            await wait_until(some_are_durable)
+            helpers = psutil.Process(orchestrator.pid).children(recursive=True)
+            orchestrator.kill()  # SIGKILL: its workers and helpers must end by themselves
+            alive = [p for p in helpers if not await asyncio.to_thread(wait_gone, p.pid, 10)]
+            assert not alive, f"processes of the killed orchestrator are still alive: {alive}"
+            durable = {r.key for r in await reader.results(batch_id=orchestrator_script.BATCH_ID)}
+    finally:
+        for process in helpers:  # after a failure above: leave nothing behind
+            with contextlib.suppress(psutil.NoSuchProcess):
+                process.kill()
+        with contextlib.suppress(ProcessLookupError):
+            orchestrator.kill()
+        await asyncio.wait_for(orchestrator.communicate(), 10)  # reaps it (its helpers held its stdout)
+    assert 5 <= len(durable) <= orchestrator_script.FREE  # killed in the middle: the gated tasks never finished
+
+    await asyncio.to_thread(Path(release).touch)
+    async with Scheduler(workers=2, store=db) as scheduler:
+        summary = await scheduler.run(orchestrator_script.batch(log, release), batch_id=orchestrator_script.BATCH_ID,
+                                      resume=True)
+        assert (await scheduler.stats(orchestrator_script.BATCH_ID)).completed == orchestrator_script.TOTAL
+    keys = [f"k{i}" for i in range(orchestrator_script.TOTAL)]
+    assert [r.key for r in summary.results] == keys
+    assert summary.completed == orchestrator_script.TOTAL
+    runs = runs_per_key(log)
+    assert set(runs) == set(keys)  # every key ran
+    assert {key: runs[key] for key in durable} == dict.fromkeys(durable, 1)  # and no durable one ran again
+
+
+async def test_export_and_import_round_trip(tmp_path: Path) -> None:
+    exported = tmp_path / "results.jsonl"
+    async with threads(tmp_path / "a.db") as scheduler:
+        batch = [Task(tasks.identity, value) for value in JSON_VALUES + PICKLED_VALUES] + [Task(faults.boom)]
+        batch += [Task(tasks.square, i) for i in range(200)]  # more than one INSERT statement's worth of rows
+        await scheduler.run(batch, batch_id="x")
+        await scheduler.run([Task(tasks.square, 3)], batch_id="y")
+        assert isinstance(scheduler.store, SQLiteStore)
+        assert await scheduler.store.export_jsonl(exported, batch_id="x") == len(batch)
+        original = await scheduler.results(batch_id="x")
+
+    lines = [json.loads(line) for line in exported.read_text().splitlines()]
+    first = lines[0]
+    assert {"task_id", "status", "message", "response_data", "timestamp", "process_id"} <= set(first)
+    assert (first["task_id"], first["status"], first["response_data"]) == ("0", "completed", JSON_VALUES[0])
+    assert datetime.datetime.fromisoformat(first["timestamp"]).timestamp() == pytest.approx(first["finished_at"])
+    assert {"batch_id", "index", "error", "traceback", "attempts", "duration", "response_pickle"} <= set(first)
+
+    async with SQLiteStore(tmp_path / "b.db") as store:
+        assert await store.import_jsonl(exported) == len(batch)
+        assert await store.import_jsonl(exported) == len(batch)  # the same results again replace themselves
+        assert await store.results() == original
+        assert (await store.stats("x")).total == len(batch)
+        assert [info.batch_id for info in await store.batches()] == ["x"]
+
+
+async def test_import_reads_the_bare_format_and_rejects_bad_lines(tmp_path: Path) -> None:
+    bare = {"task_id": "t1", "status": "completed", "message": "ok", "response_data": {"rows": 3},
+            "timestamp": "2024-01-02T03:04:05+00:00", "process_id": 123}
+    good, bad = tmp_path / "good.jsonl", tmp_path / "bad.jsonl"
+    good.write_text(json.dumps(bare) + "\n\n")
+    bad.write_text(json.dumps(bare) + "\n" + json.dumps({"task_id": "t2", "status": "running"}) + "\n")
+    async with SQLiteStore(tmp_path / "results.db") as store:
+        with pytest.raises(StoreError, match=r"bad.jsonl, line 2: .*not final"):
+            await store.import_jsonl(bad)
+        assert await store.results() == []  # a bad line imports nothing
+        with pytest.raises(StoreError, match="cannot read"):
+            await store.import_jsonl(tmp_path / "missing.jsonl")
+        assert await store.import_jsonl(good, batch_id="legacy") == 1
+        [result] = await store.results(batch_id="legacy")
+    assert (result.key, result.status, result.value, result.pid, result.message) == ("t1", "completed", {"rows": 3},
+                                                                                    123, "ok")
+    assert result.finished_at == datetime.datetime(2024, 1, 2, 3, 4, 5, tzinfo=datetime.UTC).timestamp()
+
+
+async def test_a_failed_commit_loses_nothing(tmp_path: Path) -> None:
+    db = tmp_path / "results.db"
+    async with SQLiteStore(db, busy_timeout=0.05) as store:
+        await store.begin_batch("b")
+        with contextlib.closing(sqlite3.connect(db, isolation_level=None)) as other:
+            other.execute("BEGIN IMMEDIATE")  # another writer holds the lock
+            store.add(TaskResult("b", "k", Status.COMPLETED, value=(1, 2)))
+            with pytest.raises(StoreError, match="busy_timeout"):
+                await store.flush()
+            other.execute("ROLLBACK")
+        await store.flush()
+        [result] = await store.results()
+    assert (result.key, result.value) == ("k", (1, 2))
+
+
+async def test_a_value_of_a_type_this_process_cannot_import_is_a_clear_error(tmp_path: Path) -> None:
+    module = types.ModuleType("results_of_another_process")
+    module.Point = type("Point", (), {"__module__": module.__name__})  # type: ignore[attr-defined]
+    sys.modules[module.__name__] = module
+    try:
+        async with SQLiteStore(tmp_path / "results.db") as store:
+            await store.begin_batch("b")
+            store.add(TaskResult("b", "k", Status.COMPLETED, value=module.Point()))
+            await store.flush()
+            del sys.modules[module.__name__]
+            with pytest.raises(StoreError, match="task 'k' of batch 'b' cannot be unpickled here"):
+                await store.results()
+            assert await store.export_jsonl(tmp_path / "out.jsonl") == 1  # exporting does not unpickle
+    finally:
+        sys.modules.pop(module.__name__, None)
+
+
+# -- bad input gets a clear error before any work starts ---------------------------------------
+
+
+@pytest.mark.parametrize(("where", "message"), [
+    ("missing/results.db", "directory .*missing does not exist"),
+    ("file/results.db", "file does not exist"),
+    (".", "the path is not a directory"),
+])
+async def test_a_bad_path_is_refused_when_the_store_opens(tmp_path: Path, where: str, message: str) -> None:
+    (tmp_path / "file").write_text("not a directory")
+    with pytest.raises(StoreError, match=message):
+        await SQLiteStore(tmp_path / where).open()
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs /proc, a directory no one may create files in")
+async def test_an_unwritable_directory_is_refused() -> None:
+    with pytest.raises(StoreError, match="check that directory /proc is writable"):
+        await SQLiteStore("/proc/asyncsched-results.db").open()
+
+
+async def test_a_bad_store_stops_the_scheduler_before_any_worker_starts(tmp_path: Path) -> None:
+    scheduler = Scheduler(workers=2, store=tmp_path / "missing" / "results.db")
+    with pytest.raises(StoreError, match="does not exist"):
+        async with scheduler:
+            pytest.fail("the scheduler started")
+    assert isinstance(scheduler.backend, ProcessBackend) and scheduler.backend.pool.pids == []
+
+
+async def test_a_file_that_is_not_sqlite_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "notes.db"
+    path.write_text("these are my notes, not a database\n" * 100)
+    with pytest.raises(StoreError, match="not a SQLite database"):
+        await SQLiteStore(path).open()
+    assert path.read_text().startswith("these are my notes")
+
+
+async def test_a_database_of_another_application_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "other.db"
+    with contextlib.closing(sqlite3.connect(path)) as other:
+        other.execute("CREATE TABLE customers (name TEXT)")
+    with pytest.raises(StoreError, match="another application"):
+        await SQLiteStore(path).open()
+
+
+async def test_a_newer_schema_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "results.db"
+    async with SQLiteStore(path):
+        pass
+    with contextlib.closing(sqlite3.connect(path)) as raw:
+        assert raw.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
+        raw.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    with pytest.raises(StoreError, match=f"schema version {SCHEMA_VERSION + 1}, newer .* upgrade asyncsched"):
+        await SQLiteStore(path).open()
+
+
+async def test_a_locked_database_fails_after_the_busy_timeout(tmp_path: Path) -> None:
+    path = tmp_path / "results.db"
+    async with SQLiteStore(path):
+        pass
+    with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as other:
+        other.execute("BEGIN IMMEDIATE")
+        with pytest.raises(StoreError, match=r"locked.*busy_timeout=0\.05s"):
+            await SQLiteStore(path, busy_timeout=0.05).open()
