@@ -4,6 +4,10 @@ Commands::
 
     demo      the article's scenario: simulated requests, live progress, results in SQLite
     run       call MODULE:FUNCTION once per line of JSON input, on a pool of workers
+    results   stored results, as a table, JSON Lines or CSV      \
+    stats     counts by status and the success rate               | read a results file; never change it,
+    batches   every batch of a results file                       | and work while another process writes
+    export    write stored results to a JSON Lines file          /
 
 Exit status: 0 when every task completed, 1 when any did not, 2 for a usage
 error (reported in one line on stderr, never with a traceback), 130 when
@@ -14,22 +18,32 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import csv
+import dataclasses
+import datetime
 import functools
 import importlib
 import inspect
+import itertools
 import json
 import os
 import stat
 import sys
-from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
-from typing import Any, BinaryIO
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
+from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
 
+from rich import box
 from rich.console import Console
 from rich.markup import escape
+from rich.table import Table
 
 from . import __version__, _demo
 from ._errors import AsyncschedError
-from ._models import Summary, Task
+from ._models import Summary, Task, TaskResult
+from ._progress import FINAL_STATUSES, stats_table
+
+if TYPE_CHECKING:
+    from ._sqlite import SQLiteStore
 
 __all__ = ["main"]
 
@@ -37,10 +51,13 @@ DEFAULT_DB = "asyncsched.db"
 """Where ``demo`` keeps its results unless ``--db`` says otherwise."""
 FAILURES_SHOWN = 10
 """Tasks that did not complete listed after a run."""
+OFF_TERMINAL_WIDTH = 160
+"""Columns of tables and lines written to a file or a pipe rather than a terminal."""
 MAX_LINE = 1 << 26
 """Longest input line read from a pipe, in bytes."""
 
 Command = Callable[[argparse.Namespace], int]
+T = TypeVar("T")
 
 
 class UsageError(Exception):
@@ -101,8 +118,8 @@ def _run_command(args: argparse.Namespace) -> int:
       asyncsched run mypackage.jobs:process --input jobs.jsonl --db results.db --timeout 30
     """
     fn = load_function(args.function)
-    if args.resume and args.batch_id is None:
-        raise UsageError("--resume continues a batch: give its id with --batch-id")
+    if args.resume and (args.batch_id is None or args.db is None):
+        raise UsageError("--resume continues a stored batch: give its file with --db and its id with --batch-id")
     with _open_input(args.input) as file:
         summary = _run_loop(_schedule(tasks_from_lines(fn, read_lines(file)), args))
     _print_outcome(summary, args)
@@ -197,7 +214,7 @@ async def _schedule(batch: Any, args: argparse.Namespace) -> Summary:
         return await scheduler.run(batch, batch_id=args.batch_id, resume=args.resume)
 
 
-def _run_loop(coroutine: Coroutine[Any, Any, Summary]) -> Summary:
+def _run_loop(coroutine: Coroutine[Any, Any, T]) -> T:
     """Run on uvloop when it is installed, else on asyncio."""
     try:
         import uvloop
@@ -210,7 +227,7 @@ def _run_loop(coroutine: Coroutine[Any, Any, Summary]) -> Summary:
 
 
 def _print_outcome(summary: Summary, args: argparse.Namespace) -> None:
-    console = Console(highlight=False)
+    console = _console()
     failures = [r for r in summary.results if not r.ok]
     if failures:
         console.print(f"{len(failures)} of {summary.total} tasks did not complete:")
@@ -221,9 +238,129 @@ def _print_outcome(summary: Summary, args: argparse.Namespace) -> None:
                           overflow="ellipsis", no_wrap=True)
         if len(failures) > FAILURES_SHOWN:
             console.print(f"  ... and {len(failures) - FAILURES_SHOWN} more")
-    where = "" if args.db is None else f"; results in {args.db}"
+    where = "" if args.db is None else f"; see asyncsched results {args.db} --batch {summary.batch_id}"
     console.print(f"batch {summary.batch_id}: {summary.completed} of {summary.total} tasks completed "
-                  f"in {summary.elapsed:.2f}s{where}")
+                  f"in {summary.elapsed:.2f}s{where}", soft_wrap=True)
+
+
+# -- commands that read a results file ------------------------------------------------------
+
+
+def _results_command(args: argparse.Namespace) -> int:
+    """Print stored results, oldest first: a table, JSON Lines, or CSV.
+
+    JSON Lines and CSV have the fields of `asyncsched export`. The file is opened
+    read-only: it is never changed, and can be read while another process writes to it.
+    """
+    results = _run_loop(_read(args, lambda store: store.results(batch_id=args.batch, status=args.status,
+                                                                 limit=args.limit)))
+    if args.format == "table":
+        console = _console()
+        console.print(_results_table(results, with_batch=args.batch is None) if results else "no results")
+        return 0
+    from ._sqlite import result_record
+
+    records = map(result_record, results)
+    if args.format == "jsonl":
+        sys.stdout.writelines(json.dumps(record) + "\n" for record in records)
+        return 0
+    first = next(records, None)
+    if first is not None:
+        writer = csv.DictWriter(sys.stdout, fieldnames=list(first), lineterminator="\n")
+        writer.writeheader()
+        writer.writerows({name: _cell(value) for name, value in record.items()}
+                         for record in itertools.chain([first], records))
+    return 0
+
+
+def _stats_command(args: argparse.Namespace) -> int:
+    """Print the count of stored results for each status, and the success rate.
+
+    For one batch (--batch) or for the whole file. The file is opened read-only.
+    """
+    stats = _run_loop(_read(args, lambda store: store.stats(args.batch)))
+    if args.json:
+        print(json.dumps({**dataclasses.asdict(stats), "success_rate": stats.success_rate}))
+        return 0
+    console = _console()
+    console.print(f"{args.db}: {'every batch' if args.batch is None else 'batch ' + args.batch}", markup=False)
+    console.print(stats_table(stats))
+    return 0
+
+
+def _batches_command(args: argparse.Namespace) -> int:
+    """List the batches of a results file, oldest first, with how many tasks completed.
+
+    The file is opened read-only.
+    """
+    batches = _run_loop(_read(args, lambda store: store.batches()))
+    if not batches:
+        print("no batches")
+        return 0
+    table = Table(box=box.SIMPLE_HEAD, show_edge=False)
+    for name in ("batch", "name", "created", "finished", "tasks", "completed", "success"):
+        table.add_column(name, justify="left" if name in ("batch", "name") else "right")
+    for batch in batches:
+        table.add_row(escape(batch.batch_id), escape(batch.name or ""), _when(batch.created_at),
+                      _when(batch.finished_at), str(batch.stats.total), str(batch.stats.completed),
+                      f"{batch.stats.success_rate:.1%}")
+    _console().print(table)
+    return 0
+
+
+def _export_command(args: argparse.Namespace) -> int:
+    """Write stored results to a JSON Lines file, oldest first, one result per line.
+
+    Each line has task_id, status, message, response_data, timestamp and
+    process_id, then batch_id, index, error, error_type, traceback, attempts,
+    started_at, finished_at, duration, progress and response_pickle. The
+    results file is opened read-only.
+    """
+    count = _run_loop(_read(args, lambda store: store.export_jsonl(args.out, batch_id=args.batch)))
+    print(f"exported {count} results to {args.out}")
+    return 0
+
+
+async def _read(args: argparse.Namespace, query: Callable[[SQLiteStore], Awaitable[T]]) -> T:
+    """Run ``query`` on the results file ``args.db`` opened read-only, once ``args.batch`` is known to be in it."""
+    from ._sqlite import SQLiteStore
+
+    async with SQLiteStore(args.db, readonly=True) as store:
+        batch_id = getattr(args, "batch", None)
+        if batch_id is not None and batch_id not in {batch.batch_id for batch in await store.batches()}:
+            raise UsageError(f"{args.db} has no batch {batch_id!r}; `asyncsched batches {args.db}` lists them")
+        return await query(store)
+
+
+def _results_table(results: list[TaskResult], *, with_batch: bool) -> Table:
+    table = Table(box=box.SIMPLE_HEAD, show_edge=False)
+    names = ["batch"] * with_batch + ["key", "status", "attempts", "duration", "value or error"]
+    for name in names:
+        table.add_column(name, justify="right" if name in ("attempts", "duration") else "left",
+                         overflow="ellipsis", no_wrap=True)
+    for result in results:
+        shown = repr(result.value) if result.ok else result.error or ""
+        duration = "" if result.duration is None else f"{result.duration:.3f}s"
+        table.add_row(*[escape(result.batch_id)] * with_batch, escape(result.key), result.status.value,
+                      str(result.attempts), duration, escape(shown))
+    return table
+
+
+def _console() -> Console:
+    """Where commands print: the terminal's width, or lines up to OFF_TERMINAL_WIDTH into a file or a pipe."""
+    console = Console(highlight=False)
+    if not console.is_terminal:
+        console.width = max(console.width, OFF_TERMINAL_WIDTH)
+    return console
+
+
+def _cell(value: Any) -> Any:
+    """A CSV cell: nested JSON stays JSON, and null is empty."""
+    return json.dumps(value) if isinstance(value, dict | list) else "" if value is None else value
+
+
+def _when(timestamp: float | None) -> str:
+    return "" if timestamp is None else datetime.datetime.fromtimestamp(timestamp).strftime("%Y-%m-%d %H:%M:%S")
 
 
 # -- the parser -----------------------------------------------------------------------------
@@ -282,4 +419,24 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--resume", action="store_true",
                      help="continue batch --batch-id in --db: tasks whose line has a result are not run again")
     run.add_argument("--no-progress", dest="progress", action="store_false", help="no live progress display")
+
+    results = command("results", _results_command)
+    results.add_argument("db", metavar="DB", help="a results file (SQLite)")
+    results.add_argument("--batch", metavar="ID", help="only this batch")
+    results.add_argument("--status", choices=[status.value for status in FINAL_STATUSES], help="only this status")
+    results.add_argument("--limit", type=_positive(int), metavar="N", help="at most N results")
+    results.add_argument("--format", choices=("table", "jsonl", "csv"), default="table", help="table (default)")
+
+    stats = command("stats", _stats_command)
+    stats.add_argument("db", metavar="DB", help="a results file (SQLite)")
+    stats.add_argument("--batch", metavar="ID", help="only this batch")
+    stats.add_argument("--json", action="store_true", help="one JSON object instead of a table")
+
+    batches = command("batches", _batches_command)
+    batches.add_argument("db", metavar="DB", help="a results file (SQLite)")
+
+    export = command("export", _export_command)
+    export.add_argument("db", metavar="DB", help="a results file (SQLite)")
+    export.add_argument("out", metavar="OUT.jsonl", help="the JSON Lines file to write (replaced if it exists)")
+    export.add_argument("--batch", metavar="ID", help="only this batch")
     return parser

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import csv
+import hashlib
+import io
 import json
 import os
 import pty
@@ -16,11 +19,14 @@ from pathlib import Path
 
 import pytest
 
+from asyncsched import Scheduler, SQLiteStore, StoreError, Task
 from asyncsched._cli import main
+
+from . import tasks
 
 ROOT = Path(__file__).resolve().parent.parent
 CONSOLE_SCRIPT = Path(sys.executable).parent / "asyncsched"
-COMMANDS = ["demo", "run"]
+COMMANDS = ["demo", "run", "results", "stats", "batches", "export"]
 
 
 def write_lines(path: Path, *values: object) -> str:
@@ -93,7 +99,7 @@ def test_a_module_that_fails_to_import_is_one_line_too(tmp_path: Path, capsys: p
     (["--workers", "0"], "argument --workers: '0' is not cpu, io or a positive number"),
     (["--timeout", "-1"], "argument --timeout: '-1' is not a positive number"),
     (["--retries", "x"], "argument --retries: 'x' is not a non-negative number"),
-    (["--resume"], "--resume continues a batch: give its id with --batch-id"),
+    (["--resume", "--batch-id", "b"], "--resume continues a stored batch: give its file with --db and its id"),
     (["--input", "/no/such/file"], "cannot read --input /no/such/file: No such file or directory"),
 ])
 def test_run_usage_errors_exit_2(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
@@ -116,6 +122,139 @@ def test_python_m_asyncsched_reads_stdin_as_it_comes() -> None:
     out, err = process.communicate("3\n[4]\n", timeout=30)
     assert process.returncode == 0, err
     assert "2 of 2 tasks completed" in out
+
+
+# -- results files ------------------------------------------------------------------------------
+
+
+def test_demo_keeps_its_results_in_sqlite(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    db = os.fspath(tmp_path / "demo.db")
+    assert main(["demo", "--tasks", "4", "--workers", "4", "--db", db]) == 0
+    out = capsys.readouterr().out
+    assert "Simulating 4 requests" in out and "finished 4 tasks in" in out and f"asyncsched results {db}" in out
+    assert main(["stats", db, "--json"]) == 0
+    stats = json.loads(capsys.readouterr().out)
+    assert stats["total"] == 4 and stats["total"] == sum(stats[s] for s in ("completed", "failed", "timed_out"))
+
+
+@pytest.fixture
+def results_db(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> str:
+    """A results file with batch "b1": line 1 completed (3), line 2 failed, line 3 completed (7)."""
+    db = os.fspath(tmp_path / "results.db")
+    jobs = write_lines(tmp_path / "jobs.jsonl", [1, 2], ["x", 1], {"a": 3, "b": 4})
+    assert main(["run", "tests.tasks:add", "--input", jobs, "--db", db, "--batch-id", "b1", "--workers", "1",
+                 "--no-progress"]) == 1
+    capsys.readouterr()
+    return db
+
+
+def read(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
+    assert main(argv) == 0
+    return capsys.readouterr().out
+
+
+def test_results_in_every_format(results_db: str, capsys: pytest.CaptureFixture[str]) -> None:
+    lines = [json.loads(line) for line in read(["results", results_db, "--format", "jsonl"], capsys).splitlines()]
+    by_key = {line["task_id"]: line for line in lines}
+    assert {key: line["status"] for key, line in by_key.items()} == {"1": "completed", "2": "failed", "3": "completed"}
+    assert (by_key["1"]["response_data"], by_key["3"]["response_data"]) == (3, 7)
+    assert "TypeError" in by_key["2"]["error"] and by_key["2"]["batch_id"] == "b1"
+    rows = list(csv.DictReader(io.StringIO(read(["results", results_db, "--format", "csv", "--status", "failed"],
+                                                capsys))))
+    assert [(row["task_id"], row["status"]) for row in rows] == [("2", "failed")]
+    assert len(read(["results", results_db, "--format", "jsonl", "--limit", "2"], capsys).splitlines()) == 2
+    table = read(["results", results_db, "--batch", "b1"], capsys)
+    assert "value or error" in table and "TypeError" in table and "completed" in table
+    assert "batch" not in table.splitlines()[0]  # one batch asked for: no batch column
+    assert read(["results", results_db, "--status", "crashed"], capsys).strip() == "no results"
+
+
+def test_stats_batches_and_export(results_db: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    stats = json.loads(read(["stats", results_db, "--batch", "b1", "--json"], capsys))
+    assert stats == {"total": 3, "completed": 2, "failed": 1, "timed_out": 0, "crashed": 0, "cancelled": 0,
+                     "batch_id": "b1", "success_rate": 2 / 3}
+    table = read(["stats", results_db], capsys)
+    assert "every batch" in table and "66.7%" in table
+    batches = read(["batches", results_db], capsys)
+    assert "b1" in batches and "66.7%" in batches
+    out = tmp_path / "out.jsonl"
+    assert read(["export", results_db, os.fspath(out), "--batch", "b1"], capsys).strip() == \
+        f"exported 3 results to {out}"
+    assert sorted(json.loads(line)["task_id"] for line in out.read_text().splitlines()) == ["1", "2", "3"]
+
+
+def test_read_commands_report_bad_files_and_batches(results_db: str, tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    missing = tmp_path / "missing.db"
+    for argv in (["stats", os.fspath(missing)], ["results", os.fspath(tmp_path / "jobs.jsonl")],
+                 ["results", results_db, "--batch", "nope"], ["results", results_db, "--status", "nope"]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert "error: " in err and "Traceback" not in err
+    assert not missing.exists()  # reading never creates a file
+    assert main(["export", results_db, os.fspath(tmp_path / "out.jsonl"), "--batch", "nope"]) == 2
+    assert "has no batch 'nope'" in capsys.readouterr().err
+
+
+def test_resume_runs_only_the_lines_without_a_result(results_db: str, tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    jobs = write_lines(tmp_path / "more.jsonl", [1, 2], ["x", 1], {"a": 3, "b": 4}, [10, 20])
+    argv = ["run", "tests.tasks:add", "--input", jobs, "--db", results_db, "--batch-id", "b1"]
+    assert main(argv) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert main([*argv, "--resume"]) == 1  # line 2 still failed: its result is kept, not run again
+    out = capsys.readouterr().out
+    assert "finished 1 tasks in" in out and "3 of 4 tasks completed" in out
+    lines = read(["results", results_db, "--format", "jsonl"], capsys).splitlines()
+    assert {json.loads(line)["task_id"]: json.loads(line)["response_data"] for line in lines}["4"] == 30
+
+
+def test_read_commands_work_while_another_process_writes_and_change_nothing(
+        tmp_path: Path, gate: Callable[[], str], capsys: pytest.CaptureFixture[str]) -> None:
+    release, db = gate(), tmp_path / "live.db"
+    quick = os.fspath(tmp_path / "jobs.jsonl")
+    jobs = write_lines(tmp_path / "jobs.jsonl", [quick, 1], [quick, 2], [release, 3])
+    writer = subprocess.Popen([sys.executable, "-m", "asyncsched", "run", "tests.tasks:wait_for_file", "--input",
+                               jobs, "--db", os.fspath(db), "--batch-id", "live", "--workers", "2", "--no-progress"],
+                              cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not (db.exists() and main(["stats", os.fspath(db), "--json"]) == 0
+                   and json.loads(capsys.readouterr().out)["total"] == 2):  # the writer committed the quick ones
+            assert time.monotonic() < deadline and writer.poll() is None, capsys.readouterr()
+            time.sleep(0.05)
+        batches = read(["batches", os.fspath(db)], capsys)
+        assert "live" in batches and "66.7%" not in batches  # still running: 2 of 2 completed so far
+        assert len(read(["results", os.fspath(db), "--format", "jsonl"], capsys).splitlines()) == 2
+        Path(release).touch()
+        _, err = writer.communicate(timeout=30)
+    finally:
+        if writer.poll() is None:
+            writer.kill()
+            writer.communicate()
+    assert writer.returncode == 0, err
+    before = hashlib.sha256(db.read_bytes()).hexdigest()
+    for argv in (["results", os.fspath(db)], ["stats", os.fspath(db)], ["batches", os.fspath(db)],
+                 ["export", os.fspath(db), os.fspath(tmp_path / "out.jsonl")]):
+        read(argv, capsys)
+    assert hashlib.sha256(db.read_bytes()).hexdigest() == before
+    assert json.loads(read(["stats", os.fspath(db), "--json"], capsys))["completed"] == 3
+
+
+async def test_a_readonly_store_reads_and_refuses_to_write(tmp_path: Path) -> None:
+    path = tmp_path / "r.db"
+    async with Scheduler(workers=1, store=os.fspath(path)) as scheduler:
+        await scheduler.run([Task(tasks.square, 3)], batch_id="b")
+    async with SQLiteStore(path, readonly=True) as store:
+        assert repr(store).endswith("readonly=True)")
+        assert [r.value for r in await store.results()] == [9]
+        with pytest.raises(StoreError, match="read-only"):
+            await store.begin_batch("other")
+        with pytest.raises(StoreError, match="read-only"):
+            store.add((await store.results())[0])
+    with pytest.raises(StoreError, match="does not exist"):
+        await SQLiteStore(tmp_path / "missing.db", readonly=True).open()
+    assert not (tmp_path / "missing.db").exists()
 
 
 # -- through a pseudo-terminal ------------------------------------------------------------------
