@@ -152,7 +152,10 @@ def load_function(spec: str) -> Callable[..., Any]:
 
 def _open_input(path: str) -> BinaryIO:
     if path == "-":
-        return os.fdopen(os.dup(sys.stdin.fileno()), "rb")
+        if sys.stdin.isatty():
+            print("asyncsched run: reading one JSON value per line from the terminal; end with Ctrl-D",
+                  file=sys.stderr)
+        return os.fdopen(os.dup(sys.stdin.fileno()), "rb")  # a copy: closing it leaves sys.stdin open
     try:
         return open(path, "rb")
     except OSError as exc:

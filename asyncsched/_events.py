@@ -116,7 +116,7 @@ class _Subscriber(Protocol):
 
 
 class EventHub:
-    """Publishes each event to every live :class:`EventStream`.
+    """Publishes each event to every live :class:`EventStream` and :class:`EventListener`.
 
     Streams are held through weak references, so one the user drops is
     unsubscribed when it is collected.
