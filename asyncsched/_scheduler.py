@@ -32,7 +32,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import AsyncGenerator, AsyncIterable, Iterable, Iterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterable, Iterable, Iterator, Mapping, Sized
 from typing import Any
 
 from ._backend import Backend
@@ -97,6 +97,7 @@ class _BatchRun:
         self.ready: deque[TaskResult] = deque()
         self.waiter: asyncio.Future[None] | None = None
         self.aborted: BaseException | None = None
+        self.total: int | None = None  # tasks this run will finish, once known (for progress displays)
 
     def start(self, record: _Record) -> None:
         record.retry_handle = None
@@ -198,7 +199,8 @@ class Scheduler:
     workers (see :class:`ProcessPool`). ``backend`` replaces the local pool
     (then leave those pool options alone). ``window`` bounds how many tasks of a
     batch are pulled ahead of execution. ``event_buffer`` is each events()
-    consumer's buffer.
+    consumer's buffer. ``progress=True`` shows a live progress display of each
+    batch while it runs, and its final report (see :class:`ProgressMonitor`).
 
     Use it as ``async with Scheduler(...) as scheduler``; ``aclose()`` works too.
     Inside ``async with`` on the main thread, a SIGTERM (when nothing else
@@ -222,6 +224,7 @@ class Scheduler:
         window: int | None = None,
         event_buffer: int = DEFAULT_EVENT_BUFFER,
         handle_sigterm: bool = True,
+        progress: bool = False,
     ) -> None:
         if timeout is not None and not timeout > 0:
             raise ConfigurationError(f"timeout must be a positive number of seconds or None, got {timeout!r}")
@@ -244,6 +247,7 @@ class Scheduler:
         self._retry_policy = retry_policy or RetryPolicy()
         self._window = window or max(MIN_WINDOW, WINDOW_PER_SLOT * backend.capacity)
         self._hub = EventHub(event_buffer)
+        self._progress = progress
         self._runs: set[_BatchRun] = set()
         self._started = False
         self._closed = False
@@ -348,7 +352,7 @@ class Scheduler:
         started = time.monotonic()
         batch_id, previous = await self._begin(batch_id, name, resume)
         results = list(previous.values())
-        async with contextlib.aclosing(self._stream(batch, batch_id, previous)) as stream:
+        async with self._monitor(batch_id), contextlib.aclosing(self._stream(batch, batch_id, previous)) as stream:
             async for result in stream:
                 results.append(result)
         results.sort(key=lambda r: r.index)
@@ -364,7 +368,7 @@ class Scheduler:
         than when the stream is garbage collected.
         """
         batch_id, previous = await self._begin(batch_id, name, resume)
-        async with contextlib.aclosing(self._stream(batch, batch_id, previous)) as stream:
+        async with self._monitor(batch_id), contextlib.aclosing(self._stream(batch, batch_id, previous)) as stream:
             async for result in stream:
                 yield result
 
@@ -377,9 +381,18 @@ class Scheduler:
             batch_id = uuid.uuid4().hex[:12]
         return batch_id, await self._store.begin_batch(batch_id, name=name, resume=resume)
 
+    def _monitor(self, batch_id: str) -> contextlib.AbstractAsyncContextManager[object]:
+        if not self._progress:
+            return contextlib.nullcontext()
+        from ._progress import ProgressMonitor  # the display sits above the scheduler and imports rich
+
+        return ProgressMonitor(self, batch_id=batch_id)
+
     async def _stream(self, batch: Batch, batch_id: str,
                       previous: Mapping[str, TaskResult]) -> AsyncGenerator[TaskResult, None]:
         run = _BatchRun(self, batch_id)
+        if isinstance(batch, Sized):
+            run.total = len(batch) - len(previous)
         self._runs.add(run)
         items = _pull(batch)
         window = self._window
@@ -391,6 +404,7 @@ class Scheduler:
                     item = await anext(items, _END)
                     if item is _END:
                         exhausted = True
+                        run.total = index - len(previous)
                         break
                     index = self._admit(run, item, index, previous)
                 if run.ready:
@@ -427,6 +441,10 @@ class Scheduler:
         return index + 1
 
     # -- events and queries ----------------------------------------------------------------
+
+    def _expected(self) -> dict[str, int | None]:
+        """For each running batch, how many tasks it will finish in this run (None until known)."""
+        return {run.batch_id: run.total for run in self._runs}
 
     def events(self, *, batch_id: str | None = None, buffer: int | None = None) -> EventStream:
         """Live status events from now on, for every batch or for one.
