@@ -66,6 +66,9 @@ class UsageError(Exception):
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one command and return its exit status (``python -m asyncsched`` and the console script)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["celery-worker"]:  # its options belong to its own parser, and to Celery's
+        return _celery_worker(argv[1:])
     parser = _parser()
     try:
         args = parser.parse_args(argv)
@@ -83,6 +86,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"asyncsched {args.name}: interrupted", file=sys.stderr)
         return 130
+
+
+def _celery_worker(argv: list[str]) -> int:
+    try:
+        from .backends._celery import celery_worker_main
+    except ImportError as exc:
+        print(f"asyncsched celery-worker: error: {exc}", file=sys.stderr)
+        return 2
+    return celery_worker_main(argv)
 
 
 # -- demo -----------------------------------------------------------------------------------
@@ -442,4 +454,8 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("db", metavar="DB", help="a results file (SQLite)")
     export.add_argument("out", metavar="OUT.jsonl", help="the JSON Lines file to write (replaced if it exists)")
     export.add_argument("--batch", metavar="ID", help="only this batch")
+
+    # Listed for --help only: main() hands its arguments to the Celery worker's own parser.
+    commands.add_parser("celery-worker", add_help=False,
+                        help="start a Celery worker for CeleryBackend (--broker URL --backend URL [--concurrency N])")
     return parser
