@@ -1,5 +1,5 @@
 # Two commands set everything up on a fresh machine with Python 3.11+:
-#   make demo   creates .venv, installs the package and runs the demo
+#   make demo   creates .venv, installs the package and runs `asyncsched demo`
 #   make test   creates .venv, installs the test extras and runs ruff, mypy --strict and pytest
 #               (the Celery tests need redis-server: as root, make installs it with apt-get when missing;
 #               the tests start their own servers on 127.0.0.1; the dashboard's browser test needs Debian's
@@ -23,7 +23,7 @@ $(VENV)/.installed-test: pyproject.toml | $(BIN)/python
 	touch $@
 
 demo: $(VENV)/.installed-demo
-	$(BIN)/python examples/requests_demo.py
+	$(BIN)/asyncsched demo
 
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check asyncsched tests benchmarks examples

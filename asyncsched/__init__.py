@@ -46,6 +46,7 @@ if TYPE_CHECKING:
     from ._events import EventStream
     from ._local import ExecutorBackend, ProcessBackend
     from ._pool import PoolStatistics, ProcessPool
+    from ._progress import ProgressMonitor, ProgressStatistics
     from ._scheduler import Scheduler
     from ._sqlite import SQLiteStore
     from ._store import BatchInfo, MemoryStore, Store
@@ -68,6 +69,8 @@ __all__ = [
     "PoolStatistics",
     "ProcessBackend",
     "ProcessPool",
+    "ProgressMonitor",
+    "ProgressStatistics",
     "RemoteTraceback",
     "RetryPolicy",
     "SQLiteStore",
@@ -101,6 +104,8 @@ _LAZY = {
     "PoolStatistics": "._pool",
     "ProcessBackend": "._local",
     "ProcessPool": "._pool",
+    "ProgressMonitor": "._progress",
+    "ProgressStatistics": "._progress",
     "SQLiteStore": "._sqlite",
     "Scheduler": "._scheduler",
     "Store": "._store",

@@ -5,6 +5,12 @@ slow consumer never slows the scheduler or the other consumers. When a
 consumer's buffer is full the *oldest* event in it is dropped and counted in
 :attr:`EventStream.dropped`; the events it does see are still in order, for
 each task and overall.
+
+An :class:`EventListener` is the other kind of consumer, for the package's own
+live displays: a function called synchronously as each event is published, so
+nothing is buffered and every event is seen. It costs the run less than a
+stream (no event outlives its publication, which spares the garbage collector),
+but it runs inside the scheduler: it must be quick and must not raise.
 """
 
 from __future__ import annotations
@@ -12,12 +18,13 @@ from __future__ import annotations
 import asyncio
 import weakref
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from types import TracebackType
+from typing import Protocol
 
 from ._models import Event
 
-__all__ = ["DEFAULT_EVENT_BUFFER", "EventHub", "EventStream"]
+__all__ = ["DEFAULT_EVENT_BUFFER", "EventHub", "EventListener", "EventStream"]
 
 DEFAULT_EVENT_BUFFER = 10_000
 """Events buffered for one consumer before the oldest are dropped."""
@@ -88,15 +95,41 @@ class EventStream(AsyncIterator[Event]):
         await self.aclose()
 
 
+class EventListener:
+    """Calls a function with each event as it is published, until :meth:`close`; see :meth:`EventHub.listen`."""
+
+    __slots__ = ("__weakref__", "_hub", "_push", "batch_id")
+
+    def __init__(self, hub: EventHub, callback: Callable[[Event], None], batch_id: str | None) -> None:
+        self.batch_id = batch_id
+        self._push = callback
+        self._hub = hub
+
+    def _end(self) -> None:
+        pass
+
+    def close(self) -> None:
+        """Stop the calls. Idempotent."""
+        self._hub._unsubscribe(self)
+
+
+class _Subscriber(Protocol):
+    batch_id: str | None
+
+    def _push(self, event: Event) -> None: ...
+
+    def _end(self) -> None: ...
+
+
 class EventHub:
-    """Publishes each event to every live :class:`EventStream`.
+    """Publishes each event to every live :class:`EventStream` and :class:`EventListener`.
 
     Streams are held through weak references, so one the user drops is
     unsubscribed when it is collected.
     """
 
     def __init__(self, maxlen: int = DEFAULT_EVENT_BUFFER) -> None:
-        self._refs: list[weakref.ref[EventStream]] = []
+        self._refs: list[weakref.ref[_Subscriber]] = []
         self._maxlen = maxlen
 
     def subscribe(self, batch_id: str | None = None, maxlen: int | None = None) -> EventStream:
@@ -104,11 +137,17 @@ class EventHub:
         self._refs = [*self._refs, weakref.ref(stream, self._forget)]
         return stream
 
-    def _forget(self, ref: weakref.ref[EventStream]) -> None:
+    def listen(self, callback: Callable[[Event], None], batch_id: str | None = None) -> EventListener:
+        """Call ``callback(event)`` for each event from now on, as it is published (while the listener lives)."""
+        listener = EventListener(self, callback, batch_id)
+        self._refs = [*self._refs, weakref.ref(listener, self._forget)]
+        return listener
+
+    def _forget(self, ref: weakref.ref[_Subscriber]) -> None:
         self._refs = [r for r in self._refs if r is not ref]
 
-    def _unsubscribe(self, stream: EventStream) -> None:
-        self._refs = [r for r in self._refs if r() is not stream]
+    def _unsubscribe(self, subscriber: _Subscriber) -> None:
+        self._refs = [r for r in self._refs if r() is not subscriber]
 
     @property
     def active(self) -> bool:

@@ -32,7 +32,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import AsyncGenerator, AsyncIterable, Iterable, Iterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterable, Iterable, Iterator, Mapping, Sized
 from typing import Any
 
 from ._backend import Backend
@@ -97,6 +97,7 @@ class _BatchRun:
         self.ready: deque[TaskResult] = deque()
         self.waiter: asyncio.Future[None] | None = None
         self.aborted: BaseException | None = None
+        self.total: int | None = None  # tasks this run will finish, once known (for progress displays)
         self.stopped: str | None = None  # why the batch was cancelled (Scheduler.cancel)
 
     def start(self, record: _Record) -> None:
@@ -207,7 +208,8 @@ class Scheduler:
     workers (see :class:`ProcessPool`). ``backend`` replaces the local pool
     (then leave those pool options alone). ``window`` bounds how many tasks of a
     batch are pulled ahead of execution. ``event_buffer`` is each events()
-    consumer's buffer.
+    consumer's buffer. ``progress=True`` shows a live progress display of each
+    batch while it runs, and its final report (see :class:`ProgressMonitor`).
 
     Use it as ``async with Scheduler(...) as scheduler``; ``aclose()`` works too.
     Inside ``async with`` on the main thread, a SIGTERM (when nothing else
@@ -231,6 +233,7 @@ class Scheduler:
         window: int | None = None,
         event_buffer: int = DEFAULT_EVENT_BUFFER,
         handle_sigterm: bool = True,
+        progress: bool = False,
     ) -> None:
         if timeout is not None and not timeout > 0:
             raise ConfigurationError(f"timeout must be a positive number of seconds or None, got {timeout!r}")
@@ -253,6 +256,7 @@ class Scheduler:
         self._retry_policy = retry_policy or RetryPolicy()
         self._window = window or max(MIN_WINDOW, WINDOW_PER_SLOT * backend.capacity)
         self._hub = EventHub(event_buffer)
+        self._progress = progress
         self._runs: set[_BatchRun] = set()
         self._started = False
         self._closed = False
@@ -357,7 +361,7 @@ class Scheduler:
         started = time.monotonic()
         batch_id, previous = await self._begin(batch_id, name, resume)
         results = list(previous.values())
-        async with contextlib.aclosing(self._stream(batch, batch_id, previous)) as stream:
+        async with self._monitor(batch_id), contextlib.aclosing(self._stream(batch, batch_id, previous)) as stream:
             async for result in stream:
                 results.append(result)
         results.sort(key=lambda r: r.index)
@@ -373,7 +377,7 @@ class Scheduler:
         than when the stream is garbage collected.
         """
         batch_id, previous = await self._begin(batch_id, name, resume)
-        async with contextlib.aclosing(self._stream(batch, batch_id, previous)) as stream:
+        async with self._monitor(batch_id), contextlib.aclosing(self._stream(batch, batch_id, previous)) as stream:
             async for result in stream:
                 yield result
 
@@ -386,9 +390,18 @@ class Scheduler:
             batch_id = uuid.uuid4().hex[:12]
         return batch_id, await self._store.begin_batch(batch_id, name=name, resume=resume)
 
+    def _monitor(self, batch_id: str) -> contextlib.AbstractAsyncContextManager[object]:
+        if not self._progress:
+            return contextlib.nullcontext()
+        from ._progress import ProgressMonitor  # the display sits above the scheduler and imports rich
+
+        return ProgressMonitor(self, batch_id=batch_id)
+
     async def _stream(self, batch: Batch, batch_id: str,
                       previous: Mapping[str, TaskResult]) -> AsyncGenerator[TaskResult, None]:
         run = _BatchRun(self, batch_id)
+        if isinstance(batch, Sized):
+            run.total = len(batch) - len(previous)
         self._runs.add(run)
         items = _pull(batch)
         window = self._window
@@ -400,6 +413,7 @@ class Scheduler:
                     item = await anext(items, _END)
                     if item is _END:
                         exhausted = True
+                        run.total = index - len(previous)
                         break
                     index = self._admit(run, item, index, previous)
                 if run.ready:
@@ -446,9 +460,13 @@ class Scheduler:
             run.stop("the batch was cancelled")
         return bool(runs)
 
-    def running(self) -> list[str]:
-        """The ids of the batches running now, sorted."""
-        return sorted({run.batch_id for run in self._runs})
+    def running(self) -> dict[str, int | None]:
+        """The batches running now: for each id, how many tasks this run will finish (None until known).
+
+        The count is known at once for a batch with a length (a list), else
+        once the batch has been read to its end.
+        """
+        return {run.batch_id: run.total for run in self._runs}
 
     # -- events and queries ----------------------------------------------------------------
 

@@ -35,6 +35,7 @@ import os
 import pickle
 import sqlite3
 import time
+import urllib.request
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -126,9 +127,14 @@ class SQLiteStore(Store):
 
     ``busy_timeout`` (seconds) is how long a write waits for another
     connection's lock before it fails with :class:`StoreError`.
+
+    ``readonly=True`` opens an existing file for queries and export only
+    (SQLite's ``mode=ro``): it never changes the file, never creates one, and
+    reads the last commit while another process writes to it.
     """
 
-    def __init__(self, path: str | os.PathLike[str], *, busy_timeout: float = DEFAULT_BUSY_TIMEOUT) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, busy_timeout: float = DEFAULT_BUSY_TIMEOUT,
+                 readonly: bool = False) -> None:
         self.path = os.fspath(path)
         if self.path in ("", ":memory:"):
             raise ConfigurationError(f"SQLiteStore needs a file path, got {self.path!r}; "
@@ -136,6 +142,7 @@ class SQLiteStore(Store):
         if not busy_timeout >= 0:
             raise ConfigurationError(f"busy_timeout must be a non-negative number of seconds, got {busy_timeout!r}")
         self.busy_timeout = busy_timeout
+        self.readonly = readonly
         self._db: aiosqlite.Connection | None = None
         self._reader: aiosqlite.Connection | None = None
         self._writer: asyncio.Task[None] | None = None
@@ -145,7 +152,7 @@ class SQLiteStore(Store):
         self._closed = False
 
     def __repr__(self) -> str:
-        return f"SQLiteStore({self.path!r})"
+        return f"SQLiteStore({self.path!r}{', readonly=True' if self.readonly else ''})"
 
     async def __aenter__(self) -> SQLiteStore:
         await self.open()
@@ -166,7 +173,13 @@ class SQLiteStore(Store):
             with self._translate("open"):
                 # A failed aiosqlite.connect() leaves its thread to finish on its own, maybe after the loop
                 # closed: find out in a thread of ours whether the file opens at all.
-                await asyncio.to_thread(_try_to_open, self.path)
+                await asyncio.to_thread(_try_to_open, self.path, self.readonly)
+                if self.readonly:
+                    self._reader = await self._connect()
+                    if await self._version(self._reader) < SCHEMA_VERSION:
+                        raise StoreError(f"{self.path} holds no asyncsched results: pass the path of a results "
+                                         "file, or open it once for writing to upgrade it")
+                    return
                 self._db = await self._connect()
                 await self._db.execute("PRAGMA journal_mode = WAL")
                 await self._db.execute("PRAGMA synchronous = FULL")
@@ -178,21 +191,26 @@ class SQLiteStore(Store):
         self._writer = asyncio.get_running_loop().create_task(self._write_loop(), name=f"{self!r} writer")
 
     async def _connect(self) -> aiosqlite.Connection:
-        return await aiosqlite.connect(self.path, isolation_level=None, timeout=self.busy_timeout,
-                                       iter_chunk_size=_CHUNK)
+        return await aiosqlite.connect(_readonly_uri(self.path) if self.readonly else self.path, uri=self.readonly,
+                                       isolation_level=None, timeout=self.busy_timeout, iter_chunk_size=_CHUNK)
+
+    async def _version(self, db: aiosqlite.Connection) -> int:
+        """The file's schema version, once it is known to be a file asyncsched can use."""
+        version = await _pragma(db, "user_version")
+        if version > SCHEMA_VERSION:
+            raise StoreError(f"{self.path} has schema version {version}, newer than this asyncsched "
+                             f"understands ({SCHEMA_VERSION}); upgrade asyncsched, or use another file")
+        if version == 0 and await _pragma(db, "application_id") != APPLICATION_ID:
+            cursor = await db.execute("SELECT count(*) FROM sqlite_schema")
+            row = await cursor.fetchone()
+            if row is not None and row[0]:
+                raise StoreError(f"{self.path} is a SQLite database of another application; "
+                                 "pass the path of an asyncsched results file, or of a new file")
+        return version
 
     async def _migrate(self) -> None:
         async with self._writing("open") as db:  # BEGIN IMMEDIATE: waits for another writer up to busy_timeout
-            version = await _pragma(db, "user_version")
-            if version > SCHEMA_VERSION:
-                raise StoreError(f"{self.path} has schema version {version}, newer than this asyncsched "
-                                 f"understands ({SCHEMA_VERSION}); upgrade asyncsched, or use another file")
-            if version == 0 and await _pragma(db, "application_id") != APPLICATION_ID:
-                cursor = await db.execute("SELECT count(*) FROM sqlite_schema")
-                row = await cursor.fetchone()
-                if row is not None and row[0]:
-                    raise StoreError(f"{self.path} is a SQLite database of another application; "
-                                     "pass the path of an asyncsched results file, or of a new file")
+            version = await self._version(db)
             for step in _MIGRATIONS[version:]:
                 for statement in step:
                     await db.execute(statement)
@@ -226,7 +244,7 @@ class SQLiteStore(Store):
 
     def add(self, result: TaskResult) -> None:
         """Queue one final result; the writer task commits it within :data:`FLUSH_INTERVAL`."""
-        if self._closed:
+        if self._closed or self.readonly:
             raise self._unavailable()
         self._pending.append(result)
         self._wake.set()
@@ -337,6 +355,8 @@ class SQLiteStore(Store):
     def _unavailable(self) -> Exception:
         if self._closed:
             return ClosedError(f"{self!r} is closed; create a new one")
+        if self.readonly and self._reader is not None:
+            return StoreError(f"{self!r} is read-only; open it without readonly=True to write to it")
         return StoreError(f"{self!r} is not open; use `async with` or await open() first")
 
     # -- JSON Lines ------------------------------------------------------------------------
@@ -453,8 +473,15 @@ async def _insert(db: aiosqlite.Connection, items: Sequence[Any], to_row: Callab
         await db.execute(_insert_sql(len(items) - full), values(items[full:]))
 
 
-def _try_to_open(path: str) -> None:
-    sqlite3.connect(path).close()
+def _try_to_open(path: str, readonly: bool) -> None:
+    if readonly and not os.path.isfile(path):
+        raise StoreError(f"{path} does not exist: pass the path of an asyncsched results file")
+    sqlite3.connect(_readonly_uri(path) if readonly else path, uri=readonly).close()
+
+
+def _readonly_uri(path: str) -> str:
+    """A URI that opens ``path`` for reading only, and never creates it."""
+    return f"file:{urllib.request.pathname2url(os.path.abspath(path))}?mode=ro"
 
 
 async def _pragma(db: aiosqlite.Connection, name: str) -> int:
@@ -528,10 +555,19 @@ def _result(row: Row) -> TaskResult:
                       message, progress, error_type, index)
 
 
+def result_record(result: TaskResult) -> dict[str, Any]:
+    """A result as a line of :meth:`SQLiteStore.export_jsonl` has it (``asyncsched results`` shows the same)."""
+    return _record(_row(result))
+
+
 def _line(row: Row) -> str:
+    return json.dumps(_record(row)) + "\n"
+
+
+def _record(row: Row) -> dict[str, Any]:
     (batch_id, key, index, status, value, blob, error, error_type, tb, attempts, pid, started_at, finished_at,
      message, progress) = row
-    return json.dumps({
+    return {
         "task_id": key,
         "status": status,
         "message": message,
@@ -549,7 +585,7 @@ def _line(row: Row) -> str:
         "duration": None if started_at is None or finished_at is None else finished_at - started_at,
         "progress": progress,
         "response_pickle": None if blob is None else base64.b64encode(blob).decode("ascii"),
-    }) + "\n"
+    }
 
 
 def _import_row(line: str, path: str | os.PathLike[str], number: int, batch_id: str) -> Row:

@@ -114,8 +114,8 @@ def redis_server() -> Iterator[str]:
 
 @contextlib.contextmanager
 def celery_worker(broker: str, backend: str, concurrency: int = 2) -> Iterator[str]:
-    """``python -m asyncsched.backends.celery_worker``; yields its ``celery@host ready.`` line."""
-    argv = [sys.executable, "-m", "asyncsched.backends.celery_worker", "--broker", broker, "--backend", backend,
+    """``python -m asyncsched celery-worker``; yields its ``celery@host ready.`` line."""
+    argv = [sys.executable, "-m", "asyncsched", "celery-worker", "--broker", broker, "--backend", backend,
             "--concurrency", str(concurrency), "--without-mingle", "--without-gossip"]
     with service(argv, " ready.", env={"PYTHONPATH": str(ROOT)}) as line:
         yield line

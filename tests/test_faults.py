@@ -174,13 +174,13 @@ async def test_cancel_by_id_kills_the_running_tasks_and_run_returns() -> None:
             pids.add(event.pid)
             if len(pids) == 2:
                 break
-        assert scheduler.running() == ["doomed"]
+        assert scheduler.running() == {"doomed": 100}
         assert scheduler.cancel("doomed") and not scheduler.cancel("no-such-batch")
         summary = await run  # ends with what it has: the tasks admitted so far, cancelled
         assert 2 <= summary.total < 100 and summary.cancelled == summary.total
         assert {r.error for r in summary.results} == {"the batch was cancelled"}
         assert all(pid is not None and wait_gone(pid, timeout=1.0) for pid in pids)
-        assert scheduler.running() == [] and not scheduler.cancel("doomed")
+        assert scheduler.running() == {} and not scheduler.cancel("doomed")
         assert (await scheduler.stats("doomed")).cancelled == summary.total
 
 

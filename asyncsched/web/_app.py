@@ -234,13 +234,13 @@ class _Api:
 
     # -- batches ---------------------------------------------------------------------------
 
-    def _running(self) -> set[str]:
-        return set(self.scheduler.running()) | set(self.jobs)
+    def _running(self) -> dict[str, int | None]:
+        """The running batches, each with its size when known."""
+        return {**self.scheduler.running(), **{batch_id: job.expected for batch_id, job in self.jobs.items()}}
 
-    def _summary(self, info: BatchInfo, running: set[str]) -> dict[str, Any]:
+    def _summary(self, info: BatchInfo, running: dict[str, int | None]) -> dict[str, Any]:
         state = "running" if info.batch_id in running else "finished" if info.finished_at else "unfinished"
-        job = self.jobs.get(info.batch_id)
-        return batch_json(info, state, None if job is None else job.expected)
+        return batch_json(info, state, running.get(info.batch_id))
 
     async def _batch(self, batch_id: str) -> BatchInfo:
         for info in await self.scheduler.batches():
@@ -349,7 +349,7 @@ class _Api:
             _fail(403, "this server is read-only: it was started without a task registry")
         info = await self._batch(batch_id)
         if not self.scheduler.cancel(batch_id):
-            _fail(409, f"batch {batch_id!r} is not running", state=self._summary(info, set())["state"])
+            _fail(409, f"batch {batch_id!r} is not running", state=self._summary(info, {})["state"])
         job = self.jobs.get(batch_id)
         if job is not None:  # its tasks are all recorded now: wait for the batch to be written
             await asyncio.wait([job.task])

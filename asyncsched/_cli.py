@@ -1,0 +1,461 @@
+"""The ``asyncsched`` command line (also ``python -m asyncsched``).
+
+Commands::
+
+    demo      the article's scenario: simulated requests, live progress, results in SQLite
+    run       call MODULE:FUNCTION once per line of JSON input, on a pool of workers
+    results   stored results, as a table, JSON Lines or CSV      \
+    stats     counts by status and the success rate               | read a results file; never change it,
+    batches   every batch of a results file                       | and work while another process writes
+    export    write stored results to a JSON Lines file          /
+
+Exit status: 0 when every task completed, 1 when any did not, 2 for a usage
+error (reported in one line on stderr, never with a traceback), 130 when
+interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import csv
+import dataclasses
+import datetime
+import functools
+import importlib
+import inspect
+import itertools
+import json
+import os
+import stat
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
+from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
+
+from rich import box
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from . import __version__, _demo
+from ._errors import AsyncschedError
+from ._models import Summary, Task, TaskResult
+from ._progress import FINAL_STATUSES, stats_table
+
+if TYPE_CHECKING:
+    from ._sqlite import SQLiteStore
+
+__all__ = ["main"]
+
+DEFAULT_DB = "asyncsched.db"
+"""Where ``demo`` keeps its results unless ``--db`` says otherwise."""
+FAILURES_SHOWN = 10
+"""Tasks that did not complete listed after a run."""
+OFF_TERMINAL_WIDTH = 160
+"""Columns of tables and lines written to a file or a pipe rather than a terminal."""
+MAX_LINE = 1 << 26
+"""Longest input line read from a pipe, in bytes."""
+
+Command = Callable[[argparse.Namespace], int]
+T = TypeVar("T")
+
+
+class UsageError(Exception):
+    """Bad input from the user: reported in one line, exit status 2."""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command and return its exit status (``python -m asyncsched`` and the console script)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["celery-worker"]:  # its options belong to its own parser, and to Celery's
+        return _celery_worker(argv[1:])
+    parser = _parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version, or a usage error already reported by argparse
+        return exc.code if isinstance(exc.code, int) else 2
+    command: Command | None = getattr(args, "command", None)
+    if command is None:
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        return command(args)
+    except (UsageError, AsyncschedError) as exc:
+        print(f"asyncsched {args.name}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"asyncsched {args.name}: interrupted", file=sys.stderr)
+        return 130
+
+
+def _celery_worker(argv: list[str]) -> int:
+    try:
+        from .backends._celery import celery_worker_main
+    except ImportError as exc:
+        print(f"asyncsched celery-worker: error: {exc}", file=sys.stderr)
+        return 2
+    return celery_worker_main(argv)
+
+
+# -- demo -----------------------------------------------------------------------------------
+
+
+def _demo_command(args: argparse.Namespace) -> int:
+    """Simulate requests, with live progress and the final statistics.
+
+    Each request takes 0.5-3 s and succeeds with data, fails with a server error,
+    or hangs until its timeout. The results are kept in a SQLite file.
+    """
+    batch = [Task(_demo.fetch, n, key=f"request-{n}") for n in range(1, args.tasks + 1)]
+    print(f"Simulating {args.tasks} requests on {args.workers} workers: each takes "
+          f"{_demo.DELAY[0]}-{_demo.DELAY[1]}s and succeeds, fails with a server error, or hangs until "
+          f"its {_demo.TIMEOUT}s timeout.")
+    summary = _run_loop(_schedule(batch, args))
+    _print_outcome(summary, args)
+    return 0
+
+
+# -- run ------------------------------------------------------------------------------------
+
+
+def _run_command(args: argparse.Namespace) -> int:
+    r"""Call MODULE:FUNCTION once for each line of JSON input, on a pool of workers.
+
+    Each line is one task: an array gives positional arguments, an object keyword
+    arguments, and any other value is the single argument. Blank lines are skipped;
+    a task's key is its line number. The input is read as the tasks run.
+
+    examples:
+      printf '[1, 2]\n[3, 4]\n' | asyncsched run operator:add --workers 2
+      asyncsched run mypackage.jobs:process --input jobs.jsonl --db results.db --timeout 30
+    """
+    fn = load_function(args.function)
+    if args.resume and (args.batch_id is None or args.db is None):
+        raise UsageError("--resume continues a stored batch: give its file with --db and its id with --batch-id")
+    with _open_input(args.input) as file:
+        summary = _run_loop(_schedule(tasks_from_lines(fn, read_lines(file)), args))
+    _print_outcome(summary, args)
+    return 0 if summary.completed == summary.total else 1
+
+
+def load_function(spec: str) -> Callable[..., Any]:
+    """Import ``MODULE:FUNCTION``; a :class:`UsageError` naming what is missing when it cannot be."""
+    module_name, _, name = spec.partition(":")
+    if not module_name or not name:
+        raise UsageError(f"{spec!r} is not MODULE:FUNCTION (for example mypackage.jobs:process)")
+    if os.getcwd() not in sys.path:  # as `python -m` does: a module in the working directory is found
+        sys.path.insert(0, os.getcwd())
+    try:
+        target: Any = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        raise UsageError(f"cannot import module {module_name!r}: {exc}") from None
+    except Exception as exc:
+        raise UsageError(f"importing module {module_name!r} failed: {type(exc).__name__}: {exc}") from None
+    for part in name.split("."):
+        try:
+            target = getattr(target, part)
+        except AttributeError:
+            raise UsageError(f"module {module_name!r} has no function {name!r}") from None
+    if not callable(target):
+        raise UsageError(f"{spec} is a {type(target).__name__}, not a function")
+    Task(target)  # refuses, with a clear message, what a worker could not load (a lambda, a nested function)
+    return target  # type: ignore[no-any-return]
+
+
+def _open_input(path: str) -> BinaryIO:
+    if path == "-":
+        if sys.stdin.isatty():
+            print("asyncsched run: reading one JSON value per line from the terminal; end with Ctrl-D",
+                  file=sys.stderr)
+        return os.fdopen(os.dup(sys.stdin.fileno()), "rb")  # a copy: closing it leaves sys.stdin open
+    try:
+        return open(path, "rb")
+    except OSError as exc:
+        raise UsageError(f"cannot read --input {path}: {exc.strerror}") from None
+
+
+async def read_lines(file: BinaryIO) -> AsyncIterator[bytes]:
+    """The lines of ``file``, one at a time, never blocking the event loop for long.
+
+    A regular file is read directly (a disk read is quick); a pipe or a terminal,
+    whose writer may be slow, through the loop's non-blocking pipe reader.
+    """
+    if stat.S_ISREG(os.fstat(file.fileno()).st_mode):
+        for line in file:
+            yield line
+        return
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader(limit=MAX_LINE)
+    transport, _ = await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), file)
+    try:
+        while line := await reader.readline():
+            yield line
+    finally:
+        transport.close()
+
+
+async def tasks_from_lines(fn: Callable[..., Any], lines: AsyncIterator[bytes]) -> AsyncIterator[Task]:
+    """One :class:`Task` per non-blank line of JSON, keyed by its line number.
+
+    An array gives positional arguments, an object keyword arguments, and any
+    other value is the single argument.
+    """
+    number = 0
+    async for line in lines:
+        number += 1
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except ValueError as exc:
+            raise UsageError(f"input line {number} is not JSON ({exc}); each line must be one JSON value: "
+                             "an array of arguments, an object of keyword arguments, or the single argument") from None
+        if isinstance(value, list):
+            yield Task(fn, *value, key=number)
+        elif isinstance(value, dict):
+            yield Task(functools.partial(fn, **value), key=number)
+        else:
+            yield Task(fn, value, key=number)
+
+
+# -- shared by demo and run -----------------------------------------------------------------
+
+
+async def _schedule(batch: Any, args: argparse.Namespace) -> Summary:
+    from ._scheduler import Scheduler
+
+    async with Scheduler(workers=args.workers, store=args.db, timeout=args.timeout, retries=args.retries,
+                         progress=args.progress) as scheduler:
+        return await scheduler.run(batch, batch_id=args.batch_id, resume=args.resume)
+
+
+def _run_loop(coroutine: Coroutine[Any, Any, T]) -> T:
+    """Run on uvloop when it is installed, else on asyncio."""
+    try:
+        import uvloop
+    except ImportError:
+        factory = None
+    else:
+        factory = uvloop.new_event_loop
+    with asyncio.Runner(loop_factory=factory) as runner:
+        return runner.run(coroutine)
+
+
+def _print_outcome(summary: Summary, args: argparse.Namespace) -> None:
+    console = _console()
+    failures = [r for r in summary.results if not r.ok]
+    if failures:
+        console.print(f"{len(failures)} of {summary.total} tasks did not complete:")
+        shown = failures[:FAILURES_SHOWN]
+        width = max(len(result.key) for result in shown)
+        for result in shown:
+            console.print(f"  {escape(result.key):<{width}}  {result.status.value:<9}  {escape(result.error or '')}",
+                          overflow="ellipsis", no_wrap=True)
+        if len(failures) > FAILURES_SHOWN:
+            console.print(f"  ... and {len(failures) - FAILURES_SHOWN} more")
+    where = "" if args.db is None else f"; see asyncsched results {args.db} --batch {summary.batch_id}"
+    console.print(f"batch {summary.batch_id}: {summary.completed} of {summary.total} tasks completed "
+                  f"in {summary.elapsed:.2f}s{where}", soft_wrap=True)
+
+
+# -- commands that read a results file ------------------------------------------------------
+
+
+def _results_command(args: argparse.Namespace) -> int:
+    """Print stored results, oldest first: a table, JSON Lines, or CSV.
+
+    JSON Lines and CSV have the fields of `asyncsched export`. The file is opened
+    read-only: it is never changed, and can be read while another process writes to it.
+    """
+    results = _run_loop(_read(args, lambda store: store.results(batch_id=args.batch, status=args.status,
+                                                                 limit=args.limit)))
+    if args.format == "table":
+        console = _console()
+        console.print(_results_table(results, with_batch=args.batch is None) if results else "no results")
+        return 0
+    from ._sqlite import result_record
+
+    records = map(result_record, results)
+    if args.format == "jsonl":
+        sys.stdout.writelines(json.dumps(record) + "\n" for record in records)
+        return 0
+    first = next(records, None)
+    if first is not None:
+        writer = csv.DictWriter(sys.stdout, fieldnames=list(first), lineterminator="\n")
+        writer.writeheader()
+        writer.writerows({name: _cell(value) for name, value in record.items()}
+                         for record in itertools.chain([first], records))
+    return 0
+
+
+def _stats_command(args: argparse.Namespace) -> int:
+    """Print the count of stored results for each status, and the success rate.
+
+    For one batch (--batch) or for the whole file. The file is opened read-only.
+    """
+    stats = _run_loop(_read(args, lambda store: store.stats(args.batch)))
+    if args.json:
+        print(json.dumps({**dataclasses.asdict(stats), "success_rate": stats.success_rate}))
+        return 0
+    console = _console()
+    console.print(f"{args.db}: {'every batch' if args.batch is None else 'batch ' + args.batch}", markup=False)
+    console.print(stats_table(stats))
+    return 0
+
+
+def _batches_command(args: argparse.Namespace) -> int:
+    """List the batches of a results file, oldest first, with how many tasks completed.
+
+    The file is opened read-only.
+    """
+    batches = _run_loop(_read(args, lambda store: store.batches()))
+    if not batches:
+        print("no batches")
+        return 0
+    table = Table(box=box.SIMPLE_HEAD, show_edge=False)
+    for name in ("batch", "name", "created", "finished", "tasks", "completed", "success"):
+        table.add_column(name, justify="left" if name in ("batch", "name") else "right")
+    for batch in batches:
+        table.add_row(escape(batch.batch_id), escape(batch.name or ""), _when(batch.created_at),
+                      _when(batch.finished_at), str(batch.stats.total), str(batch.stats.completed),
+                      f"{batch.stats.success_rate:.1%}")
+    _console().print(table)
+    return 0
+
+
+def _export_command(args: argparse.Namespace) -> int:
+    """Write stored results to a JSON Lines file, oldest first, one result per line.
+
+    Each line has task_id, status, message, response_data, timestamp and
+    process_id, then batch_id, index, error, error_type, traceback, attempts,
+    started_at, finished_at, duration, progress and response_pickle. The
+    results file is opened read-only.
+    """
+    count = _run_loop(_read(args, lambda store: store.export_jsonl(args.out, batch_id=args.batch)))
+    print(f"exported {count} results to {args.out}")
+    return 0
+
+
+async def _read(args: argparse.Namespace, query: Callable[[SQLiteStore], Awaitable[T]]) -> T:
+    """Run ``query`` on the results file ``args.db`` opened read-only, once ``args.batch`` is known to be in it."""
+    from ._sqlite import SQLiteStore
+
+    async with SQLiteStore(args.db, readonly=True) as store:
+        batch_id = getattr(args, "batch", None)
+        if batch_id is not None and batch_id not in {batch.batch_id for batch in await store.batches()}:
+            raise UsageError(f"{args.db} has no batch {batch_id!r}; `asyncsched batches {args.db}` lists them")
+        return await query(store)
+
+
+def _results_table(results: list[TaskResult], *, with_batch: bool) -> Table:
+    table = Table(box=box.SIMPLE_HEAD, show_edge=False)
+    names = ["batch"] * with_batch + ["key", "status", "attempts", "duration", "value or error"]
+    for name in names:
+        table.add_column(name, justify="right" if name in ("attempts", "duration") else "left",
+                         overflow="ellipsis", no_wrap=True)
+    for result in results:
+        shown = repr(result.value) if result.ok else result.error or ""
+        duration = "" if result.duration is None else f"{result.duration:.3f}s"
+        table.add_row(*[escape(result.batch_id)] * with_batch, escape(result.key), result.status.value,
+                      str(result.attempts), duration, escape(shown))
+    return table
+
+
+def _console() -> Console:
+    """Where commands print: the terminal's width, or lines up to OFF_TERMINAL_WIDTH into a file or a pipe."""
+    console = Console(highlight=False)
+    if not console.is_terminal:
+        console.width = max(console.width, OFF_TERMINAL_WIDTH)
+    return console
+
+
+def _cell(value: Any) -> Any:
+    """A CSV cell: nested JSON stays JSON, and null is empty."""
+    return json.dumps(value) if isinstance(value, dict | list) else "" if value is None else value
+
+
+def _when(timestamp: float | None) -> str:
+    return "" if timestamp is None else datetime.datetime.fromtimestamp(timestamp).strftime("%Y-%m-%d %H:%M:%S")
+
+
+# -- the parser -----------------------------------------------------------------------------
+
+
+def _workers(value: str) -> str:
+    if value in ("cpu", "io") or (value.isdigit() and int(value) > 0):
+        return value
+    raise argparse.ArgumentTypeError(f"{value!r} is not cpu, io or a positive number")
+
+
+def _positive(kind: type[float] | type[int], *, zero: bool = False) -> Callable[[str], float]:
+    def parse(value: str) -> float:
+        try:
+            number = kind(value)
+        except ValueError:
+            number = -1
+        if number > 0 or (zero and number == 0):
+            return number
+        raise argparse.ArgumentTypeError(f"{value!r} is not a {'non-negative' if zero else 'positive'} number")
+
+    return parse
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="asyncsched", description="Run batches of Python tasks on a pool of worker processes.",
+        epilog="Exit status: 0 when every task completed, 1 when any did not, 2 for a usage error.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(title="commands", metavar="COMMAND")
+
+    def command(name: str, function: Command) -> argparse.ArgumentParser:
+        """A subcommand whose help is the docstring of the function that runs it."""
+        description = inspect.cleandoc(function.__doc__ or "")
+        sub = commands.add_parser(name, help=description.split("\n")[0], description=description,
+                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+        sub.set_defaults(command=function, name=name)
+        return sub
+
+    demo = command("demo", _demo_command)
+    demo.add_argument("--tasks", type=_positive(int), default=50, metavar="N", help="requests to simulate (50)")
+    demo.add_argument("--workers", type=_positive(int), default=10, metavar="W", help="worker processes (10)")
+    demo.add_argument("--db", default=DEFAULT_DB, metavar="PATH", help=f"SQLite file for the results ({DEFAULT_DB})")
+    demo.set_defaults(timeout=_demo.TIMEOUT, retries=0, progress=True, batch_id=None, resume=False)
+
+    run = command("run", _run_command)
+    run.add_argument("function", metavar="MODULE:FUNCTION", help="a module-level function, e.g. mypackage.jobs:process")
+    run.add_argument("--input", default="-", metavar="FILE", help="JSON lines, one per task; - is stdin (default)")
+    run.add_argument("--workers", type=_workers, default="cpu", metavar="cpu|io|N",
+                     help="cpu: one worker per core (default); io: two per core; or a number")
+    run.add_argument("--timeout", type=_positive(float), metavar="S", help="seconds a task may run before it is killed")
+    run.add_argument("--retries", type=_positive(int, zero=True), default=0, metavar="N",
+                     help="retries of a task that failed, crashed or timed out (0)")
+    run.add_argument("--db", metavar="PATH", help="SQLite file to keep the results in")
+    run.add_argument("--batch-id", metavar="ID", help="the batch's id (default: a new random one)")
+    run.add_argument("--resume", action="store_true",
+                     help="continue batch --batch-id in --db: tasks whose line has a result are not run again")
+    run.add_argument("--no-progress", dest="progress", action="store_false", help="no live progress display")
+
+    results = command("results", _results_command)
+    results.add_argument("db", metavar="DB", help="a results file (SQLite)")
+    results.add_argument("--batch", metavar="ID", help="only this batch")
+    results.add_argument("--status", choices=[status.value for status in FINAL_STATUSES], help="only this status")
+    results.add_argument("--limit", type=_positive(int), metavar="N", help="at most N results")
+    results.add_argument("--format", choices=("table", "jsonl", "csv"), default="table", help="table (default)")
+
+    stats = command("stats", _stats_command)
+    stats.add_argument("db", metavar="DB", help="a results file (SQLite)")
+    stats.add_argument("--batch", metavar="ID", help="only this batch")
+    stats.add_argument("--json", action="store_true", help="one JSON object instead of a table")
+
+    batches = command("batches", _batches_command)
+    batches.add_argument("db", metavar="DB", help="a results file (SQLite)")
+
+    export = command("export", _export_command)
+    export.add_argument("db", metavar="DB", help="a results file (SQLite)")
+    export.add_argument("out", metavar="OUT.jsonl", help="the JSON Lines file to write (replaced if it exists)")
+    export.add_argument("--batch", metavar="ID", help="only this batch")
+
+    # Listed for --help only: main() hands its arguments to the Celery worker's own parser.
+    commands.add_parser("celery-worker", add_help=False,
+                        help="start a Celery worker for CeleryBackend (--broker URL --backend URL [--concurrency N])")
+    return parser

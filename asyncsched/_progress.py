@@ -1,0 +1,332 @@
+"""The live progress display: a consumer of the scheduler's events, drawn with rich.
+
+Data flow::
+
+    Scheduler --publish--> EventListener --> ProgressMonitor._on_event: O(1) per event, counters and
+                                             a dict of the running tasks; nothing is buffered
+                                                    |
+                            ticker task, a few times a second: statistics() -> ProgressStatistics (frozen)
+                                                    |
+                               terminal: rich Live redraws in place (bar, %, ETA, counts, running, message)
+                               otherwise: one plain line every ``interval`` seconds
+                               at the end: the final report, with the total elapsed time
+
+The monitor listens to the same events as ``Scheduler.events()`` but through an
+:class:`~asyncsched._events.EventListener`, called as each event is published,
+rather than a buffered :class:`EventStream`: on 20,000 tiny tasks that costs
+about a third as much, because no event outlives its publication (see
+``benchmarks/progress.py``). The drawing happens at a bounded rate.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections import Counter
+from dataclasses import dataclass
+from types import TracebackType
+from typing import TYPE_CHECKING
+
+from rich import box
+from rich.console import Console, Group, RenderableType
+from rich.live import Live
+from rich.progress_bar import ProgressBar
+from rich.table import Table
+from rich.text import Text
+
+from ._errors import ConfigurationError
+from ._models import Event, Stats, Status, TaskFinished, TaskReported, TaskRetried, TaskStarted
+
+if TYPE_CHECKING:
+    from ._events import EventListener
+    from ._scheduler import Scheduler
+
+__all__ = ["FINAL_STATUSES", "ProgressMonitor", "ProgressStatistics", "format_duration", "report", "stats_table"]
+
+REFRESH_PER_SECOND = 4
+"""Redraws per second on a terminal."""
+PLAIN_INTERVAL = 5.0
+"""Seconds between two plain lines when the output is not a terminal."""
+RUNNING_SHOWN = 5
+"""Running tasks listed on a terminal (the longest-running first)."""
+
+_NONE: dict[str, float] = {}  # stays empty: what a batch with no task started yet has running
+
+FINAL_STATUSES = (Status.COMPLETED, Status.FAILED, Status.TIMED_OUT, Status.CRASHED, Status.CANCELLED)
+_STYLES = {Status.COMPLETED: "green", Status.FAILED: "red", Status.TIMED_OUT: "yellow", Status.CRASHED: "magenta",
+           Status.CANCELLED: "dim"}
+
+
+@dataclass(frozen=True, slots=True)
+class ProgressStatistics:
+    """What a :class:`ProgressMonitor` knows at one moment.
+
+    ``finished`` counts the tasks that reached a final status, by status
+    (``finished.total`` of them); ``total`` is how many are expected, ``None``
+    while unknown (a generator batch not yet exhausted). ``average`` is the mean
+    duration of a finished task's last attempt, in seconds.
+    """
+
+    finished: Stats
+    total: int | None
+    running: int
+    retries: int
+    elapsed: float
+    average: float | None
+    last_message: str | None
+    running_tasks: tuple[tuple[str, float], ...] = ()
+
+    @property
+    def done(self) -> int:
+        return self.finished.total
+
+    @property
+    def fraction(self) -> float | None:
+        """Done over total, between 0 and 1; ``None`` while the total is unknown."""
+        if self.total is None:
+            return None
+        return min(1.0, self.done / self.total) if self.total else 1.0
+
+    @property
+    def rate(self) -> float:
+        """Tasks finished per second since the monitor started."""
+        return self.done / self.elapsed if self.elapsed > 0 else 0.0
+
+    @property
+    def eta(self) -> float | None:
+        """Seconds left at the average rate so far; ``None`` while it cannot be told."""
+        if self.total is None or not self.done:
+            return None
+        return max(0, self.total - self.done) * self.elapsed / self.done
+
+    def line(self) -> str:
+        """The plain one-line form, written every few seconds when the output is not a terminal."""
+        fraction = self.fraction
+        parts = [f"{self.done}/{'?' if self.total is None else self.total}"
+                 + ("" if fraction is None else f" ({fraction:.1%})"),
+                 ", ".join(f"{status.value} {count}" for status, count in _counts(self.finished)),
+                 f"success {self.finished.success_rate:.1%}",
+                 f"running {self.running}"]
+        if self.retries:
+            parts.append(f"retries {self.retries}")
+        parts += [f"avg {_seconds(self.average)}/task", f"{self.rate:.1f} tasks/s",
+                  f"elapsed {format_duration(self.elapsed)}", f"ETA {format_duration(self.eta)}"]
+        if self.last_message is not None:
+            parts.append(f"last: {self.last_message}")
+        return "asyncsched: " + " | ".join(parts)
+
+
+class ProgressMonitor:
+    """Shows the progress of a scheduler's batches while they run, then a final report.
+
+    ``async with ProgressMonitor(scheduler): await scheduler.run(batch)`` watches
+    every batch (or only ``batch_id``). On a terminal the display redraws in
+    place ``refresh_per_second`` times a second: a bar with the percentage,
+    done/total, the average time per task and the ETA, the count for each
+    status, the success rate, the running tasks and the latest message a task
+    reported. When the console is not a terminal (CI, a log file) it writes one
+    plain line every ``interval`` seconds instead. ``total`` is how many tasks
+    to expect; by default the scheduler's count is used as soon as it is known
+    (at once for a list, when a generator is exhausted), and until then the
+    display counts up without a percentage. ``Scheduler(progress=True)`` puts
+    one around every batch.
+
+    Events are only counted as they are published (O(1) each) and the drawing
+    happens at a bounded rate, so the run is hardly slowed.
+    """
+
+    def __init__(self, scheduler: Scheduler, *, batch_id: str | None = None, total: int | None = None,
+                 console: Console | None = None, refresh_per_second: float = REFRESH_PER_SECOND,
+                 interval: float = PLAIN_INTERVAL) -> None:
+        if not refresh_per_second > 0 or not interval > 0:
+            raise ConfigurationError(f"refresh_per_second and interval must be positive numbers of seconds, "
+                                     f"got {refresh_per_second!r} and {interval!r}")
+        self.scheduler = scheduler
+        self.batch_id = batch_id
+        self.total = total
+        self.console = console or Console()
+        self.refresh_per_second = refresh_per_second
+        self.interval = interval
+        self._counts: Counter[Status] = Counter()
+        self._running: dict[str, dict[str, float]] = {}  # batch -> key -> start of the running attempt
+        self._retries = 0
+        self._busy = 0.0  # seconds of finished tasks whose start was seen
+        self._timed = 0
+        self._last_message: str | None = None
+        self._totals: dict[str, int] = {}
+        self._listener: EventListener | None = None
+        self._ticker: asyncio.Task[None] | None = None
+        self._live: Live | None = None
+        self._started = 0.0
+        self._closed = False
+
+    async def __aenter__(self) -> ProgressMonitor:
+        self.start()
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await self.aclose()
+
+    def start(self) -> None:
+        """Subscribe to the events and start drawing; ``async with`` calls it."""
+        if self._listener is not None:
+            raise RuntimeError("this ProgressMonitor was already started; create a new one")
+        self._listener = self.scheduler._hub.listen(self._on_event, self.batch_id)
+        self._started = time.monotonic()
+        if self.console.is_interactive:
+            self._live = Live(self._view(self.statistics()), console=self.console, auto_refresh=False)
+            self._live.start()
+        self._ticker = asyncio.create_task(self._tick(), name="asyncsched-progress")
+
+    async def aclose(self) -> None:
+        """Stop listening, draw the last frame and print the final report. Idempotent."""
+        if self._closed or self._listener is None:
+            return
+        self._closed = True
+        self._listener.close()
+        if self._ticker is not None:
+            self._ticker.cancel()
+            await asyncio.wait([self._ticker])
+        statistics = self.statistics()
+        if self._live is not None:
+            self._live.update(self._view(statistics))
+            self._live.stop()  # draws that last frame
+        self.console.print(report(statistics))
+
+    async def _tick(self) -> None:
+        period = 1 / self.refresh_per_second
+        next_line = time.monotonic() + self.interval
+        while True:
+            await asyncio.sleep(period)
+            if self._live is not None:
+                self._live.update(self._view(self.statistics()), refresh=True)
+            elif time.monotonic() >= next_line:
+                next_line += self.interval
+                self.console.out(self.statistics().line(), highlight=False)
+
+    def _on_event(self, event: Event) -> None:
+        """Called by the scheduler as it publishes each event: quick, and never raises."""
+        kind = type(event)
+        # Nested dicts rather than (batch, key) tuples: no allocation, so no work for the garbage collector.
+        if kind is TaskFinished:
+            self._counts[event.status] += 1
+            started = self._running.get(event.batch_id, _NONE).pop(event.key, None)
+            if started is not None:
+                self._busy += event.timestamp - started
+                self._timed += 1
+        elif kind is TaskStarted:
+            running = self._running.get(event.batch_id)
+            if running is None:
+                running = self._running[event.batch_id] = {}
+            running[event.key] = event.timestamp
+        elif kind is TaskReported:
+            if event.message is not None:
+                self._last_message = f"[{event.key}] {event.message}"
+        elif kind is TaskRetried:
+            self._running.get(event.batch_id, _NONE).pop(event.key, None)
+            self._retries += 1
+
+    def statistics(self) -> ProgressStatistics:
+        """What the monitor has counted so far."""
+        finished = Stats.of(dict(self._counts), self.batch_id)
+        now = time.time()
+        batches = self._running.values()
+        oldest = itertools.islice(itertools.chain.from_iterable(running.items() for running in batches), RUNNING_SHOWN)
+        return ProgressStatistics(
+            finished=finished,
+            total=self._total(finished.total),
+            running=sum(map(len, batches)),
+            retries=self._retries,
+            elapsed=time.monotonic() - self._started if self._started else 0.0,
+            average=self._busy / self._timed if self._timed else None,
+            last_message=self._last_message,
+            running_tasks=tuple((key, max(0.0, now - started)) for key, started in oldest),
+        )
+
+    def _total(self, done: int) -> int | None:
+        if self.total is not None:
+            return max(self.total, done)
+        watched = {batch_id: expected for batch_id, expected in self.scheduler.running().items()
+                   if self.batch_id is None or batch_id == self.batch_id}
+        if self._closed and not watched:
+            return done  # the final frame, with every batch over
+        self._totals.update((batch_id, expected) for batch_id, expected in watched.items() if expected is not None)
+        if None in watched.values() or not self._totals:
+            return None
+        return max(sum(self._totals.values()), done)
+
+    def _view(self, stats: ProgressStatistics) -> RenderableType:
+        fraction = stats.fraction
+        bar = Table.grid(padding=(0, 1))
+        bar.add_row(
+            ProgressBar(total=None if fraction is None else 1.0, completed=fraction or 0.0, width=40,
+                        pulse=fraction is None),
+            Text("  --%" if fraction is None else f"{fraction:5.1%}", style="bold"),
+            f"{stats.done}/{'?' if stats.total is None else stats.total}",
+            f"avg {_seconds(stats.average)}/task",
+            f"elapsed {format_duration(stats.elapsed)}",
+            Text(f"ETA {format_duration(stats.eta)}", style="cyan"),
+        )
+        counts = Text("  ".join(f"{status.value} {count}" for status, count in _counts(stats.finished)))
+        for status, style in _STYLES.items():
+            counts.highlight_words([f"{status.value} "], style)
+        summary = Text.assemble(
+            counts, f"  | success {stats.finished.success_rate:.1%}  | running {stats.running}",
+            f"  | retries {stats.retries}" if stats.retries else "", f"  | {stats.rate:.1f} tasks/s")
+        lines: list[RenderableType] = [bar, summary]
+        if stats.running_tasks:
+            lines.append(Text("running: " + ", ".join(f"{key} ({seconds:.1f}s)"
+                                                       for key, seconds in stats.running_tasks)
+                              + (" ..." if stats.running > len(stats.running_tasks) else ""), style="dim"))
+        if stats.last_message is not None:
+            lines.append(Text(f"last message: {stats.last_message}", overflow="ellipsis", no_wrap=True))
+        return Group(*lines)
+
+
+def report(stats: ProgressStatistics) -> RenderableType:
+    """The final report of a monitor: counts by status, rates and the total elapsed time."""
+    batch = "" if stats.finished.batch_id is None else f"Batch {stats.finished.batch_id}: "
+    rates = (f"avg {_seconds(stats.average)}/task, {stats.rate:.1f} tasks/s"
+             + (f", {stats.retries} retries" if stats.retries else ""))
+    return Group(Text(f"{batch}finished {stats.done} tasks in {_seconds(stats.elapsed)}", style="bold"),
+                 stats_table(stats.finished), Text(rates))
+
+
+def stats_table(stats: Stats) -> Table:
+    """Counts by final status with their share, and the success rate."""
+    table = Table(box=box.SIMPLE_HEAD, show_edge=False)
+    table.add_column("status")
+    table.add_column("tasks", justify="right")
+    table.add_column("share", justify="right")
+    for status, count in _counts(stats):
+        table.add_row(Text(status.value, style=_STYLES[status]), str(count),
+                      f"{count / stats.total:.1%}" if stats.total else "-")
+    table.add_section()
+    table.add_row("total", str(stats.total), "")
+    table.add_row("success rate", "", f"{stats.success_rate:.1%}")
+    return table
+
+
+def _count(stats: Stats, status: Status) -> int:
+    count: int = getattr(stats, status.value)  # Stats has one field per final status
+    return count
+
+
+def _counts(stats: Stats) -> list[tuple[Status, int]]:
+    """Every final status with its count, leaving out cancelled unless there are some."""
+    return [(status, _count(stats, status)) for status in FINAL_STATUSES
+            if status is not Status.CANCELLED or stats.cancelled]
+
+
+def format_duration(seconds: float | None) -> str:
+    """``0:01:05`` for 65 seconds, ``--:--:--`` for an unknown duration."""
+    if seconds is None:
+        return "--:--:--"
+    whole = int(seconds + 0.5)
+    return f"{whole // 3600}:{whole % 3600 // 60:02d}:{whole % 60:02d}"
+
+
+def _seconds(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}s" if value < 60 else format_duration(value)

@@ -1,0 +1,328 @@
+"""The command line: every command in-process through main(argv), and the real thing in a subprocess and a pty."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import os
+import pty
+import re
+import select
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from asyncsched import Scheduler, SQLiteStore, StoreError, Task
+from asyncsched._cli import main
+
+from . import tasks
+
+ROOT = Path(__file__).resolve().parent.parent
+CONSOLE_SCRIPT = Path(sys.executable).parent / "asyncsched"
+COMMANDS = ["demo", "run", "results", "stats", "batches", "export"]
+
+
+def write_lines(path: Path, *values: object) -> str:
+    path.write_text("".join(json.dumps(value) + "\n" for value in values))
+    return os.fspath(path)
+
+
+@pytest.mark.parametrize("argv", [["--help"], *([command, "--help"] for command in COMMANDS)])
+def test_every_command_has_help(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(argv) == 0
+    assert "usage: asyncsched" in capsys.readouterr().out
+
+
+def test_no_command_prints_help_and_fails(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([]) == 2
+    assert "usage: asyncsched" in capsys.readouterr().err
+
+
+def test_run_maps_arrays_objects_and_single_values(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    jobs = write_lines(tmp_path / "jobs.jsonl", [1, 2], {"a": 3, "b": 4}, 5)
+    assert main(["run", "tests.tasks:add", "--input", jobs, "--workers", "2", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "3 of 3 tasks completed" in out
+
+
+def test_run_exits_1_and_lists_the_tasks_that_did_not_complete(tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text('"fine"\n\n"bad input"\n')
+    assert main(["run", "tests.faults:boom", "--input", os.fspath(jobs), "--workers", "1", "--no-progress"]) == 1
+    out = capsys.readouterr().out
+    assert "2 of 2 tasks did not complete:" in out
+    assert "  3  failed     ValueError: bad input" in out  # the key is the line number; blank lines count
+
+
+def test_run_shows_progress_and_the_final_report(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    jobs = write_lines(tmp_path / "jobs.jsonl", *range(4))
+    assert main(["run", "tests.tasks:square", "--input", jobs, "--workers", "2", "--timeout", "30",
+                 "--retries", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "finished 4 tasks in" in out and "success rate" in out and "4 of 4 tasks completed" in out
+
+
+@pytest.mark.parametrize(("spec", "message"), [
+    ("tests.no_such_module:f", "cannot import module 'tests.no_such_module'"),
+    ("tests.tasks:no_such_function", "module 'tests.tasks' has no function 'no_such_function'"),
+    ("tests.tasks", "'tests.tasks' is not MODULE:FUNCTION"),
+    ("tests.tasks:os", "tests.tasks:os is a module, not a function"),
+])
+def test_run_reports_what_cannot_be_imported_in_one_line(spec: str, message: str, tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    jobs = write_lines(tmp_path / "jobs.jsonl", 1)
+    assert main(["run", spec, "--input", jobs]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("asyncsched run: error: ") and message in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_a_module_that_fails_to_import_is_one_line_too(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "broken_module_for_cli.py").write_text("raise RuntimeError('no config')\n")
+    monkeypatch.chdir(tmp_path)  # the working directory is on the import path, as with python -m
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    assert main(["run", "broken_module_for_cli:f"]) == 2
+    err = capsys.readouterr().err
+    assert err == "asyncsched run: error: importing module 'broken_module_for_cli' failed: RuntimeError: no config\n"
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--workers", "0"], "argument --workers: '0' is not cpu, io or a positive number"),
+    (["--timeout", "-1"], "argument --timeout: '-1' is not a positive number"),
+    (["--retries", "x"], "argument --retries: 'x' is not a non-negative number"),
+    (["--resume", "--batch-id", "b"], "--resume continues a stored batch: give its file with --db and its id"),
+    (["--input", "/no/such/file"], "cannot read --input /no/such/file: No such file or directory"),
+])
+def test_run_usage_errors_exit_2(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["run", "tests.tasks:square", *argv]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_run_stops_at_a_line_that_is_not_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text("1\n{not json\n2\n")
+    assert main(["run", "tests.tasks:square", "--input", os.fspath(jobs), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "input line 2 is not JSON" in err and "each line must be one JSON value" in err
+
+
+def test_python_m_asyncsched_reads_stdin_as_it_comes() -> None:
+    process = subprocess.Popen([sys.executable, "-m", "asyncsched", "run", "tests.tasks:square", "--workers", "1",
+                                "--no-progress"], cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    out, err = process.communicate("3\n[4]\n", timeout=30)
+    assert process.returncode == 0, err
+    assert "2 of 2 tasks completed" in out
+
+
+# -- results files ------------------------------------------------------------------------------
+
+
+def test_demo_keeps_its_results_in_sqlite(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    db = os.fspath(tmp_path / "demo.db")
+    assert main(["demo", "--tasks", "4", "--workers", "4", "--db", db]) == 0
+    out = capsys.readouterr().out
+    assert "Simulating 4 requests" in out and "finished 4 tasks in" in out and f"asyncsched results {db}" in out
+    assert main(["stats", db, "--json"]) == 0
+    stats = json.loads(capsys.readouterr().out)
+    assert stats["total"] == 4 and stats["total"] == sum(stats[s] for s in ("completed", "failed", "timed_out"))
+
+
+@pytest.fixture
+def results_db(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> str:
+    """A results file with batch "b1": line 1 completed (3), line 2 failed, line 3 completed (7)."""
+    db = os.fspath(tmp_path / "results.db")
+    jobs = write_lines(tmp_path / "jobs.jsonl", [1, 2], ["x", 1], {"a": 3, "b": 4})
+    assert main(["run", "tests.tasks:add", "--input", jobs, "--db", db, "--batch-id", "b1", "--workers", "1",
+                 "--no-progress"]) == 1
+    capsys.readouterr()
+    return db
+
+
+def read(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
+    assert main(argv) == 0
+    return capsys.readouterr().out
+
+
+def test_results_in_every_format(results_db: str, capsys: pytest.CaptureFixture[str]) -> None:
+    lines = [json.loads(line) for line in read(["results", results_db, "--format", "jsonl"], capsys).splitlines()]
+    by_key = {line["task_id"]: line for line in lines}
+    assert {key: line["status"] for key, line in by_key.items()} == {"1": "completed", "2": "failed", "3": "completed"}
+    assert (by_key["1"]["response_data"], by_key["3"]["response_data"]) == (3, 7)
+    assert "TypeError" in by_key["2"]["error"] and by_key["2"]["batch_id"] == "b1"
+    rows = list(csv.DictReader(io.StringIO(read(["results", results_db, "--format", "csv", "--status", "failed"],
+                                                capsys))))
+    assert [(row["task_id"], row["status"]) for row in rows] == [("2", "failed")]
+    assert len(read(["results", results_db, "--format", "jsonl", "--limit", "2"], capsys).splitlines()) == 2
+    table = read(["results", results_db, "--batch", "b1"], capsys)
+    assert "value or error" in table and "TypeError" in table and "completed" in table
+    assert "batch" not in table.splitlines()[0]  # one batch asked for: no batch column
+    assert read(["results", results_db, "--status", "crashed"], capsys).strip() == "no results"
+
+
+def test_stats_batches_and_export(results_db: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    stats = json.loads(read(["stats", results_db, "--batch", "b1", "--json"], capsys))
+    assert stats == {"total": 3, "completed": 2, "failed": 1, "timed_out": 0, "crashed": 0, "cancelled": 0,
+                     "batch_id": "b1", "success_rate": 2 / 3}
+    table = read(["stats", results_db], capsys)
+    assert "every batch" in table and "66.7%" in table
+    batches = read(["batches", results_db], capsys)
+    assert "b1" in batches and "66.7%" in batches
+    out = tmp_path / "out.jsonl"
+    assert read(["export", results_db, os.fspath(out), "--batch", "b1"], capsys).strip() == \
+        f"exported 3 results to {out}"
+    assert sorted(json.loads(line)["task_id"] for line in out.read_text().splitlines()) == ["1", "2", "3"]
+
+
+def test_read_commands_report_bad_files_and_batches(results_db: str, tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    missing = tmp_path / "missing.db"
+    for argv in (["stats", os.fspath(missing)], ["results", os.fspath(tmp_path / "jobs.jsonl")],
+                 ["results", results_db, "--batch", "nope"], ["results", results_db, "--status", "nope"]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert "error: " in err and "Traceback" not in err
+    assert not missing.exists()  # reading never creates a file
+    assert main(["export", results_db, os.fspath(tmp_path / "out.jsonl"), "--batch", "nope"]) == 2
+    assert "has no batch 'nope'" in capsys.readouterr().err
+
+
+def test_resume_runs_only_the_lines_without_a_result(results_db: str, tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    jobs = write_lines(tmp_path / "more.jsonl", [1, 2], ["x", 1], {"a": 3, "b": 4}, [10, 20])
+    argv = ["run", "tests.tasks:add", "--input", jobs, "--db", results_db, "--batch-id", "b1"]
+    assert main(argv) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert main([*argv, "--resume"]) == 1  # line 2 still failed: its result is kept, not run again
+    out = capsys.readouterr().out
+    assert "finished 1 tasks in" in out and "3 of 4 tasks completed" in out
+    lines = read(["results", results_db, "--format", "jsonl"], capsys).splitlines()
+    assert {json.loads(line)["task_id"]: json.loads(line)["response_data"] for line in lines}["4"] == 30
+
+
+def test_read_commands_work_while_another_process_writes_and_change_nothing(
+        tmp_path: Path, gate: Callable[[], str], capsys: pytest.CaptureFixture[str]) -> None:
+    release, db = gate(), tmp_path / "live.db"
+    quick = os.fspath(tmp_path / "jobs.jsonl")
+    jobs = write_lines(tmp_path / "jobs.jsonl", [quick, 1], [quick, 2], [release, 3])
+    writer = subprocess.Popen([sys.executable, "-m", "asyncsched", "run", "tests.tasks:wait_for_file", "--input",
+                               jobs, "--db", os.fspath(db), "--batch-id", "live", "--workers", "2", "--no-progress"],
+                              cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not (db.exists() and main(["stats", os.fspath(db), "--json"]) == 0
+                   and json.loads(capsys.readouterr().out)["total"] == 2):  # the writer committed the quick ones
+            assert time.monotonic() < deadline and writer.poll() is None, capsys.readouterr()
+            time.sleep(0.05)
+        batches = read(["batches", os.fspath(db)], capsys)
+        assert "live" in batches and "100.0%" in batches  # still running: the 2 results so far completed
+        assert len(read(["results", os.fspath(db), "--format", "jsonl"], capsys).splitlines()) == 2
+        Path(release).touch()
+        _, err = writer.communicate(timeout=30)
+    finally:
+        if writer.poll() is None:
+            writer.kill()
+            writer.communicate()
+    assert writer.returncode == 0, err
+    before = hashlib.sha256(db.read_bytes()).hexdigest()
+    for argv in (["results", os.fspath(db)], ["stats", os.fspath(db)], ["batches", os.fspath(db)],
+                 ["export", os.fspath(db), os.fspath(tmp_path / "out.jsonl")]):
+        read(argv, capsys)
+    assert hashlib.sha256(db.read_bytes()).hexdigest() == before
+    assert json.loads(read(["stats", os.fspath(db), "--json"], capsys))["completed"] == 3
+
+
+async def test_a_readonly_store_reads_and_refuses_to_write(tmp_path: Path) -> None:
+    path = tmp_path / "r.db"
+    async with Scheduler(workers=1, store=os.fspath(path)) as scheduler:
+        await scheduler.run([Task(tasks.square, 3)], batch_id="b")
+    async with SQLiteStore(path, readonly=True) as store:
+        assert repr(store).endswith("readonly=True)")
+        assert [r.value for r in await store.results()] == [9]
+        with pytest.raises(StoreError, match="read-only"):
+            await store.begin_batch("other")
+        with pytest.raises(StoreError, match="read-only"):
+            store.add((await store.results())[0])
+    with pytest.raises(StoreError, match="does not exist"):
+        await SQLiteStore(tmp_path / "missing.db", readonly=True).open()
+    assert not (tmp_path / "missing.db").exists()
+
+
+# -- through a pseudo-terminal ------------------------------------------------------------------
+
+
+class Terminal:
+    """A process on a pseudo-terminal; ``read_until`` waits (bounded) for a condition on its output."""
+
+    def __init__(self, argv: list[str], cwd: Path) -> None:
+        self.fd, child = pty.openpty()
+        os.set_inheritable(child, True)
+        import fcntl
+        import struct
+        import termios
+
+        fcntl.ioctl(child, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))
+        env = {k: v for k, v in os.environ.items() if k not in ("NO_COLOR", "TTY_INTERACTIVE", "COLUMNS", "LINES")}
+        self.process = subprocess.Popen(argv, cwd=cwd, stdin=child, stdout=child, stderr=child,
+                                        env=env | {"TERM": "xterm-256color"})
+        os.close(child)
+        self.output = b""
+
+    def read_until(self, done: Callable[[bytes], bool], timeout: float = 30) -> bytes:
+        deadline = time.monotonic() + timeout
+        while not done(self.output):
+            left = deadline - time.monotonic()
+            assert left > 0, f"gave up waiting; the terminal shows: {self.output[-2000:]!r}"
+            if select.select([self.fd], [], [], left)[0]:
+                try:
+                    chunk = os.read(self.fd, 65536)
+                except OSError:  # EIO: the process closed the terminal
+                    chunk = b""
+                if not chunk:
+                    break
+                self.output += chunk
+        return self.output
+
+    def close(self) -> int:
+        """Read to the end of the output; a process still running is interrupted, as with Ctrl-C."""
+        try:
+            self.read_until(lambda _: False, timeout=10)
+        finally:
+            if self.process.poll() is None:
+                self.process.send_signal(signal.SIGINT)
+            os.close(self.fd)
+        return self.process.wait(timeout=30)
+
+
+def test_console_script_redraws_the_bar_in_place_on_a_terminal(tmp_path: Path, gate: Callable[[], str]) -> None:
+    release = gate()
+    quick = os.fspath(tmp_path / "jobs.jsonl")  # exists: those tasks return at once
+    jobs = write_lines(tmp_path / "jobs.jsonl", [quick, 1], [quick, 2], [release, 3], [release, 4])
+    terminal = Terminal([os.fspath(CONSOLE_SCRIPT), "run", "tests.tasks:wait_for_file", "--input", jobs,
+                         "--workers", "2"], cwd=ROOT)
+    try:
+        # two frames at 50% while the gated tasks run: the display redraws on its own
+        half = terminal.read_until(lambda out: text(out).count("50.0% 2/4 ") >= 2)
+        Path(release).touch()
+        terminal.read_until(lambda out: "finished 4 tasks in" in text(out))
+    finally:
+        status = terminal.close()
+    assert status == 0
+    assert "ETA 0:00:" in text(half) and "running: 3" in text(half)
+    assert b"\x1b[1A\x1b[2K" in half  # cursor up and erase line: each frame is drawn over the last one
+    end = text(terminal.output[len(half):])
+    assert "100.0% 4/4 " in end and "4 of 4 tasks completed" in end
+
+
+def text(output: bytes) -> str:
+    """What the terminal shows, without colours and cursor movements."""
+    return re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", output.decode(errors="replace"))

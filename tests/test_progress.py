@@ -1,0 +1,167 @@
+"""The live progress display: what it counts, the plain lines off a terminal, the final report."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+
+from asyncsched import ConfigurationError, ProgressMonitor, ProgressStatistics, Scheduler, Stats, Status, Task
+from asyncsched._progress import format_duration
+
+from . import faults, tasks
+
+
+class Output(io.StringIO):
+    """A console's file that lets a test wait until some text has been written, without sleeping."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._written = asyncio.Event()
+
+    def write(self, text: str) -> int:
+        self._written.set()
+        return super().write(text)
+
+    async def wait_for(self, text: str) -> None:
+        while text not in self.getvalue():
+            self._written.clear()
+            await self._written.wait()
+
+
+def plain_console(output: io.StringIO) -> Console:
+    return Console(file=output, force_terminal=False, width=200)
+
+
+def statistics(**fields: object) -> ProgressStatistics:
+    base: dict[str, object] = dict(finished=Stats.of({Status.COMPLETED: 3, Status.FAILED: 1}), total=10, running=2,
+                                   retries=0, elapsed=8.0, average=1.5, last_message=None)
+    return ProgressStatistics(**(base | fields))  # type: ignore[arg-type]
+
+
+def test_statistics_derive_fraction_rate_and_eta() -> None:
+    stats = statistics()
+    assert (stats.done, stats.fraction, stats.rate, stats.eta) == (4, 0.4, 0.5, 12.0)
+    unknown = statistics(total=None)
+    assert unknown.fraction is None and unknown.eta is None
+    assert statistics(finished=Stats()).eta is None  # nothing done yet: no rate to tell from
+
+
+def test_plain_line_format() -> None:
+    line = statistics(retries=2, last_message="[7] page 3 of 9").line()
+    assert line == ("asyncsched: 4/10 (40.0%) | completed 3, failed 1, timed_out 0, crashed 0 | success 75.0% | "
+                    "running 2 | retries 2 | avg 1.50s/task | 0.5 tasks/s | elapsed 0:00:08 | ETA 0:00:12 | "
+                    "last: [7] page 3 of 9")
+    assert statistics(total=None).line().startswith("asyncsched: 4/? | ")
+    assert "ETA --:--:--" in statistics(total=None).line()
+
+
+def test_durations() -> None:
+    assert [format_duration(s) for s in (None, 0, 59.6, 65, 3600 * 25 + 61)] == [
+        "--:--:--", "0:00:00", "0:01:00", "0:01:05", "25:01:01"]
+
+
+async def test_counts_every_status_retries_and_the_last_message(scheduler: Scheduler) -> None:
+    batch = [Task(tasks.reporting, 1, key="reports"), Task(faults.boom, key="fails", retries=1),
+             Task(faults.hang, key="hangs", timeout=0.3), Task(tasks.square, 3, key="works")]
+    output = io.StringIO()
+    async with ProgressMonitor(scheduler, console=plain_console(output)) as monitor:
+        summary = await scheduler.run(batch)
+    stats = monitor.statistics()
+    assert stats.finished == Stats.of({Status.COMPLETED: 2, Status.FAILED: 1, Status.TIMED_OUT: 1})
+    assert (stats.total, stats.running, stats.retries) == (4, 0, 1)
+    assert stats.last_message == "[reports] step 2"
+    durations = [r.duration for r in summary.results if r.duration is not None]
+    assert stats.average is not None and min(durations) <= stats.average <= max(durations) + 0.1
+    report = output.getvalue()
+    assert "finished 4 tasks in" in report and "success rate" in report and "50.0%" in report
+    assert "\x1b" not in report
+
+
+async def test_plain_lines_every_interval_off_a_terminal(scheduler: Scheduler, gate: Callable[[], str]) -> None:
+    release = gate()
+    batch = [Task(tasks.identity, 1), Task(tasks.identity, 2), Task(tasks.wait_for_file, release)]
+    output = Output()
+    async with ProgressMonitor(scheduler, console=plain_console(output), interval=0.05) as monitor:
+        running = asyncio.ensure_future(scheduler.run(batch))
+        await output.wait_for("asyncsched: 2/3 (66.7%) | completed 2, failed 0, timed_out 0, crashed 0 | "
+                              "success 100.0% | running 1 | avg ")
+        assert monitor.statistics().running_tasks[0][0] == "2"  # the gated task, still running
+        await asyncio.to_thread(Path(release).touch)
+        await running
+    text = output.getvalue()
+    lines = text.splitlines()
+    assert lines[0].startswith("asyncsched: ") and " | ETA " in lines[0]
+    assert "finished 3 tasks in" in text
+    assert "\x1b" not in text and "\r" not in text  # no control characters off a terminal
+
+
+async def test_total_of_a_generator_is_unknown_until_it_is_exhausted(scheduler: Scheduler,
+                                                                     gate: Callable[[], str]) -> None:
+    release = gate()
+
+    def batch() -> Iterator[Task]:
+        yield Task(tasks.identity, 0)
+        yield Task(tasks.wait_for_file, release)
+
+    output = Output()
+    async with ProgressMonitor(scheduler, console=plain_console(output), interval=0.05) as monitor:
+        running = asyncio.ensure_future(scheduler.run(batch()))
+        await output.wait_for("asyncsched: 1/2 (50.0%)")  # known once the scheduler has pulled every task
+        await asyncio.to_thread(Path(release).touch)
+        await running
+    assert monitor.statistics().total == 2
+
+
+async def test_async_generator_batch_reaches_its_total(scheduler: Scheduler) -> None:
+    async def batch() -> object:
+        for i in range(5):
+            yield Task(tasks.square, i)
+
+    async with ProgressMonitor(scheduler, console=plain_console(io.StringIO())) as monitor:
+        await scheduler.run(batch())  # type: ignore[arg-type]
+    stats = monitor.statistics()
+    assert (stats.done, stats.total, stats.fraction) == (5, 5, 1.0)
+
+
+async def test_a_monitor_can_watch_one_batch(scheduler: Scheduler) -> None:
+    async with ProgressMonitor(scheduler, batch_id="mine", console=plain_console(io.StringIO())) as monitor:
+        await scheduler.run([Task(tasks.square, 1)], batch_id="other")
+        await scheduler.run([Task(tasks.square, i) for i in range(3)], batch_id="mine")
+    assert (monitor.statistics().done, monitor.statistics().total) == (3, 3)
+
+
+async def test_scheduler_progress_prints_a_report_for_each_batch(capsys: pytest.CaptureFixture[str]) -> None:
+    async with Scheduler(workers=2, progress=True) as scheduler:
+        first = await scheduler.run([Task(tasks.square, i) for i in range(3)])
+        second = await scheduler.run(Task(tasks.square, i) for i in range(2))
+    out = capsys.readouterr().out
+    assert f"Batch {first.batch_id}: finished 3 tasks in" in out
+    assert f"Batch {second.batch_id}: finished 2 tasks in" in out
+
+
+async def test_monitor_lifecycle(scheduler: Scheduler) -> None:
+    with pytest.raises(ConfigurationError, match="interval"):
+        ProgressMonitor(scheduler, interval=0)
+    monitor = ProgressMonitor(scheduler, console=plain_console(io.StringIO()))
+    await monitor.aclose()  # never started: nothing to do
+    async with monitor:
+        with pytest.raises(RuntimeError, match="already started"):
+            monitor.start()
+    await monitor.aclose()  # a second close is a no-op
+
+
+async def test_a_listener_sees_each_event_as_it_is_published(scheduler: Scheduler) -> None:
+    seen: list[str] = []
+    listener = scheduler._hub.listen(lambda event: seen.append(type(event).__name__), batch_id="b")
+    await scheduler.run([Task(tasks.square, 2)], batch_id="other")
+    await scheduler.run([Task(tasks.square, 2)], batch_id="b")
+    assert seen == ["TaskStarted", "TaskFinished"]
+    listener.close()
+    listener.close()  # idempotent
+    await scheduler.run([Task(tasks.square, 2)], batch_id="c")
+    assert len(seen) == 2 and not scheduler._hub.active
