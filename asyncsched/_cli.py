@@ -8,6 +8,7 @@ Commands::
     stats     counts by status and the success rate               | read a results file; never change it,
     batches   every batch of a results file                       | and work while another process writes
     export    write stored results to a JSON Lines file          /
+    serve     the web API and dashboard over a results file, running a module's registered tasks
 
 Exit status: 0 when every task completed, 1 when any did not, 2 for a usage
 error (reported in one line on stderr, never with a traceback), 130 when
@@ -30,6 +31,7 @@ import os
 import stat
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
+from types import ModuleType
 from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
 
 from rich import box
@@ -143,14 +145,7 @@ def load_function(spec: str) -> Callable[..., Any]:
     module_name, _, name = spec.partition(":")
     if not module_name or not name:
         raise UsageError(f"{spec!r} is not MODULE:FUNCTION (for example mypackage.jobs:process)")
-    if os.getcwd() not in sys.path:  # as `python -m` does: a module in the working directory is found
-        sys.path.insert(0, os.getcwd())
-    try:
-        target: Any = importlib.import_module(module_name)
-    except ModuleNotFoundError as exc:
-        raise UsageError(f"cannot import module {module_name!r}: {exc}") from None
-    except Exception as exc:
-        raise UsageError(f"importing module {module_name!r} failed: {type(exc).__name__}: {exc}") from None
+    target: Any = _import(module_name)
     for part in name.split("."):
         try:
             target = getattr(target, part)
@@ -160,6 +155,19 @@ def load_function(spec: str) -> Callable[..., Any]:
         raise UsageError(f"{spec} is a {type(target).__name__}, not a function")
     Task(target)  # refuses, with a clear message, what a worker could not load (a lambda, a nested function)
     return target  # type: ignore[no-any-return]
+
+
+def _import(module_name: str) -> ModuleType:
+    """Import a module as ``python -m`` would find it (the working directory first); a :class:`UsageError`
+    when it cannot be."""
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        raise UsageError(f"cannot import module {module_name!r}: {exc}") from None
+    except Exception as exc:
+        raise UsageError(f"importing module {module_name!r} failed: {type(exc).__name__}: {exc}") from None
 
 
 def _open_input(path: str) -> BinaryIO:
@@ -347,6 +355,38 @@ async def _read(args: argparse.Namespace, query: Callable[[SQLiteStore], Awaitab
         return await query(store)
 
 
+# -- serve ----------------------------------------------------------------------------------
+
+
+def _serve_command(args: argparse.Namespace) -> int:
+    """Serve the web API and the dashboard of a results file, until Ctrl-C or SIGTERM.
+
+    With --tasks MODULE, clients can run the tasks of MODULE's `registry` (an
+    asyncsched.web.TaskRegistry); without it, the server is a read-only view of
+    an existing file. The dashboard is at http://HOST:PORT/asyncsched/. With a
+    token (--token, or the ASYNCSCHED_TOKEN environment variable, which other
+    users cannot read as they can a command line), every API request needs
+    `Authorization: Bearer TOKEN`. Needs the web extra: pip install 'asyncsched[web]'.
+
+    examples:
+      asyncsched serve --db results.db --tasks mypackage.jobs
+      ASYNCSCHED_TOKEN=s3cret asyncsched serve --db results.db --host 0.0.0.0 --port 9000
+    """
+    try:
+        from .web import TaskRegistry
+        from .web._serve import serve
+    except ImportError as exc:
+        raise UsageError(str(exc)) from None
+    registry = None
+    if args.tasks is not None:
+        registry = getattr(_import(args.tasks), "registry", None)
+        if not isinstance(registry, TaskRegistry):
+            raise UsageError(f"module {args.tasks!r} has no TaskRegistry named 'registry' "
+                             "(registry = asyncsched.web.TaskRegistry(), at module level)")
+    serve(args.db, registry=registry, host=args.host, port=args.port, token=args.token, workers=args.workers)
+    return 0
+
+
 def _results_table(results: list[TaskResult], *, with_batch: bool) -> Table:
     table = Table(box=box.SIMPLE_HEAD, show_edge=False)
     names = ["batch"] * with_batch + ["key", "status", "attempts", "duration", "value or error"]
@@ -454,6 +494,16 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("db", metavar="DB", help="a results file (SQLite)")
     export.add_argument("out", metavar="OUT.jsonl", help="the JSON Lines file to write (replaced if it exists)")
     export.add_argument("--batch", metavar="ID", help="only this batch")
+
+    serve = command("serve", _serve_command)
+    serve.add_argument("--db", required=True, metavar="PATH", help="the results file (SQLite)")
+    serve.add_argument("--tasks", metavar="MODULE",
+                       help="module whose `registry` names the tasks clients may run; without it, read-only")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1: this machine only)")
+    serve.add_argument("--port", type=_positive(int), default=8080, metavar="N", help="port to listen on (8080)")
+    serve.add_argument("--token", metavar="T", help="require 'Authorization: Bearer T' (default: $ASYNCSCHED_TOKEN)")
+    serve.add_argument("--workers", type=_workers, default="cpu", metavar="cpu|io|N",
+                       help="cpu: one worker per core (default); io: two per core; or a number")
 
     # Listed for --help only: main() hands its arguments to the Celery worker's own parser.
     commands.add_parser("celery-worker", add_help=False,

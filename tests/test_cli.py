@@ -26,7 +26,7 @@ from . import tasks
 
 ROOT = Path(__file__).resolve().parent.parent
 CONSOLE_SCRIPT = Path(sys.executable).parent / "asyncsched"
-COMMANDS = ["demo", "run", "results", "stats", "batches", "export"]
+COMMANDS = ["demo", "run", "results", "stats", "batches", "export", "serve"]
 
 
 def write_lines(path: Path, *values: object) -> str:

@@ -14,8 +14,9 @@ import aiohttp
 import pytest
 from pytest_aiohttp import AiohttpClient
 
-from asyncsched import ConfigurationError, Scheduler, Task
-from asyncsched.web._serve import build_app, load_registry
+from asyncsched import Scheduler, Task
+from asyncsched._cli import main
+from asyncsched.web._serve import build_app
 
 from . import tasks
 
@@ -40,18 +41,18 @@ async def test_without_tasks_it_serves_a_read_only_view_of_a_database(tmp_path: 
     assert refused.status == 403
 
 
-def test_a_read_only_server_needs_an_existing_database(tmp_path: Path) -> None:
-    with pytest.raises(ConfigurationError, match="does not exist"):
-        build_app(os.fspath(tmp_path / "missing.db"), registry=None)
-    assert not (tmp_path / "missing.db").exists()
-
-
-def test_the_registry_comes_from_a_module() -> None:
-    assert load_registry("examples.web_service").names() == ["slow_square", "word_count"]
-    with pytest.raises(ConfigurationError, match="cannot import module 'no_such_module'"):
-        load_registry("no_such_module")
-    with pytest.raises(ConfigurationError, match="has no TaskRegistry named 'registry'"):
-        load_registry("tests.tasks")
+@pytest.mark.parametrize(("argv", "error"), [
+    (["--tasks", "no_such_module"], "cannot import module 'no_such_module'"),
+    (["--tasks", "tests.tasks"], "module 'tests.tasks' has no TaskRegistry named 'registry'"),
+    ([], "does not exist"),  # a read-only server needs an existing file
+])
+def test_serve_reports_bad_arguments_in_one_line(argv: list[str], error: str, tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    missing = tmp_path / "missing.db"
+    assert main(["serve", "--db", os.fspath(missing), "--port", str(_free_port()), *argv]) == 2
+    err = capsys.readouterr().err
+    assert "asyncsched serve: error: " in err and error in err and "Traceback" not in err
+    assert not missing.exists()
 
 
 def _free_port() -> int:
@@ -63,11 +64,9 @@ def _free_port() -> int:
 
 async def test_serve_runs_a_module_s_tasks_until_sigterm(tmp_path: Path) -> None:
     port, db = _free_port(), os.fspath(tmp_path / "served.db")
-    code = ("import argparse, sys; from asyncsched.web._serve import serve_main; sys.exit(serve_main("
-            f"argparse.Namespace(db={db!r}, tasks='examples.web_service', host='127.0.0.1', port={port}, "
-            "token=None, workers=2)))")
-    server = await asyncio.create_subprocess_exec(sys.executable, "-c", code, cwd=ROOT, stdout=subprocess.PIPE,
-                                                  env={**os.environ, "ASYNCSCHED_TOKEN": "t0ken"})
+    server = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "asyncsched", "serve", "--db", db, "--tasks", "examples.web_service", "--port",
+        str(port), "--workers", "2", cwd=ROOT, stdout=subprocess.PIPE, env={**os.environ, "ASYNCSCHED_TOKEN": "t0ken"})
     assert server.stdout is not None
     try:
         async with asyncio.timeout(30):
