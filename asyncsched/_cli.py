@@ -22,7 +22,6 @@ import asyncio
 import csv
 import dataclasses
 import datetime
-import functools
 import importlib
 import inspect
 import itertools
@@ -41,7 +40,7 @@ from rich.table import Table
 
 from . import __version__, _demo
 from ._errors import AsyncschedError
-from ._models import Summary, Task, TaskResult
+from ._models import Summary, Task, TaskResult, task_from_json
 from ._progress import FINAL_STATUSES, stats_table
 
 if TYPE_CHECKING:
@@ -218,12 +217,7 @@ async def tasks_from_lines(fn: Callable[..., Any], lines: AsyncIterator[bytes]) 
         except ValueError as exc:
             raise UsageError(f"input line {number} is not JSON ({exc}); each line must be one JSON value: "
                              "an array of arguments, an object of keyword arguments, or the single argument") from None
-        if isinstance(value, list):
-            yield Task(fn, *value, key=number)
-        elif isinstance(value, dict):
-            yield Task(functools.partial(fn, **value), key=number)
-        else:
-            yield Task(fn, value, key=number)
+        yield task_from_json(fn, value, key=number)
 
 
 # -- shared by demo and run -----------------------------------------------------------------

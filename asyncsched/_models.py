@@ -106,6 +106,17 @@ class Task:
         return f"Task({name}, *{self.args!r}, key={self.key!r})"
 
 
+def task_from_json(fn: Callable[..., Any], value: Any, *, key: str | int | None = None,
+                   timeout: float | None = None, retries: int | None = None) -> Task:
+    """The task for one JSON input (a line of ``asyncsched run``, an input of the web API): an array
+    gives positional arguments, an object keyword arguments, and any other value is the single argument."""
+    if isinstance(value, list):
+        return Task(fn, *value, key=key, timeout=timeout, retries=retries)
+    if isinstance(value, dict):
+        return Task(functools.partial(fn, **value), key=key, timeout=timeout, retries=retries)
+    return Task(fn, value, key=key, timeout=timeout, retries=retries)
+
+
 @dataclass(slots=True)
 class Attempt:
     """One attempt of one task, as handed to a backend."""

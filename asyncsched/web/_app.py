@@ -33,12 +33,12 @@ from typing import Any, NamedTuple, NoReturn
 from aiohttp import web
 
 from .._errors import ConfigurationError
-from .._models import Status, Task
+from .._models import Status, Task, task_from_json
 from .._scheduler import Scheduler
 from .._store import BatchInfo
 from ._json import batch_json, result_json
 from ._openapi import openapi
-from ._registry import TaskRegistry, task_from_json
+from ._registry import TaskRegistry
 from ._sse import EventLog
 
 __all__ = ["Limits", "setup"]

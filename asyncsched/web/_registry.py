@@ -1,8 +1,7 @@
-"""The functions the HTTP API may run, by name, and how JSON inputs become tasks."""
+"""The functions the HTTP API may run, by name."""
 
 from __future__ import annotations
 
-import functools
 import re
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
@@ -10,7 +9,7 @@ from typing import Any, TypeVar
 from .._errors import ConfigurationError
 from .._models import Task
 
-__all__ = ["TaskRegistry", "task_from_json"]
+__all__ = ["TaskRegistry"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -73,14 +72,3 @@ class TaskRegistry:
 
     def __repr__(self) -> str:
         return f"TaskRegistry({self.names()!r})"
-
-
-def task_from_json(fn: Callable[..., Any], value: Any, *, timeout: float | None = None,
-                   retries: int | None = None) -> Task:
-    """The task for one JSON input: an array gives positional arguments, an object keyword arguments,
-    and any other value is the single argument."""
-    if isinstance(value, list):
-        return Task(fn, *value, timeout=timeout, retries=retries)
-    if isinstance(value, dict):
-        return Task(functools.partial(fn, **value), timeout=timeout, retries=retries)
-    return Task(fn, value, timeout=timeout, retries=retries)
