@@ -75,12 +75,6 @@ class EventStream(AsyncIterator[Event]):
                 self._waiter = None
         return self._buffer.popleft()
 
-    def drain(self) -> list[Event]:
-        """The events buffered now, taken without waiting; the stream goes on."""
-        events = list(self._buffer)
-        self._buffer.clear()
-        return events
-
     async def aclose(self) -> None:
         """Stop receiving events; what is buffered is discarded. Idempotent."""
         self._hub._unsubscribe(self)

@@ -9,7 +9,7 @@ Data flow::
         |        --DELETE-> Scheduler.cancel(batch_id)
         |        --GET----> Scheduler.batches() / stats() / results() (the store)
         |
-        +--GET events--> EventLog.listen() <-- EventLog.pump() <-- Scheduler.events()
+        +--GET events--> EventLog.listen() <-- EventLog.publish_event() <-- the scheduler's EventHub
 
 Nothing a client sends is code: a submission names a task of the
 :class:`TaskRegistry` and gives JSON arguments. Bodies, batches and pages are
@@ -177,7 +177,8 @@ class _Api:
 
     async def lifecycle(self, app: web.Application) -> AsyncIterator[None]:
         async with self.scheduler:
-            pump = asyncio.create_task(self.log.pump(self.scheduler.events()), name="asyncsched.web events")
+            # Like the progress display, a listener of the hub: it sees every event, as it is published.
+            listener = self.scheduler._hub.listen(self.log.publish_event)
             try:
                 yield
             finally:
@@ -185,8 +186,7 @@ class _Api:
                 for task in jobs:
                     task.cancel()  # each records its running tasks as cancelled
                 await asyncio.gather(*jobs, return_exceptions=True)
-                pump.cancel()
-                await asyncio.gather(pump, return_exceptions=True)
+                listener.close()
                 self.log.close()
 
     async def on_shutdown(self, app: web.Application) -> None:

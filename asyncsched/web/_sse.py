@@ -2,13 +2,16 @@
 
 Data flow::
 
-    Scheduler.events() --pump()--> EventLog.publish(): numbers and encodes the event once
-                                        |                        |
-                                        v                        v
-                           backlog (the latest N)      every Listener's pending chunks
-                                        |                        |
-             a reconnect with Last-Event-ID                      v
-             is served from here first ------------> one GET {prefix}/api/events response each
+    the scheduler's EventHub, as each event is published (an EventListener: every event, in order)
+        |  publish_event(); publish_notice() for the web layer's own batch events
+        v
+    EventLog: numbers each event; encodes it the first time a client needs it, once for all
+        |                              |
+        v                              v
+    backlog (the latest N)     every Listener's pending events
+        |                              |
+        |  Last-Event-ID               v
+        +---------------------> one GET {prefix}/api/events response each
 
 Every event has an id ``<epoch>-<number>``: ``epoch`` is random for each log, so
 an id from before a restart is recognised as such. A client that reconnects
@@ -29,7 +32,6 @@ import secrets
 from collections import deque
 from typing import Any
 
-from .._events import EventStream
 from .._models import Event
 from ._json import jsonable
 
@@ -122,7 +124,6 @@ class EventLog:
         self._listeners: set[Listener] = set()
         self._last = 0
         self._closed = False
-        self._stream: EventStream | None = None
 
     @property
     def last_id(self) -> str:
@@ -136,24 +137,13 @@ class EventLog:
         for listener in self._listeners:
             listener.push(entry)
 
-    def publish_notice(self, batch_id: str, data: dict[str, Any]) -> None:
-        """Publish a ``batch`` event, after the scheduler's events published before it."""
-        if self._stream is not None:
-            for event in self._stream.drain():
-                self._publish(event.batch_id, "task", event)
-        self._publish(batch_id, "batch", data)
+    def publish_event(self, event: Event) -> None:
+        """Publish one of the scheduler's events as a ``task`` event (an ``EventHub`` listener: quick, never raises)."""
+        self._publish(event.batch_id, "task", event)
 
-    async def pump(self, stream: EventStream) -> None:
-        """Publish every event of ``stream`` as a ``task`` event, until it ends (the scheduler closed)
-        or this task is cancelled."""
-        self._stream = stream
-        try:
-            async with stream:
-                async for event in stream:  # waits for one, then takes all that came meanwhile
-                    for each in (event, *stream.drain()):
-                        self._publish(each.batch_id, "task", each)
-        finally:
-            self._stream = None
+    def publish_notice(self, batch_id: str, data: dict[str, Any]) -> None:
+        """Publish a ``batch`` event."""
+        self._publish(batch_id, "batch", data)
 
     def listen(self, batch_id: str | None, last_event_id: str | None) -> Listener:
         """A listener for the events from now on, after those missed since ``last_event_id``, if given."""
