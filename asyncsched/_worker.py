@@ -64,17 +64,18 @@ def report(message: str | None = None, progress: float | None = None, **data: An
     ``message`` is free text, ``progress`` a fraction between 0 and 1, and any
     keyword arguments travel along as ``Event.data`` (they must pickle).
     """
+    current = _current
+    captured = None if current is not None else getattr(_capture, "reports", None)
+    if current is None and captured is None:
+        return
     now = time.time()
     if progress is not None:
         progress = float(progress)
-    current = _current
     if current is not None:
         send, call_id = current
         send((REPORT, call_id, now, message, progress, data))
-    else:
-        captured = getattr(_capture, "reports", None)
-        if captured is not None:
-            captured.append((now, message, progress, data))
+    elif captured is not None:
+        captured.append((now, message, progress, data))
 
 
 def error_info(exc: BaseException) -> ErrorInfo:

@@ -241,3 +241,9 @@ async def test_keyword_arguments_through_partial(scheduler: Scheduler) -> None:
 
     summary = await scheduler.run([Task(functools.partial(tasks.add, b=10), 5)])
     assert summary.results[0].value == 15
+
+
+def test_report_outside_a_task_is_a_no_op() -> None:
+    from asyncsched import report
+
+    report(message="nobody listens", progress="not even a number", extra=object())  # type: ignore[arg-type]
