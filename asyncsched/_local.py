@@ -40,20 +40,32 @@ class ProcessBackend(Backend):
         self.pool.start()
 
     def submit(self, attempt: Attempt, emit: Emit) -> asyncio.Future[Outcome]:
-        batch_id, key, number = attempt.batch_id, attempt.key, attempt.number
-
-        def on_start(pid: int, timestamp: float) -> None:
-            emit(TaskStarted(batch_id, key, Status.RUNNING, timestamp, pid, attempt=number))
-
-        def on_report(pid: int, timestamp: float, message: str | None, progress: float | None,
-                      data: dict[str, Any]) -> None:
-            emit(TaskReported(batch_id, key, Status.RUNNING, timestamp, pid, message, progress, number, data or None))
-
-        return self.pool.call(attempt.fn, attempt.args, timeout=attempt.timeout, on_start=on_start,
-                              on_report=on_report)
+        relay = _Relay(attempt, emit)
+        return self.pool.call(attempt.fn, attempt.args, timeout=attempt.timeout, on_start=relay.started,
+                              on_report=relay.reported)
 
     async def aclose(self) -> None:
         await self.pool.aclose()
+
+
+class _Relay:
+    """Turns the pool's callbacks for one attempt into its events."""
+
+    __slots__ = ("attempt", "emit")
+
+    def __init__(self, attempt: Attempt, emit: Emit) -> None:
+        self.attempt = attempt
+        self.emit = emit
+
+    def started(self, pid: int, timestamp: float) -> None:
+        a = self.attempt
+        self.emit(TaskStarted(a.batch_id, a.key, Status.RUNNING, timestamp, pid, attempt=a.number))
+
+    def reported(self, pid: int, timestamp: float, message: str | None, progress: float | None,
+                 data: dict[str, Any]) -> None:
+        a = self.attempt
+        self.emit(TaskReported(a.batch_id, a.key, Status.RUNNING, timestamp, pid, message, progress, a.number,
+                               data or None))
 
 
 class ExecutorBackend(Backend):

@@ -147,13 +147,18 @@ class PoolStatistics:
 class _CallFuture(asyncio.Future[Outcome]):
     """The future of one call; cancelling it kills the worker running the call."""
 
-    _on_cancel: Callable[[], None] | None = None
+    __slots__ = ("_call", "_pool")
+
+    def __init__(self, pool: ProcessPool, loop: asyncio.AbstractEventLoop | None) -> None:
+        super().__init__(loop=loop)
+        self._pool = pool
+        self._call: _Call | None = None
 
     def cancel(self, msg: Any | None = None) -> bool:
         if not super().cancel(msg):
             return False
-        if self._on_cancel is not None:
-            self._on_cancel()
+        if self._call is not None:
+            self._pool._on_cancel(self._call)
         return True
 
 
@@ -390,7 +395,7 @@ class ProcessPool(concurrent.futures.Executor):
             self.start()
         if self._closed:
             raise ClosedError("this ProcessPool is closed; create a new one")
-        future = _CallFuture(loop=self._loop)
+        future = _CallFuture(self, self._loop)
         if self._broken is not None:
             future.set_exception(self._broken)
             return future
@@ -400,7 +405,7 @@ class ProcessPool(concurrent.futures.Executor):
             future.set_result(_pickle_failure(fn, args, exc))
             return future
         call = _Call(next(self._ids), payload, timeout, future, on_start, on_report)
-        future._on_cancel = lambda: self._on_cancel(call)
+        future._call = call
         self._pending.append(call)
         if not self._dispatching:  # calls made in one loop iteration are sent together
             self._dispatching = True
