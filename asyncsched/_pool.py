@@ -56,7 +56,6 @@ import os
 import pickle
 import signal
 import socket
-import struct
 import threading
 import time
 import weakref
@@ -70,7 +69,7 @@ import psutil
 
 from ._errors import BrokenPoolError, ClosedError, ConfigurationError
 from ._models import Outcome, Status, task_error
-from ._worker import DONE, READY, REPORT, worker_main
+from ._worker import BIG_HEADER, DONE, HEADER, READY, REPORT, frame_header, worker_main
 
 __all__ = ["PoolStatistics", "ProcessPool", "default_start_method", "resolve_workers"]
 
@@ -85,8 +84,6 @@ MAX_DEPTH = 64
 MEMORY_CHECK_SECONDS = 0.1
 """How often busy workers' memory is sampled when ``max_memory_per_child`` is set."""
 
-_HEADER = struct.Struct("!i")
-_BIG_HEADER = struct.Struct("!iQ")
 _READ_SIZE = 1 << 16
 _PROTOCOL = pickle.HIGHEST_PROTOCOL
 
@@ -607,13 +604,13 @@ class ProcessPool(concurrent.futures.Executor):
         pos, end = 0, len(buf)
         messages = []
         while end - pos >= 4:
-            (size,) = _HEADER.unpack_from(buf, pos)
+            (size,) = HEADER.unpack_from(buf, pos)
             head = 4
             if size == -1:
-                if end - pos < _BIG_HEADER.size:
+                if end - pos < BIG_HEADER.size:
                     break
-                size = _BIG_HEADER.unpack_from(buf, pos)[1]
-                head = _BIG_HEADER.size
+                size = BIG_HEADER.unpack_from(buf, pos)[1]
+                head = BIG_HEADER.size
             if end - pos - head < size:
                 break
             messages.append(pickle.loads(buf[pos + head: pos + head + size]))
@@ -663,7 +660,7 @@ class ProcessPool(concurrent.futures.Executor):
 
     def _send(self, worker: _Worker, data: bytes) -> bool:
         """Send one frame without blocking; False if the worker can no longer be reached."""
-        header = _HEADER.pack(len(data)) if len(data) < 0x7FFFFFFF else _BIG_HEADER.pack(-1, len(data))
+        header = frame_header(len(data))
         if worker.outbuf:
             worker.outbuf += header + data
             return True

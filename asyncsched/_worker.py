@@ -41,7 +41,8 @@ from typing import Any
 
 from ._models import type_name
 
-__all__ = ["DONE", "READY", "REPORT", "ErrorInfo", "error_info", "report", "run_capturing", "worker_main"]
+__all__ = ["BIG_HEADER", "DONE", "HEADER", "READY", "REPORT", "ErrorInfo", "error_info", "frame_header", "report",
+           "run_capturing", "worker_main"]
 
 READY = 0
 REPORT = 1
@@ -50,6 +51,16 @@ DONE = 2
 ErrorInfo = tuple[str, str, str, "bytes | None"]
 
 _PROTOCOL = pickle.HIGHEST_PROTOCOL
+
+HEADER = struct.Struct("!i")
+"""A frame's length, as ``Connection.send_bytes`` writes it."""
+BIG_HEADER = struct.Struct("!iQ")
+"""The length of a frame of 2 GiB or more: -1, then the length."""
+
+
+def frame_header(size: int) -> bytes:
+    """The header ``Connection.recv_bytes`` expects before ``size`` bytes."""
+    return HEADER.pack(size) if size < 0x7FFFFFFF else BIG_HEADER.pack(-1, size)
 _PR_SET_PDEATHSIG = 1
 
 # The call being run in this process: (send, call_id). None outside a task.
@@ -116,9 +127,7 @@ class _Channel:
 
     def _frame(self, message: tuple[Any, ...]) -> bytes:
         data = pickle.dumps(message, _PROTOCOL)
-        size = len(data)
-        header = struct.pack("!i", size) if size < 0x7FFFFFFF else struct.pack("!iQ", -1, size)
-        return header + data
+        return frame_header(len(data)) + data
 
     def _write(self, data: bytes) -> None:
         view = memoryview(data)
