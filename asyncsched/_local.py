@@ -57,11 +57,11 @@ class _Relay:
         self.attempt = attempt
         self.emit = emit
 
-    def started(self, pid: int, timestamp: float) -> None:
+    def started(self, pid: int | None, timestamp: float) -> None:
         a = self.attempt
         self.emit(TaskStarted(a.batch_id, a.key, Status.RUNNING, timestamp, pid, attempt=a.number))
 
-    def reported(self, pid: int, timestamp: float, message: str | None, progress: float | None,
+    def reported(self, pid: int | None, timestamp: float, message: str | None, progress: float | None,
                  data: dict[str, Any]) -> None:
         a = self.attempt
         self.emit(TaskReported(a.batch_id, a.key, Status.RUNNING, timestamp, pid, message, progress, a.number,
@@ -90,7 +90,8 @@ class ExecutorBackend(Backend):
 
     async def _run(self, attempt: Attempt, emit: Emit) -> Outcome:
         loop = asyncio.get_running_loop()
-        emit(TaskStarted(attempt.batch_id, attempt.key, Status.RUNNING, time.time(), attempt=attempt.number))
+        relay = _Relay(attempt, emit)
+        relay.started(None, time.time())
         future = loop.run_in_executor(self.executor, run_capturing, attempt.fn, attempt.args)
         try:
             async with asyncio.timeout(attempt.timeout):
@@ -101,8 +102,7 @@ class ExecutorBackend(Backend):
         except Exception as exc:  # the executor itself failed: broken pool, unpicklable argument, ...
             return Outcome.from_error(error_info(exc))
         for timestamp, message, progress, data in reports:
-            emit(TaskReported(attempt.batch_id, attempt.key, Status.RUNNING, timestamp, pid, message, progress,
-                              attempt.number, data or None))
+            relay.reported(pid, timestamp, message, progress, data)
         if ok:
             return Outcome(Status.COMPLETED, value=value, pid=pid, started_at=started, finished_at=finished)
         return Outcome.from_error(value, pid=pid, started_at=started, finished_at=finished)
