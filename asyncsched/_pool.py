@@ -8,9 +8,9 @@ Data flow (everything on the left runs on one event loop thread; no locks)::
       | only this call
       v
     _Call -> pending deque --_dispatch: up to `depth` calls--> socket pair (one per worker)
-                             per worker, in one frame          [(call_id, payload), ...] ---> worker_main()
+                             per worker, in one frame    [(call_id, function, payload), ...] -> worker_main()
                                                                                               runs them in order
-    _Call.future <---- _on_message <---- add_reader(socket) <---- READY / REPORT / DONE <------
+    _Call (a future) <-- _on_message <---- add_reader(socket) <---- READY / REPORT / DONE <------
          ^                                                                                    |
          |           _on_exit  <-------- add_reader(process sentinel) <---- process exit -----+
          |
@@ -21,7 +21,9 @@ Actors:
 
 * ``_Call`` is the record kept in the parent for one call: the pickled payload,
   its timeout, the future the caller awaits and the worker it was sent to. Only
-  ``(call_id, payload)`` crosses the wire; the wire format is in ``_worker``.
+  ``(call_id, function, payload)`` crosses the wire; the wire format is in
+  ``_worker``. A plain function is pickled once (a reference by name) and
+  cached on both sides, so a call pays only for pickling its arguments.
 * ``_Worker`` is the record of one process: its socket, its sentinel and the
   calls sent to it, in order; the first one is running. Each worker has its
   own socket, so killing one worker costs only its running call: the calls
@@ -58,6 +60,7 @@ import signal
 import socket
 import threading
 import time
+import types
 import weakref
 from collections import deque
 from collections.abc import Callable
@@ -69,7 +72,7 @@ import psutil
 
 from ._errors import BrokenPoolError, ClosedError, ConfigurationError
 from ._models import Outcome, Status, task_error
-from ._worker import BIG_HEADER, DONE, HEADER, READY, REPORT, frame_header, worker_main
+from ._worker import BIG_HEADER, DONE, FUNCTION_CACHE, HEADER, READY, REPORT, frame_header, worker_main
 
 __all__ = ["PoolStatistics", "ProcessPool", "default_start_method", "resolve_workers"]
 
@@ -84,6 +87,7 @@ MAX_DEPTH = 64
 MEMORY_CHECK_SECONDS = 0.1
 """How often busy workers' memory is sampled when ``max_memory_per_child`` is set."""
 
+_PLAIN_FUNCTIONS = (types.FunctionType, types.BuiltinFunctionType)
 _READ_SIZE = 1 << 16
 _PROTOCOL = pickle.HIGHEST_PROTOCOL
 
@@ -141,43 +145,40 @@ class PoolStatistics:
     killed: int
 
 
-class _CallFuture(asyncio.Future[Outcome]):
-    """The future of one call; cancelling it kills the worker running the call."""
+class _Call(asyncio.Future[Outcome]):
+    """One call: the parent's record of it, and the future of its Outcome.
 
-    __slots__ = ("_call", "_pool")
+    Cancelling it kills the worker running it. Only ``(call_id, function,
+    payload)`` crosses the wire.
+    """
 
-    def __init__(self, pool: ProcessPool, loop: asyncio.AbstractEventLoop | None) -> None:
-        super().__init__(loop=loop)
+    __slots__ = ("_pool", "call_id", "function", "on_report", "on_start", "payload", "timeout", "worker")
+
+    def __init__(
+        self,
+        pool: ProcessPool,
+        call_id: int,
+        function: bytes | None,
+        payload: bytes,
+        timeout: float | None,
+        on_start: OnStart | None,
+        on_report: OnReport | None,
+    ) -> None:
+        super().__init__(loop=pool._loop)
         self._pool = pool
-        self._call: _Call | None = None
+        self.call_id = call_id
+        self.function = function
+        self.payload = payload
+        self.timeout = timeout
+        self.on_start = on_start
+        self.on_report = on_report
+        self.worker: _Worker | None = None
 
     def cancel(self, msg: Any | None = None) -> bool:
         if not super().cancel(msg):
             return False
-        if self._call is not None:
-            self._pool._on_cancel(self._call)
+        self._pool._on_cancel(self)
         return True
-
-
-class _Call:
-    __slots__ = ("call_id", "future", "on_report", "on_start", "payload", "timeout", "worker")
-
-    def __init__(
-        self,
-        call_id: int,
-        payload: bytes,
-        timeout: float | None,
-        future: _CallFuture,
-        on_start: OnStart | None,
-        on_report: OnReport | None,
-    ) -> None:
-        self.call_id = call_id
-        self.payload = payload
-        self.timeout = timeout
-        self.future = future
-        self.on_start = on_start
-        self.on_report = on_report
-        self.worker: _Worker | None = None
 
 
 class _Worker:
@@ -266,6 +267,7 @@ class ProcessPool(concurrent.futures.Executor):
         self._dispatching = False
         self._average = BATCH_SECONDS  # moving average of a call's run time
         self._ids = itertools.count()
+        self._functions: dict[Callable[..., Any], bytes] = {}
         self._closed = False
         self._broken: BrokenPoolError | None = None
         self._start_failures = 0
@@ -335,11 +337,11 @@ class ProcessPool(concurrent.futures.Executor):
         self._ready.clear()  # nothing more is sent
         for worker in list(self._workers):
             if worker.call is not None:
-                worker.call.future.cancel()  # kills the worker; its queued calls go back to pending
+                worker.call.cancel()  # kills the worker; its queued calls go back to pending
             elif not worker.retiring:
                 self._retire(worker)
         for call in self._pending:
-            call.future.cancel()
+            call.cancel()
         self._pending.clear()
         assert self._all_exited is not None
         if self._workers:
@@ -353,7 +355,7 @@ class ProcessPool(concurrent.futures.Executor):
 
     def _unfinished(self) -> list[asyncio.Future[Outcome]]:
         calls = itertools.chain(self._pending, *(w.calls for w in self._workers))
-        return [call.future for call in calls if not call.future.done()]
+        return [call for call in calls if not call.done()]
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """``Executor.shutdown``. From the pool's own loop thread use ``await aclose()`` instead."""
@@ -392,22 +394,37 @@ class ProcessPool(concurrent.futures.Executor):
             self.start()
         if self._closed:
             raise ClosedError("this ProcessPool is closed; create a new one")
-        future = _CallFuture(self, self._loop)
+        loop = self._loop
+        assert loop is not None
+        failed: asyncio.Future[Outcome]
         if self._broken is not None:
-            future.set_exception(self._broken)
-            return future
+            failed = loop.create_future()
+            failed.set_exception(self._broken)
+            return failed
         try:
-            payload = pickle.dumps((fn, args), _PROTOCOL)
+            function = self._pickled_function(fn)
+            payload = pickle.dumps(args if function is not None else (fn, args), _PROTOCOL)
         except Exception as exc:
-            future.set_result(_pickle_failure(fn, args, exc))
-            return future
-        call = _Call(next(self._ids), payload, timeout, future, on_start, on_report)
-        future._call = call
+            failed = loop.create_future()
+            failed.set_result(_pickle_failure(fn, args, exc))
+            return failed
+        call = _Call(self, next(self._ids), function, payload, timeout, on_start, on_report)
         self._pending.append(call)
         if not self._dispatching:  # calls made in one loop iteration are sent together
             self._dispatching = True
-            future.get_loop().call_soon(self._dispatch)
-        return future
+            loop.call_soon(self._dispatch)
+        return call
+
+    def _pickled_function(self, fn: Callable[..., Any]) -> bytes | None:
+        """A plain function pickled (by name) once, or None for other callables, which travel with their call."""
+        if type(fn) not in _PLAIN_FUNCTIONS:
+            return None
+        pickled = self._functions.get(fn)
+        if pickled is None:
+            if len(self._functions) >= FUNCTION_CACHE:
+                self._functions.clear()
+            pickled = self._functions[fn] = pickle.dumps(fn, _PROTOCOL)
+        return pickled
 
     @property
     def pids(self) -> list[int]:
@@ -527,7 +544,7 @@ class ProcessPool(concurrent.futures.Executor):
         if calls:
             calls.popleft()
         for call in reversed(calls):
-            if not call.future.done():
+            if not call.done():
                 call.worker = None
                 self._pending.appendleft(call)
         self._dispatch()
@@ -553,9 +570,9 @@ class ProcessPool(concurrent.futures.Executor):
         if worker.deadline is not None:
             worker.deadline.cancel()
         call = worker.call
-        if call is not None and not call.future.done():
+        if call is not None and not call.done():
             self._crashed += 1
-            call.future.set_result(
+            call.set_result(
                 Outcome(Status.CRASHED, error=f"worker {worker.pid} {_describe_exit(code)}",
                         error_type="WorkerCrash", pid=worker.pid)
             )
@@ -573,8 +590,8 @@ class ProcessPool(concurrent.futures.Executor):
     def _break(self, why: str) -> None:
         self._broken = BrokenPoolError(why)
         for call in self._pending:
-            if not call.future.done():
-                call.future.set_exception(self._broken)
+            if not call.done():
+                call.set_exception(self._broken)
         self._pending.clear()
 
     # -- the wire ----------------------------------------------------------------------------
@@ -632,13 +649,13 @@ class ProcessPool(concurrent.futures.Executor):
             call = calls.popleft()
             worker.deadline_at = None  # the timer, if any, stays: it re-checks when it fires
             self._average += 0.2 * ((finished - started) - self._average)
-            if not call.future.done():
+            if not call.done():
                 if ok:
                     outcome = Outcome(Status.COMPLETED, value=value, pid=worker.pid,
                                       started_at=started, finished_at=finished)
                 else:
                     outcome = Outcome.from_error(value, pid=worker.pid, started_at=started, finished_at=finished)
-                call.future.set_result(outcome)
+                call.set_result(outcome)
             if calls:
                 self._begin(worker, calls[0])
             elif worker.retiring:
@@ -708,14 +725,14 @@ class ProcessPool(concurrent.futures.Executor):
             room = depth - len(worker.calls)
             if self._max_tasks is not None:
                 room = min(room, self._max_tasks - worker.calls_sent)
-            batch: list[tuple[int, bytes]] = []
+            batch: list[tuple[int, bytes | None, bytes]] = []
             while pending and len(batch) < room:
                 call = pending.popleft()
-                if call.future.done():
+                if call.done():
                     continue  # cancelled while pending
                 call.worker = worker
                 worker.calls.append(call)
-                batch.append((call.call_id, call.payload))
+                batch.append((call.call_id, call.function, call.payload))
             if not batch:
                 continue
             if not self._send(worker, pickle.dumps(batch, _PROTOCOL)):
@@ -760,9 +777,9 @@ class ProcessPool(concurrent.futures.Executor):
             return
         self._read(worker)  # the result may already be here (then a new call may have begun)
         call = worker.call
-        if call is None or call.future.done() or worker.deadline_at is None or worker.deadline_at > loop.time():
+        if call is None or call.done() or worker.deadline_at is None or worker.deadline_at > loop.time():
             return
-        call.future.set_result(
+        call.set_result(
             Outcome(Status.TIMED_OUT, error=f"timed out after {call.timeout:g}s; worker {worker.pid} was killed",
                     error_type="TimeoutError", pid=worker.pid)
         )
@@ -780,9 +797,9 @@ class ProcessPool(concurrent.futures.Executor):
                 rss = psutil.Process(worker.pid).memory_info().rss
             except psutil.Error:
                 continue  # it is exiting; the sentinel tells
-            if rss > limit and not call.future.done():
+            if rss > limit and not call.done():
                 self._crashed += 1
-                call.future.set_result(Outcome(
+                call.set_result(Outcome(
                     Status.CRASHED, error_type="MemoryError", pid=worker.pid,
                     error=f"worker {worker.pid} used {rss / 2**20:.0f} MiB, over max_memory_per_child="
                           f"{limit / 2**20:.0f} MiB; it was killed",

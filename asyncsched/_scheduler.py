@@ -31,8 +31,7 @@ import signal
 import threading
 import time
 import uuid
-from collections import deque
-from collections.abc import AsyncGenerator, AsyncIterable, Iterable, Iterator, Mapping, Sized
+from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Iterable, Iterator, Mapping, Sized
 from typing import Any
 
 from ._backend import Backend
@@ -94,7 +93,7 @@ class _BatchRun:
         self.hub = scheduler._hub
         self.policy = scheduler._retry_policy
         self.records: dict[int, _Record] = {}
-        self.ready: deque[TaskResult] = deque()
+        self.ready: list[TaskResult] = []
         self.waiter: asyncio.Future[None] | None = None
         self.aborted: BaseException | None = None
         self.total: int | None = None  # tasks this run will finish, once known (for progress displays)
@@ -362,8 +361,8 @@ class Scheduler:
         batch_id, previous = await self._begin(batch_id, name, resume)
         results = list(previous.values())
         async with self._monitor(batch_id), contextlib.aclosing(self._stream(batch, batch_id, previous)) as stream:
-            async for result in stream:
-                results.append(result)
+            async for ready in stream:
+                results.extend(ready)
         results.sort(key=lambda r: r.index)
         return Summary.of(batch_id, results, time.monotonic() - started)
 
@@ -378,8 +377,9 @@ class Scheduler:
         """
         batch_id, previous = await self._begin(batch_id, name, resume)
         async with self._monitor(batch_id), contextlib.aclosing(self._stream(batch, batch_id, previous)) as stream:
-            async for result in stream:
-                yield result
+            async for ready in stream:
+                for result in ready:
+                    yield result
 
     async def _begin(self, batch_id: str | None, name: str | None,
                      resume: bool) -> tuple[str, Mapping[str, TaskResult]]:
@@ -398,26 +398,36 @@ class Scheduler:
         return ProgressMonitor(self, batch_id=batch_id)
 
     async def _stream(self, batch: Batch, batch_id: str,
-                      previous: Mapping[str, TaskResult]) -> AsyncGenerator[TaskResult, None]:
+                      previous: Mapping[str, TaskResult]) -> AsyncGenerator[list[TaskResult], None]:
+        """Yield the results as they come, a list of those ready at a time."""
         run = _BatchRun(self, batch_id)
         if isinstance(batch, Sized):
             run.total = len(batch) - len(previous)
         self._runs.add(run)
-        items = _pull(batch)
+        items: Iterator[object] = iter(())
+        async_items: AsyncIterator[object] | None = None
         window = self._window
         index = 0
         exhausted = False
         try:
+            if isinstance(batch, AsyncIterable):
+                async_items = aiter(batch)
+            elif isinstance(batch, Iterable):
+                items = iter(batch)
+            else:
+                raise TaskDefinitionError(
+                    f"a batch is an iterable or async iterable of Task, got {type(batch).__name__}")
             while True:
                 while not exhausted and run.stopped is None and len(run.records) + len(run.ready) < window:
-                    item = await anext(items, _END)
+                    item = next(items, _END) if async_items is None else await anext(async_items, _END)
                     if item is _END:
                         exhausted = True
                         run.total = index - len(previous)
                         break
                     index = self._admit(run, item, index, previous)
                 if run.ready:
-                    yield run.ready.popleft()
+                    ready, run.ready = run.ready, []
+                    yield ready
                     continue
                 if run.aborted is not None:
                     raise run.aborted
@@ -430,8 +440,6 @@ class Scheduler:
                 if run.records:
                     run.cancel_all("the batch was cancelled")
             finally:
-                with contextlib.suppress(Exception):
-                    await items.aclose()
                 await self._store.end_batch(batch_id)
 
     def _admit(self, run: _BatchRun, item: object, index: int, previous: Mapping[str, TaskResult]) -> int:
@@ -499,19 +507,6 @@ class Scheduler:
         """Every batch the store knows, oldest first."""
         await self._ensure_started()
         return await self._store.batches()
-
-
-async def _pull(batch: Batch) -> AsyncGenerator[Task, None]:
-    """Items of a sync or async iterable, one at a time, pulled only when asked for."""
-    if isinstance(batch, AsyncIterable):
-        async for item in batch:
-            yield item
-        return
-    if not isinstance(batch, Iterable):
-        raise TaskDefinitionError(f"a batch is an iterable or async iterable of Task, got {type(batch).__name__}")
-    iterator: Iterator[Task] = iter(batch)
-    for item in iterator:
-        yield item
 
 
 def _status(value: Status | str) -> Status:

@@ -6,7 +6,10 @@ neither asyncio machinery nor aiosqlite, and nothing from the parent's side.
 Wire protocol: one socket pair per worker; every frame is a length-prefixed
 pickle, in the framing of ``multiprocessing.connection.Connection``::
 
-    parent -> worker   [(call_id, payload), ...]   calls to run in order; payload = pickle of (fn, args)
+    parent -> worker   [(call_id, function, payload), ...]   calls to run in order: function is a
+                                                         plain function pickled by name and payload
+                                                         pickles args, or function is None and payload
+                                                         pickles (fn, args)
                        None                        finish and exit
     worker -> parent   (READY, pid)
                        (REPORT, call_id, timestamp, message, progress, data)
@@ -41,8 +44,8 @@ from typing import Any
 
 from ._models import type_name
 
-__all__ = ["BIG_HEADER", "DONE", "HEADER", "READY", "REPORT", "ErrorInfo", "error_info", "frame_header", "report",
-           "run_capturing", "worker_main"]
+__all__ = ["BIG_HEADER", "DONE", "FUNCTION_CACHE", "HEADER", "READY", "REPORT", "ErrorInfo", "error_info",
+           "frame_header", "report", "run_capturing", "worker_main"]
 
 READY = 0
 REPORT = 1
@@ -51,6 +54,8 @@ DONE = 2
 ErrorInfo = tuple[str, str, str, "bytes | None"]
 
 _PROTOCOL = pickle.HIGHEST_PROTOCOL
+FUNCTION_CACHE = 1024
+"""Plain functions whose pickled reference is kept, on each side of the wire."""
 
 HEADER = struct.Struct("!i")
 """A frame's length, as ``Connection.send_bytes`` writes it."""
@@ -65,6 +70,8 @@ _PR_SET_PDEATHSIG = 1
 
 # The call being run in this process: (send, call_id). None outside a task.
 _current: tuple[Callable[[Any], None], int] | None = None
+# Plain functions by the pickled reference the parent sends, loaded once.
+_functions: dict[bytes, Callable[..., Any]] = {}
 # Reports captured by run_capturing(), per thread, for executors without a pipe.
 _capture = threading.local()
 
@@ -159,11 +166,23 @@ class _Channel:
             self._write(data)
 
 
-def _run_call(channel: _Channel, call_id: int, payload: bytes, more_waiting: bool) -> None:
+def _load(function: bytes | None, payload: bytes) -> tuple[Callable[..., Any], tuple[Any, ...]]:
+    if function is None:
+        fn, args = pickle.loads(payload)
+        return fn, args
+    fn = _functions.get(function)
+    if fn is None:
+        if len(_functions) >= FUNCTION_CACHE:
+            _functions.clear()
+        fn = _functions[function] = pickle.loads(function)
+    return fn, pickle.loads(payload)
+
+
+def _run_call(channel: _Channel, call_id: int, function: bytes | None, payload: bytes, more_waiting: bool) -> None:
     global _current
     started = time.time()
     try:
-        fn, args = pickle.loads(payload)
+        fn, args = _load(function, payload)
     except BaseException as exc:
         info = error_info(exc)
         info = (info[0], f"the task could not be unpickled in the worker: {info[1]}", info[2], info[3])
@@ -222,11 +241,11 @@ def worker_main(conn: Connection) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the orchestrator's to handle
     channel = _Channel(conn)
     channel.send((READY, os.getpid()))
-    queue: deque[tuple[int, bytes]] = deque()
+    queue: deque[tuple[int, bytes | None, bytes]] = deque()
     while True:
         if queue:
-            call_id, payload = queue.popleft()
-            _run_call(channel, call_id, payload, bool(queue))
+            call_id, function, payload = queue.popleft()
+            _run_call(channel, call_id, function, payload, bool(queue))
             continue
         try:
             calls = pickle.loads(conn.recv_bytes())
