@@ -46,6 +46,16 @@ class Backend(abc.ABC):
     def submit(self, attempt: Attempt, emit: Emit) -> asyncio.Future[Outcome]:
         """Start one attempt; see the class docstring for the contract."""
 
+    def add_done_callback(self, future: asyncio.Future[Outcome],
+                          callback: Callable[[asyncio.Future[Outcome]], None]) -> None:
+        """Have ``callback(future)`` called once a future from :meth:`submit` is done.
+
+        The default is ``future.add_done_callback``. A backend that settles its
+        own futures may call ``callback`` right as it settles one instead,
+        sparing the scheduler a loop iteration per attempt.
+        """
+        future.add_done_callback(callback)
+
     @abc.abstractmethod
     async def aclose(self) -> None:
         """Stop everything and release every resource. Idempotent."""

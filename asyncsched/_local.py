@@ -7,6 +7,7 @@ import concurrent.futures
 import multiprocessing.context
 import os
 import time
+from collections.abc import Callable
 from typing import Any
 
 from ._backend import Backend, Emit
@@ -43,6 +44,10 @@ class ProcessBackend(Backend):
         relay = _Relay(attempt, emit)
         return self.pool.call(attempt.fn, attempt.args, timeout=attempt.timeout, on_start=relay.started,
                               on_report=relay.reported)
+
+    def add_done_callback(self, future: asyncio.Future[Outcome],
+                          callback: Callable[[asyncio.Future[Outcome]], None]) -> None:
+        self.pool.when_done(future, callback)
 
     async def aclose(self) -> None:
         await self.pool.aclose()

@@ -38,6 +38,7 @@ Actors:
   non-blocking, so a large argument or result never blocks the loop.
 * Before a worker is declared crashed or timed out, what it already sent is
   read, so a result that raced with a kill or an exit is not lost.
+* A result that does not unpickle in the parent fails its own call only.
 
 Used from a thread with no running loop (plain ``Executor`` use), the pool runs
 its own loop in a private thread.
@@ -72,7 +73,19 @@ import psutil
 
 from ._errors import BrokenPoolError, ClosedError, ConfigurationError
 from ._models import Outcome, Status, task_error
-from ._worker import BIG_HEADER, DONE, FUNCTION_CACHE, HEADER, READY, REPORT, frame_header, worker_main
+from ._worker import (
+    BIG_HEADER,
+    DONE,
+    ERROR,
+    FUNCTION_CACHE,
+    HEADER,
+    PICKLED,
+    READY,
+    REPORT,
+    error_info,
+    frame_header,
+    worker_main,
+)
 
 __all__ = ["PoolStatistics", "ProcessPool", "default_start_method", "resolve_workers"]
 
@@ -152,7 +165,7 @@ class _Call(asyncio.Future[Outcome]):
     payload)`` crosses the wire.
     """
 
-    __slots__ = ("_pool", "call_id", "function", "on_report", "on_start", "payload", "timeout", "worker")
+    __slots__ = ("_pool", "call_id", "function", "on_done", "on_report", "on_start", "payload", "timeout", "worker")
 
     def __init__(
         self,
@@ -172,13 +185,33 @@ class _Call(asyncio.Future[Outcome]):
         self.timeout = timeout
         self.on_start = on_start
         self.on_report = on_report
+        self.on_done: Callable[[asyncio.Future[Outcome]], None] | None = None  # see ProcessPool.when_done
         self.worker: _Worker | None = None
 
     def cancel(self, msg: Any | None = None) -> bool:
         if not super().cancel(msg):
             return False
         self._pool._on_cancel(self)
+        self._notify()
         return True
+
+    def set_result(self, result: Outcome, /) -> None:
+        super().set_result(result)
+        self._notify()
+
+    def set_exception(self, exception: type | BaseException, /) -> None:
+        super().set_exception(exception)
+        self._notify()
+
+    def _notify(self) -> None:
+        on_done, self.on_done = self.on_done, None
+        if on_done is None:
+            return
+        try:
+            on_done(self)
+        except Exception as exc:  # as the loop treats a failing done callback: reported, never fatal to the pool
+            self.get_loop().call_exception_handler(
+                {"message": "exception in a done callback of a ProcessPool call", "exception": exc, "future": self})
 
 
 class _Worker:
@@ -415,6 +448,18 @@ class ProcessPool(concurrent.futures.Executor):
             loop.call_soon(self._dispatch)
         return call
 
+    def when_done(self, future: asyncio.Future[Outcome], callback: Callable[[asyncio.Future[Outcome]], None]) -> None:
+        """Have ``callback(future)`` called once a future from :meth:`call` is done.
+
+        Like ``future.add_done_callback``, but the callback runs at once, as the
+        pool settles the call, instead of on a later loop iteration: one fewer
+        loop round per call. It must be quick and must not call into the pool.
+        """
+        if isinstance(future, _Call) and future.on_done is None and not future.done():
+            future.on_done = callback
+        else:
+            future.add_done_callback(callback)
+
     def _pickled_function(self, fn: Callable[..., Any]) -> bytes | None:
         """A plain function pickled (by name) once, or None for other callables, which travel with their call."""
         if type(fn) not in _PLAIN_FUNCTIONS:
@@ -619,7 +664,7 @@ class ProcessPool(concurrent.futures.Executor):
             if len(data) < _READ_SIZE:
                 break
         pos, end = 0, len(buf)
-        messages = []
+        messages: list[tuple[Any, ...]] = []
         while end - pos >= 4:
             (size,) = HEADER.unpack_from(buf, pos)
             head = 4
@@ -630,7 +675,7 @@ class ProcessPool(concurrent.futures.Executor):
                 head = BIG_HEADER.size
             if end - pos - head < size:
                 break
-            messages.append(pickle.loads(buf[pos + head: pos + head + size]))
+            messages += pickle.loads(buf[pos + head: pos + head + size])
             pos += head + size
         del buf[:pos]
         for message in messages:
@@ -642,7 +687,7 @@ class ProcessPool(concurrent.futures.Executor):
     def _on_message(self, worker: _Worker, message: tuple[Any, ...]) -> None:
         kind = message[0]
         if kind == DONE:
-            _, call_id, ok, value, started, finished = message
+            _, call_id, how, value, started, finished = message
             calls = worker.calls
             if not calls or calls[0].call_id != call_id:
                 return  # the worker was killed meanwhile and its calls given back
@@ -650,12 +695,7 @@ class ProcessPool(concurrent.futures.Executor):
             worker.deadline_at = None  # the timer, if any, stays: it re-checks when it fires
             self._average += 0.2 * ((finished - started) - self._average)
             if not call.done():
-                if ok:
-                    outcome = Outcome(Status.COMPLETED, value=value, pid=worker.pid,
-                                      started_at=started, finished_at=finished)
-                else:
-                    outcome = Outcome.from_error(value, pid=worker.pid, started_at=started, finished_at=finished)
-                call.set_result(outcome)
+                call.set_result(_outcome(worker.pid, how, value, started, finished))
             if calls:
                 self._begin(worker, calls[0])
             elif worker.retiring:
@@ -812,6 +852,20 @@ class ProcessPool(concurrent.futures.Executor):
         if worker is not None and worker.call is call:
             self._kill(worker)
         # a call still pending is skipped by _dispatch; one queued on a worker is dropped when it ends
+
+
+def _outcome(pid: int, how: int, value: Any, started: float, finished: float) -> Outcome:
+    """The Outcome a DONE message carries (see ``_worker``)."""
+    if how == PICKLED:
+        try:
+            value = pickle.loads(value)
+        except Exception as exc:  # e.g. the value's class cannot be imported here
+            name, text, tb, _ = error_info(exc)
+            return Outcome(Status.FAILED, error=f"the result could not be unpickled here: {text}", traceback=tb,
+                           error_type=name, pid=pid, started_at=started, finished_at=finished)
+    elif how == ERROR:
+        return Outcome.from_error(value, pid=pid, started_at=started, finished_at=finished)
+    return Outcome(Status.COMPLETED, value=value, pid=pid, started_at=started, finished_at=finished)
 
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}

@@ -115,7 +115,7 @@ class _BatchRun:
                                          error_type=type(exc).__name__))
             return
         record.future = future
-        future.add_done_callback(functools.partial(self._on_done, record))
+        self.backend.add_done_callback(future, functools.partial(self._on_done, record))
 
     def _on_event(self, record: _Record, event: Event) -> None:
         if event.message is not None:

@@ -4,7 +4,8 @@ This module is all a worker process imports of asyncsched. It must import
 neither asyncio machinery nor aiosqlite, and nothing from the parent's side.
 
 Wire protocol: one socket pair per worker; every frame is a length-prefixed
-pickle, in the framing of ``multiprocessing.connection.Connection``::
+pickle, in the framing of ``multiprocessing.connection.Connection``; from the
+worker, each frame is a list of messages::
 
     parent -> worker   [(call_id, function, payload), ...]   calls to run in order: function is a
                                                          plain function pickled by name and payload
@@ -13,14 +14,19 @@ pickle, in the framing of ``multiprocessing.connection.Connection``::
                        None                        finish and exit
     worker -> parent   (READY, pid)
                        (REPORT, call_id, timestamp, message, progress, data)
-                       (DONE, call_id, True, value, started_at, finished_at)
-                       (DONE, call_id, False, error, started_at, finished_at)
+                       (DONE, call_id, VALUE, value, started_at, finished_at)
+                       (DONE, call_id, PICKLED, pickle of value, started_at, finished_at)
+                       (DONE, call_id, ERROR, error, started_at, finished_at)
 
 The parent may queue several calls on one worker when tasks are fast; the
 worker runs them one by one and, while more are queued, sends their DONE
-messages in small groups (several frames in one write). Anything sent before
+messages in small groups (one frame for the group). Anything sent before
 a REPORT is flushed first, so the parent always sees a worker's messages in
 the order they happened.
+
+A value of a plain builtin type (int, str, ...) travels as it is. Any other
+value is pickled on its own, at once, so that a value that does not pickle
+here, or does not unpickle in the parent, fails its own call and no other.
 
 ``error`` is an :data:`ErrorInfo` tuple: the exception's qualified type name, its
 one-line ``"Type: message"`` text, the formatted traceback, and the pickled
@@ -44,12 +50,16 @@ from typing import Any
 
 from ._models import type_name
 
-__all__ = ["BIG_HEADER", "DONE", "FUNCTION_CACHE", "HEADER", "READY", "REPORT", "ErrorInfo", "error_info",
-           "frame_header", "report", "run_capturing", "worker_main"]
+__all__ = ["BIG_HEADER", "DONE", "ERROR", "FUNCTION_CACHE", "HEADER", "PICKLED", "READY", "REPORT", "VALUE",
+           "ErrorInfo", "error_info", "frame_header", "report", "run_capturing", "worker_main"]
 
 READY = 0
 REPORT = 1
 DONE = 2
+
+ERROR, VALUE, PICKLED = 0, 1, 2
+"""How a DONE message carries its outcome."""
+_INLINE = frozenset({int, float, str, bytes, bool, type(None)})
 
 ErrorInfo = tuple[str, str, str, "bytes | None"]
 
@@ -120,7 +130,10 @@ def _describe_pickle_failure(what: str, exc: BaseException) -> ErrorInfo:
 
 
 class _Channel:
-    """The worker's end of the socket: frames messages, and groups DONE messages while more calls wait."""
+    """The worker's end of the socket: frames messages, and groups DONE messages while more calls wait.
+
+    Every frame is a pickled list of messages.
+    """
 
     GROUP = 64
     GROUP_SECONDS = 0.002
@@ -129,41 +142,37 @@ class _Channel:
         self.conn = conn
         self.fd = conn.fileno()
         self.lock = threading.Lock()
-        self.held: list[bytes] = []
+        self.held: list[tuple[Any, ...]] = []
         self.held_since = 0.0
 
-    def _frame(self, message: tuple[Any, ...]) -> bytes:
-        data = pickle.dumps(message, _PROTOCOL)
-        return frame_header(len(data)) + data
-
-    def _write(self, data: bytes) -> None:
-        view = memoryview(data)
+    def _write(self, messages: list[tuple[Any, ...]]) -> None:
+        data = pickle.dumps(messages, _PROTOCOL)
+        view = memoryview(frame_header(len(data)) + data)
         while view:
             view = view[os.write(self.fd, view):]
 
     def send(self, message: tuple[Any, ...]) -> None:
-        """Send now, after whatever is held."""
-        frame = self._frame(message)
+        """Send now, after whatever is held; raises if ``message`` does not pickle."""
+        pickle.dumps(message, _PROTOCOL)  # a report whose data does not pickle fails the report() call alone
         with self.lock:
-            self.held.append(frame)
             self._flush()
+            self._write([message])
 
     def hold(self, message: tuple[Any, ...], more_waiting: bool) -> None:
         """Send a DONE message, grouped with the next ones while more calls wait."""
-        frame = self._frame(message)
         with self.lock:
             if not self.held:
                 self.held_since = time.monotonic()
-            self.held.append(frame)
+            self.held.append(message)
             if (not more_waiting or len(self.held) >= self.GROUP
                     or time.monotonic() - self.held_since >= self.GROUP_SECONDS):
                 self._flush()
 
     def _flush(self) -> None:
-        if self.held:
-            data = b"".join(self.held)
-            self.held.clear()
-            self._write(data)
+        if not self.held:
+            return
+        messages, self.held = self.held, []
+        self._write(messages)
 
 
 def _load(function: bytes | None, payload: bytes) -> tuple[Callable[..., Any], tuple[Any, ...]]:
@@ -186,22 +195,26 @@ def _run_call(channel: _Channel, call_id: int, function: bytes | None, payload: 
     except BaseException as exc:
         info = error_info(exc)
         info = (info[0], f"the task could not be unpickled in the worker: {info[1]}", info[2], info[3])
-        channel.hold((DONE, call_id, False, info, started, time.time()), more_waiting)
+        channel.hold((DONE, call_id, ERROR, info, started, time.time()), more_waiting)
         return
     _current = (channel.send, call_id)
     try:
         value = fn(*args)
     except BaseException as exc:
-        message: tuple[Any, ...] = (DONE, call_id, False, error_info(exc), started, time.time())
+        message: tuple[Any, ...] = (DONE, call_id, ERROR, error_info(exc), started, time.time())
     else:
-        message = (DONE, call_id, True, value, started, time.time())
+        finished = time.time()
+        if type(value) in _INLINE:
+            message = (DONE, call_id, VALUE, value, started, finished)
+        else:
+            try:
+                message = (DONE, call_id, PICKLED, pickle.dumps(value, _PROTOCOL), started, finished)
+            except Exception as exc:
+                failure = _describe_pickle_failure(f"the result of type {type(value).__name__}", exc)
+                message = (DONE, call_id, ERROR, failure, started, finished)
     finally:
         _current = None
-    try:
-        channel.hold(message, more_waiting)
-    except Exception as exc:  # the value (or an exception's payload) does not pickle
-        what = f"the result of type {type(message[3]).__name__}" if message[2] else "the exception"
-        channel.hold((DONE, call_id, False, _describe_pickle_failure(what, exc), started, message[5]), more_waiting)
+    channel.hold(message, more_waiting)
 
 
 def _die_with_parent() -> None:

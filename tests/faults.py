@@ -59,6 +59,21 @@ def return_unpicklable() -> Any:
     return threading.Lock()
 
 
+def _refuse_to_load() -> None:
+    raise RuntimeError("this value cannot be rebuilt here")
+
+
+class Unloadable:
+    """Pickles in the worker; unpickling it calls _refuse_to_load, which raises."""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_refuse_to_load, ())
+
+
+def return_unloadable() -> Any:
+    return Unloadable()
+
+
 def ignore_sigterm_and_hang() -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     time.sleep(3600)

@@ -265,6 +265,17 @@ async def test_unpicklable_argument_result_and_exception_fail_alone(scheduler: S
     assert fine.value == 25
 
 
+async def test_a_result_that_cannot_be_unpickled_here_fails_alone(scheduler: Scheduler) -> None:
+    batch = [Task(tasks.square, i) for i in range(30)]
+    batch.insert(15, Task(faults.return_unloadable, key="unloadable"))
+    summary = await scheduler.run(batch)
+    bad = summary.results[15]
+    assert bad.status is Status.FAILED and bad.error_type == "RuntimeError"
+    assert "could not be unpickled here: RuntimeError: this value cannot be rebuilt here" in (bad.error or "")
+    rest = summary.results[:15] + summary.results[16:]
+    assert [r.value for r in rest] == [i * i for i in range(30)] and summary.completed == 30
+
+
 async def test_unimportable_function_fails_in_the_worker_with_a_clear_error(scheduler: Scheduler) -> None:
     module = types.ModuleType("made_up_in_the_parent")  # importable here only: workers cannot load it
     exec("def here_only():\n    return 1\n", module.__dict__)

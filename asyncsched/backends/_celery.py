@@ -69,6 +69,8 @@ TIME_LIMIT_GRACE = 5.0
 SWEEP_INTERVAL = 5.0
 """Seconds between fallback reads of every pending result, in case a published message was missed."""
 RECONNECT_DELAY = 0.5
+STALL_TIMEOUT = 3 * SWEEP_INTERVAL
+"""Seconds after which a read from the result backend that has not returned counts as a lost connection."""
 
 _FINAL_STATES = frozenset({"SUCCESS", "FAILURE", "REVOKED"})
 _FAILURES = {"TimeLimitExceeded": Status.TIMED_OUT, "WorkerLostError": Status.CRASHED, "Terminated": Status.CANCELLED}
@@ -315,17 +317,19 @@ class CeleryBackend(Backend):
         swept = time.monotonic()
         while True:
             try:
-                if self._pubsub is None:
-                    self._pubsub = await self._subscribe()
-                    await self._sweep()
-                message = await self._pubsub.get_message(timeout=SWEEP_INTERVAL)
-                if message is not None and message["type"] == "pmessage":
-                    self._dispatch(message["channel"], message["data"])
-                if self._pending and time.monotonic() - swept >= SWEEP_INTERVAL:
-                    swept = time.monotonic()
-                    await self._sweep()
-            except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
-                logger.warning("asyncsched: lost the Celery result backend (%s); reconnecting", exc)
+                # A read that never returns is a lost connection: it is dropped and made again.
+                async with asyncio.timeout(STALL_TIMEOUT):
+                    if self._pubsub is None:
+                        self._pubsub = await self._subscribe()
+                        await self._sweep()
+                    message = await self._pubsub.get_message(timeout=SWEEP_INTERVAL)
+                    if message is not None and message["type"] == "pmessage":
+                        self._dispatch(message["channel"], message["data"])
+                    if self._pending and time.monotonic() - swept >= SWEEP_INTERVAL:
+                        swept = time.monotonic()
+                        await self._sweep()
+            except (redis.ConnectionError, redis.TimeoutError, OSError, TimeoutError) as exc:
+                logger.warning("asyncsched: lost the Celery result backend (%r); reconnecting", exc)
                 pubsub, self._pubsub = self._pubsub, None
                 if pubsub is not None:
                     await pubsub.aclose()
