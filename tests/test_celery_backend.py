@@ -110,3 +110,22 @@ async def test_a_result_published_while_disconnected_is_not_lost(
             summary = await running
     assert summary.results[0].value == "done"
     assert "lost the Celery result backend" in caplog.text
+
+
+async def test_closing_ends_a_listener_whose_read_swallowed_the_cancellation(
+        redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    reading = asyncio.Event()
+
+    async def get_message(self: object, *, timeout: float | None = None, **_: object) -> None:
+        # redis-py returns None when a cancellation races with the timeout of its own read
+        reading.set()
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.Event().wait()
+
+    monkeypatch.setattr(redis.asyncio.client.PubSub, "get_message", get_message)
+    backend = CeleryBackend(f"{redis_url}/0", f"{redis_url}/1")
+    await backend.start()
+    await reading.wait()
+    closing = asyncio.ensure_future(backend.aclose())
+    done, _ = await asyncio.wait([closing], timeout=10)  # it used to wait forever
+    assert closing in done and backend._listener is not None and backend._listener.done()

@@ -69,8 +69,8 @@ TIME_LIMIT_GRACE = 5.0
 SWEEP_INTERVAL = 5.0
 """Seconds between fallback reads of every pending result, in case a published message was missed."""
 RECONNECT_DELAY = 0.5
-STALL_TIMEOUT = 3 * SWEEP_INTERVAL
-"""Seconds after which a read from the result backend that has not returned counts as a lost connection."""
+CANCEL_RETRY = 0.1
+"""Seconds between two cancellations of the listener when the first is lost."""
 
 _FINAL_STATES = frozenset({"SUCCESS", "FAILURE", "REVOKED"})
 _FAILURES = {"TimeLimitExceeded": Status.TIMED_OUT, "WorkerLostError": Status.CRASHED, "Terminated": Status.CANCELLED}
@@ -239,8 +239,11 @@ class CeleryBackend(Backend):
             self._revoking.append(task_id)
         self._flush_revokes()
         if self._listener is not None:
-            self._listener.cancel()
-            await asyncio.gather(self._listener, return_exceptions=True)
+            # redis-py can swallow a cancellation that races with the timeout of its own read
+            # (its get_message returns None instead), so ask again until the listener has ended.
+            while not self._listener.done():
+                self._listener.cancel()
+                await asyncio.wait([self._listener], timeout=CANCEL_RETRY)
         if self._pubsub is not None:
             await self._pubsub.aclose()
         if self._redis is not None:
@@ -315,21 +318,19 @@ class CeleryBackend(Backend):
     async def _listen(self) -> None:
         """Dispatch every published state; read what may have been missed after a reconnect and now and then."""
         swept = time.monotonic()
-        while True:
+        while not self._closed:
             try:
-                # A read that never returns is a lost connection: it is dropped and made again.
-                async with asyncio.timeout(STALL_TIMEOUT):
-                    if self._pubsub is None:
-                        self._pubsub = await self._subscribe()
-                        await self._sweep()
-                    message = await self._pubsub.get_message(timeout=SWEEP_INTERVAL)
-                    if message is not None and message["type"] == "pmessage":
-                        self._dispatch(message["channel"], message["data"])
-                    if self._pending and time.monotonic() - swept >= SWEEP_INTERVAL:
-                        swept = time.monotonic()
-                        await self._sweep()
-            except (redis.ConnectionError, redis.TimeoutError, OSError, TimeoutError) as exc:
-                logger.warning("asyncsched: lost the Celery result backend (%r); reconnecting", exc)
+                if self._pubsub is None:
+                    self._pubsub = await self._subscribe()
+                    await self._sweep()
+                message = await self._pubsub.get_message(timeout=SWEEP_INTERVAL)
+                if message is not None and message["type"] == "pmessage":
+                    self._dispatch(message["channel"], message["data"])
+                if self._pending and time.monotonic() - swept >= SWEEP_INTERVAL:
+                    swept = time.monotonic()
+                    await self._sweep()
+            except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+                logger.warning("asyncsched: lost the Celery result backend (%s); reconnecting", exc)
                 pubsub, self._pubsub = self._pubsub, None
                 if pubsub is not None:
                     await pubsub.aclose()
