@@ -116,7 +116,7 @@ async def test_closing_ends_a_listener_whose_read_swallowed_the_cancellation(
         redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
     reading = asyncio.Event()
 
-    async def get_message(self: object, *, timeout: float | None = None, **_: object) -> None:
+    async def get_message(self: object, **_: object) -> None:
         # redis-py returns None when a cancellation races with the timeout of its own read
         reading.set()
         with contextlib.suppress(asyncio.CancelledError):
