@@ -461,8 +461,11 @@ class ProcessPool(concurrent.futures.Executor):
             future.add_done_callback(callback)
 
     def _pickled_function(self, fn: Callable[..., Any]) -> bytes | None:
-        """A plain function pickled (by name) once, or None for other callables, which travel with their call."""
-        if type(fn) not in _PLAIN_FUNCTIONS:
+        """A plain function pickled (by name) once, or None for other callables, which travel with their call.
+
+        A builtin bound to an object (``some_list.append``) is not plain: it pickles that object's state.
+        """
+        if type(fn) not in _PLAIN_FUNCTIONS or not isinstance(getattr(fn, "__self__", None), types.ModuleType | None):
             return None
         pickled = self._functions.get(fn)
         if pickled is None:

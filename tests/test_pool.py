@@ -72,6 +72,15 @@ async def test_queued_calls_behind_a_timed_out_one_are_not_lost() -> None:
         assert [o.value for o in outcomes[1:]] == [2 * i for i in range(50)]
 
 
+async def test_a_builtin_bound_to_an_object_carries_the_objects_current_state() -> None:
+    items = [1]
+    async with ProcessPool(1) as pool:
+        first = await pool.call(items.count, (1,))
+        items.append(1)
+        second = await pool.call(items.count, (1,))  # not the pickle made for the first call
+    assert (first.value, second.value) == (1, 2)
+
+
 def test_plain_executor_from_sync_code(tmp_path: Path) -> None:
     fifo = tmp_path / "started"
     os.mkfifo(fifo)
