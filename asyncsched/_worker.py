@@ -145,18 +145,17 @@ class _Channel:
         self.held: list[tuple[Any, ...]] = []
         self.held_since = 0.0
 
-    def _write(self, messages: list[tuple[Any, ...]]) -> None:
-        data = pickle.dumps(messages, _PROTOCOL)
+    def _write(self, data: bytes) -> None:
         view = memoryview(frame_header(len(data)) + data)
         while view:
             view = view[os.write(self.fd, view):]
 
     def send(self, message: tuple[Any, ...]) -> None:
         """Send now, after whatever is held; raises if ``message`` does not pickle."""
-        pickle.dumps(message, _PROTOCOL)  # a report whose data does not pickle fails the report() call alone
+        data = pickle.dumps([message], _PROTOCOL)  # a report whose data does not pickle fails report() alone
         with self.lock:
             self._flush()
-            self._write([message])
+            self._write(data)
 
     def hold(self, message: tuple[Any, ...], more_waiting: bool) -> None:
         """Send a DONE message, grouped with the next ones while more calls wait."""
@@ -172,7 +171,7 @@ class _Channel:
         if not self.held:
             return
         messages, self.held = self.held, []
-        self._write(messages)
+        self._write(pickle.dumps(messages, _PROTOCOL))
 
 
 def _load(function: bytes | None, payload: bytes) -> tuple[Callable[..., Any], tuple[Any, ...]]:
