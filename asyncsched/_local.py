@@ -64,7 +64,7 @@ class _Relay:
 
     def started(self, pid: int | None, timestamp: float) -> None:
         a = self.attempt
-        self.emit(TaskStarted(a.batch_id, a.key, Status.RUNNING, timestamp, pid, attempt=a.number))
+        self.emit(TaskStarted(a.batch_id, a.key, Status.RUNNING, timestamp, pid, None, None, a.number))
 
     def reported(self, pid: int | None, timestamp: float, message: str | None, progress: float | None,
                  data: dict[str, Any]) -> None:

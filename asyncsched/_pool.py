@@ -868,7 +868,7 @@ def _outcome(pid: int, how: int, value: Any, started: float, finished: float) ->
                            error_type=name, pid=pid, started_at=started, finished_at=finished)
     elif how == ERROR:
         return Outcome.from_error(value, pid=pid, started_at=started, finished_at=finished)
-    return Outcome(Status.COMPLETED, value=value, pid=pid, started_at=started, finished_at=finished)
+    return Outcome(Status.COMPLETED, value, None, None, None, None, pid, started, finished)
 
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}

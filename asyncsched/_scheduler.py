@@ -56,8 +56,9 @@ __all__ = ["Scheduler"]
 
 Batch = Iterable[Task] | AsyncIterable[Task]
 
-WINDOW_PER_SLOT = 16
-"""Tasks pulled ahead of execution, per slot of the backend's capacity."""
+WINDOW_PER_SLOT = 64
+"""Tasks pulled ahead of execution, per slot of the backend's capacity: enough to keep each pool
+worker's queue of fast calls full (it takes up to 64)."""
 MIN_WINDOW = 16
 
 _END: Any = object()
