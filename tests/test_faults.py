@@ -167,17 +167,18 @@ async def test_cancelling_one_batch_leaves_another_alone() -> None:
 async def test_cancel_by_id_kills_the_running_tasks_and_run_returns() -> None:
     async with Scheduler(workers=2) as scheduler:
         events = scheduler.events(batch_id="doomed")
-        batch = [Task(faults.hang, key=str(i)) for i in range(100)]
+        n = scheduler._window + 100  # more than it admits at once
+        batch = [Task(faults.hang, key=str(i)) for i in range(n)]
         run = asyncio.ensure_future(scheduler.run(batch, batch_id="doomed"))
         pids = set()
         async for event in events:
             pids.add(event.pid)
             if len(pids) == 2:
                 break
-        assert scheduler.running() == {"doomed": 100}
+        assert scheduler.running() == {"doomed": n}
         assert scheduler.cancel("doomed") and not scheduler.cancel("no-such-batch")
         summary = await run  # ends with what it has: the tasks admitted so far, cancelled
-        assert 2 <= summary.total < 100 and summary.cancelled == summary.total
+        assert 2 <= summary.total < n and summary.cancelled == summary.total
         assert {r.error for r in summary.results} == {"the batch was cancelled"}
         assert all(pid is not None and wait_gone(pid, timeout=1.0) for pid in pids)
         assert scheduler.running() == {} and not scheduler.cancel("doomed")
