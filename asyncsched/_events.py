@@ -1,5 +1,10 @@
 """Fan-out of status events to any number of consumers.
 
+Events published during one turn of the event loop are delivered together, at
+the end of that turn (``loop.call_soon``): one hand-over per consumer and
+turn, not one per event. A consumer sees only events published after it
+subscribed.
+
 Policy: every consumer has its own bounded buffer. Publishing never waits, so a
 slow consumer never slows the scheduler or the other consumers. When a
 consumer's buffer is full the *oldest* event in it is dropped and counted in
@@ -7,9 +12,9 @@ consumer's buffer is full the *oldest* event in it is dropped and counted in
 each task and overall.
 
 An :class:`EventListener` is the other kind of consumer, for the package's own
-live displays: a function called synchronously as each event is published, so
+live displays: a function called with each delivered list of events, so
 nothing is buffered and every event is seen. It costs the run less than a
-stream (no event outlives its publication, which spares the garbage collector),
+stream (no event outlives its delivery, which spares the garbage collector),
 but it runs inside the scheduler: it must be quick and must not raise.
 """
 
@@ -46,11 +51,12 @@ class EventStream(AsyncIterator[Event]):
         self._closed = False
         self._hub = hub
 
-    def _push(self, event: Event) -> None:
+    def _push(self, events: list[Event]) -> None:
         buffer = self._buffer
-        if len(buffer) == buffer.maxlen:
-            self.dropped += 1
-        buffer.append(event)
+        over = len(buffer) + len(events) - (buffer.maxlen or 0)
+        if over > 0:
+            self.dropped += over
+        buffer.extend(events)
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
@@ -90,11 +96,11 @@ class EventStream(AsyncIterator[Event]):
 
 
 class EventListener:
-    """Calls a function with each event as it is published, until :meth:`close`; see :meth:`EventHub.listen`."""
+    """Calls a function with each delivered list of events, until :meth:`close`; see :meth:`EventHub.listen`."""
 
     __slots__ = ("__weakref__", "_hub", "_push", "batch_id")
 
-    def __init__(self, hub: EventHub, callback: Callable[[Event], None], batch_id: str | None) -> None:
+    def __init__(self, hub: EventHub, callback: Callable[[list[Event]], None], batch_id: str | None) -> None:
         self.batch_id = batch_id
         self._push = callback
         self._hub = hub
@@ -110,7 +116,7 @@ class EventListener:
 class _Subscriber(Protocol):
     batch_id: str | None
 
-    def _push(self, event: Event) -> None: ...
+    def _push(self, events: list[Event]) -> None: ...
 
     def _end(self) -> None: ...
 
@@ -125,17 +131,23 @@ class EventHub:
     def __init__(self, maxlen: int = DEFAULT_EVENT_BUFFER) -> None:
         self._refs: list[weakref.ref[_Subscriber]] = []
         self._maxlen = maxlen
+        self._pending: list[Event] = []  # published this turn of the loop, not delivered yet
 
     def subscribe(self, batch_id: str | None = None, maxlen: int | None = None) -> EventStream:
         stream = EventStream(self, batch_id, maxlen or self._maxlen)
-        self._refs = [*self._refs, weakref.ref(stream, self._forget)]
+        self._add(stream)
         return stream
 
-    def listen(self, callback: Callable[[Event], None], batch_id: str | None = None) -> EventListener:
-        """Call ``callback(event)`` for each event from now on, as it is published (while the listener lives)."""
+    def listen(self, callback: Callable[[list[Event]], None], batch_id: str | None = None) -> EventListener:
+        """Call ``callback(events)`` with the events from now on, a turn of the loop's worth at a time
+        (while the listener lives)."""
         listener = EventListener(self, callback, batch_id)
-        self._refs = [*self._refs, weakref.ref(listener, self._forget)]
+        self._add(listener)
         return listener
+
+    def _add(self, subscriber: _Subscriber) -> None:
+        self._deliver()  # what was published before it subscribed is not its to see
+        self._refs = [*self._refs, weakref.ref(subscriber, self._forget)]
 
     def _forget(self, ref: weakref.ref[_Subscriber]) -> None:
         self._refs = [r for r in self._refs if r is not ref]
@@ -148,13 +160,30 @@ class EventHub:
         return bool(self._refs)
 
     def publish(self, event: Event) -> None:
+        """Queue ``event`` for delivery at the end of this turn of the loop. Never waits."""
+        if not self._refs:
+            return
+        pending = self._pending
+        pending.append(event)
+        if len(pending) == 1:
+            asyncio.get_running_loop().call_soon(self._deliver)
+
+    def _deliver(self) -> None:
+        events, self._pending = self._pending, []
+        if not events:
+            return
         for ref in self._refs:
-            stream = ref()
-            if stream is not None and (stream.batch_id is None or stream.batch_id == event.batch_id):
-                stream._push(event)
+            subscriber = ref()
+            if subscriber is None:
+                continue
+            if subscriber.batch_id is None:
+                subscriber._push(events)
+            elif mine := [event for event in events if event.batch_id == subscriber.batch_id]:
+                subscriber._push(mine)
 
     def close(self) -> None:
-        """End every stream once it has delivered what it holds."""
+        """Deliver what is pending, then end every stream once it has handed out what it holds."""
+        self._deliver()
         refs, self._refs = self._refs, []
         for ref in refs:
             stream = ref()

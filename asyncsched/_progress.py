@@ -2,7 +2,7 @@
 
 Data flow::
 
-    Scheduler --publish--> EventListener --> ProgressMonitor._on_event: O(1) per event, counters and
+    Scheduler --publish--> EventListener --> ProgressMonitor._on_events: O(1) per event, counters and
                                              a dict of the running tasks; nothing is buffered
                                                     |
                             ticker task, a few times a second: statistics() -> ProgressStatistics (frozen)
@@ -14,7 +14,7 @@ Data flow::
 The monitor listens to the same events as ``Scheduler.events()`` but through an
 :class:`~asyncsched._events.EventListener`, called as each event is published,
 rather than a buffered :class:`EventStream`: on 20,000 tiny tasks that costs
-about a third as much, because no event outlives its publication (see
+about a third as much, because no event outlives its delivery (see
 ``benchmarks/progress.py``). The drawing happens at a bounded rate.
 """
 
@@ -173,7 +173,7 @@ class ProgressMonitor:
         """Subscribe to the events and start drawing; ``async with`` calls it."""
         if self._listener is not None:
             raise RuntimeError("this ProgressMonitor was already started; create a new one")
-        self._listener = self.scheduler._hub.listen(self._on_event, self.batch_id)
+        self._listener = self.scheduler._hub.listen(self._on_events, self.batch_id)
         self._started = time.monotonic()
         if self.console.is_interactive:
             self._live = Live(self._view(self.statistics()), console=self.console, auto_refresh=False)
@@ -206,27 +206,30 @@ class ProgressMonitor:
                 next_line += self.interval
                 self.console.out(self.statistics().line(), highlight=False)
 
-    def _on_event(self, event: Event) -> None:
-        """Called by the scheduler as it publishes each event: quick, and never raises."""
-        kind = type(event)
+    def _on_events(self, events: list[Event]) -> None:
+        """Called by the scheduler's hub with each list of events it delivers: quick, and never raises."""
+        counts, running, busy, timed = self._counts, self._running, self._busy, self._timed
         # Nested dicts rather than (batch, key) tuples: no allocation, so no work for the garbage collector.
-        if kind is TaskFinished:
-            self._counts[event.status] += 1
-            started = self._running.get(event.batch_id, _NONE).pop(event.key, None)
-            if started is not None:
-                self._busy += event.timestamp - started
-                self._timed += 1
-        elif kind is TaskStarted:
-            running = self._running.get(event.batch_id)
-            if running is None:
-                running = self._running[event.batch_id] = {}
-            running[event.key] = event.timestamp
-        elif kind is TaskReported:
-            if event.message is not None:
-                self._last_message = f"[{event.key}] {event.message}"
-        elif kind is TaskRetried:
-            self._running.get(event.batch_id, _NONE).pop(event.key, None)
-            self._retries += 1
+        for event in events:
+            kind = type(event)
+            if kind is TaskFinished:
+                counts[event.status] += 1
+                started = running.get(event.batch_id, _NONE).pop(event.key, None)
+                if started is not None:
+                    busy += event.timestamp - started
+                    timed += 1
+            elif kind is TaskStarted:
+                batch = running.get(event.batch_id)
+                if batch is None:
+                    batch = running[event.batch_id] = {}
+                batch[event.key] = event.timestamp
+            elif kind is TaskReported:
+                if event.message is not None:
+                    self._last_message = f"[{event.key}] {event.message}"
+            elif kind is TaskRetried:
+                running.get(event.batch_id, _NONE).pop(event.key, None)
+                self._retries += 1
+        self._busy, self._timed = busy, timed
 
     def statistics(self) -> ProgressStatistics:
         """What the monitor has counted so far."""

@@ -23,6 +23,7 @@ from asyncsched import (
     TaskReported,
     TaskStarted,
 )
+from asyncsched._events import EventHub
 from asyncsched._pool import ProcessPool
 
 from . import faults, tasks
@@ -125,6 +126,19 @@ async def test_slow_consumer_drops_oldest_and_keeps_order(scheduler: Scheduler) 
     assert summary.completed == 20  # the run never waited for the consumer
     stamps = [e.timestamp for e in kept if isinstance(e, TaskFinished)]
     assert stamps == sorted(stamps)
+
+
+async def test_events_of_one_loop_turn_are_delivered_together_to_those_subscribed_before() -> None:
+    hub = EventHub()
+    early, small = hub.subscribe(), hub.subscribe(maxlen=1)
+    hub.publish(TaskStarted("b", "k", Status.RUNNING, 1.0))
+    late = hub.subscribe()  # subscribed after the start was published, before it was delivered
+    hub.publish(TaskFinished("b", "k", Status.COMPLETED, 2.0))
+    await asyncio.sleep(0)  # one turn of the loop: the pending events are delivered
+    assert (len(early._buffer), len(late._buffer), len(small._buffer), small.dropped) == (2, 1, 1, 1)
+    hub.close()
+    assert [type(e) for e in [e async for e in early]] == [TaskStarted, TaskFinished]
+    assert [type(e) for e in [e async for e in late]] == [TaskFinished]
 
 
 async def test_loop_stays_responsive_during_a_large_batch(scheduler: Scheduler) -> None:

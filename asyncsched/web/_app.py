@@ -9,7 +9,7 @@ Data flow::
         |        --DELETE-> Scheduler.cancel(batch_id)
         |        --GET----> Scheduler.batches() / stats() / results() (the store)
         |
-        +--GET events--> EventLog.listen() <-- EventLog.publish_event() <-- the scheduler's EventHub
+        +--GET events--> EventLog.listen() <-- EventLog.publish_events() <-- the scheduler's EventHub
 
 Nothing a client sends is code: a submission names a task of the
 :class:`TaskRegistry` and gives JSON arguments. Bodies, batches and pages are
@@ -178,7 +178,7 @@ class _Api:
     async def lifecycle(self, app: web.Application) -> AsyncIterator[None]:
         async with self.scheduler:
             # Like the progress display, a listener of the hub: it sees every event, as it is published.
-            listener = self.scheduler._hub.listen(self.log.publish_event)
+            listener = self.scheduler._hub.listen(self.log.publish_events)
             try:
                 yield
             finally:

@@ -3,7 +3,7 @@
 Data flow::
 
     the scheduler's EventHub, as each event is published (an EventListener: every event, in order)
-        |  publish_event(); publish_notice() for the web layer's own batch events
+        |  publish_events(); publish_notice() for the web layer's own batch events
         v
     EventLog: numbers each event; encodes it the first time a client needs it, once for all
         |                              |
@@ -137,9 +137,10 @@ class EventLog:
         for listener in self._listeners:
             listener.push(entry)
 
-    def publish_event(self, event: Event) -> None:
-        """Publish one of the scheduler's events as a ``task`` event (an ``EventHub`` listener: quick, never raises)."""
-        self._publish(event.batch_id, "task", event)
+    def publish_events(self, events: list[Event]) -> None:
+        """Publish the scheduler's events as ``task`` events (an ``EventHub`` listener: quick, never raises)."""
+        for event in events:
+            self._publish(event.batch_id, "task", event)
 
     def publish_notice(self, batch_id: str, data: dict[str, Any]) -> None:
         """Publish a ``batch`` event."""
