@@ -42,7 +42,7 @@ class ProcessBackend(Backend):
 
     def submit(self, attempt: Attempt, emit: Emit) -> asyncio.Future[Outcome]:
         relay = _Relay(attempt, emit)
-        return self.pool.call(attempt.fn, attempt.args, timeout=attempt.timeout, on_start=relay.started,
+        return self.pool.call(attempt.fn, attempt.args, timeout=attempt.timeout, on_start=relay,
                               on_report=relay.reported)
 
     def add_done_callback(self, future: asyncio.Future[Outcome],
@@ -54,7 +54,7 @@ class ProcessBackend(Backend):
 
 
 class _Relay:
-    """Turns the pool's callbacks for one attempt into its events."""
+    """Turns the pool's callbacks for one attempt into its events; calling it says the attempt started."""
 
     __slots__ = ("attempt", "emit")
 
@@ -62,7 +62,7 @@ class _Relay:
         self.attempt = attempt
         self.emit = emit
 
-    def started(self, pid: int | None, timestamp: float) -> None:
+    def __call__(self, pid: int | None, timestamp: float) -> None:
         a = self.attempt
         self.emit(TaskStarted(a.batch_id, a.key, Status.RUNNING, timestamp, pid, None, None, a.number))
 
@@ -96,7 +96,7 @@ class ExecutorBackend(Backend):
     async def _run(self, attempt: Attempt, emit: Emit) -> Outcome:
         loop = asyncio.get_running_loop()
         relay = _Relay(attempt, emit)
-        relay.started(None, time.time())
+        relay(None, time.time())
         future = loop.run_in_executor(self.executor, run_capturing, attempt.fn, attempt.args)
         try:
             async with asyncio.timeout(attempt.timeout):

@@ -6,7 +6,7 @@ Data flow for one batch::
         |
         v
     _Record (parent-side state of one task: attempts, last message, current future)
-        |  Attempt
+        |  the record is the current Attempt, and its emit callback
         v
     Backend.submit(attempt, emit) --> future of Outcome
         |                                   |
@@ -64,23 +64,39 @@ MIN_WINDOW = 16
 _END: Any = object()
 
 
-class _Record:
-    """What the parent keeps about one task of a running batch."""
+class _Record(Attempt):
+    """What the parent keeps about one task of a running batch.
 
-    __slots__ = ("attempts", "future", "index", "key", "message", "progress", "retries", "retry_handle", "task",
-                 "timeout")
+    It is also the task's current :class:`Attempt` (``number`` counts the
+    attempts so far) and the ``emit`` callback of its attempts: one object per
+    task, so that little is left for the garbage collector.
+    """
 
-    def __init__(self, index: int, key: str, task: Task | None, timeout: float | None, retries: int) -> None:
-        self.index = index
+    __slots__ = ("future", "index", "message", "progress", "retries", "retry_handle", "run")
+
+    def __init__(self, run: _BatchRun, index: int, key: str, fn: Any, args: tuple[Any, ...], timeout: float | None,
+                 retries: int) -> None:
+        self.batch_id = run.batch_id
         self.key = key
-        self.task = task
+        self.fn = fn
+        self.args = args
         self.timeout = timeout
+        self.number = 0
+        self.run = run
+        self.index = index
         self.retries = retries
-        self.attempts = 0
         self.future: asyncio.Future[Outcome] | None = None
         self.retry_handle: asyncio.TimerHandle | None = None
         self.message: str | None = None
         self.progress: float | None = None
+
+    def __call__(self, event: Event) -> None:
+        """Emit an event of the current attempt."""
+        if event.message is not None:
+            self.message = event.message
+        if event.progress is not None:
+            self.progress = event.progress
+        self.run.hub.publish(event)
 
 
 class _BatchRun:
@@ -105,25 +121,15 @@ class _BatchRun:
         if self.stopped is not None:  # admitted while the batch was being cancelled
             self._finish(record, Outcome(Status.CANCELLED, error=self.stopped, error_type="asyncio.CancelledError"))
             return
-        record.attempts += 1
-        task = record.task
-        assert task is not None
-        attempt = Attempt(self.batch_id, record.key, task.fn, task.args, record.timeout, record.attempts)
+        record.number += 1
         try:
-            future = self.backend.submit(attempt, functools.partial(self._on_event, record))
+            future = self.backend.submit(record, record)
         except Exception as exc:  # a backend that cannot take work any more
             self._finish(record, Outcome(Status.CRASHED, error=f"{type(exc).__name__}: {exc}",
                                          error_type=type(exc).__name__))
             return
         record.future = future
         self.backend.add_done_callback(future, functools.partial(self._on_done, record))
-
-    def _on_event(self, record: _Record, event: Event) -> None:
-        if event.message is not None:
-            record.message = event.message
-        if event.progress is not None:
-            record.progress = event.progress
-        self.hub.publish(event)
 
     def _on_done(self, record: _Record, future: asyncio.Future[Outcome]) -> None:
         if future.cancelled() or record.future is not future:
@@ -134,11 +140,11 @@ class _BatchRun:
             outcome = Outcome(Status.CRASHED, error=f"{type(exc).__name__}: {exc}", error_type=type(exc).__name__)
         else:
             outcome = future.result()
-        if (outcome.status is not Status.COMPLETED and record.attempts <= record.retries
+        if (outcome.status is not Status.COMPLETED and record.number <= record.retries
                 and self.policy.should_retry(outcome)):
-            delay = self.policy.delay(record.attempts)
+            delay = self.policy.delay(record.number)
             self.hub.publish(TaskRetried(self.batch_id, record.key, outcome.status, time.time(), outcome.pid,
-                                         f"{outcome.error}; retrying in {delay:.2f}s", None, record.attempts))
+                                         f"{outcome.error}; retrying in {delay:.2f}s", None, record.number))
             record.retry_handle = self.loop.call_later(delay, self.start, record)
             return
         self._finish(record, outcome)
@@ -147,14 +153,14 @@ class _BatchRun:
         del self.records[record.index]
         result = TaskResult(
             self.batch_id, record.key, outcome.status, outcome.value, outcome.error, outcome.traceback,
-            record.attempts, outcome.pid, outcome.started_at, outcome.finished_at, record.message,
+            record.number, outcome.pid, outcome.started_at, outcome.finished_at, record.message,
             record.progress, outcome.error_type, record.index, outcome.exception,
         )
         self.store.add(result)
         if self.hub.active:
             self.hub.publish(TaskFinished(self.batch_id, record.key, outcome.status,
                                           outcome.finished_at or time.time(), outcome.pid,
-                                          outcome.error or record.message, record.progress, record.attempts))
+                                          outcome.error or record.message, record.progress, record.number))
         self.ready.append(result)
         self._wake()
 
@@ -165,7 +171,7 @@ class _BatchRun:
 
     def fail_item(self, index: int, key: str, error: str) -> None:
         """Record a batch item that is not a runnable Task as failed, without running it."""
-        record = _Record(index, key, None, None, 0)
+        record = _Record(self, index, key, None, (), None, 0)
         self.records[index] = record
         self._finish(record, Outcome(Status.FAILED, error=error, error_type="asyncsched.TaskDefinitionError"))
 
@@ -453,7 +459,7 @@ class Scheduler:
         if key not in previous:
             timeout = item.timeout if item.timeout is not None else self.timeout
             retries = item.retries if item.retries is not None else self.retries
-            record = _Record(index, key, item, timeout, retries)
+            record = _Record(run, index, key, item.fn, item.args, timeout, retries)
             run.records[index] = record
             run.start(record)
         return index + 1
