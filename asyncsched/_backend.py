@@ -34,10 +34,12 @@ class Backend(abc.ABC):
     * ``emit`` receives a ``TaskStarted`` event when the attempt starts and a
       ``TaskReported`` event for each ``report()`` call, in order.
     * :attr:`capacity` is how many attempts run at once; the scheduler pulls
-      about a small multiple of it from a batch ahead of execution.
+      about ``capacity * prefetch`` tasks of a batch ahead of execution.
     """
 
     capacity: int = 1
+    prefetch: int = 16
+    """Attempts per slot of capacity worth handing to the backend ahead of time (it may vary as tasks run)."""
 
     async def start(self) -> None:  # noqa: B027 - optional hook
         """Acquire resources (processes, connections). Called once before the first submit."""

@@ -37,6 +37,11 @@ class ProcessBackend(Backend):
                                         max_memory_per_child=max_memory_per_child)
         self.capacity = self.pool.size
 
+    @property
+    def prefetch(self) -> int:  # type: ignore[override]
+        """While tasks are fast the pool queues up to 64 calls on a worker: enough to keep those queues full."""
+        return max(Backend.prefetch, self.pool.depth)
+
     async def start(self) -> None:
         self.pool.start()
 

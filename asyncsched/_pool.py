@@ -751,8 +751,9 @@ class ProcessPool(concurrent.futures.Executor):
 
     # -- scheduling --------------------------------------------------------------------------
 
-    def _depth(self) -> int:
-        """How many calls one worker may hold: one for slow tasks, more while tasks are fast."""
+    @property
+    def depth(self) -> int:
+        """How many calls one worker may hold now: one for slow tasks, up to ``MAX_DEPTH`` while tasks are fast."""
         return max(1, min(MAX_DEPTH, int(BATCH_SECONDS / max(self._average, 1e-6))))
 
     def _dispatch(self) -> None:
@@ -761,7 +762,7 @@ class ProcessPool(concurrent.futures.Executor):
         pending = self._pending
         if not pending or not self._ready:
             return
-        depth = self._depth()
+        depth = self.depth
         for worker in sorted(self._ready, key=lambda w: len(w.calls)):  # a copy: the loop may remove some
             if len(worker.calls) > depth // 2:
                 break  # refill a worker only once half of its calls are done: fewer, larger frames

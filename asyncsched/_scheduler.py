@@ -56,9 +56,6 @@ __all__ = ["Scheduler"]
 
 Batch = Iterable[Task] | AsyncIterable[Task]
 
-WINDOW_PER_SLOT = 64
-"""Tasks pulled ahead of execution, per slot of the backend's capacity: enough to keep each pool
-worker's queue of fast calls full (it takes up to 64)."""
 MIN_WINDOW = 16
 
 _END: Any = object()
@@ -260,7 +257,7 @@ class Scheduler:
         self.timeout = timeout
         self.retries = retries
         self._retry_policy = retry_policy or RetryPolicy()
-        self._window = window or max(MIN_WINDOW, WINDOW_PER_SLOT * backend.capacity)
+        self._window = window
         self._hub = EventHub(event_buffer)
         self._progress = progress
         self._runs: set[_BatchRun] = set()
@@ -270,6 +267,15 @@ class Scheduler:
         self._handle_sigterm = handle_sigterm
         self._sigterm_installed = False
         self._sigterm_received = False
+
+    @property
+    def window(self) -> int:
+        """How many tasks of a batch are pulled ahead of execution at most, now.
+
+        ``window=`` when given, else the backend's ``capacity * prefetch``
+        (for the local pool, 16 per worker, and up to 64 while tasks are fast).
+        """
+        return self._window or max(MIN_WINDOW, self._backend.capacity * self._backend.prefetch)
 
     @property
     def backend(self) -> Backend:
@@ -413,7 +419,6 @@ class Scheduler:
         self._runs.add(run)
         items: Iterator[object] = iter(())
         async_items: AsyncIterator[object] | None = None
-        window = self._window
         index = 0
         exhausted = False
         try:
@@ -425,6 +430,7 @@ class Scheduler:
                 raise TaskDefinitionError(
                     f"a batch is an iterable or async iterable of Task, got {type(batch).__name__}")
             while True:
+                window = self.window
                 while not exhausted and run.stopped is None and len(run.records) + len(run.ready) < window:
                     item = next(items, _END) if async_items is None else await anext(async_items, _END)
                     if item is _END:

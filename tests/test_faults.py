@@ -167,7 +167,7 @@ async def test_cancelling_one_batch_leaves_another_alone() -> None:
 async def test_cancel_by_id_kills_the_running_tasks_and_run_returns() -> None:
     async with Scheduler(workers=2) as scheduler:
         events = scheduler.events(batch_id="doomed")
-        n = scheduler._window + 100  # more than it admits at once
+        n = scheduler.window + 100  # more than it admits at once (slow tasks: the window stays small)
         batch = [Task(faults.hang, key=str(i)) for i in range(n)]
         run = asyncio.ensure_future(scheduler.run(batch, batch_id="doomed"))
         pids = set()
