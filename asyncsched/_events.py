@@ -109,7 +109,8 @@ class EventListener:
         pass
 
     def close(self) -> None:
-        """Stop the calls. Idempotent."""
+        """Deliver the events published so far, then stop the calls. Idempotent."""
+        self._hub.deliver()
         self._hub._unsubscribe(self)
 
 
@@ -146,7 +147,7 @@ class EventHub:
         return listener
 
     def _add(self, subscriber: _Subscriber) -> None:
-        self._deliver()  # what was published before it subscribed is not its to see
+        self.deliver()  # what was published before it subscribed is not its to see
         self._refs = [*self._refs, weakref.ref(subscriber, self._forget)]
 
     def _forget(self, ref: weakref.ref[_Subscriber]) -> None:
@@ -166,9 +167,10 @@ class EventHub:
         pending = self._pending
         pending.append(event)
         if len(pending) == 1:
-            asyncio.get_running_loop().call_soon(self._deliver)
+            asyncio.get_running_loop().call_soon(self.deliver)
 
-    def _deliver(self) -> None:
+    def deliver(self) -> None:
+        """Hand the events published so far to every consumer now (else it happens at the end of the turn)."""
         events, self._pending = self._pending, []
         if not events:
             return
@@ -176,14 +178,17 @@ class EventHub:
             subscriber = ref()
             if subscriber is None:
                 continue
-            if subscriber.batch_id is None:
-                subscriber._push(events)
-            elif mine := [event for event in events if event.batch_id == subscriber.batch_id]:
-                subscriber._push(mine)
+            mine = events if subscriber.batch_id is None else [e for e in events if e.batch_id == subscriber.batch_id]
+            if mine:
+                try:
+                    subscriber._push(mine)
+                except Exception as exc:  # a broken listener must not cost the others their events
+                    asyncio.get_running_loop().call_exception_handler(
+                        {"message": "an event listener failed", "exception": exc})
 
     def close(self) -> None:
         """Deliver what is pending, then end every stream once it has handed out what it holds."""
-        self._deliver()
+        self.deliver()
         refs, self._refs = self._refs, []
         for ref in refs:
             stream = ref()

@@ -453,6 +453,7 @@ class Scheduler:
                 if run.records:
                     run.cancel_all("the batch was cancelled")
             finally:
+                self._hub.deliver()  # every TaskFinished of the batch is out before its run() returns
                 await self._store.end_batch(batch_id)
 
     def _admit(self, run: _BatchRun, item: object, index: int, previous: Mapping[str, TaskResult]) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -165,3 +166,13 @@ async def test_a_listener_sees_each_event_of_its_batch(scheduler: Scheduler) -> 
     listener.close()  # idempotent
     await scheduler.run([Task(tasks.square, 2)], batch_id="c")
     assert len(seen) == 2 and not scheduler._hub.active
+
+
+async def test_the_final_report_counts_a_task_recorded_in_the_runs_last_turn(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    async with Scheduler(workers=1, progress=True) as scheduler:
+        # a batch item that is not a Task is recorded failed at once, in the turn in which the run ends
+        summary = await scheduler.run(["not a task"], batch_id="odd")
+    assert summary.failed == 1
+    report = capsys.readouterr().out
+    assert "finished 1 tasks" in report and re.search(r"failed\s+1\s+100\.0%", report), report
