@@ -172,7 +172,7 @@ async def test_the_final_report_counts_a_task_recorded_in_the_runs_last_turn(
         capsys: pytest.CaptureFixture[str]) -> None:
     async with Scheduler(workers=1, progress=True) as scheduler:
         # a batch item that is not a Task is recorded failed at once, in the turn in which the run ends
-        summary = await scheduler.run(["not a task"], batch_id="odd")
+        summary = await scheduler.run(["not a task"], batch_id="odd")  # type: ignore[list-item]
     assert summary.failed == 1
     report = capsys.readouterr().out
     assert "finished 1 tasks" in report and re.search(r"failed\s+1\s+100\.0%", report), report
