@@ -49,7 +49,7 @@ class Backend(abc.ABC):
         """Start one attempt; see the class docstring for the contract."""
 
     def add_done_callback(self, future: asyncio.Future[Outcome],
-                          callback: Callable[[asyncio.Future[Outcome]], None]) -> None:
+                          callback: Callable[[asyncio.Future[Outcome]], object]) -> None:
         """Have ``callback(future)`` called once a future from :meth:`submit` is done.
 
         The default is ``future.add_done_callback``. A backend that settles its

@@ -51,7 +51,7 @@ class ProcessBackend(Backend):
                               on_report=relay.reported)
 
     def add_done_callback(self, future: asyncio.Future[Outcome],
-                          callback: Callable[[asyncio.Future[Outcome]], None]) -> None:
+                          callback: Callable[[asyncio.Future[Outcome]], object]) -> None:
         self.pool.when_done(future, callback)
 
     async def aclose(self) -> None:

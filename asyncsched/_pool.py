@@ -185,7 +185,7 @@ class _Call(asyncio.Future[Outcome]):
         self.timeout = timeout
         self.on_start = on_start
         self.on_report = on_report
-        self.on_done: Callable[[asyncio.Future[Outcome]], None] | None = None  # see ProcessPool.when_done
+        self.on_done: Callable[[asyncio.Future[Outcome]], object] | None = None  # see ProcessPool.when_done
         self.worker: _Worker | None = None
 
     def cancel(self, msg: Any | None = None) -> bool:
@@ -197,11 +197,20 @@ class _Call(asyncio.Future[Outcome]):
 
     def set_result(self, result: Outcome, /) -> None:
         super().set_result(result)
-        self._notify()
+        self._settled()
 
     def set_exception(self, exception: type | BaseException, /) -> None:
         super().set_exception(exception)
-        self._notify()
+        self._settled()
+
+    def _settled(self) -> None:
+        if self.on_done is None:
+            return
+        held = self._pool._held
+        if held is not None:  # the pool is reading a worker's results: call back once it has handled them all
+            held.append(self)
+        else:
+            self._notify()
 
     def _notify(self) -> None:
         on_done, self.on_done = self.on_done, None
@@ -301,6 +310,7 @@ class ProcessPool(concurrent.futures.Executor):
         self._average = BATCH_SECONDS  # moving average of a call's run time
         self._ids = itertools.count()
         self._functions: dict[Callable[..., Any], bytes] = {}
+        self._held: list[_Call] | None = None  # calls settled while results are being read (see when_done)
         self._closed = False
         self._broken: BrokenPoolError | None = None
         self._start_failures = 0
@@ -448,12 +458,13 @@ class ProcessPool(concurrent.futures.Executor):
             loop.call_soon(self._dispatch)
         return call
 
-    def when_done(self, future: asyncio.Future[Outcome], callback: Callable[[asyncio.Future[Outcome]], None]) -> None:
+    def when_done(self, future: asyncio.Future[Outcome], callback: Callable[[asyncio.Future[Outcome]], object]) -> None:
         """Have ``callback(future)`` called once a future from :meth:`call` is done.
 
-        Like ``future.add_done_callback``, but the callback runs at once, as the
-        pool settles the call, instead of on a later loop iteration: one fewer
-        loop round per call. It must be quick and must not call into the pool.
+        Like ``future.add_done_callback``, but the callback runs as soon as the
+        pool has settled the call (and handled the rest of what it read from
+        that worker), instead of on a later loop iteration: one fewer loop round
+        per call. It must be quick.
         """
         if isinstance(future, _Call) and future.on_done is None and not future.done():
             future.on_done = callback
@@ -681,10 +692,17 @@ class ProcessPool(concurrent.futures.Executor):
             messages += pickle.loads(buf[pos + head: pos + head + size])
             pos += head + size
         del buf[:pos]
-        for message in messages:
-            self._on_message(worker, message)
+        held: list[_Call] = []
+        self._held = held
+        try:
+            for message in messages:
+                self._on_message(worker, message)
+        finally:
+            self._held = None
         if messages:
             self._dispatch()
+        for call in held:
+            call._notify()
         return alive
 
     def _on_message(self, worker: _Worker, message: tuple[Any, ...]) -> None:

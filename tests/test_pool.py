@@ -81,6 +81,18 @@ async def test_a_builtin_bound_to_an_object_carries_the_objects_current_state() 
     assert (first.value, second.value) == (1, 2)
 
 
+async def test_a_done_callback_that_cancels_a_queued_call_makes_no_call_run_twice(tmp_path: Path) -> None:
+    log = tmp_path / "runs"
+    async with ProcessPool(1) as pool:
+        for _ in range(3):  # fast calls: the pool now sends them in groups, and their results come back grouped
+            await asyncio.gather(*(pool.call(tasks.square, (i,)) for i in range(200)))
+        calls = [pool.call(tasks.log_run, (str(log), f"c{i}")) for i in range(10)]
+        pool.when_done(calls[0], lambda _: calls[1].cancel())
+        await asyncio.gather(*calls, return_exceptions=True)
+    runs = log.read_text().split()
+    assert len(runs) == len(set(runs)) and "c9" in runs, runs
+
+
 def test_plain_executor_from_sync_code(tmp_path: Path) -> None:
     fifo = tmp_path / "started"
     os.mkfifo(fifo)
