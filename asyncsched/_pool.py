@@ -852,14 +852,17 @@ class ProcessPool(concurrent.futures.Executor):
         if self._closed or limit is None or self._loop is None:
             return
         for worker in list(self._workers):
-            call = worker.call
-            if call is None or worker.killed:
+            if worker.call is None or worker.killed:
                 continue
             try:
                 rss = psutil.Process(worker.pid).memory_info().rss
             except psutil.Error:
                 continue  # it is exiting; the sentinel tells
-            if rss > limit and not call.done():
+            if rss <= limit:
+                continue
+            self._read(worker)  # a call that has just finished is not the one to blame
+            call = worker.call
+            if call is not None and not call.done() and not worker.killed:
                 self._crashed += 1
                 call.set_result(Outcome(
                     Status.CRASHED, error_type="MemoryError", pid=worker.pid,

@@ -132,7 +132,10 @@ def _describe_pickle_failure(what: str, exc: BaseException) -> ErrorInfo:
 class _Channel:
     """The worker's end of the socket: frames messages, and groups DONE messages while more calls wait.
 
-    Every frame is a pickled list of messages.
+    Every frame is a pickled list of messages. A held DONE message waits at
+    most ``GROUP_SECONDS`` (plus a switch of the GIL): a thread sends it even
+    while the next call runs, so a slow call never holds back the result of a
+    fast one before it (whose deadline the parent is watching).
     """
 
     GROUP = 64
@@ -142,8 +145,10 @@ class _Channel:
         self.conn = conn
         self.fd = conn.fileno()
         self.lock = threading.Lock()
+        self.holding = threading.Condition(self.lock)
         self.held: list[tuple[Any, ...]] = []
         self.held_since = 0.0
+        threading.Thread(target=self._flush_late, name="asyncsched-flush", daemon=True).start()
 
     def _write(self, data: bytes) -> None:
         view = memoryview(frame_header(len(data)) + data)
@@ -162,10 +167,20 @@ class _Channel:
         with self.lock:
             if not self.held:
                 self.held_since = time.monotonic()
+                self.holding.notify()
             self.held.append(message)
             if (not more_waiting or len(self.held) >= self.GROUP
                     or time.monotonic() - self.held_since >= self.GROUP_SECONDS):
                 self._flush()
+
+    def _flush_late(self) -> None:
+        with self.lock:
+            while True:
+                wait = None if not self.held else self.held_since + self.GROUP_SECONDS - time.monotonic()
+                if wait is not None and wait <= 0:
+                    self._flush()
+                else:
+                    self.holding.wait(wait)
 
     def _flush(self) -> None:
         if not self.held:

@@ -93,6 +93,18 @@ async def test_a_done_callback_that_cancels_a_queued_call_makes_no_call_run_twic
     assert len(runs) == len(set(runs)) and "c9" in runs, runs
 
 
+async def test_a_slow_call_does_not_hold_back_the_result_of_a_fast_one_sent_with_it(tmp_path: Path) -> None:
+    log = tmp_path / "runs"
+    async with ProcessPool(1) as pool:
+        for _ in range(3):  # fast calls: the pool now sends them in groups, and their results come back grouped
+            await asyncio.gather(*(pool.call(tasks.square, (i,)) for i in range(200)))
+        fast = pool.call(tasks.log_run, (str(log), "fast"), timeout=0.5)  # done at once, its deadline watched
+        slow = pool.call(tasks.log_run, (str(log), "slow", 1.5), timeout=10)  # sent in the same frame
+        outcomes = await asyncio.gather(fast, slow)
+    assert [o.status for o in outcomes] == [Status.COMPLETED, Status.COMPLETED], outcomes
+    assert log.read_text().split() == ["fast", "slow"]  # nothing killed, nothing run twice
+
+
 def test_plain_executor_from_sync_code(tmp_path: Path) -> None:
     fifo = tmp_path / "started"
     os.mkfifo(fifo)
