@@ -727,7 +727,7 @@ class ProcessPool(concurrent.futures.Executor):
             running = worker.call
             if running is not None and running.call_id == message[1] and running.on_report is not None:
                 _, _, timestamp, text, progress, data = message
-                running.on_report(worker.pid, timestamp, text, progress, data)
+                running.on_report(worker.pid, timestamp, text, progress, _report_data(data))
         elif kind == READY:
             worker.ready = True
             self._start_failures = 0
@@ -877,6 +877,17 @@ class ProcessPool(concurrent.futures.Executor):
         if worker is not None and worker.call is call:
             self._kill(worker)
         # a call still pending is skipped by _dispatch; one queued on a worker is dropped when it ends
+
+
+def _report_data(data: bytes | None) -> dict[str, Any]:
+    """The keyword arguments of a ``report()`` call (see ``_worker``)."""
+    if data is None:
+        return {}
+    try:
+        loaded: dict[str, Any] = pickle.loads(data)
+    except Exception as exc:  # e.g. a value whose class cannot be imported here
+        return {"error": f"the data of this report could not be unpickled here: {error_info(exc)[1]}"}
+    return loaded
 
 
 def _outcome(pid: int, how: int, value: Any, started: float, finished: float) -> Outcome:

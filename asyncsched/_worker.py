@@ -13,7 +13,7 @@ worker, each frame is a list of messages::
                                                          pickles (fn, args)
                        None                        finish and exit
     worker -> parent   (READY, pid)
-                       (REPORT, call_id, timestamp, message, progress, data)
+                       (REPORT, call_id, timestamp, message, progress, pickle of data or None)
                        (DONE, call_id, VALUE, value, started_at, finished_at)
                        (DONE, call_id, PICKLED, pickle of value, started_at, finished_at)
                        (DONE, call_id, ERROR, error, started_at, finished_at)
@@ -97,11 +97,14 @@ def report(message: str | None = None, progress: float | None = None, **data: An
     if current is None and captured is None:
         return
     now = time.time()
+    if message is not None:
+        message = str(message)
     if progress is not None:
         progress = float(progress)
     if current is not None:
         send, call_id = current
-        send((REPORT, call_id, now, message, progress, data))
+        # data pickled on its own: data that cannot be unpickled in the parent spoils only this report
+        send((REPORT, call_id, now, message, progress, pickle.dumps(data, _PROTOCOL) if data else None))
     elif captured is not None:
         captured.append((now, message, progress, data))
 

@@ -74,6 +74,13 @@ def return_unloadable() -> Any:
     return Unloadable()
 
 
+def report_unloadable() -> int:
+    from asyncsched import report
+
+    report("here", thing=Unloadable())
+    return 1
+
+
 def ignore_sigterm_and_hang() -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     time.sleep(3600)

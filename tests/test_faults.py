@@ -16,7 +16,17 @@ from pathlib import Path
 import psutil
 import pytest
 
-from asyncsched import ExecutorBackend, RetryPolicy, Scheduler, Status, Task, TaskFinished, TaskRetried, TaskStarted
+from asyncsched import (
+    ExecutorBackend,
+    RetryPolicy,
+    Scheduler,
+    Status,
+    Task,
+    TaskFinished,
+    TaskReported,
+    TaskRetried,
+    TaskStarted,
+)
 from asyncsched._pool import ProcessPool
 
 from . import faults, tasks
@@ -275,6 +285,16 @@ async def test_a_result_that_cannot_be_unpickled_here_fails_alone(scheduler: Sch
     assert "could not be unpickled here: RuntimeError: this value cannot be rebuilt here" in (bad.error or "")
     rest = summary.results[:15] + summary.results[16:]
     assert [r.value for r in rest] == [i * i for i in range(30)] and summary.completed == 30
+
+
+async def test_report_data_that_cannot_be_unpickled_here_spoils_only_that_report(scheduler: Scheduler) -> None:
+    events = scheduler.events()
+    summary = await scheduler.run([Task(faults.report_unloadable, key="r"), Task(tasks.square, 3, key="s")])
+    await scheduler.aclose()
+    reported = [e async for e in events if isinstance(e, TaskReported)]
+    assert [r.value for r in summary.results] == [1, 9]
+    assert len(reported) == 1 and reported[0].message == "here"
+    assert "could not be unpickled here: RuntimeError: this value cannot be rebuilt here" in str(reported[0].data)
 
 
 async def test_unimportable_function_fails_in_the_worker_with_a_clear_error(scheduler: Scheduler) -> None:
