@@ -6,7 +6,7 @@ Data flow for one batch::
         |
         v
     _Record (parent-side state of one task: attempts, last message, current future)
-        |  the record is the current Attempt, and its emit callback
+        |  Attempt (a new one for each attempt); the record is its emit callback
         v
     Backend.submit(attempt, emit) --> future of Outcome
         |                                   |
@@ -61,27 +61,26 @@ MIN_WINDOW = 16
 _END: Any = object()
 
 
-class _Record(Attempt):
+class _Record:
     """What the parent keeps about one task of a running batch.
 
-    It is also the task's current :class:`Attempt` (``number`` counts the
-    attempts so far) and the ``emit`` callback of its attempts: one object per
-    task, so that little is left for the garbage collector.
+    It is also the ``emit`` callback of the task's attempts: one object fewer
+    per attempt, so less work for the garbage collector.
     """
 
-    __slots__ = ("future", "index", "message", "progress", "retries", "retry_handle", "run")
+    __slots__ = ("args", "attempts", "fn", "future", "index", "key", "message", "progress", "retries",
+                 "retry_handle", "run", "timeout")
 
     def __init__(self, run: _BatchRun, index: int, key: str, fn: Any, args: tuple[Any, ...], timeout: float | None,
                  retries: int) -> None:
-        self.batch_id = run.batch_id
+        self.run = run
+        self.index = index
         self.key = key
         self.fn = fn
         self.args = args
         self.timeout = timeout
-        self.number = 0
-        self.run = run
-        self.index = index
         self.retries = retries
+        self.attempts = 0
         self.future: asyncio.Future[Outcome] | None = None
         self.retry_handle: asyncio.TimerHandle | None = None
         self.message: str | None = None
@@ -118,9 +117,10 @@ class _BatchRun:
         if self.stopped is not None:  # admitted while the batch was being cancelled
             self._finish(record, Outcome(Status.CANCELLED, error=self.stopped, error_type="asyncio.CancelledError"))
             return
-        record.number += 1
+        record.attempts += 1
+        attempt = Attempt(self.batch_id, record.key, record.fn, record.args, record.timeout, record.attempts)
         try:
-            future = self.backend.submit(record, record)
+            future = self.backend.submit(attempt, record)
         except Exception as exc:  # a backend that cannot take work any more
             self._finish(record, Outcome(Status.CRASHED, error=f"{type(exc).__name__}: {exc}",
                                          error_type=type(exc).__name__))
@@ -137,11 +137,11 @@ class _BatchRun:
             outcome = Outcome(Status.CRASHED, error=f"{type(exc).__name__}: {exc}", error_type=type(exc).__name__)
         else:
             outcome = future.result()
-        if (outcome.status is not Status.COMPLETED and record.number <= record.retries
+        if (outcome.status is not Status.COMPLETED and record.attempts <= record.retries
                 and self.policy.should_retry(outcome)):
-            delay = self.policy.delay(record.number)
+            delay = self.policy.delay(record.attempts)
             self.hub.publish(TaskRetried(self.batch_id, record.key, outcome.status, time.time(), outcome.pid,
-                                         f"{outcome.error}; retrying in {delay:.2f}s", None, record.number))
+                                         f"{outcome.error}; retrying in {delay:.2f}s", None, record.attempts))
             record.retry_handle = self.loop.call_later(delay, self.start, record)
             return
         self._finish(record, outcome)
@@ -150,14 +150,14 @@ class _BatchRun:
         del self.records[record.index]
         result = TaskResult(
             self.batch_id, record.key, outcome.status, outcome.value, outcome.error, outcome.traceback,
-            record.number, outcome.pid, outcome.started_at, outcome.finished_at, record.message,
+            record.attempts, outcome.pid, outcome.started_at, outcome.finished_at, record.message,
             record.progress, outcome.error_type, record.index, outcome.exception,
         )
         self.store.add(result)
         if self.hub.active:
             self.hub.publish(TaskFinished(self.batch_id, record.key, outcome.status,
                                           outcome.finished_at or time.time(), outcome.pid,
-                                          outcome.error or record.message, record.progress, record.number))
+                                          outcome.error or record.message, record.progress, record.attempts))
         self.ready.append(result)
         self._wake()
 

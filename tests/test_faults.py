@@ -6,6 +6,7 @@ import asyncio
 import functools
 import json
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -17,6 +18,7 @@ import psutil
 import pytest
 
 from asyncsched import (
+    Backend,
     ExecutorBackend,
     RetryPolicy,
     Scheduler,
@@ -27,6 +29,8 @@ from asyncsched import (
     TaskRetried,
     TaskStarted,
 )
+from asyncsched._backend import Emit
+from asyncsched._models import Attempt, Outcome
 from asyncsched._pool import ProcessPool
 
 from . import faults, tasks
@@ -94,6 +98,35 @@ async def test_retries_count_attempts_and_give_up(tmp_path: Path) -> None:
     assert (no_retry.status, no_retry.attempts) == (Status.FAILED, 1)
     assert (slow.status, slow.attempts) == (Status.TIMED_OUT, 2)
     assert sorted(e.key for e in retried) == ["always-crashes", "always-crashes", "flaky", "flaky", "slow"]
+
+
+class KeepsAttempts(Backend):
+    """A backend that keeps each attempt it is given, and fails all but the third."""
+
+    capacity = 1
+
+    def __init__(self) -> None:
+        self.kept: list[Attempt] = []
+
+    def submit(self, attempt: Attempt, emit: Emit) -> asyncio.Future[Outcome]:
+        self.kept.append(pickle.loads(pickle.dumps(attempt)))  # an attempt can travel, as a plain Attempt
+        self.kept.append(attempt)
+        future = asyncio.get_running_loop().create_future()
+        future.set_result(Outcome(Status.COMPLETED, value=attempt.args) if attempt.number == 3
+                          else Outcome(Status.FAILED, error="not yet"))
+        return future
+
+    async def aclose(self) -> None:
+        pass
+
+
+async def test_each_attempt_is_its_own_attempt_object() -> None:
+    backend = KeepsAttempts()
+    async with Scheduler(backend=backend, retries=2, retry_policy=RetryPolicy(base_delay=0.0)) as scheduler:
+        summary = await scheduler.run([Task(tasks.square, 7)])
+    assert summary.results[0].value == (7,)
+    assert [(a.number, a.args) for a in backend.kept] == [(1, (7,)), (1, (7,)), (2, (7,)), (2, (7,)), (3, (7,)),
+                                                          (3, (7,))]
 
 
 async def test_retry_policy_filters_statuses_and_exception_types() -> None:
