@@ -4,8 +4,8 @@ Data flow (everything on the left runs on one event loop thread; no locks)::
 
     ProcessPool.call() / submit()                              worker process (one per slot)
       |                                                        -------------------------------
-      | pickle (fn, args) once, here: a bad argument fails
-      | only this call
+      | pickle the arguments here (a bad one fails only this
+      | call); a plain function is pickled once per pool
       v
     _Call -> pending deque --_dispatch: up to `depth` calls--> socket pair (one per worker)
                              per worker, in one frame    [(call_id, function, payload), ...] -> worker_main()
@@ -19,8 +19,8 @@ Data flow (everything on the left runs on one event loop thread; no locks)::
 
 Actors:
 
-* ``_Call`` is the record kept in the parent for one call: the pickled payload,
-  its timeout, the future the caller awaits and the worker it was sent to. Only
+* ``_Call`` is the record kept in the parent for one call, and the future the
+  caller awaits: the pickled payload, its timeout and the worker it was sent to. Only
   ``(call_id, function, payload)`` crosses the wire; the wire format is in
   ``_worker``. A plain function is pickled once (a reference by name) and
   cached on both sides, so a call pays only for pickling its arguments.

@@ -12,7 +12,7 @@ Data flow::
                                at the end: the final report, with the total elapsed time
 
 The monitor listens to the same events as ``Scheduler.events()`` but through an
-:class:`~asyncsched._events.EventListener`, called as each event is published,
+:class:`~asyncsched._events.EventListener`, called with each loop turn's events,
 rather than a buffered :class:`EventStream`: on 20,000 tiny tasks that costs
 about a third as much, because no event outlives its delivery (see
 ``benchmarks/progress.py``). The drawing happens at a bounded rate.
@@ -132,8 +132,8 @@ class ProgressMonitor:
     display counts up without a percentage. ``Scheduler(progress=True)`` puts
     one around every batch.
 
-    Events are only counted as they are published (O(1) each) and the drawing
-    happens at a bounded rate, so the run is hardly slowed.
+    Events are only counted as they are delivered (O(1) each) and the drawing
+    happens at a bounded rate.
     """
 
     def __init__(self, scheduler: Scheduler, *, batch_id: str | None = None, total: int | None = None,

@@ -20,7 +20,8 @@ worker, each frame is a list of messages::
 
 The parent may queue several calls on one worker when tasks are fast; the
 worker runs them one by one and, while more are queued, sends their DONE
-messages in small groups (one frame for the group). Anything sent before
+messages in small groups (one frame for the group), none held longer than
+``_Channel.GROUP_SECONDS``. Anything sent before
 a REPORT is flushed first, so the parent always sees a worker's messages in
 the order they happened.
 

@@ -177,7 +177,7 @@ class _Api:
 
     async def lifecycle(self, app: web.Application) -> AsyncIterator[None]:
         async with self.scheduler:
-            # Like the progress display, a listener of the hub: it sees every event, as it is published.
+            # Like the progress display, a listener of the hub: it sees every event, a loop turn's worth at a time.
             listener = self.scheduler._hub.listen(self.log.publish_events)
             try:
                 yield

@@ -2,7 +2,7 @@
 
 Data flow::
 
-    the scheduler's EventHub, as each event is published (an EventListener: every event, in order)
+    the scheduler's EventHub, a loop turn's events at a time (an EventListener: every event, in order)
         |  publish_events(); publish_notice() for the web layer's own batch events
         v
     EventLog: numbers each event; encodes it the first time a client needs it, once for all
