@@ -50,7 +50,7 @@ from ._models import (
     TaskResult,
     TaskRetried,
 )
-from ._store import BatchInfo, MemoryStore, Store
+from ._store import MAX_BACKLOG, BatchInfo, MemoryStore, Store
 
 __all__ = ["Scheduler"]
 
@@ -417,6 +417,7 @@ class Scheduler:
         if isinstance(batch, Sized):
             run.total = len(batch) - len(previous)
         self._runs.add(run)
+        store = self._store
         items: Iterator[object] = iter(())
         async_items: AsyncIterator[object] | None = None
         index = 0
@@ -430,6 +431,8 @@ class Scheduler:
                 raise TaskDefinitionError(
                     f"a batch is an iterable or async iterable of Task, got {type(batch).__name__}")
             while True:
+                if store.backlog > MAX_BACKLOG:  # the store writes slower than tasks finish: let it catch up
+                    await store.flush()
                 window = self.window
                 while not exhausted and run.stopped is None and len(run.records) + len(run.ready) < window:
                     item = next(items, _END) if async_items is None else await anext(async_items, _END)

@@ -249,6 +249,10 @@ class SQLiteStore(Store):
         self._pending.append(result)
         self._wake.set()
 
+    @property
+    def backlog(self) -> int:
+        return len(self._pending)
+
     async def flush(self) -> None:
         """Commit every result queued so far."""
         await self._commit()

@@ -17,7 +17,10 @@ from dataclasses import dataclass, field
 from ._errors import ConfigurationError
 from ._models import Stats, Status, TaskResult
 
-__all__ = ["BatchInfo", "MemoryStore", "Store"]
+__all__ = ["MAX_BACKLOG", "BatchInfo", "MemoryStore", "Store"]
+
+MAX_BACKLOG = 10_000
+"""Results a store may hold unwritten before the scheduler stops pulling new tasks until it has caught up."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +45,10 @@ class Store(abc.ABC):
     * :meth:`add` takes one final result. It does no I/O: a store buffers and
       writes in the background, and says in its docs how soon a result is durable.
     * :meth:`end_batch` marks the batch finished once all of its results are written.
+    * :attr:`backlog` is how many results :meth:`add` took that are not written
+      yet; while it is over :data:`MAX_BACKLOG` the scheduler pulls no new task
+      and awaits :meth:`flush`, so a store slower than the tasks bounds memory
+      instead of queueing without end.
     """
 
     async def open(self) -> None:  # noqa: B027 - optional hook
@@ -49,6 +56,14 @@ class Store(abc.ABC):
 
     async def aclose(self) -> None:  # noqa: B027 - optional hook
         """Write what is buffered and release resources. Idempotent."""
+
+    @property
+    def backlog(self) -> int:
+        """Results taken by :meth:`add` and not written yet."""
+        return 0
+
+    async def flush(self) -> None:  # noqa: B027 - optional hook
+        """Write every result taken so far."""
 
     @abc.abstractmethod
     async def begin_batch(self, batch_id: str, *, name: str | None = None,

@@ -11,6 +11,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+import asyncsched._scheduler
 from asyncsched import (
     ClosedError,
     ConfigurationError,
@@ -24,7 +25,9 @@ from asyncsched import (
     TaskStarted,
 )
 from asyncsched._events import EventHub
+from asyncsched._models import TaskResult
 from asyncsched._pool import MAX_DEPTH, ProcessPool
+from asyncsched._store import MemoryStore
 
 from . import faults, tasks
 from .util import wait_gone
@@ -261,3 +264,34 @@ def test_report_outside_a_task_is_a_no_op() -> None:
     from asyncsched import report
 
     report(message="nobody listens", progress="not even a number", extra=object())  # type: ignore[arg-type]
+
+
+class Unwritten(MemoryStore):
+    """A store that writes only when flushed, and remembers its largest backlog."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.unwritten = self.most = self.flushes = 0
+
+    def add(self, result: TaskResult) -> None:
+        super().add(result)
+        self.unwritten += 1
+        self.most = max(self.most, self.unwritten)
+
+    @property
+    def backlog(self) -> int:
+        return self.unwritten
+
+    async def flush(self) -> None:
+        self.flushes += 1
+        self.unwritten = 0
+
+
+async def test_a_store_that_falls_behind_holds_back_new_tasks(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(asyncsched._scheduler, "MAX_BACKLOG", 20)
+    store = Unwritten()
+    async with Scheduler(workers=2, store=store) as scheduler:
+        summary = await scheduler.run(Task(tasks.double, i) for i in range(500))
+        bound = 20 + 2 * scheduler.window  # what can finish between two looks at the backlog
+    assert summary.completed == 500 and store.flushes > 0
+    assert store.most <= bound, (store.most, bound)
