@@ -344,7 +344,7 @@ async def _read(args: argparse.Namespace, query: Callable[[SQLiteStore], Awaitab
 
     async with SQLiteStore(args.db, readonly=True) as store:
         batch_id = getattr(args, "batch", None)
-        if batch_id is not None and batch_id not in {batch.batch_id for batch in await store.batches()}:
+        if batch_id is not None and await store.batch(batch_id) is None:
             raise UsageError(f"{args.db} has no batch {batch_id!r}; `asyncsched batches {args.db}` lists them")
         return await query(store)
 

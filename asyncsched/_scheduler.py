@@ -525,6 +525,11 @@ class Scheduler:
         await self._ensure_started()
         return await self._store.batches()
 
+    async def batch(self, batch_id: str) -> BatchInfo | None:
+        """One batch the store knows, or None."""
+        await self._ensure_started()
+        return await self._store.batch(batch_id)
+
 
 def _status(value: Status | str) -> Status:
     try:

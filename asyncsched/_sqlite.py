@@ -332,10 +332,17 @@ class SQLiteStore(Store):
         return Stats.of({Status(status): count for status, count in rows}, batch_id)
 
     async def batches(self) -> list[BatchInfo]:
+        return await self._batches("", ())
+
+    async def batch(self, batch_id: str) -> BatchInfo | None:
+        found = await self._batches(" WHERE b.batch_id = ?", (batch_id,))
+        return found[0] if found else None
+
+    async def _batches(self, where: str, parameters: tuple[Any, ...]) -> list[BatchInfo]:
         rows = await self._fetch(
             "SELECT b.batch_id, b.name, b.created_at, b.finished_at, r.status, count(r.id)"
-            " FROM batches b LEFT JOIN results r USING (batch_id)"
-            " GROUP BY b.batch_id, r.status ORDER BY b.created_at, b.batch_id", ())
+            f" FROM batches b LEFT JOIN results r USING (batch_id){where}"
+            " GROUP BY b.batch_id, r.status ORDER BY b.created_at, b.batch_id", parameters)
         found: dict[str, tuple[str | None, float, float | None, dict[Status, int]]] = {}
         for batch_id, name, created_at, finished_at, status, count in rows:
             counts = found.setdefault(batch_id, (name, created_at, finished_at, {}))[3]

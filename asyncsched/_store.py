@@ -85,6 +85,10 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def batches(self) -> list[BatchInfo]: ...
 
+    async def batch(self, batch_id: str) -> BatchInfo | None:
+        """One batch, or None; a store may answer it without reading every batch."""
+        return next((info for info in await self.batches() if info.batch_id == batch_id), None)
+
 
 class _Batch:
     __slots__ = ("counts", "created_at", "finished_at", "name")
@@ -144,5 +148,12 @@ class MemoryStore(Store):
         return Stats.of(dict(total))
 
     async def batches(self) -> list[BatchInfo]:
-        return [BatchInfo(batch_id, b.name, b.created_at, b.finished_at, Stats.of(dict(b.counts), batch_id))
-                for batch_id, b in self._batches.items()]
+        return [self._info(batch_id, b) for batch_id, b in self._batches.items()]
+
+    async def batch(self, batch_id: str) -> BatchInfo | None:
+        found = self._batches.get(batch_id)
+        return None if found is None else self._info(batch_id, found)
+
+    @staticmethod
+    def _info(batch_id: str, b: _Batch) -> BatchInfo:
+        return BatchInfo(batch_id, b.name, b.created_at, b.finished_at, Stats.of(dict(b.counts), batch_id))

@@ -295,3 +295,10 @@ async def test_a_store_that_falls_behind_holds_back_new_tasks(monkeypatch: pytes
         bound = 20 + 2 * scheduler.window  # what can finish between two looks at the backlog
     assert summary.completed == 500 and store.flushes > 0
     assert store.most <= bound, (store.most, bound)
+
+
+async def test_a_batch_is_found_by_its_id(scheduler: Scheduler) -> None:
+    await scheduler.run([Task(tasks.square, 2)], batch_id="found")
+    info = await scheduler.batch("found")
+    assert info is not None and info.stats.completed == 1 and info.finished_at is not None
+    assert await scheduler.batch("missing") is None

@@ -119,6 +119,9 @@ async def test_queries_filter_and_page(tmp_path: Path) -> None:
         b = await scheduler.stats("b")
         assert (b.total, b.completed, b.failed, b.batch_id, b.success_rate) == (10, 5, 5, "b", 0.5)
         assert [info.batch_id for info in await scheduler.batches()] == ["a", "b"]
+        one = await scheduler.batch("b")
+        assert one is not None and one == (await scheduler.batches())[1] and one.stats == b
+        assert await scheduler.batch("c") is None
 
 
 async def test_an_existing_batch_needs_resume(tmp_path: Path) -> None:

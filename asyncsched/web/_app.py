@@ -243,10 +243,10 @@ class _Api:
         return batch_json(info, state, running.get(info.batch_id))
 
     async def _batch(self, batch_id: str) -> BatchInfo:
-        for info in await self.scheduler.batches():
-            if info.batch_id == batch_id:
-                return info
-        _fail(404, f"no batch {batch_id!r}")
+        info = await self.scheduler.batch(batch_id)
+        if info is None:
+            _fail(404, f"no batch {batch_id!r}")
+        return info
 
     async def list_batches(self, request: web.Request) -> web.Response:
         limit, offset = self._page(request)
