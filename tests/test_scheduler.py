@@ -302,3 +302,11 @@ async def test_a_batch_is_found_by_its_id(scheduler: Scheduler) -> None:
     info = await scheduler.batch("found")
     assert info is not None and info.stats.completed == 1 and info.finished_at is not None
     assert await scheduler.batch("missing") is None
+
+
+async def test_the_window_follows_the_pools_batching(scheduler: Scheduler) -> None:
+    slots = scheduler.backend.capacity
+    assert scheduler.window == 16 * slots  # no task has run yet: they are not known to be fast
+    await scheduler.run([Task(tasks.double, i) for i in range(2000)])
+    assert scheduler.window == MAX_DEPTH * slots  # fast tasks: enough to fill every worker's queue
+    assert Scheduler(window=7).window == 7
