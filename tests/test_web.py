@@ -37,9 +37,11 @@ Client = TestClient[web.Request, web.Application]
 
 
 async def make_client(aiohttp_client: AiohttpClient, *, registry: TaskRegistry | None = REGISTRY,
-                      token: str | None = None, scheduler: Scheduler | None = None) -> Client:
+                      token: str | None = None, scheduler: Scheduler | None = None,
+                      allowed_hosts: frozenset[str] | None = None) -> Client:
     app = web.Application()
-    setup(app, scheduler or Scheduler(workers=2), registry=registry, token=token, limits=LIMITS)
+    setup(app, scheduler or Scheduler(workers=2), registry=registry, token=token, limits=LIMITS,
+          allowed_hosts=allowed_hosts)
     return await aiohttp_client(app)
 
 
@@ -378,6 +380,18 @@ async def test_event_streams_end_when_the_app_stops(aiohttp_client: AiohttpClien
 
 API_ROUTES = [("GET", "/tasks"), ("GET", "/batches"), ("POST", "/batches"), ("GET", "/batches/x"),
               ("DELETE", "/batches/x"), ("GET", "/batches/x/results"), ("GET", "/events"), ("GET", "/openapi.json")]
+
+
+async def test_with_allowed_hosts_a_request_for_another_host_is_refused(aiohttp_client: AiohttpClient) -> None:
+    client = await make_client(aiohttp_client, allowed_hosts=frozenset({"localhost", "127.0.0.1", "::1"}))
+    for host in ("127.0.0.1:8080", "localhost", "LOCALHOST:1", "[::1]:8080"):
+        assert (await client.get(f"{API}/batches", headers={"Host": host})).status == 200, host
+    for method, path in API_ROUTES:  # a page of evil.example whose name now points at 127.0.0.1
+        response = await client.request(method, f"{API}{path}", headers={"Host": "evil.example:8080"})
+        assert response.status == 421, (method, path)
+        assert "not for the Host 'evil.example:8080'" in (await response.json())["error"]
+    with pytest.raises(ConfigurationError, match="allowed_hosts"):
+        setup(web.Application(), Scheduler(workers=1), registry=None, allowed_hosts="localhost")
 
 
 async def test_with_a_token_every_api_route_needs_it(aiohttp_client: AiohttpClient) -> None:

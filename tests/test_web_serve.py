@@ -84,6 +84,11 @@ async def test_serve_runs_a_module_s_tasks_until_sigterm(tmp_path: Path) -> None
                 async with session.get(f"{base}/batches/served/results") as response:
                     (result,) = (await response.json())["results"]
                     assert result["value"] == 3
+                # On loopback it answers only for this machine's names (no DNS rebinding), token or not.
+                async with session.get(f"{base}/batches", headers={"Host": f"evil.example:{port}"}) as response:
+                    assert response.status == 421
+                async with session.get(f"{base}/batches", headers={"Host": f"localhost:{port}"}) as response:
+                    assert response.status == 200
             server.send_signal(signal.SIGTERM)
             assert await server.wait() == 0
     finally:

@@ -25,7 +25,7 @@ import json
 import logging
 import re
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterator
 from dataclasses import dataclass, fields
 from importlib import resources
 from typing import Any, NamedTuple, NoReturn
@@ -96,14 +96,18 @@ class Limits:
 
 
 def setup(app: web.Application, scheduler: Scheduler, *, registry: TaskRegistry | None,
-          prefix: str = "/asyncsched", token: str | None = None, limits: Limits | None = None) -> None:
+          prefix: str = "/asyncsched", token: str | None = None, limits: Limits | None = None,
+          allowed_hosts: Collection[str] | None = None) -> None:
     """Mount the JSON API, the events stream and the dashboard under ``prefix``, and run ``scheduler`` with ``app``.
 
     The scheduler is entered (``async with``) when the app starts and closed
     when it stops, through ``app.cleanup_ctx``; batches submitted over HTTP are
     cancelled then. ``registry`` names the tasks that clients may run; ``None``
     serves a read-only view of the scheduler's store. With a ``token``, every
-    ``{prefix}/api/`` route needs ``Authorization: Bearer <token>``.
+    ``{prefix}/api/`` route needs ``Authorization: Bearer <token>``. With
+    ``allowed_hosts`` (names or addresses, without port), an API request whose
+    ``Host`` header names another host gets 421: a page that reaches a local
+    server through DNS rebinding sends its own host name.
     """
     if not isinstance(prefix, str) or not re.fullmatch(r"(/[A-Za-z0-9_.~-]+)+", prefix):
         raise ConfigurationError(f"prefix must be a path like '/asyncsched' (no trailing slash), got {prefix!r}")
@@ -111,7 +115,11 @@ def setup(app: web.Application, scheduler: Scheduler, *, registry: TaskRegistry 
         raise ConfigurationError("token must be a non-empty ASCII string, or None for no authentication")
     if registry is not None and not isinstance(registry, TaskRegistry):
         raise ConfigurationError(f"registry must be a TaskRegistry or None, got {type(registry).__name__}")
-    api = _Api(scheduler, registry, token, limits or Limits(), prefix)
+    if allowed_hosts is not None and (isinstance(allowed_hosts, str)
+                                      or not all(isinstance(host, str) for host in allowed_hosts)):
+        raise ConfigurationError(f"allowed_hosts must be a collection of host names, got {allowed_hosts!r}")
+    api = _Api(scheduler, registry, token, limits or Limits(), prefix,
+               None if allowed_hosts is None else frozenset(h.lower() for h in allowed_hosts))
     app.cleanup_ctx.append(api.lifecycle)
     app.on_shutdown.append(api.on_shutdown)
     router = app.router
@@ -141,6 +149,13 @@ class _Refusal(Exception):
         self.body = {"error": message, **extra}
 
 
+def _host_name(host: str) -> str:
+    """The name or address of a ``Host`` header, without its port: ``[::1]:80`` is ``::1``."""
+    if host.startswith("["):
+        return host[1:host.find("]")].lower() if "]" in host else host.lower()
+    return host.rpartition(":")[0].lower() if host.count(":") == 1 else host.lower()
+
+
 def _fail(status: int, message: str, **extra: Any) -> NoReturn:
     raise _Refusal(status, message, extra)
 
@@ -163,7 +178,7 @@ class _Job(NamedTuple):
 
 class _Api:
     def __init__(self, scheduler: Scheduler, registry: TaskRegistry | None, token: str | None, limits: Limits,
-                 prefix: str) -> None:
+                 prefix: str, allowed_hosts: frozenset[str] | None) -> None:
         self.scheduler = scheduler
         self.registry = registry
         self.limits = limits
@@ -171,6 +186,7 @@ class _Api:
         self.log = EventLog(limits.event_backlog)
         self.jobs: dict[str, _Job] = {}
         self._token = None if token is None else token.encode()
+        self._allowed_hosts = allowed_hosts
         self._files: dict[str, bytes] = {}
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -199,6 +215,10 @@ class _Api:
         expected = None if self._token is None else b"Bearer " + self._token
 
         async def answer(request: web.Request) -> web.StreamResponse:
+            allowed = self._allowed_hosts
+            if allowed is not None and _host_name(request.host) not in allowed:
+                return web.json_response({"error": f"this server answers for {', '.join(sorted(allowed))}, not for "
+                                          f"the Host {request.host!r}"}, status=421)
             if expected is not None:
                 given = request.headers.get("Authorization", "").encode("utf-8", "replace")
                 if not hmac.compare_digest(given, expected):

@@ -22,11 +22,13 @@ from .._sqlite import SQLiteStore
 from ._app import setup
 from ._registry import TaskRegistry
 
-__all__ = ["DEFAULT_HOST", "DEFAULT_PORT", "PREFIX", "TOKEN_VARIABLE", "build_app", "serve"]
+__all__ = ["DEFAULT_HOST", "DEFAULT_PORT", "LOOPBACK_NAMES", "PREFIX", "TOKEN_VARIABLE", "build_app", "serve"]
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8080
 PREFIX = "/asyncsched"
+LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
+"""The Host names a server listening on loopback answers for."""
 TOKEN_VARIABLE = "ASYNCSCHED_TOKEN"
 """The environment variable read for the token when ``--token`` is not given (a command line is visible to all)."""
 
@@ -42,7 +44,7 @@ class _NoBackend(Backend):
 
 
 def build_app(db: str, *, registry: TaskRegistry | None, token: str | None = None,
-              workers: int | str = "cpu") -> web.Application:
+              workers: int | str = "cpu", allowed_hosts: frozenset[str] | None = None) -> web.Application:
     """An app serving the scheduler's API and dashboard under ``/asyncsched``, with results in ``db``.
 
     Without a registry it is a read-only view of ``db``, which must exist: the
@@ -53,7 +55,7 @@ def build_app(db: str, *, registry: TaskRegistry | None, token: str | None = Non
     else:
         scheduler = Scheduler(workers, store=db, handle_sigterm=False)  # the server handles the signals
     app = web.Application()
-    setup(app, scheduler, registry=registry, token=token)
+    setup(app, scheduler, registry=registry, token=token, allowed_hosts=allowed_hosts)
 
     async def home(request: web.Request) -> web.Response:
         raise web.HTTPFound(f"{PREFIX}/")
@@ -69,7 +71,9 @@ def serve(db: str, *, registry: TaskRegistry | None, host: str = DEFAULT_HOST, p
     Prints one line once the server listens.
     """
     token = token if token is not None else os.environ.get(TOKEN_VARIABLE) or None
-    app = build_app(db, registry=registry, token=token, workers=workers)
+    # On loopback, only this machine's names: a page that reaches the server through DNS rebinding is refused.
+    allowed = LOOPBACK_NAMES | {host.lower()} if _loopback(host) else None
+    app = build_app(db, registry=registry, token=token, workers=workers, allowed_hosts=allowed)
     if token is None and not _loopback(host):
         print(f"asyncsched serve: warning: {host} can be reached from other machines and there is no token: "
               f"anyone who reaches it can use the API; pass --token or set {TOKEN_VARIABLE}", file=sys.stderr)
