@@ -265,11 +265,17 @@ def _die_with_parent() -> None:
     threading.Thread(target=watch, name="asyncsched-parent-watch", daemon=True).start()
 
 
+def _not_a_worker() -> None:
+    global _current
+    _current = None  # report() is a no-op there, and never touches the channel (whose lock a thread may hold)
+
+
 def worker_main(conn: Connection) -> None:
     """Entry point of a pool worker: serve calls from ``conn`` until told to stop."""
     os.setpgrp()  # a kill of this worker's group takes the task's own children too
     _die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the orchestrator's to handle
+    os.register_at_fork(after_in_child=_not_a_worker)  # a task's forked child does not speak for the task
     channel = _Channel(conn)
     channel.send((READY, os.getpid()))
     queue: deque[tuple[int, bytes | None, bytes]] = deque()

@@ -74,6 +74,19 @@ def return_unloadable() -> Any:
     return Unloadable()
 
 
+def fork_and_report() -> int:
+    """Forks a child that calls report(); the child is not the worker, so nothing is reported."""
+    from asyncsched import report
+
+    pid = os.fork()
+    if pid == 0:
+        report("from the forked child")
+        os._exit(0)
+    os.waitpid(pid, 0)
+    report("from the task")
+    return 1
+
+
 def report_unloadable() -> int:
     from asyncsched import report
 

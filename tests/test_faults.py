@@ -320,6 +320,14 @@ async def test_a_result_that_cannot_be_unpickled_here_fails_alone(scheduler: Sch
     assert [r.value for r in rest] == [i * i for i in range(30)] and summary.completed == 30
 
 
+async def test_a_forked_child_of_a_task_reports_nothing(scheduler: Scheduler) -> None:
+    events = scheduler.events()
+    summary = await scheduler.run([Task(faults.fork_and_report)])
+    await scheduler.aclose()
+    messages = [e.message async for e in events if isinstance(e, TaskReported)]
+    assert summary.completed == 1 and messages == ["from the task"]
+
+
 async def test_report_data_that_cannot_be_unpickled_here_spoils_only_that_report(scheduler: Scheduler) -> None:
     events = scheduler.events()
     summary = await scheduler.run([Task(faults.report_unloadable, key="r"), Task(tasks.square, 3, key="s")])
