@@ -137,7 +137,9 @@ async def test_events_of_one_loop_turn_are_delivered_together_to_those_subscribe
     hub.publish(TaskStarted("b", "k", Status.RUNNING, 1.0))
     late = hub.subscribe()  # subscribed after the start was published, before it was delivered
     hub.publish(TaskFinished("b", "k", Status.COMPLETED, 2.0))
-    await asyncio.sleep(0)  # one turn of the loop: the pending events are delivered
+    turn = asyncio.get_running_loop().create_future()
+    asyncio.get_running_loop().call_soon(turn.set_result, None)  # queued after the delivery the publish queued
+    await turn
     assert (len(early._buffer), len(late._buffer), len(small._buffer), small.dropped) == (2, 1, 1, 1)
     hub.close()
     assert [type(e) for e in [e async for e in early]] == [TaskStarted, TaskFinished]
