@@ -192,7 +192,7 @@ class _Call(asyncio.Future[Outcome]):
         if not super().cancel(msg):
             return False
         self._pool._on_cancel(self)
-        self._notify()
+        self._settled()
         return True
 
     def set_result(self, result: Outcome, /) -> None:
