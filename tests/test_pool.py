@@ -14,6 +14,7 @@ import pytest
 
 from asyncsched import ProcessPool, Status, TaskFailedError
 from asyncsched._errors import ClosedError, ConfigurationError
+from asyncsched._pool import MAX_DEPTH
 
 from . import faults, tasks
 from .util import wait_gone
@@ -81,11 +82,16 @@ async def test_a_builtin_bound_to_an_object_carries_the_objects_current_state() 
     assert (first.value, second.value) == (1, 2)
 
 
+async def until_batching(pool: ProcessPool) -> None:
+    """Run fast calls until the pool sends calls in groups (and their results come back grouped)."""
+    while pool.depth < MAX_DEPTH:
+        await asyncio.gather(*(pool.call(tasks.square, (i,)) for i in range(200)))
+
+
 async def test_a_done_callback_that_cancels_a_queued_call_makes_no_call_run_twice(tmp_path: Path) -> None:
     log = tmp_path / "runs"
     async with ProcessPool(1) as pool:
-        for _ in range(3):  # fast calls: the pool now sends them in groups, and their results come back grouped
-            await asyncio.gather(*(pool.call(tasks.square, (i,)) for i in range(200)))
+        await until_batching(pool)
         calls = [pool.call(tasks.log_run, (str(log), f"c{i}")) for i in range(10)]
         pool.when_done(calls[0], lambda _: calls[1].cancel())
         await asyncio.gather(*calls, return_exceptions=True)
@@ -96,8 +102,7 @@ async def test_a_done_callback_that_cancels_a_queued_call_makes_no_call_run_twic
 async def test_a_slow_call_does_not_hold_back_the_result_of_a_fast_one_sent_with_it(tmp_path: Path) -> None:
     log = tmp_path / "runs"
     async with ProcessPool(1) as pool:
-        for _ in range(3):  # fast calls: the pool now sends them in groups, and their results come back grouped
-            await asyncio.gather(*(pool.call(tasks.square, (i,)) for i in range(200)))
+        await until_batching(pool)
         fast = pool.call(tasks.log_run, (str(log), "fast"), timeout=0.5)  # done at once, its deadline watched
         slow = pool.call(tasks.log_run, (str(log), "slow", 1.5), timeout=10)  # sent in the same frame
         outcomes = await asyncio.gather(fast, slow)
