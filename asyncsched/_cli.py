@@ -40,8 +40,8 @@ from rich.table import Table
 
 from . import __version__, _demo
 from ._errors import AsyncschedError
-from ._models import Summary, Task, TaskResult, task_from_json
-from ._progress import FINAL_STATUSES, stats_table
+from ._models import FINAL_STATUSES, Summary, Task, TaskResult, task_from_json
+from ._progress import stats_table
 
 if TYPE_CHECKING:
     from ._sqlite import SQLiteStore

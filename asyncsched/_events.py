@@ -11,6 +11,10 @@ consumer's buffer is full the *oldest* event in it is dropped and counted in
 :attr:`EventStream.dropped`; the events it does see are still in order, for
 each task and overall.
 
+A consumer may ask for some kinds of event only (``kinds``). An event kind
+that no consumer wants is dropped at once; the scheduler does not even build
+a ``TaskFinished`` nobody wants.
+
 An :class:`EventListener` is the other kind of consumer, for the package's own
 live displays: a function called with each delivered list of events, so
 nothing is buffered and every event is seen. It costs the run less than a
@@ -23,13 +27,17 @@ from __future__ import annotations
 import asyncio
 import weakref
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from types import TracebackType
 from typing import Protocol
 
+from ._errors import ConfigurationError
 from ._models import Event
 
-__all__ = ["DEFAULT_EVENT_BUFFER", "EventHub", "EventListener", "EventStream"]
+__all__ = ["DEFAULT_EVENT_BUFFER", "EventHub", "EventListener", "EventStream", "Kinds"]
+
+Kinds = frozenset[type[Event]] | None
+"""The kinds of event a consumer gets; None for every kind."""
 
 DEFAULT_EVENT_BUFFER = 10_000
 """Events buffered for one consumer before the oldest are dropped."""
@@ -43,8 +51,9 @@ class EventStream(AsyncIterator[Event]):
     garbage collected.
     """
 
-    def __init__(self, hub: EventHub, batch_id: str | None, maxlen: int) -> None:
+    def __init__(self, hub: EventHub, batch_id: str | None, maxlen: int, kinds: Kinds = None) -> None:
         self.batch_id = batch_id
+        self.kinds = kinds
         self.dropped = 0
         self._buffer: deque[Event] = deque(maxlen=maxlen)
         self._waiter: asyncio.Future[None] | None = None
@@ -98,10 +107,12 @@ class EventStream(AsyncIterator[Event]):
 class EventListener:
     """Calls a function with each delivered list of events, until :meth:`close`; see :meth:`EventHub.listen`."""
 
-    __slots__ = ("__weakref__", "_hub", "_push", "batch_id")
+    __slots__ = ("__weakref__", "_hub", "_push", "batch_id", "kinds")
 
-    def __init__(self, hub: EventHub, callback: Callable[[list[Event]], None], batch_id: str | None) -> None:
+    def __init__(self, hub: EventHub, callback: Callable[[list[Event]], None], batch_id: str | None,
+                 kinds: Kinds = None) -> None:
         self.batch_id = batch_id
+        self.kinds = kinds
         self._push = callback
         self._hub = hub
 
@@ -116,6 +127,7 @@ class EventListener:
 
 class _Subscriber(Protocol):
     batch_id: str | None
+    kinds: Kinds
 
     def _push(self, events: list[Event]) -> None: ...
 
@@ -131,38 +143,58 @@ class EventHub:
 
     def __init__(self, maxlen: int = DEFAULT_EVENT_BUFFER) -> None:
         self._refs: list[weakref.ref[_Subscriber]] = []
+        self._wanted: Kinds = frozenset()  # the kinds some subscriber wants; None when one wants all
         self._maxlen = maxlen
         self._pending: list[Event] = []  # published this turn of the loop, not delivered yet
 
-    def subscribe(self, batch_id: str | None = None, maxlen: int | None = None) -> EventStream:
-        stream = EventStream(self, batch_id, maxlen or self._maxlen)
+    def subscribe(self, batch_id: str | None = None, maxlen: int | None = None,
+                  kinds: Iterable[type[Event]] | None = None) -> EventStream:
+        stream = EventStream(self, batch_id, maxlen or self._maxlen, _kinds(kinds))
         self._add(stream)
         return stream
 
-    def listen(self, callback: Callable[[list[Event]], None], batch_id: str | None = None) -> EventListener:
+    def listen(self, callback: Callable[[list[Event]], None], batch_id: str | None = None,
+               kinds: Iterable[type[Event]] | None = None) -> EventListener:
         """Call ``callback(events)`` with the events from now on, a turn of the loop's worth at a time
         (while the listener lives)."""
-        listener = EventListener(self, callback, batch_id)
+        listener = EventListener(self, callback, batch_id, _kinds(kinds))
         self._add(listener)
         return listener
 
     def _add(self, subscriber: _Subscriber) -> None:
         self.deliver()  # what was published before it subscribed is not its to see
-        self._refs = [*self._refs, weakref.ref(subscriber, self._forget)]
+        self._set([*self._refs, weakref.ref(subscriber, self._forget)])
 
     def _forget(self, ref: weakref.ref[_Subscriber]) -> None:
-        self._refs = [r for r in self._refs if r is not ref]
+        self._set([r for r in self._refs if r is not ref])
 
     def _unsubscribe(self, subscriber: _Subscriber) -> None:
-        self._refs = [r for r in self._refs if r() is not subscriber]
+        self._set([r for r in self._refs if r() is not subscriber])
+
+    def _set(self, refs: list[weakref.ref[_Subscriber]]) -> None:
+        self._refs = refs
+        wanted: set[type[Event]] = set()
+        for ref in refs:
+            subscriber = ref()
+            if subscriber is not None:
+                if subscriber.kinds is None:
+                    self._wanted = None
+                    return
+                wanted |= subscriber.kinds
+        self._wanted = frozenset(wanted)
 
     @property
     def active(self) -> bool:
         return bool(self._refs)
 
+    def wants(self, kind: type[Event]) -> bool:
+        """Whether some consumer would get an event of this kind."""
+        return self._wanted is None or kind in self._wanted
+
     def publish(self, event: Event) -> None:
         """Queue ``event`` for delivery at the end of this turn of the loop. Never waits."""
-        if not self._refs:
+        wanted = self._wanted
+        if wanted is not None and type(event) not in wanted:
             return
         pending = self._pending
         pending.append(event)
@@ -178,7 +210,12 @@ class EventHub:
             subscriber = ref()
             if subscriber is None:
                 continue
-            mine = events if subscriber.batch_id is None else [e for e in events if e.batch_id == subscriber.batch_id]
+            batch_id, kinds = subscriber.batch_id, subscriber.kinds
+            mine = events
+            if batch_id is not None:
+                mine = [e for e in mine if e.batch_id == batch_id]
+            if kinds is not None:
+                mine = [e for e in mine if type(e) in kinds]
             if mine:
                 try:
                     subscriber._push(mine)
@@ -189,8 +226,19 @@ class EventHub:
     def close(self) -> None:
         """Deliver what is pending, then end every stream once it has handed out what it holds."""
         self.deliver()
-        refs, self._refs = self._refs, []
+        refs = self._refs
+        self._set([])
         for ref in refs:
             stream = ref()
             if stream is not None:
                 stream._end()
+
+
+def _kinds(kinds: Iterable[type[Event]] | None) -> Kinds:
+    if kinds is None:
+        return None
+    chosen = frozenset(kinds)
+    for kind in chosen:
+        if not (isinstance(kind, type) and issubclass(kind, Event) and kind is not Event):
+            raise ConfigurationError(f"kinds are event classes such as TaskStarted or TaskReported, got {kind!r}")
+    return chosen

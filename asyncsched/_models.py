@@ -22,6 +22,7 @@ from ._errors import (
 )
 
 __all__ = [
+    "FINAL_STATUSES",
     "Attempt",
     "Event",
     "Outcome",
@@ -52,6 +53,9 @@ class Status(enum.StrEnum):
     @property
     def is_final(self) -> bool:
         return self not in (Status.PENDING, Status.RUNNING)
+
+
+FINAL_STATUSES = (Status.COMPLETED, Status.FAILED, Status.TIMED_OUT, Status.CRASHED, Status.CANCELLED)
 
 
 def _check_sendable(fn: Callable[..., Any]) -> None:

@@ -1,27 +1,30 @@
-"""The live progress display: a consumer of the scheduler's events, drawn with rich.
+"""The live progress display, drawn with rich.
 
 Data flow::
 
-    Scheduler --publish--> EventListener --> ProgressMonitor._on_events: O(1) per event, counters and
-                                             a dict of the running tasks; nothing is buffered
+    Scheduler: each batch run keeps its counts (by status, retries, busy time) and its
+    records (which tasks have started)  --watch: each run as it starts-->  ProgressMonitor._runs
+    Scheduler --TaskReported events only--> EventListener --> ProgressMonitor._on_reports: the last message
                                                     |
                             ticker task, a few times a second: statistics() -> ProgressStatistics (frozen)
+                            adds up the watched runs' counts and lists their running tasks
                                                     |
                                terminal: rich Live redraws in place (bar, %, ETA, counts, running, message)
                                otherwise: one plain line every ``interval`` seconds
                                at the end: the final report, with the total elapsed time
 
-The monitor listens to the same events as ``Scheduler.events()`` but through an
-:class:`~asyncsched._events.EventListener`, called with each loop turn's events,
-rather than a buffered :class:`EventStream`: on 20,000 tiny tasks that costs
-about a third as much, because no event outlives its delivery (see
-``benchmarks/progress.py``). The drawing happens at a bounded rate.
+The monitor does not count events: it reads the counts the scheduler keeps
+for each run anyway, a few times a second. Of the events it takes only the
+messages tasks report (``TaskReported``), so while it is the only consumer the
+scheduler builds no ``TaskFinished`` at all. That keeps the display's cost on
+20,000 tiny tasks to its drawing (see ``benchmarks/progress.py``), and its
+counts exact even when events would be dropped.
 """
 
 from __future__ import annotations
 
 import asyncio
-import itertools
+import heapq
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -36,13 +39,14 @@ from rich.table import Table
 from rich.text import Text
 
 from ._errors import ConfigurationError
-from ._models import Event, Stats, Status, TaskFinished, TaskReported, TaskRetried, TaskStarted
+from ._models import FINAL_STATUSES, Stats, Status, TaskReported
 
 if TYPE_CHECKING:
     from ._events import EventListener
-    from ._scheduler import Scheduler
+    from ._models import Event
+    from ._scheduler import Scheduler, _BatchRun
 
-__all__ = ["FINAL_STATUSES", "ProgressMonitor", "ProgressStatistics", "format_duration", "report", "stats_table"]
+__all__ = ["ProgressMonitor", "ProgressStatistics", "format_duration", "report", "stats_table"]
 
 REFRESH_PER_SECOND = 4
 """Redraws per second on a terminal."""
@@ -51,9 +55,6 @@ PLAIN_INTERVAL = 5.0
 RUNNING_SHOWN = 5
 """Running tasks listed on a terminal (the longest-running first)."""
 
-_NONE: dict[str, float] = {}  # stays empty: what a batch with no task started yet has running
-
-FINAL_STATUSES = (Status.COMPLETED, Status.FAILED, Status.TIMED_OUT, Status.CRASHED, Status.CANCELLED)
 _STYLES = {Status.COMPLETED: "green", Status.FAILED: "red", Status.TIMED_OUT: "yellow", Status.CRASHED: "magenta",
            Status.CANCELLED: "dim"}
 
@@ -132,8 +133,8 @@ class ProgressMonitor:
     display counts up without a percentage. ``Scheduler(progress=True)`` puts
     one around every batch.
 
-    Events are only counted as they are delivered (O(1) each) and the drawing
-    happens at a bounded rate.
+    Nothing is done per task: the monitor reads the scheduler's counts at a
+    bounded rate.
     """
 
     def __init__(self, scheduler: Scheduler, *, batch_id: str | None = None, total: int | None = None,
@@ -148,13 +149,8 @@ class ProgressMonitor:
         self.console = console or Console()
         self.refresh_per_second = refresh_per_second
         self.interval = interval
-        self._counts: Counter[Status] = Counter()
-        self._running: dict[str, dict[str, float]] = {}  # batch -> key -> start of the running attempt
-        self._retries = 0
-        self._busy = 0.0  # seconds of finished tasks whose start was seen
-        self._timed = 0
+        self._runs: list[_BatchRun] = []  # the runs watched, running or over
         self._last_message: str | None = None
-        self._totals: dict[str, int] = {}
         self._listener: EventListener | None = None
         self._ticker: asyncio.Task[None] | None = None
         self._live: Live | None = None
@@ -173,7 +169,10 @@ class ProgressMonitor:
         """Subscribe to the events and start drawing; ``async with`` calls it."""
         if self._listener is not None:
             raise RuntimeError("this ProgressMonitor was already started; create a new one")
-        self._listener = self.scheduler._hub.listen(self._on_events, self.batch_id)
+        self._listener = self.scheduler._hub.listen(self._on_reports, self.batch_id, kinds=[TaskReported])
+        self.scheduler._watchers.append(self._watch)
+        for run in self.scheduler._runs:
+            self._watch(run)
         self._started = time.monotonic()
         if self.console.is_interactive:
             self._live = Live(self._view(self.statistics()), console=self.console, auto_refresh=False)
@@ -186,6 +185,7 @@ class ProgressMonitor:
             return
         self._closed = True
         self._listener.close()
+        self.scheduler._watchers.remove(self._watch)
         if self._ticker is not None:
             self._ticker.cancel()
             await asyncio.wait([self._ticker])
@@ -206,59 +206,51 @@ class ProgressMonitor:
                 next_line += self.interval
                 self.console.out(self.statistics().line(), highlight=False)
 
-    def _on_events(self, events: list[Event]) -> None:
-        """Called by the scheduler's hub with each list of events it delivers: quick, and never raises."""
-        counts, running, busy, timed = self._counts, self._running, self._busy, self._timed
-        # Nested dicts rather than (batch, key) tuples: no allocation, so no work for the garbage collector.
-        for event in events:
-            kind = type(event)
-            if kind is TaskFinished:
-                counts[event.status] += 1
-                started = running.get(event.batch_id, _NONE).pop(event.key, None)
-                if started is not None:
-                    busy += event.timestamp - started
-                    timed += 1
-            elif kind is TaskStarted:
-                batch = running.get(event.batch_id)
-                if batch is None:
-                    batch = running[event.batch_id] = {}
-                batch[event.key] = event.timestamp
-            elif kind is TaskReported:
-                if event.message is not None:
-                    self._last_message = f"[{event.key}] {event.message}"
-            elif kind is TaskRetried:
-                running.get(event.batch_id, _NONE).pop(event.key, None)
-                self._retries += 1
-        self._busy, self._timed = busy, timed
+    def _watch(self, run: _BatchRun) -> None:
+        if self.batch_id is None or run.batch_id == self.batch_id:
+            self._runs.append(run)
+
+    def _on_reports(self, events: list[Event]) -> None:
+        """Called by the scheduler's hub with each list of reports it delivers: quick, and never raises."""
+        for event in reversed(events):
+            if event.message is not None:
+                self._last_message = f"[{event.key}] {event.message}"
+                return
 
     def statistics(self) -> ProgressStatistics:
         """What the monitor has counted so far."""
-        finished = Stats.of(dict(self._counts), self.batch_id)
+        runs = self._runs
+        counts: Counter[Status] = Counter()
+        for run in runs:
+            counts.update(run.counts)
+        finished = Stats.of(dict(counts), self.batch_id)
+        timed = sum(run.timed for run in runs)
+        started = [(record.started, record.key) for run in runs for record in run.records.values()
+                   if record.started is not None]
         now = time.time()
-        batches = self._running.values()
-        oldest = itertools.islice(itertools.chain.from_iterable(running.items() for running in batches), RUNNING_SHOWN)
         return ProgressStatistics(
             finished=finished,
             total=self._total(finished.total),
-            running=sum(map(len, batches)),
-            retries=self._retries,
+            running=len(started),
+            retries=sum(run.retries for run in runs),
             elapsed=time.monotonic() - self._started if self._started else 0.0,
-            average=self._busy / self._timed if self._timed else None,
+            average=sum(run.busy for run in runs) / timed if timed else None,
             last_message=self._last_message,
-            running_tasks=tuple((key, max(0.0, now - started)) for key, started in oldest),
+            running_tasks=tuple((key, max(0.0, now - since)) for since, key in heapq.nsmallest(RUNNING_SHOWN, started)),
         )
 
     def _total(self, done: int) -> int | None:
         if self.total is not None:
             return max(self.total, done)
-        watched = {batch_id: expected for batch_id, expected in self.scheduler.running().items()
-                   if self.batch_id is None or batch_id == self.batch_id}
-        if self._closed and not watched:
+        live = self.scheduler._runs
+        if self._closed and not any(run in live for run in self._runs):
             return done  # the final frame, with every batch over
-        self._totals.update((batch_id, expected) for batch_id, expected in watched.items() if expected is not None)
-        if None in watched.values() or not self._totals:
-            return None
-        return max(sum(self._totals.values()), done)
+        total = 0
+        for run in self._runs:
+            if run.total is None:
+                return None  # a generator batch not read to its end yet
+            total += run.total
+        return max(total, done) if self._runs else None
 
     def _view(self, stats: ProgressStatistics) -> RenderableType:
         fraction = stats.fraction

@@ -31,13 +31,14 @@ import signal
 import threading
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Iterable, Iterator, Mapping, Sized
+from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Callable, Iterable, Iterator, Mapping, Sized
 from typing import Any
 
 from ._backend import Backend
 from ._errors import ClosedError, ConfigurationError, TaskDefinitionError
 from ._events import DEFAULT_EVENT_BUFFER, EventHub, EventStream
 from ._models import (
+    FINAL_STATUSES,
     Attempt,
     Event,
     Outcome,
@@ -49,6 +50,7 @@ from ._models import (
     TaskFinished,
     TaskResult,
     TaskRetried,
+    TaskStarted,
 )
 from ._store import MAX_BACKLOG, BatchInfo, MemoryStore, Store
 
@@ -69,7 +71,7 @@ class _Record:
     """
 
     __slots__ = ("args", "attempts", "fn", "future", "index", "key", "message", "progress", "retries",
-                 "retry_handle", "run", "timeout")
+                 "retry_handle", "run", "started", "timeout")
 
     def __init__(self, run: _BatchRun, index: int, key: str, fn: Any, args: tuple[Any, ...], timeout: float | None,
                  retries: int) -> None:
@@ -85,9 +87,12 @@ class _Record:
         self.retry_handle: asyncio.TimerHandle | None = None
         self.message: str | None = None
         self.progress: float | None = None
+        self.started: float | None = None  # when the current attempt started running, once it has
 
     def __call__(self, event: Event) -> None:
         """Emit an event of the current attempt."""
+        if type(event) is TaskStarted:
+            self.started = event.timestamp
         if event.message is not None:
             self.message = event.message
         if event.progress is not None:
@@ -96,7 +101,12 @@ class _Record:
 
 
 class _BatchRun:
-    """The live state of one batch: what is in flight and what is ready to hand out."""
+    """The live state of one batch: what is in flight, what is ready to hand out, and running counts.
+
+    The counts (``counts`` by final status, ``retries``, and ``busy`` seconds
+    over ``timed`` tasks with a known duration) cost a few additions per task;
+    a progress display reads them instead of counting every event.
+    """
 
     def __init__(self, scheduler: Scheduler, batch_id: str) -> None:
         self.batch_id = batch_id
@@ -111,6 +121,10 @@ class _BatchRun:
         self.aborted: BaseException | None = None
         self.total: int | None = None  # tasks this run will finish, once known (for progress displays)
         self.stopped: str | None = None  # why the batch was cancelled (Scheduler.cancel)
+        self.counts: dict[Status, int] = dict.fromkeys(FINAL_STATUSES, 0)
+        self.retries = 0
+        self.busy = 0.0
+        self.timed = 0
 
     def start(self, record: _Record) -> None:
         record.retry_handle = None
@@ -132,6 +146,7 @@ class _BatchRun:
         if future.cancelled() or record.future is not future:
             return  # cancelled by cancel_all(), which records the task itself
         record.future = None
+        record.started = None
         exc = future.exception()
         if exc is not None:
             outcome = Outcome(Status.CRASHED, error=f"{type(exc).__name__}: {exc}", error_type=type(exc).__name__)
@@ -140,6 +155,7 @@ class _BatchRun:
         if (outcome.status is not Status.COMPLETED and record.attempts <= record.retries
                 and self.policy.should_retry(outcome)):
             delay = self.policy.delay(record.attempts)
+            self.retries += 1
             self.hub.publish(TaskRetried(self.batch_id, record.key, outcome.status, time.time(), outcome.pid,
                                          f"{outcome.error}; retrying in {delay:.2f}s", None, record.attempts))
             record.retry_handle = self.loop.call_later(delay, self.start, record)
@@ -154,7 +170,11 @@ class _BatchRun:
             record.progress, outcome.error_type, record.index, outcome.exception,
         )
         self.store.add(result)
-        if self.hub.active:
+        self.counts[outcome.status] += 1
+        if outcome.started_at is not None and outcome.finished_at is not None:
+            self.busy += outcome.finished_at - outcome.started_at
+            self.timed += 1
+        if self.hub.wants(TaskFinished):
             self.hub.publish(TaskFinished(self.batch_id, record.key, outcome.status,
                                           outcome.finished_at or time.time(), outcome.pid,
                                           outcome.error or record.message, record.progress, record.attempts))
@@ -261,6 +281,7 @@ class Scheduler:
         self._hub = EventHub(event_buffer)
         self._progress = progress
         self._runs: set[_BatchRun] = set()
+        self._watchers: list[Callable[[_BatchRun], None]] = []  # told of each run as it starts (progress displays)
         self._started = False
         self._closed = False
         self._start_lock: asyncio.Lock | None = None
@@ -417,6 +438,8 @@ class Scheduler:
         if isinstance(batch, Sized):
             run.total = len(batch) - len(previous)
         self._runs.add(run)
+        for watcher in self._watchers:
+            watcher(run)
         store = self._store
         items: Iterator[object] = iter(())
         async_items: AsyncIterator[object] | None = None
@@ -495,17 +518,20 @@ class Scheduler:
 
     # -- events and queries ----------------------------------------------------------------
 
-    def events(self, *, batch_id: str | None = None, buffer: int | None = None) -> EventStream:
-        """Live status events from now on, for every batch or for one.
+    def events(self, *, batch_id: str | None = None, buffer: int | None = None,
+               kinds: Iterable[type[Event]] | None = None) -> EventStream:
+        """Live status events from now on, for every batch or for one, of every kind or of ``kinds``.
 
-        Each consumer has its own buffer of ``buffer`` events (default
-        ``event_buffer``); when it is full the oldest are dropped and counted in
-        ``stream.dropped``, so a slow consumer never slows the run. The stream
-        ends when the scheduler closes.
+        ``kinds`` lists event classes, e.g. ``[TaskReported, TaskFinished]``;
+        the kinds no consumer asks for cost the run nothing. Each consumer has
+        its own buffer of ``buffer`` events (default ``event_buffer``); when it
+        is full the oldest are dropped and counted in ``stream.dropped``, so a
+        slow consumer never slows the run. The stream ends when the scheduler
+        closes.
         """
         if self._closed:
             raise ClosedError("this Scheduler is closed; create a new one")
-        return self._hub.subscribe(batch_id, buffer)
+        return self._hub.subscribe(batch_id, buffer, kinds)
 
     async def results(self, batch_id: str | None = None, status: Status | str | None = None,
                       limit: int | None = None, offset: int = 0) -> list[TaskResult]:

@@ -11,7 +11,16 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from asyncsched import ConfigurationError, ProgressMonitor, ProgressStatistics, Scheduler, Stats, Status, Task
+from asyncsched import (
+    ConfigurationError,
+    ProgressMonitor,
+    ProgressStatistics,
+    Scheduler,
+    Stats,
+    Status,
+    Task,
+    TaskFinished,
+)
 from asyncsched._progress import format_duration
 
 from . import faults, tasks
@@ -127,6 +136,26 @@ async def test_async_generator_batch_reaches_its_total(scheduler: Scheduler) -> 
         await scheduler.run(batch())  # type: ignore[arg-type]
     stats = monitor.statistics()
     assert (stats.done, stats.total, stats.fraction) == (5, 5, 1.0)
+
+
+async def test_a_monitor_started_mid_run_counts_the_whole_batch_and_no_finished_events(
+        scheduler: Scheduler, gate: Callable[[], str]) -> None:
+    release = gate()
+    batch = [Task(tasks.identity, i) for i in range(3)] + [Task(tasks.wait_for_file, release, key="gated")]
+    ends = scheduler.events(kinds=[TaskFinished])
+    running = asyncio.ensure_future(scheduler.run(batch))
+    for _ in range(3):
+        await anext(ends)  # the three quick tasks are done before the monitor starts
+    await ends.aclose()
+    async with ProgressMonitor(scheduler, console=plain_console(io.StringIO())) as monitor:
+        assert not scheduler._hub.wants(TaskFinished)  # the display takes its counts from the scheduler
+        stats = monitor.statistics()
+        assert (stats.done, stats.total, stats.running) == (3, 4, 1)
+        assert [key for key, _ in stats.running_tasks] == ["gated"]
+        await asyncio.to_thread(Path(release).touch)
+        await running
+    stats = monitor.statistics()
+    assert (stats.done, stats.total, stats.running, stats.finished.completed) == (4, 4, 0, 4)
 
 
 async def test_a_monitor_can_watch_one_batch(scheduler: Scheduler) -> None:

@@ -131,6 +131,28 @@ async def test_slow_consumer_drops_oldest_and_keeps_order(scheduler: Scheduler) 
     assert kept == published[-5:]  # the newest five, in the order they were published
 
 
+async def test_a_consumer_gets_only_the_kinds_it_asks_for(scheduler: Scheduler) -> None:
+    with pytest.raises(ConfigurationError, match="kinds are event classes"):
+        scheduler.events(kinds=["TaskFinished"])  # type: ignore[list-item]
+    reports = scheduler.events(kinds=[TaskReported])
+    hub = scheduler._hub
+    assert hub.wants(TaskReported) and not hub.wants(TaskFinished) and not hub.wants(TaskStarted)
+    ends = scheduler.events(kinds=[TaskFinished], batch_id="b")
+    assert hub.wants(TaskFinished) and not hub.wants(TaskStarted)
+    await scheduler.run([Task(tasks.reporting, 1, 2, key="a")], batch_id="a")
+    await scheduler.run([Task(tasks.reporting, 1, 2, key="b")], batch_id="b")
+    only = await anext(ends)
+    assert (type(only), only.key, len(ends._buffer)) == (TaskFinished, "b", 0)
+    await ends.aclose()
+    assert not hub.wants(TaskFinished)  # no consumer left for it: the scheduler no longer builds it
+    everything = scheduler.events()
+    assert hub.wants(TaskStarted) and hub.wants(TaskFinished)
+    await everything.aclose()
+    await scheduler.aclose()
+    received = [(type(e), e.key) for e in [e async for e in reports]]
+    assert received == [(TaskReported, "a")] * 2 + [(TaskReported, "b")] * 2
+
+
 async def test_events_of_one_loop_turn_are_delivered_together_to_those_subscribed_before() -> None:
     hub = EventHub()
     early, small = hub.subscribe(), hub.subscribe(maxlen=1)
