@@ -42,10 +42,10 @@ from ._models import (
 from ._worker import report
 
 if TYPE_CHECKING:
-    from ._backend import Backend
+    from ._backend import AttemptListener, Backend, Cancellable
     from ._events import EventStream
     from ._local import ExecutorBackend, ProcessBackend
-    from ._pool import PoolStatistics, ProcessPool
+    from ._pool import CallListener, PoolStatistics, ProcessPool
     from ._progress import ProgressMonitor, ProgressStatistics
     from ._scheduler import Scheduler
     from ._sqlite import SQLiteStore
@@ -56,9 +56,12 @@ __version__ = "0.1.0"
 __all__ = [
     "AsyncschedError",
     "Attempt",
+    "AttemptListener",
     "Backend",
     "BatchInfo",
     "BrokenPoolError",
+    "CallListener",
+    "Cancellable",
     "ClosedError",
     "ConfigurationError",
     "Event",
@@ -96,8 +99,11 @@ __all__ = [
 ]
 
 _LAZY = {
+    "AttemptListener": "._backend",
     "Backend": "._backend",
     "BatchInfo": "._store",
+    "CallListener": "._pool",
+    "Cancellable": "._backend",
     "EventStream": "._events",
     "ExecutorBackend": "._local",
     "MemoryStore": "._store",

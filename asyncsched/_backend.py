@@ -4,19 +4,55 @@ A backend runs one attempt of one task and reports what happened. Retries,
 persistence, events fan-out and progress belong to the scheduler, so a backend
 stays small: the local process pool, any ``concurrent.futures.Executor``, or a
 distributed engine plug in here without the scheduler knowing which.
+
+Two ways in, one contract::
+
+    Scheduler --run_attempt(attempt, listener)--> Backend --listener.started / reported / finished-->
+                                                    |
+                    default run_attempt: submit(attempt, emit) -> future of Outcome,
+                    its events and its result passed on to the listener
+
+:meth:`Backend.submit` (a future, and events through ``emit``) is all a backend
+must write. A backend that can call back directly overrides
+:meth:`Backend.run_attempt` instead, and spares the scheduler a future, a
+callback and the events' round trip for every attempt: the local pool does.
 """
 
 from __future__ import annotations
 
 import abc
 import asyncio
+import functools
 from collections.abc import Callable
+from typing import Any, Protocol
 
-from ._models import Attempt, Event, Outcome
+from ._models import Attempt, Event, Outcome, Status, TaskReported, TaskStarted
 
-__all__ = ["Backend", "Emit"]
+__all__ = ["AttemptListener", "Backend", "Cancellable", "Emit"]
 
 Emit = Callable[[Event], None]
+
+
+class AttemptListener(Protocol):
+    """What hears about one attempt: the scheduler's record of its task.
+
+    Called on the scheduler's loop, never from inside :meth:`Backend.run_attempt`
+    itself. ``started`` comes first, then a ``reported`` for each ``report()``
+    call, in order, then ``finished`` once, unless the attempt was cancelled.
+    """
+
+    def started(self, pid: int | None, timestamp: float) -> None: ...
+
+    def reported(self, pid: int | None, timestamp: float, message: str | None, progress: float | None,
+                 data: dict[str, Any]) -> None: ...
+
+    def finished(self, outcome: Outcome) -> None: ...
+
+
+class Cancellable(Protocol):
+    """A running attempt, as :meth:`Backend.run_attempt` returns it."""
+
+    def cancel(self) -> bool: ...
 
 
 class Backend(abc.ABC):
@@ -35,6 +71,9 @@ class Backend(abc.ABC):
       ``TaskReported`` event for each ``report()`` call, in order.
     * :attr:`capacity` is how many attempts run at once; the scheduler pulls
       about ``capacity * prefetch`` tasks of a batch ahead of execution.
+
+    The scheduler calls :meth:`run_attempt`, which by default does all that
+    through :meth:`submit`.
     """
 
     capacity: int = 1
@@ -48,16 +87,34 @@ class Backend(abc.ABC):
     def submit(self, attempt: Attempt, emit: Emit) -> asyncio.Future[Outcome]:
         """Start one attempt; see the class docstring for the contract."""
 
-    def add_done_callback(self, future: asyncio.Future[Outcome],
-                          callback: Callable[[asyncio.Future[Outcome]], object]) -> None:
-        """Have ``callback(future)`` called once a future from :meth:`submit` is done.
+    def run_attempt(self, attempt: Attempt, listener: AttemptListener) -> Cancellable:
+        """Start one attempt and tell ``listener`` how it goes; cancelling what it returns stops the attempt.
 
-        The default is ``future.add_done_callback``. A backend that settles its
-        own futures may call ``callback`` right as it settles one instead,
-        sparing the scheduler a loop iteration per attempt.
+        The same contract as :meth:`submit`, with the listener's calls in place
+        of the events and the future's result (a future that raises becomes a
+        ``crashed`` outcome). The default runs :meth:`submit`.
         """
-        future.add_done_callback(callback)
+        future = self.submit(attempt, functools.partial(_emit_to, listener))
+        future.add_done_callback(functools.partial(_finish_from, listener))
+        return future
 
     @abc.abstractmethod
     async def aclose(self) -> None:
         """Stop everything and release every resource. Idempotent."""
+
+
+def _emit_to(listener: AttemptListener, event: Event) -> None:
+    if isinstance(event, TaskStarted):
+        listener.started(event.pid, event.timestamp)
+    elif isinstance(event, TaskReported):
+        listener.reported(event.pid, event.timestamp, event.message, event.progress, event.data or {})
+
+
+def _finish_from(listener: AttemptListener, future: asyncio.Future[Outcome]) -> None:
+    if future.cancelled():
+        return  # whoever cancelled it records the task
+    exc = future.exception()
+    if exc is None:
+        listener.finished(future.result())
+    else:
+        listener.finished(Outcome(Status.CRASHED, error=f"{type(exc).__name__}: {exc}", error_type=type(exc).__name__))

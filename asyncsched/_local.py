@@ -7,10 +7,9 @@ import concurrent.futures
 import multiprocessing.context
 import os
 import time
-from collections.abc import Callable
 from typing import Any
 
-from ._backend import Backend, Emit
+from ._backend import AttemptListener, Backend, Cancellable, Emit
 from ._models import Attempt, Outcome, Status, TaskReported, TaskStarted
 from ._pool import ProcessPool
 from ._worker import error_info, run_capturing
@@ -50,9 +49,9 @@ class ProcessBackend(Backend):
         return self.pool.call(attempt.fn, attempt.args, timeout=attempt.timeout, on_start=relay,
                               on_report=relay.reported)
 
-    def add_done_callback(self, future: asyncio.Future[Outcome],
-                          callback: Callable[[asyncio.Future[Outcome]], object]) -> None:
-        self.pool.when_done(future, callback)
+    def run_attempt(self, attempt: Attempt, listener: AttemptListener) -> Cancellable:
+        """The pool calls ``listener`` directly: no future, relay or event per attempt."""
+        return self.pool.start_call(attempt.fn, attempt.args, listener, timeout=attempt.timeout)
 
     async def aclose(self) -> None:
         await self.pool.aclose()

@@ -2,7 +2,7 @@
 
 Data flow (everything on the left runs on one event loop thread; no locks)::
 
-    ProcessPool.call() / submit()                              worker process (one per slot)
+    start_call() / call() / submit()                           worker process (one per slot)
       |                                                        -------------------------------
       | pickle the arguments here (a bad one fails only this
       | call); a plain function is pickled once per pool
@@ -10,17 +10,18 @@ Data flow (everything on the left runs on one event loop thread; no locks)::
     _Call -> pending deque --_dispatch: up to `depth` calls--> socket pair (one per worker)
                              per worker, in one frame    [(call_id, function, payload), ...] -> worker_main()
                                                                                               runs them in order
-    _Call (a future) <-- _on_message <---- add_reader(socket) <---- READY / REPORT / DONE <------
+    listener.started / reported / finished <-- _on_message <-- add_reader(socket) <-- READY / REPORT / DONE
          ^                                                                                    |
          |           _on_exit  <-------- add_reader(process sentinel) <---- process exit -----+
          |
-    deadline timer (loop.call_at) or future.cancel() -> _kill(worker): SIGTERM to the worker's
+    deadline timer (loop.call_at) or _Call.cancel() -> _kill(worker): SIGTERM to the worker's
     process group, SIGKILL after a short grace, and a new worker takes the slot.
 
 Actors:
 
-* ``_Call`` is the record kept in the parent for one call, and the future the
-  caller awaits: the pickled payload, its timeout and the worker it was sent to. Only
+* ``_Call`` is the record kept in the parent for one call: the pickled
+  payload, its timeout, the worker it was sent to and the listener told how it
+  goes (for :meth:`ProcessPool.call`, the future the caller awaits). Only
   ``(call_id, function, payload)`` crosses the wire; the wire format is in
   ``_worker``. A plain function is pickled once (a reference by name) and
   cached on both sides, so a call pays only for pickling its arguments.
@@ -39,6 +40,9 @@ Actors:
 * Before a worker is declared crashed or timed out, what it already sent is
   read, so a result that raced with a kill or an exit is not lost.
 * A result that does not unpickle in the parent fails its own call only.
+* Listeners are told what :meth:`ProcessPool._read` found only once it has
+  handled all of it, so a listener that cancels a call cannot make another
+  one run twice.
 
 Used from a thread with no running loop (plain ``Executor`` use), the pool runs
 its own loop in a private thread.
@@ -67,7 +71,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
-from typing import Any
+from typing import Any, Protocol
 
 import psutil
 
@@ -87,7 +91,7 @@ from ._worker import (
     worker_main,
 )
 
-__all__ = ["PoolStatistics", "ProcessPool", "default_start_method", "resolve_workers"]
+__all__ = ["CallListener", "PoolStatistics", "ProcessPool", "default_start_method", "resolve_workers"]
 
 KILL_GRACE = 0.3
 """Seconds between SIGTERM and SIGKILL when a worker is killed."""
@@ -99,6 +103,8 @@ MAX_DEPTH = 64
 """The most calls queued on one worker."""
 MEMORY_CHECK_SECONDS = 0.1
 """How often busy workers' memory is sampled when ``max_memory_per_child`` is set."""
+ABANDONED_GRACE = 0.1
+"""Seconds a call cancelled while queued on a worker may run once it is reached, before that worker is killed."""
 
 _PLAIN_FUNCTIONS = (types.FunctionType, types.BuiltinFunctionType)
 _READ_SIZE = 1 << 16
@@ -106,6 +112,22 @@ _PROTOCOL = pickle.HIGHEST_PROTOCOL
 
 OnStart = Callable[[int, float], None]
 OnReport = Callable[[int, float, "str | None", "float | None", "dict[str, Any]"], None]
+
+
+class CallListener(Protocol):
+    """What :meth:`ProcessPool.start_call` tells how a call goes, on the pool's loop.
+
+    ``started`` when the call starts running in a worker, ``reported`` for each
+    ``report()`` inside it, then ``finished`` once with its :class:`Outcome`,
+    unless the call was cancelled. Each must be quick.
+    """
+
+    def started(self, pid: int, timestamp: float) -> None: ...
+
+    def reported(self, pid: int, timestamp: float, message: str | None, progress: float | None,
+                 data: dict[str, Any]) -> None: ...
+
+    def finished(self, outcome: Outcome) -> None: ...
 
 
 def resolve_workers(workers: int | str) -> int:
@@ -158,69 +180,76 @@ class PoolStatistics:
     killed: int
 
 
-class _Call(asyncio.Future[Outcome]):
-    """One call: the parent's record of it, and the future of its Outcome.
+class _Call:
+    """One call: the parent's record of it. Cancelling it kills the worker running it.
 
-    Cancelling it kills the worker running it. Only ``(call_id, function,
-    payload)`` crosses the wire.
+    Only ``(call_id, function, payload)`` crosses the wire.
     """
 
-    __slots__ = ("_pool", "call_id", "function", "on_done", "on_report", "on_start", "payload", "timeout", "worker")
+    __slots__ = ("call_id", "done", "function", "listener", "payload", "pool", "timeout", "worker")
 
-    def __init__(
-        self,
-        pool: ProcessPool,
-        call_id: int,
-        function: bytes | None,
-        payload: bytes,
-        timeout: float | None,
-        on_start: OnStart | None,
-        on_report: OnReport | None,
-    ) -> None:
-        super().__init__(loop=pool._loop)
-        self._pool = pool
+    def __init__(self, pool: ProcessPool, call_id: int, timeout: float | None, listener: CallListener) -> None:
+        self.pool = pool
         self.call_id = call_id
-        self.function = function
-        self.payload = payload
         self.timeout = timeout
+        self.listener = listener
+        self.function: bytes | None = None
+        self.payload = b""
+        self.worker: _Worker | None = None
+        self.done = False  # finished or cancelled
+
+    def cancel(self) -> bool:
+        """Stop the call: a running one has its worker killed. False if it had already ended."""
+        if self.done:
+            return False
+        self.done = True
+        self.pool._on_cancel(self)
+        return True
+
+    def settle(self, outcome: Outcome) -> None:
+        self.done = True
+        pool = self.pool
+        pool._tell(self.listener.finished, outcome)
+        if pool._progress is not None:
+            pool._progressed()
+
+
+class _CallFuture(asyncio.Future[Outcome]):
+    """The future :meth:`ProcessPool.call` returns: the listener of its call. Cancelling it cancels the call."""
+
+    __slots__ = ("call", "on_report", "on_start")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, on_start: OnStart | None, on_report: OnReport | None) -> None:
+        super().__init__(loop=loop)
         self.on_start = on_start
         self.on_report = on_report
-        self.on_done: Callable[[asyncio.Future[Outcome]], object] | None = None  # see ProcessPool.when_done
-        self.worker: _Worker | None = None
+        self.call: _Call | None = None
+
+    def started(self, pid: int, timestamp: float) -> None:
+        if self.on_start is not None:
+            self.on_start(pid, timestamp)
+
+    def reported(self, pid: int, timestamp: float, message: str | None, progress: float | None,
+                 data: dict[str, Any]) -> None:
+        if self.on_report is not None:
+            self.on_report(pid, timestamp, message, progress, data)
+
+    def finished(self, outcome: Outcome) -> None:
+        if self.done():
+            return
+        if outcome.status is Status.CANCELLED:  # the pool was closed
+            super().cancel()
+        elif isinstance(outcome.exception, BrokenPoolError):
+            self.set_exception(outcome.exception)
+        else:
+            self.set_result(outcome)
 
     def cancel(self, msg: Any | None = None) -> bool:
         if not super().cancel(msg):
             return False
-        self._pool._on_cancel(self)
-        self._settled()
+        if self.call is not None:
+            self.call.cancel()
         return True
-
-    def set_result(self, result: Outcome, /) -> None:
-        super().set_result(result)
-        self._settled()
-
-    def set_exception(self, exception: type | BaseException, /) -> None:
-        super().set_exception(exception)
-        self._settled()
-
-    def _settled(self) -> None:
-        if self.on_done is None:
-            return
-        held = self._pool._held
-        if held is not None:  # the pool is reading a worker's results: call back once it has handled them all
-            held.append(self)
-        else:
-            self._notify()
-
-    def _notify(self) -> None:
-        on_done, self.on_done = self.on_done, None
-        if on_done is None:
-            return
-        try:
-            on_done(self)
-        except Exception as exc:  # as the loop treats a failing done callback: reported, never fatal to the pool
-            self.get_loop().call_exception_handler(
-                {"message": "exception in a done callback of a ProcessPool call", "exception": exc, "future": self})
 
 
 class _Worker:
@@ -310,7 +339,8 @@ class ProcessPool(concurrent.futures.Executor):
         self._average = BATCH_SECONDS  # moving average of a call's run time
         self._ids = itertools.count()
         self._functions: dict[Callable[..., Any], bytes] = {}
-        self._held: list[_Call] | None = None  # calls settled while results are being read (see when_done)
+        self._held: list[tuple[Callable[..., None], tuple[Any, ...]]] | None = None  # listener calls, see _read
+        self._progress: asyncio.Future[None] | None = None  # set when a call ends, while _close() waits
         self._closed = False
         self._broken: BrokenPoolError | None = None
         self._start_failures = 0
@@ -374,17 +404,23 @@ class ProcessPool(concurrent.futures.Executor):
             self._closed = True
             return
         if not self._closed and not cancel:
-            while waiting := self._unfinished():
-                await asyncio.wait(waiting)
+            while self._unfinished():
+                self._progress = self._loop.create_future()
+                await self._progress
         self._closed = True
         self._ready.clear()  # nothing more is sent
+        closed = Outcome(Status.CANCELLED, error="the pool was closed", error_type="asyncio.CancelledError")
         for worker in list(self._workers):
-            if worker.call is not None:
-                worker.call.cancel()  # kills the worker; its queued calls go back to pending
+            call = worker.call
+            if call is not None:
+                if not call.done:
+                    call.settle(closed)
+                self._kill(worker)  # its queued calls go back to pending
             elif not worker.retiring:
                 self._retire(worker)
         for call in self._pending:
-            call.cancel()
+            if not call.done:
+                call.settle(closed)
         self._pending.clear()
         assert self._all_exited is not None
         if self._workers:
@@ -396,9 +432,27 @@ class ProcessPool(concurrent.futures.Executor):
                 await self._all_exited.wait()
         _live_pools.discard(self)
 
-    def _unfinished(self) -> list[asyncio.Future[Outcome]]:
+    def _unfinished(self) -> bool:
         calls = itertools.chain(self._pending, *(w.calls for w in self._workers))
-        return [call for call in calls if not call.done()]
+        return any(not call.done for call in calls)
+
+    def _progressed(self) -> None:
+        """A call ended or was cancelled: wake a ``_close()`` that waits for them all."""
+        waiter = self._progress
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _tell(self, method: Callable[..., None], *args: Any) -> None:
+        """Call a listener's method now, or once ``_read`` has handled all it read."""
+        held = self._held
+        if held is not None:
+            held.append((method, args))
+            return
+        try:
+            method(*args)
+        except Exception as exc:  # as the loop treats a failing callback: reported, never fatal to the pool
+            assert self._loop is not None
+            self._loop.call_exception_handler({"message": "a ProcessPool call listener failed", "exception": exc})
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """``Executor.shutdown``. From the pool's own loop thread use ``await aclose()`` instead."""
@@ -435,41 +489,47 @@ class ProcessPool(concurrent.futures.Executor):
         """
         if self._loop is None:
             self.start()
+        assert self._loop is not None
+        future = _CallFuture(self._loop, on_start, on_report)
+        future.call = self.start_call(fn, args, future, timeout=timeout)
+        return future
+
+    def start_call(self, fn: Callable[..., Any], args: tuple[Any, ...], listener: CallListener, *,
+                   timeout: float | None = None) -> _Call:
+        """Run ``fn(*args)`` in a worker and tell ``listener`` how it goes; cancel what it returns to stop it.
+
+        The lean form of :meth:`call`, with no future: must be called on the
+        pool's loop, and never calls the listener before it returns. A broken
+        pool makes the call ``crashed`` (with the :class:`BrokenPoolError` as
+        the outcome's exception).
+        """
+        if self._loop is None:
+            self.start()
         if self._closed:
             raise ClosedError("this ProcessPool is closed; create a new one")
         loop = self._loop
         assert loop is not None
-        failed: asyncio.Future[Outcome]
+        call = _Call(self, next(self._ids), timeout, listener)
         if self._broken is not None:
-            failed = loop.create_future()
-            failed.set_exception(self._broken)
-            return failed
+            loop.call_soon(self._settle_soon, call, Outcome(
+                Status.CRASHED, error=f"BrokenPoolError: {self._broken}", error_type="BrokenPoolError",
+                exception=self._broken))
+            return call
         try:
-            function = self._pickled_function(fn)
-            payload = pickle.dumps(args if function is not None else (fn, args), _PROTOCOL)
+            call.function = function = self._pickled_function(fn)
+            call.payload = pickle.dumps(args if function is not None else (fn, args), _PROTOCOL)
         except Exception as exc:
-            failed = loop.create_future()
-            failed.set_result(_pickle_failure(fn, args, exc))
-            return failed
-        call = _Call(self, next(self._ids), function, payload, timeout, on_start, on_report)
+            loop.call_soon(self._settle_soon, call, _pickle_failure(fn, args, exc))
+            return call
         self._pending.append(call)
         if not self._dispatching:  # calls made in one loop iteration are sent together
             self._dispatching = True
             loop.call_soon(self._dispatch)
         return call
 
-    def when_done(self, future: asyncio.Future[Outcome], callback: Callable[[asyncio.Future[Outcome]], object]) -> None:
-        """Have ``callback(future)`` called once a future from :meth:`call` is done.
-
-        Like ``future.add_done_callback``, but the callback runs as soon as the
-        pool has settled the call (and handled the rest of what it read from
-        that worker), instead of on a later loop iteration: one fewer loop round
-        per call. It must be quick.
-        """
-        if isinstance(future, _Call) and future.on_done is None and not future.done():
-            future.on_done = callback
-        else:
-            future.add_done_callback(callback)
+    def _settle_soon(self, call: _Call, outcome: Outcome) -> None:
+        if not call.done:
+            call.settle(outcome)
 
     def _pickled_function(self, fn: Callable[..., Any]) -> bytes | None:
         """A plain function pickled (by name) once, or None for other callables, which travel with their call.
@@ -603,7 +663,7 @@ class ProcessPool(concurrent.futures.Executor):
         if calls:
             calls.popleft()
         for call in reversed(calls):
-            if not call.done():
+            if not call.done:
                 call.worker = None
                 self._pending.appendleft(call)
         self._dispatch()
@@ -629,12 +689,10 @@ class ProcessPool(concurrent.futures.Executor):
         if worker.deadline is not None:
             worker.deadline.cancel()
         call = worker.call
-        if call is not None and not call.done():
+        if call is not None and not call.done:
             self._crashed += 1
-            call.set_result(
-                Outcome(Status.CRASHED, error=f"worker {worker.pid} {_describe_exit(code)}",
-                        error_type="WorkerCrash", pid=worker.pid)
-            )
+            call.settle(Outcome(Status.CRASHED, error=f"worker {worker.pid} {_describe_exit(code)}",
+                                error_type="WorkerCrash", pid=worker.pid))
         if not worker.ready and not worker.retiring:
             self._start_failures += 1
             if self._start_failures >= MAX_START_FAILURES:
@@ -647,10 +705,11 @@ class ProcessPool(concurrent.futures.Executor):
         self._fill()
 
     def _break(self, why: str) -> None:
-        self._broken = BrokenPoolError(why)
+        self._broken = broken = BrokenPoolError(why)
         for call in self._pending:
-            if not call.done():
-                call.set_exception(self._broken)
+            if not call.done:
+                call.settle(Outcome(Status.CRASHED, error=f"BrokenPoolError: {why}", error_type="BrokenPoolError",
+                                    exception=broken))
         self._pending.clear()
 
     # -- the wire ----------------------------------------------------------------------------
@@ -692,7 +751,7 @@ class ProcessPool(concurrent.futures.Executor):
             messages += pickle.loads(buf[pos + head: pos + head + size])
             pos += head + size
         del buf[:pos]
-        held: list[_Call] = []
+        held: list[tuple[Callable[..., None], tuple[Any, ...]]] = []
         self._held = held
         try:
             for message in messages:
@@ -701,8 +760,8 @@ class ProcessPool(concurrent.futures.Executor):
             self._held = None
         if messages:
             self._dispatch()
-        for call in held:
-            call._notify()
+        for method, args in held:
+            self._tell(method, *args)
         return alive
 
     def _on_message(self, worker: _Worker, message: tuple[Any, ...]) -> None:
@@ -715,8 +774,8 @@ class ProcessPool(concurrent.futures.Executor):
             call = calls.popleft()
             worker.deadline_at = None  # the timer, if any, stays: it re-checks when it fires
             self._average += 0.2 * ((finished - started) - self._average)
-            if not call.done():
-                call.set_result(_outcome(worker.pid, how, value, started, finished))
+            if not call.done:
+                call.settle(_outcome(worker.pid, how, value, started, finished))
             if calls:
                 self._begin(worker, calls[0])
             elif worker.retiring:
@@ -725,9 +784,9 @@ class ProcessPool(concurrent.futures.Executor):
                 self._retire(worker)
         elif kind == REPORT:
             running = worker.call
-            if running is not None and running.call_id == message[1] and running.on_report is not None:
+            if running is not None and running.call_id == message[1] and not running.done:
                 _, _, timestamp, text, progress, data = message
-                running.on_report(worker.pid, timestamp, text, progress, _report_data(data))
+                self._tell(running.listener.reported, worker.pid, timestamp, text, progress, _report_data(data))
         elif kind == READY:
             worker.ready = True
             self._start_failures = 0
@@ -790,7 +849,7 @@ class ProcessPool(concurrent.futures.Executor):
             batch: list[tuple[int, bytes | None, bytes]] = []
             while pending and len(batch) < room:
                 call = pending.popleft()
-                if call.done():
+                if call.done:
                     continue  # cancelled while pending
                 call.worker = worker
                 worker.calls.append(call)
@@ -814,20 +873,25 @@ class ProcessPool(concurrent.futures.Executor):
         """``call`` has reached the head of its worker: it runs now, and its timeout starts.
 
         One timer per worker serves a stream of fast calls: it is re-armed when
-        it fires rather than replaced for every call.
+        it fires rather than replaced for every call. A call cancelled while it
+        was queued (abandoned) still runs in the worker: it gets at most
+        ``ABANDONED_GRACE``, then its worker is killed.
         """
-        if call.timeout is not None:
+        timeout = call.timeout
+        if call.done:
+            timeout = ABANDONED_GRACE if timeout is None else min(timeout, ABANDONED_GRACE)
+        if timeout is not None:
             loop = self._loop
             assert loop is not None
-            worker.deadline_at = deadline = loop.time() + call.timeout
+            worker.deadline_at = deadline = loop.time() + timeout
             timer = worker.deadline
             if timer is not None and timer.when() > deadline:
                 timer.cancel()
                 timer = None
             if timer is None:
                 worker.deadline = loop.call_at(deadline, self._on_deadline, worker)
-        if call.on_start is not None:
-            call.on_start(worker.pid, time.time())
+        if not call.done:
+            self._tell(call.listener.started, worker.pid, time.time())
 
     def _on_deadline(self, worker: _Worker) -> None:
         worker.deadline = None
@@ -839,12 +903,12 @@ class ProcessPool(concurrent.futures.Executor):
             return
         self._read(worker)  # the result may already be here (then a new call may have begun)
         call = worker.call
-        if call is None or call.done() or worker.deadline_at is None or worker.deadline_at > loop.time():
+        if call is None or worker.deadline_at is None or worker.deadline_at > loop.time():
             return
-        call.set_result(
-            Outcome(Status.TIMED_OUT, error=f"timed out after {call.timeout:g}s; worker {worker.pid} was killed",
-                    error_type="TimeoutError", pid=worker.pid)
-        )
+        if not call.done:  # else it was abandoned: nobody waits for it
+            call.settle(Outcome(
+                Status.TIMED_OUT, error=f"timed out after {call.timeout:g}s; worker {worker.pid} was killed",
+                error_type="TimeoutError", pid=worker.pid))
         self._kill(worker)
 
     def _check_memory(self) -> None:
@@ -862,13 +926,14 @@ class ProcessPool(concurrent.futures.Executor):
                 continue
             self._read(worker)  # a call that has just finished is not the one to blame
             call = worker.call
-            if call is not None and not call.done() and not worker.killed:
-                self._crashed += 1
-                call.set_result(Outcome(
-                    Status.CRASHED, error_type="MemoryError", pid=worker.pid,
-                    error=f"worker {worker.pid} used {rss / 2**20:.0f} MiB, over max_memory_per_child="
-                          f"{limit / 2**20:.0f} MiB; it was killed",
-                ))
+            if call is not None and not worker.killed:
+                if not call.done:
+                    self._crashed += 1
+                    call.settle(Outcome(
+                        Status.CRASHED, error_type="MemoryError", pid=worker.pid,
+                        error=f"worker {worker.pid} used {rss / 2**20:.0f} MiB, over max_memory_per_child="
+                              f"{limit / 2**20:.0f} MiB; it was killed",
+                    ))
                 self._kill(worker)
         self._loop.call_later(MEMORY_CHECK_SECONDS, self._check_memory)
 
@@ -876,7 +941,8 @@ class ProcessPool(concurrent.futures.Executor):
         worker = call.worker
         if worker is not None and worker.call is call:
             self._kill(worker)
-        # a call still pending is skipped by _dispatch; one queued on a worker is dropped when it ends
+        # a call still pending is skipped by _dispatch; one queued on a worker is abandoned (see _begin)
+        self._progressed()
 
 
 def _report_data(data: bytes | None) -> dict[str, Any]:

@@ -225,8 +225,8 @@ class ProgressMonitor:
             counts.update(run.counts)
         finished = Stats.of(dict(counts), self.batch_id)
         timed = sum(run.timed for run in runs)
-        started = [(record.started, record.key) for run in runs for record in run.records.values()
-                   if record.started is not None]
+        started = [(record.running_since, record.key) for run in runs for record in run.records.values()
+                   if record.running_since is not None]
         now = time.time()
         return ProgressStatistics(
             finished=finished,

@@ -5,13 +5,13 @@ Data flow for one batch::
     batch (iterable or async iterable of Task), pulled lazily: at most `window` in flight
         |
         v
-    _Record (parent-side state of one task: attempts, last message, current future)
-        |  Attempt (a new one for each attempt); the record is its emit callback
+    _Record (parent-side state of one task: attempts, last message, the running attempt)
+        |  Attempt (a new one for each attempt); the record is its listener
         v
-    Backend.submit(attempt, emit) --> future of Outcome
-        |                                   |
-        | emit(TaskStarted / TaskReported)  | done: retry later (RetryPolicy) or finish
-        v                                   v
+    Backend.run_attempt(attempt, record) --> a handle to cancel it
+        |                                          |
+        | record.started() / reported()            | record.finished(outcome): retry later
+        v                                          v (RetryPolicy) or finish
     EventHub --> every events() stream   TaskResult --> Store.add() and the batch's ready queue
                                                               |
                                                               v
@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import os
 import signal
 import threading
@@ -34,7 +33,7 @@ import uuid
 from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Callable, Iterable, Iterator, Mapping, Sized
 from typing import Any
 
-from ._backend import Backend
+from ._backend import Backend, Cancellable
 from ._errors import ClosedError, ConfigurationError, TaskDefinitionError
 from ._events import DEFAULT_EVENT_BUFFER, EventHub, EventStream
 from ._models import (
@@ -48,6 +47,7 @@ from ._models import (
     Summary,
     Task,
     TaskFinished,
+    TaskReported,
     TaskResult,
     TaskRetried,
     TaskStarted,
@@ -66,12 +66,13 @@ _END: Any = object()
 class _Record:
     """What the parent keeps about one task of a running batch.
 
-    It is also the ``emit`` callback of the task's attempts: one object fewer
-    per attempt, so less work for the garbage collector.
+    It is also the :class:`AttemptListener` of the task's attempts: the backend
+    calls it directly, with no future or event in between. An event is built
+    only when some consumer wants its kind.
     """
 
-    __slots__ = ("args", "attempts", "fn", "future", "index", "key", "message", "progress", "retries",
-                 "retry_handle", "run", "started", "timeout")
+    __slots__ = ("args", "attempts", "fn", "index", "key", "message", "progress", "retries", "retry_handle", "run",
+                 "running", "running_since", "timeout")
 
     def __init__(self, run: _BatchRun, index: int, key: str, fn: Any, args: tuple[Any, ...], timeout: float | None,
                  retries: int) -> None:
@@ -83,21 +84,34 @@ class _Record:
         self.timeout = timeout
         self.retries = retries
         self.attempts = 0
-        self.future: asyncio.Future[Outcome] | None = None
+        self.running: Cancellable | None = None  # the attempt in the backend's hands
+        self.running_since: float | None = None  # when that attempt started running, once it has
         self.retry_handle: asyncio.TimerHandle | None = None
         self.message: str | None = None
         self.progress: float | None = None
-        self.started: float | None = None  # when the current attempt started running, once it has
 
-    def __call__(self, event: Event) -> None:
-        """Emit an event of the current attempt."""
-        if type(event) is TaskStarted:
-            self.started = event.timestamp
-        if event.message is not None:
-            self.message = event.message
-        if event.progress is not None:
-            self.progress = event.progress
-        self.run.hub.publish(event)
+    def started(self, pid: int | None, timestamp: float) -> None:
+        self.running_since = timestamp
+        hub = self.run.hub
+        if hub.wants(TaskStarted):
+            hub.publish(TaskStarted(self.run.batch_id, self.key, Status.RUNNING, timestamp, pid, None, None,
+                                    self.attempts))
+
+    def reported(self, pid: int | None, timestamp: float, message: str | None, progress: float | None,
+                 data: dict[str, Any]) -> None:
+        if message is not None:
+            self.message = message
+        if progress is not None:
+            self.progress = progress
+        hub = self.run.hub
+        if hub.wants(TaskReported):
+            hub.publish(TaskReported(self.run.batch_id, self.key, Status.RUNNING, timestamp, pid, message, progress,
+                                     self.attempts, data or None))
+
+    def finished(self, outcome: Outcome) -> None:
+        if self.running is not None:  # else cancelled meanwhile: cancel_all() records the task
+            self.running = self.running_since = None
+            self.run.finished(self, outcome)
 
 
 class _BatchRun:
@@ -134,24 +148,13 @@ class _BatchRun:
         record.attempts += 1
         attempt = Attempt(self.batch_id, record.key, record.fn, record.args, record.timeout, record.attempts)
         try:
-            future = self.backend.submit(attempt, record)
+            record.running = self.backend.run_attempt(attempt, record)
         except Exception as exc:  # a backend that cannot take work any more
             self._finish(record, Outcome(Status.CRASHED, error=f"{type(exc).__name__}: {exc}",
                                          error_type=type(exc).__name__))
-            return
-        record.future = future
-        self.backend.add_done_callback(future, functools.partial(self._on_done, record))
 
-    def _on_done(self, record: _Record, future: asyncio.Future[Outcome]) -> None:
-        if future.cancelled() or record.future is not future:
-            return  # cancelled by cancel_all(), which records the task itself
-        record.future = None
-        record.started = None
-        exc = future.exception()
-        if exc is not None:
-            outcome = Outcome(Status.CRASHED, error=f"{type(exc).__name__}: {exc}", error_type=type(exc).__name__)
-        else:
-            outcome = future.result()
+    def finished(self, record: _Record, outcome: Outcome) -> None:
+        """An attempt of ``record`` ended: retry it later, or record the task."""
         if (outcome.status is not Status.COMPLETED and record.attempts <= record.retries
                 and self.policy.should_retry(outcome)):
             delay = self.policy.delay(record.attempts)
@@ -195,9 +198,9 @@ class _BatchRun:
     def cancel_all(self, why: str) -> None:
         """Stop every task still in flight and record it as cancelled."""
         for record in list(self.records.values()):
-            future, record.future = record.future, None
-            if future is not None:
-                future.cancel()
+            running, record.running = record.running, None
+            if running is not None:
+                running.cancel()
             if record.retry_handle is not None:
                 record.retry_handle.cancel()
             self._finish(record, Outcome(Status.CANCELLED, error=why, error_type="asyncio.CancelledError"))

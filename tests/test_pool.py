@@ -7,12 +7,13 @@ import concurrent.futures
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from asyncsched import ProcessPool, Status, TaskFailedError
+from asyncsched import Outcome, ProcessPool, Status, TaskFailedError
 from asyncsched._errors import ClosedError, ConfigurationError
 from asyncsched._pool import MAX_DEPTH
 
@@ -88,15 +89,56 @@ async def until_batching(pool: ProcessPool) -> None:
         await asyncio.gather(*(pool.call(tasks.square, (i,)) for i in range(200)))
 
 
-async def test_a_done_callback_that_cancels_a_queued_call_makes_no_call_run_twice(tmp_path: Path) -> None:
+class Heard:
+    """A CallListener that keeps what it hears; ``then`` runs when its call finishes."""
+
+    def __init__(self, then: Callable[[], object] = lambda: None) -> None:
+        self.heard: list[str] = []
+        self.running = asyncio.Event()
+        self.outcome: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
+        self.then = then
+
+    def started(self, pid: int, timestamp: float) -> None:
+        self.heard.append("started")
+        self.running.set()
+
+    def reported(self, pid: int, timestamp: float, message: str | None, progress: float | None,
+                 data: dict[str, Any]) -> None:
+        self.heard.append("reported")
+
+    def finished(self, outcome: Outcome) -> None:
+        self.heard.append("finished")
+        self.then()
+        self.outcome.set_result(outcome)
+
+
+async def test_a_listener_that_cancels_a_queued_call_makes_no_call_run_twice(tmp_path: Path) -> None:
     log = tmp_path / "runs"
     async with ProcessPool(1) as pool:
         await until_batching(pool)
-        calls = [pool.call(tasks.log_run, (str(log), f"c{i}")) for i in range(10)]
-        pool.when_done(calls[0], lambda _: calls[1].cancel())
-        await asyncio.gather(*calls, return_exceptions=True)
+        listeners = [Heard() for _ in range(10)]
+        calls = [pool.start_call(tasks.log_run, (str(log), f"c{i}"), listener)
+                 for i, listener in enumerate(listeners)]
+        listeners[0].then = calls[1].cancel  # called while the pool handles c0's result, c1 queued behind it
+        await asyncio.gather(*(listener.outcome for i, listener in enumerate(listeners) if i != 1))
+        assert listeners[0].heard == ["started", "finished"]  # c1 may have finished already, or never
     runs = log.read_text().split()
     assert len(runs) == len(set(runs)) and "c9" in runs, runs
+
+
+async def test_a_call_cancelled_while_queued_on_a_worker_is_abandoned(gate: Callable[[], str]) -> None:
+    release = gate()
+    async with ProcessPool(1) as pool:
+        await until_batching(pool)
+        first, stuck, last = Heard(), Heard(), Heard()
+        pool.start_call(tasks.wait_for_file, (release,), first)
+        abandoned = pool.start_call(faults.hang, (), stuck)  # no timeout of its own
+        pool.start_call(tasks.square, (3,), last)  # the three are sent to the worker in one frame
+        await first.running.wait()
+        assert abandoned.cancel() and not abandoned.cancel()
+        await asyncio.to_thread(Path(release).touch)
+        assert (await last.outcome).value == 9  # its worker was killed, and it ran on the next one
+        assert stuck.heard == [] and pool.statistics().killed == 1
 
 
 async def test_a_slow_call_does_not_hold_back_the_result_of_a_fast_one_sent_with_it(tmp_path: Path) -> None:
