@@ -86,6 +86,7 @@ from ._worker import (
     PICKLED,
     READY,
     REPORT,
+    VALUE,
     error_info,
     frame_header,
     worker_main,
@@ -209,7 +210,11 @@ class _Call:
     def settle(self, outcome: Outcome) -> None:
         self.done = True
         pool = self.pool
-        pool._tell(self.listener.finished, outcome)
+        held = pool._held
+        if held is not None:  # the common case of _tell, spelled out
+            held.append((self.listener.finished, (outcome,)))
+        else:
+            pool._tell(self.listener.finished, outcome)
         if pool._progress is not None:
             pool._progressed()
 
@@ -450,9 +455,13 @@ class ProcessPool(concurrent.futures.Executor):
             return
         try:
             method(*args)
-        except Exception as exc:  # as the loop treats a failing callback: reported, never fatal to the pool
-            assert self._loop is not None
-            self._loop.call_exception_handler({"message": "a ProcessPool call listener failed", "exception": exc})
+        except Exception as exc:
+            self._listener_failed(exc)
+
+    def _listener_failed(self, exc: Exception) -> None:
+        """As the loop treats a failing callback: reported, never fatal to the pool."""
+        assert self._loop is not None
+        self._loop.call_exception_handler({"message": "a ProcessPool call listener failed", "exception": exc})
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """``Executor.shutdown``. From the pool's own loop thread use ``await aclose()`` instead."""
@@ -761,7 +770,10 @@ class ProcessPool(concurrent.futures.Executor):
         if messages:
             self._dispatch()
         for method, args in held:
-            self._tell(method, *args)
+            try:
+                method(*args)
+            except Exception as exc:
+                self._listener_failed(exc)
         return alive
 
     def _on_message(self, worker: _Worker, message: tuple[Any, ...]) -> None:
@@ -775,7 +787,8 @@ class ProcessPool(concurrent.futures.Executor):
             worker.deadline_at = None  # the timer, if any, stays: it re-checks when it fires
             self._average += 0.2 * ((finished - started) - self._average)
             if not call.done:
-                call.settle(_outcome(worker.pid, how, value, started, finished))
+                call.settle(Outcome(Status.COMPLETED, value, None, None, None, None, worker.pid, started, finished)
+                            if how == VALUE else _outcome(worker.pid, how, value, started, finished))
             if calls:
                 self._begin(worker, calls[0])
             elif worker.retiring:
@@ -891,7 +904,11 @@ class ProcessPool(concurrent.futures.Executor):
             if timer is None:
                 worker.deadline = loop.call_at(deadline, self._on_deadline, worker)
         if not call.done:
-            self._tell(call.listener.started, worker.pid, time.time())
+            held = self._held
+            if held is not None:
+                held.append((call.listener.started, (worker.pid, time.time())))
+            else:
+                self._tell(call.listener.started, worker.pid, time.time())
 
     def _on_deadline(self, worker: _Worker) -> None:
         worker.deadline = None
@@ -967,7 +984,7 @@ def _outcome(pid: int, how: int, value: Any, started: float, finished: float) ->
                            error_type=name, pid=pid, started_at=started, finished_at=finished)
     elif how == ERROR:
         return Outcome.from_error(value, pid=pid, started_at=started, finished_at=finished)
-    return Outcome(Status.COMPLETED, value, None, None, None, None, pid, started, finished)
+    return Outcome(Status.COMPLETED, value, None, None, None, None, pid, started, finished)  # VALUE
 
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
