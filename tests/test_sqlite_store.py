@@ -73,6 +73,30 @@ def test_a_path_selects_the_sqlite_store(tmp_path: Path) -> None:
         SQLiteStore(":memory:")
 
 
+async def test_the_later_of_two_results_for_one_key_wins_within_one_commit(tmp_path: Path) -> None:
+    def result(batch: str, key: str, value: Any = None, error: str | None = None) -> TaskResult:
+        status = Status.COMPLETED if error is None else Status.FAILED
+        return TaskResult(batch, key, status, value, error, attempts=1, pid=7, started_at=1.0, finished_at=2.5)
+
+    async with SQLiteStore(tmp_path / "results.db") as store:
+        for batch in ("a", "b"):
+            await store.begin_batch(batch)
+        # plain completed results take a lean INSERT, the others a full one: the order must still hold
+        for added in [result("a", "plain-then-failed", 1), result("a", "plain-then-failed", error="E: x"),
+                      result("a", "failed-then-plain", error="E: y"), result("a", "failed-then-plain", 2),
+                      result("a", "plain-pickled-plain", 3), result("a", "plain-pickled-plain", (3,)),
+                      result("a", "plain-pickled-plain", 4)] + [result("b", f"k{i}", i) for i in range(150)]:
+            store.add(added)
+        await store.flush()
+        stored = {(r.batch_id, r.key): r for r in await store.results()}
+    assert len(stored) == 3 + 150
+    assert (stored["a", "plain-then-failed"].status, stored["a", "plain-then-failed"].value) == (Status.FAILED, None)
+    assert (stored["a", "failed-then-plain"].status, stored["a", "failed-then-plain"].value) == (Status.COMPLETED, 2)
+    assert stored["a", "plain-pickled-plain"].value == 4
+    assert [stored["b", f"k{i}"].value for i in range(150)] == list(range(150))  # two statements of 64, one of 22
+    assert {(r.attempts, r.pid, r.duration) for r in stored.values()} == {(1, 7, 1.5)}
+
+
 async def test_results_survive_the_scheduler(tmp_path: Path) -> None:
     db = tmp_path / "results.db"
     values = JSON_VALUES + PICKLED_VALUES
