@@ -51,6 +51,9 @@ __all__ = ["SQLiteStore"]
 
 FLUSH_INTERVAL = 0.1
 """Seconds between two group commits of the writer task: the most a result waits to be committed."""
+GROUP_ROWS = 1024
+"""Queued results that make the writer commit at once, before FLUSH_INTERVAL is up: fast batches never stall on
+a large backlog, and the last commit of a batch stays short."""
 DEFAULT_BUSY_TIMEOUT = 5.0
 """Seconds to wait for another connection's write lock before giving up."""
 SCHEMA_VERSION = 1
@@ -112,7 +115,7 @@ class SQLiteStore(Store):
 
     Durability: :meth:`add` only queues the result. A writer task commits what
     is queued in one transaction, at most every :data:`FLUSH_INTERVAL` (0.1 s),
-    so a result is on disk at most about 0.1 s (plus the commit itself) after
+    and at once when :data:`GROUP_ROWS` results are queued, so a result is on disk at most about 0.1 s (plus the commit itself) after
     its task is reported finished to the caller. :meth:`end_batch` (the end of
     ``run()`` and ``stream()``), :meth:`flush` and :meth:`aclose` commit
     everything queued before they return. Commits are synchronous (WAL with
@@ -149,7 +152,8 @@ class SQLiteStore(Store):
         self._reader: aiosqlite.Connection | None = None
         self._writer: asyncio.Task[None] | None = None
         self._pending: list[TaskResult] = []
-        self._wake = asyncio.Event()
+        self._wake = asyncio.Event()  # a result is queued
+        self._full = asyncio.Event()  # GROUP_ROWS results are queued
         self._lock = asyncio.Lock()
         self._closed = False
 
@@ -248,8 +252,12 @@ class SQLiteStore(Store):
         """Queue one final result; the writer task commits it within :data:`FLUSH_INTERVAL`."""
         if self._closed or self.readonly:
             raise self._unavailable()
-        self._pending.append(result)
-        self._wake.set()
+        pending = self._pending
+        pending.append(result)
+        if len(pending) == 1:
+            self._wake.set()
+        elif len(pending) >= GROUP_ROWS:
+            self._full.set()
 
     @property
     def backlog(self) -> int:
@@ -286,8 +294,12 @@ class SQLiteStore(Store):
             try:
                 await self._commit()
             except StoreError:
-                self._wake.set()  # the results stay queued: try again after the interval
-            await asyncio.sleep(started + FLUSH_INTERVAL - loop.time())  # let the next group gather
+                pass  # the results stay queued (and _wake set): try again after the interval
+            self._full.clear()
+            if len(self._pending) < GROUP_ROWS:
+                with contextlib.suppress(TimeoutError):  # let the next group gather
+                    async with asyncio.timeout_at(started + FLUSH_INTERVAL):
+                        await self._full.wait()
 
     async def _commit(self, sql: str | None = None, parameters: tuple[Any, ...] = ()) -> int:
         """One transaction: every queued result, then ``sql``; returns how many rows ``sql`` changed."""
@@ -301,6 +313,8 @@ class SQLiteStore(Store):
                 return 0 if sql is None else (await db.execute(sql, parameters)).rowcount
         except BaseException:
             self._pending[:0] = results  # not committed: queued again, ahead of newer ones
+            if self._pending:
+                self._wake.set()  # for the writer to try again
             raise
 
     @contextlib.asynccontextmanager

@@ -20,6 +20,7 @@ from typing import Any
 import psutil
 import pytest
 
+import asyncsched._sqlite
 from asyncsched import (
     ConfigurationError,
     ExecutorBackend,
@@ -95,6 +96,25 @@ async def test_the_later_of_two_results_for_one_key_wins_within_one_commit(tmp_p
     assert stored["a", "plain-pickled-plain"].value == 4
     assert [stored["b", f"k{i}"].value for i in range(150)] == list(range(150))  # two statements of 64, one of 22
     assert {(r.attempts, r.pid, r.duration) for r in stored.values()} == {(1, 7, 1.5)}
+
+
+async def test_a_full_group_is_committed_before_the_interval_is_up(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(asyncsched._sqlite, "FLUSH_INTERVAL", 3600.0)
+
+    def result(key: int) -> TaskResult:
+        return TaskResult("b", str(key), Status.COMPLETED, key, attempts=1)
+
+    async def committed(count: int) -> bool:
+        return (await store.stats("b")).completed == count
+
+    async with SQLiteStore(tmp_path / "results.db") as store:
+        await store.begin_batch("b")
+        store.add(result(0))
+        await wait_until(lambda: committed(1))  # the writer's first commit; the next waits up to an hour
+        for key in range(1, 1 + asyncsched._sqlite.GROUP_ROWS):
+            store.add(result(key))
+        await wait_until(lambda: committed(1 + asyncsched._sqlite.GROUP_ROWS))  # a full group does not wait
 
 
 async def test_results_survive_the_scheduler(tmp_path: Path) -> None:
