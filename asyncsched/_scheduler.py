@@ -37,7 +37,6 @@ from ._backend import Backend, Cancellable
 from ._errors import ClosedError, ConfigurationError, TaskDefinitionError
 from ._events import DEFAULT_EVENT_BUFFER, EventHub, EventStream
 from ._models import (
-    FINAL_STATUSES,
     Attempt,
     Event,
     Outcome,
@@ -135,7 +134,7 @@ class _BatchRun:
         self.aborted: BaseException | None = None
         self.total: int | None = None  # tasks this run will finish, once known (for progress displays)
         self.stopped: str | None = None  # why the batch was cancelled (Scheduler.cancel)
-        self.counts: dict[Status, int] = dict.fromkeys(FINAL_STATUSES, 0)
+        self.counts: dict[Status, int] = dict.fromkeys(Status, 0)
         self.retries = 0
         self.busy = 0.0
         self.timed = 0

@@ -115,8 +115,9 @@ class SQLiteStore(Store):
 
     Durability: :meth:`add` only queues the result. A writer task commits what
     is queued in one transaction, at most every :data:`FLUSH_INTERVAL` (0.1 s),
-    and at once when :data:`GROUP_ROWS` results are queued, so a result is on disk at most about 0.1 s (plus the commit itself) after
-    its task is reported finished to the caller. :meth:`end_batch` (the end of
+    and at once when :data:`GROUP_ROWS` results are queued, so a result is on
+    disk at most about 0.1 s (plus the commit itself) after its task is
+    reported finished to the caller. :meth:`end_batch` (the end of
     ``run()`` and ``stream()``), :meth:`flush` and :meth:`aclose` commit
     everything queued before they return. Commits are synchronous (WAL with
     ``synchronous=FULL``): a committed result survives SIGKILL and power loss.
@@ -291,10 +292,8 @@ class SQLiteStore(Store):
             await self._wake.wait()
             self._wake.clear()
             started = loop.time()
-            try:
+            with contextlib.suppress(StoreError):  # the results stay queued, _wake set: tried again after the interval
                 await self._commit()
-            except StoreError:
-                pass  # the results stay queued (and _wake set): try again after the interval
             self._full.clear()
             if len(self._pending) < GROUP_ROWS:
                 with contextlib.suppress(TimeoutError):  # let the next group gather
