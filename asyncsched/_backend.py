@@ -36,9 +36,10 @@ Emit = Callable[[Event], None]
 class AttemptListener(Protocol):
     """What hears about one attempt: the scheduler's record of its task.
 
-    Called on the scheduler's loop, never from inside :meth:`Backend.run_attempt`
-    itself. ``started`` comes first, then a ``reported`` for each ``report()``
-    call, in order, then ``finished`` once, unless the attempt was cancelled.
+    Called on the scheduler's loop; ``finished`` never from inside
+    :meth:`Backend.run_attempt` itself. ``started`` comes first, then a
+    ``reported`` for each ``report()`` call, in order, then ``finished`` once,
+    unless the attempt was cancelled.
     """
 
     def started(self, pid: int | None, timestamp: float) -> None: ...
@@ -92,7 +93,10 @@ class Backend(abc.ABC):
 
         The same contract as :meth:`submit`, with the listener's calls in place
         of the events and the future's result (a future that raises becomes a
-        ``crashed`` outcome). The default runs :meth:`submit`.
+        ``crashed`` outcome). The default runs :meth:`submit` and passes on
+        what the scheduler publishes anyway: of each ``TaskStarted`` its pid
+        and time, of each ``TaskReported`` also its message, progress and
+        data. The scheduler builds the events it publishes itself.
         """
         future = self.submit(attempt, functools.partial(_emit_to, listener))
         future.add_done_callback(functools.partial(_finish_from, listener))

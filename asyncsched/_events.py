@@ -183,10 +183,6 @@ class EventHub:
                 wanted |= subscriber.kinds
         self._wanted = frozenset(wanted)
 
-    @property
-    def active(self) -> bool:
-        return bool(self._refs)
-
     def wants(self, kind: type[Event]) -> bool:
         """Whether some consumer would get an event of this kind."""
         return self._wanted is None or kind in self._wanted

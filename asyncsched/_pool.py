@@ -80,7 +80,6 @@ from ._models import Outcome, Status, task_error
 from ._worker import (
     BIG_HEADER,
     DONE,
-    ERROR,
     FUNCTION_CACHE,
     HEADER,
     PICKLED,
@@ -119,8 +118,10 @@ class CallListener(Protocol):
     """What :meth:`ProcessPool.start_call` tells how a call goes, on the pool's loop.
 
     ``started`` when the call starts running in a worker, ``reported`` for each
-    ``report()`` inside it, then ``finished`` once with its :class:`Outcome`,
-    unless the call was cancelled. Each must be quick.
+    ``report()`` inside it, then ``finished`` once with its :class:`Outcome`.
+    A call cancelled through what :meth:`ProcessPool.start_call` returned is
+    told nothing more; closing the pool finishes a call as ``cancelled``. Each
+    must be quick.
     """
 
     def started(self, pid: int, timestamp: float) -> None: ...
@@ -187,7 +188,7 @@ class _Call:
     Only ``(call_id, function, payload)`` crosses the wire.
     """
 
-    __slots__ = ("call_id", "done", "function", "listener", "payload", "pool", "timeout", "worker")
+    __slots__ = ("call_id", "cancelled", "done", "function", "listener", "payload", "pool", "timeout", "worker")
 
     def __init__(self, pool: ProcessPool, call_id: int, timeout: float | None, listener: CallListener) -> None:
         self.pool = pool
@@ -197,24 +198,24 @@ class _Call:
         self.function: bytes | None = None
         self.payload = b""
         self.worker: _Worker | None = None
-        self.done = False  # finished or cancelled
+        self.done = False  # settled or cancelled
+        self.cancelled = False
 
     def cancel(self) -> bool:
         """Stop the call: a running one has its worker killed. False if it had already ended."""
         if self.done:
             return False
-        self.done = True
+        self.done = self.cancelled = True
         self.pool._on_cancel(self)
         return True
 
     def settle(self, outcome: Outcome) -> None:
+        """Tell the listener how the call ended, unless it has already ended."""
+        if self.done:
+            return
         self.done = True
         pool = self.pool
-        held = pool._held
-        if held is not None:  # the common case of _tell, spelled out
-            held.append((self.listener.finished, (outcome,)))
-        else:
-            pool._tell(self.listener.finished, outcome)
+        pool._tell(self, self.listener.finished, (outcome,))
         if pool._progress is not None:
             pool._progressed()
 
@@ -244,8 +245,8 @@ class _CallFuture(asyncio.Future[Outcome]):
             return
         if outcome.status is Status.CANCELLED:  # the pool was closed
             super().cancel()
-        elif isinstance(outcome.exception, BrokenPoolError):
-            self.set_exception(outcome.exception)
+        elif self.call is not None and (broken := self.call.pool._broken) is not None and outcome.exception is broken:
+            self.set_exception(broken)  # the pool's own error, not one the task raised
         else:
             self.set_result(outcome)
 
@@ -344,7 +345,7 @@ class ProcessPool(concurrent.futures.Executor):
         self._average = BATCH_SECONDS  # moving average of a call's run time
         self._ids = itertools.count()
         self._functions: dict[Callable[..., Any], bytes] = {}
-        self._held: list[tuple[Callable[..., None], tuple[Any, ...]]] | None = None  # listener calls, see _read
+        self._held: list[tuple[_Call, Callable[..., None], tuple[Any, ...]]] | None = None  # see _tell
         self._progress: asyncio.Future[None] | None = None  # set when a call ends, while _close() waits
         self._closed = False
         self._broken: BrokenPoolError | None = None
@@ -410,22 +411,21 @@ class ProcessPool(concurrent.futures.Executor):
             return
         if not self._closed and not cancel:
             while self._unfinished():
-                self._progress = self._loop.create_future()
-                await self._progress
+                if self._progress is None or self._progress.done():
+                    self._progress = self._loop.create_future()
+                await self._progress  # shared by every caller waiting here
         self._closed = True
         self._ready.clear()  # nothing more is sent
         closed = Outcome(Status.CANCELLED, error="the pool was closed", error_type="asyncio.CancelledError")
         for worker in list(self._workers):
             call = worker.call
             if call is not None:
-                if not call.done:
-                    call.settle(closed)
+                call.settle(closed)
                 self._kill(worker)  # its queued calls go back to pending
             elif not worker.retiring:
                 self._retire(worker)
         for call in self._pending:
-            if not call.done:
-                call.settle(closed)
+            call.settle(closed)
         self._pending.clear()
         assert self._all_exited is not None
         if self._workers:
@@ -447,21 +447,20 @@ class ProcessPool(concurrent.futures.Executor):
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
-    def _tell(self, method: Callable[..., None], *args: Any) -> None:
-        """Call a listener's method now, or once ``_read`` has handled all it read."""
+    def _tell(self, call: _Call, method: Callable[..., None], args: tuple[Any, ...]) -> None:
+        """Call a method of ``call``'s listener now, or once ``_read`` has handled all it read."""
         held = self._held
         if held is not None:
-            held.append((method, args))
-            return
+            held.append((call, method, args))
+        else:
+            self._call_listener(method, args)
+
+    def _call_listener(self, method: Callable[..., None], args: tuple[Any, ...]) -> None:
         try:
             method(*args)
-        except Exception as exc:
-            self._listener_failed(exc)
-
-    def _listener_failed(self, exc: Exception) -> None:
-        """As the loop treats a failing callback: reported, never fatal to the pool."""
-        assert self._loop is not None
-        self._loop.call_exception_handler({"message": "a ProcessPool call listener failed", "exception": exc})
+        except Exception as exc:  # as the loop treats a failing callback: reported, never fatal to the pool
+            assert self._loop is not None
+            self._loop.call_exception_handler({"message": "a ProcessPool call listener failed", "exception": exc})
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """``Executor.shutdown``. From the pool's own loop thread use ``await aclose()`` instead."""
@@ -472,11 +471,15 @@ class ProcessPool(concurrent.futures.Executor):
         if self._on_loop_thread():
             loop.create_task(self._close(cancel=True))
             return
-        done = asyncio.run_coroutine_threadsafe(self._close(cancel=cancel_futures), loop)
+        try:
+            done = asyncio.run_coroutine_threadsafe(self._close(cancel=cancel_futures), loop)
+        except RuntimeError:  # another thread's shutdown has closed the private loop meanwhile
+            return
         if wait:
             done.result()
             if self._thread is not None:
-                loop.call_soon_threadsafe(loop.stop)
+                with contextlib.suppress(RuntimeError):  # already stopped and closed by another shutdown
+                    loop.call_soon_threadsafe(loop.stop)
                 self._thread.join()
 
     # -- async API ---------------------------------------------------------------------------
@@ -520,25 +523,19 @@ class ProcessPool(concurrent.futures.Executor):
         assert loop is not None
         call = _Call(self, next(self._ids), timeout, listener)
         if self._broken is not None:
-            loop.call_soon(self._settle_soon, call, Outcome(
-                Status.CRASHED, error=f"BrokenPoolError: {self._broken}", error_type="BrokenPoolError",
-                exception=self._broken))
+            loop.call_soon(call.settle, _broken_outcome(self._broken))
             return call
         try:
             call.function = function = self._pickled_function(fn)
             call.payload = pickle.dumps(args if function is not None else (fn, args), _PROTOCOL)
         except Exception as exc:
-            loop.call_soon(self._settle_soon, call, _pickle_failure(fn, args, exc))
+            loop.call_soon(call.settle, _pickle_failure(fn, args, exc))
             return call
         self._pending.append(call)
         if not self._dispatching:  # calls made in one loop iteration are sent together
             self._dispatching = True
             loop.call_soon(self._dispatch)
         return call
-
-    def _settle_soon(self, call: _Call, outcome: Outcome) -> None:
-        if not call.done:
-            call.settle(outcome)
 
     def _pickled_function(self, fn: Callable[..., Any]) -> bytes | None:
         """A plain function pickled (by name) once, or None for other callables, which travel with their call.
@@ -716,9 +713,7 @@ class ProcessPool(concurrent.futures.Executor):
     def _break(self, why: str) -> None:
         self._broken = broken = BrokenPoolError(why)
         for call in self._pending:
-            if not call.done:
-                call.settle(Outcome(Status.CRASHED, error=f"BrokenPoolError: {why}", error_type="BrokenPoolError",
-                                    exception=broken))
+            call.settle(_broken_outcome(broken))
         self._pending.clear()
 
     # -- the wire ----------------------------------------------------------------------------
@@ -760,7 +755,7 @@ class ProcessPool(concurrent.futures.Executor):
             messages += pickle.loads(buf[pos + head: pos + head + size])
             pos += head + size
         del buf[:pos]
-        held: list[tuple[Callable[..., None], tuple[Any, ...]]] = []
+        held: list[tuple[_Call, Callable[..., None], tuple[Any, ...]]] = []
         self._held = held
         try:
             for message in messages:
@@ -769,11 +764,9 @@ class ProcessPool(concurrent.futures.Executor):
             self._held = None
         if messages:
             self._dispatch()
-        for method, args in held:
-            try:
-                method(*args)
-            except Exception as exc:
-                self._listener_failed(exc)
+        for call, method, args in held:
+            if not call.cancelled:  # else a listener cancelled it meanwhile: nothing more about it
+                self._call_listener(method, args)
         return alive
 
     def _on_message(self, worker: _Worker, message: tuple[Any, ...]) -> None:
@@ -786,9 +779,7 @@ class ProcessPool(concurrent.futures.Executor):
             call = calls.popleft()
             worker.deadline_at = None  # the timer, if any, stays: it re-checks when it fires
             self._average += 0.2 * ((finished - started) - self._average)
-            if not call.done:
-                call.settle(Outcome(Status.COMPLETED, value, None, None, None, None, worker.pid, started, finished)
-                            if how == VALUE else _outcome(worker.pid, how, value, started, finished))
+            call.settle(_outcome(worker.pid, how, value, started, finished))
             if calls:
                 self._begin(worker, calls[0])
             elif worker.retiring:
@@ -799,7 +790,8 @@ class ProcessPool(concurrent.futures.Executor):
             running = worker.call
             if running is not None and running.call_id == message[1] and not running.done:
                 _, _, timestamp, text, progress, data = message
-                self._tell(running.listener.reported, worker.pid, timestamp, text, progress, _report_data(data))
+                self._tell(running, running.listener.reported,
+                           (worker.pid, timestamp, text, progress, _report_data(data)))
         elif kind == READY:
             worker.ready = True
             self._start_failures = 0
@@ -904,11 +896,7 @@ class ProcessPool(concurrent.futures.Executor):
             if timer is None:
                 worker.deadline = loop.call_at(deadline, self._on_deadline, worker)
         if not call.done:
-            held = self._held
-            if held is not None:
-                held.append((call.listener.started, (worker.pid, time.time())))
-            else:
-                self._tell(call.listener.started, worker.pid, time.time())
+            self._tell(call, call.listener.started, (worker.pid, time.time()))
 
     def _on_deadline(self, worker: _Worker) -> None:
         worker.deadline = None
@@ -975,6 +963,8 @@ def _report_data(data: bytes | None) -> dict[str, Any]:
 
 def _outcome(pid: int, how: int, value: Any, started: float, finished: float) -> Outcome:
     """The Outcome a DONE message carries (see ``_worker``)."""
+    if how == VALUE:
+        return Outcome(Status.COMPLETED, value, None, None, None, None, pid, started, finished)
     if how == PICKLED:
         try:
             value = pickle.loads(value)
@@ -982,9 +972,8 @@ def _outcome(pid: int, how: int, value: Any, started: float, finished: float) ->
             name, text, tb, _ = error_info(exc)
             return Outcome(Status.FAILED, error=f"the result could not be unpickled here: {text}", traceback=tb,
                            error_type=name, pid=pid, started_at=started, finished_at=finished)
-    elif how == ERROR:
-        return Outcome.from_error(value, pid=pid, started_at=started, finished_at=finished)
-    return Outcome(Status.COMPLETED, value, None, None, None, None, pid, started, finished)  # VALUE
+        return Outcome(Status.COMPLETED, value, None, None, None, None, pid, started, finished)
+    return Outcome.from_error(value, pid=pid, started_at=started, finished_at=finished)  # ERROR
 
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
@@ -1017,6 +1006,10 @@ def _describe_exit(code: int | None) -> str:
             name = f"signal {-code}"
         return f"was killed by {name}"
     return f"exited with code {code}"
+
+
+def _broken_outcome(broken: BrokenPoolError) -> Outcome:
+    return Outcome(Status.CRASHED, error=f"BrokenPoolError: {broken}", error_type="BrokenPoolError", exception=broken)
 
 
 def _pickle_failure(fn: Callable[..., Any], args: tuple[Any, ...], exc: Exception) -> Outcome:

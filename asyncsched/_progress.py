@@ -118,6 +118,25 @@ class ProgressStatistics:
         return "asyncsched: " + " | ".join(parts)
 
 
+class _Past:
+    """The counts of batch runs that are over, added up (the fields a run keeps, see ``_BatchRun``)."""
+
+    __slots__ = ("busy", "counts", "retries", "runs", "timed", "total")
+
+    def __init__(self) -> None:
+        self.counts: Counter[Status] = Counter()
+        self.retries = self.timed = self.total = self.runs = 0
+        self.busy = 0.0
+
+    def add(self, run: _BatchRun) -> None:
+        self.counts.update(run.counts)
+        self.retries += run.retries
+        self.timed += run.timed
+        self.busy += run.busy
+        self.total += sum(run.counts.values()) if run.total is None else run.total
+        self.runs += 1
+
+
 class ProgressMonitor:
     """Shows the progress of a scheduler's batches while they run, then a final report.
 
@@ -149,7 +168,8 @@ class ProgressMonitor:
         self.console = console or Console()
         self.refresh_per_second = refresh_per_second
         self.interval = interval
-        self._runs: list[_BatchRun] = []  # the runs watched, running or over
+        self._runs: list[_BatchRun] = []  # the runs watched that are still running, as of the last statistics()
+        self._past = _Past()  # what the watched runs that are over added up to
         self._last_message: str | None = None
         self._listener: EventListener | None = None
         self._ticker: asyncio.Task[None] | None = None
@@ -219,22 +239,26 @@ class ProgressMonitor:
 
     def statistics(self) -> ProgressStatistics:
         """What the monitor has counted so far."""
-        runs = self._runs
+        live = self.scheduler._runs
+        for run in [run for run in self._runs if run not in live]:  # over: kept as totals, not as a run
+            self._runs.remove(run)
+            self._past.add(run)
+        tallies: list[_BatchRun | _Past] = [self._past, *self._runs]
         counts: Counter[Status] = Counter()
-        for run in runs:
-            counts.update(run.counts)
+        for tally in tallies:
+            counts.update(tally.counts)
         finished = Stats.of(dict(counts), self.batch_id)
-        timed = sum(run.timed for run in runs)
-        started = [(record.running_since, record.key) for run in runs for record in run.records.values()
+        timed = sum(tally.timed for tally in tallies)
+        started = [(record.running_since, record.key) for run in self._runs for record in run.records.values()
                    if record.running_since is not None]
         now = time.time()
         return ProgressStatistics(
             finished=finished,
             total=self._total(finished.total),
             running=len(started),
-            retries=sum(run.retries for run in runs),
+            retries=sum(tally.retries for tally in tallies),
             elapsed=time.monotonic() - self._started if self._started else 0.0,
-            average=sum(run.busy for run in runs) / timed if timed else None,
+            average=sum(tally.busy for tally in tallies) / timed if timed else None,
             last_message=self._last_message,
             running_tasks=tuple((key, max(0.0, now - since)) for since, key in heapq.nsmallest(RUNNING_SHOWN, started)),
         )
@@ -242,15 +266,14 @@ class ProgressMonitor:
     def _total(self, done: int) -> int | None:
         if self.total is not None:
             return max(self.total, done)
-        live = self.scheduler._runs
-        if self._closed and not any(run in live for run in self._runs):
+        if self._closed and not self._runs:
             return done  # the final frame, with every batch over
-        total = 0
+        total = self._past.total
         for run in self._runs:
             if run.total is None:
                 return None  # a generator batch not read to its end yet
             total += run.total
-        return max(total, done) if self._runs else None
+        return max(total, done) if self._runs or self._past.runs else None
 
     def _view(self, stats: ProgressStatistics) -> RenderableType:
         fraction = stats.fraction

@@ -480,6 +480,8 @@ class Scheduler:
             try:
                 if run.records:
                     run.cancel_all("the batch was cancelled")
+                if run.total is None:  # it ended before the batch was read to its end
+                    run.total = sum(run.counts.values())
             finally:
                 self._hub.deliver()  # every TaskFinished of the batch is out before its run() returns
                 await self._store.end_batch(batch_id)

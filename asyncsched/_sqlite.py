@@ -98,7 +98,7 @@ _COLUMNS = ("batch_id", "key", "position", "status", "value", "value_pickle", "e
             "attempts", "pid", "started_at", "finished_at", "message", "progress")
 _ROWS_PER_INSERT = 64
 """Rows per INSERT statement: each statement is one SQLite step, and each step hands the GIL to the loop and back."""
-_LEAN_PARAMETERS = 7
+_LEAN_PARAMETERS = 8
 """Parameters per row of a lean INSERT (see _lean_sql), besides the batch."""
 _SELECT = f"SELECT {', '.join(_COLUMNS)} FROM results"
 
@@ -292,11 +292,14 @@ class SQLiteStore(Store):
             await self._wake.wait()
             self._wake.clear()
             started = loop.time()
-            with contextlib.suppress(StoreError):  # the results stay queued, _wake set: tried again after the interval
+            try:
                 await self._commit()
+            except StoreError:  # the results stay queued and _wake set: try again after the interval
+                await asyncio.sleep(started + FLUSH_INTERVAL - loop.time())
+                continue
             self._full.clear()
             if len(self._pending) < GROUP_ROWS:
-                with contextlib.suppress(TimeoutError):  # let the next group gather
+                with contextlib.suppress(TimeoutError):  # let the next group gather, unless it fills up first
                     async with asyncio.timeout_at(started + FLUSH_INTERVAL):
                         await self._full.wait()
 
@@ -477,69 +480,74 @@ def _file_errors(doing: str, path: str | os.PathLike[str]) -> Iterator[None]:
 
 
 @functools.cache
-def _insert_sql(rows: int) -> str:
-    values = ", ".join([f"({', '.join('?' * len(_COLUMNS))})"] * rows)
-    return f"INSERT OR REPLACE INTO results ({', '.join(_COLUMNS)}) VALUES {values}"
+def _insert_sql(rows: int, columns: Sequence[str] = _COLUMNS) -> str:
+    values = ", ".join([f"({', '.join('?' * len(columns))})"] * rows)
+    return f"INSERT OR REPLACE INTO results ({', '.join(columns)}) VALUES {values}"
 
 
 def _lean_sql(rows: int) -> str:
-    """An INSERT of ``rows`` plain completed results of one batch: the batch once, 7 parameters a row."""
-    values = ", ".join(f"(?1, ?{p}, ?{p + 1}, 'completed', ?{p + 2}, ?{p + 3}, ?{p + 4}, ?{p + 5}, ?{p + 6})"
+    """An INSERT of ``rows`` plain completed results of one batch: the batch once, 8 parameters a row."""
+    values = ", ".join(f"(?{p}, ?1, ?{p + 1}, ?{p + 2}, 'completed', ?{p + 3}, ?{p + 4}, ?{p + 5}, ?{p + 6}, ?{p + 7})"
                        for p in range(2, 2 + rows * _LEAN_PARAMETERS, _LEAN_PARAMETERS))
-    return ("INSERT OR REPLACE INTO results (batch_id, key, position, status, value, attempts, pid, started_at, "
+    return ("INSERT OR REPLACE INTO results (id, batch_id, key, position, status, value, attempts, pid, started_at, "
             f"finished_at) VALUES {values}")
 
 
-async def _insert(db: aiosqlite.Connection, rows: Sequence[Row]) -> None:
-    """Insert (or replace) ``rows``, :data:`_ROWS_PER_INSERT` per statement.
+async def _insert(db: aiosqlite.Connection, rows: Sequence[Row], columns: Sequence[str] = _COLUMNS) -> None:
+    """Insert (or replace) ``rows`` of ``columns``, :data:`_ROWS_PER_INSERT` per statement.
 
     The parameters of the full statements are gathered in the connection's thread, off the event loop.
     """
     size = _ROWS_PER_INSERT
     full = len(rows) - len(rows) % size
     if full:
-        await db.executemany(_insert_sql(size), (tuple(itertools.chain.from_iterable(rows[i:i + size]))
-                                                 for i in range(0, full, size)))
+        await db.executemany(_insert_sql(size, columns), (tuple(itertools.chain.from_iterable(rows[i:i + size]))
+                                                          for i in range(0, full, size)))
     if full < len(rows):
-        await db.execute(_insert_sql(len(rows) - full), tuple(itertools.chain.from_iterable(rows[full:])))
+        await db.execute(_insert_sql(len(rows) - full, columns), tuple(itertools.chain.from_iterable(rows[full:])))
 
 
 async def _insert_results(db: aiosqlite.Connection, results: Sequence[TaskResult]) -> None:
-    """Insert (or replace) the rows of ``results``, the later of two with the same key last.
+    """Insert (or replace) the rows of ``results``, in order: ids as they come, and the later of two
+    results with the same key last.
 
     Most results are a plain value of a completed task: those go in lean
     statements (:func:`_lean_sql`), which cost SQLite half as much per row,
     and hold the GIL, which the event loop needs, half as long. The rest go in
-    full rows, after them. A lean result that comes after a full one of the
-    same key goes with the full rows, so the later one still wins.
+    full rows, after them. Each row is given its id in the order of
+    ``results``, so reading by id stays oldest first; a lean result that comes
+    after a full one of the same key goes with the full rows, so the later one
+    still wins.
     """
+    (last,) = next(iter(await db.execute_fetchall("SELECT coalesce(max(id), 0) FROM results")))
     full: list[Row] = []
     partial: dict[str, list[Any]] = {}  # per batch: the parameters of lean rows not yet in a statement
     complete = 1 + _ROWS_PER_INSERT * _LEAN_PARAMETERS
 
     def lean_statements() -> Iterator[list[Any]]:  # runs in the connection's thread
         full_keys: set[tuple[str, str]] = set()
-        for r in results:
+        for row_id, r in enumerate(results, last + 1):
+            encoded = None
             if (r.status is Status.COMPLETED and r.message is None and r.progress is None and r.error is None
                     and r.traceback is None and r.error_type is None
                     and not (full_keys and (r.batch_id, r.key) in full_keys)):
-                value, blob = _encode(r.value)
+                encoded = value, blob = _encode(r.value)
                 if blob is None:
                     parameters = partial.get(r.batch_id)
                     if parameters is None:
                         parameters = partial[r.batch_id] = [r.batch_id]
-                    parameters += (r.key, r.index, value, r.attempts, r.pid, r.started_at, r.finished_at)
+                    parameters += (row_id, r.key, r.index, value, r.attempts, r.pid, r.started_at, r.finished_at)
                     if len(parameters) == complete:
                         del partial[r.batch_id]
                         yield parameters
                     continue
             full_keys.add((r.batch_id, r.key))
-            full.append(_row(r))
+            full.append((row_id, *_row(r, encoded)))
 
     await db.executemany(_lean_sql(_ROWS_PER_INSERT), lean_statements())
     for parameters in partial.values():
         await db.execute(_lean_sql((len(parameters) - 1) // _LEAN_PARAMETERS), parameters)
-    await _insert(db, full)
+    await _insert(db, full, ("id", *_COLUMNS))
 
 
 def _try_to_open(path: str, readonly: bool) -> None:
@@ -605,8 +613,9 @@ def _encode(value: Any) -> tuple[str | None, bytes | None]:
 _STATUS_TEXT = {status: status.value for status in Status}  # Enum.value is a slow property
 
 
-def _row(r: TaskResult) -> Row:
-    value, blob = _encode(r.value)
+def _row(r: TaskResult, encoded: tuple[str | None, bytes | None] | None = None) -> Row:
+    """The row of ``r``, in the order of ``_COLUMNS``; ``encoded`` is ``_encode(r.value)`` if already known."""
+    value, blob = encoded or _encode(r.value)
     return (r.batch_id, r.key, r.index, _STATUS_TEXT[r.status], value, blob, r.error, r.error_type, r.traceback,
             r.attempts, r.pid, r.started_at, r.finished_at, r.message, r.progress)
 

@@ -29,6 +29,12 @@ def raise_custom() -> None:
     raise CustomError("custom failure")
 
 
+def raise_broken_pool() -> None:
+    from asyncsched import BrokenPoolError
+
+    raise BrokenPoolError("a pool of the task's own broke")
+
+
 def raise_unrebuildable() -> None:
     raise UnrebuildableError(1, 2)
 

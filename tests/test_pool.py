@@ -7,6 +7,7 @@ import concurrent.futures
 import os
 import subprocess
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -139,6 +140,38 @@ async def test_a_call_cancelled_while_queued_on_a_worker_is_abandoned(gate: Call
         await asyncio.to_thread(Path(release).touch)
         assert (await last.outcome).value == 9  # its worker was killed, and it ran on the next one
         assert stuck.heard == [] and pool.statistics().killed == 1
+
+
+async def test_a_call_cancelled_by_a_listener_hears_nothing_more() -> None:
+    async with ProcessPool(1) as pool:
+        await until_batching(pool)
+        first, stuck = Heard(), Heard()
+        pool.start_call(tasks.square, (2,), first)
+        hanging = pool.start_call(faults.hang, (), stuck)  # sent in the same frame: it starts as the first ends
+        first.then = hanging.cancel  # told while the pool still holds the news that the second has started
+        assert (await first.outcome).value == 4
+        assert stuck.heard == []
+
+
+async def test_a_task_that_raises_broken_pool_error_itself_just_fails() -> None:
+    async with ProcessPool(1) as pool:
+        outcome = await pool.call(faults.raise_broken_pool)  # the future raises only when this pool breaks
+        assert (outcome.status, outcome.error_type) == (Status.FAILED, "asyncsched._errors.BrokenPoolError")
+        assert (await pool.call(tasks.square, (3,))).value == 9
+
+
+def test_two_threads_can_shut_the_pool_down_at_once(gate: Callable[[], str]) -> None:
+    release = gate()
+    pool = ProcessPool(1)
+    running = pool.submit(tasks.wait_for_file, release, "done")
+    closers = [threading.Thread(target=pool.shutdown) for _ in range(2)]  # both wait for the running call
+    for closer in closers:
+        closer.start()
+    Path(release).touch()
+    for closer in closers:
+        closer.join(timeout=30)
+    assert not any(closer.is_alive() for closer in closers)
+    assert running.result(timeout=0) == "done"
 
 
 async def test_a_slow_call_does_not_hold_back_the_result_of_a_fast_one_sent_with_it(tmp_path: Path) -> None:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
+import itertools
 import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -158,6 +160,20 @@ async def test_a_monitor_started_mid_run_counts_the_whole_batch_and_no_finished_
     assert (stats.done, stats.total, stats.running, stats.finished.completed) == (4, 4, 0, 4)
 
 
+async def test_a_batch_left_before_its_end_still_has_a_total(scheduler: Scheduler) -> None:
+    def endless() -> Iterator[Task]:
+        for i in itertools.count():
+            yield Task(tasks.square, i)
+
+    async with ProgressMonitor(scheduler, console=plain_console(io.StringIO())) as monitor:
+        async with contextlib.aclosing(scheduler.stream(endless())) as stream:
+            async for _ in stream:
+                break  # the rest of the batch is cancelled; its total is what it finished
+        await scheduler.run([Task(tasks.square, 1), Task(tasks.square, 2)])
+        stats = monitor.statistics()  # both batches are over, the monitor still open
+        assert stats.total == stats.done and stats.finished.completed >= 3 and stats.running == 0
+
+
 async def test_a_monitor_can_watch_one_batch(scheduler: Scheduler) -> None:
     async with ProgressMonitor(scheduler, batch_id="mine", console=plain_console(io.StringIO())) as monitor:
         await scheduler.run([Task(tasks.square, 1)], batch_id="other")
@@ -194,7 +210,7 @@ async def test_a_listener_sees_each_event_of_its_batch(scheduler: Scheduler) -> 
     listener.close()
     listener.close()  # idempotent
     await scheduler.run([Task(tasks.square, 2)], batch_id="c")
-    assert len(seen) == 2 and not scheduler._hub.active
+    assert len(seen) == 2 and not scheduler._hub.wants(TaskFinished)
 
 
 async def test_the_final_report_counts_a_task_recorded_in_the_runs_last_turn(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime
+import itertools
 import json
 import os
 import sqlite3
@@ -89,7 +90,9 @@ async def test_the_later_of_two_results_for_one_key_wins_within_one_commit(tmp_p
                       result("a", "plain-pickled-plain", 4)] + [result("b", f"k{i}", i) for i in range(150)]:
             store.add(added)
         await store.flush()
-        stored = {(r.batch_id, r.key): r for r in await store.results()}
+        in_order = await store.results()
+        stored = {(r.batch_id, r.key): r for r in in_order}
+    assert [r.key for r in in_order[:3]] == ["plain-then-failed", "failed-then-plain", "plain-pickled-plain"]
     assert len(stored) == 3 + 150
     assert (stored["a", "plain-then-failed"].status, stored["a", "plain-then-failed"].value) == (Status.FAILED, None)
     assert (stored["a", "failed-then-plain"].status, stored["a", "failed-then-plain"].value) == (Status.COMPLETED, 2)
@@ -294,6 +297,34 @@ async def test_a_failed_commit_loses_nothing(tmp_path: Path) -> None:
         await store.flush()
         [result] = await store.results()
     assert (result.key, result.value) == ("k", (1, 2))
+
+
+async def test_the_writer_tries_a_failed_commit_again_after_the_interval(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(asyncsched._sqlite, "FLUSH_INTERVAL", 0.2)
+    db = tmp_path / "results.db"
+    async with SQLiteStore(db, busy_timeout=0) as store:
+        await store.begin_batch("b")
+        attempts: list[float] = []
+        commit = store._commit
+
+        async def counted(*args: Any) -> int:
+            attempts.append(asyncio.get_running_loop().time())
+            return await commit(*args)
+
+        async def tried_three_times() -> bool:
+            return len(attempts) >= 3
+
+        monkeypatch.setattr(store, "_commit", counted)
+        with contextlib.closing(sqlite3.connect(db, isolation_level=None)) as other:
+            other.execute("BEGIN IMMEDIATE")  # every commit fails at once
+            for key in range(asyncsched._sqlite.GROUP_ROWS):  # a full group, which is otherwise committed at once
+                store.add(TaskResult("b", str(key), Status.COMPLETED, key))
+            await wait_until(tried_three_times)
+            other.execute("ROLLBACK")
+        assert min(b - a for a, b in itertools.pairwise(attempts)) >= 0.15  # not in a tight loop
+        await store.flush()
+        assert (await store.stats("b")).completed == asyncsched._sqlite.GROUP_ROWS
 
 
 async def test_a_value_of_a_type_this_process_cannot_import_is_a_clear_error(tmp_path: Path) -> None:
