@@ -133,7 +133,7 @@ class _Past:
         self.retries += run.retries
         self.timed += run.timed
         self.busy += run.busy
-        self.total += sum(run.counts.values()) if run.total is None else run.total
+        self.total += run.total or 0  # known once the run is over
         self.runs += 1
 
 

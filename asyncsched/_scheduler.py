@@ -132,7 +132,7 @@ class _BatchRun:
         self.ready: list[TaskResult] = []
         self.waiter: asyncio.Future[None] | None = None
         self.aborted: BaseException | None = None
-        self.total: int | None = None  # tasks this run will finish, once known (for progress displays)
+        self.total: int | None = None  # tasks this run will finish, once known; known once it is over
         self.stopped: str | None = None  # why the batch was cancelled (Scheduler.cancel)
         self.counts: dict[Status, int] = dict.fromkeys(Status, 0)
         self.retries = 0
