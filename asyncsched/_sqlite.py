@@ -485,6 +485,7 @@ def _insert_sql(rows: int, columns: Sequence[str] = _COLUMNS) -> str:
     return f"INSERT OR REPLACE INTO results ({', '.join(columns)}) VALUES {values}"
 
 
+@functools.cache
 def _lean_sql(rows: int) -> str:
     """An INSERT of ``rows`` plain completed results of one batch: the batch once, 8 parameters a row."""
     values = ", ".join(f"(?{p}, ?1, ?{p + 1}, ?{p + 2}, 'completed', ?{p + 3}, ?{p + 4}, ?{p + 5}, ?{p + 6}, ?{p + 7})"
