@@ -11,9 +11,9 @@ consumer's buffer is full the *oldest* event in it is dropped and counted in
 :attr:`EventStream.dropped`; the events it does see are still in order, for
 each task and overall.
 
-A consumer may ask for some kinds of event only (``kinds``). An event kind
-that no consumer wants is dropped at once; the scheduler does not even build
-a ``TaskFinished`` nobody wants.
+A consumer may ask for some kinds of event only (``kinds``): it gets only
+those. The scheduler asks :meth:`EventHub.wants` before it builds an event,
+so a kind that no consumer wants costs nothing.
 
 An :class:`EventListener` is the other kind of consumer, for the package's own
 live displays: a function called with each delivered list of events, so
@@ -188,9 +188,12 @@ class EventHub:
         return self._wanted is None or kind in self._wanted
 
     def publish(self, event: Event) -> None:
-        """Queue ``event`` for delivery at the end of this turn of the loop. Never waits."""
-        wanted = self._wanted
-        if wanted is not None and type(event) not in wanted:
+        """Queue ``event`` for delivery at the end of this turn of the loop. Never waits.
+
+        Each consumer gets only the kinds it asked for; check :meth:`wants`
+        first to build no event that nobody would get.
+        """
+        if not self._refs:
             return
         pending = self._pending
         pending.append(event)

@@ -158,8 +158,9 @@ class _BatchRun:
                 and self.policy.should_retry(outcome)):
             delay = self.policy.delay(record.attempts)
             self.retries += 1
-            self.hub.publish(TaskRetried(self.batch_id, record.key, outcome.status, time.time(), outcome.pid,
-                                         f"{outcome.error}; retrying in {delay:.2f}s", None, record.attempts))
+            if self.hub.wants(TaskRetried):
+                self.hub.publish(TaskRetried(self.batch_id, record.key, outcome.status, time.time(), outcome.pid,
+                                             f"{outcome.error}; retrying in {delay:.2f}s", None, record.attempts))
             record.retry_handle = self.loop.call_later(delay, self.start, record)
             return
         self._finish(record, outcome)
