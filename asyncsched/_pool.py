@@ -463,24 +463,44 @@ class ProcessPool(concurrent.futures.Executor):
             self._loop.call_exception_handler({"message": "a ProcessPool call listener failed", "exception": exc})
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
-        """``Executor.shutdown``. From the pool's own loop thread use ``await aclose()`` instead."""
+        """``Executor.shutdown``. From the pool's own loop thread it cannot wait: use ``await aclose()`` there.
+
+        A pool whose loop has ended without ``aclose()`` has its workers killed.
+        """
         loop = self._loop
         if loop is None or self._closed:
             self._closed = True
             return
+        closing = self._close(cancel=cancel_futures)
         if self._on_loop_thread():
-            loop.create_task(self._close(cancel=True))
+            task = loop.create_task(closing)
+            if self._thread is not None:
+                task.add_done_callback(lambda _: loop.stop())  # the private loop's thread ends with it
             return
         try:
-            done = asyncio.run_coroutine_threadsafe(self._close(cancel=cancel_futures), loop)
-        except RuntimeError:  # another thread's shutdown has closed the private loop meanwhile
+            done = asyncio.run_coroutine_threadsafe(closing, loop)
+        except RuntimeError:  # the loop is closed: it ended without aclose(), or another shutdown closed it
+            closing.close()
+            self._closed = True
+            for worker in list(self._workers):  # no loop left to watch them: kill, reap and close here
+                worker.signal(signal.SIGKILL)
+                worker.process.join()
+                worker.sock.close()
+            self._workers.clear()
+            _live_pools.discard(self)
             return
+        if self._thread is not None:
+            done.add_done_callback(lambda _: self._stop_thread_loop(loop))
         if wait:
             done.result()
             if self._thread is not None:
-                with contextlib.suppress(RuntimeError):  # already stopped and closed by another shutdown
-                    loop.call_soon_threadsafe(loop.stop)
                 self._thread.join()
+
+    @staticmethod
+    def _stop_thread_loop(loop: asyncio.AbstractEventLoop) -> None:
+        with contextlib.suppress(RuntimeError):  # already stopped and closed by another shutdown
+            loop.call_soon_threadsafe(loop.stop)
+
 
     # -- async API ---------------------------------------------------------------------------
 
@@ -711,6 +731,8 @@ class ProcessPool(concurrent.futures.Executor):
         self._fill()
 
     def _break(self, why: str) -> None:
+        if self._broken is not None:
+            return  # broken once: every call since has been given that error
         self._broken = broken = BrokenPoolError(why)
         for call in self._pending:
             call.settle(_broken_outcome(broken))
@@ -845,10 +867,11 @@ class ProcessPool(concurrent.futures.Executor):
         if not pending or not self._ready:
             return
         depth = self.depth
+        share = -(-len(pending) // self.size)  # a few calls go to several workers (one still starting included)
         for worker in sorted(self._ready, key=lambda w: len(w.calls)):  # a copy: the loop may remove some
             if len(worker.calls) > depth // 2:
                 break  # refill a worker only once half of its calls are done: fewer, larger frames
-            room = depth - len(worker.calls)
+            room = min(depth - len(worker.calls), share)
             if self._max_tasks is not None:
                 room = min(room, self._max_tasks - worker.calls_sent)
             batch: list[tuple[int, bytes | None, bytes]] = []

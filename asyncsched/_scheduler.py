@@ -30,7 +30,17 @@ import signal
 import threading
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Callable, Iterable, Iterator, Mapping, Sized
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterable,
+    AsyncIterator,
+    Callable,
+    Iterable,
+    Iterator,
+    Mapping,
+    Sequence,
+    Sized,
+)
 from typing import Any
 
 from ._backend import Backend, Cancellable
@@ -133,6 +143,7 @@ class _BatchRun:
         self.waiter: asyncio.Future[None] | None = None
         self.aborted: BaseException | None = None
         self.total: int | None = None  # tasks this run will finish, once known; known once it is over
+        self.skipped = 0  # items of a resumed batch with a stored result, not run again
         self.stopped: str | None = None  # why the batch was cancelled (Scheduler.cancel)
         self.counts: dict[Status, int] = dict.fromkeys(Status, 0)
         self.retries = 0
@@ -438,8 +449,10 @@ class Scheduler:
                       previous: Mapping[str, TaskResult]) -> AsyncGenerator[list[TaskResult], None]:
         """Yield the results as they come, a list of those ready at a time."""
         run = _BatchRun(self, batch_id)
-        if isinstance(batch, Sized):
-            run.total = len(batch) - len(previous)
+        if isinstance(batch, Sized) and not previous:
+            run.total = len(batch)
+        elif isinstance(batch, Sequence):  # resumed: its size less the tasks with a stored result
+            run.total = len(batch) - sum(1 for index, item in enumerate(batch) if _key(item, index) in previous)
         self._runs.add(run)
         for watcher in self._watchers:
             watcher(run)
@@ -464,7 +477,7 @@ class Scheduler:
                     item = next(items, _END) if async_items is None else await anext(async_items, _END)
                     if item is _END:
                         exhausted = True
-                        run.total = index - len(previous)
+                        run.total = index - run.skipped
                         break
                     index = self._admit(run, item, index, previous)
                 if run.ready:
@@ -481,8 +494,7 @@ class Scheduler:
             try:
                 if run.records:
                     run.cancel_all("the batch was cancelled")
-                if run.total is None:  # it ended before the batch was read to its end
-                    run.total = sum(run.counts.values())
+                run.total = sum(run.counts.values())  # what it finished, also when it was left early
             finally:
                 self._hub.deliver()  # every TaskFinished of the batch is out before its run() returns
                 await self._store.end_batch(batch_id)
@@ -493,8 +505,10 @@ class Scheduler:
             run.fail_item(index, str(index), f"TaskDefinitionError: batch item {index} is "
                           f"{type(item).__name__}, not a Task")
             return index + 1
-        key = item.key if item.key is not None else str(index)
-        if key not in previous:
+        key = _key(item, index)
+        if key in previous:
+            run.skipped += 1
+        else:
             timeout = item.timeout if item.timeout is not None else self.timeout
             retries = item.retries if item.retries is not None else self.retries
             record = _Record(run, index, key, item.fn, item.args, timeout, retries)
@@ -560,6 +574,12 @@ class Scheduler:
         """One batch the store knows, or None."""
         await self._ensure_started()
         return await self._store.batch(batch_id)
+
+
+def _key(item: object, index: int) -> str:
+    """The key of the batch item at ``index``: its own, or its position."""
+    key = item.key if isinstance(item, Task) else None
+    return key if key is not None else str(index)
 
 
 def _status(value: Status | str) -> Status:

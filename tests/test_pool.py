@@ -174,6 +174,18 @@ def test_two_threads_can_shut_the_pool_down_at_once(gate: Callable[[], str]) -> 
     assert running.result(timeout=0) == "done"
 
 
+async def test_calls_made_together_go_to_different_workers_even_while_tasks_are_fast(
+        gate: Callable[[], str]) -> None:
+    release = gate()
+    async with ProcessPool(2) as pool:
+        await until_batching(pool)
+        blocked = pool.call(tasks.wait_for_file, (release,))
+        quick = await pool.call(tasks.square, (3,))  # not queued behind the blocked one, even if a worker starts late
+        assert quick.value == 9 and not blocked.done()
+        await asyncio.to_thread(Path(release).touch)
+        assert (await blocked).status is Status.COMPLETED
+
+
 async def test_a_slow_call_does_not_hold_back_the_result_of_a_fast_one_sent_with_it(tmp_path: Path) -> None:
     log = tmp_path / "runs"
     async with ProcessPool(1) as pool:
@@ -200,6 +212,46 @@ def test_plain_executor_from_sync_code(tmp_path: Path) -> None:
         assert pool.submit(tasks.square, 3).result(timeout=10) == 9
         assert pool.statistics().killed == 1
     assert victim
+    with pytest.raises(ClosedError):
+        pool.submit(tasks.square, 1)
+
+
+def test_shutdown_without_waiting_ends_the_pools_own_thread() -> None:
+    pool = ProcessPool(1)
+    assert pool.submit(tasks.square, 2).result(timeout=30) == 4
+    thread = pool._thread
+    assert thread is not None
+    pool.shutdown(wait=False)
+    thread.join(timeout=30)
+    assert not thread.is_alive()
+
+
+def test_shutdown_from_a_done_callback_lets_the_running_call_finish(gate: Callable[[], str]) -> None:
+    release = gate()
+    pool = ProcessPool(2)
+    running = pool.submit(tasks.wait_for_file, release, "finished")
+    first = pool.submit(tasks.square, 2)
+    first.add_done_callback(lambda _: pool.shutdown())  # runs on the pool's own loop thread: it cannot wait there
+    assert first.result(timeout=30) == 4
+    Path(release).touch()
+    assert running.result(timeout=30) == "finished"  # cancel_futures=False: it was not cancelled
+    thread = pool._thread
+    assert thread is not None
+    thread.join(timeout=30)
+    assert not thread.is_alive()
+
+
+def test_shutdown_after_the_loop_has_ended_kills_the_workers() -> None:
+    pool = ProcessPool(1)
+
+    async def use() -> list[int]:
+        pool.start()  # on this loop, which ends without aclose()
+        await pool.call(tasks.square, (2,))
+        return pool.pids
+
+    pids = asyncio.run(use())
+    pool.shutdown()
+    assert all(wait_gone(pid) for pid in pids)
     with pytest.raises(ClosedError):
         pool.submit(tasks.square, 1)
 

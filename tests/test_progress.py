@@ -166,12 +166,30 @@ async def test_a_batch_left_before_its_end_still_has_a_total(scheduler: Schedule
             yield Task(tasks.square, i)
 
     async with ProgressMonitor(scheduler, console=plain_console(io.StringIO())) as monitor:
-        async with contextlib.aclosing(scheduler.stream(endless())) as stream:
-            async for _ in stream:
-                break  # the rest of the batch is cancelled; its total is what it finished
+        for batch in (endless(), [Task(tasks.square, i) for i in range(200)]):
+            async with contextlib.aclosing(scheduler.stream(batch)) as stream:
+                async for _ in stream:
+                    break  # the rest of the batch is cancelled; its total is what it finished
         await scheduler.run([Task(tasks.square, 1), Task(tasks.square, 2)])
         stats = monitor.statistics()  # both batches are over, the monitor still open
-        assert stats.total == stats.done and stats.finished.completed >= 3 and stats.running == 0
+        assert stats.total == stats.done and stats.finished.completed >= 4 and stats.running == 0
+
+
+async def test_the_total_of_a_resumed_list_leaves_out_what_is_stored(scheduler: Scheduler,
+                                                                     gate: Callable[[], str]) -> None:
+    await scheduler.run([Task(tasks.square, i, key=f"k{i}") for i in range(12)], batch_id="nightly")
+    release = gate()
+    resumed = [Task(tasks.square, i, key=f"k{i}") for i in range(3)]  # stored: not run again
+    resumed += [Task(tasks.wait_for_file, release, key="new-1"), Task(tasks.square, 7, key="new-2")]
+    async with ProgressMonitor(scheduler, console=plain_console(io.StringIO())) as monitor:
+        running = asyncio.ensure_future(scheduler.run(resumed, batch_id="nightly", resume=True))
+        ends = scheduler.events(kinds=[TaskFinished])
+        await anext(ends)  # new-2 is done; new-1 waits for its gate
+        await ends.aclose()
+        assert scheduler.running() == {"nightly": 2}
+        assert (monitor.statistics().done, monitor.statistics().total) == (1, 2)
+        await asyncio.to_thread(Path(release).touch)
+        await running
 
 
 async def test_a_monitor_can_watch_one_batch(scheduler: Scheduler) -> None:
