@@ -501,7 +501,6 @@ class ProcessPool(concurrent.futures.Executor):
         with contextlib.suppress(RuntimeError):  # already stopped and closed by another shutdown
             loop.call_soon_threadsafe(loop.stop)
 
-
     # -- async API ---------------------------------------------------------------------------
 
     def call(
