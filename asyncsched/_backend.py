@@ -28,7 +28,7 @@ from typing import Any, Protocol
 
 from ._models import Attempt, Event, Outcome, Status, TaskReported, TaskStarted
 
-__all__ = ["AttemptListener", "Backend", "Cancellable", "Emit"]
+__all__ = ["AttemptListener", "Backend", "Cancellable", "Emit", "backend_failure"]
 
 Emit = Callable[[Event], None]
 
@@ -121,4 +121,9 @@ def _finish_from(listener: AttemptListener, future: asyncio.Future[Outcome]) -> 
     if exc is None:
         listener.finished(future.result())
     else:
-        listener.finished(Outcome(Status.CRASHED, error=f"{type(exc).__name__}: {exc}", error_type=type(exc).__name__))
+        listener.finished(backend_failure(exc))
+
+
+def backend_failure(exc: BaseException) -> Outcome:
+    """The outcome of an attempt whose backend failed (not the task): ``crashed``, with that error."""
+    return Outcome(Status.CRASHED, error=f"{type(exc).__name__}: {exc}", error_type=type(exc).__name__)

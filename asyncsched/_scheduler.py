@@ -43,7 +43,7 @@ from collections.abc import (
 )
 from typing import Any
 
-from ._backend import Backend, Cancellable
+from ._backend import Backend, Cancellable, backend_failure
 from ._errors import ClosedError, ConfigurationError, TaskDefinitionError
 from ._events import DEFAULT_EVENT_BUFFER, EventHub, EventStream
 from ._models import (
@@ -160,8 +160,7 @@ class _BatchRun:
         try:
             record.running = self.backend.run_attempt(attempt, record)
         except Exception as exc:  # a backend that cannot take work any more
-            self._finish(record, Outcome(Status.CRASHED, error=f"{type(exc).__name__}: {exc}",
-                                         error_type=type(exc).__name__))
+            self._finish(record, backend_failure(exc))
 
     def finished(self, record: _Record, outcome: Outcome) -> None:
         """An attempt of ``record`` ended: retry it later, or record the task."""

@@ -77,6 +77,8 @@ BIG_HEADER = struct.Struct("!iQ")
 def frame_header(size: int) -> bytes:
     """The header ``Connection.recv_bytes`` expects before ``size`` bytes."""
     return HEADER.pack(size) if size < 0x7FFFFFFF else BIG_HEADER.pack(-1, size)
+
+
 _PR_SET_PDEATHSIG = 1
 
 # The call being run in this process: (send, call_id). None outside a task.
