@@ -146,6 +146,8 @@ class _Channel:
 
     GROUP = 64
     GROUP_SECONDS = 0.002
+    IDLE_SECONDS = 0.05
+    """After this long with nothing held, the flushing thread sleeps until a message is held."""
 
     def __init__(self, conn: Connection) -> None:
         self.conn = conn
@@ -154,6 +156,7 @@ class _Channel:
         self.holding = threading.Condition(self.lock)
         self.held: list[tuple[Any, ...]] = []
         self.held_since = 0.0
+        self.asleep = False  # the flushing thread waits to be notified
         threading.Thread(target=self._flush_late, name="asyncsched-flush", daemon=True).start()
 
     def _write(self, data: bytes) -> None:
@@ -173,20 +176,34 @@ class _Channel:
         with self.lock:
             if not self.held:
                 self.held_since = time.monotonic()
-                self.holding.notify()
+                if self.asleep:
+                    self.asleep = False
+                    self.holding.notify()
             self.held.append(message)
             if (not more_waiting or len(self.held) >= self.GROUP
                     or time.monotonic() - self.held_since >= self.GROUP_SECONDS):
                 self._flush()
 
     def _flush_late(self) -> None:
+        """Send what has been held for GROUP_SECONDS.
+
+        While groups keep coming it looks every GROUP_SECONDS, rather than
+        being woken for each group (two switches of the GIL per group); once
+        nothing has been held for IDLE_SECONDS it sleeps until something is.
+        """
         with self.lock:
             while True:
-                wait = None if not self.held else self.held_since + self.GROUP_SECONDS - time.monotonic()
-                if wait is not None and wait <= 0:
-                    self._flush()
-                else:
-                    self.holding.wait(wait)
+                now = time.monotonic()
+                wait: float | None = self.GROUP_SECONDS
+                if self.held:
+                    wait = self.held_since + self.GROUP_SECONDS - now
+                    if wait <= 0:
+                        self._flush()
+                        continue
+                elif now - self.held_since >= self.IDLE_SECONDS:
+                    self.asleep = True
+                    wait = None
+                self.holding.wait(wait)
 
     def _flush(self) -> None:
         if not self.held:

@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import multiprocessing
 import os
+import pickle
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from asyncsched import Outcome, ProcessPool, Status, TaskFailedError
+from asyncsched import Outcome, ProcessPool, Status, TaskFailedError, _worker
 from asyncsched._errors import ClosedError, ConfigurationError
 from asyncsched._pool import MAX_DEPTH
 
@@ -195,6 +198,21 @@ async def test_a_slow_call_does_not_hold_back_the_result_of_a_fast_one_sent_with
         outcomes = await asyncio.gather(fast, slow)
     assert [o.status for o in outcomes] == [Status.COMPLETED, Status.COMPLETED], outcomes
     assert log.read_text().split() == ["fast", "slow"]  # nothing killed, nothing run twice
+
+
+@pytest.mark.parametrize("idle", [False, True], ids=["while-busy", "after-idle"])
+def test_the_flushing_thread_sends_a_held_message_busy_or_idle(monkeypatch: pytest.MonkeyPatch, idle: bool) -> None:
+    # Busy, the thread looks at the held group every GROUP_SECONDS; idle, it sleeps until hold() wakes it.
+    monkeypatch.setattr(_worker._Channel, "IDLE_SECONDS", 0.0 if idle else float("inf"))
+    parent, child = multiprocessing.Pipe()
+    with parent, child:
+        channel = _worker._Channel(child)
+        while idle and not channel.asleep:  # the thread's first look finds it idle
+            time.sleep(0.001)
+        message = (_worker.DONE, 7, _worker.VALUE, 42, 1.0, 2.0)
+        channel.hold(message, more_waiting=True)  # a next call waits: hold() itself does not send
+        assert parent.poll(10), "the held message was never sent"
+        assert pickle.loads(parent.recv_bytes()) == [message]
 
 
 def test_plain_executor_from_sync_code(tmp_path: Path) -> None:
