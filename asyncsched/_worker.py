@@ -147,7 +147,7 @@ class _Channel:
     GROUP = 64
     GROUP_SECONDS = 0.002
     IDLE_SECONDS = 0.05
-    """After this long with nothing held, the flushing thread sleeps until a message is held."""
+    """After this long with no group started, the flushing thread sleeps until one is."""
 
     def __init__(self, conn: Connection) -> None:
         self.conn = conn
@@ -174,14 +174,15 @@ class _Channel:
     def hold(self, message: tuple[Any, ...], more_waiting: bool) -> None:
         """Send a DONE message, grouped with the next ones while more calls wait."""
         with self.lock:
-            if not self.held:
-                self.held_since = time.monotonic()
+            held = self.held
+            held.append(message)
+            now = time.monotonic()
+            if more_waiting and len(held) == 1:  # a group starts: the flushing thread sends it if it waits too long
+                self.held_since = now
                 if self.asleep:
                     self.asleep = False
                     self.holding.notify()
-            self.held.append(message)
-            if (not more_waiting or len(self.held) >= self.GROUP
-                    or time.monotonic() - self.held_since >= self.GROUP_SECONDS):
+            elif not more_waiting or len(held) >= self.GROUP or now - self.held_since >= self.GROUP_SECONDS:
                 self._flush()
 
     def _flush_late(self) -> None:
@@ -189,7 +190,8 @@ class _Channel:
 
         While groups keep coming it looks every GROUP_SECONDS, rather than
         being woken for each group (two switches of the GIL per group); once
-        nothing has been held for IDLE_SECONDS it sleeps until something is.
+        no group has started for IDLE_SECONDS it sleeps until one does. A
+        message sent at once (no call waits after it) never involves it.
         """
         with self.lock:
             while True:
