@@ -15,6 +15,7 @@ import asyncio
 import random
 import time
 from collections import Counter
+from typing import Any
 
 from _faults import crash, fail, hang, work
 
@@ -24,7 +25,8 @@ KINDS = {"crash": (crash, Status.CRASHED), "hang": (hang, Status.TIMED_OUT), "fa
          "work": (work, Status.COMPLETED)}
 
 
-async def run(n: int, workers: int, deadline: float) -> None:
+async def measure(n: int, workers: int, deadline: float) -> dict[str, Any]:
+    """Run the batch; its statuses, the tasks whose status is wrong, and the time against the ideal schedule."""
     kinds = ["crash"] * (n // 10) + ["hang"] * (n // 10) + ["fail"] * (n // 10)
     kinds += ["work"] * (n - len(kinds))
     random.Random(7).shuffle(kinds)
@@ -33,16 +35,12 @@ async def run(n: int, workers: int, deadline: float) -> None:
         start = time.perf_counter()
         summary = await scheduler.run(Task(KINDS[kind][0], key=f"{kind}-{i}") for i, kind in enumerate(kinds))
         elapsed = time.perf_counter() - start
-    wrong = [(r.key, r.status) for r, kind in zip(summary.results, kinds, strict=True) if r.status != KINDS[kind][1]]
+    wrong = [(r.key, r.status.value) for r, kind in zip(summary.results, kinds, strict=True)
+             if r.status != KINDS[kind][1]]
     ideal = (kinds.count("hang") * deadline + kinds.count("work") * 0.01) / workers
-    print(f"mixed faults: {n} tasks on {workers} workers, timeout {deadline}s")
-    print(f"  statuses     {dict(Counter(r.status.value for r in summary.results))}")
-    print(f"  mismatches   {len(wrong)} {wrong[:5]}")
-    print(f"  elapsed      {elapsed:.2f}s")
-    print(f"  ideal        {ideal:.2f}s")
-    print(f"  ratio        {elapsed / ideal:.2f}x (target <= 1.5x)")
-    if wrong:
-        raise SystemExit(1)
+    return {"tasks": n, "workers": workers, "timeout": deadline,
+            "statuses": dict(Counter(r.status.value for r in summary.results)), "mismatches": wrong,
+            "elapsed": elapsed, "ideal": ideal, "ratio": elapsed / ideal}
 
 
 def main() -> None:
@@ -51,7 +49,15 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--timeout", type=float, default=0.5)
     args = parser.parse_args()
-    asyncio.run(run(args.tasks, args.workers, args.timeout))
+    result = asyncio.run(measure(args.tasks, args.workers, args.timeout))
+    print(f"mixed faults: {args.tasks} tasks on {args.workers} workers, timeout {args.timeout}s")
+    print(f"  statuses     {result['statuses']}")
+    print(f"  mismatches   {len(result['mismatches'])} {result['mismatches'][:5]}")
+    print(f"  elapsed      {result['elapsed']:.2f}s")
+    print(f"  ideal        {result['ideal']:.2f}s")
+    print(f"  ratio        {result['ratio']:.2f}x (target <= 1.5x)")
+    if result["mismatches"]:
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":

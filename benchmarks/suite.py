@@ -1,9 +1,12 @@
 """The whole benchmark suite: one command, a table on stdout, JSON in benchmarks/results/suite.json.
 
-    python benchmarks/suite.py [--quick]
+    python benchmarks/suite.py [--quick] [--rounds 3]
 
 Every measurement runs in a fresh interpreter, one after the other in the same
-run, on 2 workers. See benchmarks/README.md for what each one measures.
+run, on 2 workers. The throughput measurements (asyncsched with the store off
+and on, and each peer) go round ``--rounds`` times, in alternating order; the
+table gives the median of each, so that one burst of other load on the machine
+does not decide a ratio. See benchmarks/README.md for what each one measures.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from collections.abc import Callable, Coroutine, Iterator
 from typing import Any
 
 from _common import HERE, double, in_fresh_process, peak_rss_mb
+from faults import measure as mixed_faults
 from peers import PEERS
 from peers import measure as measure_peers
 
@@ -166,6 +170,7 @@ async def timeout_kill(n: int, seconds: float) -> dict[str, Any]:
 
 MEASURES: dict[str, Callable[..., Coroutine[Any, Any, dict[str, Any]]]] = {
     "throughput": throughput, "cpu": cpu_bound, "memory": memory, "latency": latency, "timeout": timeout_kill,
+    "faults": mixed_faults,
 }
 
 
@@ -174,9 +179,24 @@ def one(name: str, args: list[str]) -> dict[str, Any]:
     return in_fresh_process("suite.py", name, json.dumps(values))
 
 
+def throughput_rounds(n: int, rounds: int) -> dict[str, list[float]]:
+    """Tasks per second of asyncsched (store off, store on) and of each peer, ``rounds`` times, in alternating order."""
+    names = ["store off", "store on", *PEERS]
+    rates: dict[str, list[float]] = {name: [] for name in names}
+    for round_ in range(rounds):
+        for name in names if round_ % 2 == 0 else reversed(names):
+            if name in PEERS:
+                rate = measure_peers([name], n)[name]
+            else:
+                rate = one("throughput", [str(n), json.dumps(name == "store on")])["tasks_per_s"]
+            rates[name].append(rate)
+    return rates
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="smaller sizes, for a smoke run")
+    parser.add_argument("--quick", action="store_true", help="smaller sizes and one round, for a smoke run")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of the throughput measurements (default 3)")
     parser.add_argument("--one", nargs=2, metavar=("NAME", "ARGS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
@@ -190,13 +210,13 @@ def main() -> None:
     out: dict[str, Any] = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, Python "
                                       f"{platform.python_version()}", "workers": WORKERS}
 
-    off = one("throughput", [str(n_tiny), "false"])["tasks_per_s"]
-    on = one("throughput", [str(n_tiny), "true"])["tasks_per_s"]
-    peers = measure_peers(list(PEERS), n_tiny)
-    out["throughput"] = {"store_off": off, "store_on": on, "peers": peers}
+    rates = throughput_rounds(n_tiny, 1 if q else args.rounds)
+    out["throughput"] = {"rounds": rates, "median": {name: statistics.median(r) for name, r in rates.items()}}
+    median = out["throughput"]["median"]
+    off, on = median.pop("store off"), median.pop("store on")
     rows.append((f"1. throughput, {n_tiny:,} tiny tasks, timeouts + events, store off", f"{off:,.0f}/s", ""))
     rows.append(("   store on (SQLite)", f"{on:,.0f}/s", f"{on / off:.2f}x store off"))
-    for name, rate in peers.items():
+    for name, rate in median.items():
         rows.append((f"   {name}", f"{rate:,.0f}/s", f"asyncsched is {off / rate:.2f}x"))
 
     cpu = one("cpu", [str(n_cpu), "1.0"])
@@ -217,11 +237,15 @@ def main() -> None:
     out["timeout"] = kill
     rows.append(("5. deadline -> worker dead, p50 / max", f"{kill['p50_ms']:.0f} / {kill['max_ms']:.0f} ms", ""))
 
+    faults = one("faults", ["100" if q else "1000", str(WORKERS), "0.5"])
+    out["faults"] = faults
+    rows.append((f"6. mixed faults, {faults['tasks']:,} tasks: time against the ideal schedule",
+                 f"{faults['ratio']:.2f}x", f"{len(faults['mismatches'])} statuses wrong, {faults['statuses']}"))
+
     width = max(len(r[0]) for r in rows)
     print(f"asyncsched benchmark suite: {out['machine']}, {WORKERS} workers")
     for label, value, note in rows:
         print(f"{label:<{width}}  {value:>16}  {note}")
-    print("6. mixed faults: python benchmarks/faults.py")
     results = os.path.join(HERE, "results")
     os.makedirs(results, exist_ok=True)
     with open(os.path.join(results, "suite.json"), "w") as f:
