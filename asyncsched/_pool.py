@@ -260,7 +260,7 @@ class _CallFuture(asyncio.Future[Outcome]):
 
 class _Worker:
     __slots__ = ("calls", "calls_sent", "deadline", "deadline_at", "fd", "inbuf", "killed", "outbuf", "pid", "process",
-                 "ready", "retiring", "sock")
+                 "ready", "retiring", "sigkill", "sock")
 
     def __init__(self, process: Any, sock: socket.socket) -> None:
         self.process = process
@@ -270,6 +270,7 @@ class _Worker:
         self.ready = False
         self.retiring = False  # leaving the pool: killed or told to stop
         self.killed = False
+        self.sigkill: asyncio.TimerHandle | None = None  # the SIGKILL that follows a kill's SIGTERM
         self.calls: deque[_Call] = deque()  # sent to this worker, in order; the first one runs
         self.calls_sent = 0
         self.deadline_at: float | None = None  # loop time by which the running call must end
@@ -477,9 +478,15 @@ class ProcessPool(concurrent.futures.Executor):
             if self._thread is not None:
                 task.add_done_callback(lambda _: loop.stop())  # the private loop's thread ends with it
             return
+        if not loop.is_running() and not loop.is_closed():  # stopped, e.g. after run_until_complete(): run it here
+            with contextlib.suppress(RuntimeError):  # unless another loop runs in this thread
+                loop.run_until_complete(closing)
+                return
         try:
+            if not loop.is_running():
+                raise RuntimeError("nothing runs the pool's loop")
             done = asyncio.run_coroutine_threadsafe(closing, loop)
-        except RuntimeError:  # the loop is closed: it ended without aclose(), or another shutdown closed it
+        except RuntimeError:  # closed (it ended without aclose(), or another shutdown closed it), or out of reach
             closing.close()
             self._closed = True
             for worker in list(self._workers):  # no loop left to watch them: kill, reap and close here
@@ -678,7 +685,7 @@ class ProcessPool(concurrent.futures.Executor):
             self._ready.remove(worker)
         worker.signal(signal.SIGTERM)
         assert self._loop is not None
-        self._loop.call_later(KILL_GRACE, worker.signal, signal.SIGKILL)
+        worker.sigkill = self._loop.call_later(KILL_GRACE, worker.signal, signal.SIGKILL)
         self._requeue(worker)
         self._fill()
 
@@ -706,8 +713,9 @@ class ProcessPool(concurrent.futures.Executor):
         worker.sock.close()
         with contextlib.suppress(ValueError):
             worker.process.close()
-        if worker.killed:
-            worker.signal(signal.SIGKILL)  # the task's own children, if any survived SIGTERM
+        worker.signal(signal.SIGKILL)  # the task's own children, whatever ended the worker
+        if worker.sigkill is not None:
+            worker.sigkill.cancel()  # done: the pid may be another process's by the time it fires
         self._workers.discard(worker)
         with contextlib.suppress(ValueError):
             self._ready.remove(worker)
@@ -773,7 +781,7 @@ class ProcessPool(concurrent.futures.Executor):
                 head = BIG_HEADER.size
             if end - pos - head < size:
                 break
-            messages += pickle.loads(buf[pos + head: pos + head + size])
+            messages.append(pickle.loads(buf[pos + head: pos + head + size]))
             pos += head + size
         del buf[:pos]
         held: list[tuple[_Call, Callable[..., None], tuple[Any, ...]]] = []
@@ -967,7 +975,9 @@ class ProcessPool(concurrent.futures.Executor):
     def _on_cancel(self, call: _Call) -> None:
         worker = call.worker
         if worker is not None and worker.call is call:
-            self._kill(worker)
+            self._read(worker)  # it may have finished, and the call after it started: only a running call is killed
+            if worker.call is call:
+                self._kill(worker)
         # a call still pending is skipped by _dispatch; one queued on a worker is abandoned (see _begin)
         self._progressed()
 

@@ -5,7 +5,7 @@ neither asyncio machinery nor aiosqlite, and nothing from the parent's side.
 
 Wire protocol: one socket pair per worker; every frame is a length-prefixed
 pickle, in the framing of ``multiprocessing.connection.Connection``; from the
-worker, each frame is a list of messages::
+worker, each frame is one message::
 
     parent -> worker   [(call_id, function, payload), ...]   calls to run in order: function is a
                                                          plain function pickled by name and payload
@@ -19,11 +19,10 @@ worker, each frame is a list of messages::
                        (DONE, call_id, ERROR, error, started_at, finished_at)
 
 The parent may queue several calls on one worker when tasks are fast; the
-worker runs them one by one and, while more are queued, sends their DONE
-messages in small groups (one frame for the group), none held longer than
-``_Channel.GROUP_SECONDS``. Anything sent before
-a REPORT is flushed first, so the parent always sees a worker's messages in
-the order they happened.
+worker runs them one by one and writes each DONE message before it starts the
+next call. Whatever that call does (crash the process, hold the GIL, hang),
+the parent already has every result before it, so a crash or a timeout costs
+its own call only. The parent reads what has come in a group at a time.
 
 A value of a plain builtin type (int, str, ...) travels as it is. Any other
 value is pickled on its own, at once, so that a value that does not pickle
@@ -136,82 +135,23 @@ def _describe_pickle_failure(what: str, exc: BaseException) -> ErrorInfo:
 
 
 class _Channel:
-    """The worker's end of the socket: frames messages, and groups DONE messages while more calls wait.
+    """The worker's end of the socket: each message written at once, in a frame of its own.
 
-    Every frame is a pickled list of messages. A held DONE message waits at
-    most ``GROUP_SECONDS`` (plus a switch of the GIL): a thread sends it even
-    while the next call runs, so a slow call never holds back the result of a
-    fast one before it (whose deadline the parent is watching).
+    The lock keeps frames whole when threads of a task call ``report()`` while
+    the worker's own thread sends.
     """
 
-    GROUP = 64
-    GROUP_SECONDS = 0.002
-    IDLE_SECONDS = 0.05
-    """After this long with no group started, the flushing thread sleeps until one is."""
-
     def __init__(self, conn: Connection) -> None:
-        self.conn = conn
         self.fd = conn.fileno()
         self.lock = threading.Lock()
-        self.holding = threading.Condition(self.lock)
-        self.held: list[tuple[Any, ...]] = []
-        self.held_since = 0.0
-        self.asleep = False  # the flushing thread waits to be notified
-        threading.Thread(target=self._flush_late, name="asyncsched-flush", daemon=True).start()
-
-    def _write(self, data: bytes) -> None:
-        view = memoryview(frame_header(len(data)) + data)
-        while view:
-            view = view[os.write(self.fd, view):]
 
     def send(self, message: tuple[Any, ...]) -> None:
-        """Send now, after whatever is held; raises if ``message`` does not pickle."""
-        data = pickle.dumps([message], _PROTOCOL)  # a report whose data does not pickle fails report() alone
+        """Send now; raises if ``message`` does not pickle."""
+        data = pickle.dumps(message, _PROTOCOL)  # a report whose data does not pickle fails report() alone
+        view = memoryview(frame_header(len(data)) + data)
         with self.lock:
-            self._flush()
-            self._write(data)
-
-    def hold(self, message: tuple[Any, ...], more_waiting: bool) -> None:
-        """Send a DONE message, grouped with the next ones while more calls wait."""
-        with self.lock:
-            held = self.held
-            held.append(message)
-            now = time.monotonic()
-            if more_waiting and len(held) == 1:  # a group starts: the flushing thread sends it if it waits too long
-                self.held_since = now
-                if self.asleep:
-                    self.asleep = False
-                    self.holding.notify()
-            elif not more_waiting or len(held) >= self.GROUP or now - self.held_since >= self.GROUP_SECONDS:
-                self._flush()
-
-    def _flush_late(self) -> None:
-        """Send what has been held for GROUP_SECONDS.
-
-        While groups keep coming it looks every GROUP_SECONDS, rather than
-        being woken for each group (two switches of the GIL per group); once
-        no group has started for IDLE_SECONDS it sleeps until one does. A
-        message sent at once (no call waits after it) never involves it.
-        """
-        with self.lock:
-            while True:
-                now = time.monotonic()
-                wait: float | None = self.GROUP_SECONDS
-                if self.held:
-                    wait = self.held_since + self.GROUP_SECONDS - now
-                    if wait <= 0:
-                        self._flush()
-                        continue
-                elif now - self.held_since >= self.IDLE_SECONDS:
-                    self.asleep = True
-                    wait = None
-                self.holding.wait(wait)
-
-    def _flush(self) -> None:
-        if not self.held:
-            return
-        messages, self.held = self.held, []
-        self._write(pickle.dumps(messages, _PROTOCOL))
+            while view:
+                view = view[os.write(self.fd, view):]
 
 
 def _load(function: bytes | None, payload: bytes) -> tuple[Callable[..., Any], tuple[Any, ...]]:
@@ -226,7 +166,7 @@ def _load(function: bytes | None, payload: bytes) -> tuple[Callable[..., Any], t
     return fn, pickle.loads(payload)
 
 
-def _run_call(channel: _Channel, call_id: int, function: bytes | None, payload: bytes, more_waiting: bool) -> None:
+def _run_call(channel: _Channel, call_id: int, function: bytes | None, payload: bytes) -> None:
     global _current
     started = time.time()
     try:
@@ -234,7 +174,7 @@ def _run_call(channel: _Channel, call_id: int, function: bytes | None, payload: 
     except BaseException as exc:
         info = error_info(exc)
         info = (info[0], f"the task could not be unpickled in the worker: {info[1]}", info[2], info[3])
-        channel.hold((DONE, call_id, ERROR, info, started, time.time()), more_waiting)
+        channel.send((DONE, call_id, ERROR, info, started, time.time()))
         return
     _current = (channel.send, call_id)
     try:
@@ -253,7 +193,7 @@ def _run_call(channel: _Channel, call_id: int, function: bytes | None, payload: 
                 message = (DONE, call_id, ERROR, failure, started, finished)
     finally:
         _current = None
-    channel.hold(message, more_waiting)
+    channel.send(message)
 
 
 def _die_with_parent() -> None:
@@ -303,7 +243,7 @@ def worker_main(conn: Connection) -> None:
     while True:
         if queue:
             call_id, function, payload = queue.popleft()
-            _run_call(channel, call_id, function, payload, bool(queue))
+            _run_call(channel, call_id, function, payload)
             continue
         try:
             calls = pickle.loads(conn.recv_bytes())

@@ -126,14 +126,36 @@ def return_then_exit(value: Any) -> Any:
     """Return normally, and have the worker die the moment its result is written."""
     from asyncsched import _worker
 
-    hold = _worker._Channel.hold
+    send = _worker._Channel.send
 
-    def hold_then_exit(self: Any, message: Any, more_waiting: bool) -> None:
-        hold(self, message, False)
+    def send_then_exit(self: Any, message: Any) -> None:
+        send(self, message)
         os._exit(0)
 
-    _worker._Channel.hold = hold_then_exit  # type: ignore[method-assign]
+    _worker._Channel.send = send_then_exit  # type: ignore[method-assign]
     return value
+
+
+def log_then_hold_the_gil(log: str, fifo: str, key: str) -> str:
+    """Append ``key`` to ``log``, then wait for a byte on ``fifo`` in a C call that keeps the GIL all along."""
+    with open(log, "a") as file:
+        file.write(key + "\n")
+    fd = os.open(fifo, os.O_RDONLY)
+    try:
+        ctypes.PyDLL(None).read(fd, ctypes.create_string_buffer(1), 1)  # PyDLL: the GIL is not released
+    finally:
+        os.close(fd)
+    return key
+
+
+def start_child_then_exit(pidfile: str) -> None:
+    """Start a process of the task's own (as a task running a tool does), note its pid, then crash the worker."""
+    import subprocess
+
+    child = subprocess.Popen(["sleep", "3600"])
+    with open(pidfile, "w") as file:
+        file.write(str(child.pid))
+    os._exit(3)
 
 
 def fail_until(counter: str, succeed_on: int) -> str:

@@ -57,6 +57,19 @@ def log_run(log: str, key: str, seconds: float = 0.0, gate: str | None = None) -
     return key
 
 
+def log_and_announce(log: str, fifo: str, key: str) -> str:
+    """Append ``key`` to ``log``, then write a byte to ``fifo`` if someone reads it (a second run finds no one)."""
+    with open(log, "a") as file:
+        file.write(key + "\n")
+    try:
+        fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+    except OSError:
+        return key
+    os.write(fd, b"x")
+    os.close(fd)
+    return key
+
+
 def odd_values() -> Any:
     """A value JSON cannot carry as it is: a tuple, a set, a non-finite float, a non-string key."""
     return {"tuple": (1, 2), "set": {3}, "nan": float("nan"), 4: "int key"}

@@ -4,20 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import multiprocessing
 import os
-import pickle
+import select
+import signal
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from asyncsched import Outcome, ProcessPool, Status, TaskFailedError, _worker
+from asyncsched import Outcome, ProcessPool, Status, TaskFailedError
 from asyncsched._errors import ClosedError, ConfigurationError
 from asyncsched._pool import MAX_DEPTH
 
@@ -200,19 +199,85 @@ async def test_a_slow_call_does_not_hold_back_the_result_of_a_fast_one_sent_with
     assert log.read_text().split() == ["fast", "slow"]  # nothing killed, nothing run twice
 
 
-@pytest.mark.parametrize("idle", [False, True], ids=["while-busy", "after-idle"])
-def test_the_flushing_thread_sends_a_held_message_busy_or_idle(monkeypatch: pytest.MonkeyPatch, idle: bool) -> None:
-    # Busy, the thread looks at the held group every GROUP_SECONDS; idle, it sleeps until hold() wakes it.
-    monkeypatch.setattr(_worker._Channel, "IDLE_SECONDS", 0.0 if idle else float("inf"))
-    parent, child = multiprocessing.Pipe()
-    with parent, child:
-        channel = _worker._Channel(child)
-        while idle and not channel.asleep:  # the thread's first look finds it idle
-            time.sleep(0.001)
-        message = (_worker.DONE, 7, _worker.VALUE, 42, 1.0, 2.0)
-        channel.hold(message, more_waiting=True)  # a next call waits: hold() itself does not send
-        assert parent.poll(10), "the held message was never sent"
-        assert pickle.loads(parent.recv_bytes()) == [message]
+async def test_a_crash_costs_its_own_call_not_the_finished_one_before_it(tmp_path: Path) -> None:
+    log = tmp_path / "runs"
+    async with ProcessPool(1) as pool:
+        await until_batching(pool)
+        fast = pool.call(tasks.log_run, (str(log), "fast"))  # sent in one frame with the next one
+        crasher = pool.call(faults.exit_hard, (3,))
+        outcomes = await asyncio.gather(fast, crasher)
+        crashed = pool.statistics().crashed
+    assert [o.status for o in outcomes] == [Status.COMPLETED, Status.CRASHED], outcomes
+    assert log.read_text().split() == ["fast"]
+    assert crashed == 1  # the crasher ran once: it was not given back as if it had never started
+
+
+async def test_a_result_is_sent_before_the_next_call_starts_even_one_that_keeps_the_gil(tmp_path: Path) -> None:
+    log, fifo = tmp_path / "runs", tmp_path / "gate"
+    os.mkfifo(fifo)
+    gate = os.open(fifo, os.O_RDWR)  # a writer from now on, so the task's open does not wait
+    try:
+        async with ProcessPool(1) as pool:
+            await until_batching(pool)
+            fast = pool.call(tasks.log_run, (str(log), "fast"), timeout=0.5)
+            slow = pool.call(faults.log_then_hold_the_gil, (str(log), str(fifo), "slow"), timeout=30)  # same frame
+            assert (await fast).status is Status.COMPLETED  # while the next call holds the worker's GIL
+            os.write(gate, b"x")
+            assert (await slow).status is Status.COMPLETED
+    finally:
+        os.close(gate)
+    assert log.read_text().split() == ["fast", "slow"]  # nothing killed, nothing run twice
+
+
+async def test_cancelling_a_call_that_has_finished_never_reruns_the_one_after_it(tmp_path: Path) -> None:
+    log, fifo = tmp_path / "runs", tmp_path / "ran"
+    os.mkfifo(fifo)
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        async with ProcessPool(1) as pool:
+            await until_batching(pool)
+            first = pool.call(tasks.square, (2,))
+            second = pool.call(tasks.log_and_announce, (str(log), str(fifo), "second"))  # same frame
+            await asyncio.sleep(0)  # one loop turn: the frame goes out
+            assert select.select([reader], [], [], 30)[0], "second never ran"  # the loop has read nothing since
+            first.cancel()  # finished, but the pool has not read it yet
+            outcome = await second
+    finally:
+        os.close(reader)
+    assert outcome.status is Status.COMPLETED
+    assert log.read_text().split() == ["second"]
+
+
+async def test_a_crashed_workers_task_processes_do_not_outlive_it(tmp_path: Path) -> None:
+    pidfile = tmp_path / "child.pid"
+    async with ProcessPool(1) as pool:
+        outcome = await pool.call(faults.start_child_then_exit, (str(pidfile),))
+    assert outcome.status is Status.CRASHED
+    child = int(pidfile.read_text())
+    gone = wait_gone(child)
+    if not gone:
+        os.kill(child, signal.SIGKILL)
+    assert gone, "the crashed task's own process was left running"
+
+
+def test_shutdown_of_a_pool_whose_loop_has_stopped() -> None:
+    loop = asyncio.new_event_loop()
+    try:
+        pool = ProcessPool(1)
+
+        async def use() -> Outcome:
+            return await pool.call(tasks.square, (3,))  # started in a running loop, the pool binds to it
+
+        assert loop.run_until_complete(use()).value == 9  # and that loop has stopped since
+        pids = pool.pids
+        closer = threading.Thread(target=pool.shutdown, daemon=True)  # as leaving `with pool:` elsewhere does
+        closer.start()
+        closer.join(timeout=30)
+        assert not closer.is_alive(), "shutdown() hung"
+        assert all(wait_gone(pid) for pid in pids)
+        pool.shutdown()  # again: a no-op
+    finally:
+        loop.close()
 
 
 def test_plain_executor_from_sync_code(tmp_path: Path) -> None:
