@@ -174,7 +174,7 @@ class SQLiteStore(Store):
         """Open the file, creating or migrating its schema; fails with :class:`StoreError` on a bad file."""
         if self._closed:
             raise self._unavailable()
-        if self._db is not None:
+        if self._db is not None or self._reader is not None:
             return
         try:
             with self._translate("open"):
@@ -294,7 +294,7 @@ class SQLiteStore(Store):
             started = loop.time()
             try:
                 await self._commit()
-            except StoreError:  # the results stay queued and _wake set: try again after the interval
+            except Exception:  # a StoreError, or a bug: the results stay queued and _wake set; try again later
                 await asyncio.sleep(started + FLUSH_INTERVAL - loop.time())
                 continue
             self._full.clear()
@@ -304,37 +304,48 @@ class SQLiteStore(Store):
                         await self._full.wait()
 
     async def _commit(self, sql: str | None = None, parameters: tuple[Any, ...] = ()) -> int:
-        """One transaction: every queued result, then ``sql``; returns how many rows ``sql`` changed."""
-        if sql is None and not self._pending:
-            return 0
+        """One transaction: every queued result, then ``sql``; returns how many rows ``sql`` changed.
+
+        With nothing queued and no ``sql`` it still waits for a commit in
+        flight, which holds what was queued before: once it returns,
+        everything queued before the call is committed.
+        """
         results: list[TaskResult] = []
-        try:
-            async with self._writing() as db:
-                results, self._pending = self._pending, []
-                await _insert_results(db, results)
-                return 0 if sql is None else (await db.execute(sql, parameters)).rowcount
-        except BaseException:
-            self._pending[:0] = results  # not committed: queued again, ahead of newer ones
-            if self._pending:
-                self._wake.set()  # for the writer to try again
-            raise
+        async with self._lock:
+            if sql is None and not self._pending:
+                return 0
+            try:
+                async with self._transaction() as db:
+                    results, self._pending = self._pending, []
+                    await _insert_results(db, results)
+                    return 0 if sql is None else (await db.execute(sql, parameters)).rowcount
+            except BaseException:
+                self._pending[:0] = results  # not committed: queued again, ahead of newer ones
+                if self._pending:
+                    self._wake.set()  # for the writer to try again
+                raise
 
     @contextlib.asynccontextmanager
     async def _writing(self, doing: str = "write to") -> AsyncIterator[aiosqlite.Connection]:
-        """A write transaction on the write connection, committed at the end or rolled back."""
+        """A write transaction on the write connection, for this caller alone."""
+        async with self._lock, self._transaction(doing) as db:
+            yield db
+
+    @contextlib.asynccontextmanager
+    async def _transaction(self, doing: str = "write to") -> AsyncIterator[aiosqlite.Connection]:
+        """A write transaction, committed at the end or rolled back; the caller holds ``_lock``."""
         db = self._db
         if db is None:
             raise self._unavailable()
-        async with self._lock:
-            with self._translate(doing):
-                await db.execute("BEGIN IMMEDIATE")
-                try:
-                    yield db
-                    await db.execute("COMMIT")
-                except BaseException:
-                    with contextlib.suppress(sqlite3.Error):
-                        await db.rollback()
-                    raise
+        with self._translate(doing):
+            await db.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+                await db.execute("COMMIT")
+            except BaseException:
+                with contextlib.suppress(sqlite3.Error):
+                    await db.rollback()
+                raise
 
     # -- queries ---------------------------------------------------------------------------
 
@@ -536,8 +547,9 @@ async def _insert_results(db: aiosqlite.Connection, results: Sequence[TaskResult
                 if blob is None:
                     parameters = partial.get(r.batch_id)
                     if parameters is None:
-                        parameters = partial[r.batch_id] = [r.batch_id]
-                    parameters += (row_id, r.key, r.index, value, r.attempts, r.pid, r.started_at, r.finished_at)
+                        parameters = partial[r.batch_id] = [_text(r.batch_id)]
+                    key = r.key if r.key.isascii() else _text(r.key)
+                    parameters += (row_id, key, r.index, value, r.attempts, r.pid, r.started_at, r.finished_at)
                     if len(parameters) == complete:
                         del partial[r.batch_id]
                         yield parameters
@@ -597,18 +609,37 @@ def _plain_json(value: Any) -> bool:
 
 
 def _encode(value: Any) -> tuple[str | None, bytes | None]:
-    """The ``(value, value_pickle)`` columns of a value."""
+    """The ``(value, value_pickle)`` columns of a value; never raises."""
     if value is None:
         return None, None
     kind = type(value)
-    if kind is int or (kind is float and math.isfinite(value)):
-        return repr(value), None  # the JSON of a number is its repr
-    try:
+    with contextlib.suppress(ValueError):  # an int too long for str() (sys.set_int_max_str_digits): pickled
+        if kind is int or (kind is float and math.isfinite(value)):
+            return repr(value), None  # the JSON of a number is its repr
         if _plain_json(value):
             return _JSON.encode(value), None
+    try:
         return None, pickle.dumps(value, pickle.HIGHEST_PROTOCOL)
     except Exception:  # neither (only an in-process backend can return such a value): keep what can be kept
-        return _JSON.encode(repr(value)), None
+        return _JSON.encode(_describe(value)), None
+
+
+def _describe(value: Any) -> str:
+    try:
+        return repr(value)
+    except Exception:
+        return f"<a {type(value).__qualname__} that cannot be stored>"
+
+
+def _text(text: str | None) -> str | None:
+    """``text`` as SQLite can take it: a lone surrogate (from a file name, say) becomes a ``\\udc80`` escape."""
+    if text is None or text.isascii():
+        return text
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode()
+    return text
 
 
 _STATUS_TEXT = {status: status.value for status in Status}  # Enum.value is a slow property
@@ -617,8 +648,9 @@ _STATUS_TEXT = {status: status.value for status in Status}  # Enum.value is a sl
 def _row(r: TaskResult, encoded: tuple[str | None, bytes | None] | None = None) -> Row:
     """The row of ``r``, in the order of ``_COLUMNS``; ``encoded`` is ``_encode(r.value)`` if already known."""
     value, blob = encoded or _encode(r.value)
-    return (r.batch_id, r.key, r.index, _STATUS_TEXT[r.status], value, blob, r.error, r.error_type, r.traceback,
-            r.attempts, r.pid, r.started_at, r.finished_at, r.message, r.progress)
+    return (_text(r.batch_id), _text(r.key), r.index, _STATUS_TEXT[r.status], value, blob, _text(r.error),
+            _text(r.error_type), _text(r.traceback), r.attempts, r.pid, r.started_at, r.finished_at, _text(r.message),
+            r.progress)
 
 
 def _result(row: Row) -> TaskResult:

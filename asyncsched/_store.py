@@ -91,13 +91,14 @@ class Store(abc.ABC):
 
 
 class _Batch:
-    __slots__ = ("counts", "created_at", "finished_at", "name")
+    __slots__ = ("counts", "created_at", "finished_at", "name", "rerun")
 
     def __init__(self, name: str | None) -> None:
         self.name = name
         self.created_at = time.time()
         self.finished_at: float | None = None
         self.counts: Counter[Status] = Counter()
+        self.rerun: dict[str, TaskResult] = {}  # resumed: the stored results its new ones replace
 
 
 class MemoryStore(Store):
@@ -105,7 +106,8 @@ class MemoryStore(Store):
 
     Counts are exact for every batch; of the results themselves the latest
     ``max_results`` are kept (all of them with ``None``), so that a stream of
-    millions of tasks runs in flat memory.
+    millions of tasks runs in flat memory. As in a SQLite store, a resumed
+    batch's new result for a key replaces the one stored before.
     """
 
     def __init__(self, max_results: int | None = 10_000) -> None:
@@ -119,14 +121,25 @@ class MemoryStore(Store):
                 raise ConfigurationError(
                     f"batch {batch_id!r} already exists; pass resume=True to continue it, or use another batch_id"
                 )
-            self._batches[batch_id].finished_at = None
-            return {r.key: r for r in self._results if r.batch_id == batch_id and r.status is not Status.CANCELLED}
+            batch = self._batches[batch_id]
+            batch.finished_at = None
+            previous = {r.key: r for r in self._results if r.batch_id == batch_id}
+            batch.rerun = {key: r for key, r in previous.items() if r.status is Status.CANCELLED}
+            return {key: r for key, r in previous.items() if key not in batch.rerun}
         self._batches[batch_id] = _Batch(name)
         return {}
 
     def add(self, result: TaskResult) -> None:
+        batch = self._batches[result.batch_id]
+        if batch.rerun and (earlier := batch.rerun.pop(result.key, None)) is not None:
+            batch.counts[earlier.status] -= 1
+            # a scan, but rare: a batch's cancelled results are the tasks it had in flight when it was cancelled
+            for position, kept in enumerate(self._results):
+                if kept is earlier:  # still in the window of kept results
+                    del self._results[position]
+                    break
         self._results.append(result)
-        self._batches[result.batch_id].counts[result.status] += 1
+        batch.counts[result.status] += 1
 
     async def end_batch(self, batch_id: str) -> None:
         self._batches[batch_id].finished_at = time.time()

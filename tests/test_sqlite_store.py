@@ -407,3 +407,70 @@ async def test_a_locked_database_fails_after_the_busy_timeout(tmp_path: Path) ->
         other.execute("BEGIN IMMEDIATE")
         with pytest.raises(StoreError, match=r"locked.*busy_timeout=0\.05s"):
             await SQLiteStore(path, busy_timeout=0.05).open()
+
+
+def _completed(key: str, value: Any = None, message: str | None = None) -> TaskResult:
+    return TaskResult("b", key, Status.COMPLETED, value, None, None, 1, 1, 1.0, 2.0, message, None, None, 0)
+
+
+@pytest.mark.parametrize(("odd", "key", "kept"), [
+    (_completed("big", 10**5000), "big", 10**5000),  # str() of an int this long raises ValueError: pickled
+    (_completed("k\udc80", 1), "k\\udc80", 1),  # a lone surrogate (a file name's undecodable byte): escaped
+    (_completed("m", 1, message="\udc80"), "m", "\\udc80"),  # ... in a report()'s message
+], ids=["huge-int", "surrogate-key", "surrogate-message"])
+async def test_a_result_sqlite_cannot_take_as_it_is_still_stored_with_the_others(
+        tmp_path: Path, odd: TaskResult, key: str, kept: Any) -> None:
+    async with SQLiteStore(tmp_path / "r.db") as store:
+        await store.begin_batch("b")
+        for result in (_completed("good-1", 1), odd, _completed("good-2", 2)):
+            store.add(result)
+        await store.flush()
+        stored = {r.key: r for r in await store.results()}
+    assert sorted(stored) == sorted(["good-1", key, "good-2"])
+    assert kept in (stored[key].value, stored[key].message)
+
+
+async def test_flush_waits_for_the_commit_in_flight(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    entered, release = asyncio.Event(), asyncio.Event()
+    insert = asyncsched._sqlite._insert_results
+
+    async def held(db: Any, results: Any) -> None:
+        if results:
+            entered.set()
+            await release.wait()  # the writer's commit stops here, after it has taken what was queued
+        await insert(db, results)
+
+    monkeypatch.setattr(asyncsched._sqlite, "_insert_results", held)
+    async with SQLiteStore(tmp_path / "r.db") as store:
+        await store.begin_batch("b")
+        store.add(_completed("a", 1))
+        await entered.wait()
+        flushed = asyncio.ensure_future(store.flush())
+        await asyncio.sleep(0)  # a loop turn: a flush that does not wait for the commit is done by now
+        assert not flushed.done()
+        release.set()
+        await flushed
+        assert [r.key for r in await store.results()] == ["a"]
+
+
+async def test_a_read_only_store_opened_twice_keeps_one_connection(tmp_path: Path) -> None:
+    async with SQLiteStore(tmp_path / "r.db") as store:
+        await store.begin_batch("b")
+    async with SQLiteStore(tmp_path / "r.db", readonly=True) as reader:
+        first = reader._reader
+        await reader.open()  # as Scheduler(store=reader) does
+        assert reader._reader is first
+
+
+async def test_the_memory_store_keeps_one_result_per_key_when_a_batch_resumes() -> None:
+    store = MemoryStore()
+    await store.begin_batch("b")
+    store.add(TaskResult("b", "k", Status.CANCELLED, None, "the batch was cancelled", None, 1, None, None, None,
+                         None, None, "asyncio.CancelledError", 0))
+    await store.end_batch("b")
+    assert await store.begin_batch("b", resume=True) == {}  # the cancelled task runs again
+    store.add(_completed("k", 42))
+    results = await store.results(batch_id="b")
+    stats = await store.stats("b")
+    assert [(r.key, r.status) for r in results] == [("k", Status.COMPLETED)]
+    assert (stats.total, stats.completed, stats.cancelled) == (1, 1, 0)
