@@ -135,7 +135,11 @@ class Attempt:
 
 @dataclass(slots=True)
 class Outcome:
-    """How one attempt ended, as a backend reports it."""
+    """How one attempt ended, as a backend reports it.
+
+    ``retryable=False`` marks a failure that another attempt would only
+    repeat (an argument that cannot be pickled): it is never retried.
+    """
 
     status: Status
     value: Any = None
@@ -146,6 +150,7 @@ class Outcome:
     pid: int | None = None
     started_at: float | None = None
     finished_at: float | None = None
+    retryable: bool = True
 
     @classmethod
     def from_error(
@@ -361,7 +366,7 @@ class RetryPolicy:
         return raw * (1 - self.jitter * random.random())
 
     def should_retry(self, outcome: Outcome) -> bool:
-        if outcome.status not in self.on:
+        if outcome.status not in self.on or not outcome.retryable:
             return False
         if outcome.status is not Status.FAILED or self.exceptions is None:
             return True

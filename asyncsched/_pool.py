@@ -1053,7 +1053,7 @@ def _pickle_failure(fn: Callable[..., Any], args: tuple[Any, ...], exc: Exceptio
             what, exc = f"argument {position} ({type(arg).__name__})", arg_exc
             break
     text = f"PicklingError: {what} could not be pickled: {type(exc).__name__}: {exc}"
-    return Outcome(Status.FAILED, error=text, error_type="pickle.PicklingError")
+    return Outcome(Status.FAILED, error=text, error_type="pickle.PicklingError", retryable=False)
 
 
 def _settle(result: concurrent.futures.Future[Any], value: Any, *, error: bool) -> None:

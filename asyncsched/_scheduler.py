@@ -500,13 +500,11 @@ class Scheduler:
 
     def _admit(self, run: _BatchRun, item: object, index: int, previous: Mapping[str, TaskResult]) -> int:
         """Start one batch item; returns the next index."""
-        if not isinstance(item, Task):
-            run.fail_item(index, str(index), f"TaskDefinitionError: batch item {index} is "
-                          f"{type(item).__name__}, not a Task")
-            return index + 1
         key = _key(item, index)
         if key in previous:
             run.skipped += 1
+        elif not isinstance(item, Task):
+            run.fail_item(index, key, f"TaskDefinitionError: batch item {index} is {type(item).__name__}, not a Task")
         else:
             timeout = item.timeout if item.timeout is not None else self.timeout
             retries = item.retries if item.retries is not None else self.retries

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import os
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -16,6 +18,7 @@ from asyncsched import (
     ClosedError,
     ConfigurationError,
     ProcessBackend,
+    RetryPolicy,
     Scheduler,
     Status,
     Task,
@@ -338,3 +341,21 @@ async def test_the_window_follows_the_pools_batching(scheduler: Scheduler) -> No
         await scheduler.run([Task(tasks.double, i) for i in range(500)])
     assert scheduler.window == MAX_DEPTH * slots  # fast tasks: enough to fill every worker's queue
     assert Scheduler(window=7).window == 7
+
+
+async def test_an_argument_that_cannot_be_pickled_is_not_retried() -> None:
+    async with Scheduler(workers=1, retries=3, retry_policy=RetryPolicy(base_delay=0.01, max_delay=0.01)) as scheduler:
+        summary = await scheduler.run([Task(tasks.identity, threading.Lock())])
+    (result,) = summary.results
+    assert result.status is Status.FAILED and "could not be pickled" in (result.error or "")
+    assert result.attempts == 1  # it would only fail again
+
+
+async def test_a_resumed_batch_records_an_item_that_is_not_a_task_once(tmp_path: Path) -> None:
+    batch: list[Any] = [Task(tasks.identity, 1), "not a task"]
+    async with Scheduler(workers=1, store=tmp_path / "r.db") as scheduler:
+        first = await scheduler.run(batch, batch_id="b")
+        assert (first.total, first.completed, first.failed) == (2, 1, 1)
+        again = await scheduler.run(batch, batch_id="b", resume=True)
+    assert [r.key for r in again.results] == ["0", "1"]
+    assert again.total == 2

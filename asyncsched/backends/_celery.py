@@ -261,7 +261,7 @@ class CeleryBackend(Backend):
             target, args, kwargs = target_of(attempt.fn, attempt.args)
         except TaskDefinitionError as exc:
             future.set_result(Outcome(Status.FAILED, error=f"TaskDefinitionError: {exc}",
-                                      error_type="asyncsched.TaskDefinitionError"))
+                                      error_type="asyncsched.TaskDefinitionError", retryable=False))
             return future
         task_id = f"{self._prefix}{next(self._ids):x}"
         self._pending[task_id] = _Pending(attempt, emit, future)

@@ -139,7 +139,7 @@ class DaskBackend(Backend):
         except Exception as exc:
             name, text, tb, _ = error_info(exc)
             return Outcome(Status.FAILED, error=f"the task could not be pickled: {text}", traceback=tb,
-                           error_type=name)
+                           error_type=name, retryable=False)
         tag = next(self._tags)
         running = self._running[tag] = _Running(attempt, emit)
         future = client.submit(run_on_dask, payload, self._topic, tag, pure=False)
