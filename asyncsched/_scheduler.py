@@ -224,10 +224,14 @@ class _BatchRun:
         self.stopped = why
         self.cancel_all(why)
 
-    async def wait(self) -> None:
+    async def wait(self, pulling: asyncio.Future[Any] | None = None) -> None:
+        """Until a result is ready, or the next item of an async batch, if ``pulling`` it."""
         self.waiter = self.loop.create_future()
         try:
-            await self.waiter
+            if pulling is None:
+                await self.waiter
+            else:
+                await asyncio.wait([self.waiter, pulling], return_when=asyncio.FIRST_COMPLETED)
         finally:
             self.waiter = None
 
@@ -458,6 +462,7 @@ class Scheduler:
         store = self._store
         items: Iterator[object] = iter(())
         async_items: AsyncIterator[object] | None = None
+        pulling: asyncio.Future[Any] | None = None  # the next item of an async batch, on its way
         index = 0
         exhausted = False
         try:
@@ -473,7 +478,14 @@ class Scheduler:
                     await store.flush()
                 window = self.window
                 while not exhausted and run.stopped is None and len(run.records) + len(run.ready) < window:
-                    item = next(items, _END) if async_items is None else await anext(async_items, _END)
+                    if async_items is None:
+                        item = next(items, _END)
+                    else:  # pulled beside the run, so that results go out while the source waits
+                        if pulling is None:
+                            pulling = asyncio.ensure_future(anext(async_items, _END))
+                        if not pulling.done():
+                            break
+                        item, pulling = pulling.result(), None
                     if item is _END:
                         exhausted = True
                         run.total = index - run.skipped
@@ -485,10 +497,13 @@ class Scheduler:
                     continue
                 if run.aborted is not None:
                     raise run.aborted
-                if not run.records:
+                if not run.records and (exhausted or run.stopped is not None):
                     break
-                await run.wait()
+                await run.wait(pulling)
         finally:
+            if pulling is not None:  # stopped or left while the source was waiting
+                pulling.cancel()
+                await asyncio.wait([pulling])
             self._runs.discard(run)
             try:
                 if run.records:

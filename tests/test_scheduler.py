@@ -359,3 +359,40 @@ async def test_a_resumed_batch_records_an_item_that_is_not_a_task_once(tmp_path:
         again = await scheduler.run(batch, batch_id="b", resume=True)
     assert [r.key for r in again.results] == ["0", "1"]
     assert again.total == 2
+
+
+async def test_a_stream_hands_out_results_while_its_async_batch_waits_for_the_next_task(scheduler: Scheduler) -> None:
+    more = asyncio.Event()
+
+    async def source() -> AsyncIterator[Task]:
+        yield Task(tasks.identity, 1, key="first")
+        await more.wait()  # e.g. the next request has not come in yet: it comes once the first result is out
+        yield Task(tasks.identity, 2, key="second")
+
+    seen = []
+    async for result in scheduler.stream(source()):
+        seen.append(result.key)
+        more.set()
+    assert seen == ["first", "second"]
+
+
+async def test_cancel_ends_a_run_whose_async_batch_waits_for_the_next_task(scheduler: Scheduler) -> None:
+    never = asyncio.Event()
+    closed = asyncio.Event()
+
+    async def source() -> AsyncIterator[Task]:
+        try:
+            yield Task(tasks.identity, 1, key="first")
+            await never.wait()
+            yield Task(tasks.identity, 2, key="second")
+        finally:
+            closed.set()
+
+    finished = scheduler.events(kinds=[TaskFinished])
+    run = asyncio.ensure_future(scheduler.run(source(), batch_id="b"))
+    assert (await anext(finished)).key == "first"
+    assert scheduler.cancel("b")
+    summary = await run
+    await finished.aclose()
+    assert [r.key for r in summary.results] == ["first"]
+    assert closed.is_set()  # the source was closed, not left waiting
