@@ -409,13 +409,16 @@ class Scheduler:
         part of the summary.
         """
         started = time.monotonic()
-        batch_id, previous = await self._begin(batch_id, name, resume)
+        run, previous = await self._begin(batch_id, name, resume)
         results = list(previous.values())
-        async with self._monitor(batch_id), contextlib.aclosing(self._stream(batch, batch_id, previous)) as stream:
-            async for ready in stream:
-                results.extend(ready)
+        try:
+            async with self._monitor(run.batch_id), contextlib.aclosing(self._stream(batch, run, previous)) as stream:
+                async for ready in stream:
+                    results.extend(ready)
+        finally:
+            self._runs.discard(run)
         results.sort(key=lambda r: r.index)
-        return Summary.of(batch_id, results, time.monotonic() - started)
+        return Summary.of(run.batch_id, results, time.monotonic() - started)
 
     async def stream(self, batch: Batch, *, batch_id: str | None = None, name: str | None = None,
                      resume: bool = False) -> AsyncGenerator[TaskResult, None]:
@@ -426,20 +429,32 @@ class Scheduler:
         the stream in ``contextlib.aclosing`` to have that happen at once rather
         than when the stream is garbage collected.
         """
-        batch_id, previous = await self._begin(batch_id, name, resume)
-        async with self._monitor(batch_id), contextlib.aclosing(self._stream(batch, batch_id, previous)) as stream:
-            async for ready in stream:
-                for result in ready:
-                    yield result
+        run, previous = await self._begin(batch_id, name, resume)
+        try:
+            async with self._monitor(run.batch_id), contextlib.aclosing(self._stream(batch, run, previous)) as stream:
+                async for ready in stream:
+                    for result in ready:
+                        yield result
+        finally:
+            self._runs.discard(run)
 
     async def _begin(self, batch_id: str | None, name: str | None,
-                     resume: bool) -> tuple[str, Mapping[str, TaskResult]]:
+                     resume: bool) -> tuple[_BatchRun, Mapping[str, TaskResult]]:
+        """The run of a batch, known to cancel() from now on, and the results the store has of it."""
         await self._ensure_started()
         if batch_id is None:
             if resume:
                 raise ConfigurationError("resume=True needs the batch_id of the batch to resume")
             batch_id = uuid.uuid4().hex[:12]
-        return batch_id, await self._store.begin_batch(batch_id, name=name, resume=resume)
+        run = _BatchRun(self, batch_id)
+        self._runs.add(run)  # a cancel() while the store begins the batch stops it before its first task
+        for watcher in self._watchers:
+            watcher(run)
+        try:
+            return run, await self._store.begin_batch(batch_id, name=name, resume=resume)
+        except BaseException:
+            self._runs.discard(run)
+            raise
 
     def _monitor(self, batch_id: str) -> contextlib.AbstractAsyncContextManager[object]:
         if not self._progress:
@@ -448,17 +463,14 @@ class Scheduler:
 
         return ProgressMonitor(self, batch_id=batch_id)
 
-    async def _stream(self, batch: Batch, batch_id: str,
+    async def _stream(self, batch: Batch, run: _BatchRun,
                       previous: Mapping[str, TaskResult]) -> AsyncGenerator[list[TaskResult], None]:
         """Yield the results as they come, a list of those ready at a time."""
-        run = _BatchRun(self, batch_id)
+        batch_id = run.batch_id
         if isinstance(batch, Sized) and not previous:
             run.total = len(batch)
         elif isinstance(batch, Sequence):  # resumed: its size less the tasks with a stored result
             run.total = len(batch) - sum(1 for index, item in enumerate(batch) if _key(item, index) in previous)
-        self._runs.add(run)
-        for watcher in self._watchers:
-            watcher(run)
         store = self._store
         items: Iterator[object] = iter(())
         async_items: AsyncIterator[object] | None = None

@@ -6,7 +6,7 @@ import asyncio
 import os
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -396,3 +396,34 @@ async def test_cancel_ends_a_run_whose_async_batch_waits_for_the_next_task(sched
     await finished.aclose()
     assert [r.key for r in summary.results] == ["first"]
     assert closed.is_set()  # the source was closed, not left waiting
+
+
+async def test_cancel_stops_a_batch_while_the_store_begins_it(tmp_path: Path) -> None:
+    entered, release = asyncio.Event(), asyncio.Event()
+
+    class SlowToBegin(MemoryStore):
+        async def begin_batch(self, batch_id: str, *, name: str | None = None,
+                              resume: bool = False) -> Mapping[str, TaskResult]:
+            entered.set()
+            await release.wait()
+            return await super().begin_batch(batch_id, name=name, resume=resume)
+
+    log = tmp_path / "runs"
+    async with Scheduler(workers=1, store=SlowToBegin()) as scheduler:
+        run = asyncio.ensure_future(scheduler.run([Task(tasks.log_run, str(log), "ran")], batch_id="b"))
+        await entered.wait()
+        assert scheduler.cancel("b")  # known from the moment run() is called
+        release.set()
+        summary = await run
+    assert summary.results == [] and not log.exists()
+
+
+async def test_an_event_stream_refuses_a_second_consumer_at_once(scheduler: Scheduler) -> None:
+    events = scheduler.events()
+    first = asyncio.ensure_future(anext(events))
+    await asyncio.sleep(0)  # a loop turn: the first consumer waits
+    with pytest.raises(ConfigurationError, match="each consumer needs a stream of its own"):
+        await anext(events)
+    await events.aclose()  # the first consumer's wait ends with the stream
+    with pytest.raises(StopAsyncIteration):
+        await first
