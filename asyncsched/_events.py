@@ -83,6 +83,9 @@ class EventStream(AsyncIterator[Event]):
         while not self._buffer:
             if self._closed:
                 raise StopAsyncIteration
+            if self._waiter is not None:
+                raise ConfigurationError("another task is already waiting on this EventStream: each consumer "
+                                         "needs a stream of its own (call events() once per consumer)")
             self._waiter = asyncio.get_running_loop().create_future()
             try:
                 await self._waiter
