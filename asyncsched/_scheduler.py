@@ -382,21 +382,27 @@ class Scheduler:
         if self._closed:
             return
         self._closed = True
-        for run in list(self._runs):
+        running = list(self._runs)
+        for run in running:
             run.abort(ClosedError("the scheduler was closed while the batch ran"))
         self._hub.close()
-        closing = asyncio.ensure_future(self._release())
+        closing = asyncio.ensure_future(self._release({run.batch_id for run in running}))
         try:
             await asyncio.shield(closing)
         except asyncio.CancelledError:
             await closing
             raise
 
-    async def _release(self) -> None:
+    async def _release(self, ended: set[str]) -> None:
+        """Stop the backend; end the batches that were running (their streams may end later), close the store."""
         try:
             await self._backend.aclose()
         finally:
-            await self._store.aclose()
+            try:
+                for batch_id in ended:
+                    await self._store.end_batch(batch_id)
+            finally:
+                await self._store.aclose()
 
     # -- running batches -------------------------------------------------------------------
 
@@ -523,7 +529,8 @@ class Scheduler:
                 run.total = sum(run.counts.values())  # what it finished, also when it was left early
             finally:
                 self._hub.deliver()  # every TaskFinished of the batch is out before its run() returns
-                await self._store.end_batch(batch_id)
+                if not self._closed:  # else aclose() ends the batch, and may have closed the store already
+                    await self._store.end_batch(batch_id)
 
     def _admit(self, run: _BatchRun, item: object, index: int, previous: Mapping[str, TaskResult]) -> int:
         """Start one batch item; returns the next index."""

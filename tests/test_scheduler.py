@@ -20,6 +20,7 @@ from asyncsched import (
     ProcessBackend,
     RetryPolicy,
     Scheduler,
+    SQLiteStore,
     Status,
     Task,
     TaskDefinitionError,
@@ -427,3 +428,15 @@ async def test_an_event_stream_refuses_a_second_consumer_at_once(scheduler: Sche
     await events.aclose()  # the first consumer's wait ends with the stream
     with pytest.raises(StopAsyncIteration):
         await first
+
+
+async def test_a_stream_left_open_past_its_schedulers_close_ends_cleanly(tmp_path: Path) -> None:
+    async with Scheduler(workers=1, store=tmp_path / "r.db") as scheduler:
+        stream = scheduler.stream([Task(tasks.identity, i) for i in range(50)], batch_id="b")
+        async for _ in stream:
+            break  # left without closing it
+    await stream.aclose()  # as the garbage collector does, later: the store is closed by now
+    async with SQLiteStore(tmp_path / "r.db", readonly=True) as store:
+        info = await store.batch("b")
+    assert info is not None and info.finished_at is not None  # ended by the scheduler's close
+    assert info.stats.completed + info.stats.cancelled == info.stats.total > 0
