@@ -466,7 +466,8 @@ class ProcessPool(concurrent.futures.Executor):
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """``Executor.shutdown``. From the pool's own loop thread it cannot wait: use ``await aclose()`` there.
 
-        A pool whose loop has ended without ``aclose()`` has its workers killed.
+        A pool whose loop has stopped (after ``run_until_complete``) is closed
+        on that loop, here; one whose loop is closed has its workers killed.
         """
         loop = self._loop
         if loop is None or self._closed:
@@ -482,11 +483,11 @@ class ProcessPool(concurrent.futures.Executor):
             with contextlib.suppress(RuntimeError):  # unless another loop runs in this thread
                 loop.run_until_complete(closing)
                 return
-        try:
-            if not loop.is_running():
-                raise RuntimeError("nothing runs the pool's loop")
-            done = asyncio.run_coroutine_threadsafe(closing, loop)
-        except RuntimeError:  # closed (it ended without aclose(), or another shutdown closed it), or out of reach
+        done = None
+        if loop.is_running():
+            with contextlib.suppress(RuntimeError):  # closed meanwhile
+                done = asyncio.run_coroutine_threadsafe(closing, loop)
+        if done is None:  # closed (it ended without aclose(), or another shutdown closed it), or out of reach
             closing.close()
             self._closed = True
             for worker in list(self._workers):  # no loop left to watch them: kill, reap and close here
