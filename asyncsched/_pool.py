@@ -419,10 +419,10 @@ class ProcessPool(concurrent.futures.Executor):
         self._ready.clear()  # nothing more is sent
         closed = Outcome(Status.CANCELLED, error="the pool was closed", error_type="asyncio.CancelledError")
         for worker in list(self._workers):
-            call = worker.call
-            if call is not None:
-                call.settle(closed)
-                self._kill(worker)  # its queued calls go back to pending
+            if worker.calls:
+                for call in worker.calls:
+                    call.settle(closed)
+                self._kill(worker)
             elif not worker.retiring:
                 self._retire(worker)
         for call in self._pending:
@@ -673,8 +673,11 @@ class ProcessPool(concurrent.futures.Executor):
     def _kill(self, worker: _Worker) -> None:
         """SIGTERM the worker's process group now, SIGKILL it after the grace period.
 
-        The running call must be settled by the caller; the calls queued behind it go back to
-        the front of the pending deque.
+        The running call must be settled by the caller. The calls queued behind
+        it go back to the front of the pending deque once the worker has exited
+        (``_on_exit``): the results it wrote until then are read first, so a call
+        it finished and the one it started meanwhile are known, and no call that
+        has run is given back.
         """
         if worker.killed:
             return
@@ -687,7 +690,6 @@ class ProcessPool(concurrent.futures.Executor):
         worker.signal(signal.SIGTERM)
         assert self._loop is not None
         worker.sigkill = self._loop.call_later(KILL_GRACE, worker.signal, signal.SIGKILL)
-        self._requeue(worker)
         self._fill()
 
     def _requeue(self, worker: _Worker) -> None:

@@ -57,16 +57,20 @@ def log_run(log: str, key: str, seconds: float = 0.0, gate: str | None = None) -
     return key
 
 
-def log_and_announce(log: str, fifo: str, key: str) -> str:
-    """Append ``key`` to ``log``, then write a byte to ``fifo`` if someone reads it (a second run finds no one)."""
+def log_and_announce(log: str, fifo: str, key: str, gate: str | None = None) -> str:
+    """Append ``key`` to ``log``, write a byte to ``fifo`` if someone reads it (a second run finds no one),
+    then wait for ``gate`` if given."""
     with open(log, "a") as file:
         file.write(key + "\n")
     try:
         fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
     except OSError:
-        return key
-    os.write(fd, b"x")
-    os.close(fd)
+        pass
+    else:
+        os.write(fd, b"x")
+        os.close(fd)
+    if gate is not None:
+        wait_for_file(gate)
     return key
 
 

@@ -248,6 +248,37 @@ async def test_cancelling_a_call_that_has_finished_never_reruns_the_one_after_it
     assert log.read_text().split() == ["second"]
 
 
+async def test_a_call_that_starts_just_before_its_worker_is_killed_is_not_run_again(
+        tmp_path: Path, gate: Callable[[], str], monkeypatch: pytest.MonkeyPatch) -> None:
+    log, fifo = tmp_path / "runs", tmp_path / "started"
+    os.mkfifo(fifo)
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+    first_gate, second_gate = gate(), gate()
+    try:
+        async with ProcessPool(1) as pool:
+            await until_batching(pool)
+            first, second = Heard(), Heard()
+            call = pool.start_call(tasks.log_run, (str(log), "first", 0.0, first_gate), first)
+            pool.start_call(tasks.log_and_announce, (str(log), str(fifo), "second", second_gate), second)
+            await first.running.wait()
+            kill = pool._kill
+
+            def kill_once_the_second_has_started(worker: Any) -> None:
+                # the race: the first call ends and the second starts after the pool last read the worker
+                Path(first_gate).touch()
+                assert select.select([reader], [], [], 30)[0], "second never started"
+                kill(worker)
+
+            monkeypatch.setattr(pool, "_kill", kill_once_the_second_has_started)
+            call.cancel()  # the pool still thinks the first call runs
+            await asyncio.to_thread(Path(second_gate).touch)  # a second run of it, if any, ends at once
+            outcome = await second.outcome
+    finally:
+        os.close(reader)
+    assert outcome.status is Status.CRASHED  # killed with its worker: recorded, not given back as never started
+    assert log.read_text().split() == ["first", "second"]
+
+
 async def test_a_crashed_workers_task_processes_do_not_outlive_it(tmp_path: Path) -> None:
     pidfile = tmp_path / "child.pid"
     async with ProcessPool(1) as pool:
