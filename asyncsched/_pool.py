@@ -417,16 +417,15 @@ class ProcessPool(concurrent.futures.Executor):
                 await self._progress  # shared by every caller waiting here
         self._closed = True
         self._ready.clear()  # nothing more is sent
-        closed = Outcome(Status.CANCELLED, error="the pool was closed", error_type="asyncio.CancelledError")
         for worker in list(self._workers):
             if worker.calls:
                 for call in worker.calls:
-                    call.settle(closed)
+                    call.settle(_CLOSED)
                 self._kill(worker)
             elif not worker.retiring:
                 self._retire(worker)
         for call in self._pending:
-            call.settle(closed)
+            call.settle(_CLOSED)
         self._pending.clear()
         assert self._all_exited is not None
         if self._workers:
@@ -693,14 +692,22 @@ class ProcessPool(concurrent.futures.Executor):
         self._fill()
 
     def _requeue(self, worker: _Worker) -> None:
-        """Give back the calls queued on a worker behind its running one; they never started."""
+        """Give back the calls queued on a worker behind its running one; they never started.
+
+        A pool that has broken or closed meanwhile settles them instead: no worker will take them.
+        """
         calls, worker.calls = worker.calls, deque()
         if calls:
             calls.popleft()
-        for call in reversed(calls):
-            if not call.done:
-                call.worker = None
-                self._pending.appendleft(call)
+        waiting = [call for call in calls if not call.done]
+        if self._broken is not None or self._closed:
+            outcome = _broken_outcome(self._broken) if self._broken is not None else _CLOSED
+            for call in waiting:
+                call.settle(outcome)
+            return
+        for call in reversed(waiting):
+            call.worker = None
+            self._pending.appendleft(call)
         self._dispatch()
 
     def _on_exit(self, worker: _Worker) -> None:
@@ -1041,6 +1048,9 @@ def _describe_exit(code: int | None) -> str:
             name = f"signal {-code}"
         return f"was killed by {name}"
     return f"exited with code {code}"
+
+
+_CLOSED = Outcome(Status.CANCELLED, error="the pool was closed", error_type="asyncio.CancelledError")
 
 
 def _broken_outcome(broken: BrokenPoolError) -> Outcome:

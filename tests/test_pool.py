@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from asyncsched import Outcome, ProcessPool, Status, TaskFailedError
-from asyncsched._errors import ClosedError, ConfigurationError
+from asyncsched._errors import BrokenPoolError, ClosedError, ConfigurationError
 from asyncsched._pool import MAX_DEPTH
 
 from . import faults, tasks
@@ -277,6 +277,17 @@ async def test_a_call_that_starts_just_before_its_worker_is_killed_is_not_run_ag
         os.close(reader)
     assert outcome.status is Status.CRASHED  # killed with its worker: recorded, not given back as never started
     assert log.read_text().split() == ["first", "second"]
+
+
+async def test_calls_queued_on_a_killed_worker_are_settled_when_the_pool_breaks_before_it_exits() -> None:
+    async with ProcessPool(1) as pool:
+        await until_batching(pool)
+        hanging = pool.call(faults.ignore_sigterm_and_hang, (), timeout=0.2)  # its worker outlives SIGTERM a while
+        queued = pool.call(tasks.double, (21,))  # behind it, on the same worker: given back once that one exits
+        assert (await hanging).status is Status.TIMED_OUT
+        pool._break("broken by the test")  # before the killed worker has exited
+        with pytest.raises(BrokenPoolError, match="broken by the test"):
+            await queued
 
 
 async def test_a_crashed_workers_task_processes_do_not_outlive_it(tmp_path: Path) -> None:
