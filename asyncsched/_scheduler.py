@@ -145,6 +145,7 @@ class _BatchRun:
         self.total: int | None = None  # tasks this run will finish, once known; known once it is over
         self.skipped = 0  # items of a resumed batch with a stored result, not run again
         self.stopped: str | None = None  # why the batch was cancelled (Scheduler.cancel)
+        self.begun = False  # the store has begun the batch
         self.counts: dict[Status, int] = dict.fromkeys(Status, 0)
         self.retries = 0
         self.busy = 0.0
@@ -206,14 +207,17 @@ class _BatchRun:
         self._finish(record, Outcome(Status.FAILED, error=error, error_type="asyncsched.TaskDefinitionError"))
 
     def cancel_all(self, why: str) -> None:
-        """Stop every task still in flight and record it as cancelled."""
+        """Stop every task still in flight and record it as cancelled; wake the batch's stream."""
         for record in list(self.records.values()):
+            if self.records.get(record.index) is not record:
+                continue  # finished meanwhile: cancelling a call read the result of the one after it
             running, record.running = record.running, None
             if running is not None:
                 running.cancel()
             if record.retry_handle is not None:
                 record.retry_handle.cancel()
             self._finish(record, Outcome(Status.CANCELLED, error=why, error_type="asyncio.CancelledError"))
+        self._wake()  # also with nothing in flight: a stream waiting for its async batch's next item ends
 
     def abort(self, error: BaseException) -> None:
         self.aborted = error
@@ -386,7 +390,7 @@ class Scheduler:
         for run in running:
             run.abort(ClosedError("the scheduler was closed while the batch ran"))
         self._hub.close()
-        closing = asyncio.ensure_future(self._release({run.batch_id for run in running}))
+        closing = asyncio.ensure_future(self._release({run.batch_id for run in running if run.begun}))
         try:
             await asyncio.shield(closing)
         except asyncio.CancelledError:
@@ -457,10 +461,12 @@ class Scheduler:
         for watcher in self._watchers:
             watcher(run)
         try:
-            return run, await self._store.begin_batch(batch_id, name=name, resume=resume)
+            previous = await self._store.begin_batch(batch_id, name=name, resume=resume)
         except BaseException:
             self._runs.discard(run)
             raise
+        run.begun = True
+        return run, previous
 
     def _monitor(self, batch_id: str) -> contextlib.AbstractAsyncContextManager[object]:
         if not self._progress:
@@ -517,7 +523,7 @@ class Scheduler:
                     raise run.aborted
                 if not run.records and (exhausted or run.stopped is not None):
                     break
-                await run.wait(pulling)
+                await run.wait(pulling if pulling is not None and not pulling.done() else None)
         finally:
             if pulling is not None:  # stopped or left while the source was waiting
                 pulling.cancel()

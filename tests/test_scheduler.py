@@ -15,8 +15,12 @@ import pytest
 
 import asyncsched._scheduler
 from asyncsched import (
+    AttemptListener,
+    Backend,
+    Cancellable,
     ClosedError,
     ConfigurationError,
+    Outcome,
     ProcessBackend,
     RetryPolicy,
     Scheduler,
@@ -377,9 +381,19 @@ async def test_a_stream_hands_out_results_while_its_async_batch_waits_for_the_ne
     assert seen == ["first", "second"]
 
 
-async def test_cancel_ends_a_run_whose_async_batch_waits_for_the_next_task(scheduler: Scheduler) -> None:
+async def test_cancel_ends_a_run_whose_async_batch_waits_for_the_next_task(scheduler: Scheduler,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     never = asyncio.Event()
     closed = asyncio.Event()
+    waiting = asyncio.Event()  # the run waits for the source alone, nothing in flight
+    wait = asyncsched._scheduler._BatchRun.wait
+
+    async def noted(self: Any, pulling: Any = None) -> None:
+        if pulling is not None and not self.records and sum(self.counts.values()):  # after the first result
+            waiting.set()
+        await wait(self, pulling)
+
+    monkeypatch.setattr(asyncsched._scheduler._BatchRun, "wait", noted)
 
     async def source() -> AsyncIterator[Task]:
         try:
@@ -392,6 +406,7 @@ async def test_cancel_ends_a_run_whose_async_batch_waits_for_the_next_task(sched
     finished = scheduler.events(kinds=[TaskFinished])
     run = asyncio.ensure_future(scheduler.run(source(), batch_id="b"))
     assert (await anext(finished)).key == "first"
+    await waiting.wait()
     assert scheduler.cancel("b")
     summary = await run
     await finished.aclose()
@@ -440,3 +455,106 @@ async def test_a_stream_left_open_past_its_schedulers_close_ends_cleanly(tmp_pat
         info = await store.batch("b")
     assert info is not None and info.finished_at is not None  # ended by the scheduler's close
     assert info.stats.completed + info.stats.cancelled == info.stats.total > 0
+
+
+class _Held(Backend):
+    """Holds every attempt until the test settles it; cancelling the first one finishes the second (as the
+    pool does when, cancelling a call, it reads the result of the one queued behind it)."""
+
+    capacity = 4
+
+    def __init__(self) -> None:
+        self.listeners: list[AttemptListener] = []
+        self.more = asyncio.Event()
+
+    async def holding(self, count: int) -> None:
+        """Until ``count`` attempts have come."""
+        while len(self.listeners) < count:
+            self.more.clear()
+            await self.more.wait()
+
+    def submit(self, attempt: Any, emit: Any) -> asyncio.Future[Outcome]:
+        raise NotImplementedError
+
+    def run_attempt(self, attempt: Any, listener: AttemptListener) -> Cancellable:
+        self.listeners.append(listener)
+        self.more.set()
+        position = len(self.listeners) - 1
+        backend = self
+
+        class Attempt:
+            def cancel(self) -> bool:
+                if position == 0 and len(backend.listeners) > 1:
+                    backend.listeners[1].finished(Outcome(Status.COMPLETED, value="done meanwhile"))
+                return True
+
+        return Attempt()
+
+    async def aclose(self) -> None:
+        pass
+
+
+async def test_cancelling_a_batch_records_once_a_task_that_finishes_while_it_is_cancelled() -> None:
+    backend = _Held()
+    async with Scheduler(backend=backend) as scheduler:
+        run = asyncio.ensure_future(scheduler.run([Task(tasks.identity, i) for i in range(3)], batch_id="b"))
+        await backend.holding(3)
+        assert scheduler.cancel("b")
+        summary = await run
+    assert [(r.key, r.status) for r in summary.results] == [
+        ("0", Status.CANCELLED), ("1", Status.COMPLETED), ("2", Status.CANCELLED)]
+
+
+async def test_aclose_while_the_store_begins_a_batch(tmp_path: Path) -> None:
+    entered, release = asyncio.Event(), asyncio.Event()
+
+    class SlowToBegin(MemoryStore):
+        async def begin_batch(self, batch_id: str, *, name: str | None = None,
+                              resume: bool = False) -> Mapping[str, TaskResult]:
+            entered.set()
+            await release.wait()
+            return await super().begin_batch(batch_id, name=name, resume=resume)
+
+    scheduler = Scheduler(workers=1, store=SlowToBegin())
+    run = asyncio.ensure_future(scheduler.run([Task(tasks.identity, 1)], batch_id="b"))
+    await entered.wait()
+    await scheduler.aclose()  # the store never began "b": there is no batch of it to end
+    release.set()
+    with pytest.raises(ClosedError):
+        await run
+
+
+async def test_a_run_waits_quietly_when_its_async_batchs_next_task_comes_while_the_window_is_full(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    backend = _Held()  # capacity 4, prefetch 16: a window of 64
+    go = asyncio.Event()
+    waits = 0
+    wait = asyncsched._scheduler._BatchRun.wait
+
+    async def counted(self: Any, pulling: Any = None) -> None:
+        nonlocal waits
+        waits += 1
+        await wait(self, pulling)
+
+    monkeypatch.setattr(asyncsched._scheduler._BatchRun, "wait", counted)
+
+    async def source() -> AsyncIterator[Task]:
+        for i in range(20):
+            yield Task(tasks.identity, i)
+        await go.wait()
+        yield Task(tasks.identity, 20)
+
+    async with Scheduler(backend=backend) as scheduler:
+        run = asyncio.ensure_future(scheduler.run(source()))
+        await backend.holding(20)  # and the next item is being pulled
+        backend.prefetch = 1  # the window shrinks to 16, below the 20 in flight (as the pool's does for slow tasks)
+        go.set()  # the next item comes while the window is full
+        waits = 0
+        for _ in range(100):  # loop turns: a run that spins takes one wait per turn
+            await asyncio.sleep(0)
+        assert waits < 5, waits
+        for listener in list(backend.listeners):
+            listener.finished(Outcome(Status.COMPLETED))
+        await backend.holding(21)
+        backend.listeners[20].finished(Outcome(Status.COMPLETED))
+        assert (await run).completed == 21
