@@ -28,12 +28,14 @@ Actors:
 * ``_Worker`` is the record of one process: its socket, its sentinel and the
   calls sent to it, in order; the first one is running. Each worker has its
   own socket, so killing one worker costs only its running call: the calls
-  queued behind it go back to the pending deque. A dead worker never breaks
-  the pool (unlike the stdlib ``ProcessPoolExecutor``).
+  queued behind it go back to the pending deque once it has exited and what
+  it wrote has been read. A dead worker never breaks the pool (unlike the
+  stdlib ``ProcessPoolExecutor``).
 * Batching adapts to the tasks: while they are fast (an average under
-  ``BATCH_SECONDS``) several calls go to a worker in one frame and their
-  results come back grouped; slow tasks go one at a time, so none waits behind
-  another. A call's timeout starts when it reaches the head of its worker.
+  ``BATCH_SECONDS``) several calls go to a worker in one frame; slow tasks go
+  one at a time, so none waits behind another. The worker writes each result
+  before it starts the next call, and the loop reads whatever has come in at
+  once. A call's timeout starts when it reaches the head of its worker.
 * The event loop watches every socket and every process sentinel with
   ``add_reader``: nothing polls and nothing sleeps. Reads and writes are
   non-blocking, so a large argument or result never blocks the loop.
