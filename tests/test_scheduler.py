@@ -414,22 +414,28 @@ async def test_cancel_ends_a_run_whose_async_batch_waits_for_the_next_task(sched
     assert closed.is_set()  # the source was closed, not left waiting
 
 
+class _SlowToBegin(MemoryStore):
+    """A store that begins a batch only once the test sets ``release``; ``entered`` says it has been asked."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.entered, self.release = asyncio.Event(), asyncio.Event()
+
+    async def begin_batch(self, batch_id: str, *, name: str | None = None,
+                          resume: bool = False) -> Mapping[str, TaskResult]:
+        self.entered.set()
+        await self.release.wait()
+        return await super().begin_batch(batch_id, name=name, resume=resume)
+
+
 async def test_cancel_stops_a_batch_while_the_store_begins_it(tmp_path: Path) -> None:
-    entered, release = asyncio.Event(), asyncio.Event()
-
-    class SlowToBegin(MemoryStore):
-        async def begin_batch(self, batch_id: str, *, name: str | None = None,
-                              resume: bool = False) -> Mapping[str, TaskResult]:
-            entered.set()
-            await release.wait()
-            return await super().begin_batch(batch_id, name=name, resume=resume)
-
+    store = _SlowToBegin()
     log = tmp_path / "runs"
-    async with Scheduler(workers=1, store=SlowToBegin()) as scheduler:
+    async with Scheduler(workers=1, store=store) as scheduler:
         run = asyncio.ensure_future(scheduler.run([Task(tasks.log_run, str(log), "ran")], batch_id="b"))
-        await entered.wait()
+        await store.entered.wait()
         assert scheduler.cancel("b")  # known from the moment run() is called
-        release.set()
+        store.release.set()
         summary = await run
     assert summary.results == [] and not log.exists()
 
@@ -506,20 +512,12 @@ async def test_cancelling_a_batch_records_once_a_task_that_finishes_while_it_is_
 
 
 async def test_aclose_while_the_store_begins_a_batch(tmp_path: Path) -> None:
-    entered, release = asyncio.Event(), asyncio.Event()
-
-    class SlowToBegin(MemoryStore):
-        async def begin_batch(self, batch_id: str, *, name: str | None = None,
-                              resume: bool = False) -> Mapping[str, TaskResult]:
-            entered.set()
-            await release.wait()
-            return await super().begin_batch(batch_id, name=name, resume=resume)
-
-    scheduler = Scheduler(workers=1, store=SlowToBegin())
+    store = _SlowToBegin()
+    scheduler = Scheduler(workers=1, store=store)
     run = asyncio.ensure_future(scheduler.run([Task(tasks.identity, 1)], batch_id="b"))
-    await entered.wait()
+    await store.entered.wait()
     await scheduler.aclose()  # the store never began "b": there is no batch of it to end
-    release.set()
+    store.release.set()
     with pytest.raises(ClosedError):
         await run
 
