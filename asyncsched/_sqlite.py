@@ -613,11 +613,13 @@ def _encode(value: Any) -> tuple[str | None, bytes | None]:
     if value is None:
         return None, None
     kind = type(value)
-    with contextlib.suppress(ValueError):  # an int too long for str() (sys.set_int_max_str_digits): pickled
+    try:  # not contextlib.suppress: this runs for every result, in the writer thread, holding the GIL
         if kind is int or (kind is float and math.isfinite(value)):
             return repr(value), None  # the JSON of a number is its repr
         if _plain_json(value):
             return _JSON.encode(value), None
+    except ValueError:  # an int too long for str() (sys.set_int_max_str_digits): pickled
+        pass
     try:
         return None, pickle.dumps(value, pickle.HIGHEST_PROTOCOL)
     except Exception:  # neither (only an in-process backend can return such a value): keep what can be kept
