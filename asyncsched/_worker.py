@@ -138,20 +138,37 @@ class _Channel:
     """The worker's end of the socket: each message written at once, in a frame of its own.
 
     The lock keeps frames whole when threads of a task call ``report()`` while
-    the worker's own thread sends.
+    the worker's own thread sends. A ``report()`` from a signal handler runs in
+    the thread whose send it interrupted, which it cannot wait for: its frame
+    is queued, and that send writes it after its own.
     """
 
     def __init__(self, conn: Connection) -> None:
         self.fd = conn.fileno()
-        self.lock = threading.Lock()
+        self.lock = threading.RLock()
+        self.writing = False  # a send holds the lock and is writing
+        self.queued: deque[bytes] = deque()  # frames of sends that interrupted it
 
     def send(self, message: tuple[Any, ...]) -> None:
         """Send now; raises if ``message`` does not pickle."""
         data = pickle.dumps(message, _PROTOCOL)  # a report whose data does not pickle fails report() alone
-        view = memoryview(frame_header(len(data)) + data)
+        frame = frame_header(len(data)) + data
         with self.lock:
-            while view:
-                view = view[os.write(self.fd, view):]
+            if self.writing:
+                self.queued.append(frame)
+                return
+            self.writing = True
+            try:
+                self._write(frame)
+                while self.queued:
+                    self._write(self.queued.popleft())
+            finally:
+                self.writing = False
+
+    def _write(self, frame: bytes) -> None:
+        view = memoryview(frame)
+        while view:
+            view = view[os.write(self.fd, view):]
 
 
 def _load(function: bytes | None, payload: bytes) -> tuple[Callable[..., Any], tuple[Any, ...]]:

@@ -180,3 +180,24 @@ def allocate_and_hold(size: int) -> None:
     for i in range(0, size, 4096):
         block[i] = 1
     time.sleep(3600)
+
+
+def report_from_a_signal_handler(reports: int) -> int:
+    """Calls report() in a loop while a timer signal's handler calls it too; returns how often the handler ran."""
+    from asyncsched import report
+
+    ran = 0
+
+    def handler(signum: int, frame: object) -> None:
+        nonlocal ran
+        ran += 1
+        report("from the handler")
+
+    signal.signal(signal.SIGALRM, handler)
+    signal.setitimer(signal.ITIMER_REAL, 0.0002, 0.0002)
+    try:
+        for i in range(reports):
+            report("from the task", i / reports)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+    return ran

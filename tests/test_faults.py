@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import functools
 import json
 import os
@@ -325,6 +326,17 @@ async def test_a_forked_child_of_a_task_reports_nothing(scheduler: Scheduler) ->
     await scheduler.aclose()
     messages = [e.message async for e in events if isinstance(e, TaskReported)]
     assert summary.completed == 1 and messages == ["from the task"]
+
+
+async def test_a_report_from_a_signal_handler_that_interrupts_a_report_is_sent_after_it(
+        scheduler: Scheduler) -> None:
+    events = scheduler.events(kinds=[TaskReported], buffer=100_000)
+    summary = await scheduler.run([Task(faults.report_from_a_signal_handler, 20_000, timeout=60)])
+    await scheduler.aclose()
+    messages = collections.Counter([e.message async for e in events])
+    (result,) = summary.results
+    assert result.status is Status.COMPLETED, result.error
+    assert messages["from the task"] == 20_000 and 0 < messages["from the handler"] <= result.value
 
 
 async def test_report_data_that_cannot_be_unpickled_here_spoils_only_that_report(scheduler: Scheduler) -> None:
