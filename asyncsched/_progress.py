@@ -242,7 +242,8 @@ class ProgressMonitor:
         live = self.scheduler._runs
         for run in [run for run in self._runs if run not in live]:  # over: kept as totals, not as a run
             self._runs.remove(run)
-            self._past.add(run)
+            if run.begun:  # else the store refused the batch: it never ran
+                self._past.add(run)
         tallies: list[_BatchRun | _Past] = [self._past, *self._runs]
         counts: Counter[Status] = Counter()
         for tally in tallies:

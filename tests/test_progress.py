@@ -192,6 +192,16 @@ async def test_the_total_of_a_resumed_list_leaves_out_what_is_stored(scheduler: 
         await running
 
 
+async def test_a_batch_that_could_not_begin_is_not_counted(scheduler: Scheduler) -> None:
+    await scheduler.run([Task(tasks.square, 1)], batch_id="taken")
+    async with ProgressMonitor(scheduler, console=plain_console(io.StringIO())) as monitor:
+        with pytest.raises(ConfigurationError, match="already exists"):
+            await scheduler.run([Task(tasks.square, 2)], batch_id="taken")
+        assert monitor.statistics().total is None  # no batch yet: not "0 of 0"
+        await scheduler.run([Task(tasks.square, i) for i in range(3)])
+    assert (monitor.statistics().done, monitor.statistics().total) == (3, 3)
+
+
 async def test_a_monitor_can_watch_one_batch(scheduler: Scheduler) -> None:
     async with ProgressMonitor(scheduler, batch_id="mine", console=plain_console(io.StringIO())) as monitor:
         await scheduler.run([Task(tasks.square, 1)], batch_id="other")
