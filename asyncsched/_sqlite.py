@@ -35,10 +35,10 @@ import os
 import pickle
 import sqlite3
 import time
-import urllib.request
+import urllib.parse
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, overload
 
 import aiofiles
 import aiosqlite
@@ -270,6 +270,7 @@ class SQLiteStore(Store):
 
     async def begin_batch(self, batch_id: str, *, name: str | None = None,
                           resume: bool = False) -> Mapping[str, TaskResult]:
+        batch_id = _text(batch_id)
         created = await self._commit("INSERT OR IGNORE INTO batches (batch_id, name, created_at) VALUES (?, ?, ?)",
                                      (batch_id, name, time.time()))
         if created:
@@ -281,10 +282,11 @@ class SQLiteStore(Store):
             )
         await self._commit("UPDATE batches SET finished_at = NULL WHERE batch_id = ?", (batch_id,))
         cancelled = Status.CANCELLED.value  # a cancelled task never reached an outcome: the resumed batch runs it
-        return {r.key: r for r in await self._select(" WHERE batch_id = ? AND status != ?", (batch_id, cancelled))}
+        return _Stored((r.key, r) for r in await self._select(" WHERE batch_id = ? AND status != ?",
+                                                              (batch_id, cancelled)))
 
     async def end_batch(self, batch_id: str) -> None:
-        await self._commit("UPDATE batches SET finished_at = ? WHERE batch_id = ?", (time.time(), batch_id))
+        await self._commit("UPDATE batches SET finished_at = ? WHERE batch_id = ?", (time.time(), _text(batch_id)))
 
     async def _write_loop(self) -> None:
         loop = asyncio.get_running_loop()
@@ -364,7 +366,7 @@ class SQLiteStore(Store):
         return await self._batches("", ())
 
     async def batch(self, batch_id: str) -> BatchInfo | None:
-        found = await self._batches(" WHERE b.batch_id = ?", (batch_id,))
+        found = await self._batches(" WHERE b.batch_id = ?", (_text(batch_id),))
         return found[0] if found else None
 
     async def _batches(self, where: str, parameters: tuple[Any, ...]) -> list[BatchInfo]:
@@ -571,7 +573,7 @@ def _try_to_open(path: str, readonly: bool) -> None:
 
 def _readonly_uri(path: str) -> str:
     """A URI that opens ``path`` for reading only, and never creates it."""
-    return f"file:{urllib.request.pathname2url(os.path.abspath(path))}?mode=ro"
+    return f"file:{urllib.parse.quote(os.fsencode(os.path.abspath(path)))}?mode=ro"  # bytes: any file name
 
 
 async def _pragma(db: aiosqlite.Connection, name: str) -> int:
@@ -584,7 +586,7 @@ def _where(batch_id: str | None, status: Status | str | None) -> tuple[str, tupl
     conditions, parameters = [], []
     if batch_id is not None:
         conditions.append("batch_id = ?")
-        parameters.append(batch_id)
+        parameters.append(_text(batch_id))
     if status is not None:
         conditions.append("status = ?")
         parameters.append(Status(status).value)
@@ -633,8 +635,19 @@ def _describe(value: Any) -> str:
         return f"<a {type(value).__qualname__} that cannot be stored>"
 
 
+@overload
+def _text(text: str) -> str: ...
+
+
+@overload
+def _text(text: None) -> None: ...
+
+
 def _text(text: str | None) -> str | None:
-    """``text`` as SQLite can take it: a lone surrogate (from a file name, say) becomes a ``\\udc80`` escape."""
+    """``text`` as SQLite can take it: a lone surrogate (from a file name, say) becomes a ``\\udc80`` escape.
+
+    Keys and batch ids are stored so, and looked up so (:class:`_Stored`).
+    """
     if text is None or text.isascii():
         return text
     try:
@@ -642,6 +655,19 @@ def _text(text: str | None) -> str | None:
     except UnicodeEncodeError:
         return text.encode("utf-8", "backslashreplace").decode()
     return text
+
+
+class _Stored(dict[str, TaskResult]):
+    """The stored results of a batch by key: a key with a lone surrogate is found as it was stored."""
+
+    def __contains__(self, key: object) -> bool:
+        return super().__contains__(_text(key) if isinstance(key, str) else key)
+
+    def __missing__(self, key: str) -> TaskResult:
+        stored = _text(key)
+        if stored == key:
+            raise KeyError(key)
+        return self[stored]
 
 
 _STATUS_TEXT = {status: status.value for status in Status}  # Enum.value is a slow property

@@ -474,3 +474,32 @@ async def test_the_memory_store_keeps_one_result_per_key_when_a_batch_resumes() 
     stats = await store.stats("b")
     assert [(r.key, r.status) for r in results] == [("k", Status.COMPLETED)]
     assert (stats.total, stats.completed, stats.cancelled) == (1, 1, 0)
+
+
+UNDECODABLE = b"caf\xe9".decode("utf-8", "surrogateescape")  # what os.listdir() gives for a Latin-1 file name
+
+
+async def test_a_key_with_a_lone_surrogate_is_not_run_again_when_its_batch_resumes(tmp_path: Path) -> None:
+    async with threads(tmp_path / "results.db") as scheduler:
+        batch = [Task(tasks.square, 2, key=UNDECODABLE), Task(tasks.square, 3, key="plain")]
+        first = await scheduler.run(batch, batch_id="files")
+        again = await scheduler.run(batch, batch_id="files", resume=True)
+    stored = [("caf\\udce9", 4, first.results[0].started_at), ("plain", 9, first.results[1].started_at)]
+    assert [(r.key, r.value, r.started_at) for r in again.results] == stored  # nothing ran again
+
+
+async def test_a_batch_id_with_a_lone_surrogate_is_stored_and_found(tmp_path: Path) -> None:
+    async with threads(tmp_path / "results.db") as scheduler:
+        await scheduler.run([Task(tasks.square, 2)], batch_id=UNDECODABLE)
+        assert (await scheduler.stats(UNDECODABLE)).completed == 1
+        assert [r.value for r in await scheduler.results(UNDECODABLE)] == [4]
+        info = await scheduler.batch(UNDECODABLE)
+    assert info is not None and info.batch_id == "caf\\udce9" and info.finished_at is not None
+
+
+async def test_a_file_whose_name_is_not_utf8_opens_read_only(tmp_path: Path) -> None:
+    path = tmp_path / f"{UNDECODABLE}.db"
+    async with SQLiteStore(path) as store:
+        await store.begin_batch("b")
+    async with SQLiteStore(path, readonly=True) as reader:
+        assert [b.batch_id for b in await reader.batches()] == ["b"]
