@@ -35,6 +35,7 @@ exception (``None`` where it cannot be pickled or rebuilt).
 
 from __future__ import annotations
 
+import math
 import os
 import pickle
 import signal
@@ -91,8 +92,9 @@ _capture = threading.local()
 def report(message: str | None = None, progress: float | None = None, **data: Any) -> None:
     """Report progress from inside a running task; a no-op outside one.
 
-    ``message`` is free text, ``progress`` a fraction between 0 and 1, and any
-    keyword arguments travel along as ``Event.data`` (they must pickle).
+    ``message`` is free text, ``progress`` a fraction between 0 and 1 (NaN and
+    infinities raise ValueError), and any keyword arguments travel along as
+    ``Event.data`` (they must pickle).
     """
     current = _current
     captured = None if current is not None else getattr(_capture, "reports", None)
@@ -103,6 +105,8 @@ def report(message: str | None = None, progress: float | None = None, **data: An
         message = str(message)
     if progress is not None:
         progress = float(progress)
+        if not math.isfinite(progress):  # it could not travel as JSON to a dashboard or an export
+            raise ValueError(f"report(progress=...) takes a fraction between 0 and 1, got {progress!r}")
     if current is not None:
         send, call_id = current
         # data pickled on its own: data that cannot be unpickled in the parent spoils only this report

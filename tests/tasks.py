@@ -85,3 +85,7 @@ def say(message: str, fail: bool = False) -> str:
     if fail:
         raise ValueError(message)
     return message
+
+
+def report_progress(progress: float) -> None:
+    report(progress=progress)

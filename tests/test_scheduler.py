@@ -120,6 +120,15 @@ async def test_report_events_arrive_before_completion(scheduler: Scheduler) -> N
         assert mine[-1].status is Status.COMPLETED
 
 
+async def test_a_progress_that_is_not_a_finite_number_fails_its_report(scheduler: Scheduler) -> None:
+    events = scheduler.events(kinds=[TaskReported])
+    summary = await scheduler.run([Task(tasks.report_progress, p) for p in (float("nan"), float("inf"), 0.5)])
+    await scheduler.aclose()
+    assert [r.status for r in summary.results] == [Status.FAILED, Status.FAILED, Status.COMPLETED]
+    assert "report(progress=...) takes a fraction between 0 and 1, got nan" in (summary.results[0].error or "")
+    assert [e.progress async for e in events] == [0.5]
+
+
 async def test_every_consumer_sees_every_event_in_order(scheduler: Scheduler) -> None:
     first, second = scheduler.events(), scheduler.events()
     await scheduler.run([Task(tasks.reporting, i, 2) for i in range(4)], batch_id="b")
