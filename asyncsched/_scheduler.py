@@ -119,7 +119,7 @@ class _Record:
 
     def finished(self, outcome: Outcome) -> None:
         if self.running is not None:  # else cancelled meanwhile: cancel_all() records the task
-            self.running = self.running_since = None
+            self.running = None
             self.run.finished(self, outcome)
 
 
@@ -168,6 +168,7 @@ class _BatchRun:
         if (outcome.status is not Status.COMPLETED and record.attempts <= record.retries
                 and self.policy.should_retry(outcome)):
             delay = self.policy.delay(record.attempts)
+            record.running_since = None
             self.retries += 1
             if self.hub.wants(TaskRetried):
                 self.hub.publish(TaskRetried(self.batch_id, record.key, outcome.status, time.time(), outcome.pid,
@@ -178,20 +179,23 @@ class _BatchRun:
 
     def _finish(self, record: _Record, outcome: Outcome) -> None:
         del self.records[record.index]
+        started, finished = outcome.started_at, outcome.finished_at
+        if started is None and record.running_since is not None:  # killed, lost or cancelled while it ran
+            started, finished = record.running_since, finished or time.time()
         result = TaskResult(
             self.batch_id, record.key, outcome.status, outcome.value, outcome.error, outcome.traceback,
-            record.attempts, outcome.pid, outcome.started_at, outcome.finished_at, record.message,
+            record.attempts, outcome.pid, started, finished, record.message,
             record.progress, outcome.error_type, record.index, outcome.exception,
         )
         self.store.add(result)
         self.counts[outcome.status] += 1
-        if outcome.started_at is not None and outcome.finished_at is not None:
-            self.busy += outcome.finished_at - outcome.started_at
+        if started is not None and finished is not None:
+            self.busy += finished - started
             self.timed += 1
         if self.hub.wants(TaskFinished):
-            self.hub.publish(TaskFinished(self.batch_id, record.key, outcome.status,
-                                          outcome.finished_at or time.time(), outcome.pid,
-                                          outcome.error or record.message, record.progress, record.attempts))
+            self.hub.publish(TaskFinished(self.batch_id, record.key, outcome.status, finished or time.time(),
+                                          outcome.pid, outcome.error or record.message, record.progress,
+                                          record.attempts))
         self.ready.append(result)
         self._wake()
 

@@ -320,6 +320,16 @@ async def test_a_result_that_cannot_be_unpickled_here_fails_alone(scheduler: Sch
     assert [r.value for r in rest] == [i * i for i in range(30)] and summary.completed == 30
 
 
+async def test_a_task_killed_or_lost_with_its_worker_has_the_times_it_ran(scheduler: Scheduler) -> None:
+    summary = await scheduler.run([Task(faults.hang, key="hang", timeout=0.2), Task(faults.exit_hard, key="exit")])
+    hung, exited = summary.results
+    assert (hung.status, exited.status) == (Status.TIMED_OUT, Status.CRASHED)
+    for result in (hung, exited):
+        assert result.started_at is not None and result.finished_at is not None
+        assert result.started_at <= result.finished_at
+    assert hung.duration is not None and hung.duration >= 0.2
+
+
 async def test_a_forked_child_of_a_task_reports_nothing(scheduler: Scheduler) -> None:
     events = scheduler.events()
     summary = await scheduler.run([Task(faults.fork_and_report)])
