@@ -153,7 +153,8 @@ class ProgressMonitor:
     one around every batch.
 
     Nothing is done per task: the monitor reads the scheduler's counts at a
-    bounded rate.
+    bounded rate. Started in the middle of a batch, it counts that batch from
+    its start, and so do its elapsed time, rate and ETA.
     """
 
     def __init__(self, scheduler: Scheduler, *, batch_id: str | None = None, total: int | None = None,
@@ -190,10 +191,10 @@ class ProgressMonitor:
         if self._listener is not None:
             raise RuntimeError("this ProgressMonitor was already started; create a new one")
         self._listener = self.scheduler._hub.listen(self._on_reports, self.batch_id, kinds=[TaskReported])
+        self._started = time.monotonic()
         self.scheduler._watchers.append(self._watch)
         for run in self.scheduler._runs:
             self._watch(run)
-        self._started = time.monotonic()
         if self.console.is_interactive:
             self._live = Live(self._view(self.statistics()), console=self.console, auto_refresh=False)
             self._live.start()
@@ -229,6 +230,7 @@ class ProgressMonitor:
     def _watch(self, run: _BatchRun) -> None:
         if self.batch_id is None or run.batch_id == self.batch_id:
             self._runs.append(run)
+            self._started = min(self._started, run.started)  # its counts are from its start: so is the rate
 
     def _on_reports(self, events: list[Event]) -> None:
         """Called by the scheduler's hub with each list of reports it delivers: quick, and never raises."""

@@ -133,6 +133,7 @@ class _BatchRun:
 
     def __init__(self, scheduler: Scheduler, batch_id: str) -> None:
         self.batch_id = batch_id
+        self.started = time.monotonic()
         self.loop = asyncio.get_running_loop()
         self.backend = scheduler._backend
         self.store = scheduler._store

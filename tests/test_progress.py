@@ -7,6 +7,7 @@ import contextlib
 import io
 import itertools
 import re
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -146,13 +147,17 @@ async def test_a_monitor_started_mid_run_counts_the_whole_batch_and_no_finished_
     batch = [Task(tasks.identity, i) for i in range(3)] + [Task(tasks.wait_for_file, release, key="gated")]
     ends = scheduler.events(kinds=[TaskFinished])
     running = asyncio.ensure_future(scheduler.run(batch))
-    for _ in range(3):
+    await anext(ends)
+    ran_since = time.monotonic()  # the batch began before this
+    for _ in range(2):
         await anext(ends)  # the three quick tasks are done before the monitor starts
     await ends.aclose()
     async with ProgressMonitor(scheduler, console=plain_console(io.StringIO())) as monitor:
         assert not scheduler._hub.wants(TaskFinished)  # the display takes its counts from the scheduler
+        at_least = time.monotonic() - ran_since
         stats = monitor.statistics()
         assert (stats.done, stats.total, stats.running) == (3, 4, 1)
+        assert stats.elapsed >= at_least  # from the batch's start, as its counts: else the rate is too high
         assert [key for key, _ in stats.running_tasks] == ["gated"]
         await asyncio.to_thread(Path(release).touch)
         await running
