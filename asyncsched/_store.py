@@ -107,7 +107,8 @@ class MemoryStore(Store):
     Counts are exact for every batch; of the results themselves the latest
     ``max_results`` are kept (all of them with ``None``), so that a stream of
     millions of tasks runs in flat memory. As in a SQLite store, a resumed
-    batch's new result for a key replaces the one stored before.
+    batch's new result for a key replaces the one stored before; a batch some
+    of whose results are no longer kept cannot be resumed.
     """
 
     def __init__(self, max_results: int | None = 10_000) -> None:
@@ -122,8 +123,15 @@ class MemoryStore(Store):
                     f"batch {batch_id!r} already exists; pass resume=True to continue it, or use another batch_id"
                 )
             batch = self._batches[batch_id]
+            kept = [r for r in self._results if r.batch_id == batch_id]
+            if len(kept) < batch.counts.total():
+                raise ConfigurationError(
+                    f"batch {batch_id!r} has {batch.counts.total()} results and this MemoryStore keeps only the "
+                    f"latest {self._results.maxlen} of all batches, so it cannot tell which tasks already ran; "
+                    "resume from a SQLite store (store='results.db'), or use MemoryStore(max_results=None)"
+                )
             batch.finished_at = None
-            previous = {r.key: r for r in self._results if r.batch_id == batch_id}
+            previous = {r.key: r for r in kept}
             batch.rerun = {key: r for key, r in previous.items() if r.status is Status.CANCELLED}
             return {key: r for key, r in previous.items() if key not in batch.rerun}
         self._batches[batch_id] = _Batch(name)

@@ -503,3 +503,14 @@ async def test_a_file_whose_name_is_not_utf8_opens_read_only(tmp_path: Path) -> 
         await store.begin_batch("b")
     async with SQLiteStore(path, readonly=True) as reader:
         assert [b.batch_id for b in await reader.batches()] == ["b"]
+
+
+async def test_the_memory_store_refuses_to_resume_a_batch_whose_results_it_no_longer_keeps() -> None:
+    store = MemoryStore(max_results=3)
+    await store.begin_batch("b")
+    for key in "abcd":
+        store.add(_completed(key, 1))
+    await store.end_batch("b")
+    with pytest.raises(ConfigurationError, match="has 4 results and this MemoryStore keeps only the latest 3"):
+        await store.begin_batch("b", resume=True)
+    assert (await store.stats("b")).completed == 4
