@@ -4,18 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 import pytest
 from aiohttp import ClientResponse, web
 from aiohttp.test_utils import TestClient
 from pytest_aiohttp import AiohttpClient
 
-from asyncsched import ClosedError, ConfigurationError, Scheduler, Task, TaskDefinitionError
+from asyncsched import ClosedError, ConfigurationError, Scheduler, Status, Task, TaskDefinitionError, TaskResult
+from asyncsched._models import TaskReported
+from asyncsched._store import MemoryStore
 from asyncsched.web import Limits, TaskRegistry, setup
 from asyncsched.web._sse import EventLog
 
@@ -50,6 +53,14 @@ async def client(aiohttp_client: AiohttpClient) -> Client:
     return await make_client(aiohttp_client)
 
 
+def strict_json(text: str) -> Any:
+    """``text`` parsed as JSON proper: ``NaN`` and ``Infinity``, which ``json`` accepts by default, are not."""
+    def refuse(name: str) -> NoReturn:
+        raise ValueError(f"{name} is not JSON")
+
+    return json.loads(text, parse_constant=refuse)
+
+
 # -- reading Server-Sent Events -------------------------------------------------------------
 
 @dataclass
@@ -73,7 +84,7 @@ async def read_event(response: ClientResponse) -> Sse:
             name, _, value = text.partition(":")
             fields[name] = value.removeprefix(" ")
         elif "data" in fields:
-            return Sse(fields.get("id", ""), fields.get("event", "message"), json.loads(fields["data"]))
+            return Sse(fields.get("id", ""), fields.get("event", "message"), strict_json(fields["data"]))
         else:
             fields = {}
 
@@ -109,8 +120,9 @@ async def run_batch(client: Client, batch_id: str, **body: Any) -> list[Sse]:
 
 async def get_json(client: Client, path: str, status: int = 200, **kw: Any) -> Any:
     response = await client.get(f"{API}{path}", **kw)
-    assert response.status == status, await response.text()
-    return await response.json()
+    text = await response.text()
+    assert response.status == status, text
+    return strict_json(text)
 
 
 # -- submitting and reading batches ---------------------------------------------------------
@@ -183,6 +195,27 @@ async def test_values_that_json_cannot_carry_are_shown_by_repr(client: Client) -
     await run_batch(client, "odd", task="odd_values", inputs=[[]])
     (result,) = (await get_json(client, "/batches/odd/results"))["results"]
     assert result["value"] == {"tuple": [1, 2], "set": "{3}", "nan": "nan", "4": "int key"}
+
+
+async def test_numbers_json_cannot_carry_are_null_in_events_and_results(aiohttp_client: AiohttpClient) -> None:
+    store = MemoryStore()  # results and events from any backend, store or custom code
+    scheduler = Scheduler(workers=1, store=store)
+    client = await make_client(aiohttp_client, scheduler=scheduler)
+    events = await client.get(f"{API}/events")
+    scheduler._hub.publish(TaskReported("odd", "0", Status.RUNNING, math.inf, progress=math.nan))
+    reported = await read_event(events)
+    assert (reported.data["timestamp"], reported.data["progress"]) == (None, None)
+    events.close()
+    epoch = reported.id.split("-")[0]
+    resumed = await client.get(f"{API}/events", headers={"Last-Event-ID": f"{epoch}-0"})
+    assert (await read_event(resumed)).data == reported.data  # a reconnect replays it just as well
+    resumed.close()
+    await store.begin_batch("odd")
+    store.add(TaskResult("odd", "0", Status.COMPLETED, started_at=1.0, finished_at=math.inf, progress=-math.inf))
+    await store.end_batch("odd")
+    (result,) = (await get_json(client, "/batches/odd/results"))["results"]
+    assert (result["started_at"], result["finished_at"], result["duration"], result["progress"]) == (
+        1.0, None, None, None)
 
 
 async def test_task_messages_reach_the_api_as_plain_text(client: Client) -> None:
