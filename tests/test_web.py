@@ -23,7 +23,7 @@ from asyncsched.web import Limits, TaskRegistry, setup
 from asyncsched.web._sse import EventLog
 
 from . import faults, tasks
-from .util import wait_gone
+from .util import SlowToBegin, wait_gone
 
 API = "/asyncsched/api"
 TOKEN = "s3cret-token"
@@ -335,6 +335,26 @@ async def test_delete_cancels_a_running_batch_and_kills_its_tasks(client: Client
     again = await client.delete(f"{API}/batches/doomed")
     assert again.status == 409 and (await again.json())["state"] == "finished"
     assert (await client.delete(f"{API}/batches/nope")).status == 404
+
+
+async def test_a_batch_cancelled_before_its_first_task_was_submitted_all_the_same(
+        aiohttp_client: AiohttpClient) -> None:
+    store = SlowToBegin()
+    scheduler = Scheduler(workers=1, store=store)
+    client = await make_client(aiohttp_client, scheduler=scheduler)
+    events = await client.get(f"{API}/events", params={"batch": "early"})
+    posted = asyncio.ensure_future(client.post(f"{API}/batches", json={"task": "square", "inputs": [1],
+                                                                       "batch_id": "early"}))
+    await store.entered.wait()
+    assert scheduler.cancel("early")  # what a DELETE does, here before the batch's first task is pulled
+    store.release.set()
+    response = await posted
+    assert response.status == 202, await response.text()
+    seen = await events_until(events, batch_finished)
+    assert [e.data["state"] for e in seen] == ["running", "finished"]
+    events.close()
+    summary = await get_json(client, "/batches/early")
+    assert (summary["state"], summary["total"]) == ("finished", 0)
 
 
 async def test_a_batch_run_by_the_host_app_is_shown_and_can_be_cancelled(aiohttp_client: AiohttpClient) -> None:

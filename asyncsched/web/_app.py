@@ -348,13 +348,18 @@ class _Api:
     async def _run(self, batch_id: str, name: str, tasks: list[Task], began: asyncio.Future[None]) -> None:
         """Run a submitted batch; ``began`` is set once the store has recorded it."""
 
+        def announce() -> None:
+            if not began.done():
+                began.set_result(None)
+                self.log.publish_notice(batch_id, {"batch_id": batch_id, "state": "running", "expected": len(tasks)})
+
         def announcing() -> Iterator[Task]:  # the scheduler pulls the first task once the batch is recorded
-            began.set_result(None)
-            self.log.publish_notice(batch_id, {"batch_id": batch_id, "state": "running", "expected": len(tasks)})
+            announce()
             yield from tasks
 
         try:
             await self.scheduler.run(announcing(), batch_id=batch_id, name=name)
+            announce()  # cancelled before its first task was pulled: it began all the same
         except Exception:
             if not began.done():
                 raise  # answered by submit()
