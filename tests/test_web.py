@@ -16,7 +16,16 @@ from aiohttp import ClientResponse, web
 from aiohttp.test_utils import TestClient
 from pytest_aiohttp import AiohttpClient
 
-from asyncsched import ClosedError, ConfigurationError, Scheduler, Status, Task, TaskDefinitionError, TaskResult
+from asyncsched import (
+    ClosedError,
+    ConfigurationError,
+    Scheduler,
+    Status,
+    StoreError,
+    Task,
+    TaskDefinitionError,
+    TaskResult,
+)
 from asyncsched._models import TaskReported
 from asyncsched._store import MemoryStore
 from asyncsched.web import Limits, TaskRegistry, setup
@@ -216,6 +225,24 @@ async def test_numbers_json_cannot_carry_are_null_in_events_and_results(aiohttp_
     (result,) = (await get_json(client, "/batches/odd/results"))["results"]
     assert (result["started_at"], result["finished_at"], result["duration"], result["progress"]) == (
         1.0, None, None, None)
+
+
+class Unreadable(MemoryStore):
+    """A store whose results this process cannot read, as a SQLite store's value of a type it cannot import."""
+
+    async def results(self, *, batch_id: str | None = None, status: Status | str | None = None,
+                      limit: int | None = None, offset: int = 0) -> list[TaskResult]:
+        raise StoreError(f"the value of task '0' of batch {batch_id!r} cannot be unpickled here")
+
+
+async def test_a_store_error_is_answered_in_json(aiohttp_client: AiohttpClient) -> None:
+    store = Unreadable()
+    client = await make_client(aiohttp_client, scheduler=Scheduler(workers=1, store=store))
+    await store.begin_batch("b")
+    response = await client.get(f"{API}/batches/b/results")
+    assert response.status == 500 and response.content_type == "application/json"
+    assert (await response.json())["error"] == ("the result store failed: the value of task '0' of batch 'b' "
+                                                "cannot be unpickled here")
 
 
 async def test_task_messages_reach_the_api_as_plain_text(client: Client) -> None:

@@ -32,7 +32,7 @@ from typing import Any, NamedTuple, NoReturn
 
 from aiohttp import web
 
-from .._errors import ConfigurationError
+from .._errors import ConfigurationError, StoreError
 from .._models import Status, Task, task_from_json
 from .._scheduler import Scheduler
 from .._store import BatchInfo
@@ -228,6 +228,9 @@ class _Api:
                 return await handler(request)
             except _Refusal as refusal:
                 return web.json_response(refusal.body, status=refusal.status)
+            except StoreError as exc:  # e.g. a stored value of a type this process cannot import
+                logger.error("%s %s: %s", request.method, request.path, exc)
+                return web.json_response({"error": f"the result store failed: {exc}"}, status=500)
 
         return answer
 
