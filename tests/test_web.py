@@ -336,6 +336,9 @@ async def test_a_running_batch_id_is_a_conflict(client: Client) -> None:
     ("/batches?limit=0", 400, "'limit' must be an integer of at least 1"),
     ("/batches?limit=ten", 400, "'limit' must be an integer"),
     ("/batches?offset=-1", 400, "'offset' must be an integer of at least 0"),
+    ("/batches/x/results?offset=9223372036854775808", 400, "'offset' must be an integer of at least 0 and at most "
+                                                         "9223372036854775807"),
+    ("/batches?limit=9223372036854775808", 400, "'limit' must be an integer of at least 1 and at most"),
     ("/batches/x/results?status=running", 400, "'status' must be one of"),
 ])
 async def test_bad_queries(client: Client, path: str, status: int, error: str) -> None:

@@ -50,6 +50,8 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 BATCH_ID = re.compile(r"[A-Za-z0-9_.:-]{1,100}")
 """What a batch id given by a client may be: it appears in URLs."""
 FINAL = [s.value for s in Status if s.is_final]
+MAX_QUERY_INT = 2**63 - 1
+"""The largest ``limit`` or ``offset``: what a store's query (SQLite's integer) can take."""
 SUBMISSION_FIELDS = ("task", "inputs", "timeout", "retries", "batch_id")
 STATIC = {  # the dashboard's files: served by name from this list only
     "app.js": "text/javascript",
@@ -458,7 +460,7 @@ def _query_int(request: web.Request, name: str, default: int, minimum: int) -> i
         return default
     with contextlib.suppress(ValueError):
         value = int(text)
-        if value >= minimum:
+        if minimum <= value <= MAX_QUERY_INT:
             return value
-    _fail(400, f"query parameter {name!r} must be an integer of at least {minimum}, got {text!r}",
-          field=name)
+    _fail(400, f"query parameter {name!r} must be an integer of at least {minimum} and at most {MAX_QUERY_INT}, "
+          f"got {text!r}", field=name)
