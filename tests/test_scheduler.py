@@ -6,7 +6,7 @@ import asyncio
 import os
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +39,7 @@ from asyncsched._pool import MAX_DEPTH, ProcessPool
 from asyncsched._store import MemoryStore
 
 from . import faults, tasks
-from .util import wait_gone
+from .util import SlowToBegin, wait_gone
 
 
 async def test_run_returns_results_in_submission_order(scheduler: Scheduler) -> None:
@@ -423,22 +423,8 @@ async def test_cancel_ends_a_run_whose_async_batch_waits_for_the_next_task(sched
     assert closed.is_set()  # the source was closed, not left waiting
 
 
-class _SlowToBegin(MemoryStore):
-    """A store that begins a batch only once the test sets ``release``; ``entered`` says it has been asked."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.entered, self.release = asyncio.Event(), asyncio.Event()
-
-    async def begin_batch(self, batch_id: str, *, name: str | None = None,
-                          resume: bool = False) -> Mapping[str, TaskResult]:
-        self.entered.set()
-        await self.release.wait()
-        return await super().begin_batch(batch_id, name=name, resume=resume)
-
-
 async def test_cancel_stops_a_batch_while_the_store_begins_it(tmp_path: Path) -> None:
-    store = _SlowToBegin()
+    store = SlowToBegin()
     log = tmp_path / "runs"
     async with Scheduler(workers=1, store=store) as scheduler:
         run = asyncio.ensure_future(scheduler.run([Task(tasks.log_run, str(log), "ran")], batch_id="b"))
@@ -521,7 +507,7 @@ async def test_cancelling_a_batch_records_once_a_task_that_finishes_while_it_is_
 
 
 async def test_aclose_while_the_store_begins_a_batch(tmp_path: Path) -> None:
-    store = _SlowToBegin()
+    store = SlowToBegin()
     scheduler = Scheduler(workers=1, store=store)
     run = asyncio.ensure_future(scheduler.run([Task(tasks.identity, 1)], batch_id="b"))
     await store.entered.wait()

@@ -4,23 +4,35 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 import pytest
 from aiohttp import ClientResponse, web
 from aiohttp.test_utils import TestClient
 from pytest_aiohttp import AiohttpClient
 
-from asyncsched import ClosedError, ConfigurationError, Scheduler, Task, TaskDefinitionError
+from asyncsched import (
+    ClosedError,
+    ConfigurationError,
+    Scheduler,
+    Status,
+    StoreError,
+    Task,
+    TaskDefinitionError,
+    TaskResult,
+)
+from asyncsched._models import TaskReported
+from asyncsched._store import MemoryStore
 from asyncsched.web import Limits, TaskRegistry, setup
 from asyncsched.web._sse import EventLog
 
 from . import faults, tasks
-from .util import wait_gone
+from .util import SlowToBegin, wait_gone
 
 API = "/asyncsched/api"
 TOKEN = "s3cret-token"
@@ -50,6 +62,14 @@ async def client(aiohttp_client: AiohttpClient) -> Client:
     return await make_client(aiohttp_client)
 
 
+def strict_json(text: str) -> Any:
+    """``text`` parsed as JSON proper: ``NaN`` and ``Infinity``, which ``json`` accepts by default, are not."""
+    def refuse(name: str) -> NoReturn:
+        raise ValueError(f"{name} is not JSON")
+
+    return json.loads(text, parse_constant=refuse)
+
+
 # -- reading Server-Sent Events -------------------------------------------------------------
 
 @dataclass
@@ -73,7 +93,7 @@ async def read_event(response: ClientResponse) -> Sse:
             name, _, value = text.partition(":")
             fields[name] = value.removeprefix(" ")
         elif "data" in fields:
-            return Sse(fields.get("id", ""), fields.get("event", "message"), json.loads(fields["data"]))
+            return Sse(fields.get("id", ""), fields.get("event", "message"), strict_json(fields["data"]))
         else:
             fields = {}
 
@@ -109,8 +129,9 @@ async def run_batch(client: Client, batch_id: str, **body: Any) -> list[Sse]:
 
 async def get_json(client: Client, path: str, status: int = 200, **kw: Any) -> Any:
     response = await client.get(f"{API}{path}", **kw)
-    assert response.status == status, await response.text()
-    return await response.json()
+    text = await response.text()
+    assert response.status == status, text
+    return strict_json(text)
 
 
 # -- submitting and reading batches ---------------------------------------------------------
@@ -183,6 +204,45 @@ async def test_values_that_json_cannot_carry_are_shown_by_repr(client: Client) -
     await run_batch(client, "odd", task="odd_values", inputs=[[]])
     (result,) = (await get_json(client, "/batches/odd/results"))["results"]
     assert result["value"] == {"tuple": [1, 2], "set": "{3}", "nan": "nan", "4": "int key"}
+
+
+async def test_numbers_json_cannot_carry_are_null_in_events_and_results(aiohttp_client: AiohttpClient) -> None:
+    store = MemoryStore()  # results and events from any backend, store or custom code
+    scheduler = Scheduler(workers=1, store=store)
+    client = await make_client(aiohttp_client, scheduler=scheduler)
+    events = await client.get(f"{API}/events")
+    scheduler._hub.publish(TaskReported("odd", "0", Status.RUNNING, math.inf, progress=math.nan))
+    reported = await read_event(events)
+    assert (reported.data["timestamp"], reported.data["progress"]) == (None, None)
+    events.close()
+    epoch = reported.id.split("-")[0]
+    resumed = await client.get(f"{API}/events", headers={"Last-Event-ID": f"{epoch}-0"})
+    assert (await read_event(resumed)).data == reported.data  # a reconnect replays it just as well
+    resumed.close()
+    await store.begin_batch("odd")
+    store.add(TaskResult("odd", "0", Status.COMPLETED, started_at=1.0, finished_at=math.inf, progress=-math.inf))
+    await store.end_batch("odd")
+    (result,) = (await get_json(client, "/batches/odd/results"))["results"]
+    assert (result["started_at"], result["finished_at"], result["duration"], result["progress"]) == (
+        1.0, None, None, None)
+
+
+class Unreadable(MemoryStore):
+    """A store whose results this process cannot read, as a SQLite store's value of a type it cannot import."""
+
+    async def results(self, *, batch_id: str | None = None, status: Status | str | None = None,
+                      limit: int | None = None, offset: int = 0) -> list[TaskResult]:
+        raise StoreError(f"the value of task '0' of batch {batch_id!r} cannot be unpickled here")
+
+
+async def test_a_store_error_is_answered_in_json(aiohttp_client: AiohttpClient) -> None:
+    store = Unreadable()
+    client = await make_client(aiohttp_client, scheduler=Scheduler(workers=1, store=store))
+    await store.begin_batch("b")
+    response = await client.get(f"{API}/batches/b/results")
+    assert response.status == 500 and response.content_type == "application/json"
+    assert (await response.json())["error"] == ("the result store failed: the value of task '0' of batch 'b' "
+                                                "cannot be unpickled here")
 
 
 async def test_task_messages_reach_the_api_as_plain_text(client: Client) -> None:
@@ -276,6 +336,9 @@ async def test_a_running_batch_id_is_a_conflict(client: Client) -> None:
     ("/batches?limit=0", 400, "'limit' must be an integer of at least 1"),
     ("/batches?limit=ten", 400, "'limit' must be an integer"),
     ("/batches?offset=-1", 400, "'offset' must be an integer of at least 0"),
+    ("/batches/x/results?offset=9223372036854775808", 400, "'offset' must be an integer of at least 0 and at most "
+                                                         "9223372036854775807"),
+    ("/batches?limit=9223372036854775808", 400, "'limit' must be an integer of at least 1 and at most"),
     ("/batches/x/results?status=running", 400, "'status' must be one of"),
 ])
 async def test_bad_queries(client: Client, path: str, status: int, error: str) -> None:
@@ -302,6 +365,26 @@ async def test_delete_cancels_a_running_batch_and_kills_its_tasks(client: Client
     again = await client.delete(f"{API}/batches/doomed")
     assert again.status == 409 and (await again.json())["state"] == "finished"
     assert (await client.delete(f"{API}/batches/nope")).status == 404
+
+
+async def test_a_batch_cancelled_before_its_first_task_was_submitted_all_the_same(
+        aiohttp_client: AiohttpClient) -> None:
+    store = SlowToBegin()
+    scheduler = Scheduler(workers=1, store=store)
+    client = await make_client(aiohttp_client, scheduler=scheduler)
+    events = await client.get(f"{API}/events", params={"batch": "early"})
+    posted = asyncio.ensure_future(client.post(f"{API}/batches", json={"task": "square", "inputs": [1],
+                                                                       "batch_id": "early"}))
+    await store.entered.wait()
+    assert scheduler.cancel("early")  # what a DELETE does, here before the batch's first task is pulled
+    store.release.set()
+    response = await posted
+    assert response.status == 202, await response.text()
+    seen = await events_until(events, batch_finished)
+    assert [e.data["state"] for e in seen] == ["running", "finished"]
+    events.close()
+    summary = await get_json(client, "/batches/early")
+    assert (summary["state"], summary["total"]) == ("finished", 0)
 
 
 async def test_a_batch_run_by_the_host_app_is_shown_and_can_be_cancelled(aiohttp_client: AiohttpClient) -> None:

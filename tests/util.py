@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import select
+from collections.abc import Mapping
 
 import psutil
+
+from asyncsched import TaskResult
+from asyncsched._store import MemoryStore
 
 
 def wait_gone(pid: int, timeout: float = 3.0) -> bool:
@@ -26,3 +31,17 @@ def wait_gone(pid: int, timeout: float = 3.0) -> bool:
         return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return True
+
+
+class SlowToBegin(MemoryStore):
+    """A store that begins a batch only once the test sets ``release``; ``entered`` says it has been asked."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.entered, self.release = asyncio.Event(), asyncio.Event()
+
+    async def begin_batch(self, batch_id: str, *, name: str | None = None,
+                          resume: bool = False) -> Mapping[str, TaskResult]:
+        self.entered.set()
+        await self.release.wait()
+        return await super().begin_batch(batch_id, name=name, resume=resume)

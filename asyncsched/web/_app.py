@@ -32,7 +32,7 @@ from typing import Any, NamedTuple, NoReturn
 
 from aiohttp import web
 
-from .._errors import ConfigurationError
+from .._errors import ConfigurationError, StoreError
 from .._models import Status, Task, task_from_json
 from .._scheduler import Scheduler
 from .._store import BatchInfo
@@ -50,6 +50,8 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 BATCH_ID = re.compile(r"[A-Za-z0-9_.:-]{1,100}")
 """What a batch id given by a client may be: it appears in URLs."""
 FINAL = [s.value for s in Status if s.is_final]
+MAX_QUERY_INT = 2**63 - 1
+"""The largest ``limit`` or ``offset``: what a store's query (SQLite's integer) can take."""
 SUBMISSION_FIELDS = ("task", "inputs", "timeout", "retries", "batch_id")
 STATIC = {  # the dashboard's files: served by name from this list only
     "app.js": "text/javascript",
@@ -228,6 +230,9 @@ class _Api:
                 return await handler(request)
             except _Refusal as refusal:
                 return web.json_response(refusal.body, status=refusal.status)
+            except StoreError as exc:  # e.g. a stored value of a type this process cannot import
+                logger.error("%s %s: %s", request.method, request.path, exc)
+                return web.json_response({"error": f"the result store failed: {exc}"}, status=500)
 
         return answer
 
@@ -348,13 +353,18 @@ class _Api:
     async def _run(self, batch_id: str, name: str, tasks: list[Task], began: asyncio.Future[None]) -> None:
         """Run a submitted batch; ``began`` is set once the store has recorded it."""
 
+        def announce() -> None:
+            if not began.done():
+                began.set_result(None)
+                self.log.publish_notice(batch_id, {"batch_id": batch_id, "state": "running", "expected": len(tasks)})
+
         def announcing() -> Iterator[Task]:  # the scheduler pulls the first task once the batch is recorded
-            began.set_result(None)
-            self.log.publish_notice(batch_id, {"batch_id": batch_id, "state": "running", "expected": len(tasks)})
+            announce()
             yield from tasks
 
         try:
             await self.scheduler.run(announcing(), batch_id=batch_id, name=name)
+            announce()  # cancelled before its first task was pulled: it began all the same
         except Exception:
             if not began.done():
                 raise  # answered by submit()
@@ -450,7 +460,7 @@ def _query_int(request: web.Request, name: str, default: int, minimum: int) -> i
         return default
     with contextlib.suppress(ValueError):
         value = int(text)
-        if value >= minimum:
+        if minimum <= value <= MAX_QUERY_INT:
             return value
-    _fail(400, f"query parameter {name!r} must be an integer of at least {minimum}, got {text!r}",
-          field=name)
+    _fail(400, f"query parameter {name!r} must be an integer of at least {minimum} and at most {MAX_QUERY_INT}, "
+          f"got {text!r}", field=name)

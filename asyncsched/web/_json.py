@@ -8,7 +8,7 @@ from typing import Any
 from .._models import TaskResult
 from .._store import BatchInfo
 
-__all__ = ["MAX_DEPTH", "batch_json", "jsonable", "result_json"]
+__all__ = ["MAX_DEPTH", "batch_json", "finite", "jsonable", "result_json"]
 
 MAX_DEPTH = 64
 """Nesting kept in a value; deeper parts are shown by their ``repr``."""
@@ -33,6 +33,11 @@ def jsonable(value: Any, depth: int = 0) -> Any:
     return repr(value)
 
 
+def finite(number: float | None) -> float | None:
+    """A number field as JSON: null when it is not finite (JSON has no token for nan or infinity)."""
+    return number if number is None or math.isfinite(number) else None
+
+
 def result_json(result: TaskResult) -> dict[str, Any]:
     """The fields of a :class:`TaskResult` (all but the rebuilt exception), as JSON."""
     return {
@@ -46,11 +51,11 @@ def result_json(result: TaskResult) -> dict[str, Any]:
         "traceback": result.traceback,
         "attempts": result.attempts,
         "pid": result.pid,
-        "started_at": result.started_at,
-        "finished_at": result.finished_at,
-        "duration": result.duration,
+        "started_at": finite(result.started_at),
+        "finished_at": finite(result.finished_at),
+        "duration": finite(result.duration),
         "message": result.message,
-        "progress": result.progress,
+        "progress": finite(result.progress),
     }
 
 
@@ -69,7 +74,7 @@ def batch_json(info: BatchInfo, state: str, expected: int | None) -> dict[str, A
         "crashed": stats.crashed,
         "cancelled": stats.cancelled,
         "success_rate": stats.success_rate,
-        "created_at": info.created_at,
-        "finished_at": info.finished_at,
-        "elapsed": None if info.finished_at is None else info.finished_at - info.created_at,
+        "created_at": finite(info.created_at),
+        "finished_at": finite(info.finished_at),
+        "elapsed": None if info.finished_at is None else finite(info.finished_at - info.created_at),
     }

@@ -129,7 +129,7 @@ def openapi(prefix: str, limits: Limits, *, token: bool) -> dict[str, Any]:
                 "expected": {**_INT_OR_NULL, "description": "tasks in the batch, when submitted through this API"},
                 **{status: {"type": "integer"} for status in _FINAL},
                 "success_rate": {"type": "number"},
-                "created_at": {"type": "number"}, "finished_at": _NUMBER_OR_NULL, "elapsed": _NUMBER_OR_NULL}},
+                "created_at": _NUMBER_OR_NULL, "finished_at": _NUMBER_OR_NULL, "elapsed": _NUMBER_OR_NULL}},
             "Result": {"type": "object", "properties": {
                 "batch_id": {"type": "string"}, "key": {"type": "string"}, "index": {"type": "integer"},
                 "status": {"type": "string", "enum": _FINAL}, "value": {},

@@ -33,7 +33,7 @@ from collections import deque
 from typing import Any
 
 from .._models import Event
-from ._json import jsonable
+from ._json import finite, jsonable
 
 __all__ = ["EventLog", "Listener"]
 
@@ -69,10 +69,10 @@ def _event_json(event: Event) -> dict[str, Any]:
         "batch_id": event.batch_id,
         "key": event.key,
         "status": event.status.value,
-        "timestamp": event.timestamp,
+        "timestamp": finite(event.timestamp),
         "pid": event.pid,
         "message": event.message,
-        "progress": event.progress,
+        "progress": finite(event.progress),
         "attempt": event.attempt,
         "data": jsonable(event.data),
     }
