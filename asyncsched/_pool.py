@@ -14,8 +14,8 @@ Data flow (everything on the left runs on one event loop thread; no locks)::
          ^                                                                                    |
          |           _on_exit  <-------- add_reader(process sentinel) <---- process exit -----+
          |
-    deadline timer (loop.call_at) or _Call.cancel() -> _kill(worker): SIGTERM to the worker's
-    process group, SIGKILL after a short grace, and a new worker takes the slot.
+    deadline timer (loop.call_at) or _Call.cancel() -> _kill(worker): SIGKILL to the worker's
+    process group, and a new worker takes the slot.
 
 Actors:
 
@@ -95,8 +95,6 @@ from ._worker import (
 
 __all__ = ["CallListener", "PoolStatistics", "ProcessPool", "default_start_method", "resolve_workers"]
 
-KILL_GRACE = 0.3
-"""Seconds between SIGTERM and SIGKILL when a worker is killed."""
 MAX_START_FAILURES = 3
 """Workers dying one after another before their READY break the pool."""
 BATCH_SECONDS = 0.005
@@ -262,7 +260,7 @@ class _CallFuture(asyncio.Future[Outcome]):
 
 class _Worker:
     __slots__ = ("calls", "calls_sent", "deadline", "deadline_at", "fd", "inbuf", "killed", "outbuf", "pid", "process",
-                 "ready", "retiring", "sigkill", "sock")
+                 "ready", "retiring", "sock")
 
     def __init__(self, process: Any, sock: socket.socket) -> None:
         self.process = process
@@ -272,7 +270,6 @@ class _Worker:
         self.ready = False
         self.retiring = False  # leaving the pool: killed or told to stop
         self.killed = False
-        self.sigkill: asyncio.TimerHandle | None = None  # the SIGKILL that follows a kill's SIGTERM
         self.calls: deque[_Call] = deque()  # sent to this worker, in order; the first one runs
         self.calls_sent = 0
         self.deadline_at: float | None = None  # loop time by which the running call must end
@@ -672,8 +669,10 @@ class ProcessPool(concurrent.futures.Executor):
         self._fill()
 
     def _kill(self, worker: _Worker) -> None:
-        """SIGTERM the worker's process group now, SIGKILL it after the grace period.
+        """SIGKILL the worker's process group: the worker and its task's own children.
 
+        Not SIGTERM: a task that handles it could end its call and let the
+        worker start the next one, which the kill would then take down.
         The running call must be settled by the caller. The calls queued behind
         it go back to the front of the pending deque once the worker has exited
         (``_on_exit``): the results it wrote until then are read first, so a call
@@ -688,9 +687,7 @@ class ProcessPool(concurrent.futures.Executor):
             worker.deadline.cancel()
         with contextlib.suppress(ValueError):
             self._ready.remove(worker)
-        worker.signal(signal.SIGTERM)
-        assert self._loop is not None
-        worker.sigkill = self._loop.call_later(KILL_GRACE, worker.signal, signal.SIGKILL)
+        worker.signal(signal.SIGKILL)
         self._fill()
 
     def _requeue(self, worker: _Worker) -> None:
@@ -726,8 +723,6 @@ class ProcessPool(concurrent.futures.Executor):
         with contextlib.suppress(ValueError):
             worker.process.close()
         worker.signal(signal.SIGKILL)  # the task's own children, whatever ended the worker
-        if worker.sigkill is not None:
-            worker.sigkill.cancel()  # done: the pid may be another process's by the time it fires
         self._workers.discard(worker)
         with contextlib.suppress(ValueError):
             self._ready.remove(worker)

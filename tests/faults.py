@@ -100,8 +100,13 @@ def report_unloadable() -> int:
     return 1
 
 
-def ignore_sigterm_and_hang() -> None:
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+def exit_on_sigterm_and_hang() -> None:
+    """Ends its call cleanly on SIGTERM, as tasks that clean up do."""
+
+    def leave(signum: int, frame: object) -> None:
+        raise SystemExit(0)
+
+    signal.signal(signal.SIGTERM, leave)
     time.sleep(3600)
 
 

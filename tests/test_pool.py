@@ -282,12 +282,22 @@ async def test_a_call_that_starts_just_before_its_worker_is_killed_is_not_run_ag
 async def test_calls_queued_on_a_killed_worker_are_settled_when_the_pool_breaks_before_it_exits() -> None:
     async with ProcessPool(1) as pool:
         await until_batching(pool)
-        hanging = pool.call(faults.ignore_sigterm_and_hang, (), timeout=0.2)  # its worker outlives SIGTERM a while
+        heard = Heard(then=lambda: pool._break("broken by the test"))  # at the timeout, before the worker exits
+        pool.start_call(faults.hang, (), heard, timeout=0.2)
         queued = pool.call(tasks.double, (21,))  # behind it, on the same worker: given back once that one exits
-        assert (await hanging).status is Status.TIMED_OUT
-        pool._break("broken by the test")  # before the killed worker has exited
         with pytest.raises(BrokenPoolError, match="broken by the test"):
             await queued
+        assert (await heard.outcome).status is Status.TIMED_OUT
+
+
+async def test_a_call_queued_behind_one_that_times_out_is_not_taken_down_with_it() -> None:
+    async with ProcessPool(1) as pool:
+        await until_batching(pool)
+        hanging = pool.call(faults.exit_on_sigterm_and_hang, (), timeout=0.2)
+        queued = pool.call(tasks.sleep_then, (0.5, "queued"))  # behind it, on the same worker
+        assert (await hanging).status is Status.TIMED_OUT
+        outcome = await queued
+    assert (outcome.status, outcome.value) == (Status.COMPLETED, "queued")
 
 
 async def test_a_crashed_workers_task_processes_do_not_outlive_it(tmp_path: Path) -> None:
