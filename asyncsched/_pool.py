@@ -337,6 +337,7 @@ class ProcessPool(concurrent.futures.Executor):
         self._max_tasks = max_tasks_per_child
         self._max_memory = parse_size(max_memory_per_child)
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._starting = threading.Lock()
         self._thread: threading.Thread | None = None
         self._workers: set[_Worker] = set()
         self._ready: list[_Worker] = []  # in service and READY: the ones calls may be sent to
@@ -359,14 +360,17 @@ class ProcessPool(concurrent.futures.Executor):
         """Start the workers, on the running loop, or on a private loop thread if there is none."""
         if self._loop is not None:
             return
-        if self._closed:
-            raise ClosedError("this ProcessPool is closed; create a new one")
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            self._start_thread()
-        else:
-            self._bind(loop)
+        with self._starting:  # threads that submit to a new pool at once start it once
+            if self._loop is not None:
+                return
+            if self._closed:
+                raise ClosedError("this ProcessPool is closed; create a new one")
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                self._start_thread()
+            else:
+                self._bind(loop)
 
     def _bind(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop

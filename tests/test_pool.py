@@ -332,6 +332,24 @@ def test_shutdown_of_a_pool_whose_loop_has_stopped() -> None:
         loop.close()
 
 
+def test_threads_submitting_at_once_to_a_new_pool_start_it_once() -> None:
+    pool = ProcessPool(2)
+    ready = threading.Barrier(4)
+
+    def submit(value: int) -> int:
+        ready.wait()  # all four find the pool not started yet
+        result: int = pool.submit(tasks.double, value).result()
+        return result
+
+    try:
+        with concurrent.futures.ThreadPoolExecutor(4) as threads:
+            assert list(threads.map(submit, range(4))) == [0, 2, 4, 6]
+        assert (pool.statistics().started, len(pool.pids)) == (2, 2)
+        assert [t.name for t in threading.enumerate()].count("asyncsched-pool") == 1
+    finally:
+        pool.shutdown()
+
+
 def test_plain_executor_from_sync_code(tmp_path: Path) -> None:
     fifo = tmp_path / "started"
     os.mkfifo(fifo)
