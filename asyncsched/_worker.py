@@ -35,6 +35,7 @@ exception (``None`` where it cannot be pickled or rebuilt).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import pickle
@@ -83,6 +84,8 @@ _PR_SET_PDEATHSIG = 1
 
 # The call being run in this process: (send, call_id). None outside a task.
 _current: tuple[Callable[[Any], None], int] | None = None
+# True in a child the task forked: it is not the worker, and ends where the task's code does.
+_forked = False
 # Plain functions by the pickled reference the parent sends, loaded once.
 _functions: dict[bytes, Callable[..., Any]] = {}
 # Reports captured by run_capturing(), per thread, for executors without a pipe.
@@ -201,8 +204,12 @@ def _run_call(channel: _Channel, call_id: int, function: bytes | None, payload: 
     try:
         value = fn(*args)
     except BaseException as exc:
+        if _forked:
+            _end_fork(exc)
         message: tuple[Any, ...] = (DONE, call_id, ERROR, error_info(exc), started, time.time())
     else:
+        if _forked:
+            _end_fork(None)
         finished = time.time()
         if type(value) in _INLINE:
             message = (DONE, call_id, VALUE, value, started, finished)
@@ -248,8 +255,26 @@ def _die_with_parent() -> None:
 
 
 def _not_a_worker() -> None:
-    global _current
+    global _current, _forked
     _current = None  # report() is a no-op there, and never touches the channel (whose lock a thread may hold)
+    _forked = True
+
+
+def _end_fork(exc: BaseException | None) -> None:
+    """End a child the task forked that has come back out of the task's code, as a program ends there.
+
+    It must neither send the task's result nor go on to serve the worker's calls.
+    """
+    code = 0
+    if isinstance(exc, SystemExit):
+        code = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
+    elif exc is not None:
+        traceback.print_exception(exc)
+        code = 1
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)
 
 
 def worker_main(conn: Connection) -> None:

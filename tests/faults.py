@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import os
 import signal
+import sys
 import threading
 import time
 from typing import Any
@@ -206,3 +207,12 @@ def report_from_a_signal_handler(reports: int) -> int:
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
     return ran
+
+
+def fork_and_leave_with_sys_exit() -> tuple[str, int]:
+    """Forks a child that leaves the task with sys.exit(7); returns the child's exit code."""
+    pid = os.fork()
+    if pid == 0:
+        sys.exit(7)
+    _, status = os.waitpid(pid, 0)
+    return "the task's own value", os.waitstatus_to_exitcode(status)

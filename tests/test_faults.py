@@ -349,6 +349,16 @@ async def test_a_report_from_a_signal_handler_that_interrupts_a_report_is_sent_a
     assert messages["from the task"] == 20_000 and 0 < messages["from the handler"] <= result.value
 
 
+async def test_a_forked_child_that_leaves_the_task_with_sys_exit_ends_there(scheduler: Scheduler) -> None:
+    summary = await scheduler.run([Task(faults.fork_and_leave_with_sys_exit)] + [Task(tasks.square, i)
+                                                                                 for i in range(20)])
+    forked = summary.results[0]
+    assert forked.status is Status.COMPLETED, forked.error
+    assert forked.value == ("the task's own value", 7)
+    assert [r.value for r in summary.results[1:]] == [i * i for i in range(20)]
+    assert {r.pid for r in summary.results} <= set(scheduler._backend.pool.pids)  # type: ignore[attr-defined]
+
+
 async def test_report_data_that_cannot_be_unpickled_here_spoils_only_that_report(scheduler: Scheduler) -> None:
     events = scheduler.events()
     summary = await scheduler.run([Task(faults.report_unloadable, key="r"), Task(tasks.square, 3, key="s")])
