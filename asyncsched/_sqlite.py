@@ -41,6 +41,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import aiofiles
+import aiofiles.os
 import aiosqlite
 
 from ._errors import ClosedError, ConfigurationError, StoreError
@@ -412,17 +413,33 @@ class SQLiteStore(Store):
         ``finished_at``, ``duration`` and ``progress`` (times in seconds since
         the epoch), and ``response_pickle``: the base64 pickle of a value that
         is not plain JSON, else null.
+
+        ``path`` is replaced only once the export is complete, so a failed
+        export leaves it as it was; the store's own files are refused.
         """
+        if await asyncio.to_thread(self._is_own_file, path):
+            raise StoreError(f"cannot export to {os.fspath(path)}: it is the result store {self.path} itself (or "
+                             "its -wal or -shm file), which the export would destroy; write to another path")
         where, parameters = _where(batch_id, None)
         count = 0
         with self._translate("read"), _file_errors("write", path):
-            async with aiofiles.open(path, "w", encoding="utf-8") as out:
+            async with _replacing(path) as out:
                 cursor = await self._read_connection().execute(f"{_SELECT}{where} ORDER BY id", parameters)
                 async with cursor:
                     while rows := list(await cursor.fetchmany(_CHUNK)):
                         await out.write("".join(_line(tuple(row)) for row in rows))
                         count += len(rows)
         return count
+
+    def _is_own_file(self, path: str | os.PathLike[str]) -> bool:
+        """Whether ``path`` names the file of this store, or its -wal or -shm file (which may not exist yet)."""
+        for own in (self.path, f"{self.path}-wal", f"{self.path}-shm"):
+            if os.path.realpath(path) == os.path.realpath(own):
+                return True
+            with contextlib.suppress(OSError):  # either one does not exist
+                if os.path.samefile(path, own):  # another name of it: a hard link, another mount
+                    return True
+        return False
 
     async def import_jsonl(self, path: str | os.PathLike[str], *, batch_id: str = "imported") -> int:
         """Add the results of a JSON Lines file, as :meth:`export_jsonl` writes them; returns how many.
@@ -488,6 +505,35 @@ def _file_errors(doing: str, path: str | os.PathLike[str]) -> Iterator[None]:
         raise StoreError(f"cannot {doing} {os.fspath(path)}: {exc}") from exc
     except UnicodeError as exc:
         raise StoreError(f"cannot {doing} {os.fspath(path)}: it is not UTF-8 text ({exc})") from exc
+
+
+@contextlib.asynccontextmanager
+async def _replacing(path: str | os.PathLike[str]) -> AsyncIterator[Any]:
+    """``path`` opened to write text into; a regular file (or a new one) is written under a temporary name
+    next to it, and renamed over it only when the block ends without an error."""
+    names = await asyncio.to_thread(_partial, path)
+    if names is None:
+        async with aiofiles.open(path, "w", encoding="utf-8") as out:
+            yield out
+        return
+    partial, target = names
+    try:
+        async with aiofiles.open(partial, "x", encoding="utf-8") as out:
+            yield out
+        await aiofiles.os.replace(partial, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(partial)
+        raise
+
+
+def _partial(path: str | os.PathLike[str]) -> tuple[str, str] | None:
+    """A new name next to the file ``path`` names, and that file's own name (``path`` may be a link to it);
+    None when ``path`` is a pipe or a device (/dev/stdout), which is written in place."""
+    target = os.path.realpath(path)
+    if os.path.exists(target) and not os.path.isfile(target):
+        return None
+    return os.path.join(os.path.dirname(target), f".{os.path.basename(target)}.{os.urandom(4).hex()}.partial"), target
 
 
 @functools.cache

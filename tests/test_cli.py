@@ -183,6 +183,20 @@ def test_stats_batches_and_export(results_db: str, tmp_path: Path, capsys: pytes
     assert sorted(json.loads(line)["task_id"] for line in out.read_text().splitlines()) == ["1", "2", "3"]
 
 
+def test_export_refuses_to_write_over_the_results_file(results_db: str, tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    own = [results_db, f"{results_db}-wal", f"{results_db}-shm"]
+    before = Path(results_db).read_bytes()
+    os.link(results_db, tmp_path / "another-name.db")
+    for out in [*own, os.fspath(tmp_path / "another-name.db")]:
+        assert main(["export", results_db, out]) == 2
+        err = capsys.readouterr().err
+        assert f"cannot export to {out}: it is the result store {results_db} itself" in err and "Traceback" not in err
+    assert Path(results_db).read_bytes() == before
+    assert not any(b"task_id" in Path(path).read_bytes() for path in own if Path(path).exists())
+    assert json.loads(read(["stats", results_db, "--json"], capsys))["total"] == 3
+
+
 def test_read_commands_report_bad_files_and_batches(results_db: str, tmp_path: Path,
                                                      capsys: pytest.CaptureFixture[str]) -> None:
     missing = tmp_path / "missing.db"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime
+import errno
 import itertools
 import json
 import os
@@ -263,6 +264,29 @@ async def test_export_and_import_round_trip(tmp_path: Path) -> None:
         assert await store.results() == original
         assert (await store.stats("x")).total == len(batch)
         assert [info.batch_id for info in await store.batches()] == ["x"]
+
+
+async def test_a_failed_export_leaves_the_file_it_would_replace_as_it_was(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tmp_path / "out.jsonl"
+    out.write_text("the last export\n")
+
+    def disk_full(row: Any) -> str:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    async with SQLiteStore(tmp_path / "results.db") as store:
+        await store.begin_batch("b")
+        store.add(_completed("k", 1))
+        await store.flush()
+        with monkeypatch.context() as patched:
+            patched.setattr(asyncsched._sqlite, "_line", disk_full)
+            with pytest.raises(StoreError, match=f"cannot write {out}: .*No space left"):
+                await store.export_jsonl(out)
+        assert out.read_text() == "the last export\n"
+        assert sorted(os.listdir(tmp_path)) == ["out.jsonl", "results.db", "results.db-shm", "results.db-wal"]
+        assert await store.export_jsonl(out) == 1
+    assert json.loads(out.read_text())["task_id"] == "k"
+    assert sorted(os.listdir(tmp_path)) == ["out.jsonl", "results.db"]
 
 
 async def test_import_reads_the_bare_format_and_rejects_bad_lines(tmp_path: Path) -> None:
