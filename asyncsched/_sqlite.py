@@ -445,7 +445,8 @@ class SQLiteStore(Store):
         """Add the results of a JSON Lines file, as :meth:`export_jsonl` writes them; returns how many.
 
         Streams, in one transaction: a bad line imports nothing and raises
-        :class:`StoreError` naming the line. A line needs ``task_id`` and a final
+        :class:`StoreError` naming the line (and the field, for one of the wrong
+        type). A line needs ``task_id`` (a string or an integer) and a final
         ``status``; the other fields are optional, so files in the bare format
         (``task_id``, ``status``, ``message``, ``response_data``, ``timestamp``,
         ``process_id``) import too. Lines without a ``batch_id`` go to
@@ -759,19 +760,45 @@ def _import_row(line: str, path: str | os.PathLike[str], number: int, batch_id: 
         status = Status(record["status"])
         if not status.is_final:
             raise ValueError(f"status {status.value!r} is not final")
-        pickled = record.get("response_pickle")
+        key = _field(record, "task_id", (str, int), "a string or an integer", _REQUIRED)
+        pickled = _field(record, "response_pickle", str, "a string of base64")
         data = record.get("response_data")
-        finished_at = record.get("finished_at")
-        if finished_at is None and record.get("timestamp") is not None:
-            stamp = record["timestamp"]
-            finished_at = float(stamp) if isinstance(stamp, int | float) else datetime.fromisoformat(stamp).timestamp()
+        finished_at = _field(record, "finished_at", _NUMBER, _SECONDS)
+        stamp = _field(record, "timestamp", (str, *_NUMBER), "an ISO 8601 time or a number")
+        if finished_at is None and stamp is not None:
+            finished_at = stamp if isinstance(stamp, int | float) else datetime.fromisoformat(stamp).timestamp()
+        text = functools.partial(_field, record, kinds=str, what="a string")
         return (
-            str(record.get("batch_id") or batch_id), str(record["task_id"]), int(record.get("index", -1)),
+            text("batch_id") or batch_id, str(key), _field(record, "index", int, "an integer", -1),
             status.value, None if data is None or pickled else _JSON.encode(data),
-            base64.b64decode(pickled) if pickled else None, record.get("error"), record.get("error_type"),
-            record.get("traceback"), int(record.get("attempts", 1)), record.get("process_id"),
-            record.get("started_at"), finished_at, record.get("message"), record.get("progress"),
+            base64.b64decode(pickled) if pickled else None, text("error"), text("error_type"), text("traceback"),
+            _field(record, "attempts", int, "an integer", 1), _field(record, "process_id", int, "an integer"),
+            _field(record, "started_at", _NUMBER, _SECONDS), finished_at, text("message"),
+            _field(record, "progress", _NUMBER, "a number"),
         )
     except (ValueError, KeyError, TypeError) as exc:
         raise StoreError(f"{os.fspath(path)}, line {number}: {type(exc).__name__}: {exc}; each line must be a JSON "
                          "object with at least task_id and a final status") from exc
+
+
+_NUMBER = (int, float)
+_SECONDS = "a number of seconds since the epoch"
+_REQUIRED: Any = object()
+
+
+def _field(record: dict[str, Any], name: str, kinds: type | tuple[type, ...], what: str, default: Any = None) -> Any:
+    """``record[name]`` (``default`` when it is missing, unless that is ``_REQUIRED``) if it is one of ``kinds``,
+    or null when ``default`` is None; a ValueError naming the field when it is not."""
+    value = record.get(name, default)
+    if value is _REQUIRED:
+        raise KeyError(name)
+    if value is None and default is None:
+        return None
+    valid = isinstance(value, kinds) and not isinstance(value, bool)
+    if valid and isinstance(value, int | float):
+        valid = math.isfinite(value) and abs(value) < 2**63  # what SQLite can store
+    if valid:
+        return value
+    shown = json.dumps(value)
+    raise ValueError(f"field {name!r} must be {what}{' or null' if default is None else ''}, "
+                     f"not {shown if len(shown) <= 40 else shown[:37] + '...'}")

@@ -308,6 +308,26 @@ async def test_import_reads_the_bare_format_and_rejects_bad_lines(tmp_path: Path
     assert result.finished_at == datetime.datetime(2024, 1, 2, 3, 4, 5, tzinfo=datetime.UTC).timestamp()
 
 
+@pytest.mark.parametrize(("field", "value", "message"), [
+    ("task_id", None, "must be a string or an integer, not null"),
+    ("started_at", "2024-05-01T09:59:00Z", "must be a number of seconds since the epoch or null, not \"2024"),
+    ("finished_at", "2024-05-01T10:00:00Z", "must be a number of seconds since the epoch or null"),
+    ("progress", "half", "must be a number or null"),
+    ("process_id", "123", "must be an integer or null"),
+    ("attempts", 1.5, "must be an integer, not 1.5"),
+    ("index", "3", "must be an integer, not"),
+    ("message", {"text": "ok"}, "must be a string or null"),
+])
+async def test_import_rejects_a_field_of_the_wrong_type(tmp_path: Path, field: str, value: Any, message: str) -> None:
+    line = {"task_id": "t", "status": "completed", "response_data": 1}
+    path = tmp_path / "odd.jsonl"
+    path.write_text(json.dumps(line) + "\n" + json.dumps({**line, field: value}) + "\n")
+    async with SQLiteStore(tmp_path / "results.db") as store:
+        with pytest.raises(StoreError, match=rf"odd.jsonl, line 2: ValueError: field '{field}' {message}"):
+            await store.import_jsonl(path)
+        assert await store.results() == []
+
+
 async def test_a_failed_commit_loses_nothing(tmp_path: Path) -> None:
     db = tmp_path / "results.db"
     async with SQLiteStore(db, busy_timeout=0.05) as store:
