@@ -765,8 +765,11 @@ def _import_row(line: str, path: str | os.PathLike[str], number: int, batch_id: 
         data = record.get("response_data")
         finished_at = _field(record, "finished_at", _NUMBER, _SECONDS)
         stamp = _field(record, "timestamp", (str, *_NUMBER), "an ISO 8601 time or a number")
-        if finished_at is None and stamp is not None:
-            finished_at = stamp if isinstance(stamp, int | float) else datetime.fromisoformat(stamp).timestamp()
+        if isinstance(stamp, str):
+            moment = datetime.fromisoformat(stamp)
+            stamp = (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp()  # naive: UTC, not local
+        if finished_at is None:
+            finished_at = stamp
         text = functools.partial(_field, record, kinds=str, what="a string")
         return (
             text("batch_id") or batch_id, str(key), _field(record, "index", int, "an integer", -1),

@@ -12,6 +12,7 @@ import os
 import sqlite3
 import subprocess
 import sys
+import time
 import types
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -326,6 +327,21 @@ async def test_import_rejects_a_field_of_the_wrong_type(tmp_path: Path, field: s
         with pytest.raises(StoreError, match=rf"odd.jsonl, line 2: ValueError: field '{field}' {message}"):
             await store.import_jsonl(path)
         assert await store.results() == []
+
+
+async def test_import_reads_a_timestamp_without_a_time_zone_as_utc(tmp_path: Path) -> None:
+    path = tmp_path / "naive.jsonl"
+    path.write_text(json.dumps({"task_id": "t", "status": "completed", "timestamp": "2024-05-01T10:00:00"}) + "\n")
+    try:
+        with pytest.MonkeyPatch.context() as patched:
+            patched.setenv("TZ", "EST5")  # local time is 5 hours behind UTC
+            time.tzset()
+            async with SQLiteStore(tmp_path / "results.db") as store:
+                await store.import_jsonl(path)
+                [result] = await store.results()
+    finally:
+        time.tzset()
+    assert result.finished_at == datetime.datetime(2024, 5, 1, 10, tzinfo=datetime.UTC).timestamp()
 
 
 async def test_a_failed_commit_loses_nothing(tmp_path: Path) -> None:
