@@ -159,14 +159,20 @@ def load_function(spec: str) -> Callable[..., Any]:
 def _import(module_name: str) -> ModuleType:
     """Import a module as ``python -m`` would find it (the working directory first); a :class:`UsageError`
     when it cannot be."""
-    if os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())
+    _cwd_on_path()
     try:
         return importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
         raise UsageError(f"cannot import module {module_name!r}: {exc}") from None
     except Exception as exc:
         raise UsageError(f"importing module {module_name!r} failed: {type(exc).__name__}: {exc}") from None
+
+
+def _cwd_on_path() -> None:
+    """Put the working directory first on the import path, as ``python -m`` does: the user's modules are
+    imported from it, and the types of pickled values."""
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
 
 
 def _open_input(path: str) -> BinaryIO:
@@ -266,18 +272,18 @@ def _print_outcome(summary: Summary, args: argparse.Namespace) -> None:
 def _results_command(args: argparse.Namespace) -> int:
     """Print stored results, oldest first: a table, JSON Lines, or CSV.
 
-    JSON Lines and CSV have the fields of `asyncsched export`. The file is opened
-    read-only: it is never changed, and can be read while another process writes to it.
+    JSON Lines and CSV have the fields of `asyncsched export`, and like it leave
+    pickled values pickled. The file is opened read-only: it is never changed, and
+    can be read while another process writes to it.
     """
-    results = _run_loop(_read(args, lambda store: store.results(batch_id=args.batch, status=args.status,
-                                                                 limit=args.limit)))
     if args.format == "table":
+        results = _run_loop(_read(args, lambda store: store.results(batch_id=args.batch, status=args.status,
+                                                                     limit=args.limit)))
         console = _console()
         console.print(_results_table(results, with_batch=args.batch is None) if results else "no results")
         return 0
-    from ._sqlite import result_record
-
-    records = map(result_record, results)
+    records = iter(_run_loop(_read(args, lambda store: store.records(batch_id=args.batch, status=args.status,
+                                                                     limit=args.limit))))
     if args.format == "jsonl":
         sys.stdout.writelines(json.dumps(record) + "\n" for record in records)
         return 0
@@ -342,6 +348,7 @@ async def _read(args: argparse.Namespace, query: Callable[[SQLiteStore], Awaitab
     """Run ``query`` on the results file ``args.db`` opened read-only, once ``args.batch`` is known to be in it."""
     from ._sqlite import SQLiteStore
 
+    _cwd_on_path()  # as for `run`: a pickled value's type may come from a module of the working directory
     async with SQLiteStore(args.db, readonly=True) as store:
         batch_id = getattr(args, "batch", None)
         if batch_id is not None and await store.batch(batch_id) is None:

@@ -431,6 +431,15 @@ class SQLiteStore(Store):
                         count += len(rows)
         return count
 
+    async def records(self, *, batch_id: str | None = None, status: Status | str | None = None,
+                      limit: int | None = None, offset: int = 0) -> list[dict[str, Any]]:
+        """The results that :meth:`results` returns, as the lines of :meth:`export_jsonl` have them: a value
+        that is not plain JSON stays pickled, so this works where its type cannot be imported."""
+        where, parameters = _where(batch_id, status)
+        rows = await self._fetch(f"{_SELECT}{where} ORDER BY id LIMIT ? OFFSET ?",
+                                 (*parameters, -1 if limit is None else limit, offset))
+        return [_record(row) for row in rows]
+
     def _is_own_file(self, path: str | os.PathLike[str]) -> bool:
         """Whether ``path`` names the file of this store, or its -wal or -shm file (which may not exist yet)."""
         for own in (self.path, f"{self.path}-wal", f"{self.path}-shm"):
@@ -716,11 +725,6 @@ def _result(row: Row) -> TaskResult:
         value = json.loads(value)
     return TaskResult(batch_id, key, Status(status), value, error, tb, attempts, pid, started_at, finished_at,
                       message, progress, error_type, index)
-
-
-def result_record(result: TaskResult) -> dict[str, Any]:
-    """A result as a line of :meth:`SQLiteStore.export_jsonl` has it (``asyncsched results`` shows the same)."""
-    return _record(_row(result))
 
 
 def _line(row: Row) -> str:

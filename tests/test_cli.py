@@ -210,6 +210,33 @@ def test_read_commands_report_bad_files_and_batches(results_db: str, tmp_path: P
     assert "has no batch 'nope'" in capsys.readouterr().err
 
 
+def test_results_unpickle_values_as_run_imports_and_jsonl_and_csv_leave_them_pickled(tmp_path: Path) -> None:
+    (tmp_path / "point_for_cli.py").write_text("class Point:\n    def __init__(self, x): self.x = x\n"
+                                               "    def __repr__(self): return f'Point({self.x})'\n"
+                                               "def make(x): return Point(x)\n")
+    jobs = write_lines(tmp_path / "jobs.jsonl", 1, 2)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+
+    def console_script(*argv: str, cwd: Path = tmp_path) -> subprocess.CompletedProcess[str]:
+        # not python -m, which puts the working directory on the import path itself
+        return subprocess.run([os.fspath(CONSOLE_SCRIPT), *argv], cwd=cwd, capture_output=True, text=True,
+                              timeout=60)
+
+    ran = console_script("run", "point_for_cli:make", "--input", jobs, "--db", "r.db", "--workers", "1",
+                         "--no-progress")
+    assert ran.returncode == 0, ran.stderr
+    shown = console_script("results", "r.db")
+    assert shown.returncode == 0 and "Point(1)" in shown.stdout and "Point(2)" in shown.stdout, shown.stderr
+    lines = console_script("results", "../r.db", "--format", "jsonl", cwd=elsewhere)  # Point cannot be imported
+    assert lines.returncode == 0, lines.stderr
+    assert [json.loads(line)["response_pickle"] is not None for line in lines.stdout.splitlines()] == [True, True]
+    rows = console_script("results", "../r.db", "--format", "csv", cwd=elsewhere)
+    assert rows.returncode == 0 and len(list(csv.DictReader(io.StringIO(rows.stdout)))) == 2, rows.stderr
+    table = console_script("results", "../r.db", cwd=elsewhere)
+    assert table.returncode == 2 and "cannot be unpickled here" in table.stderr and "Traceback" not in table.stderr
+
+
 def test_resume_runs_only_the_lines_without_a_result(results_db: str, tmp_path: Path,
                                                      capsys: pytest.CaptureFixture[str]) -> None:
     jobs = write_lines(tmp_path / "more.jsonl", [1, 2], ["x", 1], {"a": 3, "b": 4}, [10, 20])
