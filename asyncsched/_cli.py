@@ -201,7 +201,14 @@ async def read_lines(file: BinaryIO) -> AsyncIterator[bytes]:
     reader = asyncio.StreamReader(limit=MAX_LINE)
     transport, _ = await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), file)
     try:
-        while line := await reader.readline():
+        for number in itertools.count(1):
+            try:
+                line = await reader.readline()
+            except ValueError:  # longer than the reader's limit
+                raise UsageError(f"input line {number} is longer than {MAX_LINE >> 20} MiB, the most a line read "
+                                 "from a pipe may have; pass big arguments as file names instead") from None
+            if not line:
+                break
             yield line
     finally:
         transport.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import io
@@ -13,12 +14,14 @@ import select
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+import asyncsched._cli
 from asyncsched import Scheduler, SQLiteStore, StoreError, Task
 from asyncsched._cli import main
 
@@ -113,6 +116,25 @@ def test_run_stops_at_a_line_that_is_not_json(tmp_path: Path, capsys: pytest.Cap
     assert main(["run", "tests.tasks:square", "--input", os.fspath(jobs), "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "input line 2 is not JSON" in err and "each line must be one JSON value" in err
+
+
+def test_run_stops_at_a_piped_line_that_is_too_long(monkeypatch: pytest.MonkeyPatch,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setattr(asyncsched._cli, "MAX_LINE", 1 << 20)
+    read_end, write_end = os.pipe()
+
+    def write() -> None:
+        with contextlib.suppress(BrokenPipeError), open(write_end, "wb") as pipe:
+            pipe.write(b'1\n"' + b"x" * (1 << 20) + b'"\n2\n')
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    with open(read_end) as stdin:
+        monkeypatch.setattr(sys, "stdin", stdin)
+        assert main(["run", "tests.tasks:square", "--workers", "1", "--no-progress"]) == 2
+    writer.join()  # the pipe's last reader is closed: the rest of the write fails at once
+    assert capsys.readouterr().err == ("asyncsched run: error: input line 2 is longer than 1 MiB, the most a line "
+                                       "read from a pipe may have; pass big arguments as file names instead\n")
 
 
 def test_python_m_asyncsched_reads_stdin_as_it_comes() -> None:
