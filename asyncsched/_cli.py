@@ -448,6 +448,16 @@ def _positive(kind: type[float] | type[int], *, zero: bool = False) -> Callable[
     return parse
 
 
+def _port(value: str) -> int:
+    try:
+        port = int(value)
+    except ValueError:
+        port = 0
+    if 0 < port < 65536:
+        return port
+    raise argparse.ArgumentTypeError(f"{value!r} is not a port number (1 to 65535)")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="asyncsched", description="Run batches of Python tasks on a pool of worker processes.",
@@ -508,7 +518,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--tasks", metavar="MODULE",
                        help="module whose `registry` names the tasks clients may run; without it, read-only")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1: this machine only)")
-    serve.add_argument("--port", type=_positive(int), default=8080, metavar="N", help="port to listen on (8080)")
+    serve.add_argument("--port", type=_port, default=8080, metavar="N", help="port to listen on (8080)")
     serve.add_argument("--token", metavar="T", help="require 'Authorization: Bearer T' (default: $ASYNCSCHED_TOKEN)")
     serve.add_argument("--workers", type=_workers, default="cpu", metavar="cpu|io|N",
                        help="cpu: one worker per core (default); io: two per core; or a number")

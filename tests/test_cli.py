@@ -110,6 +110,13 @@ def test_run_usage_errors_exit_2(argv: list[str], message: str, capsys: pytest.C
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("port", ["0", "65536", "99999", "http"])
+def test_serve_refuses_a_port_out_of_range(port: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["serve", "--db", os.fspath(tmp_path / "r.db"), "--port", port]) == 2
+    assert f"argument --port: {port!r} is not a port number (1 to 65535)" in capsys.readouterr().err
+    assert not (tmp_path / "r.db").exists()
+
+
 def test_run_stops_at_a_line_that_is_not_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     jobs = tmp_path / "jobs.jsonl"
     jobs.write_text("1\n{not json\n2\n")
