@@ -39,7 +39,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from . import __version__, _demo
-from ._errors import AsyncschedError
+from ._errors import AsyncschedError, ConfigurationError
 from ._models import FINAL_STATUSES, Summary, Task, TaskResult, task_from_json
 from ._progress import stats_table
 
@@ -241,7 +241,11 @@ async def _schedule(batch: Any, args: argparse.Namespace) -> Summary:
 
     async with Scheduler(workers=args.workers, store=args.db, timeout=args.timeout, retries=args.retries,
                          progress=args.progress) as scheduler:
-        return await scheduler.run(batch, batch_id=args.batch_id, resume=args.resume)
+        try:
+            return await scheduler.run(batch, batch_id=args.batch_id, resume=args.resume)
+        except ConfigurationError as exc:  # its advice names the arguments of run(): name the options instead
+            raise UsageError(str(exc).replace("pass resume=True", "pass --resume")
+                             .replace("another batch_id", "another --batch-id")) from None
 
 
 def _run_loop(coroutine: Coroutine[Any, Any, T]) -> T:

@@ -279,6 +279,14 @@ def test_resume_runs_only_the_lines_without_a_result(results_db: str, tmp_path: 
     assert {json.loads(line)["task_id"]: json.loads(line)["response_data"] for line in lines}["4"] == 30
 
 
+def test_an_existing_batch_is_continued_with_the_resume_option(results_db: str, tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    jobs = write_lines(tmp_path / "more.jsonl", [1, 2])
+    assert main(["run", "tests.tasks:add", "--input", jobs, "--db", results_db, "--batch-id", "b1"]) == 2
+    assert capsys.readouterr().err == (f"asyncsched run: error: batch 'b1' already exists in {results_db}; "
+                                       "pass --resume to continue it, or use another --batch-id\n")
+
+
 def test_read_commands_work_while_another_process_writes_and_change_nothing(
         tmp_path: Path, gate: Callable[[], str], capsys: pytest.CaptureFixture[str]) -> None:
     release, db = gate(), tmp_path / "live.db"
