@@ -39,7 +39,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from . import __version__, _demo
-from ._errors import AsyncschedError
+from ._errors import AsyncschedError, ConfigurationError
 from ._models import FINAL_STATUSES, Summary, Task, TaskResult, task_from_json
 from ._progress import stats_table
 
@@ -159,14 +159,20 @@ def load_function(spec: str) -> Callable[..., Any]:
 def _import(module_name: str) -> ModuleType:
     """Import a module as ``python -m`` would find it (the working directory first); a :class:`UsageError`
     when it cannot be."""
-    if os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())
+    _cwd_on_path()
     try:
         return importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
         raise UsageError(f"cannot import module {module_name!r}: {exc}") from None
     except Exception as exc:
         raise UsageError(f"importing module {module_name!r} failed: {type(exc).__name__}: {exc}") from None
+
+
+def _cwd_on_path() -> None:
+    """Put the working directory first on the import path, as ``python -m`` does: the user's modules are
+    imported from it, and the types of pickled values."""
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
 
 
 def _open_input(path: str) -> BinaryIO:
@@ -195,7 +201,14 @@ async def read_lines(file: BinaryIO) -> AsyncIterator[bytes]:
     reader = asyncio.StreamReader(limit=MAX_LINE)
     transport, _ = await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), file)
     try:
-        while line := await reader.readline():
+        for number in itertools.count(1):
+            try:
+                line = await reader.readline()
+            except ValueError:  # longer than the reader's limit
+                raise UsageError(f"input line {number} is longer than {MAX_LINE >> 20} MiB, the most a line read "
+                                 "from a pipe may have; pass big arguments as file names instead") from None
+            if not line:
+                break
             yield line
     finally:
         transport.close()
@@ -228,7 +241,11 @@ async def _schedule(batch: Any, args: argparse.Namespace) -> Summary:
 
     async with Scheduler(workers=args.workers, store=args.db, timeout=args.timeout, retries=args.retries,
                          progress=args.progress) as scheduler:
-        return await scheduler.run(batch, batch_id=args.batch_id, resume=args.resume)
+        try:
+            return await scheduler.run(batch, batch_id=args.batch_id, resume=args.resume)
+        except ConfigurationError as exc:  # its advice names the arguments of run(): name the options instead
+            raise UsageError(str(exc).replace("pass resume=True", "pass --resume")
+                             .replace("another batch_id", "another --batch-id")) from None
 
 
 def _run_loop(coroutine: Coroutine[Any, Any, T]) -> T:
@@ -266,18 +283,18 @@ def _print_outcome(summary: Summary, args: argparse.Namespace) -> None:
 def _results_command(args: argparse.Namespace) -> int:
     """Print stored results, oldest first: a table, JSON Lines, or CSV.
 
-    JSON Lines and CSV have the fields of `asyncsched export`. The file is opened
-    read-only: it is never changed, and can be read while another process writes to it.
+    JSON Lines and CSV have the fields of `asyncsched export`, and like it leave
+    pickled values pickled. The file is opened read-only: it is never changed, and
+    can be read while another process writes to it.
     """
-    results = _run_loop(_read(args, lambda store: store.results(batch_id=args.batch, status=args.status,
-                                                                 limit=args.limit)))
     if args.format == "table":
+        results = _run_loop(_read(args, lambda store: store.results(batch_id=args.batch, status=args.status,
+                                                                     limit=args.limit)))
         console = _console()
         console.print(_results_table(results, with_batch=args.batch is None) if results else "no results")
         return 0
-    from ._sqlite import result_record
-
-    records = map(result_record, results)
+    records = iter(_run_loop(_read(args, lambda store: store.records(batch_id=args.batch, status=args.status,
+                                                                     limit=args.limit))))
     if args.format == "jsonl":
         sys.stdout.writelines(json.dumps(record) + "\n" for record in records)
         return 0
@@ -342,6 +359,7 @@ async def _read(args: argparse.Namespace, query: Callable[[SQLiteStore], Awaitab
     """Run ``query`` on the results file ``args.db`` opened read-only, once ``args.batch`` is known to be in it."""
     from ._sqlite import SQLiteStore
 
+    _cwd_on_path()  # as for `run`: a pickled value's type may come from a module of the working directory
     async with SQLiteStore(args.db, readonly=True) as store:
         batch_id = getattr(args, "batch", None)
         if batch_id is not None and await store.batch(batch_id) is None:
@@ -434,6 +452,16 @@ def _positive(kind: type[float] | type[int], *, zero: bool = False) -> Callable[
     return parse
 
 
+def _port(value: str) -> int:
+    try:
+        port = int(value)
+    except ValueError:
+        port = 0
+    if 0 < port < 65536:
+        return port
+    raise argparse.ArgumentTypeError(f"{value!r} is not a port number (1 to 65535)")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="asyncsched", description="Run batches of Python tasks on a pool of worker processes.",
@@ -494,7 +522,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--tasks", metavar="MODULE",
                        help="module whose `registry` names the tasks clients may run; without it, read-only")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1: this machine only)")
-    serve.add_argument("--port", type=_positive(int), default=8080, metavar="N", help="port to listen on (8080)")
+    serve.add_argument("--port", type=_port, default=8080, metavar="N", help="port to listen on (8080)")
     serve.add_argument("--token", metavar="T", help="require 'Authorization: Bearer T' (default: $ASYNCSCHED_TOKEN)")
     serve.add_argument("--workers", type=_workers, default="cpu", metavar="cpu|io|N",
                        help="cpu: one worker per core (default); io: two per core; or a number")

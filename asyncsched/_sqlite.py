@@ -41,6 +41,7 @@ from datetime import UTC, datetime
 from typing import Any, overload
 
 import aiofiles
+import aiofiles.os
 import aiosqlite
 
 from ._errors import ClosedError, ConfigurationError, StoreError
@@ -414,11 +415,17 @@ class SQLiteStore(Store):
         ``finished_at``, ``duration`` and ``progress`` (times in seconds since
         the epoch), and ``response_pickle``: the base64 pickle of a value that
         is not plain JSON, else null.
+
+        ``path`` is replaced only once the export is complete, so a failed
+        export leaves it as it was; the store's own files are refused.
         """
+        if await asyncio.to_thread(self._is_own_file, path):
+            raise StoreError(f"cannot export to {os.fspath(path)}: it is the result store {self.path} itself (or "
+                             "its -wal or -shm file), which the export would destroy; write to another path")
         where, parameters = _where(batch_id, None)
         count = 0
         with self._translate("read"), _file_errors("write", path):
-            async with aiofiles.open(path, "w", encoding="utf-8") as out:
+            async with _replacing(path) as out:
                 cursor = await self._read_connection().execute(f"{_SELECT}{where} ORDER BY id", parameters)
                 async with cursor:
                     while rows := list(await cursor.fetchmany(_CHUNK)):
@@ -426,11 +433,31 @@ class SQLiteStore(Store):
                         count += len(rows)
         return count
 
+    async def records(self, *, batch_id: str | None = None, status: Status | str | None = None,
+                      limit: int | None = None, offset: int = 0) -> list[dict[str, Any]]:
+        """The results that :meth:`results` returns, as the lines of :meth:`export_jsonl` have them: a value
+        that is not plain JSON stays pickled, so this works where its type cannot be imported."""
+        where, parameters = _where(batch_id, status)
+        rows = await self._fetch(f"{_SELECT}{where} ORDER BY id LIMIT ? OFFSET ?",
+                                 (*parameters, -1 if limit is None else limit, offset))
+        return [_record(row) for row in rows]
+
+    def _is_own_file(self, path: str | os.PathLike[str]) -> bool:
+        """Whether ``path`` names the file of this store, or its -wal or -shm file (which may not exist yet)."""
+        for own in (self.path, f"{self.path}-wal", f"{self.path}-shm"):
+            if os.path.realpath(path) == os.path.realpath(own):
+                return True
+            with contextlib.suppress(OSError):  # either one does not exist
+                if os.path.samefile(path, own):  # another name of it: a hard link, another mount
+                    return True
+        return False
+
     async def import_jsonl(self, path: str | os.PathLike[str], *, batch_id: str = "imported") -> int:
         """Add the results of a JSON Lines file, as :meth:`export_jsonl` writes them; returns how many.
 
         Streams, in one transaction: a bad line imports nothing and raises
-        :class:`StoreError` naming the line. A line needs ``task_id`` and a final
+        :class:`StoreError` naming the line (and the field, for one of the wrong
+        type). A line needs ``task_id`` (a string or an integer) and a final
         ``status``; the other fields are optional, so files in the bare format
         (``task_id``, ``status``, ``message``, ``response_data``, ``timestamp``,
         ``process_id``) import too. Lines without a ``batch_id`` go to
@@ -490,6 +517,35 @@ def _file_errors(doing: str, path: str | os.PathLike[str]) -> Iterator[None]:
         raise StoreError(f"cannot {doing} {os.fspath(path)}: {exc}") from exc
     except UnicodeError as exc:
         raise StoreError(f"cannot {doing} {os.fspath(path)}: it is not UTF-8 text ({exc})") from exc
+
+
+@contextlib.asynccontextmanager
+async def _replacing(path: str | os.PathLike[str]) -> AsyncIterator[Any]:
+    """``path`` opened to write text into; a regular file (or a new one) is written under a temporary name
+    next to it, and renamed over it only when the block ends without an error."""
+    names = await asyncio.to_thread(_partial, path)
+    if names is None:
+        async with aiofiles.open(path, "w", encoding="utf-8") as out:
+            yield out
+        return
+    partial, target = names
+    try:
+        async with aiofiles.open(partial, "x", encoding="utf-8") as out:
+            yield out
+        await aiofiles.os.replace(partial, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(partial)
+        raise
+
+
+def _partial(path: str | os.PathLike[str]) -> tuple[str, str] | None:
+    """A new name next to the file ``path`` names, and that file's own name (``path`` may be a link to it);
+    None when ``path`` is a pipe or a device (/dev/stdout), which is written in place."""
+    target = os.path.realpath(path)
+    if os.path.exists(target) and not os.path.isfile(target):
+        return None
+    return os.path.join(os.path.dirname(target), f".{os.path.basename(target)}.{os.urandom(4).hex()}.partial"), target
 
 
 @functools.cache
@@ -697,11 +753,6 @@ def _result(row: Row) -> TaskResult:
                       message, progress, error_type, index)
 
 
-def result_record(result: TaskResult) -> dict[str, Any]:
-    """A result as a line of :meth:`SQLiteStore.export_jsonl` has it (``asyncsched results`` shows the same)."""
-    return _record(_row(result))
-
-
 def _line(row: Row) -> str:
     return json.dumps(_record(row)) + "\n"
 
@@ -739,19 +790,48 @@ def _import_row(line: str, path: str | os.PathLike[str], number: int, batch_id: 
         status = Status(record["status"])
         if not status.is_final:
             raise ValueError(f"status {status.value!r} is not final")
-        pickled = record.get("response_pickle")
+        key = _field(record, "task_id", (str, int), "a string or an integer", _REQUIRED)
+        pickled = _field(record, "response_pickle", str, "a string of base64")
         data = record.get("response_data")
-        finished_at = record.get("finished_at")
-        if finished_at is None and record.get("timestamp") is not None:
-            stamp = record["timestamp"]
-            finished_at = float(stamp) if isinstance(stamp, int | float) else datetime.fromisoformat(stamp).timestamp()
+        finished_at = _field(record, "finished_at", _NUMBER, _SECONDS)
+        stamp = _field(record, "timestamp", (str, *_NUMBER), "an ISO 8601 time or a number")
+        if isinstance(stamp, str):
+            moment = datetime.fromisoformat(stamp)
+            stamp = (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp()  # naive: UTC, not local
+        if finished_at is None:
+            finished_at = stamp
+        text = functools.partial(_field, record, kinds=str, what="a string")
         return (
-            str(record.get("batch_id") or batch_id), str(record["task_id"]), int(record.get("index", -1)),
+            text("batch_id") or batch_id, str(key), _field(record, "index", int, "an integer", -1),
             status.value, None if data is None or pickled else _JSON.encode(data),
-            base64.b64decode(pickled) if pickled else None, record.get("error"), record.get("error_type"),
-            record.get("traceback"), int(record.get("attempts", 1)), record.get("process_id"),
-            record.get("started_at"), finished_at, record.get("message"), record.get("progress"),
+            base64.b64decode(pickled) if pickled else None, text("error"), text("error_type"), text("traceback"),
+            _field(record, "attempts", int, "an integer", 1), _field(record, "process_id", int, "an integer"),
+            _field(record, "started_at", _NUMBER, _SECONDS), finished_at, text("message"),
+            _field(record, "progress", _NUMBER, "a number"),
         )
     except (ValueError, KeyError, TypeError) as exc:
         raise StoreError(f"{os.fspath(path)}, line {number}: {type(exc).__name__}: {exc}; each line must be a JSON "
                          "object with at least task_id and a final status") from exc
+
+
+_NUMBER = (int, float)
+_SECONDS = "a number of seconds since the epoch"
+_REQUIRED: Any = object()
+
+
+def _field(record: dict[str, Any], name: str, kinds: type | tuple[type, ...], what: str, default: Any = None) -> Any:
+    """``record[name]`` (``default`` when it is missing, unless that is ``_REQUIRED``) if it is one of ``kinds``,
+    or null when ``default`` is None; a ValueError naming the field when it is not."""
+    value = record.get(name, default)
+    if value is _REQUIRED:
+        raise KeyError(name)
+    if value is None and default is None:
+        return None
+    valid = isinstance(value, kinds) and not isinstance(value, bool)
+    if valid and isinstance(value, int | float):
+        valid = math.isfinite(value) and abs(value) < 2**63  # what SQLite can store
+    if valid:
+        return value
+    shown = json.dumps(value)
+    raise ValueError(f"field {name!r} must be {what}{' or null' if default is None else ''}, "
+                     f"not {shown if len(shown) <= 40 else shown[:37] + '...'}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import io
@@ -13,12 +14,14 @@ import select
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+import asyncsched._cli
 from asyncsched import Scheduler, SQLiteStore, StoreError, Task
 from asyncsched._cli import main
 
@@ -107,12 +110,38 @@ def test_run_usage_errors_exit_2(argv: list[str], message: str, capsys: pytest.C
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("port", ["0", "65536", "99999", "http"])
+def test_serve_refuses_a_port_out_of_range(port: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["serve", "--db", os.fspath(tmp_path / "r.db"), "--port", port]) == 2
+    assert f"argument --port: {port!r} is not a port number (1 to 65535)" in capsys.readouterr().err
+    assert not (tmp_path / "r.db").exists()
+
+
 def test_run_stops_at_a_line_that_is_not_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     jobs = tmp_path / "jobs.jsonl"
     jobs.write_text("1\n{not json\n2\n")
     assert main(["run", "tests.tasks:square", "--input", os.fspath(jobs), "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "input line 2 is not JSON" in err and "each line must be one JSON value" in err
+
+
+def test_run_stops_at_a_piped_line_that_is_too_long(monkeypatch: pytest.MonkeyPatch,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setattr(asyncsched._cli, "MAX_LINE", 1 << 20)
+    read_end, write_end = os.pipe()
+
+    def write() -> None:
+        with contextlib.suppress(BrokenPipeError), open(write_end, "wb") as pipe:
+            pipe.write(b'1\n"' + b"x" * (1 << 20) + b'"\n2\n')
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    with open(read_end) as stdin:
+        monkeypatch.setattr(sys, "stdin", stdin)
+        assert main(["run", "tests.tasks:square", "--workers", "1", "--no-progress"]) == 2
+    writer.join()  # the pipe's last reader is closed: the rest of the write fails at once
+    assert capsys.readouterr().err == ("asyncsched run: error: input line 2 is longer than 1 MiB, the most a line "
+                                       "read from a pipe may have; pass big arguments as file names instead\n")
 
 
 def test_python_m_asyncsched_reads_stdin_as_it_comes() -> None:
@@ -183,6 +212,20 @@ def test_stats_batches_and_export(results_db: str, tmp_path: Path, capsys: pytes
     assert sorted(json.loads(line)["task_id"] for line in out.read_text().splitlines()) == ["1", "2", "3"]
 
 
+def test_export_refuses_to_write_over_the_results_file(results_db: str, tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    own = [results_db, f"{results_db}-wal", f"{results_db}-shm"]
+    before = Path(results_db).read_bytes()
+    os.link(results_db, tmp_path / "another-name.db")
+    for out in [*own, os.fspath(tmp_path / "another-name.db")]:
+        assert main(["export", results_db, out]) == 2
+        err = capsys.readouterr().err
+        assert f"cannot export to {out}: it is the result store {results_db} itself" in err and "Traceback" not in err
+    assert Path(results_db).read_bytes() == before
+    assert not any(b"task_id" in Path(path).read_bytes() for path in own if Path(path).exists())
+    assert json.loads(read(["stats", results_db, "--json"], capsys))["total"] == 3
+
+
 def test_read_commands_report_bad_files_and_batches(results_db: str, tmp_path: Path,
                                                      capsys: pytest.CaptureFixture[str]) -> None:
     missing = tmp_path / "missing.db"
@@ -196,6 +239,33 @@ def test_read_commands_report_bad_files_and_batches(results_db: str, tmp_path: P
     assert "has no batch 'nope'" in capsys.readouterr().err
 
 
+def test_results_unpickle_values_as_run_imports_and_jsonl_and_csv_leave_them_pickled(tmp_path: Path) -> None:
+    (tmp_path / "point_for_cli.py").write_text("class Point:\n    def __init__(self, x): self.x = x\n"
+                                               "    def __repr__(self): return f'Point({self.x})'\n"
+                                               "def make(x): return Point(x)\n")
+    jobs = write_lines(tmp_path / "jobs.jsonl", 1, 2)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+
+    def console_script(*argv: str, cwd: Path = tmp_path) -> subprocess.CompletedProcess[str]:
+        # not python -m, which puts the working directory on the import path itself
+        return subprocess.run([os.fspath(CONSOLE_SCRIPT), *argv], cwd=cwd, capture_output=True, text=True,
+                              timeout=60)
+
+    ran = console_script("run", "point_for_cli:make", "--input", jobs, "--db", "r.db", "--workers", "1",
+                         "--no-progress")
+    assert ran.returncode == 0, ran.stderr
+    shown = console_script("results", "r.db")
+    assert shown.returncode == 0 and "Point(1)" in shown.stdout and "Point(2)" in shown.stdout, shown.stderr
+    lines = console_script("results", "../r.db", "--format", "jsonl", cwd=elsewhere)  # Point cannot be imported
+    assert lines.returncode == 0, lines.stderr
+    assert [json.loads(line)["response_pickle"] is not None for line in lines.stdout.splitlines()] == [True, True]
+    rows = console_script("results", "../r.db", "--format", "csv", cwd=elsewhere)
+    assert rows.returncode == 0 and len(list(csv.DictReader(io.StringIO(rows.stdout)))) == 2, rows.stderr
+    table = console_script("results", "../r.db", cwd=elsewhere)
+    assert table.returncode == 2 and "cannot be unpickled here" in table.stderr and "Traceback" not in table.stderr
+
+
 def test_resume_runs_only_the_lines_without_a_result(results_db: str, tmp_path: Path,
                                                      capsys: pytest.CaptureFixture[str]) -> None:
     jobs = write_lines(tmp_path / "more.jsonl", [1, 2], ["x", 1], {"a": 3, "b": 4}, [10, 20])
@@ -207,6 +277,14 @@ def test_resume_runs_only_the_lines_without_a_result(results_db: str, tmp_path: 
     assert "finished 1 tasks in" in out and "3 of 4 tasks completed" in out
     lines = read(["results", results_db, "--format", "jsonl"], capsys).splitlines()
     assert {json.loads(line)["task_id"]: json.loads(line)["response_data"] for line in lines}["4"] == 30
+
+
+def test_an_existing_batch_is_continued_with_the_resume_option(results_db: str, tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    jobs = write_lines(tmp_path / "more.jsonl", [1, 2])
+    assert main(["run", "tests.tasks:add", "--input", jobs, "--db", results_db, "--batch-id", "b1"]) == 2
+    assert capsys.readouterr().err == (f"asyncsched run: error: batch 'b1' already exists in {results_db}; "
+                                       "pass --resume to continue it, or use another --batch-id\n")
 
 
 def test_read_commands_work_while_another_process_writes_and_change_nothing(

@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime
+import errno
 import itertools
 import json
 import os
 import sqlite3
 import subprocess
 import sys
+import time
 import types
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -265,6 +267,29 @@ async def test_export_and_import_round_trip(tmp_path: Path) -> None:
         assert [info.batch_id for info in await store.batches()] == ["x"]
 
 
+async def test_a_failed_export_leaves_the_file_it_would_replace_as_it_was(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tmp_path / "out.jsonl"
+    out.write_text("the last export\n")
+
+    def disk_full(row: Any) -> str:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    async with SQLiteStore(tmp_path / "results.db") as store:
+        await store.begin_batch("b")
+        store.add(_completed("k", 1))
+        await store.flush()
+        with monkeypatch.context() as patched:
+            patched.setattr(asyncsched._sqlite, "_line", disk_full)
+            with pytest.raises(StoreError, match=f"cannot write {out}: .*No space left"):
+                await store.export_jsonl(out)
+        assert out.read_text() == "the last export\n"
+        assert sorted(os.listdir(tmp_path)) == ["out.jsonl", "results.db", "results.db-shm", "results.db-wal"]
+        assert await store.export_jsonl(out) == 1
+    assert json.loads(out.read_text())["task_id"] == "k"
+    assert sorted(os.listdir(tmp_path)) == ["out.jsonl", "results.db"]
+
+
 async def test_import_reads_the_bare_format_and_rejects_bad_lines(tmp_path: Path) -> None:
     bare = {"task_id": "t1", "status": "completed", "message": "ok", "response_data": {"rows": 3},
             "timestamp": "2024-01-02T03:04:05+00:00", "process_id": 123}
@@ -282,6 +307,41 @@ async def test_import_reads_the_bare_format_and_rejects_bad_lines(tmp_path: Path
     assert (result.key, result.status, result.value, result.pid, result.message) == ("t1", "completed", {"rows": 3},
                                                                                     123, "ok")
     assert result.finished_at == datetime.datetime(2024, 1, 2, 3, 4, 5, tzinfo=datetime.UTC).timestamp()
+
+
+@pytest.mark.parametrize(("field", "value", "message"), [
+    ("task_id", None, "must be a string or an integer, not null"),
+    ("started_at", "2024-05-01T09:59:00Z", "must be a number of seconds since the epoch or null, not \"2024"),
+    ("finished_at", "2024-05-01T10:00:00Z", "must be a number of seconds since the epoch or null"),
+    ("progress", "half", "must be a number or null"),
+    ("process_id", "123", "must be an integer or null"),
+    ("attempts", 1.5, "must be an integer, not 1.5"),
+    ("index", "3", "must be an integer, not"),
+    ("message", {"text": "ok"}, "must be a string or null"),
+])
+async def test_import_rejects_a_field_of_the_wrong_type(tmp_path: Path, field: str, value: Any, message: str) -> None:
+    line = {"task_id": "t", "status": "completed", "response_data": 1}
+    path = tmp_path / "odd.jsonl"
+    path.write_text(json.dumps(line) + "\n" + json.dumps({**line, field: value}) + "\n")
+    async with SQLiteStore(tmp_path / "results.db") as store:
+        with pytest.raises(StoreError, match=rf"odd.jsonl, line 2: ValueError: field '{field}' {message}"):
+            await store.import_jsonl(path)
+        assert await store.results() == []
+
+
+async def test_import_reads_a_timestamp_without_a_time_zone_as_utc(tmp_path: Path) -> None:
+    path = tmp_path / "naive.jsonl"
+    path.write_text(json.dumps({"task_id": "t", "status": "completed", "timestamp": "2024-05-01T10:00:00"}) + "\n")
+    try:
+        with pytest.MonkeyPatch.context() as patched:
+            patched.setenv("TZ", "EST5")  # local time is 5 hours behind UTC
+            time.tzset()
+            async with SQLiteStore(tmp_path / "results.db") as store:
+                await store.import_jsonl(path)
+                [result] = await store.results()
+    finally:
+        time.tzset()
+    assert result.finished_at == datetime.datetime(2024, 5, 1, 10, tzinfo=datetime.UTC).timestamp()
 
 
 async def test_a_failed_commit_loses_nothing(tmp_path: Path) -> None:
