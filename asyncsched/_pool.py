@@ -782,6 +782,7 @@ class ProcessPool(concurrent.futures.Executor):
                 break
         pos, end = 0, len(buf)
         messages: list[tuple[Any, ...]] = []
+        unreadable: Exception | None = None
         while end - pos >= 4:
             (size,) = HEADER.unpack_from(buf, pos)
             head = 4
@@ -792,14 +793,21 @@ class ProcessPool(concurrent.futures.Executor):
                 head = BIG_HEADER.size
             if end - pos - head < size:
                 break
-            messages.append(pickle.loads(buf[pos + head: pos + head + size]))
+            frame = buf[pos + head: pos + head + size]
             pos += head + size
+            try:
+                messages.append(pickle.loads(frame))
+            except Exception as exc:  # never from the wire format itself: the worker is not to be trusted
+                unreadable = exc
+                break
         del buf[:pos]
         held: list[tuple[_Call, Callable[..., None], tuple[Any, ...]]] = []
         self._held = held
         try:
             for message in messages:
                 self._on_message(worker, message)
+            if unreadable is not None:
+                self._on_unreadable(worker, unreadable)
         finally:
             self._held = None
         if messages:
@@ -808,6 +816,16 @@ class ProcessPool(concurrent.futures.Executor):
             if not call.cancelled:  # else a listener cancelled it meanwhile: nothing more about it
                 self._call_listener(method, args)
         return alive
+
+    def _on_unreadable(self, worker: _Worker, exc: Exception) -> None:
+        """The worker sent a message that does not unpickle here: its running call is crashed, and it is killed."""
+        call = worker.call
+        if call is not None and not call.done:
+            self._crashed += 1
+            call.settle(Outcome(Status.CRASHED, error=f"worker {worker.pid} sent a message that cannot be read "
+                                                      f"here ({error_info(exc)[1]}); it was killed",
+                                error_type="WorkerCrash", pid=worker.pid))
+        self._kill(worker)
 
     def _on_message(self, worker: _Worker, message: tuple[Any, ...]) -> None:
         kind = message[0]

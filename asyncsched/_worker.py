@@ -105,7 +105,7 @@ def report(message: str | None = None, progress: float | None = None, **data: An
         return
     now = time.time()
     if message is not None:
-        message = str(message)
+        message = str.__str__(str(message))  # a str, never a subclass that might not unpickle in the parent
     if progress is not None:
         progress = float(progress)
         if not math.isfinite(progress):  # it could not travel as JSON to a dashboard or an export

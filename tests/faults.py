@@ -216,3 +216,31 @@ def fork_and_leave_with_sys_exit() -> tuple[str, int]:
         sys.exit(7)
     _, status = os.waitpid(pid, 0)
     return "the task's own value", os.waitstatus_to_exitcode(status)
+
+
+class Label(str):
+    """A str that cannot be rebuilt from its text alone, and whose str() is itself."""
+
+    def __new__(cls, text: str, color: str) -> Label:
+        return super().__new__(cls, text)
+
+    def __str__(self) -> str:
+        return self
+
+
+def report_a_label() -> str:
+    from asyncsched import report
+
+    report(Label("labelled", "red"))
+    return "done"
+
+
+def send_garbage_then_hang() -> None:
+    """Writes a frame that does not unpickle onto the worker's socket (a stand-in for a bug), then hangs."""
+    from asyncsched import _worker
+
+    assert _worker._current is not None
+    channel = _worker._current[0].__self__  # type: ignore[attr-defined]
+    garbage = b"\x80\x05not a pickle"
+    channel._write(_worker.frame_header(len(garbage)) + garbage)
+    time.sleep(3600)

@@ -300,6 +300,22 @@ async def test_a_call_queued_behind_one_that_times_out_is_not_taken_down_with_it
     assert (outcome.status, outcome.value) == (Status.COMPLETED, "queued")
 
 
+async def test_a_report_of_a_str_subclass_arrives_as_its_text() -> None:
+    reports: list[str | None] = []
+    async with ProcessPool(1) as pool:
+        outcome = await pool.call(faults.report_a_label, on_report=lambda pid, ts, message, *_: reports.append(message))
+    assert (outcome.status, outcome.value) == (Status.COMPLETED, "done")
+    assert reports == ["labelled"] and type(reports[0]) is str
+
+
+async def test_a_message_that_does_not_unpickle_here_crashes_its_call_and_no_other() -> None:
+    async with ProcessPool(1) as pool:
+        outcome = await pool.call(faults.send_garbage_then_hang)
+        assert outcome.status is Status.CRASHED
+        assert "sent a message that cannot be read here (_pickle.UnpicklingError" in (outcome.error or "")
+        assert (await pool.call(tasks.double, (21,))).value == 42
+
+
 async def test_a_crashed_workers_task_processes_do_not_outlive_it(tmp_path: Path) -> None:
     pidfile = tmp_path / "child.pid"
     async with ProcessPool(1) as pool:
