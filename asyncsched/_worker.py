@@ -48,7 +48,7 @@ import traceback
 from collections import deque
 from collections.abc import Callable
 from multiprocessing.connection import Connection
-from typing import Any
+from typing import Any, NoReturn
 
 from ._models import type_name
 
@@ -260,7 +260,7 @@ def _not_a_worker() -> None:
     _forked = True
 
 
-def _end_fork(exc: BaseException | None) -> None:
+def _end_fork(exc: BaseException | None) -> NoReturn:
     """End a child the task forked that has come back out of the task's code, as a program ends there.
 
     It must neither send the task's result nor go on to serve the worker's calls.
@@ -271,13 +271,18 @@ def _end_fork(exc: BaseException | None) -> None:
     elif exc is not None:
         traceback.print_exception(exc)
         code = 1
+    _exit(code)
+
+
+def _exit(code: int) -> NoReturn:
+    """End this process now, without waiting for threads a task left running as a normal exit would."""
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):
             stream.flush()
     os._exit(code)
 
 
-def worker_main(conn: Connection) -> None:
+def worker_main(conn: Connection) -> NoReturn:
     """Entry point of a pool worker: serve calls from ``conn`` until told to stop."""
     os.setpgrp()  # a kill of this worker's group takes the task's own children too
     _die_with_parent()
@@ -293,10 +298,10 @@ def worker_main(conn: Connection) -> None:
             continue
         try:
             calls = pickle.loads(conn.recv_bytes())
-        except (EOFError, OSError):
-            return
-        if calls is None:
-            return
+        except (EOFError, OSError):  # the parent is gone
+            _exit(0)
+        if calls is None:  # retired: every result is written
+            _exit(0)
         queue.extend(calls)
 
 

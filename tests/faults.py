@@ -244,3 +244,9 @@ def send_garbage_then_hang() -> None:
     garbage = b"\x80\x05not a pickle"
     channel._write(_worker.frame_header(len(garbage)) + garbage)
     time.sleep(3600)
+
+
+def leave_a_thread_running() -> int:
+    """Starts a thread that is not a daemon and never ends; returns at once."""
+    threading.Thread(target=threading.Event().wait, name="left-behind").start()
+    return os.getpid()

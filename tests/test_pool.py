@@ -316,6 +316,13 @@ async def test_a_message_that_does_not_unpickle_here_crashes_its_call_and_no_oth
         assert (await pool.call(tasks.double, (21,))).value == 42
 
 
+async def test_a_retired_worker_exits_though_a_task_left_a_thread_running() -> None:
+    async with ProcessPool(1, max_tasks_per_child=1) as pool:
+        first = await pool.call(faults.leave_a_thread_running)
+        assert (await pool.call(tasks.double, (21,))).value == 42  # on the worker that replaced it
+        assert wait_gone(first.value)
+
+
 async def test_a_crashed_workers_task_processes_do_not_outlive_it(tmp_path: Path) -> None:
     pidfile = tmp_path / "child.pid"
     async with ProcessPool(1) as pool:
