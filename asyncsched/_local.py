@@ -9,7 +9,7 @@ import os
 import time
 from typing import Any
 
-from ._backend import AttemptListener, Backend, Cancellable, Emit
+from ._backend import AttemptListener, Backend, Cancellable, Emit, backend_failure
 from ._models import Attempt, Outcome, Status, TaskReported, TaskStarted
 from ._pool import ProcessPool
 from ._worker import error_info, run_capturing
@@ -81,10 +81,15 @@ class ExecutorBackend(Backend):
     """Runs attempts on any ``concurrent.futures.Executor`` through ``loop.run_in_executor``.
 
     A thread pool makes a fast in-process backend for tests; the stdlib
-    ``ProcessPoolExecutor`` works too. What an executor cannot do stays
+    ``ProcessPoolExecutor`` works too. At most ``capacity`` attempts are in the
+    executor at once, so each starts when it is handed over, and its timeout
+    counts from there. What an executor cannot do stays
     undone, honestly reported: a timed-out attempt is recorded ``timed_out`` at
     once, but a plain executor cannot stop it, so it runs on in the
-    background. ``report()`` events arrive when the attempt ends.
+    background (holding its place). ``report()`` events arrive when the
+    attempt ends. An executor that breaks (its worker died) makes the attempt
+    ``crashed``; one that refuses the call (an argument that does not pickle)
+    makes it ``failed``, not to be retried.
     The executor is shut down on :meth:`aclose` when ``owned`` is true.
     """
 
@@ -93,6 +98,7 @@ class ExecutorBackend(Backend):
         self.executor = executor
         self.capacity = capacity or getattr(executor, "_max_workers", None) or os.cpu_count() or 1
         self._owned = owned
+        self._places = asyncio.Semaphore(self.capacity)  # attempts in the executor, running or timed out
 
     def submit(self, attempt: Attempt, emit: Emit) -> asyncio.Future[Outcome]:
         return asyncio.ensure_future(self._run(attempt, emit))
@@ -100,16 +106,23 @@ class ExecutorBackend(Backend):
     async def _run(self, attempt: Attempt, emit: Emit) -> Outcome:
         loop = asyncio.get_running_loop()
         relay = _Relay(attempt, emit)
-        relay(None, time.time())
+        places = self._places
+        await places.acquire()  # a place of its own in the executor: it starts now, not behind others
         future = loop.run_in_executor(self.executor, run_capturing, attempt.fn, attempt.args)
+        future.add_done_callback(lambda _: places.release())  # only once the executor is done with it
+        relay(None, time.time())
         try:
             async with asyncio.timeout(attempt.timeout):
                 ok, value, started, finished, pid, reports = await future
         except TimeoutError:
             return Outcome(Status.TIMED_OUT, error=f"timed out after {attempt.timeout:g}s (this executor cannot "
                            "stop a running call)", error_type="TimeoutError")
-        except Exception as exc:  # the executor itself failed: broken pool, unpicklable argument, ...
-            return Outcome.from_error(error_info(exc))
+        except concurrent.futures.BrokenExecutor as exc:  # its worker died, as a pool worker can
+            return backend_failure(exc)
+        except Exception as exc:  # the executor refused the call, e.g. an argument that does not pickle
+            refused = Outcome.from_error(error_info(exc))
+            refused.retryable = False
+            return refused
         for timestamp, message, progress, data in reports:
             relay.reported(pid, timestamp, message, progress, data)
         if ok:

@@ -6,11 +6,13 @@ import asyncio
 import collections
 import functools
 import json
+import multiprocessing
 import os
 import pickle
 import signal
 import subprocess
 import sys
+import threading
 import types
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -414,6 +416,38 @@ async def test_executor_backend_reports_timeouts_honestly() -> None:
     assert done.value == 3 and done.message == "step 2" and done.progress == 1.0
     assert isinstance(failed.exception, ValueError)
     assert slow.status is Status.TIMED_OUT and "cannot stop" in (slow.error or "")
+
+
+async def test_executor_backend_counts_a_timeout_from_when_the_attempt_starts() -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    backend = ExecutorBackend(ThreadPoolExecutor(1))
+    async with Scheduler(backend=backend) as scheduler:
+        summary = await scheduler.run([Task(tasks.sleep_then, 1.0, "first"), Task(tasks.identity, "second",
+                                                                                 timeout=0.5)])
+    assert [(r.status, r.value) for r in summary.results] == [(Status.COMPLETED, "first"),
+                                                               (Status.COMPLETED, "second")]
+
+
+async def test_executor_backend_records_a_broken_executor_as_crashed() -> None:
+    from concurrent.futures import ProcessPoolExecutor
+
+    backend = ExecutorBackend(ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("forkserver")))
+    async with Scheduler(backend=backend) as scheduler:
+        summary = await scheduler.run([Task(faults.exit_hard)])
+    (result,) = summary.results
+    assert (result.status, result.error_type) == (Status.CRASHED, "BrokenProcessPool")
+
+
+async def test_executor_backend_does_not_retry_an_argument_that_does_not_pickle() -> None:
+    from concurrent.futures import ProcessPoolExecutor
+
+    backend = ExecutorBackend(ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("forkserver")))
+    async with Scheduler(backend=backend, retries=2) as scheduler:
+        summary = await scheduler.run([Task(tasks.identity, threading.Lock()), Task(tasks.identity, 1)])
+    refused, fine = summary.results
+    assert (refused.status, refused.attempts) == (Status.FAILED, 1)
+    assert "pickle" in (refused.error or "") and fine.value == 1
 
 
 def test_psutil_is_the_memory_probe() -> None:
