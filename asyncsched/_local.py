@@ -81,15 +81,17 @@ class ExecutorBackend(Backend):
     """Runs attempts on any ``concurrent.futures.Executor`` through ``loop.run_in_executor``.
 
     A thread pool makes a fast in-process backend for tests; the stdlib
-    ``ProcessPoolExecutor`` works too. At most ``capacity`` attempts are in the
-    executor at once, so each starts when it is handed over, and its timeout
-    counts from there. What an executor cannot do stays
-    undone, honestly reported: a timed-out attempt is recorded ``timed_out`` at
-    once, but a plain executor cannot stop it, so it runs on in the
-    background (holding its place). ``report()`` events arrive when the
-    attempt ends. An executor that breaks (its worker died) makes the attempt
-    ``crashed``; one that refuses the call (an argument that does not pickle)
-    makes it ``failed``, not to be retried.
+    ``ProcessPoolExecutor`` works too. At most ``capacity`` attempts are
+    handed to the executor at once, so each starts when it is handed over, and
+    its timeout counts from there. What an executor cannot do stays undone,
+    honestly reported: a timed-out attempt is recorded ``timed_out`` at once,
+    but a plain executor cannot stop it, so it runs on in the background, and
+    the attempt handed over in its place may wait behind it (and time out
+    there, rather than wait for a call that may never end). ``report()``
+    events arrive when the attempt ends. An executor that is broken (its
+    worker died) or shut down makes the attempt ``crashed``; one that refuses
+    the call (an argument that does not pickle) makes it ``failed``, not to be
+    retried.
     The executor is shut down on :meth:`aclose` when ``owned`` is true.
     """
 
@@ -98,7 +100,7 @@ class ExecutorBackend(Backend):
         self.executor = executor
         self.capacity = capacity or getattr(executor, "_max_workers", None) or os.cpu_count() or 1
         self._owned = owned
-        self._places = asyncio.Semaphore(self.capacity)  # attempts in the executor, running or timed out
+        self._places = asyncio.Semaphore(self.capacity)  # attempts handed to the executor and not over yet
 
     def submit(self, attempt: Attempt, emit: Emit) -> asyncio.Future[Outcome]:
         return asyncio.ensure_future(self._run(attempt, emit))
@@ -108,8 +110,12 @@ class ExecutorBackend(Backend):
         relay = _Relay(attempt, emit)
         places = self._places
         await places.acquire()  # a place of its own in the executor: it starts now, not behind others
-        future = loop.run_in_executor(self.executor, run_capturing, attempt.fn, attempt.args)
-        future.add_done_callback(lambda _: places.release())  # only once the executor is done with it
+        try:
+            future = loop.run_in_executor(self.executor, run_capturing, attempt.fn, attempt.args)
+        except Exception as exc:  # broken or shut down: it takes no more calls
+            places.release()
+            return backend_failure(exc)
+        future.add_done_callback(lambda _: places.release())  # over: done, timed out or cancelled
         relay(None, time.time())
         try:
             async with asyncio.timeout(attempt.timeout):

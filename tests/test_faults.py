@@ -434,9 +434,8 @@ async def test_executor_backend_records_a_broken_executor_as_crashed() -> None:
 
     backend = ExecutorBackend(ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("forkserver")))
     async with Scheduler(backend=backend) as scheduler:
-        summary = await scheduler.run([Task(faults.exit_hard)])
-    (result,) = summary.results
-    assert (result.status, result.error_type) == (Status.CRASHED, "BrokenProcessPool")
+        summary = await scheduler.run([Task(faults.exit_hard)] + [Task(tasks.identity, i) for i in range(3)])
+    assert [(r.status, r.error_type) for r in summary.results] == [(Status.CRASHED, "BrokenProcessPool")] * 4
 
 
 async def test_executor_backend_does_not_retry_an_argument_that_does_not_pickle() -> None:
