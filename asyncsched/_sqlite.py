@@ -33,7 +33,9 @@ import json
 import math
 import os
 import pickle
+import shutil
 import sqlite3
+import stat
 import time
 import urllib.parse
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
@@ -532,6 +534,8 @@ async def _replacing(path: str | os.PathLike[str]) -> AsyncIterator[Any]:
     try:
         async with aiofiles.open(partial, "x", encoding="utf-8") as out:
             yield out
+        with contextlib.suppress(FileNotFoundError):
+            await asyncio.to_thread(shutil.copymode, target, partial)  # a private file stays private
         await aiofiles.os.replace(partial, target)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -541,11 +545,17 @@ async def _replacing(path: str | os.PathLike[str]) -> AsyncIterator[Any]:
 
 def _partial(path: str | os.PathLike[str]) -> tuple[str, str] | None:
     """A new name next to the file ``path`` names, and that file's own name (``path`` may be a link to it);
-    None when ``path`` is a pipe or a device (/dev/stdout), which is written in place."""
+    None when ``path`` is a pipe or a device (/dev/stdout), or a file with other names (hard links), which
+    is written in place."""
     target = os.path.realpath(path)
-    if os.path.exists(target) and not os.path.isfile(target):
-        return None
-    return os.path.join(os.path.dirname(target), f".{os.path.basename(target)}.{os.urandom(4).hex()}.partial"), target
+    try:
+        found = os.stat(target)
+    except FileNotFoundError:
+        pass  # a new file
+    else:
+        if not stat.S_ISREG(found.st_mode) or found.st_nlink > 1:
+            return None
+    return os.path.join(os.path.dirname(target), f".asyncsched-{os.urandom(4).hex()}.partial"), target
 
 
 @functools.cache

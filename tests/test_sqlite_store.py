@@ -267,6 +267,24 @@ async def test_export_and_import_round_trip(tmp_path: Path) -> None:
         assert [info.batch_id for info in await store.batches()] == ["x"]
 
 
+async def test_an_export_over_a_file_keeps_its_mode_its_links_and_takes_long_names(tmp_path: Path) -> None:
+    private, linked = tmp_path / "private.jsonl", tmp_path / "linked.jsonl"
+    long = tmp_path / ("r" * 240 + ".jsonl")  # near the longest name a file may have: no room for a suffix
+    for out in (private, linked):
+        out.write_text("the last export\n")
+    private.chmod(0o600)
+    os.link(linked, tmp_path / "other-name.jsonl")
+    async with SQLiteStore(tmp_path / "results.db") as store:
+        await store.begin_batch("b")
+        store.add(_completed("k", 1))
+        await store.flush()
+        for out in (private, linked, long):
+            assert await store.export_jsonl(out) == 1
+    assert private.stat().st_mode & 0o777 == 0o600
+    assert (tmp_path / "other-name.jsonl").read_text() == linked.read_text() != "the last export\n"
+    assert json.loads(long.read_text())["task_id"] == "k"
+
+
 async def test_a_failed_export_leaves_the_file_it_would_replace_as_it_was(tmp_path: Path,
                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     out = tmp_path / "out.jsonl"
