@@ -808,10 +808,10 @@ class ProcessPool(concurrent.futures.Executor):
                 self._on_message(worker, message)
             if unreadable is not None:
                 self._on_unreadable(worker, unreadable)
+            if messages:
+                self._dispatch()  # the calls it starts are told after the results that made room for them
         finally:
             self._held = None
-        if messages:
-            self._dispatch()
         for call, method, args in held:
             if not call.cancelled:  # else a listener cancelled it meanwhile: nothing more about it
                 self._call_listener(method, args)

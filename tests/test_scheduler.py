@@ -129,6 +129,17 @@ async def test_a_progress_that_is_not_a_finite_number_fails_its_report(scheduler
     assert [e.progress async for e in events] == [0.5]
 
 
+async def test_the_events_of_one_worker_never_overlap() -> None:
+    async with Scheduler(workers=1) as scheduler:
+        events = scheduler.events()
+        await scheduler.run([Task(tasks.reporting, i, 2, key=f"k{i}") for i in range(6)])
+        await scheduler.aclose()
+        seen = [(type(e), e.key) async for e in events]
+    expected = [(kind, f"k{i}") for i in range(6)
+                for kind in (TaskStarted, TaskReported, TaskReported, TaskFinished)]
+    assert seen == expected
+
+
 async def test_every_consumer_sees_every_event_in_order(scheduler: Scheduler) -> None:
     first, second = scheduler.events(), scheduler.events()
     await scheduler.run([Task(tasks.reporting, i, 2) for i in range(4)], batch_id="b")
