@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import functools
+import math
 import pickle
 import random
 import types
@@ -12,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ._errors import (
+    ConfigurationError,
     RemoteTraceback,
     TaskCancelledError,
     TaskCrashedError,
@@ -360,6 +362,24 @@ class RetryPolicy:
     jitter: float = 0.5
     on: frozenset[Status] = DEFAULT_RETRY_ON
     exceptions: tuple[type[BaseException], ...] | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("base_delay", "max_delay"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < math.inf:
+                raise ConfigurationError(f"RetryPolicy {name} must be a non-negative number of seconds, got {value!r}")
+        if isinstance(self.jitter, bool) or not isinstance(self.jitter, int | float) or not 0 <= self.jitter <= 1:
+            raise ConfigurationError(f"RetryPolicy jitter must be a number between 0 and 1, got {self.jitter!r}")
+        on = [self.on] if isinstance(self.on, Status | str) else self.on
+        try:
+            object.__setattr__(self, "on", frozenset(Status(status) for status in on))
+        except (TypeError, ValueError):
+            raise ConfigurationError(f"RetryPolicy on= takes statuses such as Status.FAILED, got {self.on!r}") from None
+        if self.exceptions is not None:
+            kinds = (self.exceptions,) if isinstance(self.exceptions, type) else tuple(self.exceptions)
+            if not all(isinstance(kind, type) and issubclass(kind, BaseException) for kind in kinds):
+                raise ConfigurationError(f"RetryPolicy exceptions= takes exception classes, got {self.exceptions!r}")
+            object.__setattr__(self, "exceptions", kinds)
 
     def delay(self, retry: int) -> float:
         raw: float = min(self.max_delay, self.base_delay * 2.0 ** (retry - 1))

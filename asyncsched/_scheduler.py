@@ -120,7 +120,10 @@ class _Record:
     def finished(self, outcome: Outcome) -> None:
         if self.running is not None:  # else cancelled meanwhile: cancel_all() records the task
             self.running = None
-            self.run.finished(self, outcome)
+            try:
+                self.run.finished(self, outcome)
+            except Exception as exc:  # e.g. a store that cannot take the result: the run fails with it
+                self.run.abort(exc)
 
 
 class _BatchRun:
@@ -225,8 +228,13 @@ class _BatchRun:
         self._wake()  # also with nothing in flight: a stream waiting for its async batch's next item ends
 
     def abort(self, error: BaseException) -> None:
+        """End the run with ``error``: what is in flight is cancelled, nothing more starts, and it raises."""
         self.aborted = error
-        self.cancel_all(str(error))
+        self.stopped = str(error)
+        try:
+            self.cancel_all(self.stopped)
+        finally:
+            self._wake()
 
     def stop(self, why: str) -> None:
         """Cancel what is in flight and start nothing more: the batch ends with the results it has."""

@@ -517,6 +517,28 @@ async def test_cancelling_a_batch_records_once_a_task_that_finishes_while_it_is_
         ("0", Status.CANCELLED), ("1", Status.COMPLETED), ("2", Status.CANCELLED)]
 
 
+class _RefusesKeyOne(MemoryStore):
+    def add(self, result: TaskResult) -> None:
+        if result.key == "1":
+            raise RuntimeError("the store cannot take this result")
+        super().add(result)
+
+
+async def test_a_store_that_cannot_take_a_result_fails_the_run() -> None:
+    async with Scheduler(workers=1, store=_RefusesKeyOne()) as scheduler:
+        with pytest.raises(RuntimeError, match="the store cannot take this result"):
+            await scheduler.run([Task(tasks.identity, i) for i in range(3)])
+
+
+def test_a_retry_policy_takes_one_exception_class_or_status_and_refuses_nonsense() -> None:
+    policy = RetryPolicy(exceptions=ValueError, on=Status.CRASHED)  # type: ignore[arg-type]
+    assert (policy.exceptions, policy.on) == ((ValueError,), frozenset({Status.CRASHED}))
+    assert RetryPolicy(on=["failed"]).on == frozenset({Status.FAILED})  # type: ignore[arg-type]
+    for bad in ({"exceptions": [1]}, {"on": ["nope"]}, {"base_delay": -1}, {"jitter": 2}, {"max_delay": "5"}):
+        with pytest.raises(ConfigurationError, match="RetryPolicy"):
+            RetryPolicy(**bad)
+
+
 async def test_aclose_while_the_store_begins_a_batch(tmp_path: Path) -> None:
     store = SlowToBegin()
     scheduler = Scheduler(workers=1, store=store)
@@ -526,6 +548,7 @@ async def test_aclose_while_the_store_begins_a_batch(tmp_path: Path) -> None:
     store.release.set()
     with pytest.raises(ClosedError):
         await run
+    assert await store.results(batch_id="b") == []  # no task was started on the closed pool and recorded crashed
 
 
 async def test_a_run_waits_quietly_when_its_async_batchs_next_task_comes_while_the_window_is_full(
