@@ -329,7 +329,7 @@ async def test_a_task_killed_or_lost_with_its_worker_has_the_times_it_ran(schedu
     for result in (hung, exited):
         assert result.started_at is not None and result.finished_at is not None
         assert result.started_at <= result.finished_at
-    assert hung.duration is not None and hung.duration >= 0.2
+    assert hung.duration is not None and hung.duration > 0.15  # about its timeout (the clocks differ a little)
 
 
 async def test_a_forked_child_of_a_task_reports_nothing(scheduler: Scheduler) -> None:
