@@ -27,6 +27,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from ._models import Attempt, Event, Outcome, Status, TaskReported, TaskStarted
+from ._worker import error_info
 
 __all__ = ["AttemptListener", "Backend", "Cancellable", "Emit", "backend_failure"]
 
@@ -127,3 +128,11 @@ def _finish_from(listener: AttemptListener, future: asyncio.Future[Outcome]) -> 
 def backend_failure(exc: BaseException) -> Outcome:
     """The outcome of an attempt whose backend failed (not the task): ``crashed``, with that error."""
     return Outcome(Status.CRASHED, error=f"{type(exc).__name__}: {exc}", error_type=type(exc).__name__)
+
+
+def unreadable_result(exc: BaseException, **fields: Any) -> Outcome:
+    """The outcome of an attempt whose result does not unpickle here (its class cannot be imported, say):
+    ``failed``, saying why; ``fields`` are the outcome's other fields (pid, times)."""
+    name, text, tb, _ = error_info(exc)
+    return Outcome(Status.FAILED, error=f"the result could not be unpickled here: {text}", traceback=tb,
+                   error_type=name, **fields)

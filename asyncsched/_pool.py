@@ -77,6 +77,7 @@ from typing import Any, Protocol
 
 import psutil
 
+from ._backend import unreadable_result
 from ._errors import BrokenPoolError, ClosedError, ConfigurationError
 from ._models import Outcome, Status, task_error
 from ._worker import (
@@ -1030,9 +1031,7 @@ def _outcome(pid: int, how: int, value: Any, started: float, finished: float) ->
         try:
             value = pickle.loads(value)
         except Exception as exc:  # e.g. the value's class cannot be imported here
-            name, text, tb, _ = error_info(exc)
-            return Outcome(Status.FAILED, error=f"the result could not be unpickled here: {text}", traceback=tb,
-                           error_type=name, pid=pid, started_at=started, finished_at=finished)
+            return unreadable_result(exc, pid=pid, started_at=started, finished_at=finished)
         return Outcome(Status.COMPLETED, value, None, None, None, None, pid, started, finished)
     return Outcome.from_error(value, pid=pid, started_at=started, finished_at=finished)  # ERROR
 

@@ -15,7 +15,7 @@ from distributed import Client
 from asyncsched import ConfigurationError, Scheduler, Status, Task, TaskStarted
 from asyncsched.backends import DaskBackend
 
-from . import tasks
+from . import faults, tasks
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -53,6 +53,15 @@ async def test_without_kill_a_timed_out_task_is_recorded_at_once_and_runs_on(das
     started, finished = [e async for e in events]
     assert finished.timestamp - started.timestamp < 1.5  # long before the task ends
     assert result.pid is not None and psutil.pid_exists(result.pid)  # its worker was left alone
+
+
+async def test_a_result_that_cannot_be_unpickled_here_fails_alone(dask_address: str) -> None:
+    async with Scheduler(backend=DaskBackend(dask_address, capacity=2)) as scheduler:
+        summary = await scheduler.run([Task(faults.return_unloadable), Task(tasks.square, 3)])
+    bad, fine = summary.results
+    assert (bad.status, bad.error_type) == (Status.FAILED, "RuntimeError")
+    assert "could not be unpickled here: RuntimeError: this value cannot be rebuilt here" in (bad.error or "")
+    assert fine.value == 9
 
 
 async def test_a_lost_worker_task_is_rescheduled_by_dask(dask_address: str, gate: Callable[[], str]) -> None:

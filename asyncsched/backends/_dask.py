@@ -40,7 +40,7 @@ from typing import Any
 import cloudpickle
 from distributed import Client, Future, KilledWorker
 
-from .._backend import Backend, Emit
+from .._backend import Backend, Emit, unreadable_result
 from .._errors import ConfigurationError
 from .._models import Attempt, Outcome, Status, TaskReported, TaskStarted
 from .._worker import error_info
@@ -159,7 +159,10 @@ class DaskBackend(Backend):
             del self._running[tag]
             if not future.done():
                 await client.cancel([future])
-        ok, value, started, finished, pid = pickle.loads(blob)
+        try:
+            ok, value, started, finished, pid = pickle.loads(blob)
+        except Exception as exc:  # e.g. the value's class cannot be imported here
+            return unreadable_result(exc, pid=running.pid)
         if ok:
             return Outcome(Status.COMPLETED, value=value, pid=pid, started_at=started, finished_at=finished)
         return Outcome.from_error(value, pid=pid, started_at=started, finished_at=finished)
