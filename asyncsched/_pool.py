@@ -134,8 +134,8 @@ class CallListener(Protocol):
 
 
 def resolve_workers(workers: int | str) -> int:
-    """``"cpu"`` is the number of cores, ``"io"`` twice that, or a positive int."""
-    cores = os.cpu_count() or 1
+    """``"cpu"`` is the number of cores this process may run on, ``"io"`` twice that, or a positive int."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     if workers == "cpu":
         return cores
     if workers == "io":

@@ -35,7 +35,7 @@ from asyncsched import (
 )
 from asyncsched._events import EventHub
 from asyncsched._models import TaskResult
-from asyncsched._pool import MAX_DEPTH, ProcessPool
+from asyncsched._pool import MAX_DEPTH, ProcessPool, resolve_workers
 from asyncsched._store import MemoryStore
 
 from . import faults, tasks
@@ -247,7 +247,7 @@ async def test_async_iterable_batch(scheduler: Scheduler) -> None:
 
 
 async def test_io_preset_runs_two_workers_per_core() -> None:
-    cores = os.cpu_count() or 1
+    cores = len(os.sched_getaffinity(0))
     async with Scheduler(workers="io") as scheduler:
         assert scheduler.backend.capacity == 2 * cores
         pids = {r.value for r in (await scheduler.run(
@@ -258,7 +258,16 @@ async def test_io_preset_runs_two_workers_per_core() -> None:
 
 async def test_cpu_preset_runs_one_worker_per_core() -> None:
     async with Scheduler(workers="cpu") as scheduler:
-        assert scheduler.backend.capacity == (os.cpu_count() or 1)
+        assert scheduler.backend.capacity == len(os.sched_getaffinity(0))
+
+
+def test_the_presets_count_the_cores_this_process_may_run_on() -> None:
+    allowed = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {min(allowed)})  # as under `taskset -c 0` or a container's CPU set
+    try:
+        assert (resolve_workers("cpu"), resolve_workers("io")) == (1, 2)
+    finally:
+        os.sched_setaffinity(0, allowed)
 
 
 async def test_no_child_process_remains_after_exit() -> None:
