@@ -30,7 +30,7 @@ class ProcessBackend(Backend):
         workers: int | str = "cpu",
         mp_context: str | multiprocessing.context.BaseContext | None = None,
         max_tasks_per_child: int | None = None,
-        max_memory_per_child: int | str | None = None,
+        max_memory_per_child: float | str | None = None,
     ) -> None:
         self.pool = pool or ProcessPool(workers, mp_context=mp_context, max_tasks_per_child=max_tasks_per_child,
                                         max_memory_per_child=max_memory_per_child)

@@ -58,6 +58,7 @@ import concurrent.futures
 import contextlib
 import functools
 import itertools
+import math
 import multiprocessing
 import multiprocessing.context
 import multiprocessing.util
@@ -329,11 +330,12 @@ class ProcessPool(concurrent.futures.Executor):
         *,
         mp_context: str | multiprocessing.context.BaseContext | None = None,
         max_tasks_per_child: int | None = None,
-        max_memory_per_child: int | str | None = None,
+        max_memory_per_child: float | str | None = None,
     ) -> None:
         self.size = resolve_workers(workers)
-        if max_tasks_per_child is not None and max_tasks_per_child < 1:
-            raise ConfigurationError(f"max_tasks_per_child must be at least 1, got {max_tasks_per_child!r}")
+        if max_tasks_per_child is not None and (not isinstance(max_tasks_per_child, int) or isinstance(
+                max_tasks_per_child, bool) or max_tasks_per_child < 1):
+            raise ConfigurationError(f"max_tasks_per_child must be an int of at least 1, got {max_tasks_per_child!r}")
         self._ctx = _context(mp_context)
         self._max_tasks = max_tasks_per_child
         self._max_memory = parse_size(max_memory_per_child)
@@ -1039,10 +1041,12 @@ def _outcome(pid: int, how: int, value: Any, started: float, finished: float) ->
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
 
-def parse_size(size: int | str | None) -> int | None:
-    """Bytes from an int or a string like ``"512MB"`` or ``"1.5GiB"``."""
+def parse_size(size: float | str | None) -> int | None:
+    """Bytes from a number or a string like ``"512MB"`` or ``"1.5GiB"``."""
     if size is None or (isinstance(size, int) and not isinstance(size, bool) and size > 0):
         return size
+    if isinstance(size, float) and 1 <= size < math.inf:
+        return int(size)
     if isinstance(size, str):
         text = size.strip().upper().replace(" ", "")
         number = text.rstrip("BKMGI")

@@ -298,6 +298,14 @@ def test_bad_arguments_get_clear_errors() -> None:
         Scheduler(workers="many")
     with pytest.raises(ConfigurationError, match="timeout"):
         Scheduler(workers=1, timeout=-1)
+    wrong: dict[str, Any]
+    for wrong in ({"timeout": "5"}, {"window": "10"}, {"event_buffer": -1}, {"retries": 1.5},
+                  {"retry_policy": {"base_delay": 1}}, {"max_tasks_per_child": "3"}):
+        with pytest.raises(ConfigurationError, match=next(iter(wrong))):
+            Scheduler(workers=1, **wrong)
+    with pytest.raises(ConfigurationError, match="buffer"):
+        Scheduler(workers=1).events(buffer=0)
+    assert Scheduler(workers=1, max_memory_per_child=1e9).backend.pool._max_memory == 10**9  # type: ignore[attr-defined]
     with pytest.raises(TaskDefinitionError, match="callable"):
         Task(42)  # type: ignore[arg-type]
     with pytest.raises(TaskDefinitionError, match="lambda"):
