@@ -395,6 +395,11 @@ class RetryPolicy:
         return outcome.error_type in {type_name(kind) for kind in self.exceptions}
 
 
+def finite(number: float | None) -> float | None:
+    """A number field as JSON: null when it is not finite (JSON has no token for nan or infinity)."""
+    return number if number is None or math.isfinite(number) else None
+
+
 def type_name(kind: type) -> str:
     """``ValueError`` for builtins, ``module.Qualified`` for the rest (``__main__`` as the parent knows it)."""
     module = "__main__" if kind.__module__ == "__mp_main__" else kind.__module__

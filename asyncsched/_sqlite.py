@@ -47,7 +47,7 @@ import aiofiles.os
 import aiosqlite
 
 from ._errors import ClosedError, ConfigurationError, StoreError
-from ._models import Stats, Status, TaskResult
+from ._models import Stats, Status, TaskResult, finite
 from ._store import BatchInfo, Store
 
 __all__ = ["SQLiteStore"]
@@ -735,6 +735,9 @@ class _Stored(dict[str, TaskResult]):
             raise KeyError(key)
         return self[stored]
 
+    def get(self, key: str, default: Any = None) -> Any:
+        return super().get(_text(key), default)
+
 
 _STATUS_TEXT = {status: status.value for status in Status}  # Enum.value is a slow property
 
@@ -770,6 +773,7 @@ def _line(row: Row) -> str:
 def _record(row: Row) -> dict[str, Any]:
     (batch_id, key, index, status, value, blob, error, error_type, tb, attempts, pid, started_at, finished_at,
      message, progress) = row
+    started_at, finished_at, progress = finite(started_at), finite(finished_at), finite(progress)  # JSON has no inf
     return {
         "task_id": key,
         "status": status,

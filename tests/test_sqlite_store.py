@@ -8,6 +8,7 @@ import datetime
 import errno
 import itertools
 import json
+import math
 import os
 import sqlite3
 import subprocess
@@ -592,3 +593,26 @@ async def test_the_memory_store_refuses_to_resume_a_batch_whose_results_it_no_lo
     with pytest.raises(ConfigurationError, match="has 4 results and this MemoryStore keeps only the latest 3"):
         await store.begin_batch("b", resume=True)
     assert (await store.stats("b")).completed == 4
+
+
+async def test_an_export_of_an_infinite_number_imports_back(tmp_path: Path) -> None:
+    odd = TaskResult("b", "k", Status.COMPLETED, 1, None, None, 1, 1, 1.0, math.inf, None, math.inf, None, 0)
+    async with SQLiteStore(tmp_path / "r.db") as store:
+        await store.begin_batch("b")
+        store.add(odd)
+        await store.flush()
+        await store.export_jsonl(tmp_path / "out.jsonl")
+    async with SQLiteStore(tmp_path / "again.db") as store:
+        assert await store.import_jsonl(tmp_path / "out.jsonl") == 1
+        (back,) = await store.results()
+    assert (back.finished_at, back.progress) == (None, None)
+
+
+async def test_the_stored_results_of_a_resumed_batch_find_a_key_by_either_form(tmp_path: Path) -> None:
+    async with SQLiteStore(tmp_path / "r.db") as store:
+        await store.begin_batch("b")
+        store.add(_completed(UNDECODABLE, 7))
+        await store.end_batch("b")
+        stored = await store.begin_batch("b", resume=True)
+    assert UNDECODABLE in stored and stored[UNDECODABLE].value == 7 and stored.get(UNDECODABLE) is not None
+    assert stored.get("absent") is None

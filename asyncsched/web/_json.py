@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from .._models import TaskResult
+from .._models import TaskResult, finite
 from .._store import BatchInfo
 
 __all__ = ["MAX_DEPTH", "batch_json", "finite", "jsonable", "result_json"]
@@ -31,11 +31,6 @@ def jsonable(value: Any, depth: int = 0) -> Any:
     if isinstance(value, dict):
         return {str(key): jsonable(item, depth + 1) for key, item in value.items()}
     return repr(value)
-
-
-def finite(number: float | None) -> float | None:
-    """A number field as JSON: null when it is not finite (JSON has no token for nan or infinity)."""
-    return number if number is None or math.isfinite(number) else None
 
 
 def result_json(result: TaskResult) -> dict[str, Any]:
