@@ -274,6 +274,13 @@ def _end_fork(exc: BaseException | None) -> NoReturn:
     _exit(code)
 
 
+def _leave() -> None:
+    """Let the worker end as a process normally does (exit handlers run, under ``spawn``), unless a thread a
+    task started and left running would hold that up: then end it at once."""
+    if any(not thread.daemon for thread in threading.enumerate() if thread is not threading.current_thread()):
+        _exit(0)
+
+
 def _exit(code: int) -> NoReturn:
     """End this process now, without waiting for threads a task left running as a normal exit would."""
     for stream in (sys.stdout, sys.stderr):
@@ -282,7 +289,7 @@ def _exit(code: int) -> NoReturn:
     os._exit(code)
 
 
-def worker_main(conn: Connection) -> NoReturn:
+def worker_main(conn: Connection) -> None:
     """Entry point of a pool worker: serve calls from ``conn`` until told to stop."""
     os.setpgrp()  # a kill of this worker's group takes the task's own children too
     _die_with_parent()
@@ -299,9 +306,10 @@ def worker_main(conn: Connection) -> NoReturn:
         try:
             calls = pickle.loads(conn.recv_bytes())
         except (EOFError, OSError):  # the parent is gone
-            _exit(0)
-        if calls is None:  # retired: every result is written
-            _exit(0)
+            calls = None
+        if calls is None:  # retired (every result is written), or orphaned
+            _leave()
+            return
         queue.extend(calls)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 from typing import Any
 
 from asyncsched import report
@@ -89,3 +90,11 @@ def say(message: str, fail: bool = False) -> str:
 
 def report_progress(progress: float) -> None:
     report(progress=progress)
+
+
+def write_at_exit(path: str) -> int:
+    """Registers an exit handler that writes ``path``; returns this process's pid."""
+    import atexit
+
+    atexit.register(Path(path).write_text, "written at exit")
+    return os.getpid()

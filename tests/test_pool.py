@@ -323,6 +323,15 @@ async def test_a_retired_worker_exits_though_a_task_left_a_thread_running() -> N
         assert wait_gone(first.value)
 
 
+async def test_a_spawned_worker_that_retires_runs_its_exit_handlers(tmp_path: Path) -> None:
+    marker = tmp_path / "at-exit"
+    async with ProcessPool(1, mp_context="spawn", max_tasks_per_child=1) as pool:
+        first = await pool.call(tasks.write_at_exit, (str(marker),))
+        assert (await pool.call(tasks.double, (21,))).value == 42  # on the worker that replaced it
+        assert wait_gone(first.value)
+    assert marker.read_text() == "written at exit"
+
+
 async def test_a_crashed_workers_task_processes_do_not_outlive_it(tmp_path: Path) -> None:
     pidfile = tmp_path / "child.pid"
     async with ProcessPool(1) as pool:
