@@ -44,7 +44,7 @@ from collections.abc import (
 from typing import Any
 
 from ._backend import Backend, Cancellable, backend_failure
-from ._errors import ClosedError, ConfigurationError, TaskDefinitionError
+from ._errors import AsyncschedError, ClosedError, ConfigurationError, TaskDefinitionError
 from ._events import DEFAULT_EVENT_BUFFER, EventHub, EventStream
 from ._models import (
     Attempt,
@@ -191,7 +191,14 @@ class _BatchRun:
             record.attempts, outcome.pid, started, finished, record.message,
             record.progress, outcome.error_type, record.index, outcome.exception,
         )
-        self.store.add(result)
+        try:
+            self.store.add(result)
+        except Exception as exc:  # the store cannot take it: the run stops, and fails with that error
+            first = self.aborted is None
+            self.aborted = self.aborted or exc
+            self.stopped = self.stopped or str(exc)
+            if first:
+                self.loop.call_soon(self.cancel_all, str(exc))  # not from inside a cancel_all() in progress
         self.counts[outcome.status] += 1
         if started is not None and finished is not None:
             self.busy += finished - started
@@ -229,12 +236,9 @@ class _BatchRun:
 
     def abort(self, error: BaseException) -> None:
         """End the run with ``error``: what is in flight is cancelled, nothing more starts, and it raises."""
-        self.aborted = error
-        self.stopped = str(error)
-        try:
-            self.cancel_all(self.stopped)
-        finally:
-            self._wake()
+        self.aborted = self.aborted or error
+        self.stopped = self.stopped or str(error)
+        self.cancel_all(str(error))
 
     def stop(self, why: str) -> None:
         """Cancel what is in flight and start nothing more: the batch ends with the results it has."""
@@ -468,21 +472,26 @@ class Scheduler:
     async def _begin(self, batch_id: str | None, name: str | None,
                      resume: bool) -> tuple[_BatchRun, Mapping[str, TaskResult]]:
         """The run of a batch, known to cancel() from now on, and the results the store has of it."""
-        await self._ensure_started()
+        if self._closed:
+            raise ClosedError("this Scheduler is closed; create a new one")
         if batch_id is None:
             if resume:
                 raise ConfigurationError("resume=True needs the batch_id of the batch to resume")
             batch_id = uuid.uuid4().hex[:12]
         run = _BatchRun(self, batch_id)
-        self._runs.add(run)  # a cancel() while the store begins the batch stops it before its first task
+        self._runs.add(run)  # a cancel() while the scheduler starts or the store begins the batch stops it
         for watcher in self._watchers:
             watcher(run)
         try:
+            await self._ensure_started()
             previous = await self._store.begin_batch(batch_id, name=name, resume=resume)
         except BaseException:
             self._runs.discard(run)
             raise
         run.begun = True
+        if self._closed:  # aclose() came while the store began it: it ends the batch, as aclose() ends the others
+            with contextlib.suppress(AsyncschedError):  # unless the store has closed already
+                await self._store.end_batch(batch_id)
         return run, previous
 
     def _monitor(self, batch_id: str) -> contextlib.AbstractAsyncContextManager[object]:

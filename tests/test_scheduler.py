@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import threading
 import time
@@ -547,6 +548,32 @@ async def test_a_store_that_cannot_take_a_result_fails_the_run() -> None:
             await scheduler.run([Task(tasks.identity, i) for i in range(3)])
 
 
+async def test_a_store_that_cannot_take_a_cancelled_result_fails_the_cancelled_run(gate: Callable[[], str]) -> None:
+    release = gate()
+    batch = [Task(tasks.identity, 0)] + [Task(tasks.wait_for_file, release) for _ in range(2)]
+    async with Scheduler(workers=2, store=_RefusesKeyOne()) as scheduler:
+        stream = scheduler.stream(batch, batch_id="b")
+        async with contextlib.aclosing(stream):
+            assert (await anext(stream)).key == "0"
+            assert scheduler.cancel("b")  # records 1 and 2 as cancelled: the store refuses 1
+            with pytest.raises(RuntimeError, match="the store cannot take this result"):
+                async for _ in stream:  # what was recorded, then the store's error
+                    pass
+        await asyncio.to_thread(Path(release).touch)
+
+
+async def test_a_run_is_known_to_cancel_from_its_first_step(tmp_path: Path) -> None:
+    scheduler = Scheduler(workers=1, store=tmp_path / "r.db")  # not started: the run starts it, opening the file
+    try:
+        running = asyncio.ensure_future(scheduler.run([Task(tasks.identity, i) for i in range(3)], batch_id="b"))
+        await asyncio.sleep(0)  # one turn of the loop: the run's first step
+        assert scheduler.cancel("b")
+        summary = await running
+    finally:
+        await scheduler.aclose()
+    assert summary.completed == 0
+
+
 def test_a_retry_policy_takes_one_exception_class_or_status_and_refuses_nonsense() -> None:
     policy = RetryPolicy(exceptions=ValueError, on=Status.CRASHED)  # type: ignore[arg-type]
     assert (policy.exceptions, policy.on) == ((ValueError,), frozenset({Status.CRASHED}))
@@ -566,6 +593,8 @@ async def test_aclose_while_the_store_begins_a_batch(tmp_path: Path) -> None:
     with pytest.raises(ClosedError):
         await run
     assert await store.results(batch_id="b") == []  # no task was started on the closed pool and recorded crashed
+    info = await store.batch("b")
+    assert info is not None and info.finished_at is not None  # begun after aclose() began: ended all the same
 
 
 async def test_a_run_waits_quietly_when_its_async_batchs_next_task_comes_while_the_window_is_full(
