@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import multiprocessing
 import os
 import pickle
 import signal
@@ -275,9 +276,11 @@ def _end_fork(exc: BaseException | None) -> NoReturn:
 
 
 def _leave() -> None:
-    """Let the worker end as a process normally does (exit handlers run, under ``spawn``), unless a thread a
-    task started and left running would hold that up: then end it at once."""
-    if any(not thread.daemon for thread in threading.enumerate() if thread is not threading.current_thread()):
+    """Let the worker end as a process normally does (exit handlers run, under ``spawn``), unless a thread
+    or a child process a task started and left running would hold that up: then end it at once (the
+    pool kills the worker's process group, children included, once it has exited)."""
+    me = threading.current_thread()
+    if multiprocessing.active_children() or any(not t.daemon for t in threading.enumerate() if t is not me):
         _exit(0)
 
 

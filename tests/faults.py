@@ -250,3 +250,11 @@ def leave_a_thread_running() -> int:
     """Starts a thread that is not a daemon and never ends; returns at once."""
     threading.Thread(target=threading.Event().wait, name="left-behind").start()
     return os.getpid()
+
+
+def leave_a_child_process_running() -> int:
+    """Starts a multiprocessing child that is not a daemon and sleeps for an hour; returns at once."""
+    import multiprocessing
+
+    multiprocessing.get_context("fork").Process(target=time.sleep, args=(3600,), name="left-behind").start()
+    return os.getpid()
