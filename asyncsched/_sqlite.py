@@ -33,7 +33,6 @@ import json
 import math
 import os
 import pickle
-import shutil
 import sqlite3
 import stat
 import time
@@ -524,18 +523,20 @@ def _file_errors(doing: str, path: str | os.PathLike[str]) -> Iterator[None]:
 @contextlib.asynccontextmanager
 async def _replacing(path: str | os.PathLike[str]) -> AsyncIterator[Any]:
     """``path`` opened to write text into; a regular file (or a new one) is written under a temporary name
-    next to it, and renamed over it only when the block ends without an error."""
+    next to it, with its permissions from the start, and renamed over it only when the block ends without
+    an error."""
     names = await asyncio.to_thread(_partial, path)
     if names is None:
         async with aiofiles.open(path, "w", encoding="utf-8") as out:
             yield out
         return
-    partial, target = names
+    partial, target, mode = names
     try:
-        async with aiofiles.open(partial, "x", encoding="utf-8") as out:
+        async with aiofiles.open(partial, "x", encoding="utf-8",
+                                 opener=lambda name, flags: os.open(name, flags, mode)) as out:
             yield out
-        with contextlib.suppress(FileNotFoundError):
-            await asyncio.to_thread(shutil.copymode, target, partial)  # a private file stays private
+        if mode != _NEW_FILE_MODE:  # the umask may have taken bits the file had
+            await asyncio.to_thread(os.chmod, partial, mode)
         await aiofiles.os.replace(partial, target)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -543,11 +544,16 @@ async def _replacing(path: str | os.PathLike[str]) -> AsyncIterator[Any]:
         raise
 
 
-def _partial(path: str | os.PathLike[str]) -> tuple[str, str] | None:
-    """A new name next to the file ``path`` names, and that file's own name (``path`` may be a link to it);
-    None when ``path`` is a pipe or a device (/dev/stdout), or a file with other names (hard links), which
-    is written in place."""
+_NEW_FILE_MODE = 0o666
+"""As ``open()`` creates a file: less the umask."""
+
+
+def _partial(path: str | os.PathLike[str]) -> tuple[str, str, int] | None:
+    """A new name next to the file ``path`` names, that file's own name (``path`` may be a link to it) and
+    the permissions it has; None when ``path`` is a pipe or a device (/dev/stdout), or a file with other
+    names (hard links), which is written in place."""
     target = os.path.realpath(path)
+    mode = _NEW_FILE_MODE
     try:
         found = os.stat(target)
     except FileNotFoundError:
@@ -555,7 +561,8 @@ def _partial(path: str | os.PathLike[str]) -> tuple[str, str] | None:
     else:
         if not stat.S_ISREG(found.st_mode) or found.st_nlink > 1:
             return None
-    return os.path.join(os.path.dirname(target), f".asyncsched-{os.urandom(4).hex()}.partial"), target
+        mode = stat.S_IMODE(found.st_mode)
+    return os.path.join(os.path.dirname(target), f".asyncsched-{os.urandom(4).hex()}.partial"), target, mode
 
 
 @functools.cache

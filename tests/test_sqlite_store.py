@@ -268,7 +268,15 @@ async def test_export_and_import_round_trip(tmp_path: Path) -> None:
         assert [info.batch_id for info in await store.batches()] == ["x"]
 
 
-async def test_an_export_over_a_file_keeps_its_mode_its_links_and_takes_long_names(tmp_path: Path) -> None:
+async def test_an_export_over_a_file_keeps_its_mode_its_links_and_takes_long_names(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    line, modes = asyncsched._sqlite._line, list[int]()
+
+    def watched(row: Any) -> str:  # while the export writes: the mode of the file it writes into
+        modes.extend(p.stat().st_mode & 0o777 for p in tmp_path.glob(".asyncsched-*.partial"))
+        return line(row)
+
+    monkeypatch.setattr(asyncsched._sqlite, "_line", watched)
     private, linked = tmp_path / "private.jsonl", tmp_path / "linked.jsonl"
     long = tmp_path / ("r" * 240 + ".jsonl")  # near the longest name a file may have: no room for a suffix
     for out in (private, linked):
@@ -281,7 +289,7 @@ async def test_an_export_over_a_file_keeps_its_mode_its_links_and_takes_long_nam
         await store.flush()
         for out in (private, linked, long):
             assert await store.export_jsonl(out) == 1
-    assert private.stat().st_mode & 0o777 == 0o600
+    assert private.stat().st_mode & 0o777 == 0o600 and modes[0] == 0o600  # private from the first line on
     assert (tmp_path / "other-name.jsonl").read_text() == linked.read_text() != "the last export\n"
     assert json.loads(long.read_text())["task_id"] == "k"
 
