@@ -123,6 +123,12 @@ class ExecutorBackend(Backend):
         except TimeoutError:
             return Outcome(Status.TIMED_OUT, error=f"timed out after {attempt.timeout:g}s (this executor cannot "
                            "stop a running call)", error_type="TimeoutError")
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if future.cancelled() and task is not None and not task.cancelling():  # the executor's doing
+                return backend_failure(concurrent.futures.CancelledError(
+                    "the executor cancelled the call before it started (it was shut down)"))
+            raise
         except concurrent.futures.BrokenExecutor as exc:  # its worker died, as a pool worker can
             return backend_failure(exc)
         except Exception as exc:  # the executor refused the call, e.g. an argument that does not pickle

@@ -382,7 +382,7 @@ class RetryPolicy:
             object.__setattr__(self, "exceptions", kinds)
 
     def delay(self, retry: int) -> float:
-        raw: float = min(self.max_delay, self.base_delay * 2.0 ** (retry - 1))
+        raw: float = min(self.max_delay, self.base_delay * 2.0 ** min(retry - 1, 1000))  # 2.0 ** 1024 overflows
         return raw * (1 - self.jitter * random.random())
 
     def should_retry(self, outcome: Outcome) -> bool:

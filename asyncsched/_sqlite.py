@@ -743,7 +743,7 @@ class _Stored(dict[str, TaskResult]):
         return self[stored]
 
     def get(self, key: str, default: Any = None) -> Any:
-        return super().get(_text(key), default)
+        return super().get(_text(key) if isinstance(key, str) else key, default)
 
 
 _STATUS_TEXT = {status: status.value for status in Status}  # Enum.value is a slow property
@@ -850,7 +850,7 @@ def _field(record: dict[str, Any], name: str, kinds: type | tuple[type, ...], wh
         return None
     valid = isinstance(value, kinds) and not isinstance(value, bool)
     if valid and isinstance(value, int | float):
-        valid = math.isfinite(value) and abs(value) < 2**63  # what SQLite can store
+        valid = math.isfinite(value) and (isinstance(value, float) or abs(value) < 2**63)  # what SQLite can store
     if valid:
         return value
     shown = json.dumps(value)

@@ -438,6 +438,24 @@ async def test_executor_backend_records_a_broken_executor_as_crashed() -> None:
     assert [(r.status, r.error_type) for r in summary.results] == [(Status.CRASHED, "BrokenProcessPool")] * 4
 
 
+async def test_executor_backend_records_a_call_its_executor_cancelled_as_crashed() -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    executor, gate = ThreadPoolExecutor(1), threading.Event()
+    async with Scheduler(backend=ExecutorBackend(executor)) as scheduler:
+        starts = scheduler.events(kinds=[TaskStarted])
+        run = asyncio.ensure_future(scheduler.run([Task(gate.wait, key="hangs", timeout=0.2),
+                                                   Task(tasks.identity, 1, key="waits")]))
+        async for started in starts:
+            if started.key == "waits":  # handed over once "hangs" timed out: it waits in the executor's queue
+                break
+        executor.shutdown(wait=False, cancel_futures=True)
+        summary = await run
+        gate.set()
+    assert [(r.key, r.status) for r in summary.results] == [("hangs", Status.TIMED_OUT), ("waits", Status.CRASHED)]
+    assert "shut down" in (summary.results[1].error or "")
+
+
 async def test_executor_backend_does_not_retry_an_argument_that_does_not_pickle() -> None:
     from concurrent.futures import ProcessPoolExecutor
 

@@ -603,8 +603,9 @@ async def test_the_memory_store_refuses_to_resume_a_batch_whose_results_it_no_lo
     assert (await store.stats("b")).completed == 4
 
 
-async def test_an_export_of_an_infinite_number_imports_back(tmp_path: Path) -> None:
-    odd = TaskResult("b", "k", Status.COMPLETED, 1, None, None, 1, 1, 1.0, math.inf, None, math.inf, None, 0)
+@pytest.mark.parametrize(("progress", "back"), [(math.inf, None), (1e20, 1e20)])
+async def test_an_export_of_an_odd_number_imports_back(tmp_path: Path, progress: float, back: float | None) -> None:
+    odd = TaskResult("b", "k", Status.COMPLETED, 1, None, None, 1, 1, 1.0, math.inf, None, progress, None, 0)
     async with SQLiteStore(tmp_path / "r.db") as store:
         await store.begin_batch("b")
         store.add(odd)
@@ -612,8 +613,8 @@ async def test_an_export_of_an_infinite_number_imports_back(tmp_path: Path) -> N
         await store.export_jsonl(tmp_path / "out.jsonl")
     async with SQLiteStore(tmp_path / "again.db") as store:
         assert await store.import_jsonl(tmp_path / "out.jsonl") == 1
-        (back,) = await store.results()
-    assert (back.finished_at, back.progress) == (None, None)
+        (result,) = await store.results()
+    assert (result.finished_at, result.progress) == (None, back)
 
 
 async def test_the_stored_results_of_a_resumed_batch_find_a_key_by_either_form(tmp_path: Path) -> None:
@@ -623,4 +624,4 @@ async def test_the_stored_results_of_a_resumed_batch_find_a_key_by_either_form(t
         await store.end_batch("b")
         stored = await store.begin_batch("b", resume=True)
     assert UNDECODABLE in stored and stored[UNDECODABLE].value == 7 and stored.get(UNDECODABLE) is not None
-    assert stored.get("absent") is None
+    assert stored.get("absent") is None and stored.get(5) is None  # type: ignore[call-overload]
