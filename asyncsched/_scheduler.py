@@ -27,6 +27,7 @@ import asyncio
 import contextlib
 import os
 import signal
+import sys
 import threading
 import time
 import uuid
@@ -44,7 +45,7 @@ from collections.abc import (
 from typing import Any
 
 from ._backend import Backend, Cancellable, backend_failure
-from ._errors import AsyncschedError, ClosedError, ConfigurationError, TaskDefinitionError
+from ._errors import ClosedError, ConfigurationError, TaskDefinitionError
 from ._events import DEFAULT_EVENT_BUFFER, EventHub, EventStream
 from ._models import (
     Attempt,
@@ -199,6 +200,8 @@ class _BatchRun:
             self.stopped = self.stopped or str(exc)
             if first:
                 self.loop.call_soon(self.cancel_all, str(exc))  # not from inside a cancel_all() in progress
+            self._wake()
+            return  # not recorded: not handed out either
         self.counts[outcome.status] += 1
         if started is not None and finished is not None:
             self.busy += finished - started
@@ -238,7 +241,10 @@ class _BatchRun:
         """End the run with ``error``: what is in flight is cancelled, nothing more starts, and it raises."""
         self.aborted = self.aborted or error
         self.stopped = self.stopped or str(error)
-        self.cancel_all(str(error))
+        try:
+            self.cancel_all(str(error))
+        finally:
+            self._wake()
 
     def stop(self, why: str) -> None:
         """Cancel what is in flight and start nothing more: the batch ends with the results it has."""
@@ -393,6 +399,8 @@ class Scheduler:
         if self._start_lock is None:
             self._start_lock = asyncio.Lock()
         async with self._start_lock:
+            if self._closed:  # closed while this waited for another start
+                raise ClosedError("this Scheduler is closed; create a new one")
             if not self._started:
                 await self._store.open()
                 await self._backend.start()
@@ -420,6 +428,9 @@ class Scheduler:
 
     async def _release(self, ended: set[str]) -> None:
         """Stop the backend; end the batches that were running (their streams may end later), close the store."""
+        if self._start_lock is not None:
+            async with self._start_lock:  # a start in progress opens the store and the backend: then close them
+                pass
         try:
             await self._backend.aclose()
         finally:
@@ -484,14 +495,15 @@ class Scheduler:
             watcher(run)
         try:
             await self._ensure_started()
+            run.started = time.monotonic()  # for its rate: not the time it took to start workers
             previous = await self._store.begin_batch(batch_id, name=name, resume=resume)
+            run.begun = True
+            if self._closed:  # aclose() came while the store began it: end the batch, as aclose() ends the others
+                with contextlib.suppress(Exception):  # unless the store is closing or closed already
+                    await self._store.end_batch(batch_id)
         except BaseException:
             self._runs.discard(run)
             raise
-        run.begun = True
-        if self._closed:  # aclose() came while the store began it: it ends the batch, as aclose() ends the others
-            with contextlib.suppress(AsyncschedError):  # unless the store has closed already
-                await self._store.end_batch(batch_id)
         return run, previous
 
     def _monitor(self, batch_id: str) -> contextlib.AbstractAsyncContextManager[object]:
@@ -555,6 +567,8 @@ class Scheduler:
                 pulling.cancel()
                 await asyncio.wait([pulling])
             self._runs.discard(run)
+            leaving = sys.exception()  # None, or what ends the stream: GeneratorExit when it was left early
+            aborted = run.aborted
             try:
                 if run.records:
                     run.cancel_all("the batch was cancelled")
@@ -563,6 +577,10 @@ class Scheduler:
                 self._hub.deliver()  # every TaskFinished of the batch is out before its run() returns
                 if not self._closed:  # else aclose() ends the batch, and may have closed the store already
                     await self._store.end_batch(batch_id)
+            refused = run.aborted  # set here only when the store refused a result of the tasks cancelled here
+            if refused is not None and refused is not aborted and (leaving is None or isinstance(leaving,
+                                                                                                 GeneratorExit)):
+                raise refused
 
     def _admit(self, run: _BatchRun, item: object, index: int, previous: Mapping[str, TaskResult]) -> int:
         """Start one batch item; returns the next index."""

@@ -532,10 +532,11 @@ async def _replacing(path: str | os.PathLike[str]) -> AsyncIterator[Any]:
         return
     partial, target, mode = names
     try:
+        creating = _NEW_FILE_MODE if mode is None else mode
         async with aiofiles.open(partial, "x", encoding="utf-8",
-                                 opener=lambda name, flags: os.open(name, flags, mode)) as out:
+                                 opener=lambda name, flags: os.open(name, flags, creating)) as out:
             yield out
-        if mode != _NEW_FILE_MODE:  # the umask may have taken bits the file had
+        if mode is not None:  # the umask may have taken bits the file had
             await asyncio.to_thread(os.chmod, partial, mode)
         await aiofiles.os.replace(partial, target)
     except BaseException:
@@ -548,12 +549,12 @@ _NEW_FILE_MODE = 0o666
 """As ``open()`` creates a file: less the umask."""
 
 
-def _partial(path: str | os.PathLike[str]) -> tuple[str, str, int] | None:
+def _partial(path: str | os.PathLike[str]) -> tuple[str, str, int | None] | None:
     """A new name next to the file ``path`` names, that file's own name (``path`` may be a link to it) and
-    the permissions it has; None when ``path`` is a pipe or a device (/dev/stdout), or a file with other
-    names (hard links), which is written in place."""
+    the permissions it has (None for a new file); None when ``path`` is a pipe or a device (/dev/stdout),
+    or a file with other names (hard links), which is written in place."""
     target = os.path.realpath(path)
-    mode = _NEW_FILE_MODE
+    mode = None
     try:
         found = os.stat(target)
     except FileNotFoundError:

@@ -280,7 +280,8 @@ def _leave() -> None:
     or a child process a task started and left running would hold that up: then end it at once (the
     pool kills the worker's process group, children included, once it has exited)."""
     me = threading.current_thread()
-    if multiprocessing.active_children() or any(not t.daemon for t in threading.enumerate() if t is not me):
+    if any(not child.daemon for child in multiprocessing.active_children()) or any(
+            not thread.daemon for thread in threading.enumerate() if thread is not me):
         _exit(0)
 
 

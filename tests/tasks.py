@@ -92,9 +92,12 @@ def report_progress(progress: float) -> None:
     report(progress=progress)
 
 
-def write_at_exit(path: str) -> int:
-    """Registers an exit handler that writes ``path``; returns this process's pid."""
+def write_at_exit(path: str, daemon_child: bool = False) -> int:
+    """Registers an exit handler that writes ``path`` (and leaves a daemon child running); returns this pid."""
     import atexit
+    import multiprocessing
 
     atexit.register(Path(path).write_text, "written at exit")
+    if daemon_child:
+        multiprocessing.get_context("fork").Process(target=time.sleep, args=(3600,), daemon=True).start()
     return os.getpid()

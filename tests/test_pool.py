@@ -325,10 +325,11 @@ async def test_a_retired_worker_exits_though_a_task_left_a_thread_or_a_process_r
         assert wait_gone(first.value)
 
 
-async def test_a_spawned_worker_that_retires_runs_its_exit_handlers(tmp_path: Path) -> None:
+@pytest.mark.parametrize("daemon_child", [False, True], ids=["alone", "with-a-daemon-child"])
+async def test_a_spawned_worker_that_retires_runs_its_exit_handlers(tmp_path: Path, daemon_child: bool) -> None:
     marker = tmp_path / "at-exit"
     async with ProcessPool(1, mp_context="spawn", max_tasks_per_child=1) as pool:
-        first = await pool.call(tasks.write_at_exit, (str(marker),))
+        first = await pool.call(tasks.write_at_exit, (str(marker), daemon_child))
         assert (await pool.call(tasks.double, (21,))).value == 42  # on the worker that replaced it
         assert wait_gone(first.value)
     assert marker.read_text() == "written at exit"

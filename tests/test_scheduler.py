@@ -556,10 +556,35 @@ async def test_a_store_that_cannot_take_a_cancelled_result_fails_the_cancelled_r
         async with contextlib.aclosing(stream):
             assert (await anext(stream)).key == "0"
             assert scheduler.cancel("b")  # records 1 and 2 as cancelled: the store refuses 1
+            handed_out = []
             with pytest.raises(RuntimeError, match="the store cannot take this result"):
-                async for _ in stream:  # what was recorded, then the store's error
-                    pass
+                async for result in stream:  # what was recorded, then the store's error
+                    handed_out.append(result.key)
+            assert handed_out == ["2"]
         await asyncio.to_thread(Path(release).touch)
+
+
+async def test_a_store_that_refuses_a_result_of_a_stream_left_early_says_so(gate: Callable[[], str]) -> None:
+    release = gate()
+    batch = [Task(tasks.identity, 0)] + [Task(tasks.wait_for_file, release) for _ in range(2)]
+    async with Scheduler(workers=2, store=_RefusesKeyOne()) as scheduler:
+        stream = scheduler.stream(batch, batch_id="b")
+        with pytest.raises(RuntimeError, match="the store cannot take this result"):
+            async with contextlib.aclosing(stream):
+                async for _ in stream:
+                    break  # leaving cancels 1 and 2: the store refuses 1
+        await asyncio.to_thread(Path(release).touch)
+
+
+async def test_aclose_while_a_run_starts_the_scheduler_closes_what_the_start_opened(tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path / "r.db")
+    scheduler = Scheduler(workers=1, store=store)
+    running = asyncio.ensure_future(scheduler.run([Task(tasks.identity, 1)]))
+    await asyncio.sleep(0)  # its first step: it is opening the store
+    await scheduler.aclose()
+    with pytest.raises(ClosedError):
+        await running
+    assert store._db is None and store._writer is not None and store._writer.done()
 
 
 async def test_a_run_is_known_to_cancel_from_its_first_step(tmp_path: Path) -> None:

@@ -278,18 +278,21 @@ async def test_an_export_over_a_file_keeps_its_mode_its_links_and_takes_long_nam
 
     monkeypatch.setattr(asyncsched._sqlite, "_line", watched)
     private, linked = tmp_path / "private.jsonl", tmp_path / "linked.jsonl"
+    shared = tmp_path / "shared.jsonl"  # more than the umask lets a new file have
     long = tmp_path / ("r" * 240 + ".jsonl")  # near the longest name a file may have: no room for a suffix
-    for out in (private, linked):
+    for out in (private, linked, shared):
         out.write_text("the last export\n")
     private.chmod(0o600)
+    shared.chmod(0o666)
     os.link(linked, tmp_path / "other-name.jsonl")
     async with SQLiteStore(tmp_path / "results.db") as store:
         await store.begin_batch("b")
         store.add(_completed("k", 1))
         await store.flush()
-        for out in (private, linked, long):
+        for out in (private, linked, long, shared):
             assert await store.export_jsonl(out) == 1
     assert private.stat().st_mode & 0o777 == 0o600 and modes[0] == 0o600  # private from the first line on
+    assert shared.stat().st_mode & 0o777 == 0o666
     assert (tmp_path / "other-name.jsonl").read_text() == linked.read_text() != "the last export\n"
     assert json.loads(long.read_text())["task_id"] == "k"
 
