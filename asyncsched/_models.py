@@ -10,7 +10,7 @@ import random
 import types
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeGuard
 
 from ._errors import (
     ConfigurationError,
@@ -366,9 +366,9 @@ class RetryPolicy:
     def __post_init__(self) -> None:
         for name in ("base_delay", "max_delay"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < math.inf:
+            if not (is_number(value) and 0 <= value < math.inf):
                 raise ConfigurationError(f"RetryPolicy {name} must be a non-negative number of seconds, got {value!r}")
-        if isinstance(self.jitter, bool) or not isinstance(self.jitter, int | float) or not 0 <= self.jitter <= 1:
+        if not (is_number(self.jitter) and 0 <= self.jitter <= 1):
             raise ConfigurationError(f"RetryPolicy jitter must be a number between 0 and 1, got {self.jitter!r}")
         on = [self.on] if isinstance(self.on, Status | str) else self.on
         try:
@@ -393,6 +393,16 @@ class RetryPolicy:
         if outcome.exception is not None:
             return isinstance(outcome.exception, self.exceptions)
         return outcome.error_type in {type_name(kind) for kind in self.exceptions}
+
+
+def is_int(value: object) -> TypeGuard[int]:
+    """An int, and not a bool."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value: object) -> TypeGuard[int | float]:
+    """An int or a float, and not a bool."""
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def finite(number: float | None) -> float | None:

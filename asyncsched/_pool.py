@@ -80,7 +80,7 @@ import psutil
 
 from ._backend import unreadable_result
 from ._errors import BrokenPoolError, ClosedError, ConfigurationError
-from ._models import Outcome, Status, task_error
+from ._models import Outcome, Status, is_int, task_error
 from ._worker import (
     BIG_HEADER,
     DONE,
@@ -141,7 +141,7 @@ def resolve_workers(workers: int | str) -> int:
         return cores
     if workers == "io":
         return 2 * cores
-    if isinstance(workers, int) and not isinstance(workers, bool) and workers > 0:
+    if is_int(workers) and workers > 0:
         return workers
     if isinstance(workers, str) and workers.isdigit() and int(workers) > 0:
         return int(workers)
@@ -333,8 +333,7 @@ class ProcessPool(concurrent.futures.Executor):
         max_memory_per_child: float | str | None = None,
     ) -> None:
         self.size = resolve_workers(workers)
-        if max_tasks_per_child is not None and (not isinstance(max_tasks_per_child, int) or isinstance(
-                max_tasks_per_child, bool) or max_tasks_per_child < 1):
+        if max_tasks_per_child is not None and not (is_int(max_tasks_per_child) and max_tasks_per_child >= 1):
             raise ConfigurationError(f"max_tasks_per_child must be an int of at least 1, got {max_tasks_per_child!r}")
         self._ctx = _context(mp_context)
         self._max_tasks = max_tasks_per_child
@@ -1043,7 +1042,7 @@ _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "M
 
 def parse_size(size: float | str | None) -> int | None:
     """Bytes from a number or a string like ``"512MB"`` or ``"1.5GiB"``."""
-    if size is None or (isinstance(size, int) and not isinstance(size, bool) and size > 0):
+    if size is None or (is_int(size) and size > 0):
         return size
     if isinstance(size, float) and 1 <= size < math.inf:
         return int(size)

@@ -61,6 +61,8 @@ from ._models import (
     TaskResult,
     TaskRetried,
     TaskStarted,
+    is_int,
+    is_number,
 )
 from ._store import MAX_BACKLOG, BatchInfo, MemoryStore, Store
 
@@ -302,13 +304,13 @@ class Scheduler:
         handle_sigterm: bool = True,
         progress: bool = False,
     ) -> None:
-        if timeout is not None and not (_is_number(timeout) and timeout > 0):
+        if timeout is not None and not (is_number(timeout) and timeout > 0):
             raise ConfigurationError(f"timeout must be a positive number of seconds or None, got {timeout!r}")
-        if not (_is_int(retries) and retries >= 0):
+        if not (is_int(retries) and retries >= 0):
             raise ConfigurationError(f"retries must be a non-negative int, got {retries!r}")
-        if window is not None and not (_is_int(window) and window >= 1):
+        if window is not None and not (is_int(window) and window >= 1):
             raise ConfigurationError(f"window must be an int of at least 1, or None, got {window!r}")
-        if not (_is_int(event_buffer) and event_buffer >= 1):
+        if not (is_int(event_buffer) and event_buffer >= 1):
             raise ConfigurationError(f"event_buffer must be an int of at least 1, got {event_buffer!r}")
         if retry_policy is not None and not isinstance(retry_policy, RetryPolicy):
             raise ConfigurationError(f"retry_policy must be a RetryPolicy, got {retry_policy!r}")
@@ -631,7 +633,7 @@ class Scheduler:
         """
         if self._closed:
             raise ClosedError("this Scheduler is closed; create a new one")
-        if buffer is not None and not (_is_int(buffer) and buffer >= 1):
+        if buffer is not None and not (is_int(buffer) and buffer >= 1):
             raise ConfigurationError(f"buffer must be an int of at least 1, or None, got {buffer!r}")
         return self._hub.subscribe(batch_id, buffer, kinds)
 
@@ -657,14 +659,6 @@ class Scheduler:
         """One batch the store knows, or None."""
         await self._ensure_started()
         return await self._store.batch(batch_id)
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def _key(item: object, index: int) -> str:
