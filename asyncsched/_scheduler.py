@@ -27,7 +27,6 @@ import asyncio
 import contextlib
 import os
 import signal
-import sys
 import threading
 import time
 import uuid
@@ -202,6 +201,9 @@ class _BatchRun:
             self.stopped = self.stopped or str(exc)
             if first:
                 self.loop.call_soon(self.cancel_all, str(exc))  # not from inside a cancel_all() in progress
+                # said here too: the run raises it only to a consumer still there (a stream may have been left)
+                self.loop.call_exception_handler({"message": f"the store refused a result of batch "
+                                                             f"{self.batch_id!r}; the batch stops", "exception": exc})
             self._wake()
             return  # not recorded: not handed out either
         self.counts[outcome.status] += 1
@@ -335,6 +337,7 @@ class Scheduler:
         self._started = False
         self._closed = False
         self._start_lock: asyncio.Lock | None = None
+        self._closing: asyncio.Future[None] | None = None
         self._handle_sigterm = handle_sigterm
         self._sigterm_installed = False
         self._sigterm_received = False
@@ -414,14 +417,14 @@ class Scheduler:
         Runs to the end even when the calling task is cancelled meanwhile, so no
         process outlives the scheduler.
         """
-        if self._closed:
-            return
-        self._closed = True
-        running = list(self._runs)
-        for run in running:
-            run.abort(ClosedError("the scheduler was closed while the batch ran"))
-        self._hub.close()
-        closing = asyncio.ensure_future(self._release({run.batch_id for run in running if run.begun}))
+        if self._closing is None:
+            self._closed = True
+            running = list(self._runs)
+            for run in running:
+                run.abort(ClosedError("the scheduler was closed while the batch ran"))
+            self._hub.close()
+            self._closing = asyncio.ensure_future(self._release({run.batch_id for run in running if run.begun}))
+        closing = self._closing  # a second aclose() waits for the first one's work too
         try:
             await asyncio.shield(closing)
         except asyncio.CancelledError:
@@ -430,9 +433,6 @@ class Scheduler:
 
     async def _release(self, ended: set[str]) -> None:
         """Stop the backend; end the batches that were running (their streams may end later), close the store."""
-        if self._start_lock is not None:
-            async with self._start_lock:  # a start in progress opens the store and the backend: then close them
-                pass
         try:
             await self._backend.aclose()
         finally:
@@ -569,8 +569,6 @@ class Scheduler:
                 pulling.cancel()
                 await asyncio.wait([pulling])
             self._runs.discard(run)
-            leaving = sys.exception()  # None, or what ends the stream: GeneratorExit when it was left early
-            aborted = run.aborted
             try:
                 if run.records:
                     run.cancel_all("the batch was cancelled")
@@ -579,10 +577,6 @@ class Scheduler:
                 self._hub.deliver()  # every TaskFinished of the batch is out before its run() returns
                 if not self._closed:  # else aclose() ends the batch, and may have closed the store already
                     await self._store.end_batch(batch_id)
-            refused = run.aborted  # set here only when the store refused a result of the tasks cancelled here
-            if refused is not None and refused is not aborted and (leaving is None or isinstance(leaving,
-                                                                                                 GeneratorExit)):
-                raise refused
 
     def _admit(self, run: _BatchRun, item: object, index: int, previous: Mapping[str, TaskResult]) -> int:
         """Start one batch item; returns the next index."""

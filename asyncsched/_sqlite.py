@@ -188,16 +188,19 @@ class SQLiteStore(Store):
                     if await self._version(self._reader) < SCHEMA_VERSION:
                         raise StoreError(f"{self.path} holds no asyncsched results: pass the path of a results "
                                          "file, or open it once for writing to upgrade it")
-                    return
-                self._db = await self._connect()
-                await self._db.execute("PRAGMA journal_mode = WAL")
-                await self._db.execute("PRAGMA synchronous = FULL")
-                await self._migrate()
-                self._reader = await self._connect()
+                else:
+                    self._db = await self._connect()
+                    await self._db.execute("PRAGMA journal_mode = WAL")
+                    await self._db.execute("PRAGMA synchronous = FULL")
+                    await self._migrate()
+                    self._reader = await self._connect()
+            if self._closed:  # aclose() came while this opened: nothing it opened may stay open
+                raise self._unavailable()
         except BaseException:
             await self._close_connections()
             raise
-        self._writer = asyncio.get_running_loop().create_task(self._write_loop(), name=f"{self!r} writer")
+        if not self.readonly:
+            self._writer = asyncio.get_running_loop().create_task(self._write_loop(), name=f"{self!r} writer")
 
     async def _connect(self) -> aiosqlite.Connection:
         return await aiosqlite.connect(_readonly_uri(self.path) if self.readonly else self.path, uri=self.readonly,

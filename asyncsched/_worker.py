@@ -278,11 +278,15 @@ def _end_fork(exc: BaseException | None) -> NoReturn:
 def _leave() -> None:
     """Let the worker end as a process normally does (exit handlers run, under ``spawn``), unless a thread
     or a child process a task started and left running would hold that up: then end it at once (the
-    pool kills the worker's process group, children included, once it has exited)."""
+    pool kills the worker's process group, children included, once it has exited). Daemon children, which
+    a normal exit would ask to stop and wait for, are killed first."""
     me = threading.current_thread()
-    if any(not child.daemon for child in multiprocessing.active_children()) or any(
+    children = multiprocessing.active_children()
+    if any(not child.daemon for child in children) or any(
             not thread.daemon for thread in threading.enumerate() if thread is not me):
         _exit(0)
+    for child in children:  # daemons: a normal exit would SIGTERM them and wait, for ever if they ignore it
+        child.kill()
 
 
 def _exit(code: int) -> NoReturn:

@@ -258,3 +258,16 @@ def leave_a_child_process_running() -> int:
 
     multiprocessing.get_context("fork").Process(target=time.sleep, args=(3600,), name="left-behind").start()
     return os.getpid()
+
+
+def _ignore_sigterm_and_sleep() -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    time.sleep(3600)
+
+
+def leave_a_daemon_child_running() -> int:
+    """Starts a multiprocessing daemon child that ignores SIGTERM and sleeps for an hour; returns at once."""
+    import multiprocessing
+
+    multiprocessing.get_context("fork").Process(target=_ignore_sigterm_and_sleep, daemon=True).start()
+    return os.getpid()

@@ -565,15 +565,16 @@ async def test_a_store_that_cannot_take_a_cancelled_result_fails_the_cancelled_r
 
 
 async def test_a_store_that_refuses_a_result_of_a_stream_left_early_says_so(gate: Callable[[], str]) -> None:
-    release = gate()
+    release, said = gate(), []
+    asyncio.get_running_loop().set_exception_handler(lambda loop, context: said.append(context["message"]))
     batch = [Task(tasks.identity, 0)] + [Task(tasks.wait_for_file, release) for _ in range(2)]
     async with Scheduler(workers=2, store=_RefusesKeyOne()) as scheduler:
         stream = scheduler.stream(batch, batch_id="b")
-        with pytest.raises(RuntimeError, match="the store cannot take this result"):
-            async with contextlib.aclosing(stream):
-                async for _ in stream:
-                    break  # leaving cancels 1 and 2: the store refuses 1
+        async with contextlib.aclosing(stream):
+            async for _ in stream:
+                break  # leaving cancels 1 and 2: the store refuses 1, and nobody is there to raise it to
         await asyncio.to_thread(Path(release).touch)
+    assert said == ["the store refused a result of batch 'b'; the batch stops"]
 
 
 async def test_aclose_while_a_run_starts_the_scheduler_closes_what_the_start_opened(tmp_path: Path) -> None:
@@ -584,7 +585,17 @@ async def test_aclose_while_a_run_starts_the_scheduler_closes_what_the_start_ope
     await scheduler.aclose()
     with pytest.raises(ClosedError):
         await running
-    assert store._db is None and store._writer is not None and store._writer.done()
+    assert store._db is None and store._reader is None and store._writer is None
+
+
+async def test_a_second_aclose_returns_once_the_first_has_closed_everything() -> None:
+    scheduler = Scheduler(workers=1)
+    await scheduler.__aenter__()
+    pids = scheduler.backend.pool.pids  # type: ignore[attr-defined]
+    first = asyncio.ensure_future(scheduler.aclose())
+    await asyncio.sleep(0)  # the first one has begun
+    await scheduler.aclose()
+    assert first.done() and not any(psutil.pid_exists(pid) for pid in pids)
 
 
 async def test_a_run_is_known_to_cancel_from_its_first_step(tmp_path: Path) -> None:
