@@ -80,13 +80,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return 2
     try:
-        return command(args)
+        status = command(args)
+        sys.stdout.flush()  # a reader that has left shows here, not as a traceback at exit
+        return status
     except (UsageError, AsyncschedError) as exc:
         print(f"asyncsched {args.name}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"asyncsched {args.name}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader left (`| head`): stop quietly, as other commands do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more is flushed into the pipe
+        return 141  # as a shell reports SIGPIPE
 
 
 def _celery_worker(argv: list[str]) -> int:

@@ -198,6 +198,17 @@ def test_results_in_every_format(results_db: str, capsys: pytest.CaptureFixture[
     assert read(["results", results_db, "--status", "crashed"], capsys).strip() == "no results"
 
 
+def test_results_into_a_pipe_its_reader_left_stop_quietly(results_db: str, monkeypatch: pytest.MonkeyPatch,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    reader, writer = os.pipe()
+    os.close(reader)  # as `| head` does once it has its lines
+    with os.fdopen(writer, "w") as pipe:
+        monkeypatch.setattr(sys, "stdout", pipe)
+        assert main(["results", results_db, "--format", "jsonl"]) == 141
+        monkeypatch.undo()
+    assert capsys.readouterr().err == ""
+
+
 def test_stats_batches_and_export(results_db: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     stats = json.loads(read(["stats", results_db, "--batch", "b1", "--json"], capsys))
     assert stats == {"total": 3, "completed": 2, "failed": 1, "timed_out": 0, "crashed": 0, "cancelled": 0,
