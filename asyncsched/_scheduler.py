@@ -337,7 +337,6 @@ class Scheduler:
         self._started = False
         self._closed = False
         self._start_lock: asyncio.Lock | None = None
-        self._closing: asyncio.Future[None] | None = None
         self._handle_sigterm = handle_sigterm
         self._sigterm_installed = False
         self._sigterm_received = False
@@ -417,14 +416,14 @@ class Scheduler:
         Runs to the end even when the calling task is cancelled meanwhile, so no
         process outlives the scheduler.
         """
-        if self._closing is None:
-            self._closed = True
-            running = list(self._runs)
-            for run in running:
-                run.abort(ClosedError("the scheduler was closed while the batch ran"))
-            self._hub.close()
-            self._closing = asyncio.ensure_future(self._release({run.batch_id for run in running if run.begun}))
-        closing = self._closing  # a second aclose() waits for the first one's work too
+        if self._closed:
+            return
+        self._closed = True
+        running = list(self._runs)
+        for run in running:
+            run.abort(ClosedError("the scheduler was closed while the batch ran"))
+        self._hub.close()
+        closing = asyncio.ensure_future(self._release({run.batch_id for run in running if run.begun}))
         try:
             await asyncio.shield(closing)
         except asyncio.CancelledError:
@@ -432,7 +431,14 @@ class Scheduler:
             raise
 
     async def _release(self, ended: set[str]) -> None:
-        """Stop the backend; end the batches that were running (their streams may end later), close the store."""
+        """Stop the backend; end the batches that were running (their streams may end later), close the store.
+
+        A start in progress is waited for first: what it opens (the store's threads, a Dask client) is then
+        closed here, not left open. That wait is as long as the backend's own start can take.
+        """
+        if self._start_lock is not None:
+            async with self._start_lock:
+                pass
         try:
             await self._backend.aclose()
         finally:

@@ -194,8 +194,6 @@ class SQLiteStore(Store):
                     await self._db.execute("PRAGMA synchronous = FULL")
                     await self._migrate()
                     self._reader = await self._connect()
-            if self._closed:  # aclose() came while this opened: nothing it opened may stay open
-                raise self._unavailable()
         except BaseException:
             await self._close_connections()
             raise

@@ -82,6 +82,8 @@ def frame_header(size: int) -> bytes:
 
 
 _PR_SET_PDEATHSIG = 1
+LEAVE_GRACE = 1.0
+"""Seconds a retiring worker gives its task's daemon children to stop before it ends at once."""
 
 # The call being run in this process: (send, call_id). None outside a task.
 _current: tuple[Callable[[Any], None], int] | None = None
@@ -278,15 +280,20 @@ def _end_fork(exc: BaseException | None) -> NoReturn:
 def _leave() -> None:
     """Let the worker end as a process normally does (exit handlers run, under ``spawn``), unless a thread
     or a child process a task started and left running would hold that up: then end it at once (the
-    pool kills the worker's process group, children included, once it has exited). Daemon children, which
-    a normal exit would ask to stop and wait for, are killed first."""
+    pool kills the worker's process group, children included, once it has exited). Daemon children are
+    stopped as a normal exit stops them (SIGTERM, then a wait), for at most ``LEAVE_GRACE`` seconds."""
     me = threading.current_thread()
     children = multiprocessing.active_children()
     if any(not child.daemon for child in children) or any(
             not thread.daemon for thread in threading.enumerate() if thread is not me):
         _exit(0)
-    for child in children:  # daemons: a normal exit would SIGTERM them and wait, for ever if they ignore it
-        child.kill()
+    if children:  # one that ignores SIGTERM, or a pool's finalizer stuck on a lock, would hold the exit up
+        threading.Thread(target=_exit_after, args=(LEAVE_GRACE,), name="asyncsched-leave", daemon=True).start()
+
+
+def _exit_after(seconds: float) -> None:
+    time.sleep(seconds)
+    _exit(0)
 
 
 def _exit(code: int) -> NoReturn:

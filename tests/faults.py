@@ -271,3 +271,16 @@ def leave_a_daemon_child_running() -> int:
 
     multiprocessing.get_context("fork").Process(target=_ignore_sigterm_and_sleep, daemon=True).start()
     return os.getpid()
+
+
+_kept_pools: list[Any] = []
+
+
+def keep_a_multiprocessing_pool() -> int:
+    """Starts a multiprocessing pool (daemon workers) that lives on in the module; returns at once."""
+    import multiprocessing
+
+    pool = multiprocessing.get_context("fork").Pool(2)
+    pool.map(abs, range(4))
+    _kept_pools.append(pool)
+    return os.getpid()

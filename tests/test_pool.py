@@ -317,7 +317,7 @@ async def test_a_message_that_does_not_unpickle_here_crashes_its_call_and_no_oth
 
 
 @pytest.mark.parametrize("leave", [faults.leave_a_thread_running, faults.leave_a_child_process_running,
-                                   faults.leave_a_daemon_child_running])
+                                   faults.leave_a_daemon_child_running, faults.keep_a_multiprocessing_pool])
 async def test_a_retired_worker_exits_though_a_task_left_a_thread_or_a_process_running(
         leave: Callable[[], int]) -> None:
     async with ProcessPool(1, max_tasks_per_child=1) as pool:
