@@ -414,7 +414,8 @@ class Scheduler:
         """Cancel running batches, stop every worker, flush the store. Idempotent.
 
         Runs to the end even when the calling task is cancelled meanwhile, so no
-        process outlives the scheduler.
+        process outlives the scheduler. A start in progress (the store opening,
+        a backend connecting) is waited for first, and what it opened closed.
         """
         if self._closed:
             return
