@@ -132,9 +132,7 @@ class ExecutorBackend(Backend):
         except concurrent.futures.BrokenExecutor as exc:  # its worker died, as a pool worker can
             return backend_failure(exc)
         except Exception as exc:  # the executor refused the call, e.g. an argument that does not pickle
-            refused = Outcome.from_error(error_info(exc))
-            refused.retryable = False
-            return refused
+            return Outcome.from_error(error_info(exc), retryable=False)
         for timestamp, message, progress, data in reports:
             relay.reported(pid, timestamp, message, progress, data)
         if ok:

@@ -734,11 +734,7 @@ class ProcessPool(concurrent.futures.Executor):
             self._ready.remove(worker)
         if worker.deadline is not None:
             worker.deadline.cancel()
-        call = worker.call
-        if call is not None and not call.done:
-            self._crashed += 1
-            call.settle(Outcome(Status.CRASHED, error=f"worker {worker.pid} {_describe_exit(code)}",
-                                error_type="WorkerCrash", pid=worker.pid))
+        self._crash_running_call(worker, f"worker {worker.pid} {_describe_exit(code)}")
         if not worker.ready and not worker.retiring:
             self._start_failures += 1
             if self._start_failures >= MAX_START_FAILURES:
@@ -821,13 +817,16 @@ class ProcessPool(concurrent.futures.Executor):
 
     def _on_unreadable(self, worker: _Worker, exc: Exception) -> None:
         """The worker sent a message that does not unpickle here: its running call is crashed, and it is killed."""
+        self._crash_running_call(worker, f"worker {worker.pid} sent a message that cannot be read here "
+                                         f"({error_info(exc)[1]}); it was killed")
+        self._kill(worker)
+
+    def _crash_running_call(self, worker: _Worker, error: str, error_type: str = "WorkerCrash") -> None:
+        """Settle the worker's running call, if it has not ended, as ``crashed`` with ``error``."""
         call = worker.call
         if call is not None and not call.done:
             self._crashed += 1
-            call.settle(Outcome(Status.CRASHED, error=f"worker {worker.pid} sent a message that cannot be read "
-                                                      f"here ({error_info(exc)[1]}); it was killed",
-                                error_type="WorkerCrash", pid=worker.pid))
-        self._kill(worker)
+            call.settle(Outcome(Status.CRASHED, error=error, error_type=error_type, pid=worker.pid))
 
     def _on_message(self, worker: _Worker, message: tuple[Any, ...]) -> None:
         kind = message[0]
@@ -991,15 +990,10 @@ class ProcessPool(concurrent.futures.Executor):
             if rss <= limit:
                 continue
             self._read(worker)  # a call that has just finished is not the one to blame
-            call = worker.call
-            if call is not None and not worker.killed:
-                if not call.done:
-                    self._crashed += 1
-                    call.settle(Outcome(
-                        Status.CRASHED, error_type="MemoryError", pid=worker.pid,
-                        error=f"worker {worker.pid} used {rss / 2**20:.0f} MiB, over max_memory_per_child="
-                              f"{limit / 2**20:.0f} MiB; it was killed",
-                    ))
+            if worker.call is not None and not worker.killed:
+                self._crash_running_call(worker, f"worker {worker.pid} used {rss / 2**20:.0f} MiB, over "
+                                                 f"max_memory_per_child={limit / 2**20:.0f} MiB; it was killed",
+                                         "MemoryError")
                 self._kill(worker)
         self._loop.call_later(MEMORY_CHECK_SECONDS, self._check_memory)
 

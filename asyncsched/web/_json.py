@@ -8,7 +8,7 @@ from typing import Any
 from .._models import TaskResult, finite
 from .._store import BatchInfo
 
-__all__ = ["MAX_DEPTH", "batch_json", "finite", "jsonable", "result_json"]
+__all__ = ["MAX_DEPTH", "batch_json", "jsonable", "result_json"]
 
 MAX_DEPTH = 64
 """Nesting kept in a value; deeper parts are shown by their ``repr``."""

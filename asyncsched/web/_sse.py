@@ -32,8 +32,8 @@ import secrets
 from collections import deque
 from typing import Any
 
-from .._models import Event
-from ._json import finite, jsonable
+from .._models import Event, finite
+from ._json import jsonable
 
 __all__ = ["EventLog", "Listener"]
 
