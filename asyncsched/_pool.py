@@ -30,7 +30,8 @@ Actors:
   own socket, so killing one worker costs only its running call: the calls
   queued behind it go back to the pending deque once it has exited and what
   it wrote has been read. A dead worker never breaks the pool (unlike the
-  stdlib ``ProcessPoolExecutor``).
+  stdlib ``ProcessPoolExecutor``). A call cancelled while it is queued on a
+  worker is revoked: the worker skips it when it comes to it.
 * Batching adapts to the tasks: while they are fast (an average under
   ``BATCH_SECONDS``) several calls go to a worker in one frame; slow tasks go
   one at a time, so none waits behind another. The worker writes each result
@@ -89,6 +90,7 @@ from ._worker import (
     PICKLED,
     READY,
     REPORT,
+    REVOKED,
     VALUE,
     error_info,
     frame_header,
@@ -837,8 +839,9 @@ class ProcessPool(concurrent.futures.Executor):
                 return  # the worker was killed meanwhile and its calls given back
             call = calls.popleft()
             worker.deadline_at = None  # the timer, if any, stays: it re-checks when it fires
-            self._average += 0.2 * ((finished - started) - self._average)
-            call.settle(_outcome(worker.pid, how, value, started, finished))
+            if how != REVOKED:  # else skipped: it was cancelled, and never ran
+                self._average += 0.2 * ((finished - started) - self._average)
+                call.settle(_outcome(worker.pid, how, value, started, finished))
             if calls:
                 self._begin(worker, calls[0])
             elif worker.retiring:
@@ -939,8 +942,9 @@ class ProcessPool(concurrent.futures.Executor):
 
         One timer per worker serves a stream of fast calls: it is re-armed when
         it fires rather than replaced for every call. A call cancelled while it
-        was queued (abandoned) still runs in the worker: it gets at most
-        ``ABANDONED_GRACE``, then its worker is killed.
+        was queued has been revoked, and the worker skips it; if the worker had
+        started it before the revoke came, it gets at most ``ABANDONED_GRACE``,
+        then its worker is killed.
         """
         timeout = call.timeout
         if call.done:
@@ -1003,7 +1007,10 @@ class ProcessPool(concurrent.futures.Executor):
             self._read(worker)  # it may have finished, and the call after it started: only a running call is killed
             if worker.call is call:
                 self._kill(worker)
-        # a call still pending is skipped by _dispatch; one queued on a worker is abandoned (see _begin)
+        if worker is not None and not worker.killed and call in worker.calls and worker.call is not call:
+            # queued behind another call: the worker skips it (if it started meanwhile, see _begin)
+            self._send(worker, pickle.dumps({call.call_id}, _PROTOCOL))
+        # a call still pending is skipped by _dispatch
         self._progressed()
 
 

@@ -11,16 +11,19 @@ worker, each frame is one message::
                                                          plain function pickled by name and payload
                                                          pickles args, or function is None and payload
                                                          pickles (fn, args)
+                       {call_id, ...}              calls cancelled while queued here: skip each
                        None                        finish and exit
     worker -> parent   (READY, pid)
                        (REPORT, call_id, timestamp, message, progress, pickle of data or None)
                        (DONE, call_id, VALUE, value, started_at, finished_at)
                        (DONE, call_id, PICKLED, pickle of value, started_at, finished_at)
                        (DONE, call_id, ERROR, error, started_at, finished_at)
+                       (DONE, call_id, REVOKED, None, started_at, finished_at)   skipped, never run
 
 The parent may queue several calls on one worker when tasks are fast; the
 worker runs them one by one and writes each DONE message before it starts the
-next call. Whatever that call does (crash the process, hold the GIL, hang),
+next call; before each call it takes in what the parent has sent meanwhile, so
+a call cancelled while queued never runs. Whatever that call does (crash the process, hold the GIL, hang),
 the parent already has every result before it, so a crash or a timeout costs
 its own call only. The parent reads what has come in a group at a time.
 
@@ -53,14 +56,15 @@ from typing import Any, NoReturn
 
 from ._models import type_name
 
-__all__ = ["BIG_HEADER", "DONE", "ERROR", "FUNCTION_CACHE", "HEADER", "PICKLED", "READY", "REPORT", "VALUE",
+__all__ = ["BIG_HEADER", "DONE", "ERROR", "FUNCTION_CACHE", "HEADER", "PICKLED", "READY", "REPORT", "REVOKED",
+           "VALUE",
            "ErrorInfo", "error_info", "frame_header", "report", "run_capturing", "worker_main"]
 
 READY = 0
 REPORT = 1
 DONE = 2
 
-ERROR, VALUE, PICKLED = 0, 1, 2
+ERROR, VALUE, PICKLED, REVOKED = 0, 1, 2, 3
 """How a DONE message carries its outcome."""
 _INLINE = frozenset({int, float, str, bytes, bool, type(None)})
 
@@ -313,19 +317,39 @@ def worker_main(conn: Connection) -> None:
     channel = _Channel(conn)
     channel.send((READY, os.getpid()))
     queue: deque[tuple[int, bytes | None, bytes]] = deque()
+    revoked: set[int] = set()
+    leaving = False
     while True:
-        if queue:
-            call_id, function, payload = queue.popleft()
-            _run_call(channel, call_id, function, payload)
-            continue
-        try:
-            calls = pickle.loads(conn.recv_bytes())
-        except (EOFError, OSError):  # the parent is gone
-            calls = None
-        if calls is None:  # retired (every result is written), or orphaned
+        while not leaving and (not queue or conn.poll(0)):  # wait for calls; take in what came before each one
+            leaving = not _receive(conn, queue, revoked)
+        if not queue:  # retired (every result is written), or orphaned
             _leave()
             return
-        queue.extend(calls)
+        call_id, function, payload = queue.popleft()
+        if revoked:
+            skip = call_id in revoked
+            revoked = {i for i in revoked if i > call_id}  # call ids only grow: the rest will not come again
+            if skip:
+                now = time.time()
+                channel.send((DONE, call_id, REVOKED, None, now, now))
+                continue
+        _run_call(channel, call_id, function, payload)
+
+
+def _receive(conn: Connection, queue: deque[tuple[int, bytes | None, bytes]], revoked: set[int]) -> bool:
+    """Take in one frame from the parent (waiting for it); False when the worker is to leave once its queue
+    is done."""
+    try:
+        frame = pickle.loads(conn.recv_bytes())
+    except (EOFError, OSError):  # the parent is gone
+        return False
+    if frame is None:
+        return False
+    if isinstance(frame, set):
+        revoked |= frame
+    else:
+        queue.extend(frame)
+    return True
 
 
 def run_capturing(fn: Callable[..., Any], args: tuple[Any, ...]) -> tuple[Any, ...]:

@@ -129,19 +129,22 @@ async def test_a_listener_that_cancels_a_queued_call_makes_no_call_run_twice(tmp
     assert len(runs) == len(set(runs)) and "c9" in runs, runs
 
 
-async def test_a_call_cancelled_while_queued_on_a_worker_is_abandoned(gate: Callable[[], str]) -> None:
-    release = gate()
+async def test_calls_cancelled_while_queued_on_a_worker_never_run(gate: Callable[[], str], tmp_path: Path) -> None:
+    release, log = gate(), tmp_path / "runs"
     async with ProcessPool(1) as pool:
         await until_batching(pool)
-        first, stuck, last = Heard(), Heard(), Heard()
+        first, last, queued = Heard(), Heard(), [Heard() for _ in range(5)]
         pool.start_call(tasks.wait_for_file, (release,), first)
-        abandoned = pool.start_call(faults.hang, (), stuck)  # no timeout of its own
-        pool.start_call(tasks.square, (3,), last)  # the three are sent to the worker in one frame
+        cancelled = [pool.start_call(tasks.log_run, (str(log), f"c{i}"), heard) for i, heard in enumerate(queued)]
+        cancelled.append(pool.start_call(faults.hang, (), queued[0]))  # no timeout of its own
+        pool.start_call(tasks.log_run, (str(log), "last"), last)  # all sent to the worker in one frame
         await first.running.wait()
-        assert abandoned.cancel() and not abandoned.cancel()
+        assert all(call.cancel() for call in cancelled) and not cancelled[0].cancel()
         await asyncio.to_thread(Path(release).touch)
-        assert (await last.outcome).value == 9  # its worker was killed, and it ran on the next one
-        assert stuck.heard == [] and pool.statistics().killed == 1
+        assert (await last.outcome).value == "last"
+        assert all(heard.heard == [] for heard in queued)
+        assert pool.statistics().killed == 0  # skipped by the worker: none ran, so none was killed
+    assert log.read_text().split() == ["last"]
 
 
 async def test_a_call_cancelled_by_a_listener_hears_nothing_more() -> None:
