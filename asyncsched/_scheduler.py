@@ -498,6 +498,9 @@ class Scheduler:
             if resume:
                 raise ConfigurationError("resume=True needs the batch_id of the batch to resume")
             batch_id = uuid.uuid4().hex[:12]
+        elif any(run.batch_id == batch_id for run in self._runs):
+            raise ConfigurationError(f"batch {batch_id!r} is running on this scheduler: wait for it to end, or "
+                                     "cancel() it, before you resume it")
         run = _BatchRun(self, batch_id)
         self._runs.add(run)  # a cancel() while the scheduler starts or the store begins the batch stops it
         for watcher in self._watchers:

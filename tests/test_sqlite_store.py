@@ -36,6 +36,7 @@ from asyncsched import (
     StoreError,
     Task,
     TaskResult,
+    TaskStarted,
 )
 from asyncsched._sqlite import SCHEMA_VERSION
 
@@ -183,6 +184,20 @@ async def test_an_existing_batch_needs_resume(tmp_path: Path) -> None:
             await scheduler.run(batch, batch_id="nightly")
         again = await scheduler.run(batch, batch_id="nightly", resume=True)
         assert again.results == first.results  # nothing ran again: every result is the stored one
+
+
+async def test_a_batch_still_running_cannot_be_resumed_beside_itself(tmp_path: Path, gate: Callable[[], str]) -> None:
+    release, log = gate(), str(tmp_path / "runs.log")
+    batch = [Task(tasks.log_run, log, key, 0.0, release, key=key) for key in "ab"]
+    async with Scheduler(workers=2, store=tmp_path / "results.db") as scheduler:
+        async with scheduler.events(kinds=[TaskStarted]) as started:
+            first = asyncio.ensure_future(scheduler.run(batch, batch_id="job"))
+            await anext(started)
+        with pytest.raises(ConfigurationError, match="'job' is running on this scheduler"):
+            await scheduler.run(batch, batch_id="job", resume=True)
+        await asyncio.to_thread(Path(release).touch)
+        assert (await first).completed == 2
+    assert runs_per_key(log) == {"a": 1, "b": 1}
 
 
 async def test_resume_runs_cancelled_tasks_again(tmp_path: Path, gate: Callable[[], str]) -> None:
