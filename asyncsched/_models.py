@@ -97,9 +97,9 @@ class Task:
         retries: int | None = None,
     ) -> None:
         _check_sendable(fn)
-        if timeout is not None and not timeout > 0:
+        if timeout is not None and not (is_seconds(timeout) and timeout > 0):
             raise TaskDefinitionError(f"timeout must be a positive number of seconds, got {timeout!r}")
-        if retries is not None and (not isinstance(retries, int) or retries < 0):
+        if retries is not None and not (is_int(retries) and retries >= 0):
             raise TaskDefinitionError(f"retries must be a non-negative int, got {retries!r}")
         self.fn = fn
         self.args = args
@@ -366,7 +366,7 @@ class RetryPolicy:
     def __post_init__(self) -> None:
         for name in ("base_delay", "max_delay"):
             value = getattr(self, name)
-            if not (is_number(value) and 0 <= value < math.inf):
+            if not (is_seconds(value) and value >= 0):
                 raise ConfigurationError(f"RetryPolicy {name} must be a non-negative number of seconds, got {value!r}")
         if not (is_number(self.jitter) and 0 <= self.jitter <= 1):
             raise ConfigurationError(f"RetryPolicy jitter must be a number between 0 and 1, got {self.jitter!r}")
@@ -403,6 +403,14 @@ def is_int(value: object) -> TypeGuard[int]:
 def is_number(value: object) -> TypeGuard[int | float]:
     """An int or a float, and not a bool."""
     return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def is_seconds(value: object) -> TypeGuard[int | float]:
+    """A number of seconds a timer can be set to: an int or a float (not a bool), finite as a float."""
+    try:
+        return is_number(value) and math.isfinite(value)
+    except OverflowError:  # an int too large for a float
+        return False
 
 
 def finite(number: float | None) -> float | None:

@@ -61,7 +61,7 @@ from ._models import (
     TaskRetried,
     TaskStarted,
     is_int,
-    is_number,
+    is_seconds,
 )
 from ._store import MAX_BACKLOG, BatchInfo, MemoryStore, Store
 
@@ -306,7 +306,7 @@ class Scheduler:
         handle_sigterm: bool = True,
         progress: bool = False,
     ) -> None:
-        if timeout is not None and not (is_number(timeout) and timeout > 0):
+        if timeout is not None and not (is_seconds(timeout) and timeout > 0):
             raise ConfigurationError(f"timeout must be a positive number of seconds or None, got {timeout!r}")
         if not (is_int(retries) and retries >= 0):
             raise ConfigurationError(f"retries must be a non-negative int, got {retries!r}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import os
 import threading
 import time
@@ -300,10 +301,16 @@ def test_bad_arguments_get_clear_errors() -> None:
     with pytest.raises(ConfigurationError, match="timeout"):
         Scheduler(workers=1, timeout=-1)
     wrong: dict[str, Any]
-    for wrong in ({"timeout": "5"}, {"window": "10"}, {"event_buffer": -1}, {"retries": 1.5},
+    for wrong in ({"timeout": "5"}, {"timeout": True}, {"timeout": 10**400}, {"timeout": math.nan},
+                  {"window": "10"}, {"event_buffer": -1}, {"retries": 1.5}, {"retries": True},
                   {"retry_policy": {"base_delay": 1}}, {"max_tasks_per_child": "3"}):
         with pytest.raises(ConfigurationError, match=next(iter(wrong))):
             Scheduler(workers=1, **wrong)
+        if next(iter(wrong)) in ("timeout", "retries"):
+            with pytest.raises(TaskDefinitionError, match=next(iter(wrong))):  # the same checks for one task
+                Task(tasks.square, 1, **wrong)
+    with pytest.raises(ConfigurationError, match="max_delay"):
+        RetryPolicy(max_delay=10**400)
     with pytest.raises(ConfigurationError, match="buffer"):
         Scheduler(workers=1).events(buffer=0)
     assert Scheduler(workers=1, max_memory_per_child=1e9).backend.pool._max_memory == 10**9  # type: ignore[attr-defined]
