@@ -417,6 +417,9 @@ class ProcessPool(concurrent.futures.Executor):
         if self._loop is None:
             self._closed = True
             return
+        if self._loop.is_closed():  # started on a loop that has ended (an earlier asyncio.run): nothing watches
+            self._kill_here()
+            return
         if not self._closed and not cancel:
             while self._unfinished():
                 if self._progress is None or self._progress.done():
@@ -442,6 +445,17 @@ class ProcessPool(concurrent.futures.Executor):
                 for worker in list(self._workers):
                     worker.signal(signal.SIGKILL)
                 await self._all_exited.wait()
+        _live_pools.discard(self)
+
+    def _kill_here(self) -> None:
+        """Close the pool without its loop, which is closed or out of reach: kill, reap and close every worker
+        in this thread."""
+        self._closed = True
+        for worker in list(self._workers):
+            worker.signal(signal.SIGKILL)
+            worker.process.join()
+            worker.sock.close()
+        self._workers.clear()
         _live_pools.discard(self)
 
     def _unfinished(self) -> bool:
@@ -495,13 +509,7 @@ class ProcessPool(concurrent.futures.Executor):
                 done = asyncio.run_coroutine_threadsafe(closing, loop)
         if done is None:  # closed (it ended without aclose(), or another shutdown closed it), or out of reach
             closing.close()
-            self._closed = True
-            for worker in list(self._workers):  # no loop left to watch them: kill, reap and close here
-                worker.signal(signal.SIGKILL)
-                worker.process.join()
-                worker.sock.close()
-            self._workers.clear()
-            _live_pools.discard(self)
+            self._kill_here()
             return
         if self._thread is not None:
             done.add_done_callback(lambda _: self._stop_thread_loop(loop))
@@ -554,6 +562,9 @@ class ProcessPool(concurrent.futures.Executor):
             raise ClosedError("this ProcessPool is closed; create a new one")
         loop = self._loop
         assert loop is not None
+        if loop.is_closed():
+            raise ClosedError("the event loop this ProcessPool started on is closed (a pool lives on one loop): "
+                              "close it, and create a new one on this loop")
         call = _Call(self, next(self._ids), timeout, listener)
         if self._broken is not None:
             loop.call_soon(call.settle, _broken_outcome(self._broken))

@@ -337,6 +337,7 @@ class Scheduler:
         self._started = False
         self._closed = False
         self._start_lock: asyncio.Lock | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None  # the loop it started on, and lives on
         self._handle_sigterm = handle_sigterm
         self._sigterm_installed = False
         self._sigterm_received = False
@@ -398,6 +399,10 @@ class Scheduler:
     async def _ensure_started(self) -> None:
         if self._closed:
             raise ClosedError("this Scheduler is closed; create a new one")
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop and self._loop is not None:
+            raise ConfigurationError("this Scheduler started on another event loop (an earlier asyncio.run()?), and "
+                                     "a Scheduler lives on one loop: aclose() it, and create one on this loop")
         if self._started:
             return
         if self._start_lock is None:
@@ -409,6 +414,7 @@ class Scheduler:
                 await self._store.open()
                 await self._backend.start()
                 self._started = True
+                self._loop = loop
 
     async def aclose(self) -> None:
         """Cancel running batches, stop every worker, flush the store. Idempotent.

@@ -235,7 +235,7 @@ class SQLiteStore(Store):
             return
         self._closed = True
         try:
-            if self._writer is not None:
+            if self._writer is not None and not self._writer.done():  # done: its loop has ended, say
                 async with self._lock:  # never stop the writer in the middle of a commit
                     self._writer.cancel()
                 await asyncio.wait([self._writer])

@@ -287,6 +287,24 @@ async def test_no_child_process_remains_after_exit() -> None:
     assert not alive & set(workers)
 
 
+@pytest.mark.parametrize("stored", [False, True])
+def test_a_scheduler_lives_on_the_loop_it_started_on(tmp_path: Path, stored: bool) -> None:
+    scheduler = Scheduler(workers=1, store=tmp_path / "r.db" if stored else None)
+    assert asyncio.run(scheduler.run([Task(tasks.square, 3)])).results[0].value == 9
+    pids = scheduler.backend.pool.pids  # type: ignore[attr-defined]
+    with pytest.raises(ConfigurationError, match="started on another event loop"):
+        asyncio.run(scheduler.run([Task(tasks.square, 4)]))  # not tasks recorded crashed
+    asyncio.run(asyncio.wait_for(scheduler.aclose(), 30))  # from another loop too: it returns, nothing is left
+    assert all(wait_gone(pid) for pid in pids)
+    if stored:
+        assert asyncio.run(_stored_values(tmp_path / "r.db")) == [9]
+
+
+async def _stored_values(path: Path) -> list[Any]:
+    async with SQLiteStore(path) as store:
+        return [r.value for r in await store.results()]
+
+
 async def test_scheduler_is_closed_after_exit() -> None:
     async with Scheduler(workers=1) as scheduler:
         pass
