@@ -413,13 +413,23 @@ class ProcessPool(concurrent.futures.Executor):
         """Kill what runs, stop every worker and wait until all are gone. Idempotent."""
         await self._close(cancel=True)
 
-    async def _close(self, *, cancel: bool) -> None:
+    async def _close(self, *, cancel: bool, cancel_queued: bool = False) -> None:
+        """Close: with ``cancel``, kill what runs; else let every call end, or only those running with
+        ``cancel_queued`` (the others are cancelled)."""
         if self._loop is None:
             self._closed = True
             return
         if self._loop.is_closed():  # started on a loop that has ended (an earlier asyncio.run): nothing watches
             self._kill_here()
             return
+        if cancel_queued and not self._closed:
+            for call in self._pending:
+                call.settle(_CLOSED)
+            for worker in self._workers:
+                for call in itertools.islice(worker.calls, 1, None):
+                    if not call.done:
+                        call.settle(_CLOSED)
+                        self._revoke(worker, call)
         if not self._closed and not cancel:
             while self._unfinished():
                 if self._progress is None or self._progress.done():
@@ -493,7 +503,7 @@ class ProcessPool(concurrent.futures.Executor):
         if loop is None or self._closed:
             self._closed = True
             return
-        closing = self._close(cancel=cancel_futures)
+        closing = self._close(cancel=False, cancel_queued=cancel_futures)
         if self._on_loop_thread():
             task = loop.create_task(closing)
             if self._thread is not None:
@@ -634,6 +644,7 @@ class ProcessPool(concurrent.futures.Executor):
 
     def _submit_on_loop(self, result: concurrent.futures.Future[Any], fn: Callable[..., Any], args: Any) -> None:
         if result.cancelled():
+            result.set_running_or_notify_cancel()
             return
         try:
             inner = self.call(fn, args)
@@ -1018,11 +1029,15 @@ class ProcessPool(concurrent.futures.Executor):
             self._read(worker)  # it may have finished, and the call after it started: only a running call is killed
             if worker.call is call:
                 self._kill(worker)
-        if worker is not None and not worker.killed and call in worker.calls and worker.call is not call:
-            # queued behind another call: the worker skips it (if it started meanwhile, see _begin)
-            self._send(worker, pickle.dumps({call.call_id}, _PROTOCOL))
+        if worker is not None and call in worker.calls and worker.call is not call:
+            self._revoke(worker, call)
         # a call still pending is skipped by _dispatch
         self._progressed()
+
+    def _revoke(self, worker: _Worker, call: _Call) -> None:
+        """Tell ``worker`` to skip ``call``, queued there behind another (if it started meanwhile, see _begin)."""
+        if not worker.killed:
+            self._send(worker, pickle.dumps({call.call_id}, _PROTOCOL))
 
 
 def _report_data(data: bytes | None) -> dict[str, Any]:
@@ -1113,11 +1128,11 @@ def _settle(result: concurrent.futures.Future[Any], value: Any, *, error: bool) 
 def _settle_from_outcome(result: concurrent.futures.Future[Any], inner: asyncio.Future[Outcome]) -> None:
     if inner.cancelled():
         result.cancel()
-        return
-    exc = inner.exception()
-    if exc is not None:
+    elif (exc := inner.exception()) is not None:
         _settle(result, exc, error=True)
     elif (outcome := inner.result()).status is Status.COMPLETED:
         _settle(result, outcome.value, error=False)
     else:
         _settle(result, outcome.exception or task_error(outcome.status, None, outcome.error), error=True)
+    if result.cancelled():  # as an executor must, or wait() and as_completed() never count it done
+        result.set_running_or_notify_cancel()

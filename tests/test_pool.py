@@ -447,6 +447,36 @@ def test_shutdown_from_a_done_callback_lets_the_running_call_finish(gate: Callab
     assert not thread.is_alive()
 
 
+def test_a_cancelled_future_counts_as_done_for_wait_and_as_completed() -> None:
+    with ProcessPool(1) as pool:
+        future = pool.submit(faults.hang)
+        assert future.cancel()  # it kills the worker running it
+        assert concurrent.futures.wait([future], timeout=30).done == {future}
+        assert list(concurrent.futures.as_completed([future], timeout=30)) == [future]
+
+
+def test_shutdown_cancel_futures_cancels_only_the_calls_not_running(tmp_path: Path, gate: Callable[[], str]) -> None:
+    log, fifo, release = tmp_path / "runs", tmp_path / "started", gate()
+    os.mkfifo(fifo)
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        pool = ProcessPool(1)
+        running = pool.submit(tasks.log_and_announce, str(log), str(fifo), "running", release)
+        queued = [pool.submit(tasks.log_run, str(log), f"q{i}") for i in range(3)]
+        assert select.select([reader], [], [], 30)[0], "the first call never ran"
+        stopping = threading.Thread(target=pool.shutdown, kwargs={"cancel_futures": True})
+        stopping.start()  # as concurrent.futures: the queued calls are cancelled, the running one finishes
+        assert not concurrent.futures.wait(queued, timeout=30).not_done
+        assert all(future.cancelled() for future in queued)
+        Path(release).touch()
+        assert running.result(timeout=30) == "running"
+        stopping.join(timeout=30)
+        assert not stopping.is_alive()
+    finally:
+        os.close(reader)
+    assert log.read_text().split() == ["running"]
+
+
 def test_shutdown_after_the_loop_has_ended_kills_the_workers() -> None:
     pool = ProcessPool(1)
 
