@@ -224,6 +224,29 @@ class _Call:
             pool._progressed()
 
 
+class _ExecutorFuture(concurrent.futures.Future[Any]):
+    """What :meth:`ProcessPool.submit` returns. Waiting on it in the thread of the pool's loop would stop
+    the loop that must run the call: that raises RuntimeError instead of blocking forever."""
+
+    def __init__(self, pool: ProcessPool) -> None:
+        super().__init__()
+        self._pool = pool
+
+    def result(self, timeout: float | None = None) -> Any:
+        self._check_wait()
+        return super().result(timeout)
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        self._check_wait()
+        return super().exception(timeout)
+
+    def _check_wait(self) -> None:
+        if not self.done() and self._pool._on_loop_thread():
+            raise RuntimeError("waiting for a ProcessPool future in the thread of the pool's own event loop "
+                               "would block that loop forever: await asyncio.wrap_future(future), or use "
+                               "await loop.run_in_executor(pool, fn, *args)")
+
+
 class _CallFuture(asyncio.Future[Outcome]):
     """The future :meth:`ProcessPool.call` returns: the listener of its call. Cancelling it cancels the call."""
 
@@ -633,7 +656,7 @@ class ProcessPool(concurrent.futures.Executor):
         if self._closed:
             raise ClosedError("this ProcessPool is closed; create a new one")
         self.start()
-        result: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        result = _ExecutorFuture(self)
         loop = self._loop
         assert loop is not None
         if self._on_loop_thread():

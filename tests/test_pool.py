@@ -447,6 +447,17 @@ def test_shutdown_from_a_done_callback_lets_the_running_call_finish(gate: Callab
     assert not thread.is_alive()
 
 
+async def test_waiting_for_a_future_on_the_pools_own_loop_raises_instead_of_blocking_it() -> None:
+    async with ProcessPool(1) as pool:
+        future = pool.submit(tasks.square, 3)
+        with pytest.raises(RuntimeError, match="would block that loop forever"):
+            future.result(timeout=30)
+        with pytest.raises(RuntimeError, match="would block that loop forever"):
+            list(pool.map(tasks.square, [1, 2], timeout=30))
+        assert await asyncio.wrap_future(future) == 9
+        assert future.result() == 9  # done: no wait
+
+
 def test_a_cancelled_future_counts_as_done_for_wait_and_as_completed() -> None:
     with ProcessPool(1) as pool:
         future = pool.submit(faults.hang)
