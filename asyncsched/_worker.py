@@ -133,6 +133,8 @@ def error_info(exc: BaseException) -> ErrorInfo:
         text = traceback.format_exception_only(kind, exc)[-1].strip()
     except Exception:  # a broken __str__ must not lose the error
         text = f"{name}: <unprintable {kind.__qualname__}>"
+    if kind.__module__ == "__mp_main__":  # the main script, as a worker imports it: named as the parent knows it
+        text = text.replace(f"__mp_main__.{kind.__qualname__}", name, 1)
     tb = "".join(traceback.format_exception(kind, exc, exc.__traceback__))
     blob: bytes | None
     try:

@@ -469,3 +469,24 @@ async def test_executor_backend_does_not_retry_an_argument_that_does_not_pickle(
 
 def test_psutil_is_the_memory_probe() -> None:
     assert psutil.Process().memory_info().rss > 0
+
+
+@pytest.mark.parametrize("method", ["forkserver", "spawn"])
+def test_an_exception_class_of_the_main_script_is_named_as_the_script_knows_it(tmp_path: Path, method: str) -> None:
+    script = tmp_path / "script.py"
+    script.write_text(
+        "import asyncio\n"
+        "from asyncsched import Scheduler, Task\n"
+        "class MyError(Exception):\n"
+        "    pass\n"
+        "def fail():\n"
+        "    raise MyError('bad')\n"
+        "async def main():\n"
+        f"    async with Scheduler(workers=1, mp_context={method!r}) as scheduler:\n"
+        "        result = (await scheduler.run([Task(fail)])).results[0]\n"
+        "        print(result.error_type, '|', result.error, '|', type(result.exception).__name__)\n"
+        "if __name__ == '__main__':\n"
+        "    asyncio.run(main())\n"
+    )
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.strip() == "__main__.MyError | __main__.MyError: bad | MyError"  # not __mp_main__
