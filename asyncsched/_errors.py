@@ -6,7 +6,7 @@ them all::
     AsyncschedError
     ├── ConfigurationError        bad arguments to Scheduler, ProcessPool, ...  (also ValueError)
     ├── TaskDefinitionError       a Task that can never run: not callable, not picklable  (also TypeError)
-    ├── ClosedError               the scheduler or pool was closed by your code
+    ├── ClosedError               the scheduler or pool was closed by your code  (also RuntimeError)
     ├── BrokenPoolError           something outside broke the pool: workers die while starting
     ├── TaskError                 raised by TaskResult.unwrap() for a task that did not complete
     │   ├── TaskFailedError       the task raised; the original exception is the __cause__
@@ -50,8 +50,9 @@ class TaskDefinitionError(AsyncschedError, TypeError):
     """A task can never run: its function is not callable or cannot be sent to a worker."""
 
 
-class ClosedError(AsyncschedError):
-    """The scheduler or pool was closed by your own code and cannot take more work."""
+class ClosedError(AsyncschedError, RuntimeError):
+    """The scheduler or pool was closed by your own code and cannot take more work (a RuntimeError, as the
+    stdlib executors raise after shutdown)."""
 
 
 class BrokenPoolError(AsyncschedError):

@@ -420,6 +420,7 @@ def test_plain_executor_from_sync_code(tmp_path: Path) -> None:
     assert victim
     with pytest.raises(ClosedError):
         pool.submit(tasks.square, 1)
+    assert issubclass(ClosedError, RuntimeError)  # what a stdlib executor raises after shutdown
 
 
 def test_shutdown_without_waiting_ends_the_pools_own_thread() -> None:
