@@ -66,8 +66,15 @@ def _check_sendable(fn: Callable[..., Any]) -> None:
         raise TaskDefinitionError(f"a Task needs a callable, got {type(fn).__name__} {fn!r}")
     while isinstance(fn, functools.partial):
         fn = fn.func
+    if isinstance(fn, types.MethodType) and isinstance(fn.__func__, types.FunctionType):
+        fn = fn.__func__  # a method is loaded through its class, by name too
     if isinstance(fn, types.FunctionType) and "<" in fn.__qualname__:
-        what = "a lambda" if fn.__name__ == "<lambda>" else "a nested function"
+        if fn.__name__ == "<lambda>":
+            what = "a lambda"
+        elif "." in fn.__qualname__.rsplit("<locals>.", 1)[-1]:
+            what = "a method of a class defined inside a function"
+        else:
+            what = "a nested function"
         raise TaskDefinitionError(
             f"{fn.__module__}.{fn.__qualname__} is {what}; a worker process can only load functions "
             "by name: define it at module level (use functools.partial to bind arguments)"

@@ -342,6 +342,13 @@ def test_bad_arguments_get_clear_errors() -> None:
     with pytest.raises(TaskDefinitionError, match="nested function"):
         Task(nested)
 
+    class Local:
+        def method(self) -> None: ...
+
+    for method in (Local().method, Local.method):
+        with pytest.raises(TaskDefinitionError, match="a method of a class defined inside a function"):
+            Task(method)
+
 
 async def test_a_non_task_item_fails_alone(scheduler: Scheduler) -> None:
     summary = await scheduler.run([Task(tasks.square, 3), "not a task", Task(tasks.square, 4)])  # type: ignore[list-item]
