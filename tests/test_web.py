@@ -227,6 +227,39 @@ async def test_numbers_json_cannot_carry_are_null_in_events_and_results(aiohttp_
         1.0, None, None, None)
 
 
+class Unprintable:
+    def __repr__(self) -> str:
+        raise RuntimeError("no repr")
+
+
+async def test_values_that_cannot_be_printed_are_described_not_fatal(aiohttp_client: AiohttpClient) -> None:
+    # An int past str()'s limit on digits, or an object whose repr() raises, in report() data or in a value:
+    # each is described, where it used to end every event stream that met it (and its replays) and fail the page.
+    store = MemoryStore()
+    scheduler = Scheduler(workers=1, store=store)
+    client = await make_client(aiohttp_client, scheduler=scheduler)
+    events = await client.get(f"{API}/events")
+    huge = 10 ** 5000
+    odd: dict[Any, Any] = {"n": huge, "thing": Unprintable(), huge: "key", "items": [huge, (Unprintable(),)]}
+    scheduler._hub.publish(TaskReported("odd", "0", Status.RUNNING, 1.0, data=odd))
+    scheduler._hub.publish(TaskReported("odd", "1", Status.RUNNING, 2.0, message="next"))
+    reported, following = await read_event(events), await read_event(events)
+    assert reported.data["data"] == {
+        "n": "<int of 16610 bits, too long to show>", "thing": "<Unprintable object: repr() failed: RuntimeError>",
+        "<int of 16610 bits, too long to show>": "key",
+        "items": ["<int of 16610 bits, too long to show>", ["<Unprintable object: repr() failed: RuntimeError>"]]}
+    assert following.data["message"] == "next"
+    events.close()
+    await store.begin_batch("odd")
+    store.add(TaskResult("odd", "0", Status.COMPLETED, value=huge))
+    store.add(TaskResult("odd", "1", Status.COMPLETED, value=Unprintable()))
+    store.add(TaskResult("odd", "2", Status.COMPLETED, value=2 ** 4097))  # long, but printable
+    await store.end_batch("odd")
+    page = await get_json(client, "/batches/odd/results")
+    assert [r["value"] for r in page["results"]] == [
+        "<int of 16610 bits, too long to show>", "<Unprintable object: repr() failed: RuntimeError>", 2 ** 4097]
+
+
 class Unreadable(MemoryStore):
     """A store whose results this process cannot read, as a SQLite store's value of a type it cannot import."""
 
