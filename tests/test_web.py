@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import logging
 import math
+import socket
+import struct
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable
@@ -490,6 +494,64 @@ async def test_event_streams_end_when_the_app_stops(aiohttp_client: AiohttpClien
         await client.server.close()
         with pytest.raises(EOFError):
             await read_event(events)
+
+
+@contextlib.asynccontextmanager
+async def served(app: web.Application) -> AsyncIterator[web.AppRunner]:
+    """``app`` served on 127.0.0.1 as ``web.run_app`` serves it (a test client's server also cancels the handler
+    of a request whose client left); the test may clean the runner up itself."""
+    runner = web.AppRunner(app)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        yield runner
+    finally:
+        if runner.server is not None:
+            await runner.cleanup()
+
+
+def stalled_stream(runner: web.AppRunner) -> socket.socket:
+    """An events stream whose client reads nothing (with a small receive buffer, so that it soon stalls)."""
+    host, port = runner.addresses[0][:2]
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect((host, port))
+    sock.sendall(f"GET {API}/events HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+    return sock
+
+
+async def stall(runner: web.AppRunner, scheduler: Scheduler) -> None:
+    """Publish events until the server waits for a stalled stream's client to read."""
+    assert runner.server is not None
+    async with asyncio.timeout(10):
+        while not any(connection.writing_paused for connection in runner.server.connections):
+            for n in range(10):
+                scheduler._hub.publish(TaskReported("b", str(n), Status.RUNNING, 1.0, message="x" * 65536))
+            await asyncio.sleep(0.01)
+
+
+async def test_a_client_that_vanishes_while_its_stream_waits_is_not_an_error(
+        caplog: pytest.LogCaptureFixture) -> None:
+    scheduler = Scheduler(workers=1)
+    app = web.Application()
+    setup(app, scheduler, registry=None, limits=Limits(event_backlog=1000))  # its stream is not ended meanwhile
+    log = app.on_shutdown[-1].__self__.log  # type: ignore[attr-defined]  # the _Api's EventLog
+    forgotten, forget = asyncio.Event(), log.forget
+
+    def forgetting(listener: Any) -> None:  # the handler forgets its listener as it ends: any error follows at once
+        forget(listener)
+        forgotten.set()
+
+    log.forget = forgetting
+    async with served(app) as runner:
+        sock = stalled_stream(runner)
+        await stall(runner, scheduler)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.close()  # a reset: the write that waits fails with ConnectionError, not ConnectionResetError
+        async with asyncio.timeout(10):
+            await forgotten.wait()
+        await asyncio.sleep(0)
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
 
 
 # -- auth -----------------------------------------------------------------------------------

@@ -416,8 +416,8 @@ class _Api:
             await response.write(b"retry: 1000\n\n")
             while (chunk := await listener.next_chunk(self.limits.heartbeat)) is not None:
                 await response.write(chunk)
-        except ConnectionResetError:
-            pass  # the client went away
+        except ConnectionError:  # the client went away: reset (or lost while a write waited for it to read)
+            pass
         finally:
             self.log.forget(listener)
         return response
