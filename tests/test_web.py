@@ -554,6 +554,20 @@ async def test_a_client_that_vanishes_while_its_stream_waits_is_not_an_error(
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
 
 
+async def test_a_client_that_reads_nothing_does_not_hold_up_the_shutdown() -> None:
+    scheduler = Scheduler(workers=1)
+    app = web.Application()
+    setup(app, scheduler, registry=None, limits=Limits(event_backlog=1000))
+    async with served(app) as runner:
+        sock = stalled_stream(runner)
+        try:
+            await stall(runner, scheduler)
+            async with asyncio.timeout(10):  # aiohttp waits a minute for a handler, then a minute more
+                await runner.cleanup()
+        finally:
+            sock.close()
+
+
 # -- auth -----------------------------------------------------------------------------------
 
 API_ROUTES = [("GET", "/tasks"), ("GET", "/batches"), ("POST", "/batches"), ("GET", "/batches/x"),

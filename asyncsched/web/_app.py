@@ -58,6 +58,9 @@ STATIC = {  # the dashboard's files: served by name from this list only
     "style.css": "text/css",
     "index.html": "text/html",
 }
+STREAM_GRACE = 1.0
+"""Seconds the event streams have to write what they hold when the app stops; then the connection of a client
+that takes no more (it reads nothing) is closed, rather than hold the server's shutdown for a minute or two."""
 SECURITY_HEADERS = {
     "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; "
                                "img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
@@ -190,6 +193,7 @@ class _Api:
         self._token = None if token is None else token.encode()
         self._allowed_hosts = allowed_hosts
         self._files: dict[str, bytes] = {}
+        self._streams: dict[asyncio.Future[None], web.Request] = {}  # the open event streams, by their ends
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -208,7 +212,14 @@ class _Api:
                 self.log.close()
 
     async def on_shutdown(self, app: web.Application) -> None:
-        self.log.close()  # event streams end, so the server need not wait for them
+        self.log.close()  # event streams end after what they hold, so the server need not wait for them...
+        streams = dict(self._streams)
+        if streams:  # ... unless a client reads nothing: a write to it would wait, and the server with it
+            await asyncio.wait(streams, timeout=STREAM_GRACE)
+            for request in streams.values():
+                transport = request.transport
+                if transport is not None and transport.get_write_buffer_size():
+                    transport.abort()  # the waiting write (or the end of the response) returns at once
 
     # -- auth and input --------------------------------------------------------------------
 
@@ -411,6 +422,8 @@ class _Api:
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                                                "X-Accel-Buffering": "no"})
         listener = self.log.listen(batch_id, request.headers.get("Last-Event-ID"))
+        ended = asyncio.get_running_loop().create_future()
+        self._streams[ended] = request
         try:
             await response.prepare(request)
             await response.write(b"retry: 1000\n\n")
@@ -420,6 +433,8 @@ class _Api:
             pass
         finally:
             self.log.forget(listener)
+            del self._streams[ended]
+            ended.set_result(None)
         return response
 
     # -- the rest --------------------------------------------------------------------------
