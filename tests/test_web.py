@@ -382,6 +382,23 @@ async def test_bad_queries(client: Client, path: str, status: int, error: str) -
     assert error in (await get_json(client, path, status))["error"]
 
 
+@pytest.mark.parametrize(("method", "path", "status", "error"), [
+    ("PUT", "/batches", 405, "PUT is not allowed on /asyncsched/api/batches; it takes GET, POST"),
+    ("PATCH", "/batches/x", 405, "PATCH is not allowed on /asyncsched/api/batches/x; it takes GET, DELETE"),
+    ("POST", "/events", 405, "POST is not allowed on /asyncsched/api/events; it takes GET"),
+    ("GET", "/nope", 404, "no route /asyncsched/api/nope; /asyncsched/api/openapi.json lists them"),
+    ("GET", "/batches/a/b", 404, "no route /asyncsched/api/batches/a/b"),
+    ("DELETE", "", 404, "no route /asyncsched/api;"),
+])
+async def test_an_unknown_route_or_method_is_answered_in_json(client: Client, method: str, path: str, status: int,
+                                                              error: str) -> None:
+    response = await client.request(method, f"{API}{path}")
+    assert (response.status, response.content_type) == (status, "application/json")
+    assert error in (await response.json())["error"]
+    if status == 405:
+        assert response.headers["Allow"] == error.rpartition("it takes ")[2]
+
+
 # -- cancel ---------------------------------------------------------------------------------
 
 async def test_delete_cancels_a_running_batch_and_kills_its_tasks(client: Client) -> None:

@@ -143,6 +143,12 @@ def setup(app: web.Application, scheduler: Scheduler, *, registry: TaskRegistry 
     ]
     for method, path, handler in routes:
         router.add_route(method, f"{prefix}/api{path}", api.endpoint(handler))
+    methods: dict[str, list[str]] = {}
+    for method, path, _ in routes:
+        methods.setdefault(path, []).append(method)
+    for path, allowed in methods.items():  # errors in JSON too: another method of a route, a route that is not
+        router.add_route("*", f"{prefix}/api{path}", api.endpoint(api.not_allowed(allowed)))
+    router.add_route("*", f"{prefix}/api{{rest:(/.*)?}}", api.endpoint(api.not_found))
 
 
 class _Refusal(Exception):
@@ -438,6 +444,17 @@ class _Api:
         return response
 
     # -- the rest --------------------------------------------------------------------------
+
+    def not_allowed(self, methods: list[str]) -> Handler:
+        async def refuse(request: web.Request) -> web.Response:
+            return web.json_response({"error": f"{request.method} is not allowed on {request.path}; "
+                                      f"it takes {', '.join(methods)}"}, status=405,
+                                     headers={"Allow": ", ".join(methods)})
+
+        return refuse
+
+    async def not_found(self, request: web.Request) -> NoReturn:
+        _fail(404, f"no route {request.path}; {self.prefix}/api/openapi.json lists them")
 
     async def tasks(self, request: web.Request) -> web.Response:
         return web.json_response({"tasks": [] if self.registry is None else self.registry.names(),
