@@ -264,6 +264,17 @@ async def test_values_that_cannot_be_printed_are_described_not_fatal(aiohttp_cli
         "<int of 16610 bits, too long to show>", "<Unprintable object: repr() failed: RuntimeError>", 2 ** 4097]
 
 
+async def test_a_scheduler_closed_under_the_app_is_answered_in_json(aiohttp_client: AiohttpClient) -> None:
+    scheduler = Scheduler(workers=1)
+    client = await make_client(aiohttp_client, scheduler=scheduler)
+    await scheduler.aclose()  # by the host app, or by another app that served it too and stopped
+    for method, path in [("GET", "/batches"), ("GET", "/batches/x"), ("GET", "/batches/x/results"),
+                         ("DELETE", "/batches/x")]:
+        response = await client.request(method, f"{API}{path}")
+        assert (response.status, response.content_type) == (503, "application/json"), (method, path)
+        assert "this Scheduler is closed" in (await response.json())["error"]
+
+
 class Unreadable(MemoryStore):
     """A store whose results this process cannot read, as a SQLite store's value of a type it cannot import."""
 

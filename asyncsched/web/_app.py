@@ -32,7 +32,7 @@ from typing import Any, NamedTuple, NoReturn
 
 from aiohttp import web
 
-from .._errors import ConfigurationError, StoreError
+from .._errors import ClosedError, ConfigurationError, StoreError
 from .._models import Status, Task, task_from_json
 from .._scheduler import Scheduler
 from .._store import BatchInfo
@@ -250,6 +250,8 @@ class _Api:
             except StoreError as exc:  # e.g. a stored value of a type this process cannot import
                 logger.error("%s %s: %s", request.method, request.path, exc)
                 return web.json_response({"error": f"the result store failed: {exc}"}, status=500)
+            except ClosedError as exc:  # closed by the host app, or by another app it also served
+                return web.json_response({"error": str(exc)}, status=503)
 
         return answer
 
