@@ -721,6 +721,12 @@ def test_setup_refuses_bad_arguments() -> None:
         setup(app, scheduler, registry={"square": tasks.square})  # type: ignore[arg-type]
     with pytest.raises(ConfigurationError, match="max_page"):
         Limits(max_page=0)
+    for name in ("max_body", "max_inputs", "max_page", "default_page", "event_backlog"):
+        with pytest.raises(ConfigurationError, match=rf"Limits\.{name} must be a positive integer, got 2\.5"):
+            Limits(**{name: 2.5, "default_page": 1} if name == "max_page" else {name: 2.5})  # type: ignore[arg-type]
+    with pytest.raises(ConfigurationError, match="heartbeat must be a positive number, got nan"):
+        Limits(heartbeat=float("nan"))
+    assert Limits(heartbeat=0.5).heartbeat == 0.5
     with pytest.raises(ConfigurationError, match="default_page"):
         Limits(max_page=5, default_page=10)
 

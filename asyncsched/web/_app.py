@@ -94,8 +94,10 @@ class Limits:
     def __post_init__(self) -> None:
         for field in fields(self):
             value = getattr(self, field.name)
-            if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
-                raise ConfigurationError(f"Limits.{field.name} must be a positive number, got {value!r}")
+            kind = float if field.name == "heartbeat" else int  # the others are counts
+            if isinstance(value, bool) or not isinstance(value, kind | int) or not value > 0:
+                what = "number" if kind is float else "integer"
+                raise ConfigurationError(f"Limits.{field.name} must be a positive {what}, got {value!r}")
         if self.default_page > self.max_page:
             raise ConfigurationError(f"Limits.default_page ({self.default_page}) is over max_page ({self.max_page})")
 
