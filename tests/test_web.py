@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import logging
 import math
+import socket
+import struct
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable
@@ -227,6 +231,50 @@ async def test_numbers_json_cannot_carry_are_null_in_events_and_results(aiohttp_
         1.0, None, None, None)
 
 
+class Unprintable:
+    def __repr__(self) -> str:
+        raise RuntimeError("no repr")
+
+
+async def test_values_that_cannot_be_printed_are_described_not_fatal(aiohttp_client: AiohttpClient) -> None:
+    # An int past str()'s limit on digits, or an object whose repr() raises, in report() data or in a value:
+    # each is described, where it used to end every event stream that met it (and its replays) and fail the page.
+    store = MemoryStore()
+    scheduler = Scheduler(workers=1, store=store)
+    client = await make_client(aiohttp_client, scheduler=scheduler)
+    events = await client.get(f"{API}/events")
+    huge = 10 ** 5000
+    odd: dict[Any, Any] = {"n": huge, "thing": Unprintable(), huge: "key", "items": [huge, (Unprintable(),)]}
+    scheduler._hub.publish(TaskReported("odd", "0", Status.RUNNING, 1.0, data=odd))
+    scheduler._hub.publish(TaskReported("odd", "1", Status.RUNNING, 2.0, message="next"))
+    reported, following = await read_event(events), await read_event(events)
+    assert reported.data["data"] == {
+        "n": "<int of 16610 bits, too long to show>", "thing": "<Unprintable object: repr() failed: RuntimeError>",
+        "<int of 16610 bits, too long to show>": "key",
+        "items": ["<int of 16610 bits, too long to show>", ["<Unprintable object: repr() failed: RuntimeError>"]]}
+    assert following.data["message"] == "next"
+    events.close()
+    await store.begin_batch("odd")
+    store.add(TaskResult("odd", "0", Status.COMPLETED, value=huge))
+    store.add(TaskResult("odd", "1", Status.COMPLETED, value=Unprintable()))
+    store.add(TaskResult("odd", "2", Status.COMPLETED, value=2 ** 4097))  # long, but printable
+    await store.end_batch("odd")
+    page = await get_json(client, "/batches/odd/results")
+    assert [r["value"] for r in page["results"]] == [
+        "<int of 16610 bits, too long to show>", "<Unprintable object: repr() failed: RuntimeError>", 2 ** 4097]
+
+
+async def test_a_scheduler_closed_under_the_app_is_answered_in_json(aiohttp_client: AiohttpClient) -> None:
+    scheduler = Scheduler(workers=1)
+    client = await make_client(aiohttp_client, scheduler=scheduler)
+    await scheduler.aclose()  # by the host app, or by another app that served it too and stopped
+    for method, path in [("GET", "/batches"), ("GET", "/batches/x"), ("GET", "/batches/x/results"),
+                         ("DELETE", "/batches/x")]:
+        response = await client.request(method, f"{API}{path}")
+        assert (response.status, response.content_type) == (503, "application/json"), (method, path)
+        assert "this Scheduler is closed" in (await response.json())["error"]
+
+
 class Unreadable(MemoryStore):
     """A store whose results this process cannot read, as a SQLite store's value of a type it cannot import."""
 
@@ -345,6 +393,23 @@ async def test_bad_queries(client: Client, path: str, status: int, error: str) -
     assert error in (await get_json(client, path, status))["error"]
 
 
+@pytest.mark.parametrize(("method", "path", "status", "error"), [
+    ("PUT", "/batches", 405, "PUT is not allowed on /asyncsched/api/batches; it takes GET, POST"),
+    ("PATCH", "/batches/x", 405, "PATCH is not allowed on /asyncsched/api/batches/x; it takes GET, DELETE"),
+    ("POST", "/events", 405, "POST is not allowed on /asyncsched/api/events; it takes GET"),
+    ("GET", "/nope", 404, "no route /asyncsched/api/nope; /asyncsched/api/openapi.json lists them"),
+    ("GET", "/batches/a/b", 404, "no route /asyncsched/api/batches/a/b"),
+    ("DELETE", "", 404, "no route /asyncsched/api;"),
+])
+async def test_an_unknown_route_or_method_is_answered_in_json(client: Client, method: str, path: str, status: int,
+                                                              error: str) -> None:
+    response = await client.request(method, f"{API}{path}")
+    assert (response.status, response.content_type) == (status, "application/json")
+    assert error in (await response.json())["error"]
+    if status == 405:
+        assert response.headers["Allow"] == error.rpartition("it takes ")[2]
+
+
 # -- cancel ---------------------------------------------------------------------------------
 
 async def test_delete_cancels_a_running_batch_and_kills_its_tasks(client: Client) -> None:
@@ -457,6 +522,78 @@ async def test_event_streams_end_when_the_app_stops(aiohttp_client: AiohttpClien
         await client.server.close()
         with pytest.raises(EOFError):
             await read_event(events)
+
+
+@contextlib.asynccontextmanager
+async def served(app: web.Application) -> AsyncIterator[web.AppRunner]:
+    """``app`` served on 127.0.0.1 as ``web.run_app`` serves it (a test client's server also cancels the handler
+    of a request whose client left); the test may clean the runner up itself."""
+    runner = web.AppRunner(app)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        yield runner
+    finally:
+        if runner.server is not None:
+            await runner.cleanup()
+
+
+def stalled_stream(runner: web.AppRunner) -> socket.socket:
+    """An events stream whose client reads nothing (with a small receive buffer, so that it soon stalls)."""
+    host, port = runner.addresses[0][:2]
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect((host, port))
+    sock.sendall(f"GET {API}/events HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+    return sock
+
+
+async def stall(runner: web.AppRunner, scheduler: Scheduler) -> None:
+    """Publish events until the server waits for a stalled stream's client to read."""
+    assert runner.server is not None
+    async with asyncio.timeout(10):
+        while not any(connection.writing_paused for connection in runner.server.connections):
+            for n in range(10):
+                scheduler._hub.publish(TaskReported("b", str(n), Status.RUNNING, 1.0, message="x" * 65536))
+            await asyncio.sleep(0.01)
+
+
+async def test_a_client_that_vanishes_while_its_stream_waits_is_not_an_error(
+        caplog: pytest.LogCaptureFixture) -> None:
+    scheduler = Scheduler(workers=1)
+    app = web.Application()
+    setup(app, scheduler, registry=None, limits=Limits(event_backlog=1000))  # its stream is not ended meanwhile
+    log = app.on_shutdown[-1].__self__.log  # type: ignore[attr-defined]  # the _Api's EventLog
+    forgotten, forget = asyncio.Event(), log.forget
+
+    def forgetting(listener: Any) -> None:  # the handler forgets its listener as it ends: any error follows at once
+        forget(listener)
+        forgotten.set()
+
+    log.forget = forgetting
+    async with served(app) as runner:
+        sock = stalled_stream(runner)
+        await stall(runner, scheduler)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.close()  # a reset: the write that waits fails with ConnectionError, not ConnectionResetError
+        async with asyncio.timeout(10):
+            await forgotten.wait()
+        await asyncio.sleep(0)
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+
+
+async def test_a_client_that_reads_nothing_does_not_hold_up_the_shutdown() -> None:
+    scheduler = Scheduler(workers=1)
+    app = web.Application()
+    setup(app, scheduler, registry=None, limits=Limits(event_backlog=1000))
+    async with served(app) as runner:
+        sock = stalled_stream(runner)
+        try:
+            await stall(runner, scheduler)
+            async with asyncio.timeout(10):  # aiohttp waits a minute for a handler, then a minute more
+                await runner.cleanup()
+        finally:
+            sock.close()
 
 
 # -- auth -----------------------------------------------------------------------------------
@@ -584,6 +721,12 @@ def test_setup_refuses_bad_arguments() -> None:
         setup(app, scheduler, registry={"square": tasks.square})  # type: ignore[arg-type]
     with pytest.raises(ConfigurationError, match="max_page"):
         Limits(max_page=0)
+    for name in ("max_body", "max_inputs", "max_page", "default_page", "event_backlog"):
+        with pytest.raises(ConfigurationError, match=rf"Limits\.{name} must be a positive integer, got 2\.5"):
+            Limits(**{name: 2.5, "default_page": 1} if name == "max_page" else {name: 2.5})  # type: ignore[arg-type]
+    with pytest.raises(ConfigurationError, match="heartbeat must be a positive number, got nan"):
+        Limits(heartbeat=float("nan"))
+    assert Limits(heartbeat=0.5).heartbeat == 0.5
     with pytest.raises(ConfigurationError, match="default_page"):
         Limits(max_page=5, default_page=10)
 

@@ -32,7 +32,7 @@ from typing import Any, NamedTuple, NoReturn
 
 from aiohttp import web
 
-from .._errors import ConfigurationError, StoreError
+from .._errors import ClosedError, ConfigurationError, StoreError
 from .._models import Status, Task, task_from_json
 from .._scheduler import Scheduler
 from .._store import BatchInfo
@@ -58,6 +58,9 @@ STATIC = {  # the dashboard's files: served by name from this list only
     "style.css": "text/css",
     "index.html": "text/html",
 }
+STREAM_GRACE = 1.0
+"""Seconds the event streams have to write what they hold when the app stops; then the connection of a client
+that takes no more (it reads nothing) is closed, rather than hold the server's shutdown for a minute or two."""
 SECURITY_HEADERS = {
     "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; "
                                "img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
@@ -91,8 +94,10 @@ class Limits:
     def __post_init__(self) -> None:
         for field in fields(self):
             value = getattr(self, field.name)
-            if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
-                raise ConfigurationError(f"Limits.{field.name} must be a positive number, got {value!r}")
+            kind = float if field.name == "heartbeat" else int  # the others are counts
+            if isinstance(value, bool) or not isinstance(value, kind | int) or not value > 0:
+                what = "number" if kind is float else "integer"
+                raise ConfigurationError(f"Limits.{field.name} must be a positive {what}, got {value!r}")
         if self.default_page > self.max_page:
             raise ConfigurationError(f"Limits.default_page ({self.default_page}) is over max_page ({self.max_page})")
 
@@ -140,6 +145,12 @@ def setup(app: web.Application, scheduler: Scheduler, *, registry: TaskRegistry 
     ]
     for method, path, handler in routes:
         router.add_route(method, f"{prefix}/api{path}", api.endpoint(handler))
+    methods: dict[str, list[str]] = {}
+    for method, path, _ in routes:
+        methods.setdefault(path, []).append(method)
+    for path, allowed in methods.items():  # errors in JSON too: another method of a route, a route that is not
+        router.add_route("*", f"{prefix}/api{path}", api.endpoint(api.not_allowed(allowed)))
+    router.add_route("*", f"{prefix}/api{{rest:(/.*)?}}", api.endpoint(api.not_found))
 
 
 class _Refusal(Exception):
@@ -190,6 +201,7 @@ class _Api:
         self._token = None if token is None else token.encode()
         self._allowed_hosts = allowed_hosts
         self._files: dict[str, bytes] = {}
+        self._streams: dict[asyncio.Future[None], web.Request] = {}  # the open event streams, by their ends
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -208,7 +220,14 @@ class _Api:
                 self.log.close()
 
     async def on_shutdown(self, app: web.Application) -> None:
-        self.log.close()  # event streams end, so the server need not wait for them
+        self.log.close()  # event streams end after what they hold, so the server need not wait for them...
+        streams = dict(self._streams)
+        if streams:  # ... unless a client reads nothing: a write to it would wait, and the server with it
+            await asyncio.wait(streams, timeout=STREAM_GRACE)
+            for request in streams.values():
+                transport = request.transport
+                if transport is not None and transport.get_write_buffer_size():
+                    transport.abort()  # the waiting write (or the end of the response) returns at once
 
     # -- auth and input --------------------------------------------------------------------
 
@@ -233,6 +252,8 @@ class _Api:
             except StoreError as exc:  # e.g. a stored value of a type this process cannot import
                 logger.error("%s %s: %s", request.method, request.path, exc)
                 return web.json_response({"error": f"the result store failed: {exc}"}, status=500)
+            except ClosedError as exc:  # closed by the host app, or by another app it also served
+                return web.json_response({"error": str(exc)}, status=503)
 
         return answer
 
@@ -411,18 +432,33 @@ class _Api:
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                                                "X-Accel-Buffering": "no"})
         listener = self.log.listen(batch_id, request.headers.get("Last-Event-ID"))
+        ended = asyncio.get_running_loop().create_future()
+        self._streams[ended] = request
         try:
             await response.prepare(request)
             await response.write(b"retry: 1000\n\n")
             while (chunk := await listener.next_chunk(self.limits.heartbeat)) is not None:
                 await response.write(chunk)
-        except ConnectionResetError:
-            pass  # the client went away
+        except ConnectionError:  # the client went away: reset (or lost while a write waited for it to read)
+            pass
         finally:
             self.log.forget(listener)
+            del self._streams[ended]
+            ended.set_result(None)
         return response
 
     # -- the rest --------------------------------------------------------------------------
+
+    def not_allowed(self, methods: list[str]) -> Handler:
+        async def refuse(request: web.Request) -> web.Response:
+            return web.json_response({"error": f"{request.method} is not allowed on {request.path}; "
+                                      f"it takes {', '.join(methods)}"}, status=405,
+                                     headers={"Allow": ", ".join(methods)})
+
+        return refuse
+
+    async def not_found(self, request: web.Request) -> NoReturn:
+        _fail(404, f"no route {request.path}; {self.prefix}/api/openapi.json lists them")
 
     async def tasks(self, request: web.Request) -> web.Response:
         return web.json_response({"tasks": [] if self.registry is None else self.registry.names(),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 from .._models import TaskResult, finite
@@ -12,25 +13,49 @@ __all__ = ["MAX_DEPTH", "batch_json", "jsonable", "result_json"]
 
 MAX_DEPTH = 64
 """Nesting kept in a value; deeper parts are shown by their ``repr``."""
+LONG_INT_BITS = 4096
+"""Past this many bits, an int is checked to have a decimal form: past ``sys.get_int_max_str_digits()`` it has none."""
 
 
 def jsonable(value: Any, depth: int = 0) -> Any:
     """``value`` as plain JSON: lists, objects with string keys, strings, finite numbers, booleans, null.
 
     Anything else (a tuple becomes a list) is shown by its ``repr``, and so is a
-    non-finite float, which JSON has no token for.
+    non-finite float, which JSON has no token for. It never raises: an int too
+    long to print and a value whose ``repr`` fails are described instead.
     """
-    if value is None or isinstance(value, str | bool | int):
+    if value is None or isinstance(value, str | bool):
         return value
+    if isinstance(value, int):
+        return value if value.bit_length() <= LONG_INT_BITS or _printable(value) else _text(value)
     if isinstance(value, float):
         return value if math.isfinite(value) else repr(value)
     if depth >= MAX_DEPTH:
-        return repr(value)
+        return _text(value)
     if isinstance(value, list | tuple):
         return [jsonable(item, depth + 1) for item in value]
     if isinstance(value, dict):
-        return {str(key): jsonable(item, depth + 1) for key, item in value.items()}
-    return repr(value)
+        return {key if isinstance(key, str) else _text(key, str): jsonable(item, depth + 1)
+                for key, item in value.items()}
+    return _text(value)
+
+
+def _printable(number: int) -> bool:
+    try:
+        int.__repr__(number)
+    except ValueError:  # over the interpreter's limit on digits
+        return False
+    return True
+
+
+def _text(value: Any, show: Callable[[Any], str] = repr) -> str:
+    """``show(value)``, or a description of ``value`` when that fails (an int too long, a broken ``__repr__``)."""
+    try:
+        return show(value)
+    except Exception as exc:
+        if isinstance(value, int) and isinstance(exc, ValueError):
+            return f"<int of {value.bit_length()} bits, too long to show>"
+        return f"<{type(value).__name__} object: {show.__name__}() failed: {type(exc).__name__}>"
 
 
 def result_json(result: TaskResult) -> dict[str, Any]:
