@@ -34,9 +34,12 @@ Actors:
   worker is revoked: the worker skips it when it comes to it.
 * Batching adapts to the tasks: while they are fast (an average under
   ``BATCH_SECONDS``) several calls go to a worker in one frame; slow tasks go
-  one at a time, so none waits behind another. The worker writes each result
-  before it starts the next call, and the loop reads whatever has come in at
-  once. A call's timeout starts when it reaches the head of its worker.
+  one at a time. A call that turns out slow (``TAKE_BACK_AFTER``) gets no more
+  calls queued behind it, and an idle worker takes back half of those already
+  there (``_balance``): the worker answers with the ones it has not started.
+  The worker writes each result before it starts the next call, and the loop
+  reads whatever has come in at once. A call's timeout starts when it reaches
+  the head of its worker.
 * The event loop watches every socket and every process sentinel with
   ``add_reader``: nothing polls and nothing sleeps. Reads and writes are
   non-blocking, so a large argument or result never blocks the loop.
@@ -105,6 +108,8 @@ BATCH_SECONDS = 0.005
 """Queue several calls on one worker only while that much work or less waits behind the running one."""
 MAX_DEPTH = 64
 """The most calls queued on one worker."""
+TAKE_BACK_AFTER = 2 * BATCH_SECONDS
+"""Seconds a call may run before half the calls queued behind it are taken back for an idle worker."""
 MEMORY_CHECK_SECONDS = 0.1
 """How often busy workers' memory is sampled when ``max_memory_per_child`` is set."""
 ABANDONED_GRACE = 0.1
@@ -286,8 +291,8 @@ class _CallFuture(asyncio.Future[Outcome]):
 
 
 class _Worker:
-    __slots__ = ("calls", "calls_sent", "deadline", "deadline_at", "fd", "inbuf", "killed", "outbuf", "pid", "process",
-                 "ready", "retiring", "sock")
+    __slots__ = ("began", "calls", "calls_sent", "deadline", "deadline_at", "fd", "inbuf", "killed", "outbuf", "pid",
+                 "process", "ready", "retiring", "sock", "taking_back")
 
     def __init__(self, process: Any, sock: socket.socket) -> None:
         self.process = process
@@ -301,6 +306,8 @@ class _Worker:
         self.calls_sent = 0
         self.deadline_at: float | None = None  # loop time by which the running call must end
         self.deadline: asyncio.TimerHandle | None = None  # a timer at or before deadline_at
+        self.began = 0.0  # loop time the running call reached the head
+        self.taking_back = False  # calls queued here were asked back for an idle worker; no answer yet
         self.inbuf = bytearray()
         self.outbuf = bytearray()
 
@@ -374,6 +381,7 @@ class ProcessPool(concurrent.futures.Executor):
         self._ids = itertools.count()
         self._functions: dict[Callable[..., Any], bytes] = {}
         self._held: list[tuple[_Call, Callable[..., None], tuple[Any, ...]]] | None = None  # see _tell
+        self._balancing: asyncio.Handle | None = None  # a _balance() to come
         self._progress: asyncio.Future[None] | None = None  # set when a call ends, while _close() waits
         self._closed = False
         self._broken: BrokenPoolError | None = None
@@ -860,6 +868,9 @@ class ProcessPool(concurrent.futures.Executor):
         for call, method, args in held:
             if not call.cancelled:  # else a listener cancelled it meanwhile: nothing more about it
                 self._call_listener(method, args)
+        if not worker.calls and not self._pending and self._balancing is None and worker in self._ready:
+            assert self._loop is not None  # after the listeners' new calls are dispatched (call_soon, too)
+            self._balancing = self._loop.call_soon(self._balance)
         return alive
 
     def _on_unreadable(self, worker: _Worker, exc: Exception) -> None:
@@ -883,16 +894,11 @@ class ProcessPool(concurrent.futures.Executor):
             if not calls or calls[0].call_id != call_id:
                 return  # the worker was killed meanwhile and its calls given back
             call = calls.popleft()
-            worker.deadline_at = None  # the timer, if any, stays: it re-checks when it fires
-            if how != REVOKED:  # else skipped: it was cancelled, and never ran
-                self._average += 0.2 * ((finished - started) - self._average)
-                call.settle(_outcome(worker.pid, how, value, started, finished))
-            if calls:
-                self._begin(worker, calls[0])
-            elif worker.retiring:
-                pass  # it exits now; the sentinel follows
-            elif self._max_tasks is not None and worker.calls_sent >= self._max_tasks:
-                self._retire(worker)
+            self._average += 0.2 * ((finished - started) - self._average)
+            call.settle(_outcome(worker.pid, how, value, started, finished))
+            self._next(worker)
+        elif kind == REVOKED:
+            self._on_revoked(worker, message[1])
         elif kind == REPORT:
             running = worker.call
             if running is not None and running.call_id == message[1] and not running.done:
@@ -906,6 +912,35 @@ class ProcessPool(concurrent.futures.Executor):
                 self._retire(worker)
             else:
                 self._ready.append(worker)
+
+    def _next(self, worker: _Worker) -> None:
+        """The worker's running call has ended, or was taken back: the next one begins, or it retires."""
+        worker.deadline_at = None  # the timer, if any, stays: it re-checks when it fires
+        if worker.calls:
+            self._begin(worker, worker.calls[0])
+        elif worker.retiring:
+            pass  # it exits now; the sentinel follows
+        elif self._max_tasks is not None and worker.calls_sent >= self._max_tasks:
+            self._retire(worker)
+
+    def _on_revoked(self, worker: _Worker, call_ids: list[int]) -> None:
+        """The worker took these calls out of its queue: they never started. The cancelled ones are dropped,
+        the others (taken back for an idle worker) go to the front of the pending queue."""
+        worker.taking_back = False
+        if not call_ids:
+            return
+        revoked = set(call_ids)
+        head = worker.call
+        back = [call for call in worker.calls if call.call_id in revoked]
+        worker.calls = deque(call for call in worker.calls if call.call_id not in revoked)
+        worker.calls_sent -= len(back)
+        for call in reversed(back):
+            if not call.done:
+                call.worker = None
+                self._pending.appendleft(call)
+        if worker.call is not head:  # the head had not started: it was cancelled, and the next one begins
+            self._next(worker)
+        self._dispatch()
 
     def _send(self, worker: _Worker, data: bytes) -> bool:
         """Send one frame without blocking; False if the worker can no longer be reached."""
@@ -953,9 +988,13 @@ class ProcessPool(concurrent.futures.Executor):
             return
         depth = self.depth
         share = -(-len(pending) // self.size)  # a few calls go to several workers (one still starting included)
+        assert self._loop is not None
+        slow_since = self._loop.time() - TAKE_BACK_AFTER
         for worker in sorted(self._ready, key=lambda w: len(w.calls)):  # a copy: the loop may remove some
             if len(worker.calls) > depth // 2:
                 break  # refill a worker only once half of its calls are done: fewer, larger frames
+            if worker.calls and worker.began < slow_since:
+                continue  # nothing more waits behind a call that runs long: it goes to whichever worker frees first
             room = min(depth - len(worker.calls), share)
             if self._max_tasks is not None:
                 room = min(room, self._max_tasks - worker.calls_sent)
@@ -982,6 +1021,27 @@ class ProcessPool(concurrent.futures.Executor):
             if not pending:
                 return
 
+    def _balance(self) -> None:
+        """With a worker idle and nothing pending, take back the back half of the calls queued behind a call
+        that has run ``TAKE_BACK_AFTER`` (the worker answers with those it has not started: see _on_revoked).
+        So no call waits behind a slow or hung one while a worker is idle."""
+        self._balancing = None
+        loop = self._loop
+        if loop is None or self._closed or self._pending or all(worker.calls for worker in self._ready):
+            return
+        queued = {worker: [call for call in itertools.islice(worker.calls, 1, None) if not call.done]
+                  for worker in self._ready if not worker.taking_back}
+        busiest = max(queued, key=lambda worker: len(queued[worker]), default=None)
+        if busiest is None or not queued[busiest]:
+            return
+        due = busiest.began + TAKE_BACK_AFTER
+        if due > loop.time():
+            self._balancing = loop.call_at(due, self._balance)
+            return
+        calls = queued[busiest]
+        busiest.taking_back = True
+        self._send(busiest, pickle.dumps({call.call_id for call in calls[len(calls) // 2:]}, _PROTOCOL))
+
     def _begin(self, worker: _Worker, call: _Call) -> None:
         """``call`` has reached the head of its worker: it runs now, and its timeout starts.
 
@@ -991,13 +1051,14 @@ class ProcessPool(concurrent.futures.Executor):
         started it before the revoke came, it gets at most ``ABANDONED_GRACE``,
         then its worker is killed.
         """
+        loop = self._loop
+        assert loop is not None
+        worker.began = now = loop.time()
         timeout = call.timeout
         if call.done:
             timeout = ABANDONED_GRACE if timeout is None else min(timeout, ABANDONED_GRACE)
         if timeout is not None:
-            loop = self._loop
-            assert loop is not None
-            worker.deadline_at = deadline = loop.time() + timeout
+            worker.deadline_at = deadline = now + timeout
             timer = worker.deadline
             if timer is not None and timer.when() > deadline:
                 timer.cancel()

@@ -11,19 +11,22 @@ worker, each frame is one message::
                                                          plain function pickled by name and payload
                                                          pickles args, or function is None and payload
                                                          pickles (fn, args)
-                       {call_id, ...}              calls cancelled while queued here: skip each
+                       {call_id, ...}              calls not to run here after all (cancelled, or
+                                                   taken back for an idle worker)
                        None                        finish and exit
     worker -> parent   (READY, pid)
                        (REPORT, call_id, timestamp, message, progress, pickle of data or None)
                        (DONE, call_id, VALUE, value, started_at, finished_at)
                        (DONE, call_id, PICKLED, pickle of value, started_at, finished_at)
                        (DONE, call_id, ERROR, error, started_at, finished_at)
-                       (DONE, call_id, REVOKED, None, started_at, finished_at)   skipped, never run
+                       (REVOKED, [call_id, ...])   those of them still queued, which never will run
 
 The parent may queue several calls on one worker when tasks are fast; the
 worker runs them one by one and writes each DONE message before it starts the
-next call; before each call it takes in what the parent has sent meanwhile, so
-a call cancelled while queued never runs. Whatever that call does (crash the process, hold the GIL, hang),
+next call. A thread of the worker takes in what the parent sends, even while
+a call runs, and answers a revoke at once with the calls it took out of the
+queue: the parent knows exactly which calls never started, so it can give
+them to another worker, or record them cancelled. Whatever that call does (crash the process, hold the GIL, hang),
 the parent already has every result before it, so a crash or a timeout costs
 its own call only. The parent reads what has come in a group at a time.
 
@@ -57,14 +60,14 @@ from typing import Any, NoReturn
 from ._models import type_name
 
 __all__ = ["BIG_HEADER", "DONE", "ERROR", "FUNCTION_CACHE", "HEADER", "PICKLED", "READY", "REPORT", "REVOKED",
-           "VALUE",
-           "ErrorInfo", "error_info", "frame_header", "report", "run_capturing", "worker_main"]
+           "VALUE", "ErrorInfo", "error_info", "frame_header", "report", "run_capturing", "worker_main"]
 
 READY = 0
 REPORT = 1
 DONE = 2
+REVOKED = 3
 
-ERROR, VALUE, PICKLED, REVOKED = 0, 1, 2, 3
+ERROR, VALUE, PICKLED = 0, 1, 2
 """How a DONE message carries its outcome."""
 _INLINE = frozenset({int, float, str, bytes, bool, type(None)})
 
@@ -318,40 +321,60 @@ def worker_main(conn: Connection) -> None:
     os.register_at_fork(after_in_child=_not_a_worker)  # a task's forked child does not speak for the task
     channel = _Channel(conn)
     channel.send((READY, os.getpid()))
-    queue: deque[tuple[int, bytes | None, bytes]] = deque()
-    revoked: set[int] = set()
-    leaving = False
-    while True:
-        while not leaving and (not queue or conn.poll(0)):  # wait for calls; take in what came before each one
-            leaving = not _receive(conn, queue, revoked)
-        if not queue:  # retired (every result is written), or orphaned
-            _leave()
-            return
-        call_id, function, payload = queue.popleft()
-        if revoked:
-            skip = call_id in revoked
-            revoked = {i for i in revoked if i > call_id}  # call ids only grow: the rest will not come again
-            if skip:
-                now = time.time()
-                channel.send((DONE, call_id, REVOKED, None, now, now))
-                continue
-        _run_call(channel, call_id, function, payload)
+    inbox = _Inbox(conn, channel)
+    while (call := inbox.next()) is not None:
+        _run_call(channel, *call)
+    _leave()  # retired (every result is written), or orphaned
 
 
-def _receive(conn: Connection, queue: deque[tuple[int, bytes | None, bytes]], revoked: set[int]) -> bool:
-    """Take in one frame from the parent (waiting for it); False when the worker is to leave once its queue
-    is done."""
-    try:
-        frame = pickle.loads(conn.recv_bytes())
-    except (EOFError, OSError):  # the parent is gone
-        return False
-    if frame is None:
-        return False
-    if isinstance(frame, set):
-        revoked |= frame
-    else:
-        queue.extend(frame)
-    return True
+class _Inbox:
+    """The calls sent to this worker and not started yet, taken in by a thread of their own.
+
+    That thread answers a revoke while a call runs, even one that never ends.
+    Calls leave the queue under the lock, so each is either started or revoked,
+    never both; the answer is written under the lock too, so it reaches the
+    parent before the result of any call started after it.
+    """
+
+    def __init__(self, conn: Connection, channel: _Channel) -> None:
+        self.conn = conn
+        self.channel = channel
+        self.ready = threading.Condition(threading.Lock())
+        self.queue: deque[tuple[int, bytes | None, bytes]] = deque()
+        self.leaving = False  # told to stop, or orphaned: no more calls will come
+        threading.Thread(target=self._take_in, name="asyncsched-inbox", daemon=True).start()
+
+    def next(self) -> tuple[int, bytes | None, bytes] | None:
+        """The next call to run, once there is one; None when the worker is to leave."""
+        with self.ready:
+            while not self.queue and not self.leaving:
+                self.ready.wait()
+            return self.queue.popleft() if self.queue else None
+
+    def _take_in(self) -> None:
+        while True:
+            try:
+                frame = pickle.loads(self.conn.recv_bytes())
+            except (EOFError, OSError):  # the parent is gone
+                frame = None
+            with self.ready:
+                if frame is None:
+                    self.leaving = True
+                    self.ready.notify()
+                    return
+                if isinstance(frame, set):
+                    revoked = [call[0] for call in self.queue if call[0] in frame]
+                    if revoked:
+                        self.queue = deque(call for call in self.queue if call[0] not in frame)
+                    try:
+                        self.channel.send((REVOKED, revoked))
+                    except OSError:  # the parent is gone
+                        self.leaving = True
+                        self.ready.notify()
+                        return
+                else:
+                    self.queue.extend(frame)
+                    self.ready.notify()
 
 
 def run_capturing(fn: Callable[..., Any], args: tuple[Any, ...]) -> tuple[Any, ...]:

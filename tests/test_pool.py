@@ -129,6 +129,20 @@ class Heard:
         self.outcome.set_result(outcome)
 
 
+async def test_calls_queued_behind_a_call_that_runs_long_go_to_an_idle_worker(gate: Callable[[], str]) -> None:
+    release = gate()
+    async with ProcessPool(2) as pool:
+        await until_batching(pool)
+        blocker = pool.call(tasks.wait_for_file, (release, "released"))  # no timeout: it could run for ever
+        fast = [pool.call(tasks.square, (i,)) for i in range(40)]  # the first 20 are queued behind it
+        done = await asyncio.wait_for(asyncio.gather(*fast), 30)  # the other worker takes them back and runs them
+        assert [outcome.value for outcome in done] == [i * i for i in range(40)]
+        assert len({outcome.pid for outcome in done}) == 1 and not blocker.done()
+        await asyncio.to_thread(Path(release).touch)
+        assert (await blocker).value == "released"
+        assert pool.statistics().killed == 0
+
+
 async def test_a_listener_that_cancels_a_queued_call_makes_no_call_run_twice(tmp_path: Path) -> None:
     log = tmp_path / "runs"
     async with ProcessPool(1) as pool:
