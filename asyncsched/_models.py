@@ -87,7 +87,8 @@ class Task:
     ``fn`` must be loadable by name in another process: a module-level function,
     a builtin, or a ``functools.partial`` of one (that is how keyword arguments
     are passed). ``key`` identifies the task in its batch (default: its position,
-    as a string); ``timeout`` (seconds) and ``retries`` override the scheduler's
+    as a string) and must be unique there: a duplicate is not detected, and the
+    store keeps one result per key; ``timeout`` (seconds) and ``retries`` override the scheduler's
     defaults. A Task holds no state of a run, so one list of tasks can be run
     several times.
     """

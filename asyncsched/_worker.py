@@ -107,7 +107,9 @@ def report(message: str | None = None, progress: float | None = None, **data: An
 
     ``message`` is free text, ``progress`` a fraction between 0 and 1 (NaN and
     infinities raise ValueError), and any keyword arguments travel along as
-    ``Event.data`` (they must pickle).
+    ``Event.data`` (they must pickle). It reports for the call the worker runs
+    at that moment: a thread the task leaves running when it returns reports
+    for the worker's next call.
     """
     current = _current
     captured = None if current is not None else getattr(_capture, "reports", None)
