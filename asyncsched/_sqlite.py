@@ -190,6 +190,7 @@ class SQLiteStore(Store):
                                          "file, or open it once for writing to upgrade it")
                 else:
                     self._db = await self._connect()
+                    await self._version(self._db)  # refuse a file that is not ours before changing anything in it
                     await self._db.execute("PRAGMA journal_mode = WAL")
                     await self._db.execute("PRAGMA synchronous = FULL")
                     await self._migrate()
@@ -206,16 +207,17 @@ class SQLiteStore(Store):
 
     async def _version(self, db: aiosqlite.Connection) -> int:
         """The file's schema version, once it is known to be a file asyncsched can use."""
+        if await _pragma(db, "application_id") != APPLICATION_ID:  # not ours (every version of ours sets it)
+            cursor = await db.execute("SELECT count(*) FROM sqlite_schema")
+            row = await cursor.fetchone()
+            if row is not None and row[0]:  # whatever its user_version: many applications set theirs
+                raise StoreError(f"{self.path} is a SQLite database of another application; "
+                                 "pass the path of an asyncsched results file, or of a new file")
+            return 0  # an empty database: a new file
         version = await _pragma(db, "user_version")
         if version > SCHEMA_VERSION:
             raise StoreError(f"{self.path} has schema version {version}, newer than this asyncsched "
                              f"understands ({SCHEMA_VERSION}); upgrade asyncsched, or use another file")
-        if version == 0 and await _pragma(db, "application_id") != APPLICATION_ID:
-            cursor = await db.execute("SELECT count(*) FROM sqlite_schema")
-            row = await cursor.fetchone()
-            if row is not None and row[0]:
-                raise StoreError(f"{self.path} is a SQLite database of another application; "
-                                 "pass the path of an asyncsched results file, or of a new file")
         return version
 
     async def _migrate(self) -> None:

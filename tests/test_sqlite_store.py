@@ -470,12 +470,19 @@ async def test_a_file_that_is_not_sqlite_is_refused(tmp_path: Path) -> None:
     assert path.read_text().startswith("these are my notes")
 
 
-async def test_a_database_of_another_application_is_refused(tmp_path: Path) -> None:
+@pytest.mark.parametrize("user_version", [0, 1, SCHEMA_VERSION + 1])  # other applications number their schemas
+@pytest.mark.parametrize("readonly", [False, True])
+async def test_a_database_of_another_application_is_refused_and_left_as_it_was(
+        tmp_path: Path, user_version: int, readonly: bool) -> None:
     path = tmp_path / "other.db"
     with contextlib.closing(sqlite3.connect(path)) as other:
         other.execute("CREATE TABLE customers (name TEXT)")
+        other.execute(f"PRAGMA user_version = {user_version}")
     with pytest.raises(StoreError, match="another application"):
-        await SQLiteStore(path).open()
+        await SQLiteStore(path, readonly=readonly).open()
+    with contextlib.closing(sqlite3.connect(path)) as other:
+        assert other.execute("PRAGMA application_id").fetchone() == (0,)
+        assert other.execute("PRAGMA journal_mode").fetchone() == ("delete",)
 
 
 async def test_a_newer_schema_is_refused(tmp_path: Path) -> None:
