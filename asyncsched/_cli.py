@@ -356,8 +356,16 @@ def _export_command(args: argparse.Namespace) -> int:
     results file is opened read-only.
     """
     count = _run_loop(_read(args, lambda store: store.export_jsonl(args.out, batch_id=args.batch)))
-    print(f"exported {count} results to {args.out}")
+    print(f"exported {count} results to {args.out}", file=sys.stderr if _is_stdout(args.out) else sys.stdout)
     return 0
+
+
+def _is_stdout(path: str) -> bool:
+    """Whether ``path`` names this process's standard output (``/dev/stdout``, say), kept for the results."""
+    try:
+        return os.path.samestat(os.stat(path), os.fstat(sys.stdout.fileno()))
+    except (OSError, ValueError):  # no such file, or a stdout without a file descriptor
+        return False
 
 
 async def _read(args: argparse.Namespace, query: Callable[[SQLiteStore], Awaitable[T]]) -> T:

@@ -559,7 +559,7 @@ def _partial(path: str | os.PathLike[str]) -> tuple[str, str, int | None] | None
     target = os.path.realpath(path)
     mode = None
     try:
-        found = os.stat(target)
+        found = os.stat(path)  # not of target: /dev/stdout's real path, /proc/self/fd/pipe:[N], names no file
     except FileNotFoundError:
         pass  # a new file
     else:
