@@ -825,9 +825,12 @@ def _import_row(line: str, path: str | os.PathLike[str], number: int, batch_id: 
             stamp = (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp()  # naive: UTC, not local
         if finished_at is None:
             finished_at = stamp
-        text = functools.partial(_field, record, kinds=str, what="a string")
+        def text(name: str) -> str | None:  # a lone surrogate ("\udce9" in JSON, from a file name) escaped
+            found: str | None = _field(record, name, str, "a string")
+            return _text(found)
+
         return (
-            text("batch_id") or batch_id, str(key), _field(record, "index", int, "an integer", -1),
+            text("batch_id") or _text(batch_id), _text(str(key)), _field(record, "index", int, "an integer", -1),
             status.value, None if data is None or pickled else _JSON.encode(data),
             base64.b64decode(pickled) if pickled else None, text("error"), text("error_type"), text("traceback"),
             _field(record, "attempts", int, "an integer", 1), _field(record, "process_id", int, "an integer"),

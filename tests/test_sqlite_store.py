@@ -359,6 +359,17 @@ async def test_import_rejects_a_field_of_the_wrong_type(tmp_path: Path, field: s
         assert await store.results() == []
 
 
+async def test_import_takes_text_with_a_lone_surrogate_as_a_result_would_be_stored(tmp_path: Path) -> None:
+    path = tmp_path / "names.jsonl"  # what json.dumps writes for a str made from an undecodable file name
+    path.write_text(json.dumps({"task_id": "caf\udce9", "status": "failed", "batch_id": "dir-\udce9",
+                                "error": "OSError: caf\udce9"}) + "\n")
+    async with SQLiteStore(tmp_path / "results.db") as store:
+        assert await store.import_jsonl(path) == 1
+        [result] = await store.results(batch_id="dir-\udce9")  # found by either form, as a task's own result
+        assert (result.batch_id, result.key, result.error) == ("dir-\\udce9", "caf\\udce9", "OSError: caf\\udce9")
+        assert "caf\udce9" in await store.begin_batch("dir-\udce9", resume=True)  # resuming it skips the task
+
+
 async def test_import_reads_a_timestamp_without_a_time_zone_as_utc(tmp_path: Path) -> None:
     path = tmp_path / "naive.jsonl"
     path.write_text(json.dumps({"task_id": "t", "status": "completed", "timestamp": "2024-05-01T10:00:00"}) + "\n")
