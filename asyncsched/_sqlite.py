@@ -790,7 +790,7 @@ def _record(row: Row) -> dict[str, Any]:
         "status": status,
         "message": message,
         "response_data": None if value is None else json.loads(value),
-        "timestamp": None if finished_at is None else datetime.fromtimestamp(finished_at, UTC).isoformat(),
+        "timestamp": _iso(finished_at),
         "process_id": pid,
         "batch_id": batch_id,
         "index": index,
@@ -804,6 +804,17 @@ def _record(row: Row) -> dict[str, Any]:
         "progress": progress,
         "response_pickle": None if blob is None else base64.b64encode(blob).decode("ascii"),
     }
+
+
+def _iso(seconds: float | None) -> str | None:
+    """A time in seconds since the epoch in ISO 8601 (UTC); None when there is none, or it is past what a datetime
+    can hold (an imported time, say)."""
+    if seconds is None:
+        return None
+    try:
+        return datetime.fromtimestamp(seconds, UTC).isoformat()
+    except (OverflowError, ValueError, OSError):
+        return None
 
 
 def _import_row(line: str, path: str | os.PathLike[str], number: int, batch_id: str) -> Row:

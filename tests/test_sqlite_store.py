@@ -370,6 +370,17 @@ async def test_import_takes_text_with_a_lone_surrogate_as_a_result_would_be_stor
         assert "caf\udce9" in await store.begin_batch("dir-\udce9", resume=True)  # resuming it skips the task
 
 
+async def test_a_time_past_what_a_datetime_holds_is_exported_with_no_timestamp(tmp_path: Path) -> None:
+    path = tmp_path / "far.jsonl"
+    path.write_text(json.dumps({"task_id": "t", "status": "completed", "finished_at": 1e20}) + "\n")
+    async with SQLiteStore(tmp_path / "results.db") as store:
+        assert await store.import_jsonl(path) == 1
+        [record] = await store.records()
+        assert await store.export_jsonl(tmp_path / "out.jsonl") == 1
+    assert (record["finished_at"], record["timestamp"]) == (1e20, None)
+    assert json.loads((tmp_path / "out.jsonl").read_text()) == record
+
+
 async def test_import_reads_a_timestamp_without_a_time_zone_as_utc(tmp_path: Path) -> None:
     path = tmp_path / "naive.jsonl"
     path.write_text(json.dumps({"task_id": "t", "status": "completed", "timestamp": "2024-05-01T10:00:00"}) + "\n")
