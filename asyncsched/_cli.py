@@ -419,11 +419,19 @@ def _results_table(results: list[TaskResult], *, with_batch: bool) -> Table:
         table.add_column(name, justify="right" if name in ("attempts", "duration") else "left",
                          overflow="ellipsis", no_wrap=True)
     for result in results:
-        shown = repr(result.value) if result.ok else result.error or ""
+        shown = _repr(result.value) if result.ok else result.error or ""
         duration = "" if result.duration is None else f"{result.duration:.3f}s"
         table.add_row(*[escape(result.batch_id)] * with_batch, escape(result.key), result.status.value,
                       str(result.attempts), duration, escape(shown))
     return table
+
+
+def _repr(value: Any) -> str:
+    """``repr(value)``, or what the value is when that fails (an int past str()'s digit limit, a broken __repr__)."""
+    try:
+        return repr(value)
+    except Exception as exc:
+        return f"<{type(value).__qualname__} that cannot be shown: {type(exc).__name__}: {exc}>"
 
 
 def _console() -> Console:

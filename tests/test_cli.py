@@ -198,6 +198,16 @@ def test_results_in_every_format(results_db: str, capsys: pytest.CaptureFixture[
     assert read(["results", results_db, "--status", "crashed"], capsys).strip() == "no results"
 
 
+def test_results_table_shows_a_value_whose_repr_fails(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    db = os.fspath(tmp_path / "huge.db")
+    ran = main(["run", "operator:pow", "--input", write_lines(tmp_path / "jobs.jsonl", [10, 5000]), "--db", db,
+                "--workers", "1", "--no-progress"])
+    assert ran == 0, capsys.readouterr()
+    capsys.readouterr()
+    assert main(["results", db]) == 0  # repr() of an int of 5001 digits raises ValueError
+    assert "<int that cannot be shown: ValueError: Exceeds the limit" in capsys.readouterr().out
+
+
 def test_results_into_a_pipe_its_reader_left_stop_quietly(results_db: str, monkeypatch: pytest.MonkeyPatch,
                                                           capsys: pytest.CaptureFixture[str]) -> None:
     reader, writer = os.pipe()
