@@ -644,7 +644,8 @@ async def _insert_results(db: aiosqlite.Connection, results: Sequence[TaskResult
 
 def _try_to_open(path: str, readonly: bool) -> None:
     if readonly and not os.path.isfile(path):
-        raise StoreError(f"{path} does not exist: pass the path of an asyncsched results file")
+        raise StoreError(f"{path} {'is a directory' if os.path.isdir(path) else 'does not exist'}: "
+                         "pass the path of an asyncsched results file")
     sqlite3.connect(_readonly_uri(path) if readonly else path, uri=readonly).close()
 
 

@@ -264,6 +264,8 @@ def test_read_commands_report_bad_files_and_batches(results_db: str, tmp_path: P
         err = capsys.readouterr().err
         assert "error: " in err and "Traceback" not in err
     assert not missing.exists()  # reading never creates a file
+    assert main(["stats", os.fspath(tmp_path)]) == 2
+    assert f"error: {tmp_path} is a directory: pass the path of an asyncsched results file" in capsys.readouterr().err
     assert main(["export", results_db, os.fspath(tmp_path / "out.jsonl"), "--batch", "nope"]) == 2
     assert "has no batch 'nope'" in capsys.readouterr().err
 
