@@ -47,7 +47,7 @@ import aiosqlite
 
 from ._errors import ClosedError, ConfigurationError, StoreError
 from ._models import Stats, Status, TaskResult, finite
-from ._store import BatchInfo, Store
+from ._store import BatchInfo, Store, check_page
 
 __all__ = ["SQLiteStore"]
 
@@ -358,6 +358,7 @@ class SQLiteStore(Store):
 
     async def results(self, *, batch_id: str | None = None, status: Status | str | None = None,
                       limit: int | None = None, offset: int = 0) -> list[TaskResult]:
+        check_page(limit, offset)
         where, parameters = _where(batch_id, status)
         return await self._select(f"{where} ORDER BY id LIMIT ? OFFSET ?",
                                   (*parameters, -1 if limit is None else limit, offset))
@@ -441,6 +442,7 @@ class SQLiteStore(Store):
                       limit: int | None = None, offset: int = 0) -> list[dict[str, Any]]:
         """The results that :meth:`results` returns, as the lines of :meth:`export_jsonl` have them: a value
         that is not plain JSON stays pickled, so this works where its type cannot be imported."""
+        check_page(limit, offset)
         where, parameters = _where(batch_id, status)
         rows = await self._fetch(f"{_SELECT}{where} ORDER BY id LIMIT ? OFFSET ?",
                                  (*parameters, -1 if limit is None else limit, offset))

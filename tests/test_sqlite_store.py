@@ -33,6 +33,7 @@ from asyncsched import (
     Scheduler,
     SQLiteStore,
     Status,
+    Store,
     StoreError,
     Task,
     TaskResult,
@@ -172,6 +173,22 @@ async def test_queries_filter_and_page(tmp_path: Path) -> None:
         one = await scheduler.batch("b")
         assert one is not None and one == (await scheduler.batches())[1] and one.stats == b
         assert await scheduler.batch("c") is None
+
+
+@pytest.mark.parametrize("in_sqlite", [False, True])
+async def test_a_page_out_of_range_is_refused_by_every_store_alike(tmp_path: Path, in_sqlite: bool) -> None:
+    store: Store = SQLiteStore(tmp_path / "results.db") if in_sqlite else MemoryStore()
+    async with Scheduler(store=store, backend=ExecutorBackend(ThreadPoolExecutor(2))) as scheduler:
+        await scheduler.run([Task(tasks.square, i) for i in range(3)], batch_id="a")
+        assert await scheduler.results(limit=0) == []
+        assert [r.value for r in await scheduler.results(limit=2**63 - 1, offset=1)] == [1, 4]
+        for page in ({"limit": -1}, {"offset": -1}, {"limit": 2**63}, {"offset": 2**63}, {"limit": True},
+                     {"limit": 1.5}):
+            with pytest.raises(ConfigurationError, match=f"{next(iter(page))} must be .*an integer from 0"):
+                await scheduler.results(**page)
+        if isinstance(store, SQLiteStore):
+            with pytest.raises(ConfigurationError, match="offset must be an integer from 0"):
+                await store.records(offset=-2)
 
 
 async def test_an_existing_batch_needs_resume(tmp_path: Path) -> None:
