@@ -195,10 +195,12 @@ def _open_input(path: str) -> BinaryIO:
 async def read_lines(file: BinaryIO) -> AsyncIterator[bytes]:
     """The lines of ``file``, one at a time, never blocking the event loop for long.
 
-    A regular file is read directly (a disk read is quick); a pipe or a terminal,
-    whose writer may be slow, through the loop's non-blocking pipe reader.
+    A pipe, a socket or a terminal, whose writer may be slow, is read through the
+    loop's non-blocking pipe reader; anything else (a regular file, whose reads
+    are quick, or /dev/null, which no event loop can watch) directly.
     """
-    if stat.S_ISREG(os.fstat(file.fileno()).st_mode):
+    mode = os.fstat(file.fileno()).st_mode
+    if not (stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode) or file.isatty()):
         for line in file:
             yield line
         return

@@ -144,6 +144,14 @@ def test_run_stops_at_a_piped_line_that_is_too_long(monkeypatch: pytest.MonkeyPa
                                        "read from a pipe may have; pass big arguments as file names instead\n")
 
 
+@pytest.mark.parametrize("argv", [[], ["--input", "/dev/null"]])
+def test_run_reads_dev_null_as_no_tasks(argv: list[str]) -> None:
+    ran = subprocess.run([os.fspath(CONSOLE_SCRIPT), "run", "tests.tasks:square", "--no-progress", *argv], cwd=ROOT,
+                         stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60)
+    assert (ran.returncode, ran.stderr) == (0, "")  # no event loop can watch /dev/null: it was read directly
+    assert "0 of 0 tasks completed" in ran.stdout
+
+
 def test_python_m_asyncsched_reads_stdin_as_it_comes() -> None:
     process = subprocess.Popen([sys.executable, "-m", "asyncsched", "run", "tests.tasks:square", "--workers", "1",
                                 "--no-progress"], cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
