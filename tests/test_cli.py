@@ -267,7 +267,8 @@ def test_read_commands_report_bad_files_and_batches(results_db: str, tmp_path: P
                                                      capsys: pytest.CaptureFixture[str]) -> None:
     missing = tmp_path / "missing.db"
     for argv in (["stats", os.fspath(missing)], ["results", os.fspath(tmp_path / "jobs.jsonl")],
-                 ["results", results_db, "--batch", "nope"], ["results", results_db, "--status", "nope"]):
+                 ["results", results_db, "--batch", "nope"], ["results", results_db, "--status", "nope"],
+                 ["results", results_db, "--limit", str(2**63)]):
         assert main(argv) == 2
         err = capsys.readouterr().err
         assert "error: " in err and "Traceback" not in err
