@@ -195,10 +195,12 @@ def _open_input(path: str) -> BinaryIO:
 async def read_lines(file: BinaryIO) -> AsyncIterator[bytes]:
     """The lines of ``file``, one at a time, never blocking the event loop for long.
 
-    A regular file is read directly (a disk read is quick); a pipe or a terminal,
-    whose writer may be slow, through the loop's non-blocking pipe reader.
+    A pipe, a socket or a terminal, whose writer may be slow, is read through the
+    loop's non-blocking pipe reader; anything else (a regular file, whose reads
+    are quick, or /dev/null, which no event loop can watch) directly.
     """
-    if stat.S_ISREG(os.fstat(file.fileno()).st_mode):
+    mode = os.fstat(file.fileno()).st_mode
+    if not (stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode) or file.isatty()):
         for line in file:
             yield line
         return
@@ -356,8 +358,16 @@ def _export_command(args: argparse.Namespace) -> int:
     results file is opened read-only.
     """
     count = _run_loop(_read(args, lambda store: store.export_jsonl(args.out, batch_id=args.batch)))
-    print(f"exported {count} results to {args.out}")
+    print(f"exported {count} results to {args.out}", file=sys.stderr if _is_stdout(args.out) else sys.stdout)
     return 0
+
+
+def _is_stdout(path: str) -> bool:
+    """Whether ``path`` names this process's standard output (``/dev/stdout``, say), kept for the results."""
+    try:
+        return os.path.samestat(os.stat(path), os.fstat(sys.stdout.fileno()))
+    except (OSError, ValueError):  # no such file, or a stdout without a file descriptor
+        return False
 
 
 async def _read(args: argparse.Namespace, query: Callable[[SQLiteStore], Awaitable[T]]) -> T:
@@ -411,11 +421,19 @@ def _results_table(results: list[TaskResult], *, with_batch: bool) -> Table:
         table.add_column(name, justify="right" if name in ("attempts", "duration") else "left",
                          overflow="ellipsis", no_wrap=True)
     for result in results:
-        shown = repr(result.value) if result.ok else result.error or ""
+        shown = _repr(result.value) if result.ok else result.error or ""
         duration = "" if result.duration is None else f"{result.duration:.3f}s"
         table.add_row(*[escape(result.batch_id)] * with_batch, escape(result.key), result.status.value,
                       str(result.attempts), duration, escape(shown))
     return table
+
+
+def _repr(value: Any) -> str:
+    """``repr(value)``, or what the value is when that fails (an int past str()'s digit limit, a broken __repr__)."""
+    try:
+        return repr(value)
+    except Exception as exc:
+        return f"<{type(value).__qualname__} that cannot be shown: {type(exc).__name__}: {exc}>"
 
 
 def _console() -> Console:

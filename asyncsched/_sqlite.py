@@ -47,7 +47,7 @@ import aiosqlite
 
 from ._errors import ClosedError, ConfigurationError, StoreError
 from ._models import Stats, Status, TaskResult, finite
-from ._store import BatchInfo, Store
+from ._store import BatchInfo, Store, check_page
 
 __all__ = ["SQLiteStore"]
 
@@ -191,6 +191,7 @@ class SQLiteStore(Store):
                                          "file, or open it once for writing to upgrade it")
                 else:
                     self._db = await self._connect()
+                    await self._version(self._db)  # refuse a file that is not ours before changing anything in it
                     await self._db.execute("PRAGMA journal_mode = WAL")
                     await self._db.execute("PRAGMA synchronous = FULL")
                     await self._migrate()
@@ -207,16 +208,17 @@ class SQLiteStore(Store):
 
     async def _version(self, db: aiosqlite.Connection) -> int:
         """The file's schema version, once it is known to be a file asyncsched can use."""
+        if await _pragma(db, "application_id") != APPLICATION_ID:  # not ours (every version of ours sets it)
+            cursor = await db.execute("SELECT count(*) FROM sqlite_schema")
+            row = await cursor.fetchone()
+            if row is not None and row[0]:  # whatever its user_version: many applications set theirs
+                raise StoreError(f"{self.path} is a SQLite database of another application; "
+                                 "pass the path of an asyncsched results file, or of a new file")
+            return 0  # an empty database: a new file
         version = await _pragma(db, "user_version")
         if version > SCHEMA_VERSION:
             raise StoreError(f"{self.path} has schema version {version}, newer than this asyncsched "
                              f"understands ({SCHEMA_VERSION}); upgrade asyncsched, or use another file")
-        if version == 0 and await _pragma(db, "application_id") != APPLICATION_ID:
-            cursor = await db.execute("SELECT count(*) FROM sqlite_schema")
-            row = await cursor.fetchone()
-            if row is not None and row[0]:
-                raise StoreError(f"{self.path} is a SQLite database of another application; "
-                                 "pass the path of an asyncsched results file, or of a new file")
         return version
 
     async def _migrate(self) -> None:
@@ -376,6 +378,7 @@ class SQLiteStore(Store):
 
     async def results(self, *, batch_id: str | None = None, status: Status | str | None = None,
                       limit: int | None = None, offset: int = 0) -> list[TaskResult]:
+        check_page(limit, offset)
         where, parameters = _where(batch_id, status)
         return await self._select(f"{where} ORDER BY id LIMIT ? OFFSET ?",
                                   (*parameters, -1 if limit is None else limit, offset))
@@ -459,6 +462,7 @@ class SQLiteStore(Store):
                       limit: int | None = None, offset: int = 0) -> list[dict[str, Any]]:
         """The results that :meth:`results` returns, as the lines of :meth:`export_jsonl` have them: a value
         that is not plain JSON stays pickled, so this works where its type cannot be imported."""
+        check_page(limit, offset)
         where, parameters = _where(batch_id, status)
         rows = await self._fetch(f"{_SELECT}{where} ORDER BY id LIMIT ? OFFSET ?",
                                  (*parameters, -1 if limit is None else limit, offset))
@@ -577,7 +581,7 @@ def _partial(path: str | os.PathLike[str]) -> tuple[str, str, int | None] | None
     target = os.path.realpath(path)
     mode = None
     try:
-        found = os.stat(target)
+        found = os.stat(path)  # not of target: /dev/stdout's real path, /proc/self/fd/pipe:[N], names no file
     except FileNotFoundError:
         pass  # a new file
     else:
@@ -667,7 +671,8 @@ async def _insert_results(db: aiosqlite.Connection, results: Sequence[TaskResult
 
 def _try_to_open(path: str, readonly: bool) -> None:
     if readonly and not os.path.isfile(path):
-        raise StoreError(f"{path} does not exist: pass the path of an asyncsched results file")
+        raise StoreError(f"{path} {'is a directory' if os.path.isdir(path) else 'does not exist'}: "
+                         "pass the path of an asyncsched results file")
     sqlite3.connect(_readonly_uri(path) if readonly else path, uri=readonly).close()
 
 
@@ -813,7 +818,7 @@ def _record(row: Row) -> dict[str, Any]:
         "status": status,
         "message": message,
         "response_data": None if value is None else json.loads(value),
-        "timestamp": None if finished_at is None else datetime.fromtimestamp(finished_at, UTC).isoformat(),
+        "timestamp": _iso(finished_at),
         "process_id": pid,
         "batch_id": batch_id,
         "index": index,
@@ -827,6 +832,17 @@ def _record(row: Row) -> dict[str, Any]:
         "progress": progress,
         "response_pickle": None if blob is None else base64.b64encode(blob).decode("ascii"),
     }
+
+
+def _iso(seconds: float | None) -> str | None:
+    """A time in seconds since the epoch in ISO 8601 (UTC); None when there is none, or it is past what a datetime
+    can hold (an imported time, say)."""
+    if seconds is None:
+        return None
+    try:
+        return datetime.fromtimestamp(seconds, UTC).isoformat()
+    except (OverflowError, ValueError, OSError):
+        return None
 
 
 def _import_row(line: str, path: str | os.PathLike[str], number: int, batch_id: str) -> Row:
@@ -848,9 +864,12 @@ def _import_row(line: str, path: str | os.PathLike[str], number: int, batch_id: 
             stamp = (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp()  # naive: UTC, not local
         if finished_at is None:
             finished_at = stamp
-        text = functools.partial(_field, record, kinds=str, what="a string")
+        def text(name: str) -> str | None:  # a lone surrogate ("\udce9" in JSON, from a file name) escaped
+            found: str | None = _field(record, name, str, "a string")
+            return _text(found)
+
         return (
-            text("batch_id") or batch_id, str(key), _field(record, "index", int, "an integer", -1),
+            text("batch_id") or _text(batch_id), _text(str(key)), _field(record, "index", int, "an integer", -1),
             status.value, None if data is None or pickled else _JSON.encode(data),
             base64.b64decode(pickled) if pickled else None, text("error"), text("error_type"), text("traceback"),
             _field(record, "attempts", int, "an integer", 1), _field(record, "process_id", int, "an integer"),

@@ -21,6 +21,19 @@ __all__ = ["MAX_BACKLOG", "BatchInfo", "MemoryStore", "Store"]
 
 MAX_BACKLOG = 10_000
 """Results a store may hold unwritten before the scheduler stops pulling new tasks until it has caught up."""
+MAX_PAGE = 2**63 - 1
+"""The largest ``limit`` or ``offset`` of a query: the most SQLite takes."""
+
+
+def check_page(limit: int | None, offset: int) -> None:
+    """A :class:`ConfigurationError` unless ``limit`` (None for no limit) and ``offset`` are integers from 0 to
+    :data:`MAX_PAGE`: every store then reads the same page."""
+    for name, value in (("limit", limit), ("offset", offset)):
+        if value is None and name == "limit":
+            continue
+        if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_PAGE:
+            raise ConfigurationError(f"{name} must be {'None or ' if name == 'limit' else ''}an integer from 0 to "
+                                     f"2**63 - 1, got {value!r}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,6 +167,7 @@ class MemoryStore(Store):
 
     async def results(self, *, batch_id: str | None = None, status: Status | str | None = None,
                       limit: int | None = None, offset: int = 0) -> list[TaskResult]:
+        check_page(limit, offset)
         wanted = None if status is None else Status(status)
         matches = [r for r in self._results
                    if (batch_id is None or r.batch_id == batch_id) and (wanted is None or r.status is wanted)]

@@ -144,6 +144,14 @@ def test_run_stops_at_a_piped_line_that_is_too_long(monkeypatch: pytest.MonkeyPa
                                        "read from a pipe may have; pass big arguments as file names instead\n")
 
 
+@pytest.mark.parametrize("argv", [[], ["--input", "/dev/null"]])
+def test_run_reads_dev_null_as_no_tasks(argv: list[str]) -> None:
+    ran = subprocess.run([os.fspath(CONSOLE_SCRIPT), "run", "tests.tasks:square", "--no-progress", *argv], cwd=ROOT,
+                         stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60)
+    assert (ran.returncode, ran.stderr) == (0, "")  # no event loop can watch /dev/null: it was read directly
+    assert "0 of 0 tasks completed" in ran.stdout
+
+
 def test_python_m_asyncsched_reads_stdin_as_it_comes() -> None:
     process = subprocess.Popen([sys.executable, "-m", "asyncsched", "run", "tests.tasks:square", "--workers", "1",
                                 "--no-progress"], cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
@@ -198,6 +206,16 @@ def test_results_in_every_format(results_db: str, capsys: pytest.CaptureFixture[
     assert read(["results", results_db, "--status", "crashed"], capsys).strip() == "no results"
 
 
+def test_results_table_shows_a_value_whose_repr_fails(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    db = os.fspath(tmp_path / "huge.db")
+    ran = main(["run", "operator:pow", "--input", write_lines(tmp_path / "jobs.jsonl", [10, 5000]), "--db", db,
+                "--workers", "1", "--no-progress"])
+    assert ran == 0, capsys.readouterr()
+    capsys.readouterr()
+    assert main(["results", db]) == 0  # repr() of an int of 5001 digits raises ValueError
+    assert "<int that cannot be shown: ValueError: Exceeds the limit" in capsys.readouterr().out
+
+
 def test_results_into_a_pipe_its_reader_left_stop_quietly(results_db: str, monkeypatch: pytest.MonkeyPatch,
                                                           capsys: pytest.CaptureFixture[str]) -> None:
     reader, writer = os.pipe()
@@ -223,6 +241,14 @@ def test_stats_batches_and_export(results_db: str, tmp_path: Path, capsys: pytes
     assert sorted(json.loads(line)["task_id"] for line in out.read_text().splitlines()) == ["1", "2", "3"]
 
 
+def test_export_to_dev_stdout_writes_into_the_pipe_and_reports_on_stderr(results_db: str) -> None:
+    exported = subprocess.run([os.fspath(CONSOLE_SCRIPT), "export", results_db, "/dev/stdout"], capture_output=True,
+                              text=True, timeout=60)
+    assert exported.returncode == 0, exported.stderr
+    assert sorted(json.loads(line)["task_id"] for line in exported.stdout.splitlines()) == ["1", "2", "3"]
+    assert exported.stderr == "exported 3 results to /dev/stdout\n"
+
+
 def test_export_refuses_to_write_over_the_results_file(results_db: str, tmp_path: Path,
                                                        capsys: pytest.CaptureFixture[str]) -> None:
     own = [results_db, f"{results_db}-wal", f"{results_db}-shm"]
@@ -241,11 +267,14 @@ def test_read_commands_report_bad_files_and_batches(results_db: str, tmp_path: P
                                                      capsys: pytest.CaptureFixture[str]) -> None:
     missing = tmp_path / "missing.db"
     for argv in (["stats", os.fspath(missing)], ["results", os.fspath(tmp_path / "jobs.jsonl")],
-                 ["results", results_db, "--batch", "nope"], ["results", results_db, "--status", "nope"]):
+                 ["results", results_db, "--batch", "nope"], ["results", results_db, "--status", "nope"],
+                 ["results", results_db, "--limit", str(2**63)]):
         assert main(argv) == 2
         err = capsys.readouterr().err
         assert "error: " in err and "Traceback" not in err
     assert not missing.exists()  # reading never creates a file
+    assert main(["stats", os.fspath(tmp_path)]) == 2
+    assert f"error: {tmp_path} is a directory: pass the path of an asyncsched results file" in capsys.readouterr().err
     assert main(["export", results_db, os.fspath(tmp_path / "out.jsonl"), "--batch", "nope"]) == 2
     assert "has no batch 'nope'" in capsys.readouterr().err
 

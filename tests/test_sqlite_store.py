@@ -33,6 +33,7 @@ from asyncsched import (
     Scheduler,
     SQLiteStore,
     Status,
+    Store,
     StoreError,
     Task,
     TaskResult,
@@ -174,6 +175,22 @@ async def test_queries_filter_and_page(tmp_path: Path) -> None:
         one = await scheduler.batch("b")
         assert one is not None and one == (await scheduler.batches())[1] and one.stats == b
         assert await scheduler.batch("c") is None
+
+
+@pytest.mark.parametrize("in_sqlite", [False, True])
+async def test_a_page_out_of_range_is_refused_by_every_store_alike(tmp_path: Path, in_sqlite: bool) -> None:
+    store: Store = SQLiteStore(tmp_path / "results.db") if in_sqlite else MemoryStore()
+    async with Scheduler(store=store, backend=ExecutorBackend(ThreadPoolExecutor(2))) as scheduler:
+        await scheduler.run([Task(tasks.square, i) for i in range(3)], batch_id="a")
+        assert await scheduler.results(limit=0) == []
+        assert [r.value for r in await scheduler.results(limit=2**63 - 1, offset=1)] == [1, 4]
+        for page in ({"limit": -1}, {"offset": -1}, {"limit": 2**63}, {"offset": 2**63}, {"limit": True},
+                     {"limit": 1.5}):
+            with pytest.raises(ConfigurationError, match=f"{next(iter(page))} must be .*an integer from 0"):
+                await scheduler.results(**page)
+        if isinstance(store, SQLiteStore):
+            with pytest.raises(ConfigurationError, match="offset must be an integer from 0"):
+                await store.records(offset=-2)
 
 
 async def test_an_existing_batch_needs_resume(tmp_path: Path) -> None:
@@ -375,6 +392,28 @@ async def test_import_rejects_a_field_of_the_wrong_type(tmp_path: Path, field: s
         assert await store.results() == []
 
 
+async def test_import_takes_text_with_a_lone_surrogate_as_a_result_would_be_stored(tmp_path: Path) -> None:
+    path = tmp_path / "names.jsonl"  # what json.dumps writes for a str made from an undecodable file name
+    path.write_text(json.dumps({"task_id": "caf\udce9", "status": "failed", "batch_id": "dir-\udce9",
+                                "error": "OSError: caf\udce9"}) + "\n")
+    async with SQLiteStore(tmp_path / "results.db") as store:
+        assert await store.import_jsonl(path) == 1
+        [result] = await store.results(batch_id="dir-\udce9")  # found by either form, as a task's own result
+        assert (result.batch_id, result.key, result.error) == ("dir-\\udce9", "caf\\udce9", "OSError: caf\\udce9")
+        assert "caf\udce9" in await store.begin_batch("dir-\udce9", resume=True)  # resuming it skips the task
+
+
+async def test_a_time_past_what_a_datetime_holds_is_exported_with_no_timestamp(tmp_path: Path) -> None:
+    path = tmp_path / "far.jsonl"
+    path.write_text(json.dumps({"task_id": "t", "status": "completed", "finished_at": 1e20}) + "\n")
+    async with SQLiteStore(tmp_path / "results.db") as store:
+        assert await store.import_jsonl(path) == 1
+        [record] = await store.records()
+        assert await store.export_jsonl(tmp_path / "out.jsonl") == 1
+    assert (record["finished_at"], record["timestamp"]) == (1e20, None)
+    assert json.loads((tmp_path / "out.jsonl").read_text()) == record
+
+
 async def test_import_reads_a_timestamp_without_a_time_zone_as_utc(tmp_path: Path) -> None:
     path = tmp_path / "naive.jsonl"
     path.write_text(json.dumps({"task_id": "t", "status": "completed", "timestamp": "2024-05-01T10:00:00"}) + "\n")
@@ -486,12 +525,19 @@ async def test_a_file_that_is_not_sqlite_is_refused(tmp_path: Path) -> None:
     assert path.read_text().startswith("these are my notes")
 
 
-async def test_a_database_of_another_application_is_refused(tmp_path: Path) -> None:
+@pytest.mark.parametrize("user_version", [0, 1, SCHEMA_VERSION + 1])  # other applications number their schemas
+@pytest.mark.parametrize("readonly", [False, True])
+async def test_a_database_of_another_application_is_refused_and_left_as_it_was(
+        tmp_path: Path, user_version: int, readonly: bool) -> None:
     path = tmp_path / "other.db"
     with contextlib.closing(sqlite3.connect(path)) as other:
         other.execute("CREATE TABLE customers (name TEXT)")
+        other.execute(f"PRAGMA user_version = {user_version}")
     with pytest.raises(StoreError, match="another application"):
-        await SQLiteStore(path).open()
+        await SQLiteStore(path, readonly=readonly).open()
+    with contextlib.closing(sqlite3.connect(path)) as other:
+        assert other.execute("PRAGMA application_id").fetchone() == (0,)
+        assert other.execute("PRAGMA journal_mode").fetchone() == ("delete",)
 
 
 async def test_a_newer_schema_is_refused(tmp_path: Path) -> None:
