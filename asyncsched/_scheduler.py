@@ -236,6 +236,8 @@ class _BatchRun:
             running, record.running = record.running, None
             if running is not None:
                 running.cancel()
+                if record.running_since is None:  # it never started: not an attempt
+                    record.attempts -= 1
             if record.retry_handle is not None:
                 record.retry_handle.cancel()
             self._finish(record, Outcome(Status.CANCELLED, error=why, error_type="asyncio.CancelledError"))

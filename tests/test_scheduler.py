@@ -567,6 +567,19 @@ async def test_cancelling_a_batch_records_once_a_task_that_finishes_while_it_is_
         ("0", Status.CANCELLED), ("1", Status.COMPLETED), ("2", Status.CANCELLED)]
 
 
+async def test_a_cancelled_task_that_never_started_is_charged_no_attempt(gate: Callable[[], str]) -> None:
+    release = gate()
+    async with Scheduler(workers=1) as scheduler, scheduler.events(kinds=[TaskStarted]) as started:
+        batch = [Task(tasks.wait_for_file, release, key="runs")] + [Task(tasks.square, i) for i in range(3)]
+        run = asyncio.ensure_future(scheduler.run(batch, batch_id="b"))
+        assert (await anext(started)).key == "runs"  # the others wait in the pool, or behind it on the worker
+        assert scheduler.cancel("b")
+        summary = await run
+    assert [(r.key, r.status, r.attempts) for r in summary.results] == [
+        ("runs", Status.CANCELLED, 1), ("1", Status.CANCELLED, 0), ("2", Status.CANCELLED, 0),
+        ("3", Status.CANCELLED, 0)]
+
+
 class _RefusesKeyOne(MemoryStore):
     def add(self, result: TaskResult) -> None:
         if result.key == "1":
