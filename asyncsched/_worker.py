@@ -125,7 +125,9 @@ def report(message: str | None = None, progress: float | None = None, **data: An
     if current is not None:
         send, call_id = current
         # data pickled on its own: data that cannot be unpickled in the parent spoils only this report
-        send((REPORT, call_id, now, message, progress, pickle.dumps(data, _PROTOCOL) if data else None))
+        frame = (REPORT, call_id, now, message, progress, pickle.dumps(data, _PROTOCOL) if data else None)
+        with contextlib.suppress(ConnectionError):  # the parent is gone: the worker ends once the task returns
+            send(frame)
     elif captured is not None:
         captured.append((now, message, progress, data))
 
@@ -324,8 +326,11 @@ def worker_main(conn: Connection) -> None:
     channel = _Channel(conn)
     channel.send((READY, os.getpid()))
     inbox = _Inbox(conn, channel)
-    while (call := inbox.next()) is not None:
-        _run_call(channel, *call)
+    try:
+        while (call := inbox.next()) is not None:
+            _run_call(channel, *call)
+    except ConnectionError:  # the parent is gone (killed, say): there is no one left to tell
+        _exit(1)
     _leave()  # retired (every result is written), or orphaned
 
 

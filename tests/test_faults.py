@@ -490,3 +490,36 @@ def test_an_exception_class_of_the_main_script_is_named_as_the_script_knows_it(t
     )
     out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60, check=True)
     assert out.stdout.strip() == "__main__.MyError | __main__.MyError: bad | MyError"  # not __mp_main__
+
+
+def test_workers_of_a_killed_orchestrator_end_quietly(tmp_path: Path) -> None:
+    script = tmp_path / "script.py"
+    script.write_text(
+        "import asyncio, time\n"
+        "from asyncsched import Scheduler, Task, report\n"
+        "def busy(i):\n"
+        "    for _ in range(20):\n"
+        "        report(message='still here')\n"
+        "        time.sleep(0.005)\n"
+        "    return i\n"
+        "async def main():\n"
+        "    async with Scheduler(workers=2) as scheduler:\n"
+        "        async for result in scheduler.stream(Task(busy, i) for i in range(10**6)):\n"
+        "            if result.key == '4':\n"
+        "                print('running', flush=True)\n"
+        "if __name__ == '__main__':\n"
+        "    asyncio.run(main())\n"
+    )
+    orchestrator = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                    text=True)
+    assert orchestrator.stdout is not None and orchestrator.stderr is not None
+    try:
+        assert orchestrator.stdout.readline() == "running\n"
+        orchestrator.kill()  # its workers find the pipe broken as they send a report or a result
+        errors = orchestrator.stderr.read()  # to its end: every worker has let go of it
+    finally:
+        orchestrator.kill()
+        orchestrator.wait()
+        orchestrator.stdout.close()
+        orchestrator.stderr.close()
+    assert "Traceback" not in errors, errors
