@@ -506,6 +506,8 @@ class Scheduler:
             if resume:
                 raise ConfigurationError("resume=True needs the batch_id of the batch to resume")
             batch_id = uuid.uuid4().hex[:12]
+        elif not (isinstance(batch_id, str) and batch_id):
+            raise ConfigurationError(f"batch_id must be a non-empty str (or None for a new id), got {batch_id!r}")
         elif any(run.batch_id == batch_id for run in self._runs):
             raise ConfigurationError(f"batch {batch_id!r} is running on this scheduler: wait for it to end, or "
                                      "cancel() it, before you resume it")

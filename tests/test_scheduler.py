@@ -350,6 +350,13 @@ def test_bad_arguments_get_clear_errors() -> None:
             Task(method)
 
 
+async def test_a_batch_id_is_a_non_empty_string(scheduler: Scheduler) -> None:
+    for wrong in ("", 7):
+        with pytest.raises(ConfigurationError, match="batch_id must be a non-empty str"):
+            await scheduler.run([Task(tasks.square, 1)], batch_id=wrong)  # type: ignore[arg-type]
+    assert not scheduler.running()
+
+
 async def test_a_non_task_item_fails_alone(scheduler: Scheduler) -> None:
     summary = await scheduler.run([Task(tasks.square, 3), "not a task", Task(tasks.square, 4)])  # type: ignore[list-item]
     assert [r.status for r in summary.results] == [Status.COMPLETED, Status.FAILED, Status.COMPLETED]
