@@ -81,6 +81,16 @@ def return_unloadable() -> Any:
     return Unloadable()
 
 
+def return_unpicklable_in_a_list() -> Any:
+    """A list (a type the worker pickles on its own, not inline) holding something that does not pickle."""
+    return ["fine", threading.Lock()]
+
+
+def return_unloadable_in_a_list() -> Any:
+    """A list holding something that pickles in the worker and does not unpickle in the parent."""
+    return [1, Unloadable()]
+
+
 def fork_and_report() -> int:
     """Forks a child that calls report(); the child is not the worker, so nothing is reported."""
     from asyncsched import report

@@ -101,3 +101,9 @@ def write_at_exit(path: str, daemon_child: bool = False) -> int:
     if daemon_child:
         multiprocessing.get_context("fork").Process(target=time.sleep, args=(3600,), daemon=True).start()
     return os.getpid()
+
+
+def report_each(*reports: tuple[str | None, float | None]) -> None:
+    """Call ``report(message, progress)`` once for each pair, in order."""
+    for message, progress in reports:
+        report(message=message, progress=progress)

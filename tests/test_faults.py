@@ -16,6 +16,7 @@ import threading
 import types
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -137,6 +138,55 @@ async def test_retry_policy_filters_statuses_and_exception_types() -> None:
     async with Scheduler(workers=1, retries=3, retry_policy=policy) as scheduler:
         summary = await scheduler.run([Task(faults.boom), Task(faults.exit_hard, 2), Task(faults.raise_key_error)])
     assert [r.attempts for r in summary.results] == [1, 1, 4]
+
+
+@pytest.mark.parametrize("where", ["pool", "executor"])
+async def test_each_attempt_has_its_number_in_its_events_and_the_delay_doubles(where: str) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    policy = RetryPolicy(base_delay=0.01, max_delay=1.0, jitter=0)
+    options: dict[str, Any] = (
+        {"workers": 1} if where == "pool" else {"backend": ExecutorBackend(ThreadPoolExecutor(1))})
+    async with Scheduler(retries=3, retry_policy=policy, **options) as scheduler:
+        events = scheduler.events()
+        summary = await scheduler.run([Task(faults.boom, "again", key="k")])
+        await scheduler.aclose()
+        seen = [e async for e in events]
+    assert summary.results[0].attempts == 4
+    assert [(type(e), e.attempt) for e in seen] == [
+        (TaskStarted, 1), (TaskRetried, 1), (TaskStarted, 2), (TaskRetried, 2), (TaskStarted, 3), (TaskRetried, 3),
+        (TaskStarted, 4), (TaskFinished, 4)]
+    assert [e.message for e in seen if isinstance(e, TaskRetried)] == [
+        f"ValueError: again; retrying in {delay}s" for delay in ("0.01", "0.02", "0.04")]
+
+
+async def test_a_task_cancelled_while_it_waits_for_its_retry_has_no_running_times() -> None:
+    policy = RetryPolicy(base_delay=60.0, jitter=0)  # the retry would come in a minute
+    async with Scheduler(workers=1, retries=1, retry_policy=policy) as scheduler:
+        retried = scheduler.events(kinds=[TaskRetried])
+        run = asyncio.ensure_future(scheduler.run([Task(faults.boom, key="waits")], batch_id="b"))
+        assert (await anext(retried)).key == "waits"
+        assert scheduler.cancel("b")
+        (result,) = (await run).results
+    assert (result.status, result.attempts) == (Status.CANCELLED, 1)
+    assert (result.started_at, result.finished_at) == (None, None)  # it was not running when it was cancelled
+
+
+async def test_the_schedulers_timeout_applies_to_a_task_without_its_own() -> None:
+    async with asyncio.timeout(15), Scheduler(workers=1, timeout=0.3) as scheduler:
+        summary = await scheduler.run([Task(faults.hang, key="hangs"), Task(tasks.square, 3, key="after")])
+    hangs, after = summary.results
+    assert hangs.status is Status.TIMED_OUT and "timed out after 0.3s" in (hangs.error or "")
+    assert after.value == 9
+
+
+async def test_retry_policy_matches_an_exception_that_could_not_be_rebuilt_by_its_type_name() -> None:
+    policy = RetryPolicy(base_delay=0.0, exceptions=(faults.UnrebuildableError,))
+    async with Scheduler(workers=1, retries=2, retry_policy=policy) as scheduler:
+        summary = await scheduler.run([Task(faults.raise_unrebuildable), Task(faults.boom)])
+    rebuilt_as_text, other = summary.results
+    assert rebuilt_as_text.exception is None and rebuilt_as_text.error_type == "tests.faults.UnrebuildableError"
+    assert (rebuilt_as_text.attempts, other.attempts) == (3, 1)
 
 
 def test_backoff_grows_exponentially_with_jitter_and_a_cap() -> None:
@@ -309,6 +359,19 @@ async def test_unpicklable_argument_result_and_exception_fail_alone(scheduler: S
     assert rebuild.status is Status.FAILED and rebuild.error == "tests.faults.UnrebuildableError: 1/2"
     assert rebuild.error_type == "tests.faults.UnrebuildableError"
     assert fine.value == 25
+
+
+async def test_a_container_result_that_does_not_pickle_or_unpickle_fails_alone(scheduler: Scheduler) -> None:
+    pool: ProcessPool = scheduler.backend.pool  # type: ignore[attr-defined]
+    summary = await scheduler.run([Task(faults.return_unpicklable_in_a_list, key="lock"),
+                                   Task(faults.return_unloadable_in_a_list, key="unloadable"),
+                                   Task(tasks.identity, [1, (2, 3)], key="fine")])
+    lock, unloadable, fine = summary.results
+    assert lock.status is Status.FAILED and "result of type list could not be pickled" in (lock.error or "")
+    assert unloadable.status is Status.FAILED
+    assert "could not be unpickled here: RuntimeError" in (unloadable.error or "")
+    assert fine.value == [1, (2, 3)]
+    assert (pool.statistics().crashed, pool.statistics().killed) == (0, 0)  # each failed alone: no worker lost
 
 
 async def test_a_result_that_cannot_be_unpickled_here_fails_alone(scheduler: Scheduler) -> None:

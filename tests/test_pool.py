@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import multiprocessing.context
 import os
 import select
 import signal
 import subprocess
 import sys
 import threading
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -18,7 +20,7 @@ import pytest
 
 from asyncsched import Outcome, ProcessPool, Status, TaskFailedError
 from asyncsched._errors import BrokenPoolError, ClosedError, ConfigurationError
-from asyncsched._pool import MAX_DEPTH
+from asyncsched._pool import MAX_DEPTH, parse_size
 
 from . import faults, tasks
 from .util import wait_gone
@@ -44,14 +46,13 @@ async def test_run_in_executor_and_wait_for_kill_the_worker() -> None:
     loop = asyncio.get_running_loop()
     async with ProcessPool(2) as pool:
         assert await loop.run_in_executor(pool, tasks.square, 5) == 25
-        victim = await loop.run_in_executor(pool, tasks.whoami)
         pids_before = set(pool.pids)
         with pytest.raises(TimeoutError):
             await asyncio.wait_for(loop.run_in_executor(pool, faults.hang), 0.3)
         assert len(pool.pids) == 2
         killed = pids_before - set(pool.pids)
         assert len(killed) == 1 and all(wait_gone(pid) for pid in killed)
-        assert victim  # the other worker and the pool go on
+        assert pids_before - killed <= set(pool.pids)  # the other worker goes on
         assert await loop.run_in_executor(pool, tasks.square, 6) == 36
 
 
@@ -260,18 +261,24 @@ async def test_a_result_is_sent_before_the_next_call_starts_even_one_that_keeps_
     assert log.read_text().split() == ["fast", "slow"]  # nothing killed, nothing run twice
 
 
-async def test_cancelling_a_call_that_has_finished_never_reruns_the_one_after_it(tmp_path: Path) -> None:
-    log, fifo = tmp_path / "runs", tmp_path / "ran"
+async def test_cancelling_a_call_that_has_finished_never_reruns_the_one_after_it(tmp_path: Path,
+                                                                              gate: Callable[[], str]) -> None:
+    log, fifo, release = tmp_path / "runs", tmp_path / "ran", gate()
     os.mkfifo(fifo)
     reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
     try:
         async with ProcessPool(1) as pool:
             await until_batching(pool)
+            (worker,) = pool._workers
+            loop = asyncio.get_running_loop()
+            loop.remove_reader(worker.fd)  # idle: the pool reads nothing of it until the test says so
             first = pool.call(tasks.square, (2,))
-            second = pool.call(tasks.log_and_announce, (str(log), str(fifo), "second"))  # same frame
+            second = pool.call(tasks.log_and_announce, (str(log), str(fifo), "second", release))  # same frame
             await asyncio.sleep(0)  # one loop turn: the frame goes out
-            assert select.select([reader], [], [], 30)[0], "second never ran"  # the loop has read nothing since
-            first.cancel()  # finished, but the pool has not read it yet
+            assert select.select([reader], [], [], 30)[0], "second never ran"  # it runs, until the release
+            first.cancel()  # finished, but the pool has not read it yet: the running call is the second, not it
+            loop.add_reader(worker.fd, pool._on_readable, worker)
+            await asyncio.to_thread(Path(release).touch)
             outcome = await second
     finally:
         os.close(reader)
@@ -326,9 +333,12 @@ async def test_a_call_queued_behind_one_that_times_out_is_not_taken_down_with_it
         await until_batching(pool)
         hanging = pool.call(faults.exit_on_sigterm_and_hang, (), timeout=0.2)
         queued = pool.call(tasks.sleep_then, (0.5, "queued"))  # behind it, on the same worker
-        assert (await hanging).status is Status.TIMED_OUT
+        timed_out = await hanging
+        assert timed_out.status is Status.TIMED_OUT
         outcome = await queued
     assert (outcome.status, outcome.value) == (Status.COMPLETED, "queued")
+    assert timed_out.pid is not None and wait_gone(timed_out.pid)  # killed, though it handles SIGTERM
+    assert outcome.pid != timed_out.pid  # so the queued call ran on the worker that replaced it
 
 
 async def test_a_report_of_a_str_subclass_arrives_as_its_text() -> None:
@@ -425,13 +435,12 @@ def test_plain_executor_from_sync_code(tmp_path: Path) -> None:
         assert pool.submit(tasks.add, 1, b=2).result(timeout=10) == 3
         with pytest.raises(ValueError, match="sync boom"):
             pool.submit(faults.boom, "sync boom").result(timeout=10)
-        victim = pool.submit(tasks.whoami).result(timeout=10)
+        assert pool.submit(tasks.whoami).result(timeout=10) in pool.pids
         running = pool.submit(faults.announce_then_hang, os.fspath(fifo))
         assert fifo.read_text() == "started"  # blocks until the task runs
         assert running.cancel()  # works while it runs: its worker is killed
         assert pool.submit(tasks.square, 3).result(timeout=10) == 9
         assert pool.statistics().killed == 1
-    assert victim
     with pytest.raises(ClosedError):
         pool.submit(tasks.square, 1)
     assert issubclass(ClosedError, RuntimeError)  # what a stdlib executor raises after shutdown
@@ -545,3 +554,86 @@ def test_worker_side_imports_no_asyncio_or_aiosqlite() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=Path(__file__).parent.parent)
     assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize(("first", "second"), [(0.2, 0.5), (3600, 0.3)], ids=["later", "sooner"])
+async def test_a_call_that_hangs_behind_a_quick_one_times_out_at_its_own_deadline(first: float,
+                                                                                 second: float) -> None:
+    async with ProcessPool(1) as pool:
+        await until_batching(pool)
+        quick = pool.call(tasks.square, (2,), timeout=first)  # the worker's deadline timer is armed for this one
+        hanging = pool.call(faults.hang, (), timeout=second)  # same frame: it starts as the first ends
+        assert (await quick).value == 4
+        async with asyncio.timeout(15):
+            outcome = await hanging
+    assert outcome.status is Status.TIMED_OUT and f"timed out after {second:g}s" in (outcome.error or "")
+
+
+async def test_calls_queued_behind_a_killed_one_go_back_ahead_of_the_pending_ones(tmp_path: Path) -> None:
+    log = tmp_path / "runs"
+    async with ProcessPool(1) as pool:
+        await until_batching(pool)
+        hanging = pool.call(faults.hang, (), timeout=0.3)
+        rest = [pool.call(tasks.log_run, (str(log), str(i))) for i in range(100)]  # some queued on the worker
+        await asyncio.sleep(0)  # one loop turn: they are sent
+        assert 0 < len(pool._pending) < 100  # some went to the worker, behind the hanging one; the rest wait
+        assert (await hanging).status is Status.TIMED_OUT
+        assert [o.value for o in await asyncio.gather(*rest)] == [str(i) for i in range(100)]
+    assert log.read_text().split() == [str(i) for i in range(100)]  # in the order they were made
+
+
+async def test_max_tasks_per_child_holds_while_calls_are_sent_in_groups() -> None:
+    async with ProcessPool(1, max_tasks_per_child=5) as pool:
+        while pool.depth <= 10:  # calls go in groups larger than a worker may run
+            await asyncio.gather(*(pool.call(tasks.square, (i,)) for i in range(50)))
+        pids = [o.value for o in await asyncio.gather(*(pool.call(tasks.whoami) for _ in range(20)))]
+    assert max(Counter(pids).values()) <= 5, Counter(pids)
+
+
+class _DiesBeforeReady(multiprocessing.context.ForkProcess):
+    def run(self) -> None:
+        os._exit(5)
+
+
+class _DyingContext(multiprocessing.context.ForkContext):
+    """A start method whose workers exit before they are ready, as with a __main__ that cannot be imported."""
+
+    Process = _DiesBeforeReady
+
+
+async def test_workers_that_keep_dying_before_they_are_ready_break_the_pool() -> None:
+    async with asyncio.timeout(20), ProcessPool(1, mp_context=_DyingContext()) as pool:
+        with pytest.raises(BrokenPoolError, match="3 workers in a row exited with code 5 before they were ready"):
+            await pool.call(tasks.square, (2,))  # pending when the pool breaks
+        with pytest.raises(BrokenPoolError):
+            await pool.call(tasks.square, (3,))  # made after it broke
+        assert pool.statistics().started == 3  # no more respawning
+
+
+async def test_closing_the_pool_cancels_the_futures_of_its_calls() -> None:
+    async with ProcessPool(1) as pool:
+        started: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        running = pool.call(faults.hang, on_start=lambda pid, _: started.set_result(pid))
+        waiting = pool.call(tasks.square, (2,))
+        await started
+    assert running.cancelled() and waiting.cancelled()
+
+
+async def test_a_result_sent_just_before_the_exit_is_kept_when_the_exit_is_seen_first() -> None:
+    async with ProcessPool(1) as pool:
+        await pool.call(tasks.square, (1,))  # the worker is ready
+        (worker,) = pool._workers
+        asyncio.get_running_loop().remove_reader(worker.fd)  # the pool hears of the exit before it reads anything
+        outcome = await pool.call(faults.return_then_exit, (42,))
+        follow = await pool.call(tasks.square, (3,))
+    assert (outcome.status, outcome.value) == (Status.COMPLETED, 42)
+    assert follow.value == 9
+
+
+def test_memory_limits_are_read_in_decimal_and_binary_units() -> None:
+    sizes: list[Any] = ["512MB", "3MiB", "1.5GiB", "100 KiB", "2kb", 1e9, 4096, None]
+    expected = [512 * 10**6, 3 * 2**20, 3 * 2**29, 100 * 2**10, 2000, 10**9, 4096, None]
+    assert [parse_size(size) for size in sizes] == expected
+    for bad in ("lots", "0MB", "5TB", 0, -1, 0.5, True):
+        with pytest.raises(ConfigurationError, match="memory limit"):
+            parse_size(bad)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import math
 import os
 import threading
@@ -29,14 +30,17 @@ from asyncsched import (
     SQLiteStore,
     Status,
     Task,
+    TaskCancelledError,
+    TaskCrashedError,
     TaskDefinitionError,
     TaskFailedError,
     TaskFinished,
     TaskReported,
     TaskStarted,
+    TaskTimeoutError,
 )
 from asyncsched._events import EventHub
-from asyncsched._models import TaskResult
+from asyncsched._models import Attempt, TaskResult
 from asyncsched._pool import MAX_DEPTH, ProcessPool, resolve_workers
 from asyncsched._store import MemoryStore
 
@@ -279,8 +283,9 @@ async def test_no_child_process_remains_after_exit() -> None:
             workers = list(scheduler.backend.pool.pids)  # type: ignore[attr-defined]
             assert workers
             await scheduler.run([Task(tasks.square, 2)])
+            started = scheduler.events(kinds=[TaskStarted])
             running = asyncio.ensure_future(scheduler.run([Task(faults.hang)]))
-            await asyncio.sleep(0)
+            await anext(started)  # the task runs in a worker
             raise RuntimeError("leaving with a task running")
     await asyncio.gather(running, return_exceptions=True)
     alive = {p.pid for p in me.children(recursive=True) if p.status() != psutil.STATUS_ZOMBIE}
@@ -334,6 +339,9 @@ def test_bad_arguments_get_clear_errors() -> None:
     assert Scheduler(workers=1, max_memory_per_child=1e9).backend.pool._max_memory == 10**9  # type: ignore[attr-defined]
     with pytest.raises(TaskDefinitionError, match="callable"):
         Task(42)  # type: ignore[arg-type]
+    for bad in ({"timeout": 0}, {"timeout": -1.5}, {"retries": -1}, {"retries": 1.5}):
+        with pytest.raises(TaskDefinitionError, match=next(iter(bad))):
+            Task(tasks.square, 1, **bad)
     with pytest.raises(TaskDefinitionError, match="lambda"):
         Task(lambda: 1)
 
@@ -701,6 +709,7 @@ async def test_a_run_waits_quietly_when_its_async_batchs_next_task_comes_while_t
         run = asyncio.ensure_future(scheduler.run(source()))
         await backend.holding(20)  # and the next item is being pulled
         backend.prefetch = 1  # the window shrinks to 16, below the 20 in flight (as the pool's does for slow tasks)
+        assert scheduler.window == 16  # never below 16, though capacity * prefetch is 4
         go.set()  # the next item comes while the window is full
         waits = 0
         for _ in range(100):  # loop turns: a run that spins takes one wait per turn
@@ -711,3 +720,97 @@ async def test_a_run_waits_quietly_when_its_async_batchs_next_task_comes_while_t
         await backend.holding(21)
         backend.listeners[20].finished(Outcome(Status.COMPLETED))
         assert (await run).completed == 21
+
+
+async def test_a_result_keeps_the_last_message_and_progress_and_its_finished_event_says_why(
+        scheduler: Scheduler) -> None:
+    finished = scheduler.events(kinds=[TaskFinished])
+    summary = await scheduler.run([
+        Task(tasks.report_each, ("said", None), (None, 0.5), key="message-then-progress"),
+        Task(tasks.report_each, (None, 0.5), ("said", None), key="progress-then-message"),
+        Task(faults.boom, "why", key="fails"),
+    ])
+    await scheduler.aclose()
+    assert [(r.message, r.progress) for r in summary.results[:2]] == [("said", 0.5)] * 2
+    assert {e.key: e.message async for e in finished} == {
+        "message-then-progress": "said", "progress-then-message": "said", "fails": "ValueError: why"}
+
+
+async def test_the_finished_events_of_a_stream_left_early_are_out_when_it_ends(scheduler: Scheduler,
+                                                                             gate: Callable[[], str]) -> None:
+    release = gate()
+    finished = scheduler.events(kinds=[TaskFinished])
+    batch = [Task(tasks.identity, 0, key="first")] + [Task(tasks.wait_for_file, release, key=f"w{i}") for i in range(2)]
+    stream = scheduler.stream(batch)
+    async with contextlib.aclosing(stream):
+        async for _ in stream:
+            break
+    # no loop turn since the stream ended: the events of the tasks it cancelled were handed over as it ended
+    assert sorted(e.key for e in finished._buffer) == ["first", "w0", "w1"]
+    await finished.aclose()
+    await asyncio.to_thread(Path(release).touch)
+
+
+async def test_a_resume_without_a_batch_id_and_an_unknown_status_are_clear_errors(scheduler: Scheduler) -> None:
+    with pytest.raises(ConfigurationError, match="resume=True needs the batch_id"):
+        await scheduler.run([Task(tasks.square, 1)], resume=True)
+    with pytest.raises(ConfigurationError, match="unknown status 'done'"):
+        await scheduler.results(status="done")
+    assert await scheduler.batches() == []  # nothing was begun
+
+
+def test_unwrap_raises_the_error_that_names_the_status() -> None:
+    errors = {Status.FAILED: TaskFailedError, Status.TIMED_OUT: TaskTimeoutError, Status.CRASHED: TaskCrashedError,
+              Status.CANCELLED: TaskCancelledError}
+    for status, error in errors.items():
+        with pytest.raises(error, match=f"^task 'k' {status.value}: why$"):
+            TaskResult("b", "k", status, error="why").unwrap()
+    assert TaskResult("b", "k", Status.COMPLETED, value=3).unwrap() == 3
+
+
+async def test_an_event_stream_that_is_dropped_is_unsubscribed(scheduler: Scheduler) -> None:
+    hub = scheduler._hub
+    events = scheduler.events(kinds=[TaskStarted])
+    assert hub.wants(TaskStarted)
+    del events
+    gc.collect()
+    assert not hub.wants(TaskStarted)  # the scheduler no longer builds events that nobody can read
+
+
+async def test_a_failing_listener_costs_no_other_consumer_its_events() -> None:
+    said: list[str] = []
+    asyncio.get_running_loop().set_exception_handler(lambda loop, context: said.append(context["message"]))
+    hub, heard = EventHub(), list[Any]()
+
+    def broken(events: list[Any]) -> None:
+        raise RuntimeError("a broken listener")
+
+    first, stream, last = hub.listen(broken), hub.subscribe(), hub.listen(heard.extend)
+    hub.publish(TaskStarted("b", "k", Status.RUNNING, 1.0))
+    hub.deliver()
+    assert (len(stream._buffer), len(heard), said) == (1, 1, ["an event listener failed"])
+    first.close()
+    last.close()
+    hub.close()
+
+
+async def test_closing_an_event_stream_discards_what_it_holds() -> None:
+    hub = EventHub()
+    stream = hub.subscribe()
+    hub.publish(TaskStarted("b", "k", Status.RUNNING, 1.0))
+    hub.deliver()
+    assert len(stream._buffer) == 1
+    await stream.aclose()
+    assert [e async for e in stream] == []
+
+
+async def test_the_process_backends_submit_emits_events_with_the_attempts_number() -> None:
+    backend = ProcessBackend(workers=1)
+    await backend.start()
+    emitted: list[Any] = []
+    try:
+        outcome = await backend.submit(Attempt("b", "k", tasks.reporting, (5, 1), None, 3), emitted.append)
+    finally:
+        await backend.aclose()
+    assert outcome.value == 5
+    assert [(type(e), e.attempt) for e in emitted] == [(TaskStarted, 3), (TaskReported, 3)]

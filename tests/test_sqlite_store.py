@@ -690,3 +690,19 @@ async def test_the_stored_results_of_a_resumed_batch_find_a_key_by_either_form(t
         stored = await store.begin_batch("b", resume=True)
     assert UNDECODABLE in stored and stored[UNDECODABLE].value == 7 and stored.get(UNDECODABLE) is not None
     assert stored.get("absent") is None and stored.get(5) is None  # type: ignore[call-overload]
+
+
+async def test_the_memory_store_filters_and_pages_its_results_and_reopens_a_resumed_batch() -> None:
+    store = MemoryStore()
+    await store.begin_batch("b")
+    for key in "abcde":
+        store.add(_completed(key, 1))
+    store.add(TaskResult("b", "f", Status.FAILED, None, "ValueError: no", None, 1, None, None, None, None, None,
+                         "ValueError", 5))
+    await store.end_batch("b")
+    assert [r.key for r in await store.results(batch_id="b", limit=2, offset=1)] == ["b", "c"]
+    assert [r.key for r in await store.results(status=Status.FAILED)] == ["f"]
+    assert await store.results(batch_id="other") == []
+    await store.begin_batch("b", resume=True)
+    info = await store.batch("b")
+    assert info is not None and info.finished_at is None  # running again
