@@ -31,7 +31,7 @@ Actors:
   queued behind it go back to the pending deque once it has exited and what
   it wrote has been read. A dead worker never breaks the pool (unlike the
   stdlib ``ProcessPoolExecutor``). A call cancelled while it is queued on a
-  worker is revoked: the worker skips it when it comes to it.
+  worker is revoked: the worker takes it out of its queue, and says so.
 * Batching adapts to the tasks: while they are fast (an average under
   ``BATCH_SECONDS``) several calls go to a worker in one frame; slow tasks go
   one at a time. A call that turns out slow (``TAKE_BACK_AFTER``) gets no more
