@@ -12,7 +12,7 @@ import psutil
 import pytest
 from distributed import Client
 
-from asyncsched import ConfigurationError, Scheduler, Status, Task, TaskStarted
+from asyncsched import ConfigurationError, Scheduler, Status, Task, TaskReported, TaskStarted
 from asyncsched.backends import DaskBackend
 
 from . import faults, tasks
@@ -72,6 +72,16 @@ async def test_a_result_that_cannot_be_unpickled_here_fails_alone(dask_address: 
     assert (bad.status, bad.error_type) == (Status.FAILED, "RuntimeError")
     assert "could not be unpickled here: RuntimeError: this value cannot be rebuilt here" in (bad.error or "")
     assert fine.value == 9
+
+
+async def test_a_report_whose_data_cannot_be_unpickled_here_still_arrives(dask_address: str) -> None:
+    async with Scheduler(backend=DaskBackend(dask_address, capacity=2)) as scheduler:
+        events = scheduler.events(kinds=[TaskReported])
+        summary = await scheduler.run([Task(faults.report_unloadable)])
+    reported = [e async for e in events]
+    assert summary.results[0].value == 1
+    assert len(reported) == 1 and reported[0].message == "here"  # as on the local pool: only the data is spoilt
+    assert "could not be unpickled here: RuntimeError: this value cannot be rebuilt here" in str(reported[0].data)
 
 
 async def test_a_lost_worker_task_is_rescheduled_by_dask(dask_address: str, gate: Callable[[], str]) -> None:

@@ -43,6 +43,7 @@ from distributed import Client, Future, KilledWorker
 from .._backend import Backend, Emit, unreadable_result
 from .._errors import ConfigurationError
 from .._models import Attempt, Outcome, Status, TaskReported, TaskStarted
+from .._pool import _report_data
 from .._worker import error_info
 from ._remote import REPORTED, STARTED, run_on_dask
 
@@ -129,9 +130,9 @@ class DaskBackend(Backend):
             running.emit(TaskStarted(attempt.batch_id, attempt.key, Status.RUNNING, timestamp, running.pid,
                                      attempt=attempt.number))
         elif kind == REPORTED:
-            timestamp, message, progress, data = pickle.loads(rest[0])
+            timestamp, message, progress = pickle.loads(rest[0])
             running.emit(TaskReported(attempt.batch_id, attempt.key, Status.RUNNING, timestamp, running.pid,
-                                      message, progress, attempt.number, data or None))
+                                      message, progress, attempt.number, _report_data(rest[1]) or None))
 
     async def _run(self, attempt: Attempt, emit: Emit) -> Outcome:
         client = self.client

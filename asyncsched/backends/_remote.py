@@ -16,7 +16,7 @@ the task. Both engines call one function per attempt:
 Event messages on the Dask topic (msgpack-able tuples)::
 
     (STARTED, tag, timestamp, pid, worker_address)
-    (REPORTED, tag, pickle of (timestamp, message, progress, data))
+    (REPORTED, tag, pickle of (timestamp, message, progress), pickle of data or None)
 """
 
 from __future__ import annotations
@@ -80,7 +80,10 @@ def run_on_dask(payload: bytes, topic: str, tag: str) -> bytes:
     worker.log_event(topic, (STARTED, tag, time.time(), os.getpid(), worker.address))
 
     def send(report: Report) -> None:
-        worker.log_event(topic, (REPORTED, tag, pickle.dumps(report)))
+        timestamp, message, progress, data = report
+        # data pickled on its own, as by the local pool: data that cannot be unpickled there spoils only itself
+        worker.log_event(topic, (REPORTED, tag, pickle.dumps((timestamp, message, progress)),
+                                 pickle.dumps(data) if data else None))
 
     try:
         fn, args = pickle.loads(payload)
