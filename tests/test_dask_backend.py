@@ -55,16 +55,6 @@ async def test_without_kill_a_timed_out_task_is_recorded_at_once_and_runs_on(das
     assert result.pid is not None and psutil.pid_exists(result.pid)  # its worker was left alone
 
 
-async def test_restarting_a_worker_does_not_charge_the_tasks_queued_on_it(dask_address: str) -> None:
-    # Dask queues a second task on each single-threaded worker; a kill the scheduler did not expect would count
-    # against it (allowed-failures is 1 here), and a task queued behind two timed-out ones would end KilledWorker.
-    async with Scheduler(backend=DaskBackend(dask_address, capacity=2, kill_on_timeout=True)) as scheduler:
-        events = scheduler.events(kinds=[TaskStarted])
-        summary = await scheduler.run([Task(faults.hang, key=f"h{i}", timeout=1) for i in range(8)])
-    assert [r.status for r in summary.results] == [Status.TIMED_OUT] * 8, [r.error for r in summary.results]
-    assert sorted({e.key async for e in events}) == sorted(r.key for r in summary.results)
-
-
 async def test_a_result_that_cannot_be_unpickled_here_fails_alone(dask_address: str) -> None:
     async with Scheduler(backend=DaskBackend(dask_address, capacity=2)) as scheduler:
         summary = await scheduler.run([Task(faults.return_unloadable), Task(tasks.square, 3)])

@@ -54,8 +54,6 @@ DEFAULT_CAPACITY = 16
 
 CANCEL_WAIT = 2.0
 """Seconds to wait for the scheduler to forget a timed-out attempt before its worker is restarted."""
-RETIRE_WAIT = 5.0
-"""Seconds to wait for the scheduler to retire that worker (move the data it holds) before it is killed anyway."""
 
 logger = logging.getLogger(__name__)
 
@@ -184,16 +182,12 @@ class DaskBackend(Backend):
                        error_type="TimeoutError", finished_at=time.time())
 
     async def _restart(self, future: Future[bytes], worker: str) -> None:
-        """Cancel the attempt's key, retire its worker, then end its process at once; its nanny starts a new one.
+        """Cancel the attempt's key, then end its worker process at once; the worker's nanny starts a new one.
 
         The cancel travels on the client's batched stream: wait until the
         scheduler has applied it, or Dask could hand the task to another worker
-        when this one dies. The worker is then retired (taken out of the
-        cluster as an expected departure), so the tasks Dask had queued on it
-        go to other workers without being charged a worker death: killed
-        unannounced, each would count towards its ``allowed-failures`` and
-        could end ``KilledWorker`` without ever having run. (``Client.restart_workers``
-        is not used: it first waits seconds for the stuck task to let the worker close.)
+        when this one dies. (``Client.restart_workers`` is not used: it first
+        waits seconds for the stuck task to let the worker close.)
         """
         client = self.client
         assert client is not None
@@ -204,12 +198,6 @@ class DaskBackend(Backend):
                     pass
         except TimeoutError:
             pass
-        try:
-            async with asyncio.timeout(RETIRE_WAIT):
-                await client.retire_workers([worker], close_workers=False, remove=True)
-        except Exception:  # slow or refused (its data has nowhere to go): killed all the same
-            logger.warning("asyncsched: could not retire Dask worker %s before restarting it", worker,
-                           exc_info=True)
         try:
             await client.run(os._exit, 1, workers=[worker], on_error="ignore")
         except Exception:  # the worker may be gone already; the timed-out outcome stands
