@@ -16,6 +16,7 @@ from asyncsched import ConfigurationError, Scheduler, Status, Task, TaskReported
 from asyncsched.backends import DaskBackend
 
 from . import faults, tasks
+from .util import wait_gone
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -53,6 +54,17 @@ async def test_without_kill_a_timed_out_task_is_recorded_at_once_and_runs_on(das
     started, finished = [e async for e in events]
     assert finished.timestamp - started.timestamp < 1.5  # long before the task ends
     assert result.pid is not None and psutil.pid_exists(result.pid)  # its worker was left alone
+
+
+async def test_restarting_a_worker_takes_the_tasks_children_with_it(dask_address: str, tmp_path: Path) -> None:
+    pidfile = os.fspath(tmp_path / "child.pid")
+    async with Scheduler(backend=DaskBackend(dask_address, capacity=2, kill_on_timeout=True)) as scheduler:
+        summary = await scheduler.run([Task(faults.spawn_child_and_hang, pidfile, timeout=1.0)])
+    result = summary.results[0]
+    assert result.status is Status.TIMED_OUT
+    child = int(await asyncio.to_thread(Path(pidfile).read_text))
+    assert result.pid is not None and wait_gone(result.pid, timeout=10)
+    assert wait_gone(child, timeout=3)  # not left running, orphaned, on the cluster's machine
 
 
 async def test_a_result_that_cannot_be_unpickled_here_fails_alone(dask_address: str) -> None:
