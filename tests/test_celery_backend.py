@@ -72,6 +72,14 @@ async def test_keyword_arguments_and_json_values(celery_worker: CeleryWorker) ->
     assert unnamed.status is Status.FAILED and unnamed.error_type == "asyncsched.TaskDefinitionError"
 
 
+async def test_an_argument_that_is_not_json_is_not_retried(celery_worker: CeleryWorker) -> None:
+    async with scheduler_on(celery_worker, retries=2) as scheduler:
+        summary = await scheduler.run([Task(tasks.identity, {1, 2})])
+    result = summary.results[0]
+    assert result.status is Status.FAILED and "EncodeError" in (result.error or "")
+    assert result.attempts == 1  # it would fail the same way again
+
+
 async def test_a_crashing_task_is_redelivered_once_then_recorded_crashed(celery_worker: CeleryWorker) -> None:
     async with scheduler_on(celery_worker) as scheduler:
         events = scheduler.events()

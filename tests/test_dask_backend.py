@@ -12,10 +12,11 @@ import psutil
 import pytest
 from distributed import Client
 
-from asyncsched import ConfigurationError, Scheduler, Status, Task, TaskStarted
+from asyncsched import ConfigurationError, Scheduler, Status, Task, TaskReported, TaskStarted
 from asyncsched.backends import DaskBackend
 
 from . import faults, tasks
+from .util import wait_gone
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -55,6 +56,17 @@ async def test_without_kill_a_timed_out_task_is_recorded_at_once_and_runs_on(das
     assert result.pid is not None and psutil.pid_exists(result.pid)  # its worker was left alone
 
 
+async def test_restarting_a_worker_takes_the_tasks_children_with_it(dask_address: str, tmp_path: Path) -> None:
+    pidfile = os.fspath(tmp_path / "child.pid")
+    async with Scheduler(backend=DaskBackend(dask_address, capacity=2, kill_on_timeout=True)) as scheduler:
+        summary = await scheduler.run([Task(faults.spawn_child_and_hang, pidfile, timeout=1.0)])
+    result = summary.results[0]
+    assert result.status is Status.TIMED_OUT
+    child = int(await asyncio.to_thread(Path(pidfile).read_text))
+    assert result.pid is not None and wait_gone(result.pid, timeout=10)
+    assert wait_gone(child, timeout=3)  # not left running, orphaned, on the cluster's machine
+
+
 async def test_a_result_that_cannot_be_unpickled_here_fails_alone(dask_address: str) -> None:
     async with Scheduler(backend=DaskBackend(dask_address, capacity=2)) as scheduler:
         summary = await scheduler.run([Task(faults.return_unloadable), Task(tasks.square, 3)])
@@ -62,6 +74,16 @@ async def test_a_result_that_cannot_be_unpickled_here_fails_alone(dask_address: 
     assert (bad.status, bad.error_type) == (Status.FAILED, "RuntimeError")
     assert "could not be unpickled here: RuntimeError: this value cannot be rebuilt here" in (bad.error or "")
     assert fine.value == 9
+
+
+async def test_a_report_whose_data_cannot_be_unpickled_here_still_arrives(dask_address: str) -> None:
+    async with Scheduler(backend=DaskBackend(dask_address, capacity=2)) as scheduler:
+        events = scheduler.events(kinds=[TaskReported])
+        summary = await scheduler.run([Task(faults.report_unloadable)])
+    reported = [e async for e in events]
+    assert summary.results[0].value == 1
+    assert len(reported) == 1 and reported[0].message == "here"  # as on the local pool: only the data is spoilt
+    assert "could not be unpickled here: RuntimeError: this value cannot be rebuilt here" in str(reported[0].data)
 
 
 async def test_a_lost_worker_task_is_rescheduled_by_dask(dask_address: str, gate: Callable[[], str]) -> None:

@@ -49,6 +49,7 @@ from typing import Any
 import redis.asyncio
 from celery import Celery
 from celery.backends.redis import RedisBackend
+from kombu.exceptions import EncodeError
 
 from .._backend import Backend, Emit
 from .._errors import ConfigurationError, TaskDefinitionError
@@ -277,7 +278,8 @@ class CeleryBackend(Backend):
         if exc is not None:  # arguments that are not JSON, a broker that cannot be reached, ...
             name, text, tb, _ = error_info(exc)
             self._finish(task_id, Outcome(Status.FAILED, error=f"the task could not be sent to Celery: {text}",
-                                          traceback=tb, error_type=name))
+                                          traceback=tb, error_type=name,
+                                          retryable=not isinstance(exc, EncodeError)))  # it would fail again
 
     def _on_done(self, task_id: str, future: asyncio.Future[Outcome]) -> None:
         pending = self._pending.pop(task_id, None)

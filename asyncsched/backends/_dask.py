@@ -30,7 +30,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import os
 import pickle
 import time
 import uuid
@@ -43,8 +42,9 @@ from distributed import Client, Future, KilledWorker
 from .._backend import Backend, Emit, unreadable_result
 from .._errors import ConfigurationError
 from .._models import Attempt, Outcome, Status, TaskReported, TaskStarted
+from .._pool import _report_data
 from .._worker import error_info
-from ._remote import REPORTED, STARTED, run_on_dask
+from ._remote import REPORTED, STARTED, end_dask_worker, run_on_dask
 
 __all__ = ["DEFAULT_CAPACITY", "DaskBackend"]
 
@@ -127,9 +127,9 @@ class DaskBackend(Backend):
             running.emit(TaskStarted(attempt.batch_id, attempt.key, Status.RUNNING, timestamp, running.pid,
                                      attempt=attempt.number))
         elif kind == REPORTED:
-            timestamp, message, progress, data = pickle.loads(rest[0])
+            timestamp, message, progress = pickle.loads(rest[0])
             running.emit(TaskReported(attempt.batch_id, attempt.key, Status.RUNNING, timestamp, running.pid,
-                                      message, progress, attempt.number, data or None))
+                                      message, progress, attempt.number, _report_data(rest[1]) or None))
 
     async def _run(self, attempt: Attempt, emit: Emit) -> Outcome:
         client = self.client
@@ -181,7 +181,8 @@ class DaskBackend(Backend):
                        error_type="TimeoutError", finished_at=time.time())
 
     async def _restart(self, future: Future[bytes], worker: str) -> None:
-        """Cancel the attempt's key, then end its worker process at once; the worker's nanny starts a new one.
+        """Cancel the attempt's key, then end its worker process (and the processes it started) at once; the
+        worker's nanny starts a new one.
 
         The cancel travels on the client's batched stream: wait until the
         scheduler has applied it, or Dask could hand the task to another worker
@@ -198,7 +199,7 @@ class DaskBackend(Backend):
         except TimeoutError:
             pass
         try:
-            await client.run(os._exit, 1, workers=[worker], on_error="ignore")
+            await client.run(end_dask_worker, workers=[worker], on_error="ignore")
         except Exception:  # the worker may be gone already; the timed-out outcome stands
             logger.warning("asyncsched: could not restart Dask worker %s", worker, exc_info=True)
 

@@ -16,11 +16,12 @@ the task. Both engines call one function per attempt:
 Event messages on the Dask topic (msgpack-able tuples)::
 
     (STARTED, tag, timestamp, pid, worker_address)
-    (REPORTED, tag, pickle of (timestamp, message, progress, data))
+    (REPORTED, tag, pickle of (timestamp, message, progress), pickle of data or None)
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import pickle
@@ -30,7 +31,8 @@ from typing import Any
 
 from .._worker import _capture, error_info
 
-__all__ = ["REPORT_STATE", "STARTED", "REPORTED", "resolve", "run_by_name", "run_on_dask", "run_reporting"]
+__all__ = ["REPORT_STATE", "STARTED", "REPORTED", "end_dask_worker", "resolve", "run_by_name", "run_on_dask",
+           "run_reporting"]
 
 STARTED = "started"
 REPORTED = "reported"
@@ -80,7 +82,10 @@ def run_on_dask(payload: bytes, topic: str, tag: str) -> bytes:
     worker.log_event(topic, (STARTED, tag, time.time(), os.getpid(), worker.address))
 
     def send(report: Report) -> None:
-        worker.log_event(topic, (REPORTED, tag, pickle.dumps(report)))
+        timestamp, message, progress, data = report
+        # data pickled on its own, as by the local pool: data that cannot be unpickled there spoils only itself
+        worker.log_event(topic, (REPORTED, tag, pickle.dumps((timestamp, message, progress)),
+                                 pickle.dumps(data) if data else None))
 
     try:
         fn, args = pickle.loads(payload)
@@ -94,6 +99,20 @@ def run_on_dask(payload: bytes, topic: str, tag: str) -> bytes:
         what = f"the result of type {type(outcome[1]).__name__}" if outcome[0] else "the exception"
         blob = cloudpickle.dumps(_failure(f"{what} could not be pickled", exc)[:2] + outcome[2:])
     return blob
+
+
+def end_dask_worker() -> None:
+    """Run in a Dask worker whose task timed out (``kill_on_timeout``): end it at once, its nanny starts a new one.
+
+    The processes it started go first, so a timed-out task's own children
+    (a ``subprocess`` it waits on, say) do not run on, orphaned.
+    """
+    import psutil  # comes with distributed
+
+    for child in psutil.Process().children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            child.kill()
+    os._exit(1)
 
 
 def resolve(target: str) -> Callable[..., Any]:
