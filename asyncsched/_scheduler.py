@@ -67,6 +67,22 @@ from ._store import MAX_BACKLOG, BatchInfo, MemoryStore, Store
 
 __all__ = ["Scheduler"]
 
+_handling_sigterm = 0
+"""Schedulers of this process whose loop handles SIGTERM now."""
+
+
+def _after_fork_in_child() -> None:
+    """A process forked while a Scheduler's loop handles SIGTERM (a stdlib pool's worker, a task's child) ends on
+    SIGTERM, and alone: the loop's handler would ignore it, and pass it on to the parent through the loop's wakeup
+    fd, which the child shares (Python 3.11)."""
+    if _handling_sigterm:
+        with contextlib.suppress(ValueError):  # forked from a thread other than the main one: nothing was shared
+            signal.set_wakeup_fd(-1)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
 Batch = Iterable[Task] | AsyncIterable[Task]
 
 MIN_WINDOW = 16
@@ -373,9 +389,7 @@ class Scheduler:
         try:
             await self.aclose()
         finally:
-            if self._sigterm_installed:
-                self._sigterm_installed = False
-                asyncio.get_running_loop().remove_signal_handler(signal.SIGTERM)
+            self._remove_sigterm()
             if self._sigterm_received:  # cleaned up: now end as SIGTERM asks
                 os.kill(os.getpid(), signal.SIGTERM)
 
@@ -387,16 +401,22 @@ class Scheduler:
         if (task is None or threading.current_thread() is not threading.main_thread()
                 or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL):
             return
-        loop = asyncio.get_running_loop()
-
         def on_sigterm() -> None:
             self._sigterm_received = True
-            self._sigterm_installed = False
-            loop.remove_signal_handler(signal.SIGTERM)  # a second SIGTERM ends the process at once
+            self._remove_sigterm()  # a second SIGTERM ends the process at once
             task.cancel("SIGTERM")
 
-        loop.add_signal_handler(signal.SIGTERM, on_sigterm)
+        global _handling_sigterm
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, on_sigterm)
         self._sigterm_installed = True
+        _handling_sigterm += 1
+
+    def _remove_sigterm(self) -> None:
+        global _handling_sigterm
+        if self._sigterm_installed:
+            self._sigterm_installed = False
+            _handling_sigterm -= 1
+            asyncio.get_running_loop().remove_signal_handler(signal.SIGTERM)
 
     async def _ensure_started(self) -> None:
         if self._closed:

@@ -324,6 +324,10 @@ def worker_main(conn: Connection) -> None:
     os.setpgrp()  # a kill of this worker's group takes the task's own children too
     _die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the orchestrator's to handle
+    # Forked from a loop that handles SIGTERM, a worker would pass a SIGTERM sent to it on to its parent through
+    # the loop's wakeup fd (Python 3.11), and ignore it: a worker ends on SIGTERM, and alone.
+    signal.set_wakeup_fd(-1)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     os.register_at_fork(after_in_child=_not_a_worker)  # a task's forked child does not speak for the task
     channel = _Channel(conn)
     channel.send((READY, os.getpid()))

@@ -586,3 +586,32 @@ def test_workers_of_a_killed_orchestrator_end_quietly(tmp_path: Path) -> None:
         orchestrator.stdout.close()
         orchestrator.stderr.close()
     assert "Traceback" not in errors, errors
+
+
+@pytest.mark.parametrize("backend", ["pool", "executor"])
+def test_a_sigterm_to_a_process_forked_after_the_handler_ends_it_alone(tmp_path: Path, backend: str) -> None:
+    # Forked children shared the loop's wakeup fd (Python 3.11): a SIGTERM sent to one ended the orchestrator.
+    script = tmp_path / "script.py"
+    script.write_text(
+        "import asyncio, concurrent.futures, multiprocessing, os, signal, sys\n"
+        "from asyncsched import ExecutorBackend, Scheduler, Task\n"
+        "def pid():\n"
+        "    return os.getpid()\n"
+        "def end_by_sigterm():\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    return 'lived on'\n"
+        "async def main():\n"
+        "    if sys.argv[1] == 'pool':  # each call on a new worker, forked after the handler was installed\n"
+        "        scheduler = Scheduler(workers=1, mp_context='fork', max_tasks_per_child=1)\n"
+        "    else:\n"
+        "        executor = concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context('fork'))\n"
+        "        scheduler = Scheduler(backend=ExecutorBackend(executor))\n"
+        "    async with scheduler:\n"
+        "        await scheduler.run([Task(pid)])\n"
+        "        result = (await scheduler.run([Task(end_by_sigterm)])).results[0]\n"
+        "        print(result.status, flush=True)\n"
+        "if __name__ == '__main__':\n"
+        "    asyncio.run(main())\n"
+    )
+    out = subprocess.run([sys.executable, str(script), backend], capture_output=True, text=True, timeout=60)
+    assert (out.returncode, out.stdout.strip()) == (0, "crashed"), out.stderr
