@@ -113,3 +113,25 @@ async def test_leaving_a_stream_cancels_its_dask_tasks(dask_address: str, gate: 
         assert not client.futures  # the backend cancelled every Dask future before it closed
         await asyncio.to_thread(Path(release).touch)  # the tasks already running end
     assert [r.status for r in results].count(Status.CANCELLED) == 4 and len(results) == 5
+
+
+async def test_a_worker_that_leaves_before_its_restart_is_ended_all_the_same() -> None:
+    ended: list[list[str]] = []
+
+    class LeftClient:  # the calls _restart makes, on a worker the scheduler no longer knows
+        asynchronous = True
+
+        async def cancel(self, futures: object) -> None: ...
+
+        async def processing(self, workers: list[str]) -> dict[str, object]:
+            raise KeyError(workers[0])
+
+        async def run(self, function: object, *, workers: list[str], on_error: str) -> None:
+            ended.append(workers)
+
+    class Key:
+        key = "a-key"
+
+    backend = DaskBackend(client=LeftClient())  # type: ignore[arg-type]
+    await backend._restart(Key(), "tcp://gone:1")  # type: ignore[arg-type]
+    assert ended == [["tcp://gone:1"]]

@@ -196,7 +196,7 @@ class DaskBackend(Backend):
             async with asyncio.timeout(CANCEL_WAIT):
                 while future.key in (await client.processing([worker])).get(worker, ()):
                     pass
-        except TimeoutError:
+        except Exception:  # timed out, or the worker has left meanwhile (processing() raises KeyError): end it anyway
             pass
         try:
             await client.run(end_dask_worker, workers=[worker], on_error="ignore")
