@@ -291,8 +291,8 @@ class _CallFuture(asyncio.Future[Outcome]):
 
 
 class _Worker:
-    __slots__ = ("began", "calls", "calls_sent", "deadline", "deadline_at", "fd", "inbuf", "killed", "outbuf", "pid",
-                 "process", "ready", "retiring", "sock", "taking_back")
+    __slots__ = ("began", "begun", "calls", "calls_sent", "deadline", "deadline_at", "fd", "inbuf", "killed", "outbuf",
+                 "pid", "process", "ready", "retiring", "revoking", "sock", "told")
 
     def __init__(self, process: Any, sock: socket.socket) -> None:
         self.process = process
@@ -307,7 +307,9 @@ class _Worker:
         self.deadline_at: float | None = None  # loop time by which the running call must end
         self.deadline: asyncio.TimerHandle | None = None  # a timer at or before deadline_at
         self.began = 0.0  # loop time the running call reached the head
-        self.taking_back = False  # calls queued here were asked back for an idle worker; no answer yet
+        self.begun: _Call | None = None  # the call that reached the head last: its timeout runs
+        self.told: _Call | None = None  # the call whose listener was told it started
+        self.revoking: deque[set[int]] = deque()  # the calls of each revoke sent here and not answered yet
         self.inbuf = bytearray()
         self.outbuf = bytearray()
 
@@ -457,10 +459,11 @@ class ProcessPool(concurrent.futures.Executor):
             for call in self._pending:
                 call.settle(_CLOSED)
             for worker in self._workers:
-                for call in itertools.islice(worker.calls, 1, None):
-                    if not call.done:
-                        call.settle(_CLOSED)
-                        self._revoke(worker, call)
+                queued = [call for call in itertools.islice(worker.calls, 1, None) if not call.done]
+                for call in queued:
+                    call.settle(_CLOSED)
+                if queued:
+                    self._revoke(worker, {call.call_id for call in queued})
         if not self._closed and not cancel:
             while self._unfinished():
                 if self._progress is None or self._progress.done():
@@ -914,7 +917,7 @@ class ProcessPool(concurrent.futures.Executor):
                 self._ready.append(worker)
 
     def _next(self, worker: _Worker) -> None:
-        """The worker's running call has ended, or was taken back: the next one begins, or it retires."""
+        """The worker's running call has ended, or was revoked: the next one begins, or it retires."""
         worker.deadline_at = None  # the timer, if any, stays: it re-checks when it fires
         if worker.calls:
             self._begin(worker, worker.calls[0])
@@ -924,23 +927,27 @@ class ProcessPool(concurrent.futures.Executor):
             self._retire(worker)
 
     def _on_revoked(self, worker: _Worker, call_ids: list[int]) -> None:
-        """The worker took these calls out of its queue: they never started. The cancelled ones are dropped,
-        the others (taken back for an idle worker) go to the front of the pending queue."""
-        worker.taking_back = False
-        if not call_ids:
-            return
+        """The worker answered the oldest revoke: it took these calls out of its queue, and they never
+        started. The cancelled ones are dropped, the others (taken back for an idle worker) go to the front
+        of the pending queue. The head may have been one of them, or waited for this answer to begin."""
+        if worker.revoking:
+            worker.revoking.popleft()
         revoked = set(call_ids)
-        head = worker.call
         back = [call for call in worker.calls if call.call_id in revoked]
-        worker.calls = deque(call for call in worker.calls if call.call_id not in revoked)
-        worker.calls_sent -= len(back)
-        for call in reversed(back):
-            if not call.done:
-                call.worker = None
-                self._pending.appendleft(call)
-        if worker.call is not head:  # the head had not started: it was cancelled, and the next one begins
+        if back:
+            worker.calls = deque(call for call in worker.calls if call.call_id not in revoked)
+            worker.calls_sent -= len(back)
+            for call in reversed(back):
+                if not call.done:
+                    call.worker = None
+                    self._pending.appendleft(call)
+        head = worker.call
+        if head is not worker.begun:  # the head was taken back
             self._next(worker)
-        self._dispatch()
+        elif head is not None and head is not worker.told:
+            self._tell_started(worker, head)  # kept: its listener hears of it now
+        if back:
+            self._dispatch()
 
     def _send(self, worker: _Worker, data: bytes) -> bool:
         """Send one frame without blocking; False if the worker can no longer be reached."""
@@ -1030,7 +1037,7 @@ class ProcessPool(concurrent.futures.Executor):
         if loop is None or self._closed or self._pending or all(worker.calls for worker in self._ready):
             return
         queued = {worker: [call for call in itertools.islice(worker.calls, 1, None) if not call.done]
-                  for worker in self._ready if not worker.taking_back}
+                  for worker in self._ready if not worker.revoking}
         busiest = max(queued, key=lambda worker: len(queued[worker]), default=None)
         if busiest is None or not queued[busiest]:
             return
@@ -1039,8 +1046,7 @@ class ProcessPool(concurrent.futures.Executor):
             self._balancing = loop.call_at(due, self._balance)
             return
         calls = queued[busiest]
-        busiest.taking_back = True
-        self._send(busiest, pickle.dumps({call.call_id for call in calls[len(calls) // 2:]}, _PROTOCOL))
+        self._revoke(busiest, {call.call_id for call in calls[len(calls) // 2:]})
 
     def _begin(self, worker: _Worker, call: _Call) -> None:
         """``call`` has reached the head of its worker: it runs now, and its timeout starts.
@@ -1049,11 +1055,14 @@ class ProcessPool(concurrent.futures.Executor):
         it fires rather than replaced for every call. A call cancelled while it
         was queued has been revoked, and the worker skips it; if the worker had
         started it before the revoke came, it gets at most ``ABANDONED_GRACE``,
-        then its worker is killed.
+        then its worker is killed. A call asked back is timed from here too (it
+        may run, holding the GIL so that the worker cannot answer), but its
+        listener hears that it started only once the worker has kept it.
         """
         loop = self._loop
         assert loop is not None
         worker.began = now = loop.time()
+        worker.begun = call
         timeout = call.timeout
         if call.done:
             timeout = ABANDONED_GRACE if timeout is None else min(timeout, ABANDONED_GRACE)
@@ -1065,6 +1074,11 @@ class ProcessPool(concurrent.futures.Executor):
                 timer = None
             if timer is None:
                 worker.deadline = loop.call_at(deadline, self._on_deadline, worker)
+        if not any(call.call_id in asked for asked in worker.revoking):  # else once the worker says it kept it
+            self._tell_started(worker, call)
+
+    def _tell_started(self, worker: _Worker, call: _Call) -> None:
+        worker.told = call
         if not call.done:
             self._tell(call, call.listener.started, (worker.pid, time.time()))
 
@@ -1114,14 +1128,15 @@ class ProcessPool(concurrent.futures.Executor):
             if worker.call is call:
                 self._kill(worker)
         if worker is not None and call in worker.calls and worker.call is not call:
-            self._revoke(worker, call)
+            self._revoke(worker, {call.call_id})
         # a call still pending is skipped by _dispatch
         self._progressed()
 
-    def _revoke(self, worker: _Worker, call: _Call) -> None:
-        """Tell ``worker`` to skip ``call``, queued there behind another (if it started meanwhile, see _begin)."""
-        if not worker.killed:
-            self._send(worker, pickle.dumps({call.call_id}, _PROTOCOL))
+    def _revoke(self, worker: _Worker, call_ids: set[int]) -> None:
+        """Ask ``worker`` for these calls back, queued there behind another; it answers with the ones it had
+        not started (see _on_revoked; a cancelled one it had started gets ``ABANDONED_GRACE``, see _begin)."""
+        if not worker.killed and self._send(worker, pickle.dumps(call_ids, _PROTOCOL)):
+            worker.revoking.append(call_ids)
 
 
 def _report_data(data: bytes | None) -> dict[str, Any]:

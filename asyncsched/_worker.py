@@ -346,48 +346,62 @@ class _Inbox:
     That thread answers a revoke while a call runs, even one that never ends.
     Calls leave the queue under the lock, so each is either started or revoked,
     never both; the answer is written under the lock too, so it reaches the
-    parent before the result of any call started after it.
+    parent before the result of any call started after it. Before it starts a
+    call, the worker waits until what the parent has sent by then is taken in:
+    a revoke that came while a call held the GIL still counts.
     """
 
     def __init__(self, conn: Connection, channel: _Channel) -> None:
         self.conn = conn
         self.channel = channel
+        self.reading = threading.Lock()  # held while a frame is read, and while the next call is chosen
         self.ready = threading.Condition(threading.Lock())
         self.queue: deque[tuple[int, bytes | None, bytes]] = deque()
+        self.taken = 0  # frames taken in so far
         self.leaving = False  # told to stop, or orphaned: no more calls will come
         threading.Thread(target=self._take_in, name="asyncsched-inbox", daemon=True).start()
 
     def next(self) -> tuple[int, bytes | None, bytes] | None:
         """The next call to run, once there is one; None when the worker is to leave."""
-        with self.ready:
-            while not self.queue and not self.leaving:
-                self.ready.wait()
-            return self.queue.popleft() if self.queue else None
+        while True:
+            with self.reading:
+                unread = not self.leaving and self.conn.poll(0)  # sent, and not taken in yet
+                with self.ready:
+                    if self.queue and not unread:
+                        return self.queue.popleft()
+                    if self.leaving:
+                        return self.queue.popleft() if self.queue else None
+                    taken = self.taken
+            with self.ready:  # until the thread has taken in another frame
+                while self.taken == taken and not self.leaving:
+                    self.ready.wait()
 
     def _take_in(self) -> None:
         while True:
-            try:
-                frame = pickle.loads(self.conn.recv_bytes())
-            except (EOFError, OSError):  # the parent is gone
-                frame = None
-            with self.ready:
-                if frame is None:
-                    self.leaving = True
+            with contextlib.suppress(OSError):  # closed: the read below says so
+                self.conn.poll(None)  # until something comes, not holding the lock
+            with self.reading:
+                try:
+                    frame = pickle.loads(self.conn.recv_bytes())
+                except (EOFError, OSError):  # the parent is gone
+                    frame = None
+                with self.ready:
+                    self.taken += 1
                     self.ready.notify()
-                    return
-                if isinstance(frame, set):
-                    revoked = [call[0] for call in self.queue if call[0] in frame]
-                    if revoked:
-                        self.queue = deque(call for call in self.queue if call[0] not in frame)
-                    try:
-                        self.channel.send((REVOKED, revoked))
-                    except OSError:  # the parent is gone
+                    if frame is None:
                         self.leaving = True
-                        self.ready.notify()
                         return
-                else:
-                    self.queue.extend(frame)
-                    self.ready.notify()
+                    if isinstance(frame, set):
+                        revoked = [call[0] for call in self.queue if call[0] in frame]
+                        if revoked:
+                            self.queue = deque(call for call in self.queue if call[0] not in frame)
+                        try:
+                            self.channel.send((REVOKED, revoked))
+                        except OSError:  # the parent is gone
+                            self.leaving = True
+                            return
+                    else:
+                        self.queue.extend(frame)
 
 
 def run_capturing(fn: Callable[..., Any], args: tuple[Any, ...]) -> tuple[Any, ...]:

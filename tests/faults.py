@@ -164,6 +164,19 @@ def log_then_hold_the_gil(log: str, fifo: str, key: str) -> str:
     return key
 
 
+def announce_then_hold_the_gil(announce: str, gate: str) -> str:
+    """Tell the test (blocked reading the FIFO ``announce``) that the task runs, then wait for a byte on the FIFO
+    ``gate`` in a C call that keeps the GIL all along: no other thread of the worker runs meanwhile."""
+    with open(announce, "w") as f:
+        f.write("started")
+    fd = os.open(gate, os.O_RDONLY)
+    try:
+        ctypes.PyDLL(None).read(fd, ctypes.create_string_buffer(1), 1)
+    finally:
+        os.close(fd)
+    return "held"
+
+
 def start_child_then_exit(pidfile: str) -> None:
     """Start a process of the task's own (as a task running a tool does), note its pid, then crash the worker."""
     import subprocess

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import multiprocessing.context
 import os
 import select
@@ -12,7 +13,7 @@ import subprocess
 import sys
 import threading
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -174,6 +175,58 @@ async def test_calls_cancelled_while_queued_on_a_worker_never_run(gate: Callable
         assert all(heard.heard == [] for heard in queued)
         assert pool.statistics().killed == 0  # skipped by the worker: none ran, so none was killed
     assert log.read_text().split() == ["last"]
+
+
+@contextlib.contextmanager
+def held_gil(tmp_path: Path) -> Iterator[tuple[str, str, Callable[[], object]]]:
+    """FIFOs for faults.announce_then_hold_the_gil, and a function that lets its call end."""
+    announce, gate = tmp_path / "announce", tmp_path / "gate"
+    os.mkfifo(announce)
+    os.mkfifo(gate)
+    writer = os.open(gate, os.O_RDWR)  # a writer from now on, so the task's open does not wait
+    try:
+        yield str(announce), str(gate), lambda: os.write(writer, b"x")
+    finally:
+        os.close(writer)
+
+
+async def test_a_call_cancelled_behind_one_that_holds_the_gil_never_runs(tmp_path: Path) -> None:
+    log = tmp_path / "runs"
+    with held_gil(tmp_path) as (announce, gate, release):
+        async with ProcessPool(1) as pool:
+            await until_batching(pool)
+            holder = pool.call(faults.announce_then_hold_the_gil, (announce, gate), timeout=30)
+            cancelled = pool.call(tasks.log_run, (str(log), "cancelled"))
+            last = pool.call(tasks.log_run, (str(log), "last"))  # the three go to the worker in one frame
+            assert await asyncio.to_thread(Path(announce).read_text) == "started"
+            cancelled.cancel()  # the revoke is in the worker's socket while no thread of it can read it
+            release()
+            assert (await last).value == "last" and (await holder).value == "held"
+    assert log.read_text().split() == ["last"]
+
+
+async def test_a_call_taken_back_is_told_started_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with held_gil(tmp_path) as (announce, gate, release):
+        async with ProcessPool(2) as pool:
+            await until_batching(pool)
+            asked = asyncio.Event()
+            revoke = pool._revoke
+
+            def revoking(*args: Any) -> None:
+                revoke(*args)
+                asked.set()
+
+            monkeypatch.setattr(pool, "_revoke", revoking)
+            holder, queued, quick = Heard(), Heard(), Heard()
+            pool.start_call(faults.announce_then_hold_the_gil, (announce, gate), holder, timeout=30)
+            pool.start_call(tasks.whoami, (), queued)  # queued behind the holder
+            pool.start_call(tasks.whoami, (), quick)  # on the other worker, which then has nothing to do
+            assert await asyncio.to_thread(Path(announce).read_text) == "started"
+            await asyncio.wait_for(asked.wait(), 30)  # the idle worker asks the queued call back ...
+            release()  # ... and the holder's worker answers only once its call has ended
+            assert (await holder.outcome).value == "held"
+            assert (await queued.outcome).status is Status.COMPLETED  # on whichever worker was free first
+        assert queued.heard == ["started", "finished"]  # not told it started before it was given back
 
 
 async def test_a_call_cancelled_by_a_listener_hears_nothing_more() -> None:
