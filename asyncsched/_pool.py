@@ -452,8 +452,8 @@ class ProcessPool(concurrent.futures.Executor):
         if self._loop is None:
             self._closed = True
             return
-        if self._loop.is_closed():  # started on a loop that has ended (an earlier asyncio.run): nothing watches
-            self._kill_here()
+        if self._loop is not _running_loop() and not self._loop.is_running():
+            self._kill_here()  # its loop has ended or stopped (an earlier asyncio.run()): nothing watches the workers
             return
         if cancel_queued and not self._closed:
             for call in self._pending:
@@ -495,8 +495,15 @@ class ProcessPool(concurrent.futures.Executor):
         """Close the pool without its loop, which is closed or out of reach: kill, reap and close every worker
         in this thread."""
         self._closed = True
+        loop = self._loop
         for worker in list(self._workers):
             worker.signal(signal.SIGKILL)
+            if loop is not None and not loop.is_closed():  # stopped: it may run again, with none of these
+                for watched in (worker.fd, worker.process.sentinel):
+                    loop.remove_reader(watched)
+                loop.remove_writer(worker.fd)
+            if worker.deadline is not None:
+                worker.deadline.cancel()
             worker.process.join()
             worker.sock.close()
         self._workers.clear()
@@ -606,9 +613,12 @@ class ProcessPool(concurrent.futures.Executor):
             raise ClosedError("this ProcessPool is closed; create a new one")
         loop = self._loop
         assert loop is not None
-        if loop.is_closed():
-            raise ClosedError("the event loop this ProcessPool started on is closed (a pool lives on one loop): "
-                              "close it, and create a new one on this loop")
+        if loop is not _running_loop():
+            if loop.is_closed():
+                raise ClosedError("the event loop this ProcessPool started on is closed (a pool lives on one loop): "
+                                  "close it, and create a new one on this loop")
+            raise ConfigurationError("this ProcessPool runs on the event loop it started on: call it there (from "
+                                     "another thread, use submit())")
         call = _Call(self, next(self._ids), timeout, listener)
         if self._broken is not None:
             loop.call_soon(call.settle, _broken_outcome(self._broken))
@@ -692,10 +702,7 @@ class ProcessPool(concurrent.futures.Executor):
         inner.add_done_callback(lambda f: _settle_from_outcome(result, f))
 
     def _on_loop_thread(self) -> bool:
-        try:
-            return asyncio.get_running_loop() is self._loop
-        except RuntimeError:
-            return False
+        return self._loop is not None and _running_loop() is self._loop
 
     # -- workers -----------------------------------------------------------------------------
 
@@ -1137,6 +1144,13 @@ class ProcessPool(concurrent.futures.Executor):
         not started (see _on_revoked; a cancelled one it had started gets ``ABANDONED_GRACE``, see _begin)."""
         if not worker.killed and self._send(worker, pickle.dumps(call_ids, _PROTOCOL)):
             worker.revoking.append(call_ids)
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
 
 
 def _report_data(data: bytes | None) -> dict[str, Any]:

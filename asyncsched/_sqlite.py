@@ -237,10 +237,14 @@ class SQLiteStore(Store):
             return
         self._closed = True
         try:
-            if self._writer is not None and not self._writer.done():  # done: its loop has ended, say
+            writer = self._writer
+            if writer is not None and writer.get_loop() is not asyncio.get_running_loop():
+                if not writer.get_loop().is_closed():  # stopped: it will not run again, or else only to end
+                    writer.cancel()
+            elif writer is not None:
                 async with self._lock:  # never stop the writer in the middle of a commit
-                    self._writer.cancel()
-                await asyncio.wait([self._writer])
+                    writer.cancel()
+                await asyncio.wait([writer])
             if self._db is not None:
                 await self.flush()
         finally:

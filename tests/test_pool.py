@@ -79,18 +79,26 @@ async def test_queued_calls_behind_a_timed_out_one_are_not_lost() -> None:
         assert [o.value for o in outcomes[1:]] == [2 * i for i in range(50)]
 
 
-def test_a_pool_whose_loop_has_ended_refuses_calls_and_closes_from_another_loop() -> None:
+@pytest.mark.parametrize("first_loop", ["closed", "stopped"])
+def test_a_pool_whose_loop_has_ended_refuses_calls_and_closes_from_another_loop(first_loop: str) -> None:
     pool = ProcessPool(1)
 
     async def call(n: int) -> Any:
         return (await pool.call(tasks.square, (n,))).value
 
-    assert asyncio.run(call(2)) == 4
-    pids = pool.pids
-    with pytest.raises(ClosedError, match="loop this ProcessPool started on is closed"):
-        asyncio.run(call(3))
-    asyncio.run(asyncio.wait_for(pool.aclose(), 30))
-    assert all(wait_gone(pid) for pid in pids)
+    loop = asyncio.new_event_loop()
+    try:
+        assert loop.run_until_complete(call(2)) == 4
+        if first_loop == "closed":
+            loop.close()
+        pids = pool.pids
+        refused = ClosedError if first_loop == "closed" else ConfigurationError
+        with pytest.raises(refused, match=r"started on is closed|runs on the event loop it started on"):
+            asyncio.run(call(3))
+        asyncio.run(asyncio.wait_for(pool.aclose(), 30))
+        assert all(wait_gone(pid) for pid in pids)
+    finally:
+        loop.close()
 
 
 async def test_a_builtin_bound_to_an_object_carries_the_objects_current_state() -> None:

@@ -293,14 +293,21 @@ async def test_no_child_process_remains_after_exit() -> None:
 
 
 @pytest.mark.parametrize("stored", [False, True])
-def test_a_scheduler_lives_on_the_loop_it_started_on(tmp_path: Path, stored: bool) -> None:
+@pytest.mark.parametrize("first_loop", ["closed", "stopped"])
+def test_a_scheduler_lives_on_the_loop_it_started_on(tmp_path: Path, stored: bool, first_loop: str) -> None:
     scheduler = Scheduler(workers=1, store=tmp_path / "r.db" if stored else None)
-    assert asyncio.run(scheduler.run([Task(tasks.square, 3)])).results[0].value == 9
-    pids = scheduler.backend.pool.pids  # type: ignore[attr-defined]
-    with pytest.raises(ConfigurationError, match="started on another event loop"):
-        asyncio.run(scheduler.run([Task(tasks.square, 4)]))  # not tasks recorded crashed
-    asyncio.run(asyncio.wait_for(scheduler.aclose(), 30))  # from another loop too: it returns, nothing is left
-    assert all(wait_gone(pid) for pid in pids)
+    loop = asyncio.new_event_loop()
+    try:
+        assert loop.run_until_complete(scheduler.run([Task(tasks.square, 3)])).results[0].value == 9
+        if first_loop == "closed":
+            loop.close()
+        pids = scheduler.backend.pool.pids  # type: ignore[attr-defined]
+        with pytest.raises(ConfigurationError, match="started on another event loop"):
+            asyncio.run(scheduler.run([Task(tasks.square, 4)]))  # not tasks recorded crashed
+        asyncio.run(asyncio.wait_for(scheduler.aclose(), 30))  # from another loop too: it returns, nothing is left
+        assert all(wait_gone(pid) for pid in pids)
+    finally:
+        loop.close()
     if stored:
         assert asyncio.run(_stored_values(tmp_path / "r.db")) == [9]
 
