@@ -386,6 +386,7 @@ class ProcessPool(concurrent.futures.Executor):
         self._balancing: asyncio.Handle | None = None  # a _balance() to come
         self._progress: asyncio.Future[None] | None = None  # set when a call ends, while _close() waits
         self._closed = False
+        self._stopping = False  # shutdown() has begun: no more calls
         self._broken: BrokenPoolError | None = None
         self._start_failures = 0
         self._all_exited: asyncio.Event | None = None
@@ -446,24 +447,14 @@ class ProcessPool(concurrent.futures.Executor):
         """Kill what runs, stop every worker and wait until all are gone. Idempotent."""
         await self._close(cancel=True)
 
-    async def _close(self, *, cancel: bool, cancel_queued: bool = False) -> None:
-        """Close: with ``cancel``, kill what runs; else let every call end, or only those running with
-        ``cancel_queued`` (the others are cancelled)."""
+    async def _close(self, *, cancel: bool) -> None:
+        """Close: with ``cancel``, kill what runs; else let every call end first."""
         if self._loop is None:
             self._closed = True
             return
         if self._loop is not _running_loop() and not self._loop.is_running():
             self._kill_here()  # its loop has ended or stopped (an earlier asyncio.run()): nothing watches the workers
             return
-        if cancel_queued and not self._closed:
-            for call in self._pending:
-                call.settle(_CLOSED)
-            for worker in self._workers:
-                queued = [call for call in itertools.islice(worker.calls, 1, None) if not call.done]
-                for call in queued:
-                    call.settle(_CLOSED)
-                if queued:
-                    self._revoke(worker, {call.call_id for call in queued})
         if not self._closed and not cancel:
             while self._unfinished():
                 if self._progress is None or self._progress.done():
@@ -490,6 +481,20 @@ class ProcessPool(concurrent.futures.Executor):
                     worker.signal(signal.SIGKILL)
                 await self._all_exited.wait()
         _live_pools.discard(self)
+
+    def _cancel_queued(self) -> None:
+        """Cancel every call that has not started: those pending, and those queued on a worker (revoked)."""
+        for call in self._pending:
+            call.settle(_CLOSED)
+        for worker in self._workers:
+            queued = [call for call in itertools.islice(worker.calls, 1, None) if not call.done]
+            for call in queued:
+                call.settle(_CLOSED)
+            if queued:
+                self._revoke(worker, {call.call_id for call in queued})
+
+    async def _cancel_queued_async(self) -> None:
+        self._cancel_queued()
 
     def _kill_here(self) -> None:
         """Close the pool without its loop, which is closed or out of reach: kill, reap and close every worker
@@ -544,7 +549,13 @@ class ProcessPool(concurrent.futures.Executor):
         if loop is None or self._closed:
             self._closed = True
             return
-        closing = self._close(cancel=False, cancel_queued=cancel_futures)
+        self._stopping = True  # no call is taken from now on
+        if cancel_futures and not loop.is_closed():  # before it returns, as concurrent.futures does
+            if self._on_loop_thread() or not loop.is_running():
+                self._cancel_queued()
+            else:
+                asyncio.run_coroutine_threadsafe(self._cancel_queued_async(), loop).result()
+        closing = self._close(cancel=False)
         if self._on_loop_thread():
             task = loop.create_task(closing)
             if self._thread is not None:
@@ -609,8 +620,8 @@ class ProcessPool(concurrent.futures.Executor):
         """
         if self._loop is None:
             self.start()
-        if self._closed:
-            raise ClosedError("this ProcessPool is closed; create a new one")
+        if self._closed or self._stopping:
+            raise ClosedError("this ProcessPool is closed or shutting down; create a new one")
         loop = self._loop
         assert loop is not None
         if loop is not _running_loop():
@@ -674,8 +685,8 @@ class ProcessPool(concurrent.futures.Executor):
         """
         if kwargs:
             fn = functools.partial(fn, **kwargs)
-        if self._closed:
-            raise ClosedError("this ProcessPool is closed; create a new one")
+        if self._closed or self._stopping:
+            raise ClosedError("this ProcessPool is shut down; create a new one")
         self.start()
         result = _ExecutorFuture(self)
         loop = self._loop

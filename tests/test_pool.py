@@ -560,14 +560,17 @@ def test_shutdown_cancel_futures_cancels_only_the_calls_not_running(tmp_path: Pa
         running = pool.submit(tasks.log_and_announce, str(log), str(fifo), "running", release)
         queued = [pool.submit(tasks.log_run, str(log), f"q{i}") for i in range(3)]
         assert select.select([reader], [], [], 30)[0], "the first call never ran"
-        stopping = threading.Thread(target=pool.shutdown, kwargs={"cancel_futures": True})
-        stopping.start()  # as concurrent.futures: the queued calls are cancelled, the running one finishes
+        pool.shutdown(wait=False, cancel_futures=True)  # as concurrent.futures: the queued calls are cancelled
+        assert all(future.cancelled() for future in queued)  # by the time it returns
         assert not concurrent.futures.wait(queued, timeout=30).not_done
-        assert all(future.cancelled() for future in queued)
+        with pytest.raises(ClosedError, match="shut down"):
+            pool.submit(tasks.square, 1)  # no new call, though the running one goes on
         Path(release).touch()
         assert running.result(timeout=30) == "running"
-        stopping.join(timeout=30)
-        assert not stopping.is_alive()
+        thread = pool._thread
+        assert thread is not None
+        thread.join(timeout=30)
+        assert not thread.is_alive()
     finally:
         os.close(reader)
     assert log.read_text().split() == ["running"]
