@@ -291,12 +291,13 @@ class _CallFuture(asyncio.Future[Outcome]):
 
 
 class _Worker:
-    __slots__ = ("began", "begun", "calls", "calls_sent", "deadline", "deadline_at", "fd", "inbuf", "killed", "outbuf",
-                 "pid", "process", "ready", "retiring", "revoking", "sock", "told")
+    __slots__ = ("began", "begun", "calls", "calls_sent", "deadline", "deadline_at", "doorbell", "fd", "inbuf",
+                 "killed", "outbuf", "pid", "process", "ready", "retiring", "revoking", "sock", "told")
 
-    def __init__(self, process: Any, sock: socket.socket) -> None:
+    def __init__(self, process: Any, sock: socket.socket, doorbell: socket.socket) -> None:
         self.process = process
         self.sock = sock
+        self.doorbell = doorbell  # rung after a revoke, for the worker to answer it even while a call runs
         self.fd = sock.fileno()
         self.pid: int = process.pid
         self.ready = False
@@ -386,7 +387,7 @@ class ProcessPool(concurrent.futures.Executor):
         self._balancing: asyncio.Handle | None = None  # a _balance() to come
         self._progress: asyncio.Future[None] | None = None  # set when a call ends, while _close() waits
         self._closed = False
-        self._stopping = False  # shutdown() has begun: no more calls
+        self._stopping = False  # shutdown() has begun: submit() takes no more calls
         self._broken: BrokenPoolError | None = None
         self._start_failures = 0
         self._all_exited: asyncio.Event | None = None
@@ -511,6 +512,7 @@ class ProcessPool(concurrent.futures.Executor):
                 worker.deadline.cancel()
             worker.process.join()
             worker.sock.close()
+            worker.doorbell.close()
         self._workers.clear()
         _live_pools.discard(self)
 
@@ -549,7 +551,7 @@ class ProcessPool(concurrent.futures.Executor):
         if loop is None or self._closed:
             self._closed = True
             return
-        self._stopping = True  # no call is taken from now on
+        self._stopping = True  # submit() takes no call from now on (those it took go on)
         if cancel_futures and not loop.is_closed():  # before it returns, as concurrent.futures does
             if self._on_loop_thread() or not loop.is_running():
                 self._cancel_queued()
@@ -620,8 +622,8 @@ class ProcessPool(concurrent.futures.Executor):
         """
         if self._loop is None:
             self.start()
-        if self._closed or self._stopping:
-            raise ClosedError("this ProcessPool is closed or shutting down; create a new one")
+        if self._closed:
+            raise ClosedError("this ProcessPool is closed; create a new one")
         loop = self._loop
         assert loop is not None
         if loop is not _running_loop():
@@ -727,14 +729,17 @@ class ProcessPool(concurrent.futures.Executor):
         loop = self._loop
         assert loop is not None
         parent_sock, child_sock = socket.socketpair()
-        child_conn = Connection(child_sock.detach())
-        process = self._ctx.Process(target=worker_main, args=(child_conn,), name="asyncsched-worker")
+        doorbell, child_doorbell = socket.socketpair()
+        child_conns = (Connection(child_sock.detach()), Connection(child_doorbell.detach()))
+        process = self._ctx.Process(target=worker_main, args=child_conns, name="asyncsched-worker")
         try:
             process.start()
         finally:
-            child_conn.close()
+            for conn in child_conns:
+                conn.close()
         parent_sock.setblocking(False)
-        worker = _Worker(process, parent_sock)
+        doorbell.setblocking(False)
+        worker = _Worker(process, parent_sock, doorbell)
         self._workers.add(worker)
         self._started += 1
         assert self._all_exited is not None
@@ -802,6 +807,7 @@ class ProcessPool(concurrent.futures.Executor):
         worker.process.join()
         code = worker.process.exitcode  # None if something else reaped it (e.g. psutil's wait())
         worker.sock.close()
+        worker.doorbell.close()
         with contextlib.suppress(ValueError):
             worker.process.close()
         worker.signal(signal.SIGKILL)  # the task's own children, whatever ended the worker
@@ -1155,6 +1161,8 @@ class ProcessPool(concurrent.futures.Executor):
         not started (see _on_revoked; a cancelled one it had started gets ``ABANDONED_GRACE``, see _begin)."""
         if not worker.killed and self._send(worker, pickle.dumps(call_ids, _PROTOCOL)):
             worker.revoking.append(call_ids)
+            with contextlib.suppress(OSError):  # full: it rings already; gone: its exit tells the rest
+                worker.doorbell.send(b"!")
 
 
 def _running_loop() -> asyncio.AbstractEventLoop | None:

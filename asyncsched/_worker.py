@@ -48,6 +48,7 @@ import math
 import multiprocessing
 import os
 import pickle
+import select
 import signal
 import struct
 import sys
@@ -319,7 +320,7 @@ def _exit(code: int) -> NoReturn:
     os._exit(code)
 
 
-def worker_main(conn: Connection) -> None:
+def worker_main(conn: Connection, doorbell: Connection) -> None:
     """Entry point of a pool worker: serve calls from ``conn`` until told to stop."""
     os.setpgrp()  # a kill of this worker's group takes the task's own children too
     _die_with_parent()
@@ -331,7 +332,7 @@ def worker_main(conn: Connection) -> None:
     os.register_at_fork(after_in_child=_not_a_worker)  # a task's forked child does not speak for the task
     channel = _Channel(conn)
     channel.send((READY, os.getpid()))
-    inbox = _Inbox(conn, channel)
+    inbox = _Inbox(conn, doorbell, channel)
     try:
         while (call := inbox.next()) is not None:
             _run_call(channel, *call)
@@ -341,67 +342,74 @@ def worker_main(conn: Connection) -> None:
 
 
 class _Inbox:
-    """The calls sent to this worker and not started yet, taken in by a thread of their own.
+    """The calls sent to this worker and not started yet.
 
-    That thread answers a revoke while a call runs, even one that never ends.
-    Calls leave the queue under the lock, so each is either started or revoked,
-    never both; the answer is written under the lock too, so it reaches the
-    parent before the result of any call started after it. Before it starts a
-    call, the worker waits until what the parent has sent by then is taken in:
-    a revoke that came while a call held the GIL still counts.
+    The worker's own thread takes in what the parent sends before each call,
+    waiting for it when it has nothing to run: a revoke that came while a call
+    ran (even one holding the GIL) still counts. The parent rings ``doorbell``
+    after each revoke; a thread of the worker, woken by it alone, takes in what
+    has come while a call runs, so a revoke is answered then, even if that call
+    never ends. Frames are taken in, and calls started, under one lock: each
+    call is either started or revoked, never both, and the answer to a revoke
+    reaches the parent before the result of any call started after it.
     """
 
-    def __init__(self, conn: Connection, channel: _Channel) -> None:
+    def __init__(self, conn: Connection, doorbell: Connection, channel: _Channel) -> None:
         self.conn = conn
         self.channel = channel
-        self.reading = threading.Lock()  # held while a frame is read, and while the next call is chosen
-        self.ready = threading.Condition(threading.Lock())
+        self.reading = threading.Lock()
         self.queue: deque[tuple[int, bytes | None, bytes]] = deque()
-        self.taken = 0  # frames taken in so far
         self.leaving = False  # told to stop, or orphaned: no more calls will come
-        threading.Thread(target=self._take_in, name="asyncsched-inbox", daemon=True).start()
+        self.sent = _poller(conn)
+        threading.Thread(target=self._answer, args=(doorbell,), name="asyncsched-revokes", daemon=True).start()
 
     def next(self) -> tuple[int, bytes | None, bytes] | None:
         """The next call to run, once there is one; None when the worker is to leave."""
-        while True:
-            with self.reading:
-                unread = not self.leaving and self.conn.poll(0)  # sent, and not taken in yet
-                with self.ready:
-                    if self.queue and not unread:
-                        return self.queue.popleft()
-                    if self.leaving:
-                        return self.queue.popleft() if self.queue else None
-                    taken = self.taken
-            with self.ready:  # until the thread has taken in another frame
-                while self.taken == taken and not self.leaving:
-                    self.ready.wait()
+        with self.reading:
+            while not self.leaving and (not self.queue or self.sent.poll(0)):  # sent, and not taken in yet
+                self._take_one()  # waits for a frame when the queue is empty
+            return self.queue.popleft() if self.queue else None
 
-    def _take_in(self) -> None:
-        while True:
-            with contextlib.suppress(OSError):  # closed: the read below says so
-                self.conn.poll(None)  # until something comes, not holding the lock
-            with self.reading:
+    def _answer(self, doorbell: Connection) -> None:
+        """Each time the parent rings, take in what it has sent, unless the worker's own thread is at it."""
+        sent = _poller(self.conn)  # poll objects are not shared between threads
+        while not self.leaving:
+            try:
+                if not os.read(doorbell.fileno(), 4096):  # one ring or several
+                    return  # the parent is gone
+            except OSError:
+                return
+            if self.reading.acquire(blocking=False):  # else the worker's own thread is taking it in
                 try:
-                    frame = pickle.loads(self.conn.recv_bytes())
-                except (EOFError, OSError):  # the parent is gone
-                    frame = None
-                with self.ready:
-                    self.taken += 1
-                    self.ready.notify()
-                    if frame is None:
-                        self.leaving = True
-                        return
-                    if isinstance(frame, set):
-                        revoked = [call[0] for call in self.queue if call[0] in frame]
-                        if revoked:
-                            self.queue = deque(call for call in self.queue if call[0] not in frame)
-                        try:
-                            self.channel.send((REVOKED, revoked))
-                        except OSError:  # the parent is gone
-                            self.leaving = True
-                            return
-                    else:
-                        self.queue.extend(frame)
+                    while not self.leaving and sent.poll(0):
+                        self._take_one()
+                finally:
+                    self.reading.release()
+
+    def _take_one(self) -> None:
+        """Read one frame (waiting for it) and take it in; the caller holds ``reading``."""
+        try:
+            frame = pickle.loads(self.conn.recv_bytes())
+        except (EOFError, OSError):  # the parent is gone
+            frame = None
+        if frame is None:
+            self.leaving = True
+        elif isinstance(frame, set):
+            revoked = [call[0] for call in self.queue if call[0] in frame]
+            if revoked:
+                self.queue = deque(call for call in self.queue if call[0] not in frame)
+            try:
+                self.channel.send((REVOKED, revoked))
+            except OSError:  # the parent is gone
+                self.leaving = True
+        else:
+            self.queue.extend(frame)
+
+
+def _poller(conn: Connection) -> select.poll:
+    poller = select.poll()
+    poller.register(conn.fileno(), select.POLLIN)
+    return poller
 
 
 def run_capturing(fn: Callable[..., Any], args: tuple[Any, ...]) -> tuple[Any, ...]:
