@@ -102,7 +102,6 @@ _ROWS_PER_INSERT = 64
 """Rows per INSERT statement: each statement is one SQLite step, and each step hands the GIL to the loop and back."""
 _LEAN_PARAMETERS = 8
 """Parameters per row of a lean INSERT (see _lean_sql), besides the batch."""
-_LAST_ID = "SELECT coalesce(max(id), 0) FROM results"
 _SELECT = f"SELECT {', '.join(_COLUMNS)} FROM results"
 
 Row = tuple[Any, ...]
@@ -327,9 +326,9 @@ class SQLiteStore(Store):
             if sql is None and not self._pending:
                 return 0
             try:
-                async with self._transaction(_LAST_ID) as (db, ((last,),)):
+                async with self._transaction() as db:
                     results, self._pending = self._pending, []
-                    await _insert_results(db, results, last)
+                    await _insert_results(db, results)
                     return 0 if sql is None else (await db.execute(sql, parameters)).rowcount
             except BaseException:
                 self._pending[:0] = results  # not committed: queued again, ahead of newer ones
@@ -340,38 +339,19 @@ class SQLiteStore(Store):
     @contextlib.asynccontextmanager
     async def _writing(self, doing: str = "write to") -> AsyncIterator[aiosqlite.Connection]:
         """A write transaction on the write connection, for this caller alone."""
-        async with self._lock, self._transaction(None, doing) as (db, _):
+        async with self._lock, self._transaction(doing) as db:
             yield db
 
     @contextlib.asynccontextmanager
-    async def _transaction(self, query: str | None,
-                           doing: str = "write to") -> AsyncIterator[tuple[aiosqlite.Connection, list[Any]]]:
-        """A write transaction, committed at the end or rolled back; the caller holds ``_lock``.
-
-        Yields the connection and the rows of ``query``, run first in the
-        transaction. The two statements go to the connection's thread together:
-        each wait for an answer from that thread costs the writer a turn of
-        the loop, and a turn of the GIL, which the loop holds while it is busy.
-        """
+    async def _transaction(self, doing: str = "write to") -> AsyncIterator[aiosqlite.Connection]:
+        """A write transaction, committed at the end or rolled back; the caller holds ``_lock``."""
         db = self._db
         if db is None:
             raise self._unavailable()
         with self._translate(doing):
-            if query is None:
-                await db.execute("BEGIN IMMEDIATE")
-                rows: list[Any] = []
-            else:
-                begun, read = await asyncio.gather(db.execute("BEGIN IMMEDIATE"), db.execute_fetchall(query),
-                                                   return_exceptions=True)
-                if isinstance(begun, BaseException):
-                    raise begun  # the query ran outside any transaction, and changed nothing
-                if isinstance(read, BaseException):
-                    with contextlib.suppress(sqlite3.Error):
-                        await db.rollback()
-                    raise read
-                rows = list(read)
+            await db.execute("BEGIN IMMEDIATE")
             try:
-                yield db, rows
+                yield db
                 await db.execute("COMMIT")
             except BaseException:
                 with contextlib.suppress(sqlite3.Error):
@@ -624,9 +604,9 @@ async def _insert(db: aiosqlite.Connection, rows: Sequence[Row], columns: Sequen
         await db.execute(_insert_sql(len(rows) - full, columns), tuple(itertools.chain.from_iterable(rows[full:])))
 
 
-async def _insert_results(db: aiosqlite.Connection, results: Sequence[TaskResult], last: int) -> None:
-    """Insert (or replace) the rows of ``results``, in order: ids as they come after ``last``, and the later
-    of two results with the same key last.
+async def _insert_results(db: aiosqlite.Connection, results: Sequence[TaskResult]) -> None:
+    """Insert (or replace) the rows of ``results``, in order: ids as they come, and the later of two
+    results with the same key last.
 
     Most results are a plain value of a completed task: those go in lean
     statements (:func:`_lean_sql`), which cost SQLite half as much per row,
@@ -635,17 +615,13 @@ async def _insert_results(db: aiosqlite.Connection, results: Sequence[TaskResult
     ``results``, so reading by id stays oldest first; a lean result that comes
     after a full one of the same key goes with the full rows, so the later one
     still wins.
-
-    The lean rows of a batch that do not fill a statement are made to fill one
-    by repeating their last row: writing a row again changes nothing, and costs
-    SQLite less than another statement costs, which the writer would wait on
-    the loop for.
     """
+    (last,) = next(iter(await db.execute_fetchall("SELECT coalesce(max(id), 0) FROM results")))
     full: list[Row] = []
-    size = _LEAN_PARAMETERS * _ROWS_PER_INSERT
+    partial: dict[str, list[Any]] = {}  # per batch: the parameters of lean rows not yet in a statement
+    complete = 1 + _ROWS_PER_INSERT * _LEAN_PARAMETERS
 
     def lean_statements() -> Iterator[list[Any]]:  # runs in the connection's thread
-        partial: dict[str, list[Any]] = {}  # per batch: the parameters of lean rows not yet in a statement
         full_keys: set[tuple[str, str]] = set()
         for row_id, r in enumerate(results, last + 1):
             encoded = None
@@ -659,17 +635,16 @@ async def _insert_results(db: aiosqlite.Connection, results: Sequence[TaskResult
                         parameters = partial[r.batch_id] = [_text(r.batch_id)]
                     key = r.key if r.key.isascii() else _text(r.key)
                     parameters += (row_id, key, r.index, value, r.attempts, r.pid, r.started_at, r.finished_at)
-                    if len(parameters) > size:
+                    if len(parameters) == complete:
                         del partial[r.batch_id]
                         yield parameters
                     continue
             full_keys.add((r.batch_id, r.key))
             full.append((row_id, *_row(r, encoded)))
-        for parameters in partial.values():
-            missing = size + 1 - len(parameters)
-            yield parameters + parameters[-_LEAN_PARAMETERS:] * (missing // _LEAN_PARAMETERS)
 
     await db.executemany(_lean_sql(_ROWS_PER_INSERT), lean_statements())
+    for parameters in partial.values():
+        await db.execute(_lean_sql((len(parameters) - 1) // _LEAN_PARAMETERS), parameters)
     await _insert(db, full, ("id", *_COLUMNS))
 
 
