@@ -27,10 +27,11 @@ next call. Whatever that call does (crash the process, hold the GIL, hang),
 the parent already has every result before it, so a crash or a timeout costs
 its own call only. The parent reads what has come in a group at a time.
 
-A thread of the worker takes in what the parent sends, even while a call
-runs, and answers a revoke at once with the calls it took out of the queue:
-the parent knows exactly which calls never started, so it can give them to
-another worker, or record them cancelled.
+A revoke is answered with the calls the worker took out of its queue: the
+parent knows exactly which calls never started, so it can give them to
+another worker, or record them cancelled. The parent also rings a second
+socket, the doorbell, after each revoke: a thread of the worker, woken by it
+alone, answers even while a call runs (see ``_Inbox``).
 
 A value of a plain builtin type (int, str, ...) travels as it is. Any other
 value is pickled on its own, at once, so that a value that does not pickle
