@@ -372,7 +372,7 @@ class _Inbox:
             return self.queue.popleft() if self.queue else None
 
     def _answer(self, doorbell: Connection) -> None:
-        """Each time the parent rings, take in what it has sent, unless the worker's own thread is at it."""
+        """Each time the parent rings, take in what it has sent and the worker's own thread has not."""
         sent = _poller(self.conn)  # poll objects are not shared between threads
         while not self.leaving:
             try:
@@ -380,12 +380,9 @@ class _Inbox:
                     return  # the parent is gone
             except OSError:
                 return
-            if self.reading.acquire(blocking=False):  # else the worker's own thread is taking it in
-                try:
-                    while not self.leaving and sent.poll(0):
-                        self._take_one()
-                finally:
-                    self.reading.release()
+            with self.reading:  # once the worker's own thread is in a call, or waits for frames
+                while not self.leaving and sent.poll(0):  # else that thread has taken them in
+                    self._take_one()
 
     def _take_one(self) -> None:
         """Read one frame (waiting for it) and take it in; the caller holds ``reading``."""
