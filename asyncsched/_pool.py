@@ -432,10 +432,7 @@ class ProcessPool(concurrent.futures.Executor):
         self._thread = threading.Thread(target=run, name="asyncsched-pool", daemon=True)
         self._thread.start()
         started.wait()
-        asyncio.run_coroutine_threadsafe(self._bind_async(loop), loop).result()
-
-    async def _bind_async(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._bind(loop)
+        _call_on(loop, functools.partial(self._bind, loop))
 
     async def __aenter__(self) -> ProcessPool:
         self.start()
@@ -493,9 +490,6 @@ class ProcessPool(concurrent.futures.Executor):
                 call.settle(_CLOSED)
             if queued:
                 self._revoke(worker, {call.call_id for call in queued})
-
-    async def _cancel_queued_async(self) -> None:
-        self._cancel_queued()
 
     def _kill_here(self) -> None:
         """Close the pool without its loop, which is closed or out of reach: kill, reap and close every worker
@@ -556,7 +550,7 @@ class ProcessPool(concurrent.futures.Executor):
             if self._on_loop_thread() or not loop.is_running():
                 self._cancel_queued()
             else:
-                asyncio.run_coroutine_threadsafe(self._cancel_queued_async(), loop).result()
+                _call_on(loop, self._cancel_queued)
         closing = self._close(cancel=False)
         if self._on_loop_thread():
             task = loop.create_task(closing)
@@ -1163,6 +1157,14 @@ class ProcessPool(concurrent.futures.Executor):
             worker.revoking.append(call_ids)
             with contextlib.suppress(OSError):  # full: it rings already; gone: its exit tells the rest
                 worker.doorbell.send(b"!")
+
+
+def _call_on(loop: asyncio.AbstractEventLoop, function: Callable[[], None]) -> None:
+    """Run ``function`` on ``loop``, which runs in another thread, and wait until it has (its error raises here)."""
+    async def call() -> None:
+        function()
+
+    asyncio.run_coroutine_threadsafe(call(), loop).result()
 
 
 def _running_loop() -> asyncio.AbstractEventLoop | None:
