@@ -418,9 +418,12 @@ class Scheduler:
             _handling_sigterm -= 1
             asyncio.get_running_loop().remove_signal_handler(signal.SIGTERM)
 
-    async def _ensure_started(self) -> None:
+    def _check_open(self) -> None:
         if self._closed:
             raise ClosedError("this Scheduler is closed; create a new one")
+
+    async def _ensure_started(self) -> None:
+        self._check_open()
         loop = asyncio.get_running_loop()
         if self._loop is not loop and self._loop is not None:
             raise ConfigurationError("this Scheduler started on another event loop (an earlier asyncio.run()?), and "
@@ -430,8 +433,7 @@ class Scheduler:
         if self._start_lock is None:
             self._start_lock = asyncio.Lock()
         async with self._start_lock:
-            if self._closed:  # closed while this waited for another start
-                raise ClosedError("this Scheduler is closed; create a new one")
+            self._check_open()  # closed while this waited for another start
             if not self._started:
                 await self._store.open()
                 await self._backend.start()
@@ -520,8 +522,7 @@ class Scheduler:
     async def _begin(self, batch_id: str | None, name: str | None,
                      resume: bool) -> tuple[_BatchRun, Mapping[str, TaskResult]]:
         """The run of a batch, known to cancel() from now on, and the results the store has of it."""
-        if self._closed:
-            raise ClosedError("this Scheduler is closed; create a new one")
+        self._check_open()
         if batch_id is None:
             if resume:
                 raise ConfigurationError("resume=True needs the batch_id of the batch to resume")
@@ -665,8 +666,7 @@ class Scheduler:
         slow consumer never slows the run. The stream ends when the scheduler
         closes.
         """
-        if self._closed:
-            raise ClosedError("this Scheduler is closed; create a new one")
+        self._check_open()
         if buffer is not None and not (is_int(buffer) and buffer >= 1):
             raise ConfigurationError(f"buffer must be an int of at least 1, or None, got {buffer!r}")
         return self._hub.subscribe(batch_id, buffer, kinds)
