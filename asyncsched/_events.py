@@ -32,7 +32,7 @@ from types import TracebackType
 from typing import Protocol
 
 from ._errors import ConfigurationError
-from ._models import Event
+from ._models import Event, TaskFinished, TaskReported, TaskRetried, TaskStarted
 
 __all__ = ["DEFAULT_EVENT_BUFFER", "EventHub", "EventListener", "EventStream", "Kinds"]
 
@@ -146,7 +146,8 @@ class EventHub:
 
     def __init__(self, maxlen: int = DEFAULT_EVENT_BUFFER) -> None:
         self._refs: list[weakref.ref[_Subscriber]] = []
-        self._wanted: Kinds = frozenset()  # the kinds some subscriber wants; None when one wants all
+        self.wanted: frozenset[type[Event]] = frozenset()
+        """The kinds some subscriber wants: the code that runs for every task checks ``kind in hub.wanted``."""
         self._maxlen = maxlen
         self._pending: list[Event] = []  # published this turn of the loop, not delivered yet
 
@@ -180,15 +181,12 @@ class EventHub:
         for ref in refs:
             subscriber = ref()
             if subscriber is not None:
-                if subscriber.kinds is None:
-                    self._wanted = None
-                    return
-                wanted |= subscriber.kinds
-        self._wanted = frozenset(wanted)
+                wanted |= _ALL_KINDS if subscriber.kinds is None else subscriber.kinds
+        self.wanted = frozenset(wanted)
 
     def wants(self, kind: type[Event]) -> bool:
         """Whether some consumer would get an event of this kind."""
-        return self._wanted is None or kind in self._wanted
+        return kind in self.wanted
 
     def publish(self, event: Event) -> None:
         """Queue ``event`` for delivery at the end of this turn of the loop. Never waits.
@@ -199,9 +197,9 @@ class EventHub:
         if not self._refs:
             return
         pending = self._pending
-        pending.append(event)
-        if len(pending) == 1:
+        if not pending:
             asyncio.get_running_loop().call_soon(self.deliver)
+        pending.append(event)
 
     def deliver(self) -> None:
         """Hand the events published so far to every consumer now (else it happens at the end of the turn)."""
@@ -234,6 +232,9 @@ class EventHub:
             stream = ref()
             if stream is not None:
                 stream._end()
+
+
+_ALL_KINDS = frozenset({TaskStarted, TaskReported, TaskRetried, TaskFinished})
 
 
 def _kinds(kinds: Iterable[type[Event]] | None) -> Kinds:

@@ -60,8 +60,23 @@ class Status(enum.StrEnum):
 FINAL_STATUSES = (Status.COMPLETED, Status.FAILED, Status.TIMED_OUT, Status.CRASHED, Status.CANCELLED)
 
 
+_SENDABLE: set[Callable[..., Any]] = set()
+"""Module-level functions already checked (at most 1024): a million tasks of one function check it once."""
+
+
 def _check_sendable(fn: Callable[..., Any]) -> None:
     """Refuse, at submission, functions a worker process could never load."""
+    plain = type(fn) is types.FunctionType
+    if plain and fn in _SENDABLE:
+        return
+    _check_callable(fn)
+    if plain:
+        if len(_SENDABLE) >= 1024:
+            _SENDABLE.clear()
+        _SENDABLE.add(fn)
+
+
+def _check_callable(fn: Callable[..., Any]) -> None:
     if not callable(fn):
         raise TaskDefinitionError(f"a Task needs a callable, got {type(fn).__name__} {fn!r}")
     while isinstance(fn, functools.partial):

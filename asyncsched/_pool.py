@@ -116,6 +116,7 @@ ABANDONED_GRACE = 0.1
 """Seconds a call cancelled while queued on a worker may run once it is reached, before that worker is killed."""
 
 _PLAIN_FUNCTIONS = (types.FunctionType, types.BuiltinFunctionType)
+_COMPLETED = Status.COMPLETED  # for _on_message: an enum member costs a lookup each time (Python 3.11)
 _READ_SIZE = 1 << 16
 _PROTOCOL = pickle.HIGHEST_PROTOCOL
 
@@ -224,7 +225,11 @@ class _Call:
             return
         self.done = True
         pool = self.pool
-        pool._tell(self, self.listener.finished, (outcome,))
+        held = pool._held  # see _tell
+        if held is not None:
+            held.append((self, self.listener.finished, (outcome,)))
+        else:
+            pool._call_listener(self.listener.finished, (outcome,))
         if pool._progress is not None:
             pool._progressed()
 
@@ -292,7 +297,7 @@ class _CallFuture(asyncio.Future[Outcome]):
 
 class _Worker:
     __slots__ = ("began", "begun", "calls", "calls_sent", "deadline", "deadline_at", "doorbell", "fd", "inbuf",
-                 "killed", "outbuf", "pid", "process", "ready", "retiring", "revoking", "sock", "told")
+                 "killed", "outbuf", "pid", "process", "ready", "retiring", "revoking", "sock", "timer_at", "told")
 
     def __init__(self, process: Any, sock: socket.socket, doorbell: socket.socket) -> None:
         self.process = process
@@ -307,6 +312,7 @@ class _Worker:
         self.calls_sent = 0
         self.deadline_at: float | None = None  # loop time by which the running call must end
         self.deadline: asyncio.TimerHandle | None = None  # a timer at or before deadline_at
+        self.timer_at = 0.0  # when that timer fires
         self.began = 0.0  # loop time the running call reached the head
         self.begun: _Call | None = None  # the call that reached the head last: its timeout runs
         self.told: _Call | None = None  # the call whose listener was told it started
@@ -532,8 +538,11 @@ class ProcessPool(concurrent.futures.Executor):
         try:
             method(*args)
         except Exception as exc:  # as the loop treats a failing callback: reported, never fatal to the pool
-            assert self._loop is not None
-            self._loop.call_exception_handler({"message": "a ProcessPool call listener failed", "exception": exc})
+            self._listener_failed(exc)
+
+    def _listener_failed(self, exc: Exception) -> None:
+        assert self._loop is not None
+        self._loop.call_exception_handler({"message": "a ProcessPool call listener failed", "exception": exc})
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """``Executor.shutdown``. From the pool's own loop thread it cannot wait: use ``await aclose()`` there.
@@ -614,6 +623,31 @@ class ProcessPool(concurrent.futures.Executor):
         pool makes the call ``crashed`` (with the :class:`BrokenPoolError` as
         the outcome's exception).
         """
+        loop = self._loop
+        if loop is None or self._closed or loop is not asyncio._get_running_loop():
+            return self._start_call_slowly(fn, args, listener, timeout)
+        call = _Call(self, next(self._ids), timeout, listener)
+        if self._broken is not None:
+            loop.call_soon(call.settle, _broken_outcome(self._broken))
+            return call
+        try:
+            function = self._functions.get(fn) if type(fn) in _PLAIN_FUNCTIONS else None
+            if function is None:
+                function = self._pickled_function(fn)
+            call.function = function
+            call.payload = pickle.dumps(args if function is not None else (fn, args), _PROTOCOL)
+        except Exception as exc:
+            loop.call_soon(call.settle, _pickle_failure(fn, args, exc))
+            return call
+        self._pending.append(call)
+        if not self._dispatching:  # calls made in one loop iteration are sent together
+            self._dispatching = True
+            loop.call_soon(self._dispatch)
+        return call
+
+    def _start_call_slowly(self, fn: Callable[..., Any], args: tuple[Any, ...], listener: CallListener,
+                           timeout: float | None) -> _Call:
+        """start_call() on a pool not started yet, or the error that says why it cannot take the call."""
         if self._loop is None:
             self.start()
         if self._closed:
@@ -626,21 +660,7 @@ class ProcessPool(concurrent.futures.Executor):
                                   "close it, and create a new one on this loop")
             raise ConfigurationError("this ProcessPool runs on the event loop it started on: call it there (from "
                                      "another thread, use submit())")
-        call = _Call(self, next(self._ids), timeout, listener)
-        if self._broken is not None:
-            loop.call_soon(call.settle, _broken_outcome(self._broken))
-            return call
-        try:
-            call.function = function = self._pickled_function(fn)
-            call.payload = pickle.dumps(args if function is not None else (fn, args), _PROTOCOL)
-        except Exception as exc:
-            loop.call_soon(call.settle, _pickle_failure(fn, args, exc))
-            return call
-        self._pending.append(call)
-        if not self._dispatching:  # calls made in one loop iteration are sent together
-            self._dispatching = True
-            loop.call_soon(self._dispatch)
-        return call
+        return self.start_call(fn, args, listener, timeout=timeout)
 
     def _pickled_function(self, fn: Callable[..., Any]) -> bytes | None:
         """A plain function pickled (by name) once, or None for other callables, which travel with their call.
@@ -888,7 +908,10 @@ class ProcessPool(concurrent.futures.Executor):
             self._held = None
         for call, method, args in held:
             if not call.cancelled:  # else a listener cancelled it meanwhile: nothing more about it
-                self._call_listener(method, args)
+                try:
+                    method(*args)
+                except Exception as exc:  # see _call_listener
+                    self._listener_failed(exc)
         if not worker.calls and not self._pending and self._balancing is None and worker in self._ready:
             assert self._loop is not None  # after the listeners' new calls are dispatched (call_soon, too)
             self._balancing = self._loop.call_soon(self._balance)
@@ -916,7 +939,8 @@ class ProcessPool(concurrent.futures.Executor):
                 return  # the worker was killed meanwhile and its calls given back
             call = calls.popleft()
             self._average += 0.2 * ((finished - started) - self._average)
-            call.settle(_outcome(worker.pid, how, value, started, finished))
+            call.settle(Outcome(_COMPLETED, value, None, None, None, None, worker.pid, started, finished)
+                        if how == VALUE else _outcome(worker.pid, how, value, started, finished))
             self._next(worker)
         elif kind == REVOKED:
             self._on_revoked(worker, message[1])
@@ -1087,13 +1111,14 @@ class ProcessPool(concurrent.futures.Executor):
         if timeout is not None:
             worker.deadline_at = deadline = now + timeout
             timer = worker.deadline
-            if timer is not None and timer.when() > deadline:
+            if timer is not None and worker.timer_at > deadline:
                 timer.cancel()
                 timer = None
             if timer is None:
                 worker.deadline = loop.call_at(deadline, self._on_deadline, worker)
-        if not any(call.call_id in asked for asked in worker.revoking):  # else once the worker says it kept it
-            self._tell_started(worker, call)
+                worker.timer_at = deadline
+        if not (worker.revoking and any(call.call_id in asked for asked in worker.revoking)):
+            self._tell_started(worker, call)  # else once the worker says it kept it
 
     def _tell_started(self, worker: _Worker, call: _Call) -> None:
         worker.told = call
@@ -1107,6 +1132,7 @@ class ProcessPool(concurrent.futures.Executor):
             return
         if worker.deadline_at > loop.time():  # a later call is running: wait for its deadline
             worker.deadline = loop.call_at(worker.deadline_at, self._on_deadline, worker)
+            worker.timer_at = worker.deadline_at
             return
         self._read(worker)  # the result may already be here (then a new call may have begun)
         call = worker.call
@@ -1186,9 +1212,8 @@ def _report_data(data: bytes | None) -> dict[str, Any]:
 
 
 def _outcome(pid: int, how: int, value: Any, started: float, finished: float) -> Outcome:
-    """The Outcome a DONE message carries (see ``_worker``)."""
-    if how == VALUE:
-        return Outcome(Status.COMPLETED, value, None, None, None, None, pid, started, finished)
+    """The Outcome a DONE message carries with a PICKLED value or an ERROR (see ``_worker``; _on_message builds
+    that of a plain VALUE)."""
     if how == PICKLED:
         try:
             value = pickle.loads(value)

@@ -89,6 +89,9 @@ MIN_WINDOW = 16
 
 _END: Any = object()
 
+_COMPLETED, _RUNNING = Status.COMPLETED, Status.RUNNING
+"""For the code that runs for every task: an enum member costs a lookup each time (Python 3.11)."""
+
 
 class _Record:
     """What the parent keeps about one task of a running batch.
@@ -120,8 +123,8 @@ class _Record:
     def started(self, pid: int | None, timestamp: float) -> None:
         self.running_since = timestamp
         hub = self.run.hub
-        if hub.wants(TaskStarted):
-            hub.publish(TaskStarted(self.run.batch_id, self.key, Status.RUNNING, timestamp, pid, None, None,
+        if TaskStarted in hub.wanted:
+            hub.publish(TaskStarted(self.run.batch_id, self.key, _RUNNING, timestamp, pid, None, None,
                                     self.attempts))
 
     def reported(self, pid: int | None, timestamp: float, message: str | None, progress: float | None,
@@ -131,15 +134,19 @@ class _Record:
         if progress is not None:
             self.progress = progress
         hub = self.run.hub
-        if hub.wants(TaskReported):
+        if TaskReported in hub.wanted:
             hub.publish(TaskReported(self.run.batch_id, self.key, Status.RUNNING, timestamp, pid, message, progress,
                                      self.attempts, data or None))
 
     def finished(self, outcome: Outcome) -> None:
         if self.running is not None:  # else cancelled meanwhile: cancel_all() records the task
             self.running = None
+            run = self.run
             try:
-                self.run.finished(self, outcome)
+                if outcome.status is _COMPLETED:
+                    run.record(self, outcome)
+                else:
+                    run.finished(self, outcome)
             except Exception as exc:  # e.g. a store that cannot take the result: the run fails with it
                 self.run.abort(exc)
 
@@ -176,30 +183,31 @@ class _BatchRun:
     def start(self, record: _Record) -> None:
         record.retry_handle = None
         if self.stopped is not None:  # admitted while the batch was being cancelled
-            self._finish(record, Outcome(Status.CANCELLED, error=self.stopped, error_type="asyncio.CancelledError"))
+            self.record(record, Outcome(Status.CANCELLED, error=self.stopped, error_type="asyncio.CancelledError"))
             return
         record.attempts += 1
         attempt = Attempt(self.batch_id, record.key, record.fn, record.args, record.timeout, record.attempts)
         try:
             record.running = self.backend.run_attempt(attempt, record)
         except Exception as exc:  # a backend that cannot take work any more
-            self._finish(record, backend_failure(exc))
+            self.record(record, backend_failure(exc))
 
     def finished(self, record: _Record, outcome: Outcome) -> None:
         """An attempt of ``record`` ended: retry it later, or record the task."""
-        if (outcome.status is not Status.COMPLETED and record.attempts <= record.retries
+        if (outcome.status is not _COMPLETED and record.attempts <= record.retries
                 and self.policy.should_retry(outcome)):
             delay = self.policy.delay(record.attempts)
             record.running_since = None
             self.retries += 1
-            if self.hub.wants(TaskRetried):
+            if TaskRetried in self.hub.wanted:
                 self.hub.publish(TaskRetried(self.batch_id, record.key, outcome.status, time.time(), outcome.pid,
                                              f"{outcome.error}; retrying in {delay:.2f}s", None, record.attempts))
             record.retry_handle = self.loop.call_later(delay, self.start, record)
             return
-        self._finish(record, outcome)
+        self.record(record, outcome)
 
-    def _finish(self, record: _Record, outcome: Outcome) -> None:
+    def record(self, record: _Record, outcome: Outcome) -> None:
+        """Record the task with the outcome of its last attempt: store it, publish it, and hand it out."""
         del self.records[record.index]
         started, finished = outcome.started_at, outcome.finished_at
         if started is None and record.running_since is not None:  # killed, lost or cancelled while it ran
@@ -226,12 +234,14 @@ class _BatchRun:
         if started is not None and finished is not None:
             self.busy += finished - started
             self.timed += 1
-        if self.hub.wants(TaskFinished):
+        if TaskFinished in self.hub.wanted:
             self.hub.publish(TaskFinished(self.batch_id, record.key, outcome.status, finished or time.time(),
                                           outcome.pid, outcome.error or record.message, record.progress,
                                           record.attempts))
         self.ready.append(result)
-        self._wake()
+        waiter = self.waiter  # as _wake(), inline: this runs for every task
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     def _wake(self) -> None:
         waiter = self.waiter
@@ -242,7 +252,7 @@ class _BatchRun:
         """Record a batch item that is not a runnable Task as failed, without running it."""
         record = _Record(self, index, key, None, (), None, 0)
         self.records[index] = record
-        self._finish(record, Outcome(Status.FAILED, error=error, error_type="asyncsched.TaskDefinitionError"))
+        self.record(record, Outcome(Status.FAILED, error=error, error_type="asyncsched.TaskDefinitionError"))
 
     def cancel_all(self, why: str) -> None:
         """Stop every task still in flight and record it as cancelled; wake the batch's stream."""
@@ -256,7 +266,7 @@ class _BatchRun:
                     record.attempts -= 1
             if record.retry_handle is not None:
                 record.retry_handle.cancel()
-            self._finish(record, Outcome(Status.CANCELLED, error=why, error_type="asyncio.CancelledError"))
+            self.record(record, Outcome(Status.CANCELLED, error=why, error_type="asyncio.CancelledError"))
         self._wake()  # also with nothing in flight: a stream waiting for its async batch's next item ends
 
     def abort(self, error: BaseException) -> None:
@@ -627,9 +637,10 @@ class Scheduler:
         elif not isinstance(item, Task):
             run.fail_item(index, key, f"TaskDefinitionError: batch item {index} is {type(item).__name__}, not a Task")
         else:
-            timeout = item.timeout if item.timeout is not None else self.timeout
-            retries = item.retries if item.retries is not None else self.retries
-            record = _Record(run, index, key, item.fn, item.args, timeout, retries)
+            timeout = item.timeout
+            retries = item.retries
+            record = _Record(run, index, key, item.fn, item.args, self.timeout if timeout is None else timeout,
+                             self.retries if retries is None else retries)
             run.records[index] = record
             run.start(record)
         return index + 1
@@ -698,7 +709,7 @@ class Scheduler:
 def _key(item: object, index: int) -> str:
     """The key of the batch item at ``index``: its own, or its position."""
     key = item.key if isinstance(item, Task) else None
-    return key if key is not None else str(index)
+    return str(index) if key is None else key
 
 
 def _status(value: Status | str) -> Status:

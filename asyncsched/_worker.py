@@ -193,9 +193,11 @@ class _Channel:
                 self.writing = False
 
     def _write(self, frame: bytes) -> None:
-        view = memoryview(frame)
-        while view:
-            view = view[os.write(self.fd, view):]
+        sent = os.write(self.fd, frame)
+        if sent < len(frame):  # a large frame: the rest in as many writes as it takes
+            view = memoryview(frame)[sent:]
+            while view:
+                view = view[os.write(self.fd, view):]
 
 
 def _load(function: bytes | None, payload: bytes) -> tuple[Callable[..., Any], tuple[Any, ...]]:
