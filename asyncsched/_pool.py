@@ -874,37 +874,43 @@ class ProcessPool(concurrent.futures.Executor):
             buf += data
             if len(data) < _READ_SIZE:
                 break
-        pos, end = 0, len(buf)
-        messages: list[tuple[Any, ...]] = []
-        unreadable: Exception | None = None
-        while end - pos >= 4:
-            (size,) = HEADER.unpack_from(buf, pos)
-            head = 4
-            if size == -1:
-                if end - pos < BIG_HEADER.size:
-                    break
-                size = BIG_HEADER.unpack_from(buf, pos)[1]
-                head = BIG_HEADER.size
-            if end - pos - head < size:
-                break
-            frame = buf[pos + head: pos + head + size]
-            pos += head + size
-            try:
-                messages.append(pickle.loads(frame))
-            except Exception as exc:  # never from the wire format itself: the worker is not to be trusted
-                unreadable = exc
-                break
-        del buf[:pos]
         held: list[tuple[_Call, Callable[..., None], tuple[Any, ...]]] = []
         self._held = held
+        pos, end = 0, len(buf)
         try:
-            for message in messages:
-                self._on_message(worker, message)
-            if unreadable is not None:
-                self._on_unreadable(worker, unreadable)
-            if messages:
+            while end - pos >= 4:
+                (size,) = HEADER.unpack_from(buf, pos)
+                head = 4
+                if size == -1:
+                    if end - pos < BIG_HEADER.size:
+                        break
+                    size = BIG_HEADER.unpack_from(buf, pos)[1]
+                    head = BIG_HEADER.size
+                if end - pos - head < size:
+                    break
+                frame = buf[pos + head: pos + head + size]
+                pos += head + size
+                try:
+                    message = pickle.loads(frame)
+                except Exception as exc:  # never from the wire format itself: the worker is not to be trusted
+                    self._on_unreadable(worker, exc)
+                    break
+                if message[0] == DONE:  # the one message of every call, handled here
+                    _, call_id, how, value, started, finished = message
+                    calls = worker.calls
+                    if not calls or calls[0].call_id != call_id:
+                        continue  # the worker was killed meanwhile and its calls given back
+                    call = calls.popleft()
+                    self._average += 0.2 * ((finished - started) - self._average)
+                    call.settle(Outcome(_COMPLETED, value, None, None, None, None, worker.pid, started, finished)
+                                if how == VALUE else _outcome(worker.pid, how, value, started, finished))
+                    self._next(worker)
+                else:
+                    self._on_message(worker, message)
+            if pos:
                 self._dispatch()  # the calls it starts are told after the results that made room for them
         finally:
+            del buf[:pos]
             self._held = None
         for call, method, args in held:
             if not call.cancelled:  # else a listener cancelled it meanwhile: nothing more about it
@@ -931,18 +937,9 @@ class ProcessPool(concurrent.futures.Executor):
             call.settle(Outcome(Status.CRASHED, error=error, error_type=error_type, pid=worker.pid))
 
     def _on_message(self, worker: _Worker, message: tuple[Any, ...]) -> None:
+        """Any message but DONE (see _read)."""
         kind = message[0]
-        if kind == DONE:
-            _, call_id, how, value, started, finished = message
-            calls = worker.calls
-            if not calls or calls[0].call_id != call_id:
-                return  # the worker was killed meanwhile and its calls given back
-            call = calls.popleft()
-            self._average += 0.2 * ((finished - started) - self._average)
-            call.settle(Outcome(_COMPLETED, value, None, None, None, None, worker.pid, started, finished)
-                        if how == VALUE else _outcome(worker.pid, how, value, started, finished))
-            self._next(worker)
-        elif kind == REVOKED:
+        if kind == REVOKED:
             self._on_revoked(worker, message[1])
         elif kind == REPORT:
             running = worker.call
