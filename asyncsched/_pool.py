@@ -380,6 +380,7 @@ class ProcessPool(concurrent.futures.Executor):
         self._max_tasks = max_tasks_per_child
         self._max_memory = parse_size(max_memory_per_child)
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread = 0  # the thread that runs it
         self._starting = threading.Lock()
         self._thread: threading.Thread | None = None
         self._workers: set[_Worker] = set()
@@ -418,7 +419,9 @@ class ProcessPool(concurrent.futures.Executor):
                 self._bind(loop)
 
     def _bind(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Bind the pool to ``loop``; called in the thread that runs it."""
         self._loop = loop
+        self._loop_thread = threading.get_ident()
         self._all_exited = asyncio.Event()
         _live_pools.add(self)
         self._fill()
@@ -624,7 +627,7 @@ class ProcessPool(concurrent.futures.Executor):
         the outcome's exception).
         """
         loop = self._loop
-        if loop is None or self._closed or loop is not asyncio._get_running_loop():
+        if loop is None or self._closed or not self._on_loop_thread():
             return self._start_call_slowly(fn, args, listener, timeout)
         call = _Call(self, next(self._ids), timeout, listener)
         if self._broken is not None:
@@ -729,7 +732,9 @@ class ProcessPool(concurrent.futures.Executor):
         inner.add_done_callback(lambda f: _settle_from_outcome(result, f))
 
     def _on_loop_thread(self) -> bool:
-        return self._loop is not None and _running_loop() is self._loop
+        """Whether this runs on the pool's loop (cheaper than asyncio.get_running_loop(), which asks for the pid)."""
+        loop = self._loop
+        return loop is not None and threading.get_ident() == self._loop_thread and loop.is_running()
 
     # -- workers -----------------------------------------------------------------------------
 
