@@ -882,6 +882,8 @@ class ProcessPool(concurrent.futures.Executor):
         held: list[tuple[_Call, Callable[..., None], tuple[Any, ...]]] = []
         self._held = held
         pos, end = 0, len(buf)
+        assert self._loop is not None
+        now = self._loop.time()  # for every call that begins as this read finds its worker free
         try:
             while end - pos >= 4:
                 (size,) = HEADER.unpack_from(buf, pos)
@@ -909,7 +911,7 @@ class ProcessPool(concurrent.futures.Executor):
                     self._average += 0.2 * ((finished - started) - self._average)
                     call.settle(Outcome(_COMPLETED, value, None, None, None, None, worker.pid, started, finished)
                                 if how == VALUE else _outcome(worker.pid, how, value, started, finished))
-                    self._next(worker)
+                    self._next(worker, now)
                 else:
                     self._on_message(worker, message)
             if pos:
@@ -960,11 +962,11 @@ class ProcessPool(concurrent.futures.Executor):
             else:
                 self._ready.append(worker)
 
-    def _next(self, worker: _Worker) -> None:
+    def _next(self, worker: _Worker, now: float | None = None) -> None:
         """The worker's running call has ended, or was revoked: the next one begins, or it retires."""
         worker.deadline_at = None  # the timer, if any, stays: it re-checks when it fires
         if worker.calls:
-            self._begin(worker, worker.calls[0])
+            self._begin(worker, worker.calls[0], now)
         elif worker.retiring:
             pass  # it exits now; the sentinel follows
         elif self._max_tasks is not None and worker.calls_sent >= self._max_tasks:
@@ -1092,7 +1094,7 @@ class ProcessPool(concurrent.futures.Executor):
         calls = queued[busiest]
         self._revoke(busiest, {call.call_id for call in calls[len(calls) // 2:]})
 
-    def _begin(self, worker: _Worker, call: _Call) -> None:
+    def _begin(self, worker: _Worker, call: _Call, now: float | None = None) -> None:
         """``call`` has reached the head of its worker: it runs now, and its timeout starts.
 
         One timer per worker serves a stream of fast calls: it is re-armed when
@@ -1102,10 +1104,13 @@ class ProcessPool(concurrent.futures.Executor):
         then its worker is killed. A call asked back is timed from here too (it
         may run, holding the GIL so that the worker cannot answer), but its
         listener hears that it started only once the worker has kept it.
+        ``now`` is the loop's time, when the caller has it already.
         """
         loop = self._loop
         assert loop is not None
-        worker.began = now = loop.time()
+        if now is None:
+            now = loop.time()
+        worker.began = now
         worker.begun = call
         timeout = call.timeout
         if call.done:
