@@ -24,7 +24,8 @@ Actors:
   goes (for :meth:`ProcessPool.call`, the future the caller awaits). Only
   ``(call_id, function, payload)`` crosses the wire; the wire format is in
   ``_worker``. A plain function is pickled once (a reference by name) and
-  cached on both sides, so a call pays only for pickling its arguments.
+  cached on both sides, so a call pays only for pickling its arguments (and
+  not even that when each is a plain builtin, such as an int or a str).
 * ``_Worker`` is the record of one process: its socket, its sentinel and the
   calls sent to it, in order; the first one is running. Each worker has its
   own socket, so killing one worker costs only its running call: the calls
@@ -90,6 +91,7 @@ from ._worker import (
     DONE,
     FUNCTION_CACHE,
     HEADER,
+    INLINE,
     PICKLED,
     READY,
     REPORT,
@@ -199,6 +201,8 @@ class _Call:
     """
 
     __slots__ = ("call_id", "cancelled", "done", "function", "listener", "payload", "pool", "timeout", "worker")
+
+    payload: bytes | tuple[Any, ...]
 
     def __init__(self, pool: ProcessPool, call_id: int, timeout: float | None, listener: CallListener) -> None:
         self.pool = pool
@@ -638,7 +642,10 @@ class ProcessPool(concurrent.futures.Executor):
             if function is None:
                 function = self._pickled_function(fn)
             call.function = function
-            call.payload = pickle.dumps(args if function is not None else (fn, args), _PROTOCOL)
+            if function is not None and type(args) is tuple and all(type(arg) in INLINE for arg in args):
+                call.payload = args  # travels in the frame's own pickle, which cannot fail for these types
+            else:
+                call.payload = pickle.dumps(args if function is not None else (fn, args), _PROTOCOL)
         except Exception as exc:
             loop.call_soon(call.settle, _pickle_failure(fn, args, exc))
             return call
@@ -1051,7 +1058,7 @@ class ProcessPool(concurrent.futures.Executor):
             room = min(depth - len(worker.calls), share)
             if self._max_tasks is not None:
                 room = min(room, self._max_tasks - worker.calls_sent)
-            batch: list[tuple[int, bytes | None, bytes]] = []
+            batch: list[tuple[int, bytes | None, bytes | tuple[Any, ...]]] = []
             while pending and len(batch) < room:
                 call = pending.popleft()
                 if call.done:

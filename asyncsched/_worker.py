@@ -9,8 +9,9 @@ worker, each frame is one message::
 
     parent -> worker   [(call_id, function, payload), ...]   calls to run in order: function is a
                                                          plain function pickled by name and payload
-                                                         pickles args, or function is None and payload
-                                                         pickles (fn, args)
+                                                         pickles args (or is args itself, when each
+                                                         argument is of an INLINE type), or function is
+                                                         None and payload pickles (fn, args)
                        {call_id, ...}              calls not to run here after all (cancelled, or
                                                    taken back for an idle worker)
                        None                        finish and exit
@@ -63,7 +64,7 @@ from typing import Any, NoReturn
 
 from ._models import type_name
 
-__all__ = ["BIG_HEADER", "DONE", "ERROR", "FUNCTION_CACHE", "HEADER", "PICKLED", "READY", "REPORT", "REVOKED",
+__all__ = ["BIG_HEADER", "DONE", "ERROR", "FUNCTION_CACHE", "HEADER", "INLINE", "PICKLED", "READY", "REPORT", "REVOKED",
            "VALUE", "ErrorInfo", "error_info", "frame_header", "report", "run_capturing", "worker_main"]
 
 READY = 0
@@ -73,7 +74,8 @@ REVOKED = 3
 
 ERROR, VALUE, PICKLED = 0, 1, 2
 """How a DONE message carries its outcome."""
-_INLINE = frozenset({int, float, str, bytes, bool, type(None)})
+INLINE = frozenset({int, float, str, bytes, bool, type(None)})
+"""Types that always pickle and unpickle: arguments and values of these travel in their frame's own pickle."""
 
 ErrorInfo = tuple[str, str, str, "bytes | None"]
 
@@ -200,19 +202,20 @@ class _Channel:
                 view = view[os.write(self.fd, view):]
 
 
-def _load(function: bytes | None, payload: bytes) -> tuple[Callable[..., Any], tuple[Any, ...]]:
-    if function is None:
-        fn, args = pickle.loads(payload)
+def _load(function: bytes | None, payload: bytes | tuple[Any, ...]) -> tuple[Callable[..., Any], tuple[Any, ...]]:
+    loaded = payload if isinstance(payload, tuple) else pickle.loads(payload)
+    if function is None:  # it pickles (fn, args)
+        fn, args = loaded
         return fn, args
     fn = _functions.get(function)
     if fn is None:
         if len(_functions) >= FUNCTION_CACHE:
             _functions.clear()
         fn = _functions[function] = pickle.loads(function)
-    return fn, pickle.loads(payload)
+    return fn, loaded
 
 
-def _run_call(channel: _Channel, call_id: int, function: bytes | None, payload: bytes) -> None:
+def _run_call(channel: _Channel, call_id: int, function: bytes | None, payload: bytes | tuple[Any, ...]) -> None:
     global _current
     started = time.time()
     try:
@@ -233,7 +236,7 @@ def _run_call(channel: _Channel, call_id: int, function: bytes | None, payload: 
         if _forked:
             _end_fork(None)
         finished = time.time()
-        if type(value) in _INLINE:
+        if type(value) in INLINE:
             message = (DONE, call_id, VALUE, value, started, finished)
         else:
             try:
@@ -361,12 +364,12 @@ class _Inbox:
         self.conn = conn
         self.channel = channel
         self.reading = threading.Lock()
-        self.queue: deque[tuple[int, bytes | None, bytes]] = deque()
+        self.queue: deque[tuple[int, bytes | None, bytes | tuple[Any, ...]]] = deque()
         self.leaving = False  # told to stop, or orphaned: no more calls will come
         self.sent = _poller(conn)
         threading.Thread(target=self._answer, args=(doorbell,), name="asyncsched-revokes", daemon=True).start()
 
-    def next(self) -> tuple[int, bytes | None, bytes] | None:
+    def next(self) -> tuple[int, bytes | None, bytes | tuple[Any, ...]] | None:
         """The next call to run, once there is one; None when the worker is to leave."""
         with self.reading:
             while not self.leaving and (not self.queue or self.sent.poll(0)):  # sent, and not taken in yet
