@@ -384,7 +384,7 @@ class ProcessPool(concurrent.futures.Executor):
         self._max_tasks = max_tasks_per_child
         self._max_memory = parse_size(max_memory_per_child)
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._loop_thread = 0  # the thread that runs it
+        self._loop_says_its_thread = False  # an asyncio loop, which keeps the id of the thread that runs it
         self._starting = threading.Lock()
         self._thread: threading.Thread | None = None
         self._workers: set[_Worker] = set()
@@ -425,7 +425,7 @@ class ProcessPool(concurrent.futures.Executor):
     def _bind(self, loop: asyncio.AbstractEventLoop) -> None:
         """Bind the pool to ``loop``; called in the thread that runs it."""
         self._loop = loop
-        self._loop_thread = threading.get_ident()
+        self._loop_says_its_thread = getattr(loop, "_thread_id", None) == threading.get_ident()
         self._all_exited = asyncio.Event()
         _live_pools.add(self)
         self._fill()
@@ -739,9 +739,15 @@ class ProcessPool(concurrent.futures.Executor):
         inner.add_done_callback(lambda f: _settle_from_outcome(result, f))
 
     def _on_loop_thread(self) -> bool:
-        """Whether this runs on the pool's loop (cheaper than asyncio.get_running_loop(), which asks for the pid)."""
+        """Whether this runs on the pool's loop: in the thread that runs it now, which need not be the one it
+        started in (a stopped loop may run again in another thread). An asyncio loop keeps that thread's id,
+        cheaper to compare than asyncio.get_running_loop() is to call (it asks for the pid); others are asked."""
         loop = self._loop
-        return loop is not None and threading.get_ident() == self._loop_thread and loop.is_running()
+        if loop is None:
+            return False
+        if self._loop_says_its_thread:
+            return getattr(loop, "_thread_id", None) == threading.get_ident()
+        return _running_loop() is loop
 
     # -- workers -----------------------------------------------------------------------------
 

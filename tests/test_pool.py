@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import uvloop
 
 from asyncsched import Outcome, ProcessPool, Status, TaskFailedError
 from asyncsched._errors import BrokenPoolError, ClosedError, ConfigurationError
@@ -467,6 +468,31 @@ def test_shutdown_of_a_pool_whose_loop_has_stopped() -> None:
         assert all(wait_gone(pid) for pid in pids)
         pool.shutdown()  # again: a no-op
     finally:
+        loop.close()
+
+
+@pytest.mark.parametrize("new_loop", [asyncio.new_event_loop, uvloop.new_event_loop], ids=["asyncio", "uvloop"])
+def test_a_pool_whose_loop_goes_on_in_another_thread_serves_that_thread_and_this_one(
+        new_loop: Callable[[], asyncio.AbstractEventLoop]) -> None:
+    pool = ProcessPool(1)
+
+    async def call(n: int) -> Any:
+        return (await pool.call(tasks.square, (n,))).value
+
+    loop = new_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    try:
+        assert loop.run_until_complete(call(2)) == 4  # the pool binds to the loop in this thread ...
+        thread.start()  # ... which then runs in another one, as a loop may
+        assert pool.submit(tasks.square, 3).result(timeout=30) == 9  # this thread is no longer the loop's
+        assert asyncio.run_coroutine_threadsafe(call(4), loop).result(timeout=30) == 16  # that one is
+    finally:
+        if thread.is_alive():
+            asyncio.run_coroutine_threadsafe(pool.aclose(), loop).result(timeout=30)
+            loop.call_soon_threadsafe(loop.stop)
+            thread.join(timeout=30)
+        else:
+            loop.run_until_complete(pool.aclose())
         loop.close()
 
 
