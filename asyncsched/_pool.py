@@ -1240,7 +1240,10 @@ def _outcome(pid: int, how: int, value: Any, started: float, finished: float) ->
         except Exception as exc:  # e.g. the value's class cannot be imported here
             return unreadable_result(exc, pid=pid, started_at=started, finished_at=finished)
         return Outcome(Status.COMPLETED, value, None, None, None, None, pid, started, finished)
-    return Outcome.from_error(value, pid=pid, started_at=started, finished_at=finished)  # ERROR
+    try:
+        return Outcome.from_error(value, pid=pid, started_at=started, finished_at=finished)  # ERROR
+    except Exception as exc:  # not an ErrorInfo: the worker is not to be trusted
+        return unreadable_result(exc, pid=pid, started_at=started, finished_at=finished)
 
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}

@@ -269,6 +269,16 @@ def send_garbage_then_hang() -> None:
     time.sleep(3600)
 
 
+def send_a_malformed_error() -> str:
+    """Sends a DONE message for its own call whose error is not an ErrorInfo (a stand-in for a bug), then returns."""
+    from asyncsched import _worker
+
+    assert _worker._current is not None
+    send, call_id = _worker._current
+    send((_worker.DONE, call_id, _worker.ERROR, "not an error description", 0.0, 0.0))
+    return "the DONE that follows, for a call already ended"
+
+
 def leave_a_thread_running() -> int:
     """Starts a thread that is not a daemon and never ends; returns at once."""
     threading.Thread(target=threading.Event().wait, name="left-behind").start()

@@ -419,6 +419,14 @@ async def test_a_message_that_does_not_unpickle_here_crashes_its_call_and_no_oth
         assert (await pool.call(tasks.double, (21,))).value == 42
 
 
+async def test_a_result_whose_error_is_malformed_fails_its_call_and_no_other() -> None:
+    async with ProcessPool(1) as pool:
+        outcome = await pool.call(faults.send_a_malformed_error)
+        assert outcome.status is Status.FAILED
+        assert "could not be unpickled here: ValueError" in (outcome.error or "")
+        assert (await pool.call(tasks.double, (21,))).value == 42
+
+
 @pytest.mark.parametrize("leave", [faults.leave_a_thread_running, faults.leave_a_child_process_running,
                                    faults.leave_a_daemon_child_running, faults.keep_a_multiprocessing_pool])
 async def test_a_retired_worker_exits_though_a_task_left_a_thread_or_a_process_running(
