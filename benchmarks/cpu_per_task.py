@@ -1,0 +1,96 @@
+"""The orchestrator's CPU per task, the number to drive down, and the workers' beside it.
+
+    python benchmarks/cpu_per_task.py [--tasks 20000] [--rounds 5] [--against CHECKOUT]
+
+Each round runs the suite's throughput measurement (tiny tasks on 2 workers,
+per-task timeouts, an ``events()`` consumer subscribed, store off) in a fresh
+interpreter, and reads the CPU time (user + system) of the orchestrator (all
+its threads) and of its two workers around ``run()``. CPU time swings less than throughput when
+other jobs share the machine.
+
+``--against`` names another checkout of asyncsched (``git worktree add
+/tmp/before <commit>``, say): rounds then alternate between it and this one,
+each in a fresh interpreter, and the medians are compared.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any
+
+import psutil
+from _common import HERE, double
+
+from asyncsched import Scheduler, Task
+
+
+def cpu_seconds(process: psutil.Process) -> float:
+    times = process.cpu_times()
+    return float(times.user + times.system)
+
+
+async def measure(n: int) -> dict[str, Any]:
+    async with Scheduler(workers=2, timeout=10) as scheduler:
+        events = scheduler.events()
+        await scheduler.run([Task(double, 1)])
+        workers = [psutil.Process(pid) for pid in scheduler._backend.pool.pids]  # type: ignore[attr-defined]
+        before = time.process_time(), sum(map(cpu_seconds, workers))  # the workers' in clock ticks (10 ms)
+        start = time.perf_counter()
+        summary = await scheduler.run(Task(double, i) for i in range(n))
+        elapsed = time.perf_counter() - start
+        after = time.process_time(), sum(map(cpu_seconds, workers))
+        await events.aclose()
+    assert summary.completed == n
+    return {"tasks_per_s": n / elapsed, "orchestrator_us": (after[0] - before[0]) / n * 1e6,
+            "workers_us": (after[1] - before[1]) / n * 1e6}
+
+
+def one_round(checkout: str, n: int) -> dict[str, Any]:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([checkout, HERE]))
+    out = subprocess.run([sys.executable, os.path.join(HERE, "cpu_per_task.py"), "--one", str(n)], check=True,
+                         capture_output=True, text=True, env=env)
+    result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tasks", type=int, default=20_000)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--against", metavar="CHECKOUT", help="another checkout of asyncsched, to alternate with")
+    parser.add_argument("--one", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        print(json.dumps(asyncio.run(measure(args.one))))
+        return
+    sides = {"this": os.path.dirname(HERE)}
+    if args.against:
+        sides["against"] = os.path.abspath(args.against)
+    results: dict[str, list[dict[str, Any]]] = {side: [] for side in sides}
+    for round_ in range(args.rounds):
+        for side in sides if round_ % 2 == 0 else reversed(sides):
+            result = one_round(sides[side], args.tasks)
+            results[side].append(result)
+            print(f"round {round_ + 1} {side:8} {result['tasks_per_s']:9,.0f} tasks/s   orchestrator "
+                  f"{result['orchestrator_us']:5.2f} µs/task   workers {result['workers_us']:5.2f} µs/task")
+    medians = {side: {key: statistics.median(r[key] for r in rounds) for key in rounds[0]}
+               for side, rounds in results.items()}
+    for side, median in medians.items():
+        print(f"median   {side:8} {median['tasks_per_s']:9,.0f} tasks/s   orchestrator "
+              f"{median['orchestrator_us']:5.2f} µs/task   workers {median['workers_us']:5.2f} µs/task")
+    if args.against:
+        this, against = medians["this"], medians["against"]
+        print(f"this checkout against {args.against}: orchestrator CPU per task "
+              f"{this['orchestrator_us'] / against['orchestrator_us']:.2f}x, throughput "
+              f"{this['tasks_per_s'] / against['tasks_per_s']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
