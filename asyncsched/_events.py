@@ -12,7 +12,7 @@ consumer's buffer is full the *oldest* event in it is dropped and counted in
 each task and overall.
 
 A consumer may ask for some kinds of event only (``kinds``): it gets only
-those. The scheduler asks :meth:`EventHub.wants` before it builds an event,
+those. The scheduler looks in :attr:`EventHub.wanted` before it builds an event,
 so a kind that no consumer wants costs nothing.
 
 An :class:`EventListener` is the other kind of consumer, for the package's own
@@ -147,7 +147,7 @@ class EventHub:
     def __init__(self, maxlen: int = DEFAULT_EVENT_BUFFER) -> None:
         self._refs: list[weakref.ref[_Subscriber]] = []
         self.wanted: frozenset[type[Event]] = frozenset()
-        """The kinds some subscriber wants: the code that runs for every task checks ``kind in hub.wanted``."""
+        """The kinds of event some consumer would get: ``kind in hub.wanted`` before building an event."""
         self._maxlen = maxlen
         self._pending: list[Event] = []  # published this turn of the loop, not delivered yet
 
@@ -184,14 +184,10 @@ class EventHub:
                 wanted |= _ALL_KINDS if subscriber.kinds is None else subscriber.kinds
         self.wanted = frozenset(wanted)
 
-    def wants(self, kind: type[Event]) -> bool:
-        """Whether some consumer would get an event of this kind."""
-        return kind in self.wanted
-
     def publish(self, event: Event) -> None:
         """Queue ``event`` for delivery at the end of this turn of the loop. Never waits.
 
-        Each consumer gets only the kinds it asked for; check :meth:`wants`
+        Each consumer gets only the kinds it asked for; check :attr:`wanted`
         first to build no event that nobody would get.
         """
         if not self._refs:

@@ -153,7 +153,7 @@ async def test_a_monitor_started_mid_run_counts_the_whole_batch_and_no_finished_
         await anext(ends)  # the three quick tasks are done before the monitor starts
     await ends.aclose()
     async with ProgressMonitor(scheduler, console=plain_console(io.StringIO())) as monitor:
-        assert not scheduler._hub.wants(TaskFinished)  # the display takes its counts from the scheduler
+        assert TaskFinished not in scheduler._hub.wanted  # the display takes its counts from the scheduler
         at_least = time.monotonic() - ran_since
         stats = monitor.statistics()
         assert (stats.done, stats.total, stats.running) == (3, 4, 1)
@@ -243,7 +243,7 @@ async def test_a_listener_sees_each_event_of_its_batch(scheduler: Scheduler) -> 
     listener.close()
     listener.close()  # idempotent
     await scheduler.run([Task(tasks.square, 2)], batch_id="c")
-    assert len(seen) == 2 and not scheduler._hub.wants(TaskFinished)
+    assert len(seen) == 2 and TaskFinished not in scheduler._hub.wanted
 
 
 async def test_the_final_report_counts_a_task_recorded_in_the_runs_last_turn(
