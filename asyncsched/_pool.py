@@ -229,11 +229,7 @@ class _Call:
             return
         self.done = True
         pool = self.pool
-        held = pool._held  # see _tell
-        if held is not None:
-            held.append((self, self.listener.finished, (outcome,)))
-        else:
-            pool._call_listener(self.listener.finished, (outcome,))
+        pool._tell(self, self.listener.finished, (outcome,))
         if pool._progress is not None:
             pool._progressed()
 
@@ -545,11 +541,8 @@ class ProcessPool(concurrent.futures.Executor):
         try:
             method(*args)
         except Exception as exc:  # as the loop treats a failing callback: reported, never fatal to the pool
-            self._listener_failed(exc)
-
-    def _listener_failed(self, exc: Exception) -> None:
-        assert self._loop is not None
-        self._loop.call_exception_handler({"message": "a ProcessPool call listener failed", "exception": exc})
+            assert self._loop is not None
+            self._loop.call_exception_handler({"message": "a ProcessPool call listener failed", "exception": exc})
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """``Executor.shutdown``. From the pool's own loop thread it cannot wait: use ``await aclose()`` there.
@@ -664,7 +657,7 @@ class ProcessPool(concurrent.futures.Executor):
             raise ClosedError("this ProcessPool is closed; create a new one")
         loop = self._loop
         assert loop is not None
-        if loop is not _running_loop():
+        if not self._on_loop_thread():  # as start_call() asks, so that the call below takes the fast way
             if loop.is_closed():
                 raise ClosedError("the event loop this ProcessPool started on is closed (a pool lives on one loop): "
                                   "close it, and create a new one on this loop")
@@ -934,10 +927,7 @@ class ProcessPool(concurrent.futures.Executor):
             self._held = None
         for call, method, args in held:
             if not call.cancelled:  # else a listener cancelled it meanwhile: nothing more about it
-                try:
-                    method(*args)
-                except Exception as exc:  # see _call_listener
-                    self._listener_failed(exc)
+                self._call_listener(method, args)
         if not worker.calls and not self._pending and self._balancing is None and worker in self._ready:
             assert self._loop is not None  # after the listeners' new calls are dispatched (call_soon, too)
             self._balancing = self._loop.call_soon(self._balance)
