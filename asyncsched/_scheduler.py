@@ -141,12 +141,8 @@ class _Record:
     def finished(self, outcome: Outcome) -> None:
         if self.running is not None:  # else cancelled meanwhile: cancel_all() records the task
             self.running = None
-            run = self.run
             try:
-                if outcome.status is _COMPLETED:
-                    run.record(self, outcome)
-                else:
-                    run.finished(self, outcome)
+                self.run.finished(self, outcome)
             except Exception as exc:  # e.g. a store that cannot take the result: the run fails with it
                 self.run.abort(exc)
 
@@ -239,9 +235,7 @@ class _BatchRun:
                                           outcome.pid, outcome.error or record.message, record.progress,
                                           record.attempts))
         self.ready.append(result)
-        waiter = self.waiter  # as _wake(), inline: this runs for every task
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        self._wake()
 
     def _wake(self) -> None:
         waiter = self.waiter
