@@ -4,13 +4,14 @@ Data flow (everything on the left runs on one event loop thread; no locks)::
 
     start_call() / call() / submit()                           worker process (one per slot)
       |                                                        -------------------------------
-      | pickle the arguments here (a bad one fails only this
-      | call); a plain function is pickled once per pool
+      | pickle the arguments here (a bad one fails only this call;
+      | plain builtins go as they are); a plain function is
+      | pickled once per pool
       v
     _Call -> pending deque --_dispatch: up to `depth` calls--> socket pair (one per worker)
                              per worker, in one frame    [(call_id, function, payload), ...] -> worker_main()
                                                                                               runs them in order
-    listener.started / reported / finished <-- _on_message <-- add_reader(socket) <-- READY / REPORT / DONE
+    listener.started / reported / finished <-- _read <-- add_reader(socket) <-- READY / REPORT / DONE
          ^                                                                                    |
          |           _on_exit  <-------- add_reader(process sentinel) <---- process exit -----+
          |
@@ -19,9 +20,10 @@ Data flow (everything on the left runs on one event loop thread; no locks)::
 
 Actors:
 
-* ``_Call`` is the record kept in the parent for one call: the pickled
-  payload, its timeout, the worker it was sent to and the listener told how it
-  goes (for :meth:`ProcessPool.call`, the future the caller awaits). Only
+* ``_Call`` is the record kept in the parent for one call: the payload
+  (its arguments, pickled unless all are plain builtins), its timeout, the
+  worker it was sent to and the listener told how it goes (for
+  :meth:`ProcessPool.call`, the future the caller awaits). Only
   ``(call_id, function, payload)`` crosses the wire; the wire format is in
   ``_worker``. A plain function is pickled once (a reference by name) and
   cached on both sides, so a call pays only for pickling its arguments (and
@@ -118,7 +120,7 @@ ABANDONED_GRACE = 0.1
 """Seconds a call cancelled while queued on a worker may run once it is reached, before that worker is killed."""
 
 _PLAIN_FUNCTIONS = (types.FunctionType, types.BuiltinFunctionType)
-_COMPLETED = Status.COMPLETED  # for _on_message: an enum member costs a lookup each time (Python 3.11)
+_COMPLETED = Status.COMPLETED  # for _read: an enum member costs a lookup each time (Python 3.11)
 _READ_SIZE = 1 << 16
 _PROTOCOL = pickle.HIGHEST_PROTOCOL
 
@@ -869,7 +871,12 @@ class ProcessPool(concurrent.futures.Executor):
             self._loop.remove_reader(worker.fd)  # EOF: the sentinel tells the rest
 
     def _read(self, worker: _Worker) -> bool:
-        """Read what the worker has sent and handle each whole message; False at EOF."""
+        """Read what the worker has sent and handle each whole message; False at EOF.
+
+        Never runs inside another read: listeners, which might cancel a call (and so read), are told what a
+        read found only once it has handled all of it (see _tell).
+        """
+        assert self._held is None
         buf = worker.inbuf
         alive = True
         while True:
@@ -905,29 +912,32 @@ class ProcessPool(concurrent.futures.Executor):
                 pos += head + size
                 try:
                     message = pickle.loads(frame)
+                    if message[0] != DONE:
+                        self._on_message(worker, message)
+                        continue
+                    _, call_id, how, value, started, finished = message  # the one message of every call
+                    duration = finished - started
+                    if how != VALUE and how != PICKLED and not _is_error_info(value):
+                        raise ValueError(f"a DONE message whose error is not an ErrorInfo: {value!r:.200}")
                 except Exception as exc:  # never from the wire format itself: the worker is not to be trusted
                     self._on_unreadable(worker, exc)
                     break
-                if message[0] == DONE:  # the one message of every call, handled here
-                    _, call_id, how, value, started, finished = message
-                    calls = worker.calls
-                    if not calls or calls[0].call_id != call_id:
-                        continue  # the worker was killed meanwhile and its calls given back
-                    call = calls.popleft()
-                    self._average += 0.2 * ((finished - started) - self._average)
-                    call.settle(Outcome(_COMPLETED, value, None, None, None, None, worker.pid, started, finished)
-                                if how == VALUE else _outcome(worker.pid, how, value, started, finished))
-                    self._next(worker, now)
-                else:
-                    self._on_message(worker, message)
+                calls = worker.calls
+                if not calls or calls[0].call_id != call_id:
+                    continue  # the worker was killed meanwhile and its calls given back
+                call = calls.popleft()
+                self._average += 0.2 * (duration - self._average)
+                call.settle(Outcome(_COMPLETED, value, None, None, None, None, worker.pid, started, finished)
+                            if how == VALUE else _outcome(worker.pid, how, value, started, finished))
+                self._next(worker, now)
             if pos:
                 self._dispatch()  # the calls it starts are told after the results that made room for them
         finally:
             del buf[:pos]
             self._held = None
-        for call, method, args in held:
-            if not call.cancelled:  # else a listener cancelled it meanwhile: nothing more about it
-                self._call_listener(method, args)
+            for call, method, args in held:
+                if not call.cancelled:  # else a listener cancelled it meanwhile: nothing more about it
+                    self._call_listener(method, args)
         if not worker.calls and not self._pending and self._balancing is None and worker in self._ready:
             assert self._loop is not None  # after the listeners' new calls are dispatched (call_soon, too)
             self._balancing = self._loop.call_soon(self._balance)
@@ -1222,18 +1232,21 @@ def _report_data(data: bytes | None) -> dict[str, Any]:
 
 
 def _outcome(pid: int, how: int, value: Any, started: float, finished: float) -> Outcome:
-    """The Outcome a DONE message carries with a PICKLED value or an ERROR (see ``_worker``; _on_message builds
-    that of a plain VALUE)."""
+    """The Outcome a DONE message carries with a PICKLED value or an ERROR (see ``_worker``; _read builds that
+    of a plain VALUE)."""
     if how == PICKLED:
         try:
             value = pickle.loads(value)
         except Exception as exc:  # e.g. the value's class cannot be imported here
             return unreadable_result(exc, pid=pid, started_at=started, finished_at=finished)
         return Outcome(Status.COMPLETED, value, None, None, None, None, pid, started, finished)
-    try:
-        return Outcome.from_error(value, pid=pid, started_at=started, finished_at=finished)  # ERROR
-    except Exception as exc:  # not an ErrorInfo: the worker is not to be trusted
-        return unreadable_result(exc, pid=pid, started_at=started, finished_at=finished)
+    return Outcome.from_error(value, pid=pid, started_at=started, finished_at=finished)  # ERROR (checked by _read)
+
+
+def _is_error_info(value: Any) -> bool:
+    """Whether ``value`` is an ``ErrorInfo`` (see ``_worker``)."""
+    return (type(value) is tuple and len(value) == 4 and all(type(text) is str for text in value[:3])
+            and (value[3] is None or type(value[3]) is bytes))
 
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}

@@ -269,14 +269,20 @@ def send_garbage_then_hang() -> None:
     time.sleep(3600)
 
 
-def send_a_malformed_error() -> str:
-    """Sends a DONE message for its own call whose error is not an ErrorInfo (a stand-in for a bug), then returns."""
+def send_a_malformed_message_then_hang(shape: str) -> None:
+    """Sends a DONE message for its own call that unpickles but is malformed (a stand-in for a bug), then hangs.
+
+    ``shape`` is ``"short"`` (too few fields) or ``"error"`` (an error that is not an ErrorInfo).
+    """
     from asyncsched import _worker
 
     assert _worker._current is not None
     send, call_id = _worker._current
-    send((_worker.DONE, call_id, _worker.ERROR, "not an error description", 0.0, 0.0))
-    return "the DONE that follows, for a call already ended"
+    if shape == "short":
+        send((_worker.DONE, call_id))
+    else:
+        send((_worker.DONE, call_id, _worker.ERROR, "not an error description", 0.0, 0.0))
+    time.sleep(3600)
 
 
 def leave_a_thread_running() -> int:

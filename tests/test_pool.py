@@ -419,12 +419,15 @@ async def test_a_message_that_does_not_unpickle_here_crashes_its_call_and_no_oth
         assert (await pool.call(tasks.double, (21,))).value == 42
 
 
-async def test_a_result_whose_error_is_malformed_fails_its_call_and_no_other() -> None:
+@pytest.mark.parametrize("shape", ["short", "error"])
+async def test_a_malformed_message_crashes_its_call_and_no_other(shape: str) -> None:
     async with ProcessPool(1) as pool:
-        outcome = await pool.call(faults.send_a_malformed_error)
-        assert outcome.status is Status.FAILED
-        assert "could not be unpickled here: ValueError" in (outcome.error or "")
-        assert (await pool.call(tasks.double, (21,))).value == 42
+        malformed = pool.call(faults.send_a_malformed_message_then_hang, (shape,))
+        queued = pool.call(tasks.double, (21,))  # behind it, on the same worker
+        outcome = await malformed
+        assert outcome.status is Status.CRASHED
+        assert "sent a message that cannot be read here" in (outcome.error or "")
+        assert (await queued).value == 42
 
 
 @pytest.mark.parametrize("leave", [faults.leave_a_thread_running, faults.leave_a_child_process_running,
