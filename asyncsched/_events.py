@@ -32,7 +32,7 @@ from types import TracebackType
 from typing import Protocol
 
 from ._errors import ConfigurationError
-from ._models import Event, TaskFinished, TaskReported, TaskRetried, TaskStarted
+from ._models import Event
 
 __all__ = ["DEFAULT_EVENT_BUFFER", "EventHub", "EventListener", "EventStream", "Kinds"]
 
@@ -230,7 +230,8 @@ class EventHub:
                 stream._end()
 
 
-_ALL_KINDS = frozenset({TaskStarted, TaskReported, TaskRetried, TaskFinished})
+_ALL_KINDS = frozenset(Event.__subclasses__())
+"""The kinds of event: what a consumer of every kind wants."""
 
 
 def _kinds(kinds: Iterable[type[Event]] | None) -> Kinds:

@@ -135,7 +135,7 @@ class _Record:
             self.progress = progress
         hub = self.run.hub
         if TaskReported in hub.wanted:
-            hub.publish(TaskReported(self.run.batch_id, self.key, Status.RUNNING, timestamp, pid, message, progress,
+            hub.publish(TaskReported(self.run.batch_id, self.key, _RUNNING, timestamp, pid, message, progress,
                                      self.attempts, data or None))
 
     def finished(self, outcome: Outcome) -> None:
@@ -179,14 +179,14 @@ class _BatchRun:
     def start(self, record: _Record) -> None:
         record.retry_handle = None
         if self.stopped is not None:  # admitted while the batch was being cancelled
-            self.record(record, Outcome(Status.CANCELLED, error=self.stopped, error_type="asyncio.CancelledError"))
+            self._finish(record, Outcome(Status.CANCELLED, error=self.stopped, error_type="asyncio.CancelledError"))
             return
         record.attempts += 1
         attempt = Attempt(self.batch_id, record.key, record.fn, record.args, record.timeout, record.attempts)
         try:
             record.running = self.backend.run_attempt(attempt, record)
         except Exception as exc:  # a backend that cannot take work any more
-            self.record(record, backend_failure(exc))
+            self._finish(record, backend_failure(exc))
 
     def finished(self, record: _Record, outcome: Outcome) -> None:
         """An attempt of ``record`` ended: retry it later, or record the task."""
@@ -200,10 +200,9 @@ class _BatchRun:
                                              f"{outcome.error}; retrying in {delay:.2f}s", None, record.attempts))
             record.retry_handle = self.loop.call_later(delay, self.start, record)
             return
-        self.record(record, outcome)
+        self._finish(record, outcome)
 
-    def record(self, record: _Record, outcome: Outcome) -> None:
-        """Record the task with the outcome of its last attempt: store it, publish it, and hand it out."""
+    def _finish(self, record: _Record, outcome: Outcome) -> None:
         del self.records[record.index]
         started, finished = outcome.started_at, outcome.finished_at
         if started is None and record.running_since is not None:  # killed, lost or cancelled while it ran
@@ -246,7 +245,7 @@ class _BatchRun:
         """Record a batch item that is not a runnable Task as failed, without running it."""
         record = _Record(self, index, key, None, (), None, 0)
         self.records[index] = record
-        self.record(record, Outcome(Status.FAILED, error=error, error_type="asyncsched.TaskDefinitionError"))
+        self._finish(record, Outcome(Status.FAILED, error=error, error_type="asyncsched.TaskDefinitionError"))
 
     def cancel_all(self, why: str) -> None:
         """Stop every task still in flight and record it as cancelled; wake the batch's stream."""
@@ -260,7 +259,7 @@ class _BatchRun:
                     record.attempts -= 1
             if record.retry_handle is not None:
                 record.retry_handle.cancel()
-            self.record(record, Outcome(Status.CANCELLED, error=why, error_type="asyncio.CancelledError"))
+            self._finish(record, Outcome(Status.CANCELLED, error=why, error_type="asyncio.CancelledError"))
         self._wake()  # also with nothing in flight: a stream waiting for its async batch's next item ends
 
     def abort(self, error: BaseException) -> None:
@@ -703,7 +702,7 @@ class Scheduler:
 def _key(item: object, index: int) -> str:
     """The key of the batch item at ``index``: its own, or its position."""
     key = item.key if isinstance(item, Task) else None
-    return str(index) if key is None else key
+    return key if key is not None else str(index)
 
 
 def _status(value: Status | str) -> Status:
