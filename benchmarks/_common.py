@@ -15,9 +15,12 @@ def double(x: int) -> int:
     return x * 2
 
 
-def in_fresh_process(script: str, *args: str) -> dict[str, Any]:
-    """Run ``script --one ...`` in a new interpreter, so each measurement has its own RSS; return its JSON."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(HERE), HERE]))
+def in_fresh_process(script: str, *args: str, checkout: str = os.path.dirname(HERE)) -> dict[str, Any]:
+    """Run ``script --one ...`` in a new interpreter, so each measurement has its own RSS; return its JSON.
+
+    The interpreter imports asyncsched from ``checkout`` (by default this one).
+    """
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([checkout, HERE]))
     out = subprocess.run([sys.executable, os.path.join(HERE, script), "--one", *args], check=True,
                          capture_output=True, text=True, env=env)
     result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])

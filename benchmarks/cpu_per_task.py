@@ -4,9 +4,12 @@
 
 Each round runs the suite's throughput measurement (tiny tasks on 2 workers,
 per-task timeouts, an ``events()`` consumer subscribed, store off) in a fresh
-interpreter, and reads the CPU time (user + system) of the orchestrator (all
-its threads) and of its two workers around ``run()``. CPU time swings less than throughput when
-other jobs share the machine.
+interpreter, and reads the CPU time of the orchestrator (user + system, all
+its threads) and of its two workers (time on a CPU, from
+``/proc/<pid>/schedstat``) around ``run()``. CPU time swings less than
+throughput when other jobs share the machine. As in the suite, the events
+consumer is subscribed and never reads: once its buffer is full, each new
+event pushes out the oldest.
 
 ``--against`` names another checkout of asyncsched (``git worktree add
 /tmp/before <commit>``, say): rounds then alternate between it and this one,
@@ -20,28 +23,32 @@ import asyncio
 import json
 import os
 import statistics
-import subprocess
-import sys
 import time
 from typing import Any
 
 import psutil
-from _common import HERE, double
+from _common import HERE, double, in_fresh_process
 
+import asyncsched
 from asyncsched import Scheduler, Task
 
 
-def cpu_seconds(process: psutil.Process) -> float:
-    times = process.cpu_times()
-    return float(times.user + times.system)
+def cpu_seconds(pid: int) -> float:
+    """Seconds ``pid`` has spent on a CPU: in nanoseconds from /proc where there is one, else in clock ticks."""
+    try:
+        with open(f"/proc/{pid}/schedstat") as stat:
+            return int(stat.read().split()[0]) / 1e9
+    except OSError:
+        times = psutil.Process(pid).cpu_times()
+        return float(times.user + times.system)
 
 
 async def measure(n: int) -> dict[str, Any]:
     async with Scheduler(workers=2, timeout=10) as scheduler:
         events = scheduler.events()
         await scheduler.run([Task(double, 1)])
-        workers = [psutil.Process(pid) for pid in scheduler._backend.pool.pids]  # type: ignore[attr-defined]
-        before = time.process_time(), sum(map(cpu_seconds, workers))  # the workers' in clock ticks (10 ms)
+        workers = scheduler._backend.pool.pids  # type: ignore[attr-defined]
+        before = time.process_time(), sum(map(cpu_seconds, workers))
         start = time.perf_counter()
         summary = await scheduler.run(Task(double, i) for i in range(n))
         elapsed = time.perf_counter() - start
@@ -49,14 +56,14 @@ async def measure(n: int) -> dict[str, Any]:
         await events.aclose()
     assert summary.completed == n
     return {"tasks_per_s": n / elapsed, "orchestrator_us": (after[0] - before[0]) / n * 1e6,
-            "workers_us": (after[1] - before[1]) / n * 1e6}
+            "workers_us": (after[1] - before[1]) / n * 1e6, "asyncsched": os.path.dirname(asyncsched.__file__)}
 
 
 def one_round(checkout: str, n: int) -> dict[str, Any]:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([checkout, HERE]))
-    out = subprocess.run([sys.executable, os.path.join(HERE, "cpu_per_task.py"), "--one", str(n)], check=True,
-                         capture_output=True, text=True, env=env)
-    result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
+    result = in_fresh_process("cpu_per_task.py", str(n), checkout=checkout)
+    imported = os.path.realpath(result.pop("asyncsched"))
+    if not imported.startswith(os.path.realpath(checkout) + os.sep):
+        raise SystemExit(f"the round meant for {checkout} imported asyncsched from {imported}")
     return result
 
 
@@ -73,6 +80,8 @@ def main() -> None:
     sides = {"this": os.path.dirname(HERE)}
     if args.against:
         sides["against"] = os.path.abspath(args.against)
+        if not os.path.isfile(os.path.join(sides["against"], "asyncsched", "__init__.py")):
+            parser.error(f"{args.against} is not a checkout of asyncsched (it has no asyncsched/__init__.py)")
     results: dict[str, list[dict[str, Any]]] = {side: [] for side in sides}
     for round_ in range(args.rounds):
         for side in sides if round_ % 2 == 0 else reversed(sides):
@@ -83,8 +92,12 @@ def main() -> None:
     medians = {side: {key: statistics.median(r[key] for r in rounds) for key in rounds[0]}
                for side, rounds in results.items()}
     for side, median in medians.items():
+        low = {key: min(r[key] for r in results[side]) for key in median}
+        high = {key: max(r[key] for r in results[side]) for key in median}
         print(f"median   {side:8} {median['tasks_per_s']:9,.0f} tasks/s   orchestrator "
-              f"{median['orchestrator_us']:5.2f} µs/task   workers {median['workers_us']:5.2f} µs/task")
+              f"{median['orchestrator_us']:5.2f} µs/task   workers {median['workers_us']:5.2f} µs/task   (rounds: "
+              f"{low['tasks_per_s']:,.0f}-{high['tasks_per_s']:,.0f} tasks/s, orchestrator "
+              f"{low['orchestrator_us']:.2f}-{high['orchestrator_us']:.2f} µs)")
     if args.against:
         this, against = medians["this"], medians["against"]
         print(f"this checkout against {args.against}: orchestrator CPU per task "
