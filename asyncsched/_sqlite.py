@@ -102,6 +102,7 @@ _ROWS_PER_INSERT = 64
 """Rows per INSERT statement: each statement is one SQLite step, and each step hands the GIL to the loop and back."""
 _LEAN_PARAMETERS = 8
 """Parameters per row of a lean INSERT (see _lean_sql), besides the batch."""
+_COMPLETED = Status.COMPLETED  # for the writer's loop over results: an enum member costs a lookup each time
 _SELECT = f"SELECT {', '.join(_COLUMNS)} FROM results"
 
 Row = tuple[Any, ...]
@@ -625,7 +626,7 @@ async def _insert_results(db: aiosqlite.Connection, results: Sequence[TaskResult
         full_keys: set[tuple[str, str]] = set()
         for row_id, r in enumerate(results, last + 1):
             encoded = None
-            if (r.status is Status.COMPLETED and r.message is None and r.progress is None and r.error is None
+            if (r.status is _COMPLETED and r.message is None and r.progress is None and r.error is None
                     and r.traceback is None and r.error_type is None
                     and not (full_keys and (r.batch_id, r.key) in full_keys)):
                 encoded = value, blob = _encode(r.value)
