@@ -633,10 +633,7 @@ class ProcessPool(concurrent.futures.Executor):
             loop.call_soon(call.settle, _broken_outcome(self._broken))
             return call
         try:
-            function = self._functions.get(fn) if type(fn) in _PLAIN_FUNCTIONS else None
-            if function is None:
-                function = self._pickled_function(fn)
-            call.function = function
+            call.function = function = self._pickled_function(fn)
             if function is not None and type(args) is tuple and all(type(arg) in INLINE for arg in args):
                 call.payload = args  # travels in the frame's own pickle, which cannot fail for these types
             else:
@@ -672,10 +669,12 @@ class ProcessPool(concurrent.futures.Executor):
 
         A builtin bound to an object (``some_list.append``) is not plain: it pickles that object's state.
         """
-        if type(fn) not in _PLAIN_FUNCTIONS or not isinstance(getattr(fn, "__self__", None), types.ModuleType | None):
+        if type(fn) not in _PLAIN_FUNCTIONS:
             return None
-        pickled = self._functions.get(fn)
+        pickled = self._functions.get(fn)  # only plain ones are kept: a hit needs no more checks
         if pickled is None:
+            if not isinstance(getattr(fn, "__self__", None), types.ModuleType | None):
+                return None
             if len(self._functions) >= FUNCTION_CACHE:
                 self._functions.clear()
             pickled = self._functions[fn] = pickle.dumps(fn, _PROTOCOL)
