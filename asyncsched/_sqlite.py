@@ -37,7 +37,7 @@ import sqlite3
 import stat
 import time
 import urllib.parse
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, overload
 
@@ -58,8 +58,12 @@ GROUP_ROWS = 1024
 a large backlog, and the last commit of a batch stays short."""
 DEFAULT_BUSY_TIMEOUT = 5.0
 """Seconds to wait for another connection's write lock before giving up."""
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+_READABLE_VERSION = 1
+"""The oldest schema a read-only connection can query: version 2 changed an index only."""
 APPLICATION_ID = 0x61736368  # "asch", in PRAGMA application_id: marks a file as ours
+_NOT_COMPLETED = "status != 'completed'"
+"""The condition of the status index; a query that says it too can use the index."""
 _CHUNK = 500
 """Rows per fetch while exporting; about as many lines per read while importing."""
 
@@ -92,6 +96,11 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
             UNIQUE (batch_id, key)
         )""",
         "CREATE INDEX results_by_status ON results (batch_id, status)",
+    ),
+    (  # 1 -> 2: index only the results that did not complete, the few that a query by status looks for:
+        # storing a completed one, most of them, then updates one index less
+        "DROP INDEX results_by_status",
+        f"CREATE INDEX results_not_completed ON results (batch_id, status) WHERE {_NOT_COMPLETED}",
     ),
 )
 assert len(_MIGRATIONS) == SCHEMA_VERSION
@@ -186,7 +195,7 @@ class SQLiteStore(Store):
                 await asyncio.to_thread(_try_to_open, self.path, self.readonly)
                 if self.readonly:
                     self._reader = await self._connect()
-                    if await self._version(self._reader) < SCHEMA_VERSION:
+                    if await self._version(self._reader) < _READABLE_VERSION:
                         raise StoreError(f"{self.path} holds no asyncsched results: pass the path of a results "
                                          "file, or open it once for writing to upgrade it")
                 else:
@@ -370,27 +379,28 @@ class SQLiteStore(Store):
 
     async def stats(self, batch_id: str | None = None) -> Stats:
         where, parameters = _where(batch_id, None)
-        rows = await self._fetch(f"SELECT status, count(*) FROM results{where} GROUP BY status", parameters)
-        return Stats.of({Status(status): count for status, count in rows}, batch_id)
+        rows = await self._fetch(_counts_sql(where), parameters * 2)
+        return Stats.of(_tally((status, n) for _, status, n in rows), batch_id)
 
     async def batches(self) -> list[BatchInfo]:
-        return await self._batches("", ())
+        return await self._batches(None)
 
     async def batch(self, batch_id: str) -> BatchInfo | None:
-        found = await self._batches(" WHERE b.batch_id = ?", (_text(batch_id),))
+        found = await self._batches(batch_id)
         return found[0] if found else None
 
-    async def _batches(self, where: str, parameters: tuple[Any, ...]) -> list[BatchInfo]:
+    async def _batches(self, batch_id: str | None) -> list[BatchInfo]:
+        where, parameters = _where(batch_id, None)
         rows = await self._fetch(
-            "SELECT b.batch_id, b.name, b.created_at, b.finished_at, r.status, count(r.id)"
-            f" FROM batches b LEFT JOIN results r USING (batch_id){where}"
-            " GROUP BY b.batch_id, r.status ORDER BY b.created_at, b.batch_id", parameters)
-        found: dict[str, tuple[str | None, float, float | None, dict[Status, int]]] = {}
-        for batch_id, name, created_at, finished_at, status, count in rows:
-            counts = found.setdefault(batch_id, (name, created_at, finished_at, {}))[3]
-            if status is not None:
-                counts[Status(status)] = count
-        return [BatchInfo(batch_id, name, created_at, finished_at, Stats.of(counts, batch_id))
+            "SELECT b.batch_id, b.name, b.created_at, b.finished_at, c.status, c.n"
+            f" FROM batches b LEFT JOIN ({_counts_sql(where)}) c USING (batch_id){where}"
+            " ORDER BY b.created_at, b.batch_id", parameters * 3)
+        found: dict[str, tuple[str | None, float, float | None, list[tuple[str | None, int]]]] = {}
+        for batch_id, name, created_at, finished_at, status, n in rows:
+            counts = found.setdefault(batch_id, (name, created_at, finished_at, []))[3]
+            if n is not None:
+                counts.append((status, n))
+        return [BatchInfo(batch_id, name, created_at, finished_at, Stats.of(_tally(counts), batch_id))
                 for batch_id, (name, created_at, finished_at, counts) in found.items()]
 
     async def _select(self, rest: str, parameters: tuple[Any, ...]) -> list[TaskResult]:
@@ -673,9 +683,30 @@ def _where(batch_id: str | None, status: Status | str | None) -> tuple[str, tupl
         conditions.append("batch_id = ?")
         parameters.append(_text(batch_id))
     if status is not None:
-        conditions.append("status = ?")
-        parameters.append(Status(status).value)
+        status = Status(status)
+        conditions.append("status = ?" if status is _COMPLETED else f"status = ? AND {_NOT_COMPLETED}")
+        parameters.append(status.value)
     return (" WHERE " + " AND ".join(conditions) if conditions else ""), tuple(parameters)
+
+
+def _counts_sql(where: str) -> str:
+    """Rows of (batch_id, NULL, results) for each batch, and of (batch_id, status, results) for each status but
+    completed: both read from an index alone. Takes the parameters of ``where`` twice."""
+    return (f"SELECT batch_id, NULL AS status, count(*) AS n FROM results{where} GROUP BY batch_id UNION ALL "
+            f"SELECT batch_id, status, count(*) FROM results{where}{' AND' if where else ' WHERE'} {_NOT_COMPLETED} "
+            "GROUP BY batch_id, status")
+
+
+def _tally(counts: Iterable[tuple[str | None, int]]) -> dict[Status, int]:
+    """Results by status, from rows of :func:`_counts_sql`: totals (status NULL) and counts of the other statuses."""
+    tally = {_COMPLETED: 0}
+    for status, n in counts:
+        if status is not None:
+            tally[_COMPLETED] -= n
+            tally[Status(status)] = tally.get(Status(status), 0) + n
+        else:
+            tally[_COMPLETED] += n
+    return tally
 
 
 # -- values and rows -------------------------------------------------------------------------

@@ -32,6 +32,7 @@ from asyncsched import (
     ProcessBackend,
     Scheduler,
     SQLiteStore,
+    Stats,
     Status,
     Store,
     StoreError,
@@ -167,10 +168,13 @@ async def test_queries_filter_and_page(tmp_path: Path) -> None:
         failed = await scheduler.results(status="failed")
         assert {r.batch_id for r in failed} == {"b"} and len(failed) == 5
         assert await scheduler.results(batch_id="a", status=Status.FAILED) == []
-        assert (await scheduler.stats()).total == 13
+        await scheduler.run([], batch_id="empty")
+        assert (await scheduler.stats()) == Stats(13, 8, 5)
         b = await scheduler.stats("b")
         assert (b.total, b.completed, b.failed, b.batch_id, b.success_rate) == (10, 5, 5, "b", 0.5)
-        assert [info.batch_id for info in await scheduler.batches()] == ["a", "b"]
+        assert [(info.batch_id, info.stats) for info in await scheduler.batches()] == [
+            ("a", Stats(3, 3, batch_id="a")), ("b", b), ("empty", Stats(batch_id="empty"))]
+        assert await scheduler.stats("empty") == Stats(batch_id="empty")
         one = await scheduler.batch("b")
         assert one is not None and one == (await scheduler.batches())[1] and one.stats == b
         assert await scheduler.batch("c") is None
@@ -548,6 +552,44 @@ async def test_a_newer_schema_is_refused(tmp_path: Path) -> None:
         raw.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
     with pytest.raises(StoreError, match=f"schema version {SCHEMA_VERSION + 1}, newer .* upgrade asyncsched"):
         await SQLiteStore(path).open()
+
+
+async def test_a_file_of_schema_1_is_read_as_it_is_and_upgraded_when_opened_for_writing(tmp_path: Path) -> None:
+    path = tmp_path / "results.db"
+    with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as raw:
+        for statement in asyncsched._sqlite._MIGRATIONS[0]:
+            raw.execute(statement)
+        raw.execute("INSERT INTO batches (batch_id, created_at) VALUES ('old', 0)")
+        raw.executemany("INSERT INTO results (batch_id, key, position, status, attempts) VALUES ('old', ?, ?, ?, 1)",
+                        [(str(i), i, "failed" if i % 3 == 0 else "completed") for i in range(9)])
+        raw.execute(f"PRAGMA application_id = {asyncsched._sqlite.APPLICATION_ID}")
+        raw.execute("PRAGMA user_version = 1")
+    expected = Stats(9, 6, 3, batch_id="old")
+    for readonly in (True, False):
+        async with SQLiteStore(path, readonly=readonly) as store:
+            assert await store.stats("old") == expected
+            assert [info.stats for info in await store.batches()] == [expected]
+            assert [r.key for r in await store.results(status=Status.FAILED)] == ["0", "3", "6"]
+        with contextlib.closing(sqlite3.connect(path)) as raw:
+            indexes = {name for (name,) in raw.execute("SELECT name FROM sqlite_schema WHERE type = 'index'")}
+            assert raw.execute("PRAGMA user_version").fetchone() == ((1,) if readonly else (SCHEMA_VERSION,))
+            assert ("results_by_status" in indexes) is readonly and ("results_not_completed" in indexes) is not readonly
+
+
+async def test_queries_by_status_and_counts_read_the_index_of_results_not_completed(tmp_path: Path) -> None:
+    path = tmp_path / "results.db"
+    async with SQLiteStore(path):  # a new file, of the current schema
+        pass
+    with contextlib.closing(sqlite3.connect(path)) as raw:
+        def plan(sql: str, parameters: tuple[Any, ...]) -> str:
+            return " | ".join(row[-1] for row in raw.execute(f"EXPLAIN QUERY PLAN {sql}", parameters))
+
+        for batch_id in ("b", None):
+            where, parameters = asyncsched._sqlite._where(batch_id, "timed_out")
+            assert "INDEX results_not_completed" in plan(asyncsched._sqlite._SELECT + where, parameters)
+            where, parameters = asyncsched._sqlite._where(batch_id, None)
+            counts = plan(asyncsched._sqlite._counts_sql(where), parameters * 2)
+            assert "COVERING INDEX results_not_completed" in counts and "SCAN results |" not in f"{counts} |"
 
 
 async def test_a_locked_database_fails_after_the_busy_timeout(tmp_path: Path) -> None:
