@@ -358,6 +358,7 @@ class Scheduler:
         self._started = False
         self._closed = False
         self._start_lock: asyncio.Lock | None = None
+        self._closing: asyncio.Future[None] | None = None  # aclose() in progress, or done
         self._loop: asyncio.AbstractEventLoop | None = None  # the loop it started on, and lives on
         self._handle_sigterm = handle_sigterm
         self._sigterm_installed = False
@@ -449,15 +450,18 @@ class Scheduler:
         Runs to the end even when the calling task is cancelled meanwhile, so no
         process outlives the scheduler. A start in progress (the store opening,
         a backend connecting) is waited for first, and what it opened closed.
+        A call made while another one runs returns when that one is done.
         """
-        if self._closed:
-            return
-        self._closed = True
-        running = list(self._runs)
-        for run in running:
-            run.abort(ClosedError("the scheduler was closed while the batch ran"))
-        self._hub.close()
-        closing = asyncio.ensure_future(self._release({run.batch_id for run in running if run.begun}))
+        if self._closing is None:
+            self._closed = True
+            running = list(self._runs)
+            for run in running:
+                run.abort(ClosedError("the scheduler was closed while the batch ran"))
+            self._hub.close()
+            self._closing = asyncio.ensure_future(self._release({run.batch_id for run in running if run.begun}))
+        elif self._closing.done() or self._closing.get_loop() is not asyncio.get_running_loop():
+            return  # closed; or closing on a loop that has ended, where it can be waited for no more
+        closing = self._closing
         try:
             await asyncio.shield(closing)
         except asyncio.CancelledError:

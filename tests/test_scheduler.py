@@ -325,6 +325,16 @@ async def test_scheduler_is_closed_after_exit() -> None:
         await scheduler.run([Task(tasks.square, 1)])
 
 
+async def test_a_second_aclose_returns_once_the_first_is_done() -> None:
+    scheduler = Scheduler(workers=2)
+    await scheduler.run([Task(tasks.square, 1)])
+    first = asyncio.ensure_future(scheduler.aclose())
+    await asyncio.sleep(0)  # its first step: the close has begun, and waits for the workers to exit
+    await scheduler.aclose()
+    assert scheduler.backend.pool.statistics().workers == 0  # type: ignore[attr-defined]
+    await first
+
+
 def test_bad_arguments_get_clear_errors() -> None:
     with pytest.raises(ConfigurationError, match="workers"):
         Scheduler(workers="many")
