@@ -701,11 +701,12 @@ def _tally(counts: Iterable[tuple[str | None, int]]) -> dict[Status, int]:
     """Results by status, from rows of :func:`_counts_sql`: totals (status NULL) and counts of the other statuses."""
     tally = {_COMPLETED: 0}
     for status, n in counts:
-        if status is not None:
-            tally[_COMPLETED] -= n
-            tally[Status(status)] = tally.get(Status(status), 0) + n
-        else:
+        if status is None:
             tally[_COMPLETED] += n
+        else:
+            other = Status(status)
+            tally[other] = tally.get(other, 0) + n
+            tally[_COMPLETED] -= n
     return tally
 
 
