@@ -171,6 +171,7 @@ class _BatchRun:
         self.skipped = 0  # items of a resumed batch with a stored result, not run again
         self.stopped: str | None = None  # why the batch was cancelled (Scheduler.cancel)
         self.begun = False  # the store has begun the batch
+        self.ended: asyncio.Future[None] = self.loop.create_future()  # the run is over, the store has ended the batch
         self.counts: dict[Status, int] = dict.fromkeys(Status, 0)
         self.retries = 0
         self.busy = 0.0
@@ -354,6 +355,7 @@ class Scheduler:
         self._hub = EventHub(event_buffer)
         self._progress = progress
         self._runs: set[_BatchRun] = set()
+        self._unended: set[_BatchRun] = set()  # runs whose batch is not ended yet: what wait_ended() waits for
         self._watchers: list[Callable[[_BatchRun], None]] = []  # told of each run as it starts (progress displays)
         self._started = False
         self._closed = False
@@ -505,6 +507,7 @@ class Scheduler:
                     results.extend(ready)
         finally:
             self._runs.discard(run)
+            self._ended(run)  # also when the stream never began
         results.sort(key=lambda r: r.index)
         return Summary.of(run.batch_id, results, time.monotonic() - started)
 
@@ -525,6 +528,7 @@ class Scheduler:
                         yield result
         finally:
             self._runs.discard(run)
+            self._ended(run)
 
     async def _begin(self, batch_id: str | None, name: str | None,
                      resume: bool) -> tuple[_BatchRun, Mapping[str, TaskResult]]:
@@ -541,6 +545,7 @@ class Scheduler:
                                      "cancel() it, before you resume it")
         run = _BatchRun(self, batch_id)
         self._runs.add(run)  # a cancel() while the scheduler starts or the store begins the batch stops it
+        self._unended.add(run)
         for watcher in self._watchers:
             watcher(run)
         try:
@@ -553,6 +558,7 @@ class Scheduler:
                     await self._store.end_batch(batch_id)
         except BaseException:
             self._runs.discard(run)
+            self._ended(run)
             raise
         return run, previous
 
@@ -622,9 +628,12 @@ class Scheduler:
                     run.cancel_all("the batch was cancelled")
                 run.total = sum(run.counts.values())  # what it finished, also when it was left early
             finally:
-                self._hub.deliver()  # every TaskFinished of the batch is out before its run() returns
-                if not self._closed:  # else aclose() ends the batch, and may have closed the store already
-                    await self._store.end_batch(batch_id)
+                try:
+                    self._hub.deliver()  # every TaskFinished of the batch is out before its run() returns
+                    if not self._closed:  # else aclose() ends the batch, and may have closed the store already
+                        await self._store.end_batch(batch_id)
+                finally:
+                    self._ended(run)
 
     def _admit(self, run: _BatchRun, item: object, index: int, previous: Mapping[str, TaskResult]) -> int:
         """Start one batch item; returns the next index."""
@@ -652,6 +661,24 @@ class Scheduler:
         for run in runs:
             run.stop("the batch was cancelled")
         return bool(runs)
+
+    async def wait_ended(self, batch_id: str) -> None:
+        """Wait until the batch ``batch_id`` has ended here: its run is over and the store has ended it.
+
+        After a ``cancel()``, this is when the batch's tasks are all recorded
+        and ``batch()`` shows it finished (when the scheduler is closed
+        meanwhile, ``aclose()`` ends it instead). Returns at once when no run
+        of that id is going on. Cancelling the wait, or bounding it with
+        ``asyncio.timeout()``, leaves the batch alone.
+        """
+        ends = [run.ended for run in self._unended if run.batch_id == batch_id]
+        if ends:
+            await asyncio.wait(ends)
+
+    def _ended(self, run: _BatchRun) -> None:
+        self._unended.discard(run)
+        if not run.ended.done():
+            run.ended.set_result(None)
 
     def running(self) -> dict[str, int | None]:
         """The batches running now: for each id, how many tasks this run will finish (None until known).

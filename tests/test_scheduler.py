@@ -45,7 +45,7 @@ from asyncsched._pool import MAX_DEPTH, ProcessPool, resolve_workers
 from asyncsched._store import MemoryStore
 
 from . import faults, tasks
-from .util import SlowToBegin, wait_gone
+from .util import SlowToBegin, SlowToEnd, wait_gone
 
 
 async def test_run_returns_results_in_submission_order(scheduler: Scheduler) -> None:
@@ -610,6 +610,25 @@ async def test_a_cancelled_task_that_never_started_is_charged_no_attempt(gate: C
     assert [(r.key, r.status, r.attempts) for r in summary.results] == [
         ("runs", Status.CANCELLED, 1), ("1", Status.CANCELLED, 0), ("2", Status.CANCELLED, 0),
         ("3", Status.CANCELLED, 0)]
+
+
+async def test_wait_ended_returns_once_the_store_has_ended_the_cancelled_batch() -> None:
+    backend, store = _Held(), SlowToEnd()
+    async with Scheduler(backend=backend, store=store) as scheduler:
+        await scheduler.wait_ended("b")  # no run of that id: at once
+        run = asyncio.ensure_future(scheduler.run([Task(tasks.identity, 1)], batch_id="b"))
+        await backend.holding(1)
+        assert scheduler.cancel("b")
+        ended = asyncio.ensure_future(scheduler.wait_ended("b"))
+        await store.entered.wait()  # the run is over (no longer running()), the batch not ended yet
+        assert "b" not in scheduler.running() and not ended.done()
+        store.release.set()
+        await ended
+        info = await scheduler.batch("b")
+        assert info is not None and info.finished_at is not None and info.stats.cancelled == 1
+        summary = await run
+        assert summary.cancelled == 1
+        await scheduler.wait_ended("b")  # ended: at once
 
 
 class _RefusesKeyOne(MemoryStore):

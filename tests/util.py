@@ -45,3 +45,16 @@ class SlowToBegin(MemoryStore):
         self.entered.set()
         await self.release.wait()
         return await super().begin_batch(batch_id, name=name, resume=resume)
+
+
+class SlowToEnd(MemoryStore):
+    """A store that ends a batch only once the test sets ``release``; ``entered`` says it has been asked."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.entered, self.release = asyncio.Event(), asyncio.Event()
+
+    async def end_batch(self, batch_id: str) -> None:
+        self.entered.set()
+        await self.release.wait()
+        await super().end_batch(batch_id)
