@@ -20,6 +20,7 @@ from aiohttp import ClientResponse, web
 from aiohttp.test_utils import TestClient
 from pytest_aiohttp import AiohttpClient
 
+import asyncsched.web._app
 from asyncsched import (
     ClosedError,
     ConfigurationError,
@@ -36,7 +37,7 @@ from asyncsched.web import Limits, TaskRegistry, setup
 from asyncsched.web._sse import EventLog
 
 from . import faults, tasks
-from .util import SlowToBegin, wait_gone
+from .util import SlowToBegin, SlowToEnd, wait_gone
 
 API = "/asyncsched/api"
 TOKEN = "s3cret-token"
@@ -465,6 +466,79 @@ async def test_a_batch_run_by_the_host_app_is_shown_and_can_be_cancelled(aiohttp
     cancelled = await hosted
     assert cancelled.cancelled == 3
     events.close()
+
+
+async def test_delete_answers_the_ended_state_of_a_batch_run_by_the_host_app(aiohttp_client: AiohttpClient) -> None:
+    scheduler = Scheduler(workers=2)
+    client = await make_client(aiohttp_client, scheduler=scheduler)
+    events = await client.get(f"{API}/events", params={"batch": "hosted"})
+    batch = [Task(faults.hang) for _ in range(3)]
+    hosted = asyncio.ensure_future(scheduler.run(batch, batch_id="hosted"))
+    await events_until(events, lambda seen: any(e.data.get("type") == "started" for e in seen))
+    response = await client.delete(f"{API}/batches/hosted")
+    assert response.status == 200
+    answered = await response.json()
+    assert (answered["state"], answered["total"], answered["cancelled"]) == ("finished", 3, 3)
+    assert answered["finished_at"] is not None
+    assert await get_json(client, "/batches/hosted") == answered  # what GET shows once the run is over
+    summary = await hosted
+    assert summary.cancelled == 3
+    events.close()
+
+
+async def hang_on(client: Client, scheduler: Scheduler, batch_id: str) -> asyncio.Future[Any]:
+    """A batch of one hanging task run by the host app on ``scheduler``, once its task has started."""
+    events = await client.get(f"{API}/events", params={"batch": batch_id})
+    hosted = asyncio.ensure_future(scheduler.run([Task(faults.hang)], batch_id=batch_id))
+    await events_until(events, lambda seen: any(e.data.get("type") == "started" for e in seen))
+    events.close()
+    return hosted
+
+
+async def test_delete_answers_a_batch_slow_to_end_as_it_stands_after_a_bounded_wait(
+        aiohttp_client: AiohttpClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(asyncsched.web._app, "CANCEL_WAIT", 0.05)
+    store = SlowToEnd()
+    scheduler = Scheduler(workers=1, store=store)
+    client = await make_client(aiohttp_client, scheduler=scheduler)
+    hosted = await hang_on(client, scheduler, "slow")
+    response = await client.delete(f"{API}/batches/slow")  # the store ends the batch only once released
+    assert response.status == 200 and (await response.json())["state"] != "finished"
+    store.release.set()
+    summary = await hosted
+    assert summary.cancelled == 1
+    assert (await get_json(client, "/batches/slow"))["state"] == "finished"
+
+
+async def test_a_client_that_leaves_while_its_delete_waits_leaves_nothing_behind(
+        aiohttp_client: AiohttpClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = SlowToEnd()
+    scheduler = Scheduler(workers=1, store=store)
+    client = await make_client(aiohttp_client, scheduler=scheduler)
+    waiting, left = asyncio.Event(), asyncio.Event()
+    wait_ended = scheduler.wait_ended
+
+    async def noted(batch_id: str) -> None:
+        waiting.set()
+        try:
+            await wait_ended(batch_id)
+        finally:
+            left.set()
+
+    monkeypatch.setattr(scheduler, "wait_ended", noted)
+    hosted = await hang_on(client, scheduler, "left")
+    deleting = asyncio.ensure_future(client.delete(f"{API}/batches/left"))
+    await waiting.wait()
+    deleting.cancel()  # the client leaves: the test server cancels the handler of its request
+    with pytest.raises(asyncio.CancelledError):
+        await deleting
+    async with asyncio.timeout(10):
+        await left.wait()
+    assert not store.release.is_set()  # the wait ended with the request, before the batch did
+    store.release.set()
+    summary = await hosted
+    assert summary.cancelled == 1
+    assert (await get_json(client, "/batches/left"))["state"] == "finished"
 
 
 # -- events ---------------------------------------------------------------------------------

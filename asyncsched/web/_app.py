@@ -58,6 +58,9 @@ STATIC = {  # the dashboard's files: served by name from this list only
     "style.css": "text/css",
     "index.html": "text/html",
 }
+CANCEL_WAIT = 10.0
+"""Seconds a DELETE waits for the batch it cancelled to end (its tasks recorded, the store told); a batch that takes
+longer is answered as it stands then, not yet finished."""
 STREAM_GRACE = 1.0
 """Seconds the event streams have to write what they hold when the app stops; then the connection of a client
 that takes no more (it reads nothing) is closed, rather than hold the server's shutdown for a minute or two."""
@@ -402,8 +405,11 @@ class _Api:
         if not self.scheduler.cancel(batch_id):
             _fail(409, f"batch {batch_id!r} is not running", state=self._summary(info, {})["state"])
         job = self.jobs.get(batch_id)
-        if job is not None:  # its tasks are all recorded now: wait for the batch to be written
-            await asyncio.wait([job.task])
+        with contextlib.suppress(TimeoutError):  # bounded; a client that leaves cancels the wait, and nothing else
+            async with asyncio.timeout(CANCEL_WAIT):
+                await self.scheduler.wait_ended(batch_id)  # the batch is over and written, whoever runs it
+                if job is not None:  # then its task ends, and the batch leaves self.jobs
+                    await asyncio.wait([job.task])
         return web.json_response(self._summary(await self._batch(batch_id), self._running()))
 
     # -- results ---------------------------------------------------------------------------
@@ -465,7 +471,8 @@ class _Api:
                                   "read_only": self.registry is None})
 
     async def openapi(self, request: web.Request) -> web.Response:
-        return web.json_response(openapi(self.prefix, self.limits, token=self._token is not None))
+        return web.json_response(openapi(self.prefix, self.limits, token=self._token is not None,
+                                         cancel_wait=CANCEL_WAIT))
 
     async def to_dashboard(self, request: web.Request) -> web.Response:
         raise web.HTTPFound(f"{self.prefix}/")

@@ -37,8 +37,8 @@ def _page(items: str, schema: str) -> dict[str, Any]:
         "limit": {"type": "integer"}, "offset": {"type": "integer"}}}
 
 
-def openapi(prefix: str, limits: Limits, *, token: bool) -> dict[str, Any]:
-    """The description, for routes mounted under ``prefix``."""
+def openapi(prefix: str, limits: Limits, *, token: bool, cancel_wait: float) -> dict[str, Any]:
+    """The description, for routes mounted under ``prefix``; a DELETE waits up to ``cancel_wait`` seconds."""
     page = [
         {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "default": limits.default_page},
          "description": f"page size, capped to {limits.max_page}"},
@@ -75,7 +75,12 @@ def openapi(prefix: str, limits: Limits, *, token: bool) -> dict[str, Any]:
             "parameters": [batch_id],
             "get": {"summary": "A batch's summary", "responses": {"200": summary, "404": _error("no such batch")}},
             "delete": {"summary": "Cancel a running batch: its running tasks are killed",
-                       "responses": {"200": summary, "403": _error("the server is read-only"),
+                       "description": "The answer waits until the batch has ended: its tasks are recorded as "
+                                      "cancelled and its state is 'finished', as a GET then shows it. A batch that "
+                                      f"takes more than {cancel_wait:g} seconds to end is answered as it stands "
+                                      "then, not yet 'finished'.",
+                       "responses": {"200": _json(_ref("Batch"), "the batch's summary, once it has ended"),
+                                     "403": _error("the server is read-only"),
                                      "404": _error("no such batch"), "409": _error("the batch is not running")}}},
         "/batches/{batch_id}/results": {
             "parameters": [batch_id],
