@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from ._errors import (
     AsyncschedError,
+    BackendUnreachableError,
     BrokenPoolError,
     ClosedError,
     ConfigurationError,
@@ -58,6 +59,7 @@ __all__ = [
     "Attempt",
     "AttemptListener",
     "Backend",
+    "BackendUnreachableError",
     "BatchInfo",
     "BrokenPoolError",
     "CallListener",

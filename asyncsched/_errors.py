@@ -8,6 +8,7 @@ them all::
     ├── TaskDefinitionError       a Task that can never run: not callable, not picklable  (also TypeError)
     ├── ClosedError               the scheduler or pool was closed by your code  (also RuntimeError)
     ├── BrokenPoolError           something outside broke the pool: workers die while starting
+    ├── BackendUnreachableError   no Dask scheduler answered at the backend's address in time  (also ConnectionError)
     ├── TaskError                 raised by TaskResult.unwrap() for a task that did not complete
     │   ├── TaskFailedError       the task raised; the original exception is the __cause__
     │   ├── TaskTimeoutError      the task ran past its timeout and its worker was killed
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 __all__ = [
     "AsyncschedError",
+    "BackendUnreachableError",
     "BrokenPoolError",
     "ClosedError",
     "ConfigurationError",
@@ -57,6 +59,11 @@ class ClosedError(AsyncschedError, RuntimeError):
 
 class BrokenPoolError(AsyncschedError):
     """Something outside your code broke the pool, e.g. workers keep dying while starting."""
+
+
+class BackendUnreachableError(AsyncschedError, ConnectionError):
+    """A backend could not reach the cluster it runs attempts on: no Dask scheduler answered at its address within
+    its ``connect_timeout``. A ConnectionError, so an OSError, as what Dask raises itself."""
 
 
 class TaskError(AsyncschedError):

@@ -70,7 +70,8 @@ def cluster() -> Iterator[str]:
 
 
 async def main(address: str) -> None:
-    backend = DaskBackend(address, capacity=WORKERS, kill_on_timeout=True)
+    # the cluster starts with this script: wait for its scheduler to come up as long as Dask itself would (30 s)
+    backend = DaskBackend(address, capacity=WORKERS, kill_on_timeout=True, connect_timeout=30)
     async with Scheduler(backend=backend, timeout=30) as scheduler:
         assert backend.client is not None
         await backend.client.wait_for_workers(WORKERS, timeout=60)  # type: ignore[func-returns-value,misc]

@@ -1,19 +1,36 @@
-"""What is particular to Dask: an existing client, timeouts without a kill, lost workers, cancellation."""
+"""What is particular to Dask: an existing client, timeouts without a kill, lost workers, cancellation, a scheduler
+that cannot be reached."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
-from collections.abc import Callable
+import socket
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
+import dask.config
 import psutil
 import pytest
 from distributed import Client
+from distributed.client import _get_global_client
 
-from asyncsched import ConfigurationError, Scheduler, Status, Task, TaskReported, TaskStarted
+from asyncsched import (
+    BackendUnreachableError,
+    ClosedError,
+    ConfigurationError,
+    Scheduler,
+    Status,
+    Task,
+    TaskReported,
+    TaskStarted,
+)
 from asyncsched.backends import DaskBackend
+from asyncsched.backends._dask import DEFAULT_CONNECT_TIMEOUT, _last_failure
 
 from . import faults, tasks
 from .util import wait_gone
@@ -33,6 +50,10 @@ def test_needs_an_address_or_a_client() -> None:
         DaskBackend()
     with pytest.raises(ConfigurationError, match="capacity"):
         DaskBackend("tcp://127.0.0.1:1", capacity=0)
+    for bad in (0, -1, float("nan"), "5", True):
+        with pytest.raises(ConfigurationError, match="connect_timeout"):
+            DaskBackend("tcp://127.0.0.1:1", connect_timeout=bad)  # type: ignore[arg-type]
+    assert DaskBackend("tcp://127.0.0.1:1").connect_timeout == DEFAULT_CONNECT_TIMEOUT <= 10  # not Dask's 30 s
 
 
 async def test_an_existing_client_is_used_and_left_open(dask_address: str) -> None:
@@ -135,3 +156,136 @@ async def test_a_worker_that_leaves_before_its_restart_is_ended_all_the_same() -
     backend = DaskBackend(client=LeftClient())  # type: ignore[arg-type]
     await backend._restart(Key(), "tcp://gone:1")  # type: ignore[arg-type]
     assert ended == [["tcp://gone:1"]]
+
+
+# -- a scheduler that cannot be reached ----------------------------------------------------------------------------
+
+UNREACHABLE_BOUND = 20.0
+"""Generous: each start below waits connect_timeout=0.5 s; Dask alone waits 30 s, or forever for a silent listener."""
+
+
+@pytest.fixture
+def refused() -> Iterator[str]:
+    """A port that is bound but does not listen: connections to it are refused, and nothing else can take it."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        yield f"tcp://127.0.0.1:{sock.getsockname()[1]}"
+
+
+@pytest.fixture
+def silent() -> Iterator[str]:
+    """A listener that never accepts: the kernel completes the connection, and nobody ever answers on it."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        yield f"tcp://127.0.0.1:{sock.getsockname()[1]}"
+
+
+@pytest.fixture
+def unresolvable() -> str:
+    return "tcp://no-such-host.invalid:8786"  # .invalid never resolves (RFC 6761)
+
+
+@contextlib.contextmanager
+def dask_left_as_it_was() -> Iterator[None]:
+    """A client that is not closed stays Dask's default client, and sets dask's scheduler for the whole process."""
+    scheduler = dask.config.get("scheduler", None)
+    yield
+    assert _get_global_client() is None
+    assert dask.config.get("scheduler", None) == scheduler
+
+
+@pytest.mark.parametrize("where", ["refused", "unresolvable", "silent"])
+async def test_a_scheduler_that_cannot_be_reached_fails_the_start_within_connect_timeout(
+        where: str, request: pytest.FixtureRequest) -> None:
+    address = request.getfixturevalue(where)
+    backend = DaskBackend(address, connect_timeout=0.5)
+    began = time.monotonic()
+    with dask_left_as_it_was(), pytest.raises(BackendUnreachableError) as caught:
+        await backend.start()
+    assert time.monotonic() - began < UNREACHABLE_BOUND
+    message = str(caught.value)
+    assert message.startswith(f"could not reach the Dask scheduler at {address} within 0.5s")
+    assert "check that a Dask scheduler runs there" in message and "connect_timeout" in message
+    assert isinstance(caught.value, OSError)  # as Dask's own error was: an `except OSError` still catches it
+    assert backend.client is None
+    await backend.aclose()
+
+
+def test_the_error_names_dasks_last_failure_when_the_timeout_cut_into_its_back_off() -> None:
+    refused = ConnectionRefusedError(111, "Connection refused")
+    try:
+        try:
+            raise OSError("in <TCPConnector>: ConnectionRefusedError") from refused  # as Dask wraps it
+        except OSError:
+            raise asyncio.CancelledError() from None  # the timeout, while Dask waits to try again
+    except asyncio.CancelledError as cancelled:
+        timeout = TimeoutError()
+        timeout.__context__ = cancelled
+    assert _last_failure(timeout) is refused
+    assert _last_failure(TimeoutError()) is None  # cut into a try: nothing known
+
+
+async def test_a_failed_start_leaves_nothing_behind_and_the_scheduler_closes(refused: str) -> None:
+    threads = set(threading.enumerate())
+    backend = DaskBackend(refused, connect_timeout=0.5)
+    scheduler = Scheduler(backend=backend)
+    with dask_left_as_it_was(), pytest.raises(BackendUnreachableError, match=r"within 0\.5s"):
+        await scheduler.run([Task(tasks.square, 2)])
+    assert set(threading.enumerate()) <= threads  # no thread of Dask's, nor of the connection, is left
+    await scheduler.aclose()  # the tasks and processes are checked by the autouse fixtures
+    await scheduler.aclose()
+    with pytest.raises(ClosedError):
+        await scheduler.run([Task(tasks.square, 2)])
+
+
+async def test_a_listener_that_is_no_dask_scheduler_fails_the_start_at_once() -> None:
+    async def hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.close()
+        await writer.wait_closed()
+
+    async with await asyncio.start_server(hang_up, "127.0.0.1", 0) as server:
+        address = f"tcp://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+        backend = DaskBackend(address, connect_timeout=UNREACHABLE_BOUND * 10)  # it is not waited for
+        with dask_left_as_it_was(), pytest.raises(BackendUnreachableError) as caught:
+            await backend.start()
+    assert str(caught.value).startswith(f"could not connect to a Dask scheduler at {address} (")
+    assert isinstance(caught.value.__cause__, OSError)  # Dask's own error, kept as the cause
+    await backend.aclose()
+
+
+async def test_a_connect_timeout_longer_than_dasks_own_is_waited_for(refused: str) -> None:
+    with dask.config.set({"distributed.comm.timeouts.connect": "0.1s"}), dask_left_as_it_was():
+        backend = DaskBackend(refused, connect_timeout=1)
+        with pytest.raises(BackendUnreachableError, match=" within 1s"):  # not Dask's own: after 0.1 s
+            await backend.start()
+    await backend.aclose()
+
+
+@pytest.fixture
+async def answers_nothing() -> AsyncIterator[tuple[str, asyncio.Event, asyncio.Event]]:
+    """A listener that never answers; yields its address, and events set when a client connects and hangs up."""
+    connected, hung_up = asyncio.Event(), asyncio.Event()
+
+    async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connected.set()
+        await reader.read()  # until the client hangs up
+        hung_up.set()
+        writer.close()
+
+    async with await asyncio.start_server(hold, "127.0.0.1", 0) as server:
+        yield f"tcp://127.0.0.1:{server.sockets[0].getsockname()[1]}", connected, hung_up
+
+
+async def test_cancelling_a_start_closes_the_client_it_opened(
+        answers_nothing: tuple[str, asyncio.Event, asyncio.Event]) -> None:
+    address, connected, hung_up = answers_nothing
+    backend = DaskBackend(address, connect_timeout=UNREACHABLE_BOUND * 10)
+    with dask_left_as_it_was():
+        start = asyncio.ensure_future(backend.start())
+        await connected.wait()  # Dask waits for the handshake
+        start.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await start
+    await hung_up.wait()  # its connection closed
+    await backend.aclose()

@@ -23,6 +23,13 @@ on that worker. A worker that dies (``os._exit``, segfault, lost host) is
 Dask's to handle: it reschedules the task elsewhere up to
 ``distributed.scheduler.allowed-failures`` times, then reports ``KilledWorker``,
 which is recorded ``crashed``.
+
+Starting with an ``address`` opens a client, bounded by ``connect_timeout``:
+Dask alone keeps retrying an address where nothing listens, or a host name
+that does not resolve, for ``distributed.comm.timeouts.connect`` (30 s), and
+waits without end on a listener that never answers its handshake. A start
+that fails raises :class:`BackendUnreachableError` and closes that client
+again: it leaves no task, connection or Dask default client behind.
 """
 
 from __future__ import annotations
@@ -37,24 +44,45 @@ from dataclasses import dataclass
 from typing import Any
 
 import cloudpickle
+import dask.config
+from dask.utils import parse_timedelta
 from distributed import Client, Future, KilledWorker
 
 from .._backend import Backend, Emit, unreadable_result
-from .._errors import ConfigurationError
-from .._models import Attempt, Outcome, Status, TaskReported, TaskStarted
+from .._errors import BackendUnreachableError, ConfigurationError
+from .._models import Attempt, Outcome, Status, TaskReported, TaskStarted, is_seconds
 from .._pool import _report_data
 from .._worker import error_info
 from ._remote import REPORTED, STARTED, end_dask_worker, run_on_dask
 
-__all__ = ["DEFAULT_CAPACITY", "DaskBackend"]
+__all__ = ["DEFAULT_CAPACITY", "DEFAULT_CONNECT_TIMEOUT", "DaskBackend"]
 
 DEFAULT_CAPACITY = 16
 """Attempts in flight when ``capacity`` is not given: set it to the cluster's number of threads."""
 
+DEFAULT_CONNECT_TIMEOUT = 10.0
+"""Seconds :meth:`DaskBackend.start` waits for the scheduler at ``address`` when ``connect_timeout`` is not given."""
+
 CANCEL_WAIT = 2.0
 """Seconds to wait for the scheduler to forget a timed-out attempt before its worker is restarted."""
 
+_WHAT_TO_DO = ("check that a Dask scheduler runs there and that this machine can reach its host and port (or, if it "
+               "is still starting, give DaskBackend a longer connect_timeout)")
+
 logger = logging.getLogger(__name__)
+
+
+def _last_failure(exc: BaseException) -> OSError | None:
+    """Why Dask's last try to connect failed (refused, a name that does not resolve), when the timeout cut into its
+    wait before the next one: the innermost error of ``exc``'s chain that is not a timeout."""
+    found, seen = None, set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError) and not isinstance(current, TimeoutError):
+            found = current
+        current = current.__cause__ or current.__context__
+    return found
 
 
 @dataclass(slots=True)
@@ -76,6 +104,13 @@ class DaskBackend(Backend):
     ``address`` the backend opens and closes its own client. ``capacity`` is
     how many attempts run at once, usually the cluster's total threads.
 
+    ``connect_timeout`` (seconds, with ``address``) bounds the start: when no
+    Dask scheduler answers at ``address`` within it (nothing listens there, the
+    host does not resolve or cannot be reached, a listener that is not a Dask
+    scheduler), :meth:`start` raises :class:`BackendUnreachableError` naming the
+    address. Dask retries meanwhile, so a scheduler that is still starting is
+    waited for: give more time when it starts with the batch.
+
     ``kill_on_timeout=True`` restarts the worker running a timed-out attempt.
     That is costly: it restarts the whole worker process, with every other
     task it was running (Dask reschedules those), and needs workers started
@@ -84,17 +119,21 @@ class DaskBackend(Backend):
     """
 
     def __init__(self, address: str | None = None, *, client: Client | None = None,
-                 kill_on_timeout: bool = False, capacity: int = DEFAULT_CAPACITY) -> None:
+                 kill_on_timeout: bool = False, capacity: int = DEFAULT_CAPACITY,
+                 connect_timeout: float = DEFAULT_CONNECT_TIMEOUT) -> None:
         if (address is None) == (client is None):
             raise ConfigurationError("DaskBackend needs either address= or client=, not both")
         if client is not None and not client.asynchronous:
             raise ConfigurationError("DaskBackend needs an asynchronous client: Client(..., asynchronous=True)")
         if capacity < 1:
             raise ConfigurationError(f"capacity must be at least 1, got {capacity!r}")
+        if not (is_seconds(connect_timeout) and connect_timeout > 0):
+            raise ConfigurationError(f"connect_timeout must be a positive number of seconds, got {connect_timeout!r}")
         self.address = address
         self.client = client
         self.kill_on_timeout = kill_on_timeout
         self.capacity = capacity
+        self.connect_timeout = connect_timeout
         self._owns_client = client is None
         self._topic = f"asyncsched-{uuid.uuid4().hex}"
         self._tags = (f"{n:x}" for n in itertools.count())
@@ -104,9 +143,47 @@ class DaskBackend(Backend):
         self._closed = False
 
     async def start(self) -> None:
+        """Open the client (with ``address``), or raise :class:`BackendUnreachableError` after ``connect_timeout``."""
         if self.client is None:
-            self.client = await Client(self.address, asynchronous=True)
+            self.client = await self._connect()
         self.client.subscribe_topic(self._topic, self._on_event)
+
+    async def _connect(self) -> Client:
+        """A client connected to ``address`` within ``connect_timeout``; a client that did not connect is closed.
+
+        Dask gives up on its own after ``distributed.comm.timeouts.connect``:
+        a longer ``connect_timeout`` is passed on to it, or it would end the
+        wait early. A shorter one leaves Dask's timeouts of the running client
+        (connecting to workers, reconnecting) as they are.
+        """
+        assert self.address is not None
+        timeout = self.connect_timeout
+        dask_timeout = parse_timedelta(dask.config.get("distributed.comm.timeouts.connect"), "s")
+        client = Client(self.address, asynchronous=True, timeout=max(timeout, dask_timeout))  # it starts at once
+        deadline = asyncio.timeout(timeout)
+        try:
+            async with deadline:
+                await client
+        except BaseException as exc:
+            # Dask closes it only after some errors: neither when the wait is cancelled nor on a bad address
+            await self._close_failed(client)
+            if deadline.expired():
+                last = _last_failure(exc)
+                why = f" (last error: {type(last).__name__}: {last})" if last is not None else ""
+                raise BackendUnreachableError(f"could not reach the Dask scheduler at {self.address} within "
+                                              f"{timeout:g}s{why}; {_WHAT_TO_DO}") from exc
+            if isinstance(exc, OSError):  # a listener that hangs up, a TLS handshake refused, Dask's own timeout
+                raise BackendUnreachableError(f"could not connect to a Dask scheduler at {self.address} ({exc}); "
+                                              f"{_WHAT_TO_DO}") from exc
+            raise
+        return client
+
+    @staticmethod
+    async def _close_failed(client: Client) -> None:
+        try:
+            await client.close()
+        except Exception:  # the start's own error is the one to raise
+            logger.warning("asyncsched: could not close the Dask client that did not connect", exc_info=True)
 
     def submit(self, attempt: Attempt, emit: Emit) -> asyncio.Future[Outcome]:
         run = asyncio.ensure_future(self._run(attempt, emit))
