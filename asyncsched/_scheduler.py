@@ -305,6 +305,8 @@ class Scheduler:
     batch while it runs, and its final report (see :class:`ProgressMonitor`).
 
     Use it as ``async with Scheduler(...) as scheduler``; ``aclose()`` works too.
+    A start that fails there (the store cannot open, the backend cannot reach
+    its cluster) closes the scheduler again before the error is raised.
     Inside ``async with`` on the main thread, a SIGTERM (when nothing else
     handles it; turn off with ``handle_sigterm=False``) cancels the block, stops
     every worker, and then ends the process as SIGTERM asks. Ctrl-C is
@@ -386,7 +388,12 @@ class Scheduler:
     # -- lifecycle -------------------------------------------------------------------------
 
     async def __aenter__(self) -> Scheduler:
-        await self._ensure_started()
+        try:
+            await self._ensure_started()
+        except BaseException:
+            if self._loop is None:  # its start failed (not: it lives on another loop): close what the start opened
+                await self.aclose()  # (the store's threads), as __aexit__ will not run
+            raise
         if self._handle_sigterm:
             self._install_sigterm(asyncio.current_task())
         return self

@@ -685,6 +685,37 @@ async def test_aclose_while_a_run_starts_the_scheduler_closes_what_the_start_ope
     assert store._writer is not None and store._writer.done()
 
 
+class _CannotStart(Backend):
+    """A backend whose start fails, as a cluster that cannot be reached does."""
+
+    capacity = 1
+
+    def __init__(self) -> None:
+        self.closed = False
+
+    async def start(self) -> None:
+        raise ConnectionError("no cluster answers")
+
+    def submit(self, attempt: Any, emit: Any) -> asyncio.Future[Outcome]:
+        raise NotImplementedError
+
+    async def aclose(self) -> None:
+        self.closed = True
+
+
+async def test_a_start_that_fails_in_async_with_closes_what_it_opened(tmp_path: Path) -> None:
+    store, backend = SQLiteStore(tmp_path / "r.db"), _CannotStart()
+    scheduler = Scheduler(backend=backend, store=store)
+    with pytest.raises(ConnectionError, match="no cluster answers"):
+        async with scheduler:
+            raise AssertionError("the block does not run")
+    assert store._db is None and store._reader is None  # the file opened for the start is closed: no thread left
+    assert store._writer is not None and store._writer.done()
+    assert backend.closed
+    with pytest.raises(ClosedError):  # closed, as after the block
+        await scheduler.run([Task(tasks.identity, 1)])
+
+
 async def test_a_run_is_known_to_cancel_from_its_first_step(tmp_path: Path) -> None:
     scheduler = Scheduler(workers=1, store=tmp_path / "r.db")  # not started: the run starts it, opening the file
     try:
