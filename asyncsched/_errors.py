@@ -8,7 +8,8 @@ them all::
     ├── TaskDefinitionError       a Task that can never run: not callable, not picklable  (also TypeError)
     ├── ClosedError               the scheduler or pool was closed by your code  (also RuntimeError)
     ├── BrokenPoolError           something outside broke the pool: workers die while starting
-    ├── BackendUnreachableError   no Dask scheduler answered at the backend's address in time  (also ConnectionError)
+    ├── BackendUnreachableError   a backend's Dask scheduler, Celery broker or result backend does not answer
+    │                             (also ConnectionError)
     ├── TaskError                 raised by TaskResult.unwrap() for a task that did not complete
     │   ├── TaskFailedError       the task raised; the original exception is the __cause__
     │   ├── TaskTimeoutError      the task ran past its timeout and its worker was killed
@@ -63,7 +64,8 @@ class BrokenPoolError(AsyncschedError):
 
 class BackendUnreachableError(AsyncschedError, ConnectionError):
     """A backend could not reach the cluster it runs attempts on: no Dask scheduler answered at its address within
-    its ``connect_timeout``. A ConnectionError, so an OSError, as what Dask raises itself."""
+    its ``connect_timeout``; a Celery broker or Redis result backend did not answer (raised by the start, or the
+    ``exception`` of an attempt that needed it). A ConnectionError, so an OSError, as what Dask raises itself."""
 
 
 class TaskError(AsyncschedError):

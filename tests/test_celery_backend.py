@@ -1,4 +1,5 @@
-"""What is particular to Celery: JSON calls by name, the worker command, redelivery, revoke, missed messages."""
+"""What is particular to Celery: JSON calls by name, the worker command, redelivery, revoke, missed messages,
+servers that cannot be reached."""
 
 from __future__ import annotations
 
@@ -7,14 +8,22 @@ import contextlib
 import functools
 import logging
 import re
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
 import redis.asyncio
 
-from asyncsched import ConfigurationError, Scheduler, Status, Task, TaskDefinitionError, TaskStarted
-from asyncsched.backends import CeleryBackend
+from asyncsched import (
+    BackendUnreachableError,
+    ConfigurationError,
+    Scheduler,
+    Status,
+    Task,
+    TaskDefinitionError,
+    TaskStarted,
+)
+from asyncsched.backends import CeleryBackend, _celery
 from asyncsched.backends._celery import target_of
 
 from . import faults, tasks
@@ -33,6 +42,29 @@ in_main.__module__ = "__main__"
 
 def scheduler_on(worker: CeleryWorker, **options: object) -> Scheduler:
     return Scheduler(backend=CeleryBackend(worker.broker, worker.backend, capacity=2), **options)  # type: ignore[arg-type]
+
+
+@contextlib.asynccontextmanager
+async def silent_server() -> AsyncIterator[int]:
+    """A TCP server on 127.0.0.1 that accepts connections and never answers; yields its port."""
+    holding: set[asyncio.Task[None]] = set()
+
+    async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        holding.add(asyncio.current_task())  # type: ignore[arg-type]
+        try:
+            await reader.read()  # until the client leaves
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(hold, "127.0.0.1", 0)
+    try:
+        yield server.sockets[0].getsockname()[1]
+    finally:
+        server.close()
+        for task in holding:
+            task.cancel()
+        await asyncio.gather(*holding, return_exceptions=True)
+        await server.wait_closed()
 
 
 async def next_start(events: object) -> TaskStarted:
@@ -137,3 +169,53 @@ async def test_closing_ends_a_listener_whose_read_swallowed_the_cancellation(
     closing = asyncio.ensure_future(backend.aclose())
     done, _ = await asyncio.wait([closing], timeout=10)  # it used to wait forever
     assert closing in done and backend._listener is not None and backend._listener.done()
+
+
+async def test_a_result_backend_that_cannot_be_reached_fails_the_start(redis_url: str) -> None:
+    scheduler = Scheduler(backend=CeleryBackend(f"{redis_url}/0", "redis://:secret@127.0.0.1:1/1"))
+    try:
+        with pytest.raises(BackendUnreachableError, match=r"^the Celery result backend redis://:\*\*@127\.0\.0\.1:1/1 "
+                           r"cannot be reached \(.+\): check that it runs and that its URL is right$") as caught:
+            await scheduler.run([Task(tasks.add, 1)])  # it raised redis.ConnectionError, naming no server
+    finally:
+        await scheduler.aclose()
+    assert isinstance(caught.value, ConnectionError) and "secret" not in str(caught.value)
+
+
+async def test_a_broker_that_cannot_be_reached_fails_the_start(redis_url: str) -> None:
+    scheduler = Scheduler(backend=CeleryBackend("redis://127.0.0.1:1/0", f"{redis_url}/1"), retries=2)
+    try:
+        with pytest.raises(BackendUnreachableError, match=r"^the Celery broker redis://127\.0\.0\.1:1/0 cannot be "
+                           r"reached \(.*Connection refused.*\): check that it runs and that its URL is right$"):
+            await scheduler.run([Task(tasks.add, 1)])  # each attempt of each task was tried for 0.6 s, then failed
+    finally:
+        await scheduler.aclose()
+
+
+async def test_a_start_names_both_servers_when_neither_can_be_reached() -> None:
+    scheduler = Scheduler(backend=CeleryBackend("redis://127.0.0.1:1/0", "redis://127.0.0.1:1/1"))
+    try:
+        with pytest.raises(BackendUnreachableError, match=r"^the Celery broker redis://127\.0\.0\.1:1/0 cannot be "
+                           r"reached \(.+\) and the Celery result backend redis://127\.0\.0\.1:1/1 cannot be reached "
+                           r"\(.+\): check that they run and that their URLs are right$"):
+            await scheduler.run([Task(tasks.add, 1)])
+    finally:
+        await scheduler.aclose()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("silent", ["broker", "result backend"])
+async def test_a_server_that_never_answers_fails_the_start_within_the_socket_timeout(
+        silent: str, redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_celery, "SOCKET_TIMEOUT", 0.2)  # 5 s: four tries of the broker would take 20 s
+    async with silent_server() as port:
+        urls = {"broker": f"{redis_url}/0", "result backend": f"{redis_url}/1"}
+        urls[silent] = f"redis://127.0.0.1:{port}/{0 if silent == 'broker' else 1}"
+        scheduler = Scheduler(backend=CeleryBackend(urls["broker"], urls["result backend"]))
+        try:
+            with pytest.raises(BackendUnreachableError, match=rf"^the Celery {silent} {re.escape(urls[silent])} "
+                               r"cannot be reached \(.*[Tt]imeout.*\): check that it runs and that its URL is right$"):
+                # a silent broker: the first send waited for ever; a silent result backend: redis.TimeoutError
+                await scheduler.run([Task(tasks.add, 1)])
+        finally:
+            await scheduler.aclose()

@@ -30,6 +30,14 @@ Faults, mapped to Celery's own mechanisms:
   dies again it is recorded ``crashed``.
 * a whole worker lost: the message was not acknowledged (``acks_late``), so
   the broker delivers it again (with Redis, after its visibility timeout).
+
+Servers that cannot be reached fail with :class:`~asyncsched.BackendUnreachableError`,
+which names the server and its URL, within a bounded time:
+
+* at start: the broker and the result backend are both tried; the start fails
+  when either does not answer (the result backend within ``SOCKET_TIMEOUT``;
+  the broker as a send would be, under Celery's ``task_publish_retry_policy``:
+  4 tries over 0.6 s by default, each connection bounded by ``SOCKET_TIMEOUT``).
 """
 
 from __future__ import annotations
@@ -49,10 +57,11 @@ from typing import Any
 import redis.asyncio
 from celery import Celery
 from celery.backends.redis import RedisBackend
-from kombu.exceptions import EncodeError
+from kombu.exceptions import EncodeError, KombuError
+from kombu.utils.url import maybe_sanitize_url
 
 from .._backend import Backend, Emit
-from .._errors import ConfigurationError, TaskDefinitionError
+from .._errors import BackendUnreachableError, ConfigurationError, TaskDefinitionError
 from .._models import Attempt, Outcome, Status, TaskReported, TaskStarted
 from .._worker import error_info
 from ._remote import REPORT_STATE, run_by_name
@@ -70,10 +79,15 @@ TIME_LIMIT_GRACE = 5.0
 SWEEP_INTERVAL = 5.0
 """Seconds between fallback reads of every pending result, in case a published message was missed."""
 RECONNECT_DELAY = 0.5
+SOCKET_TIMEOUT = 5.0
+"""Seconds to open a connection to the broker or the result backend, or to wait for one of its replies, before it
+counts as unreachable (``socket_connect_timeout`` and ``socket_timeout`` of redis-py and of kombu's Redis transport)."""
 CANCEL_RETRY = 0.1
 """Seconds between two cancellations of the listener when the first is lost."""
 
 _FINAL_STATES = frozenset({"SUCCESS", "FAILURE", "REVOKED"})
+_REDIS_ERRORS = (redis.ConnectionError, redis.TimeoutError, OSError)
+_RETRY_POLICY_KEYS = ("max_retries", "interval_start", "interval_step", "interval_max")
 _FAILURES = {"TimeLimitExceeded": Status.TIMED_OUT, "WorkerLostError": Status.CRASHED, "Terminated": Status.CANCELLED}
 
 logger = logging.getLogger(__name__)
@@ -103,6 +117,20 @@ def make_app(broker_url: str | None = None, backend_url: str | None = None) -> C
     )
     register_task(app)
     return app
+
+
+def _client_options(conf: Any) -> dict[str, Any]:
+    """The settings a ``CeleryBackend`` adds to the app it makes (not to workers, nor to an ``app=`` passed in).
+
+    Connections and replies of the broker and of the result backend are bounded by
+    ``SOCKET_TIMEOUT`` (kombu's Redis transport and Celery's Redis backend default to
+    waiting for ever, or 120 s).
+    """
+    return {
+        "broker_transport_options": {**conf.broker_transport_options, **_socket_timeouts()},
+        "redis_socket_connect_timeout": SOCKET_TIMEOUT,
+        "redis_socket_timeout": SOCKET_TIMEOUT,
+    }
 
 
 def celery_worker_main(argv: Sequence[str] | None = None) -> int:
@@ -171,6 +199,14 @@ class CeleryBackend(Backend):
     failed task's exception keeps its type name, message and traceback but is
     not rebuilt. ``capacity`` is how many attempts run at once, usually the
     workers' total concurrency.
+
+    A broker or result backend that cannot be reached fails the start with
+    :class:`~asyncsched.BackendUnreachableError` within a bounded time (see the
+    module's documentation): never a wait for ever. The app it makes bounds its
+    connections by ``SOCKET_TIMEOUT``; an ``app`` passed in keeps its own
+    settings for sending (set ``broker_transport_options={"socket_connect_timeout":
+    ..., "socket_timeout": ...}`` on it for the same bounds), and its start is
+    bounded all the same.
     """
 
     register_task = staticmethod(register_task)
@@ -183,16 +219,22 @@ class CeleryBackend(Backend):
             raise ConfigurationError("CeleryBackend takes either app= or the URLs, not both")
         if capacity < 1:
             raise ConfigurationError(f"capacity must be at least 1, got {capacity!r}")
-        self.app = app or make_app(broker_url, backend_url)
+        self._owns_app = app is None
+        if app is None:
+            app = make_app(broker_url, backend_url)
+            app.conf.update(_client_options(app.conf))
+        self.app = app
         if not isinstance(self.app.backend, RedisBackend):
             raise ConfigurationError("CeleryBackend streams results over Redis pub/sub: the app's result backend "
                                      f"must be redis://, got {self.app.conf.result_backend!r}")
         register_task(self.app)
         self.capacity = capacity
-        self._owns_app = app is None
         self._prefix = f"asyncsched-{uuid.uuid4().hex[:12]}-"
         keyprefix = self.app.backend.task_keyprefix  # the result of task i is at keyprefix + i
         self._keyprefix: str = keyprefix.decode() if isinstance(keyprefix, bytes) else keyprefix
+        self._backend_url: str = self.app.conf.result_backend
+        self._broker_name: str = _broker_name(self.app)
+        self._backend_name: str = maybe_sanitize_url(self._backend_url)
         self._ids = itertools.count()
         self._pending: dict[str, _Pending] = {}
         self._revoking: list[str] = []
@@ -205,10 +247,53 @@ class CeleryBackend(Backend):
     # -- lifecycle -------------------------------------------------------------------------
 
     async def start(self) -> None:
-        self._redis = redis.asyncio.Redis.from_url(self.app.conf.result_backend)
-        self._pubsub = await self._subscribe()
+        """Connect to the result backend and try the broker: raise BackendUnreachableError when either cannot be
+        reached (both are tried at once; the module's documentation gives the bounds)."""
+        broker = asyncio.get_running_loop().run_in_executor(None, self._reach_broker)
+        self._redis = redis.asyncio.Redis.from_url(self._backend_url, socket_connect_timeout=SOCKET_TIMEOUT,
+                                                   socket_timeout=SOCKET_TIMEOUT)
+        try:
+            try:
+                await self._redis.ping()
+                self._pubsub = await self._subscribe()
+            except _REDIS_ERRORS as exc:
+                backend_error: BaseException | None = exc
+            else:
+                backend_error = None
+            broker_error = await broker
+            if broker_error is not None or backend_error is not None:
+                raise self._unreachable_at_start(broker_error, backend_error)
+        except BaseException:
+            if self._pubsub is not None:
+                pubsub, self._pubsub = self._pubsub, None
+                await pubsub.aclose()
+            client, self._redis = self._redis, None
+            await client.aclose()
+            raise
         self._listener = asyncio.ensure_future(self._listen())
         self._listener.add_done_callback(self._on_listener_done)
+
+    def _reach_broker(self) -> BaseException | None:
+        """In a thread: connect to the broker as a send would (under the publish retry policy); the error, if any."""
+        policy = self.app.conf.task_publish_retry_policy or {}
+        with self.app.connection_for_write(transport_options=_socket_timeouts()) as connection:
+            try:
+                connection.ensure_connection(**{k: policy[k] for k in _RETRY_POLICY_KEYS if k in policy})
+            except (KombuError, *connection.connection_errors, *connection.channel_errors) as exc:
+                error: BaseException = exc
+                return error
+        return None
+
+    def _unreachable_at_start(self, broker: BaseException | None,
+                              backend: BaseException | None) -> BackendUnreachableError:
+        found = [f"the Celery {what} {url} cannot be reached ({_reason(exc)})"
+                 for what, url, exc in (("broker", self._broker_name, broker),
+                                        ("result backend", self._backend_name, backend)) if exc is not None]
+        advice = ("check that they run and that their URLs are right" if len(found) == 2 else
+                  "check that it runs and that its URL is right")
+        error = BackendUnreachableError(f"{' and '.join(found)}: {advice}")
+        error.__cause__ = broker or backend
+        return error
 
     def _on_listener_done(self, listener: asyncio.Task[None]) -> None:
         """A listener that died of a bug must not leave attempts waiting forever: they fail with its error."""
@@ -402,3 +487,20 @@ class CeleryBackend(Backend):
         else:
             error = f"{exc_type}: {exc_message}"
         return Outcome(status, error=error, traceback=traceback, error_type=exc_type, pid=pending.pid)
+
+
+def _socket_timeouts() -> dict[str, float]:
+    return {"socket_connect_timeout": SOCKET_TIMEOUT, "socket_timeout": SOCKET_TIMEOUT}
+
+
+def _broker_name(app: Celery) -> str:
+    """The broker's URL for messages, without its password."""
+    url = app.conf.broker_write_url or app.conf.broker_url
+    if isinstance(url, str):
+        return str(maybe_sanitize_url(url))
+    with app.connection_for_write() as connection:  # a list of URLs, or Celery's default: as kombu shows it
+        return str(connection.as_uri())
+
+
+def _reason(exc: BaseException) -> str:
+    return str(exc).strip() or type(exc).__name__
