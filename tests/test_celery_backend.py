@@ -10,6 +10,7 @@ import logging
 import re
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis.asyncio
@@ -19,6 +20,7 @@ from asyncsched import (
     ConfigurationError,
     Scheduler,
     Status,
+    Summary,
     Task,
     TaskDefinitionError,
     TaskStarted,
@@ -26,7 +28,7 @@ from asyncsched import (
 from asyncsched.backends import CeleryBackend, _celery
 from asyncsched.backends._celery import target_of
 
-from . import faults, tasks
+from . import faults, services, tasks
 from .services import CeleryWorker
 from .util import wait_gone
 
@@ -42,6 +44,30 @@ in_main.__module__ = "__main__"
 
 def scheduler_on(worker: CeleryWorker, **options: object) -> Scheduler:
     return Scheduler(backend=CeleryBackend(worker.broker, worker.backend, capacity=2), **options)  # type: ignore[arg-type]
+
+
+def announce_sends(backend: CeleryBackend, monkeypatch: pytest.MonkeyPatch) -> asyncio.Queue[str]:
+    """A queue that gets the task id of each call of the app's send_task, once it has returned or raised."""
+    loop, sent = asyncio.get_running_loop(), asyncio.Queue[str]()
+    send_task = backend.app.send_task
+
+    def announced(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return send_task(*args, **kwargs)
+        finally:
+            loop.call_soon_threadsafe(sent.put_nowait, kwargs["task_id"])
+
+    monkeypatch.setattr(backend.app, "send_task", announced)
+    return sent
+
+
+def unreachable(summary: Summary, pattern: str) -> None:
+    """Every task of ``summary`` failed because a server could not be reached, as ``pattern`` says."""
+    for result in summary.results:
+        assert result.status is Status.FAILED, result
+        assert result.error_type == "asyncsched.BackendUnreachableError", result
+        assert re.search(pattern, result.error or ""), result.error
+        assert isinstance(result.exception, BackendUnreachableError)
 
 
 @contextlib.asynccontextmanager
@@ -219,3 +245,24 @@ async def test_a_server_that_never_answers_fails_the_start_within_the_socket_tim
                 await scheduler.run([Task(tasks.add, 1)])
         finally:
             await scheduler.aclose()
+
+
+@pytest.mark.timeout(60)
+async def test_a_broker_lost_after_the_start_fails_the_sends_in_bounded_time(
+        redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    with contextlib.ExitStack() as broker_server:
+        broker = broker_server.enter_context(services.redis_server())  # no worker reads it: tasks stay queued
+        backend = CeleryBackend(f"{broker}/0", f"{redis_url}/1", capacity=2)
+        sent = announce_sends(backend, monkeypatch)
+        async with Scheduler(backend=backend) as scheduler:
+            queued = asyncio.ensure_future(scheduler.run([Task(tasks.add, 1)]))
+            await sent.get()  # connected, and sent
+            broker_server.close()
+            summary = await scheduler.run([Task(tasks.add, n) for n in range(5)])
+            queued.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await queued
+    # each attempt failed in turn, 0.6 s apart, with a kombu.exceptions.OperationalError
+    unreachable(summary, rf"^the Celery broker {re.escape(broker)}/0 cannot be reached \(.*Connection refused.*\): "
+                         "the task was not sent; check that the broker runs$")
+    assert sent.qsize() < 5  # the sends queued behind the first that failed failed with it, without a try each

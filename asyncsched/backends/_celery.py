@@ -38,6 +38,10 @@ which names the server and its URL, within a bounded time:
   when either does not answer (the result backend within ``SOCKET_TIMEOUT``;
   the broker as a send would be, under Celery's ``task_publish_retry_policy``:
   4 tries over 0.6 s by default, each connection bounded by ``SOCKET_TIMEOUT``).
+* a send while the broker (or the result backend, which Celery subscribes to
+  for each sent task) cannot be reached: the attempt fails once that policy is
+  spent; the sends queued behind it fail with it at once, so a batch does not
+  try each of its tasks in turn.
 """
 
 from __future__ import annotations
@@ -57,7 +61,7 @@ from typing import Any
 import redis.asyncio
 from celery import Celery
 from celery.backends.redis import RedisBackend
-from kombu.exceptions import EncodeError, KombuError
+from kombu.exceptions import EncodeError, KombuError, OperationalError
 from kombu.utils.url import maybe_sanitize_url
 
 from .._backend import Backend, Emit
@@ -124,12 +128,17 @@ def _client_options(conf: Any) -> dict[str, Any]:
 
     Connections and replies of the broker and of the result backend are bounded by
     ``SOCKET_TIMEOUT`` (kombu's Redis transport and Celery's Redis backend default to
-    waiting for ever, or 120 s).
+    waiting for ever, or 120 s). Celery subscribes to the result of each task it sends
+    (asyncsched reads results on its own subscription, but ``send_task`` does it
+    anyway): with the result backend lost, that subscription retries 20 times a second
+    apart before the send fails, so it gets the publish retry policy instead.
     """
     return {
         "broker_transport_options": {**conf.broker_transport_options, **_socket_timeouts()},
         "redis_socket_connect_timeout": SOCKET_TIMEOUT,
         "redis_socket_timeout": SOCKET_TIMEOUT,
+        "result_backend_transport_options": {**conf.result_backend_transport_options,
+                                             "retry_policy": dict(conf.task_publish_retry_policy)},
     }
 
 
@@ -200,13 +209,13 @@ class CeleryBackend(Backend):
     not rebuilt. ``capacity`` is how many attempts run at once, usually the
     workers' total concurrency.
 
-    A broker or result backend that cannot be reached fails the start with
-    :class:`~asyncsched.BackendUnreachableError` within a bounded time (see the
-    module's documentation): never a wait for ever. The app it makes bounds its
-    connections by ``SOCKET_TIMEOUT``; an ``app`` passed in keeps its own
-    settings for sending (set ``broker_transport_options={"socket_connect_timeout":
-    ..., "socket_timeout": ...}`` on it for the same bounds), and its start is
-    bounded all the same.
+    A broker or result backend that cannot be reached fails the start, or the
+    attempts that need it, with :class:`~asyncsched.BackendUnreachableError`
+    within a bounded time (see the module's documentation): never a wait for
+    ever. The app it makes bounds its connections by ``SOCKET_TIMEOUT``; an
+    ``app`` passed in keeps its own settings for sending (set
+    ``broker_transport_options={"socket_connect_timeout": ..., "socket_timeout": ...}``
+    on it for the same bounds), and its start is bounded all the same.
     """
 
     register_task = staticmethod(register_task)
@@ -236,6 +245,8 @@ class CeleryBackend(Backend):
         self._broker_name: str = _broker_name(self.app)
         self._backend_name: str = maybe_sanitize_url(self._backend_url)
         self._ids = itertools.count()
+        self._submitted = 0  # the number of the next send
+        self._unsent: tuple[int, str, BaseException] | None = None  # the sends before this number fail: why
         self._pending: dict[str, _Pending] = {}
         self._revoking: list[str] = []
         self._publisher = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="asyncsched-celery-publish")
@@ -349,18 +360,42 @@ class CeleryBackend(Backend):
             future.set_result(Outcome(Status.FAILED, error=f"TaskDefinitionError: {exc}",
                                       error_type="asyncsched.TaskDefinitionError", retryable=False))
             return future
-        task_id = f"{self._prefix}{next(self._ids):x}"
+        number = next(self._ids)
+        self._submitted = number + 1
+        task_id = f"{self._prefix}{number:x}"
         self._pending[task_id] = _Pending(attempt, emit, future)
         future.add_done_callback(functools.partial(self._on_done, task_id))
         sent = loop.run_in_executor(self._publisher, functools.partial(
-            self.app.send_task, TASK_NAME, args=[target, args, kwargs], task_id=task_id,
-            time_limit=attempt.timeout, serializer="json"))
+            self._send, number, task_id, [target, args, kwargs], attempt.timeout))
         sent.add_done_callback(functools.partial(self._on_sent, task_id))
         return future
 
+    def _send(self, number: int, task_id: str, call: list[Any], time_limit: float | None) -> None:
+        """In the publisher thread: send one task, unless a send that failed for a server that cannot be reached
+        was still being tried when this one was submitted. Raises BackendUnreachableError for such a server."""
+        unsent = self._unsent
+        if unsent is not None and number < unsent[0]:
+            raise BackendUnreachableError(unsent[1]) from unsent[2]
+        try:
+            self.app.send_task(TASK_NAME, args=call, task_id=task_id, time_limit=time_limit, serializer="json")
+        except Exception as exc:
+            if isinstance(exc, OperationalError):  # kombu's error for a broker connection lost or refused
+                what, url, reason = "broker", self._broker_name, _reason(exc)
+            elif isinstance(exc, RuntimeError) and isinstance(exc.__cause__, _REDIS_ERRORS):
+                # Celery's subscription to the task's result gave up reconnecting to the result backend
+                what, url, reason = "result backend", self._backend_name, _reason(exc.__cause__)
+            else:
+                raise
+            message = (f"the Celery {what} {url} cannot be reached ({reason}): the task was not sent; "
+                       f"check that the {what} runs")
+            self._unsent = (self._submitted, message, exc)
+            raise BackendUnreachableError(message) from exc
+
     def _on_sent(self, task_id: str, sent: asyncio.Future[Any]) -> None:
         exc = None if sent.cancelled() else sent.exception()
-        if exc is not None:  # arguments that are not JSON, a broker that cannot be reached, ...
+        if isinstance(exc, BackendUnreachableError):
+            self._finish(task_id, _unreachable_outcome(str(exc), exc.__cause__ or exc, error_info(exc)[2]))
+        elif exc is not None:  # arguments that are not JSON, ...
             name, text, tb, _ = error_info(exc)
             self._finish(task_id, Outcome(Status.FAILED, error=f"the task could not be sent to Celery: {text}",
                                           traceback=tb, error_type=name,
@@ -504,3 +539,11 @@ def _broker_name(app: Celery) -> str:
 
 def _reason(exc: BaseException) -> str:
     return str(exc).strip() or type(exc).__name__
+
+
+def _unreachable_outcome(message: str, cause: BaseException, traceback: str | None = None) -> Outcome:
+    """A failed attempt whose broker or result backend cannot be reached: retryable, as the server may come back."""
+    error = BackendUnreachableError(message)
+    error.__cause__ = cause
+    return Outcome(Status.FAILED, error=message, traceback=traceback, error_type="asyncsched.BackendUnreachableError",
+                   exception=error)
