@@ -266,3 +266,32 @@ async def test_a_broker_lost_after_the_start_fails_the_sends_in_bounded_time(
     unreachable(summary, rf"^the Celery broker {re.escape(broker)}/0 cannot be reached \(.*Connection refused.*\): "
                          "the task was not sent; check that the broker runs$")
     assert sent.qsize() < 5  # the sends queued behind the first that failed failed with it, without a try each
+
+
+@pytest.mark.timeout(60)
+async def test_a_revoke_while_the_broker_is_lost_ends_in_bounded_time(
+        redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    with contextlib.ExitStack() as broker_server:
+        broker = broker_server.enter_context(services.redis_server())  # no worker reads it: tasks stay queued
+        backend = CeleryBackend(f"{broker}/0", f"{redis_url}/1", capacity=2)
+        sent = announce_sends(backend, monkeypatch)
+        async with Scheduler(backend=backend) as scheduler:
+            async with redis.asyncio.Redis.from_url(broker) as admin, \
+                    admin.pubsub(ignore_subscribe_messages=True) as broadcasts:
+                await broadcasts.psubscribe("*pidbox*")  # the fanout of Celery's control commands on a Redis broker
+                first = asyncio.ensure_future(scheduler.run([Task(tasks.add, 1)]))
+                await sent.get()
+                first.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await first
+                async for _ in broadcasts.listen():  # its revoke, while the broker runs: the connection stays open
+                    break
+            second = asyncio.ensure_future(scheduler.run([Task(tasks.add, 2)]))
+            await sent.get()  # after that revoke: one thread publishes both, in turn
+            broker_server.close()
+            second.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await second
+            results = await scheduler.results()
+        # closing waited for ever: kombu retried the revoke broadcast for ever, in the thread that sends the tasks
+    assert [r.status for r in results] == [Status.CANCELLED, Status.CANCELLED]

@@ -42,6 +42,10 @@ which names the server and its URL, within a bounded time:
   for each sent task) cannot be reached: the attempt fails once that policy is
   spent; the sends queued behind it fail with it at once, so a batch does not
   try each of its tasks in turn.
+* a revoke (cancellation, or a time limit the worker did not enforce) is
+  published under the same publish retry policy: kombu's own broadcast would
+  retry for ever while the broker cannot be reached, holding up every send
+  behind it and the backend's closing.
 """
 
 from __future__ import annotations
@@ -86,6 +90,8 @@ RECONNECT_DELAY = 0.5
 SOCKET_TIMEOUT = 5.0
 """Seconds to open a connection to the broker or the result backend, or to wait for one of its replies, before it
 counts as unreachable (``socket_connect_timeout`` and ``socket_timeout`` of redis-py and of kombu's Redis transport)."""
+REVOKE_EXPIRES = 1.0
+"""Seconds a revoke broadcast stays valid for the workers (Celery's default broadcast timeout)."""
 CANCEL_RETRY = 0.1
 """Seconds between two cancellations of the listener when the first is lost."""
 
@@ -424,7 +430,22 @@ class CeleryBackend(Backend):
     def _flush_revokes(self) -> None:
         ids, self._revoking = self._revoking, []
         if ids:
-            self._publisher.submit(self.app.control.revoke, ids, terminate=True, signal="SIGKILL")
+            self._publisher.submit(self._send_revokes, ids)
+
+    def _send_revokes(self, ids: list[str]) -> None:
+        """In the publisher thread: the broadcast of ``app.control.revoke(ids, terminate=True, signal="SIGKILL")``.
+
+        Celery publishes it with kombu's default retry policy, which retries for ever while the broker cannot be
+        reached; this is the same message under the publish retry policy, so a lost broker fails it in bounded time.
+        """
+        mailbox = self.app.control.mailbox
+        message = {"method": "revoke", "arguments": {"task_id": ids, "terminate": True, "signal": "SIGKILL"},
+                   "destination": None, "pattern": None, "matcher": None}
+        with self.app.producer_or_acquire() as producer:
+            producer.publish(message, exchange=mailbox.exchange.name, declare=[mailbox.exchange],
+                             headers={"clock": mailbox.clock.forward(), "expires": time.time() + REVOKE_EXPIRES},
+                             serializer=mailbox.serializer, retry=True,
+                             retry_policy=self.app.conf.task_publish_retry_policy)
 
     def _expire(self, task_id: str) -> None:
         pending = self._pending.get(task_id)
