@@ -295,3 +295,27 @@ async def test_a_revoke_while_the_broker_is_lost_ends_in_bounded_time(
             results = await scheduler.results()
         # closing waited for ever: kombu retried the revoke broadcast for ever, in the thread that sends the tasks
     assert [r.status for r in results] == [Status.CANCELLED, Status.CANCELLED]
+
+
+@pytest.mark.timeout(60)
+async def test_a_result_backend_lost_past_the_reconnect_timeout_fails_the_attempts_waiting_on_it(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setattr(_celery, "RECONNECT_TIMEOUT", 0.0)  # give up at the first reconnection that fails
+    with contextlib.ExitStack() as server:
+        url = server.enter_context(services.redis_server())  # broker and result backend; no worker reads it
+        backend = CeleryBackend(f"{url}/0", f"{url}/1", capacity=2)
+        sent = announce_sends(backend, monkeypatch)
+        with caplog.at_level(logging.WARNING, logger="asyncsched.backends._celery"):
+            async with Scheduler(backend=backend) as scheduler:
+                waiting = asyncio.ensure_future(scheduler.run([Task(tasks.add, 1)]))
+                await sent.get()
+                server.close()
+                summary = await waiting  # it waited for ever: the listener reconnected for ever
+                later = await scheduler.run([Task(tasks.add, 2)])  # failed at once, not sent
+    given_up = (rf"^the Celery result backend {re.escape(url)}/1 cannot be reached \(.+\) for \d+s: the attempt is "
+                r"given up, as its result cannot be read \(and revoked, in case a worker runs it\); check that the "
+                r"result backend runs$")
+    unreachable(summary, given_up)
+    unreachable(later, given_up)
+    assert sent.qsize() == 0
+    assert f"lost the Celery result backend {url}/1" in caplog.text

@@ -46,6 +46,9 @@ which names the server and its URL, within a bounded time:
   published under the same publish retry policy: kombu's own broadcast would
   retry for ever while the broker cannot be reached, holding up every send
   behind it and the backend's closing.
+* the result backend lost: the listener reconnects for up to
+  ``RECONNECT_TIMEOUT``; then the attempts waiting for a result fail (and are
+  revoked), and so does each attempt submitted until it is back.
 """
 
 from __future__ import annotations
@@ -87,6 +90,8 @@ TIME_LIMIT_GRACE = 5.0
 SWEEP_INTERVAL = 5.0
 """Seconds between fallback reads of every pending result, in case a published message was missed."""
 RECONNECT_DELAY = 0.5
+RECONNECT_TIMEOUT = 30.0
+"""Seconds the result backend may stay unreachable before the attempts waiting for their results fail."""
 SOCKET_TIMEOUT = 5.0
 """Seconds to open a connection to the broker or the result backend, or to wait for one of its replies, before it
 counts as unreachable (``socket_connect_timeout`` and ``socket_timeout`` of redis-py and of kombu's Redis transport)."""
@@ -253,6 +258,7 @@ class CeleryBackend(Backend):
         self._ids = itertools.count()
         self._submitted = 0  # the number of the next send
         self._unsent: tuple[int, str, BaseException] | None = None  # the sends before this number fail: why
+        self._lost: tuple[str, BaseException] | None = None  # the result backend is lost: why
         self._pending: dict[str, _Pending] = {}
         self._revoking: list[str] = []
         self._publisher = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="asyncsched-celery-publish")
@@ -366,6 +372,9 @@ class CeleryBackend(Backend):
             future.set_result(Outcome(Status.FAILED, error=f"TaskDefinitionError: {exc}",
                                       error_type="asyncsched.TaskDefinitionError", retryable=False))
             return future
+        if self._lost is not None:  # its result could not be read: fail it now rather than after the send
+            future.set_result(_unreachable_outcome(*self._lost))
+            return future
         number = next(self._ids)
         self._submitted = number + 1
         task_id = f"{self._prefix}{number:x}"
@@ -459,25 +468,51 @@ class CeleryBackend(Backend):
     # -- results and progress --------------------------------------------------------------
 
     async def _listen(self) -> None:
-        """Dispatch every published state; read what may have been missed after a reconnect and now and then."""
+        """Dispatch every published state; read what may have been missed after a reconnect and now and then.
+
+        While the result backend cannot be reached, try again every RECONNECT_DELAY; past RECONNECT_TIMEOUT, fail
+        the attempts that wait for a result, and those submitted until it is back.
+        """
         swept = time.monotonic()
+        lost_at: float | None = None
         while not self._closed:
             try:
                 if self._pubsub is None:
                     self._pubsub = await self._subscribe()
                     await self._sweep()
+                    if lost_at is not None:
+                        logger.warning("asyncsched: the Celery result backend %s is back", self._backend_name)
+                    lost_at, self._lost = None, None
                 message = await self._pubsub.get_message(timeout=SWEEP_INTERVAL)
                 if message is not None and message["type"] == "pmessage":
                     self._dispatch(message["channel"], message["data"])
                 if self._pending and time.monotonic() - swept >= SWEEP_INTERVAL:
                     swept = time.monotonic()
                     await self._sweep()
-            except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
-                logger.warning("asyncsched: lost the Celery result backend (%s); reconnecting", exc)
+            except _REDIS_ERRORS as exc:
+                now = time.monotonic()
+                if lost_at is None:
+                    lost_at = now
+                    logger.warning("asyncsched: lost the Celery result backend %s (%s); reconnecting for up to %gs",
+                                   self._backend_name, _reason(exc), RECONNECT_TIMEOUT)
+                elif self._lost is None and now - lost_at >= RECONNECT_TIMEOUT:
+                    self._give_up(exc, now - lost_at)
                 pubsub, self._pubsub = self._pubsub, None
                 if pubsub is not None:
                     await pubsub.aclose()
                 await asyncio.sleep(RECONNECT_DELAY)
+
+    def _give_up(self, exc: BaseException, seconds: float) -> None:
+        """The result backend has been lost too long: fail (and revoke) every attempt waiting for its result."""
+        message = (f"the Celery result backend {self._backend_name} cannot be reached ({_reason(exc)}) for "
+                   f"{seconds:.0f}s: the attempt is given up, as its result cannot be read (and revoked, in case a "
+                   "worker runs it); check that the result backend runs")
+        logger.warning("asyncsched: %s", message)
+        self._lost = (message, exc)
+        for task_id, pending in list(self._pending.items()):
+            if not pending.future.done():
+                pending.future.set_result(_unreachable_outcome(message, exc))
+                self._revoke(task_id)
 
     async def _sweep(self) -> None:
         """One MGET of every pending result: the fallback for a missed message."""
