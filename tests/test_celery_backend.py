@@ -61,6 +61,19 @@ def announce_sends(backend: CeleryBackend, monkeypatch: pytest.MonkeyPatch) -> a
     return sent
 
 
+@contextlib.asynccontextmanager
+async def on_a_broker_to_lose(redis_url: str, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[
+        tuple[Scheduler, str, asyncio.Queue[str], Callable[[], None]]]:
+    """A scheduler on a backend whose broker is a Redis of its own, which no worker reads (tasks stay queued): the
+    scheduler, the broker's URL, the task id of each send (:func:`announce_sends`), and what stops the broker."""
+    with contextlib.ExitStack() as broker_server:
+        broker = broker_server.enter_context(services.redis_server())
+        backend = CeleryBackend(f"{broker}/0", f"{redis_url}/1", capacity=2)
+        sent = announce_sends(backend, monkeypatch)
+        async with Scheduler(backend=backend) as scheduler:
+            yield scheduler, broker, sent, broker_server.close
+
+
 def unreachable(summary: Summary, pattern: str) -> None:
     """Every task of ``summary`` failed because a server could not be reached, as ``pattern`` says."""
     for result in summary.results:
@@ -250,18 +263,14 @@ async def test_a_server_that_never_answers_fails_the_start_within_the_socket_tim
 @pytest.mark.timeout(60)
 async def test_a_broker_lost_after_the_start_fails_the_sends_in_bounded_time(
         redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    with contextlib.ExitStack() as broker_server:
-        broker = broker_server.enter_context(services.redis_server())  # no worker reads it: tasks stay queued
-        backend = CeleryBackend(f"{broker}/0", f"{redis_url}/1", capacity=2)
-        sent = announce_sends(backend, monkeypatch)
-        async with Scheduler(backend=backend) as scheduler:
-            queued = asyncio.ensure_future(scheduler.run([Task(tasks.add, 1)]))
-            await sent.get()  # connected, and sent
-            broker_server.close()
-            summary = await scheduler.run([Task(tasks.add, n) for n in range(5)])
-            queued.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await queued
+    async with on_a_broker_to_lose(redis_url, monkeypatch) as (scheduler, broker, sent, stop_broker):
+        queued = asyncio.ensure_future(scheduler.run([Task(tasks.add, 1)]))
+        await sent.get()  # connected, and sent
+        stop_broker()
+        summary = await scheduler.run([Task(tasks.add, n) for n in range(5)])
+        queued.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await queued
     # each attempt failed in turn, 0.6 s apart, with a kombu.exceptions.OperationalError
     unreachable(summary, rf"^the Celery broker {re.escape(broker)}/0 cannot be reached \(.*Connection refused.*\): "
                          "the task was not sent; check that the broker runs$")
@@ -271,29 +280,25 @@ async def test_a_broker_lost_after_the_start_fails_the_sends_in_bounded_time(
 @pytest.mark.timeout(60)
 async def test_a_revoke_while_the_broker_is_lost_ends_in_bounded_time(
         redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    with contextlib.ExitStack() as broker_server:
-        broker = broker_server.enter_context(services.redis_server())  # no worker reads it: tasks stay queued
-        backend = CeleryBackend(f"{broker}/0", f"{redis_url}/1", capacity=2)
-        sent = announce_sends(backend, monkeypatch)
-        async with Scheduler(backend=backend) as scheduler:
-            async with redis.asyncio.Redis.from_url(broker) as admin, \
-                    admin.pubsub(ignore_subscribe_messages=True) as broadcasts:
-                await broadcasts.psubscribe("*pidbox*")  # the fanout of Celery's control commands on a Redis broker
-                first = asyncio.ensure_future(scheduler.run([Task(tasks.add, 1)]))
-                await sent.get()
-                first.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await first
-                async for _ in broadcasts.listen():  # its revoke, while the broker runs: the connection stays open
-                    break
-            second = asyncio.ensure_future(scheduler.run([Task(tasks.add, 2)]))
-            await sent.get()  # after that revoke: one thread publishes both, in turn
-            broker_server.close()
-            second.cancel()
+    async with on_a_broker_to_lose(redis_url, monkeypatch) as (scheduler, broker, sent, stop_broker):
+        async with redis.asyncio.Redis.from_url(broker) as admin, \
+                admin.pubsub(ignore_subscribe_messages=True) as broadcasts:
+            await broadcasts.psubscribe("*pidbox*")  # the fanout of Celery's control commands on a Redis broker
+            first = asyncio.ensure_future(scheduler.run([Task(tasks.add, 1)]))
+            await sent.get()
+            first.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await second
-            results = await scheduler.results()
-        # closing waited for ever: kombu retried the revoke broadcast for ever, in the thread that sends the tasks
+                await first
+            async for _ in broadcasts.listen():  # its revoke, while the broker runs: the connection stays open
+                break
+        second = asyncio.ensure_future(scheduler.run([Task(tasks.add, 2)]))
+        await sent.get()  # after that revoke: one thread publishes both, in turn
+        stop_broker()
+        second.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await second
+        results = await scheduler.results()
+    # closing waited for ever: kombu retried the revoke broadcast for ever, in the thread that sends the tasks
     assert [r.status for r in results] == [Status.CANCELLED, Status.CANCELLED]
 
 
