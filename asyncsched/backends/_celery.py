@@ -57,7 +57,6 @@ import argparse
 import asyncio
 import concurrent.futures
 import functools
-import itertools
 import logging
 import time
 import uuid
@@ -255,7 +254,6 @@ class CeleryBackend(Backend):
         self._backend_url: str = self.app.conf.result_backend
         self._broker_name: str = _broker_name(self.app)
         self._backend_name: str = maybe_sanitize_url(self._backend_url)
-        self._ids = itertools.count()
         self._submitted = 0  # the number of the next send
         self._unsent: tuple[int, str, BaseException] | None = None  # the sends before this number fail: why
         self._lost: tuple[str, BaseException] | None = None  # the result backend is lost: why
@@ -375,8 +373,8 @@ class CeleryBackend(Backend):
         if self._lost is not None:  # its result could not be read: fail it now rather than after the send
             future.set_result(_unreachable_outcome(*self._lost))
             return future
-        number = next(self._ids)
-        self._submitted = number + 1
+        number = self._submitted
+        self._submitted += 1
         task_id = f"{self._prefix}{number:x}"
         self._pending[task_id] = _Pending(attempt, emit, future)
         future.add_done_callback(functools.partial(self._on_done, task_id))
