@@ -33,28 +33,30 @@ def wait_gone(pid: int, timeout: float = 3.0) -> bool:
         return True
 
 
-class SlowToBegin(MemoryStore):
-    """A store that begins a batch only once the test sets ``release``; ``entered`` says it has been asked."""
+class _Holding(MemoryStore):
+    """A store that holds one of its calls until the test sets ``release``; ``entered`` says it has been made."""
 
     def __init__(self) -> None:
         super().__init__()
         self.entered, self.release = asyncio.Event(), asyncio.Event()
+
+    async def _hold(self) -> None:
+        self.entered.set()
+        await self.release.wait()
+
+
+class SlowToBegin(_Holding):
+    """Begins a batch only once the test sets ``release``."""
 
     async def begin_batch(self, batch_id: str, *, name: str | None = None,
                           resume: bool = False) -> Mapping[str, TaskResult]:
-        self.entered.set()
-        await self.release.wait()
+        await self._hold()
         return await super().begin_batch(batch_id, name=name, resume=resume)
 
 
-class SlowToEnd(MemoryStore):
-    """A store that ends a batch only once the test sets ``release``; ``entered`` says it has been asked."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.entered, self.release = asyncio.Event(), asyncio.Event()
+class SlowToEnd(_Holding):
+    """Ends a batch only once the test sets ``release``."""
 
     async def end_batch(self, batch_id: str) -> None:
-        self.entered.set()
-        await self.release.wait()
+        await self._hold()
         await super().end_batch(batch_id)
