@@ -12,8 +12,14 @@ consumer's buffer is full the *oldest* event in it is dropped and counted in
 each task and overall.
 
 A consumer may ask for some kinds of event only (``kinds``): it gets only
-those. The scheduler looks in :attr:`EventHub.wanted` before it builds an event,
-so a kind that no consumer wants costs nothing.
+those. The scheduler looks in :attr:`EventHub.wanted` before it publishes an
+event, so a kind that no consumer wants costs nothing.
+
+What is published, buffered and dropped is the event's fields in a plain tuple
+(a ``RawEvent``); the :class:`~asyncsched.Event` object is built when a stream
+hands it out, or when a listener is called. An event that is dropped, or
+filtered out, is never built, and a buffer of plain tuples costs the garbage
+collector nothing.
 
 An :class:`EventListener` is the other kind of consumer, for the package's own
 live displays: a function called with each delivered list of events, so
@@ -29,15 +35,18 @@ import weakref
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable
 from types import TracebackType
-from typing import Protocol
+from typing import Any, Protocol
 
 from ._errors import ConfigurationError
-from ._models import Event
+from ._models import Event, Status
 
-__all__ = ["DEFAULT_EVENT_BUFFER", "EventHub", "EventListener", "EventStream", "Kinds"]
+__all__ = ["DEFAULT_EVENT_BUFFER", "EventHub", "EventListener", "EventStream", "Kinds", "RawEvent"]
 
 Kinds = frozenset[type[Event]] | None
 """The kinds of event a consumer gets; None for every kind."""
+RawEvent = tuple[type[Event], str, str, Status, float, "int | None", "str | None", "float | None", int,
+                 "dict[str, Any] | None"]
+"""An event as published: its kind, then its fields in order (see :class:`~asyncsched.Event`)."""
 
 DEFAULT_EVENT_BUFFER = 10_000
 """Events buffered for one consumer before the oldest are dropped."""
@@ -55,12 +64,12 @@ class EventStream(AsyncIterator[Event]):
         self.batch_id = batch_id
         self.kinds = kinds
         self.dropped = 0
-        self._buffer: deque[Event] = deque(maxlen=maxlen)
+        self._buffer: deque[RawEvent] = deque(maxlen=maxlen)
         self._waiter: asyncio.Future[None] | None = None
         self._closed = False
         self._hub = hub
 
-    def _push(self, events: list[Event]) -> None:
+    def _push(self, events: list[RawEvent]) -> None:
         buffer = self._buffer
         over = len(buffer) + len(events) - (buffer.maxlen or 0)
         if over > 0:
@@ -91,7 +100,7 @@ class EventStream(AsyncIterator[Event]):
                 await self._waiter
             finally:
                 self._waiter = None
-        return self._buffer.popleft()
+        return _build(self._buffer.popleft())
 
     async def aclose(self) -> None:
         """Stop receiving events; what is buffered is discarded. Idempotent."""
@@ -110,14 +119,17 @@ class EventStream(AsyncIterator[Event]):
 class EventListener:
     """Calls a function with each delivered list of events, until :meth:`close`; see :meth:`EventHub.listen`."""
 
-    __slots__ = ("__weakref__", "_hub", "_push", "batch_id", "kinds")
+    __slots__ = ("__weakref__", "_callback", "_hub", "batch_id", "kinds")
 
     def __init__(self, hub: EventHub, callback: Callable[[list[Event]], None], batch_id: str | None,
                  kinds: Kinds = None) -> None:
         self.batch_id = batch_id
         self.kinds = kinds
-        self._push = callback
+        self._callback = callback
         self._hub = hub
+
+    def _push(self, events: list[RawEvent]) -> None:
+        self._callback([_build(raw) for raw in events])
 
     def _end(self) -> None:
         pass
@@ -132,7 +144,7 @@ class _Subscriber(Protocol):
     batch_id: str | None
     kinds: Kinds
 
-    def _push(self, events: list[Event]) -> None: ...
+    def _push(self, events: list[RawEvent]) -> None: ...
 
     def _end(self) -> None: ...
 
@@ -149,7 +161,7 @@ class EventHub:
         self.wanted: frozenset[type[Event]] = frozenset()
         """The kinds of event some consumer would get: ``kind in hub.wanted`` before building an event."""
         self._maxlen = maxlen
-        self._pending: list[Event] = []  # published this turn of the loop, not delivered yet
+        self._pending: list[RawEvent] = []  # published this turn of the loop, not delivered yet
 
     def subscribe(self, batch_id: str | None = None, maxlen: int | None = None,
                   kinds: Iterable[type[Event]] | None = None) -> EventStream:
@@ -184,18 +196,20 @@ class EventHub:
                 wanted |= _ALL_KINDS if subscriber.kinds is None else subscriber.kinds
         self.wanted = frozenset(wanted)
 
-    def publish(self, event: Event) -> None:
-        """Queue ``event`` for delivery at the end of this turn of the loop. Never waits.
+    def publish(self, kind: type[Event], batch_id: str, key: str, status: Status, timestamp: float,
+                pid: int | None = None, message: str | None = None, progress: float | None = None,
+                attempt: int = 1, data: dict[str, Any] | None = None) -> None:
+        """Queue an event of ``kind`` with these fields for delivery at the end of this turn of the loop.
 
-        Each consumer gets only the kinds it asked for; check :attr:`wanted`
-        first to build no event that nobody would get.
+        Never waits. Each consumer gets only the kinds it asked for; check
+        :attr:`wanted` first to publish no event that nobody would get.
         """
         if not self._refs:
             return
         pending = self._pending
         if not pending:
             asyncio.get_running_loop().call_soon(self.deliver)
-        pending.append(event)
+        pending.append((kind, batch_id, key, status, timestamp, pid, message, progress, attempt, data))
 
     def deliver(self) -> None:
         """Hand the events published so far to every consumer now (else it happens at the end of the turn)."""
@@ -209,9 +223,9 @@ class EventHub:
             batch_id, kinds = subscriber.batch_id, subscriber.kinds
             mine = events
             if batch_id is not None:
-                mine = [e for e in mine if e.batch_id == batch_id]
+                mine = [e for e in mine if e[1] == batch_id]
             if kinds is not None:
-                mine = [e for e in mine if type(e) in kinds]
+                mine = [e for e in mine if e[0] in kinds]
             if mine:
                 try:
                     subscriber._push(mine)
@@ -228,6 +242,10 @@ class EventHub:
             stream = ref()
             if stream is not None:
                 stream._end()
+
+
+def _build(raw: RawEvent) -> Event:
+    return raw[0](*raw[1:])
 
 
 _ALL_KINDS = frozenset(Event.__subclasses__())

@@ -256,9 +256,8 @@ class TaskResult:
 class Event:
     """A status event. Subclasses tell what happened; all carry the same fields.
 
-    Treat it as read-only: the same object goes to every consumer. (Not frozen,
-    because a frozen dataclass is five times slower to build, and events are
-    built for every task.)
+    Treat it as read-only. (Not frozen, because a frozen dataclass is five
+    times slower to build, and a consumer of every event gets several per task.)
     """
 
     batch_id: str

@@ -97,8 +97,8 @@ class _Record:
     """What the parent keeps about one task of a running batch.
 
     It is also the :class:`AttemptListener` of the task's attempts: the backend
-    calls it directly, with no future or event in between. An event is built
-    only when some consumer wants its kind.
+    calls it directly, with no future or event in between. An event is
+    published only when some consumer wants its kind.
     """
 
     __slots__ = ("args", "attempts", "fn", "index", "key", "message", "progress", "retries", "retry_handle", "run",
@@ -124,8 +124,7 @@ class _Record:
         self.running_since = timestamp
         hub = self.run.hub
         if TaskStarted in hub.wanted:
-            hub.publish(TaskStarted(self.run.batch_id, self.key, _RUNNING, timestamp, pid, None, None,
-                                    self.attempts))
+            hub.publish(TaskStarted, self.run.batch_id, self.key, _RUNNING, timestamp, pid, None, None, self.attempts)
 
     def reported(self, pid: int | None, timestamp: float, message: str | None, progress: float | None,
                  data: dict[str, Any]) -> None:
@@ -135,8 +134,8 @@ class _Record:
             self.progress = progress
         hub = self.run.hub
         if TaskReported in hub.wanted:
-            hub.publish(TaskReported(self.run.batch_id, self.key, _RUNNING, timestamp, pid, message, progress,
-                                     self.attempts, data or None))
+            hub.publish(TaskReported, self.run.batch_id, self.key, _RUNNING, timestamp, pid, message, progress,
+                        self.attempts, data or None)
 
     def finished(self, outcome: Outcome) -> None:
         if self.running is not None:  # else cancelled meanwhile: cancel_all() records the task
@@ -197,8 +196,8 @@ class _BatchRun:
             record.running_since = None
             self.retries += 1
             if TaskRetried in self.hub.wanted:
-                self.hub.publish(TaskRetried(self.batch_id, record.key, outcome.status, time.time(), outcome.pid,
-                                             f"{outcome.error}; retrying in {delay:.2f}s", None, record.attempts))
+                self.hub.publish(TaskRetried, self.batch_id, record.key, outcome.status, time.time(), outcome.pid,
+                                 f"{outcome.error}; retrying in {delay:.2f}s", None, record.attempts)
             record.retry_handle = self.loop.call_later(delay, self.start, record)
             return
         self._finish(record, outcome)
@@ -231,9 +230,8 @@ class _BatchRun:
             self.busy += finished - started
             self.timed += 1
         if TaskFinished in self.hub.wanted:
-            self.hub.publish(TaskFinished(self.batch_id, record.key, outcome.status, finished or time.time(),
-                                          outcome.pid, outcome.error or record.message, record.progress,
-                                          record.attempts))
+            self.hub.publish(TaskFinished, self.batch_id, record.key, outcome.status, finished or time.time(),
+                             outcome.pid, outcome.error or record.message, record.progress, record.attempts)
         self.ready.append(result)
         self._wake()
 

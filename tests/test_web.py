@@ -216,7 +216,7 @@ async def test_numbers_json_cannot_carry_are_null_in_events_and_results(aiohttp_
     scheduler = Scheduler(workers=1, store=store)
     client = await make_client(aiohttp_client, scheduler=scheduler)
     events = await client.get(f"{API}/events")
-    scheduler._hub.publish(TaskReported("odd", "0", Status.RUNNING, math.inf, progress=math.nan))
+    scheduler._hub.publish(TaskReported, "odd", "0", Status.RUNNING, math.inf, progress=math.nan)
     reported = await read_event(events)
     assert (reported.data["timestamp"], reported.data["progress"]) == (None, None)
     events.close()
@@ -246,8 +246,8 @@ async def test_values_that_cannot_be_printed_are_described_not_fatal(aiohttp_cli
     events = await client.get(f"{API}/events")
     huge = 10 ** 5000
     odd: dict[Any, Any] = {"n": huge, "thing": Unprintable(), huge: "key", "items": [huge, (Unprintable(),)]}
-    scheduler._hub.publish(TaskReported("odd", "0", Status.RUNNING, 1.0, data=odd))
-    scheduler._hub.publish(TaskReported("odd", "1", Status.RUNNING, 2.0, message="next"))
+    scheduler._hub.publish(TaskReported, "odd", "0", Status.RUNNING, 1.0, data=odd)
+    scheduler._hub.publish(TaskReported, "odd", "1", Status.RUNNING, 2.0, message="next")
     reported, following = await read_event(events), await read_event(events)
     assert reported.data["data"] == {
         "n": "<int of 16610 bits, too long to show>", "thing": "<Unprintable object: repr() failed: RuntimeError>",
@@ -628,7 +628,7 @@ async def stall(runner: web.AppRunner, scheduler: Scheduler) -> None:
     async with asyncio.timeout(10):
         while not any(connection.writing_paused for connection in runner.server.connections):
             for n in range(10):
-                scheduler._hub.publish(TaskReported("b", str(n), Status.RUNNING, 1.0, message="x" * 65536))
+                scheduler._hub.publish(TaskReported, "b", str(n), Status.RUNNING, 1.0, message="x" * 65536)
             await asyncio.sleep(0.01)
 
 
