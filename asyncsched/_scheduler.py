@@ -140,10 +140,14 @@ class _Record:
     def finished(self, outcome: Outcome) -> None:
         if self.running is not None:  # else cancelled meanwhile: cancel_all() records the task
             self.running = None
+            run = self.run
             try:
-                self.run.finished(self, outcome)
+                if outcome.status is _COMPLETED:
+                    run._finish(self, outcome)
+                else:
+                    run.finished(self, outcome)
             except Exception as exc:  # e.g. a store that cannot take the result: the run fails with it
-                self.run.abort(exc)
+                run.abort(exc)
 
 
 class _BatchRun:
@@ -189,9 +193,8 @@ class _BatchRun:
             self._finish(record, backend_failure(exc))
 
     def finished(self, record: _Record, outcome: Outcome) -> None:
-        """An attempt of ``record`` ended: retry it later, or record the task."""
-        if (outcome.status is not _COMPLETED and record.attempts <= record.retries
-                and self.policy.should_retry(outcome)):
+        """An attempt of ``record`` ended badly: retry it later, or record the task."""
+        if record.attempts <= record.retries and self.policy.should_retry(outcome):
             delay = self.policy.delay(record.attempts)
             record.running_since = None
             self.retries += 1
@@ -642,7 +645,9 @@ class Scheduler:
 
     def _admit(self, run: _BatchRun, item: object, index: int, previous: Mapping[str, TaskResult]) -> int:
         """Start one batch item; returns the next index."""
-        key = _key(item, index)
+        key = item.key if isinstance(item, Task) else None  # _key(), inline
+        if key is None:
+            key = str(index)
         if key in previous:
             run.skipped += 1
         elif not isinstance(item, Task):
