@@ -169,6 +169,8 @@ class _BatchRun:
         self.records: dict[int, _Record] = {}
         self.ready: list[TaskResult] = []
         self.waiter: asyncio.Future[None] | None = None
+        self.eager = True  # wake the stream for every result; run() needs them only to make room in the window
+        self.low_water = 0  # else wake it once no more than this many tasks are in flight
         self.aborted: BaseException | None = None
         self.total: int | None = None  # tasks this run will finish, once known; known once it is over
         self.skipped = 0  # items of a resumed batch with a stored result, not run again
@@ -236,7 +238,8 @@ class _BatchRun:
             self.hub.publish(TaskFinished, self.batch_id, record.key, outcome.status, finished or time.time(),
                              outcome.pid, outcome.error or record.message, record.progress, record.attempts)
         self.ready.append(result)
-        self._wake()
+        if self.eager or len(self.records) <= self.low_water:
+            self._wake()
 
     def _wake(self) -> None:
         waiter = self.waiter
@@ -509,6 +512,7 @@ class Scheduler:
         started = time.monotonic()
         run, previous = await self._begin(batch_id, name, resume)
         results = list(previous.values())
+        run.eager = False
         try:
             async with self._monitor(run.batch_id), contextlib.aclosing(self._stream(batch, run, previous)) as stream:
                 async for ready in stream:
@@ -603,6 +607,7 @@ class Scheduler:
                 if store.backlog > MAX_BACKLOG:  # the store writes slower than tasks finish: let it catch up
                     await store.flush()
                 window = self.window
+                run.low_water = window // 2
                 while not exhausted and run.stopped is None and len(run.records) + len(run.ready) < window:
                     if async_items is None:
                         item = next(items, _END)
