@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from typing import Any
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -13,6 +14,21 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 def double(x: int) -> int:
     return x * 2
+
+
+def crunch(iterations: int) -> int:
+    """A fixed amount of pure-Python work."""
+    total = 0
+    for i in range(iterations):
+        total += i * i % 7
+    return total
+
+
+def iterations_for(ms: float) -> int:
+    """How many iterations of ``crunch`` take about ``ms`` milliseconds here."""
+    start = time.perf_counter()
+    crunch(100_000)
+    return int(100_000 * ms / 1000 / (time.perf_counter() - start))
 
 
 def in_fresh_process(script: str, *args: str, checkout: str = os.path.dirname(HERE)) -> dict[str, Any]:

@@ -1,6 +1,6 @@
 """The orchestrator's CPU per task, the number to drive down, and the workers' beside it.
 
-    python benchmarks/cpu_per_task.py [--tasks 20000] [--rounds 5] [--against CHECKOUT]
+    python benchmarks/cpu_per_task.py [--tasks 20000] [--rounds 5] [--ms MS] [--against CHECKOUT]
 
 Each round runs the suite's throughput measurement (tiny tasks on 2 workers,
 per-task timeouts, an ``events()`` consumer subscribed, store off) in a fresh
@@ -9,7 +9,10 @@ its threads) and of its two workers (time on a CPU, from
 ``/proc/<pid>/schedstat``) around ``run()``. CPU time swings less than
 throughput when other jobs share the machine. As in the suite, the events
 consumer is subscribed and never reads: once its buffer is full, each new
-event pushes out the oldest.
+event pushes out the oldest. ``--ms 1`` runs tasks of about 1 ms of pure
+Python each instead (the suite's CPU-bound tasks; ``--tasks 2000`` is enough):
+their results come one at a time, so the orchestrator's cost per task is
+mostly that of waking up for each.
 
 ``--against`` names another checkout of asyncsched (``git worktree add
 /tmp/before <commit>``, say): rounds then alternate between it and this one,
@@ -27,7 +30,7 @@ import time
 from typing import Any
 
 import psutil
-from _common import HERE, double, in_fresh_process
+from _common import HERE, crunch, double, in_fresh_process, iterations_for
 
 import asyncsched
 from asyncsched import Scheduler, Task
@@ -43,14 +46,15 @@ def cpu_seconds(pid: int) -> float:
         return float(times.user + times.system)
 
 
-async def measure(n: int) -> dict[str, Any]:
+async def measure(n: int, ms: float) -> dict[str, Any]:
+    iterations = iterations_for(ms) if ms else 0
     async with Scheduler(workers=2, timeout=10) as scheduler:
         events = scheduler.events()
         await scheduler.run([Task(double, 1)])
         workers = scheduler._backend.pool.pids  # type: ignore[attr-defined]
         before = time.process_time(), sum(map(cpu_seconds, workers))
         start = time.perf_counter()
-        summary = await scheduler.run(Task(double, i) for i in range(n))
+        summary = await scheduler.run(Task(crunch, iterations) if ms else Task(double, i) for i in range(n))
         elapsed = time.perf_counter() - start
         after = time.process_time(), sum(map(cpu_seconds, workers))
         await events.aclose()
@@ -59,8 +63,8 @@ async def measure(n: int) -> dict[str, Any]:
             "workers_us": (after[1] - before[1]) / n * 1e6, "asyncsched": os.path.dirname(asyncsched.__file__)}
 
 
-def one_round(checkout: str, n: int) -> dict[str, Any]:
-    result = in_fresh_process("cpu_per_task.py", str(n), checkout=checkout)
+def one_round(checkout: str, n: int, ms: float) -> dict[str, Any]:
+    result = in_fresh_process("cpu_per_task.py", json.dumps([n, ms]), checkout=checkout)
     imported = os.path.realpath(result.pop("asyncsched"))
     if not imported.startswith(os.path.realpath(checkout) + os.sep):
         raise SystemExit(f"the round meant for {checkout} imported asyncsched from {imported}")
@@ -71,11 +75,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", type=int, default=20_000)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--ms", type=float, default=0.0, help="tasks of about MS milliseconds of work (default: tiny)")
     parser.add_argument("--against", metavar="CHECKOUT", help="another checkout of asyncsched, to alternate with")
-    parser.add_argument("--one", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
-        print(json.dumps(asyncio.run(measure(args.one))))
+        print(json.dumps(asyncio.run(measure(*json.loads(args.one)))))
         return
     sides = {"this": os.path.dirname(HERE)}
     if args.against:
@@ -85,7 +90,7 @@ def main() -> None:
     results: dict[str, list[dict[str, Any]]] = {side: [] for side in sides}
     for round_ in range(args.rounds):
         for side in sides if round_ % 2 == 0 else reversed(sides):
-            result = one_round(sides[side], args.tasks)
+            result = one_round(sides[side], args.tasks, args.ms)
             results[side].append(result)
             print(f"round {round_ + 1} {side:8} {result['tasks_per_s']:9,.0f} tasks/s   orchestrator "
                   f"{result['orchestrator_us']:5.2f} µs/task   workers {result['workers_us']:5.2f} µs/task")

@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable, Coroutine, Iterator
 from typing import Any
 
-from _common import HERE, double, in_fresh_process, peak_rss_mb
+from _common import HERE, crunch, double, in_fresh_process, iterations_for, peak_rss_mb
 from faults import measure as mixed_faults
 from peers import PEERS
 from peers import measure as measure_peers
@@ -30,14 +30,6 @@ from peers import measure as measure_peers
 from asyncsched import Scheduler, Task, TaskReported, TaskStarted
 
 WORKERS = 2
-
-
-def crunch(iterations: int) -> int:
-    """A fixed amount of pure-Python work."""
-    total = 0
-    for i in range(iterations):
-        total += i * i % 7
-    return total
 
 
 def crunch_many(count: int, iterations: int) -> None:
@@ -74,9 +66,7 @@ async def throughput(n: int, store: bool) -> dict[str, Any]:
 
 
 async def cpu_bound(n: int, ms: float) -> dict[str, Any]:
-    start = time.perf_counter()
-    crunch(100_000)
-    iterations = int(100_000 * ms / 1000 / (time.perf_counter() - start))  # about `ms` of work per task
+    iterations = iterations_for(ms)
     start = time.perf_counter()
     crunch_many(n, iterations)
     sequential = time.perf_counter() - start
