@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import collections
 import enum
 import functools
 import math
+import operator
 import pickle
 import random
 import types
@@ -346,10 +348,7 @@ class Summary:
 
     @classmethod
     def of(cls, batch_id: str, results: list[TaskResult], elapsed: float) -> Summary:
-        counts = {status: 0 for status in Status}
-        for result in results:
-            counts[result.status] += 1
-        stats = Stats.of(counts)
+        stats = Stats.of(collections.Counter(map(operator.attrgetter("status"), results)))
         return cls(
             batch_id=batch_id,
             total=len(results),

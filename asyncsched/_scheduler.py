@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import operator
 import os
 import signal
 import threading
@@ -520,7 +521,7 @@ class Scheduler:
         finally:
             self._runs.discard(run)
             self._ended(run)  # also when the stream never began
-        results.sort(key=lambda r: r.index)
+        results.sort(key=operator.attrgetter("index"))
         return Summary.of(run.batch_id, results, time.monotonic() - started)
 
     async def stream(self, batch: Batch, *, batch_id: str | None = None, name: str | None = None,
