@@ -254,6 +254,17 @@ async def test_a_listener_that_is_no_dask_scheduler_fails_the_start_at_once() ->
     await backend.aclose()
 
 
+@pytest.mark.parametrize("address", ["foo://127.0.0.1:8786", "tcp://127.0.0.1", "tcp://127.0.0.1:port"])
+async def test_an_address_dask_cannot_read_is_a_configuration_error(address: str) -> None:
+    backend = DaskBackend(address, connect_timeout=UNREACHABLE_BOUND * 10)  # it is not waited for
+    with dask_left_as_it_was(), pytest.raises(ConfigurationError) as caught:
+        await backend.start()
+    message = str(caught.value)
+    assert message.startswith(f"DaskBackend cannot use the address {address!r} (") and "tcp://host:8786" in message
+    assert isinstance(caught.value.__cause__, ValueError)  # Dask's own error, kept as the cause
+    await backend.aclose()
+
+
 async def test_a_connect_timeout_longer_than_dasks_own_is_waited_for(refused: str) -> None:
     with dask.config.set({"distributed.comm.timeouts.connect": "0.1s"}), dask_left_as_it_was():
         backend = DaskBackend(refused, connect_timeout=1)

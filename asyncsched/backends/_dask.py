@@ -175,6 +175,9 @@ class DaskBackend(Backend):
             if isinstance(exc, OSError):  # a listener that hangs up, a TLS handshake refused, Dask's own timeout
                 raise BackendUnreachableError(f"could not connect to a Dask scheduler at {self.address} ({exc}); "
                                               f"{_WHAT_TO_DO}") from exc
+            if isinstance(exc, ValueError):  # an address Dask cannot read: an unknown scheme, no port
+                raise ConfigurationError(f"DaskBackend cannot use the address {self.address!r} ({exc}); give the "
+                                         "Dask scheduler's address with its port, such as tcp://host:8786") from exc
             raise
         return client
 
