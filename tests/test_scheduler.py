@@ -306,6 +306,10 @@ def test_a_scheduler_lives_on_the_loop_it_started_on(tmp_path: Path, stored: boo
             asyncio.run(scheduler.run([Task(tasks.square, 4)]))  # not tasks recorded crashed
         asyncio.run(asyncio.wait_for(scheduler.aclose(), 30))  # from another loop too: it returns, nothing is left
         assert all(wait_gone(pid) for pid in pids)
+        leftover = set() if loop.is_closed() else asyncio.all_tasks(loop)
+        assert all(task.cancelling() for task in leftover)  # aclose() cancelled the store's writer there
+        if leftover:  # it ends once its loop runs again: asyncio.run() also does this before it closes its loop
+            loop.run_until_complete(asyncio.wait(leftover))
     finally:
         loop.close()
     if stored:
