@@ -186,6 +186,34 @@ async def test_calls_cancelled_while_queued_on_a_worker_never_run(gate: Callable
     assert log.read_text().split() == ["last"]
 
 
+async def test_a_call_cancelled_as_its_worker_starts_it_runs_only_its_grace_then_the_worker_is_killed(
+        gate: Callable[[], str], tmp_path: Path) -> None:
+    release, announce = gate(), tmp_path / "announce"
+    os.mkfifo(announce)
+    reader = os.open(announce, os.O_RDONLY | os.O_NONBLOCK)  # open before the task writes to it
+    try:
+        async with ProcessPool(1) as pool:
+            await until_batching(pool)
+            pid = pool.pids[0]
+            first, abandoned = Heard(), Heard()
+            pool.start_call(tasks.wait_for_file, (release, "first"), first)
+            call = pool.start_call(tasks.log_and_announce, (str(tmp_path / "log"), str(announce), "b",
+                                                            str(tmp_path / "never")), abandoned)  # no timeout
+            await first.running.wait()  # both are on the worker, in one frame
+            Path(release).touch()  # noqa: ASYNC240 - on purpose: the loop must not run before the cancel
+            # The loop does not run until the cancel below: the worker has started the second call, and the
+            # pool has not read the first one's result yet, so it still counts the second as queued.
+            assert select.select([reader], [], [], 10)[0], "the second call did not start"
+            assert call.cancel()  # revoked; the worker answers that it had started it already
+            assert (await first.outcome).value == "first"
+            while pid in pool.pids:  # killed once its grace (ABANDONED_GRACE) is over
+                await pool.call(tasks.square, (2,))
+            assert wait_gone(pid) and abandoned.heard == []
+            assert pool.statistics().killed == 1
+    finally:
+        os.close(reader)
+
+
 @contextlib.contextmanager
 def held_gil(tmp_path: Path) -> Iterator[tuple[str, str, Callable[[], object]]]:
     """FIFOs for faults.announce_then_hold_the_gil, and a function that lets its call end."""
