@@ -27,6 +27,10 @@ worker runs them one by one and writes each DONE message before it starts the
 next call. Whatever that call does (crash the process, hold the GIL, hang),
 the parent already has every result before it, so a crash or a timeout costs
 its own call only. The parent reads what has come in a group at a time.
+After a DONE or a REPORT the worker yields its CPU (``sched_yield``), at most
+once per ``YIELD_GAP``: when the workers keep every core busy, the parent,
+woken by the message, then handles it at once instead of after the rest of a
+worker's time slice.
 
 A revoke is answered with the calls the worker took out of its queue: the
 parent knows exactly which calls never started, so it can give them to
@@ -106,6 +110,22 @@ _forked = False
 _functions: dict[bytes, Callable[..., Any]] = {}
 # Reports captured by run_capturing(), per thread, for executors without a pipe.
 _capture = threading.local()
+# Gives up this CPU to a process waiting for one, such as the parent just woken (a no-op when none waits).
+_yield: Callable[[], None] = getattr(os, "sched_yield", lambda: None)
+_yielded_at = 0.0
+YIELD_GAP = 50e-6
+"""Seconds after a yield to the parent during which a worker sends on without yielding again."""
+
+
+def _let_the_parent_run(now: float) -> None:
+    """After a message to the parent, give it the CPU: else, with every core busy with workers, the parent,
+    woken by the message, may wait for the rest of a worker's time slice (some 4 ms) before it handles it.
+    Not again within YIELD_GAP: a task that reports in a tight loop, or a run of tiny tasks, still has its
+    messages handled several at a time."""
+    global _yielded_at
+    if now - _yielded_at > YIELD_GAP:
+        _yielded_at = now
+        _yield()
 
 
 def report(message: str | None = None, progress: float | None = None, **data: Any) -> None:
@@ -134,6 +154,7 @@ def report(message: str | None = None, progress: float | None = None, **data: An
         frame = (REPORT, call_id, now, message, progress, pickle.dumps(data, _PROTOCOL) if data else None)
         with contextlib.suppress(ConnectionError):  # the parent is gone: the worker ends once the task returns
             send(frame)
+        _let_the_parent_run(now)
     elif captured is not None:
         captured.append((now, message, progress, data))
 
@@ -247,6 +268,7 @@ def _run_call(channel: _Channel, call_id: int, function: bytes | None, payload: 
     finally:
         _current = None
     channel.send(message)
+    _let_the_parent_run(message[5])
 
 
 def _die_with_parent() -> None:

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 import uvloop
 
-from asyncsched import Outcome, ProcessPool, Status, TaskFailedError
+from asyncsched import Outcome, ProcessPool, Status, TaskFailedError, _worker
 from asyncsched._errors import BrokenPoolError, ClosedError, ConfigurationError
 from asyncsched._pool import MAX_DEPTH, parse_size
 
@@ -212,6 +212,16 @@ async def test_a_call_cancelled_as_its_worker_starts_it_runs_only_its_grace_then
             assert pool.statistics().killed == 1
     finally:
         os.close(reader)
+
+
+def test_a_worker_yields_its_cpu_to_the_parent_at_most_once_per_gap(monkeypatch: pytest.MonkeyPatch) -> None:
+    yields: list[None] = []
+    monkeypatch.setattr(_worker, "_yield", lambda: yields.append(None))
+    monkeypatch.setattr(_worker, "_yielded_at", 0.0)
+    gap = _worker.YIELD_GAP
+    for now in [100.0, 100.0 + gap / 2, 100.0 + gap * 0.9, 100.0 + gap * 1.5, 100.0 + gap * 3]:
+        _worker._let_the_parent_run(now)  # after each message: a report or a result
+    assert len(yields) == 3  # at 0, 1.5 and 3 gaps: the two in between come too soon after a yield
 
 
 @contextlib.contextmanager
