@@ -126,6 +126,19 @@ async def latency(n: int) -> dict[str, Any]:
     return {"p50_ms": 1000 * delays[len(delays) // 2], "p99_ms": 1000 * delays[int(len(delays) * 0.99)]}
 
 
+async def result_lag(n: int, ms: float) -> dict[str, Any]:
+    """From the end of a task (``finished_at``, in its worker) to its result coming out of ``stream()``."""
+    iterations = iterations_for(ms)
+    lags: list[float] = []
+    async with Scheduler(workers=WORKERS) as scheduler:
+        await scheduler.run([Task(crunch, 10)])
+        async for result in scheduler.stream(Task(crunch, iterations) for _ in range(n)):
+            assert result.finished_at is not None
+            lags.append(time.time() - result.finished_at)
+    lags.sort()
+    return {"p50_ms": 1000 * lags[len(lags) // 2], "p99_ms": 1000 * lags[int(len(lags) * 0.99)]}
+
+
 async def timeout_kill(n: int, seconds: float) -> dict[str, Any]:
     loop = asyncio.get_running_loop()
     lags: list[float] = []
@@ -159,7 +172,8 @@ async def timeout_kill(n: int, seconds: float) -> dict[str, Any]:
 
 
 MEASURES: dict[str, Callable[..., Coroutine[Any, Any, dict[str, Any]]]] = {
-    "throughput": throughput, "cpu": cpu_bound, "memory": memory, "latency": latency, "timeout": timeout_kill,
+    "throughput": throughput, "cpu": cpu_bound, "memory": memory, "latency": latency, "result_lag": result_lag,
+    "timeout": timeout_kill,
     "faults": mixed_faults,
 }
 
@@ -222,6 +236,10 @@ def main() -> None:
     lat = one("latency", ["400" if q else "2000"])
     out["latency"] = lat
     rows.append(("4. report() -> events() latency p50 / p99", f"{lat['p50_ms']:.2f} / {lat['p99_ms']:.2f} ms", ""))
+    lag = one("result_lag", [str(n_cpu), "1.0"])
+    out["result_lag"] = lag
+    rows.append((f"   task end -> its result out of stream(), {n_cpu:,} x 1 ms, p50 / p99",
+                 f"{lag['p50_ms']:.2f} / {lag['p99_ms']:.2f} ms", ""))
 
     kill = one("timeout", ["6" if q else "20", "0.2"])
     out["timeout"] = kill
