@@ -27,10 +27,11 @@ worker runs them one by one and writes each DONE message before it starts the
 next call. Whatever that call does (crash the process, hold the GIL, hang),
 the parent already has every result before it, so a crash or a timeout costs
 its own call only. The parent reads what has come in a group at a time.
-After a DONE or a REPORT the worker yields its CPU (``sched_yield``), at most
-once per ``YIELD_GAP``: when the workers keep every core busy, the parent,
-woken by the message, then handles it at once instead of after the rest of a
-worker's time slice.
+After a REPORT, and after the DONE of a call that ran ``YIELD_AFTER`` or
+longer, the worker yields its CPU (``sched_yield``), at most once per
+``YIELD_GAP``: when the workers keep every core busy, the parent, woken by the
+message, then handles it at once instead of after the rest of a worker's time
+slice.
 
 A revoke is answered with the calls the worker took out of its queue: the
 parent knows exactly which calls never started, so it can give them to
@@ -115,13 +116,15 @@ _yield: Callable[[], None] = getattr(os, "sched_yield", lambda: None)
 _yielded_at = 0.0
 YIELD_GAP = 50e-6
 """Seconds after a yield to the parent during which a worker sends on without yielding again."""
+YIELD_AFTER = 200e-6
+"""Seconds a call must have run for the worker to yield to the parent after its result."""
 
 
 def _let_the_parent_run(now: float) -> None:
     """After a message to the parent, give it the CPU: else, with every core busy with workers, the parent,
     woken by the message, may wait for the rest of a worker's time slice (some 4 ms) before it handles it.
-    Not again within YIELD_GAP: a task that reports in a tight loop, or a run of tiny tasks, still has its
-    messages handled several at a time."""
+    Not again within YIELD_GAP: a task that reports in a tight loop still has its reports handled several
+    at a time."""
     global _yielded_at
     if now - _yielded_at > YIELD_GAP:
         _yielded_at = now
@@ -268,7 +271,8 @@ def _run_call(channel: _Channel, call_id: int, function: bytes | None, payload: 
     finally:
         _current = None
     channel.send(message)
-    _let_the_parent_run(message[5])
+    if message[5] - started >= YIELD_AFTER:  # the results of fast calls are read a group at a time anyway
+        _let_the_parent_run(message[5])
 
 
 def _die_with_parent() -> None:

@@ -7,11 +7,13 @@ import concurrent.futures
 import contextlib
 import multiprocessing.context
 import os
+import pickle
 import select
 import signal
 import subprocess
 import sys
 import threading
+import types
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -214,7 +216,8 @@ async def test_a_call_cancelled_as_its_worker_starts_it_runs_only_its_grace_then
         os.close(reader)
 
 
-def test_a_worker_yields_its_cpu_to_the_parent_at_most_once_per_gap(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_worker_yields_its_cpu_to_the_parent_after_a_slow_call_at_most_once_per_gap(
+        monkeypatch: pytest.MonkeyPatch) -> None:
     yields: list[None] = []
     monkeypatch.setattr(_worker, "_yield", lambda: yields.append(None))
     monkeypatch.setattr(_worker, "_yielded_at", 0.0)
@@ -222,6 +225,12 @@ def test_a_worker_yields_its_cpu_to_the_parent_at_most_once_per_gap(monkeypatch:
     for now in [100.0, 100.0 + gap / 2, 100.0 + gap * 0.9, 100.0 + gap * 1.5, 100.0 + gap * 3]:
         _worker._let_the_parent_run(now)  # after each message: a report or a result
     assert len(yields) == 3  # at 0, 1.5 and 3 gaps: the two in between come too soon after a yield
+    sent: list[tuple[Any, ...]] = []
+    channel: Any = types.SimpleNamespace(send=sent.append)
+    for call_id, (fn, args) in enumerate([(tasks.square, (3,)), (tasks.sleep_then, (_worker.YIELD_AFTER * 2, 7))]):
+        _worker._run_call(channel, call_id, None, pickle.dumps((fn, args)))
+    assert [message[3] for message in sent] == [9, 7]
+    assert len(yields) == 4  # after the slow call only: the results of fast calls are read a group at a time
 
 
 @contextlib.contextmanager
