@@ -18,8 +18,7 @@ event, so a kind that no consumer wants costs nothing.
 What is published, buffered and dropped is the event's fields in a plain tuple
 (a ``RawEvent``); the :class:`~asyncsched.Event` object is built when a stream
 hands it out, or when a listener is called. An event that is dropped, or
-filtered out, is never built, and a buffer of plain tuples costs the garbage
-collector nothing.
+filtered out, is never built.
 
 An :class:`EventListener` is the other kind of consumer, for the package's own
 live displays: a function called with each delivered list of events, so
