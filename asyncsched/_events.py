@@ -158,7 +158,7 @@ class EventHub:
     def __init__(self, maxlen: int = DEFAULT_EVENT_BUFFER) -> None:
         self._refs: list[weakref.ref[_Subscriber]] = []
         self.wanted: frozenset[type[Event]] = frozenset()
-        """The kinds of event some consumer would get: ``kind in hub.wanted`` before building an event."""
+        """The kinds of event some consumer would get: ``kind in hub.wanted`` before publishing an event."""
         self._maxlen = maxlen
         self._pending: list[RawEvent] = []  # published this turn of the loop, not delivered yet
 

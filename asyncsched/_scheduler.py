@@ -651,9 +651,7 @@ class Scheduler:
 
     def _admit(self, run: _BatchRun, item: object, index: int, previous: Mapping[str, TaskResult]) -> int:
         """Start one batch item; returns the next index."""
-        key = item.key if isinstance(item, Task) else None  # _key(), inline
-        if key is None:
-            key = str(index)
+        key = _key(item, index)
         if key in previous:
             run.skipped += 1
         elif not isinstance(item, Task):

@@ -122,8 +122,7 @@ async def latency(n: int) -> dict[str, Any]:
 
         await asyncio.gather(scheduler.run([Task(report_stamps, per_task) for _ in range(4)]), consume())
         await events.aclose()
-    delays.sort()
-    return {"p50_ms": 1000 * delays[len(delays) // 2], "p99_ms": 1000 * delays[int(len(delays) * 0.99)]}
+    return percentiles(delays)
 
 
 async def result_lag(n: int, ms: float) -> dict[str, Any]:
@@ -135,8 +134,13 @@ async def result_lag(n: int, ms: float) -> dict[str, Any]:
         async for result in scheduler.stream(Task(crunch, iterations) for _ in range(n)):
             assert result.finished_at is not None
             lags.append(time.time() - result.finished_at)
-    lags.sort()
-    return {"p50_ms": 1000 * lags[len(lags) // 2], "p99_ms": 1000 * lags[int(len(lags) * 0.99)]}
+    return percentiles(lags)
+
+
+def percentiles(seconds: list[float]) -> dict[str, float]:
+    """The p50 and p99 of ``seconds``, in milliseconds."""
+    ordered = sorted(seconds)
+    return {"p50_ms": 1000 * ordered[len(ordered) // 2], "p99_ms": 1000 * ordered[int(len(ordered) * 0.99)]}
 
 
 async def timeout_kill(n: int, seconds: float) -> dict[str, Any]:
@@ -173,8 +177,7 @@ async def timeout_kill(n: int, seconds: float) -> dict[str, Any]:
 
 MEASURES: dict[str, Callable[..., Coroutine[Any, Any, dict[str, Any]]]] = {
     "throughput": throughput, "cpu": cpu_bound, "memory": memory, "latency": latency, "result_lag": result_lag,
-    "timeout": timeout_kill,
-    "faults": mixed_faults,
+    "timeout": timeout_kill, "faults": mixed_faults,
 }
 
 
