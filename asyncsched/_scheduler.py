@@ -171,7 +171,8 @@ class _BatchRun:
         self.ready: list[TaskResult] = []
         self.waiter: asyncio.Future[None] | None = None
         self.eager = True  # wake the stream for every result; run() needs them only to make room in the window
-        self.low_water = 0  # else wake it once no more than this many tasks are in flight
+        self.low_water = 0  # else wake it once no more than this many tasks are in flight, not counting
+        self.backing_off = 0  # those waiting for a retry, which hold no worker
         self.aborted: BaseException | None = None
         self.total: int | None = None  # tasks this run will finish, once known; known once it is over
         self.skipped = 0  # items of a resumed batch with a stored result, not run again
@@ -184,7 +185,8 @@ class _BatchRun:
         self.timed = 0
 
     def start(self, record: _Record) -> None:
-        record.retry_handle = None
+        if record.retry_handle is not None:
+            self._end_backoff(record)
         if self.stopped is not None:  # admitted while the batch was being cancelled
             self._finish(record, Outcome(Status.CANCELLED, error=self.stopped, error_type="asyncio.CancelledError"))
             return
@@ -205,6 +207,8 @@ class _BatchRun:
                 self.hub.publish(TaskRetried, self.batch_id, record.key, outcome.status, time.time(), outcome.pid,
                                  f"{outcome.error}; retrying in {delay:.2f}s", None, record.attempts)
             record.retry_handle = self.loop.call_later(delay, self.start, record)
+            self.backing_off += 1
+            self._made_room()
             return
         self._finish(record, outcome)
 
@@ -239,8 +243,19 @@ class _BatchRun:
             self.hub.publish(TaskFinished, self.batch_id, record.key, outcome.status, finished or time.time(),
                              outcome.pid, outcome.error or record.message, record.progress, record.attempts)
         self.ready.append(result)
-        if self.eager or len(self.records) <= self.low_water:
+        self._made_room()
+
+    def _made_room(self) -> None:
+        """A task left the workers: wake the stream, if it hands out every result or has room for half a window."""
+        if self.eager or len(self.records) - self.backing_off <= self.low_water:
             self._wake()
+
+    def _end_backoff(self, record: _Record) -> None:
+        """``record`` waits for its retry no more: it starts now, or it is cancelled."""
+        assert record.retry_handle is not None
+        record.retry_handle.cancel()  # a no-op once it has fired
+        record.retry_handle = None
+        self.backing_off -= 1
 
     def _wake(self) -> None:
         waiter = self.waiter
@@ -264,7 +279,7 @@ class _BatchRun:
                 if record.running_since is None:  # it never started: not an attempt
                     record.attempts -= 1
             if record.retry_handle is not None:
-                record.retry_handle.cancel()
+                self._end_backoff(record)
             self._finish(record, Outcome(Status.CANCELLED, error=why, error_type="asyncio.CancelledError"))
         self._wake()  # also with nothing in flight: a stream waiting for its async batch's next item ends
 

@@ -321,6 +321,23 @@ async def _stored_values(path: Path) -> list[Any]:
         return [r.value for r in await store.results()]
 
 
+async def test_tasks_waiting_to_be_retried_do_not_hold_back_the_rest_of_a_run() -> None:
+    # run() wakes to admit tasks once half its window has room: the tasks in backoff hold no room
+    async with Scheduler(workers=1, window=4, retry_policy=RetryPolicy(base_delay=3600, jitter=0)) as scheduler:
+        finished = scheduler.events(kinds=[TaskFinished])
+        batch = ([Task(faults.boom, "x", retries=1, key=f"f{i}") for i in range(3)]
+                 + [Task(tasks.square, i, key=f"s{i}") for i in range(10)])
+        running = asyncio.ensure_future(scheduler.run(batch, batch_id="b"))
+        done = set()
+        async for event in finished:
+            done.add(event.key)
+            if len(done) == 10:  # every square, while the failed tasks wait an hour for their retry
+                break
+        assert scheduler.cancel("b")
+        summary = await running
+    assert (summary.completed, summary.cancelled) == (10, 3)
+
+
 async def test_scheduler_is_closed_after_exit() -> None:
     async with Scheduler(workers=1) as scheduler:
         pass
