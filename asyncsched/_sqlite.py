@@ -110,6 +110,8 @@ _COLUMNS = ("batch_id", "key", "position", "status", "value", "value_pickle", "e
 _ROWS_PER_INSERT = 64
 """Rows per INSERT statement: each statement is one SQLite step, and each step hands the GIL to the loop and back."""
 _LEAN_PARAMETERS = 8
+_INT64 = 2**63
+"""Ints in [-_INT64, _INT64) bind to SQLite as they are."""
 """Parameters per row of a lean INSERT (see _lean_sql), besides the batch."""
 _COMPLETED = Status.COMPLETED  # for the writer's loop over results: an enum member costs a lookup each time
 _SELECT = f"SELECT {', '.join(_COLUMNS)} FROM results"
@@ -639,7 +641,11 @@ async def _insert_results(db: aiosqlite.Connection, results: Sequence[TaskResult
             if (r.status is _COMPLETED and r.message is None and r.progress is None and r.error is None
                     and r.traceback is None and r.error_type is None
                     and not (full_keys and (r.batch_id, r.key) in full_keys)):
-                encoded = value, blob = _encode(r.value)
+                value = r.value
+                if type(value) is int and -_INT64 <= value < _INT64:
+                    blob = None  # bound as it is: the column's TEXT affinity stores its decimal text, as _encode()
+                else:
+                    encoded = value, blob = _encode(value)
                 if blob is None:
                     parameters = partial.get(r.batch_id)
                     if parameters is None:

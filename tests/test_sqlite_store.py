@@ -47,7 +47,8 @@ from .util import wait_gone
 
 ROOT = Path(__file__).resolve().parent.parent
 
-JSON_VALUES: list[Any] = [1, -0.5, "text", True, [1, "a", None], {"nested": {"list": [1.5, False]}}, 2**70]
+JSON_VALUES: list[Any] = [1, -0.5, "text", True, [1, "a", None], {"nested": {"list": [1.5, False]}}, 2**70, -2**63,
+                          2**63]
 PICKLED_VALUES: list[Any] = [(1, 2), {1: "int key"}, {"a": (1,)}, [(1, 2)], {1, 2}, b"bytes", Status.COMPLETED,
                              datetime.date(2024, 1, 2)]
 
@@ -153,6 +154,9 @@ async def test_results_survive_the_scheduler(tmp_path: Path) -> None:
 
     with contextlib.closing(sqlite3.connect(db)) as raw:
         columns = dict(raw.execute("SELECT key, value_pickle IS NULL FROM results WHERE key LIKE 'v%'").fetchall())
+        texts = raw.execute("SELECT value FROM results WHERE key LIKE 'v%' AND typeof(value) = 'text' "
+                            "ORDER BY position")
+        assert [json.loads(text) for (text,) in texts] == JSON_VALUES  # JSON text, ints too (bound as they are)
     assert [columns[f"v{i}"] for i in range(len(values))] == [1] * len(JSON_VALUES) + [0] * len(PICKLED_VALUES)
 
 
