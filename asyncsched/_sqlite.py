@@ -110,9 +110,9 @@ _COLUMNS = ("batch_id", "key", "position", "status", "value", "value_pickle", "e
 _ROWS_PER_INSERT = 64
 """Rows per INSERT statement: each statement is one SQLite step, and each step hands the GIL to the loop and back."""
 _LEAN_PARAMETERS = 8
+"""Parameters per row of a lean INSERT (see _lean_sql), besides the batch."""
 _INT64 = 2**63
 """Ints in [-_INT64, _INT64) bind to SQLite as they are."""
-"""Parameters per row of a lean INSERT (see _lean_sql), besides the batch."""
 _COMPLETED = Status.COMPLETED  # for the writer's loop over results: an enum member costs a lookup each time
 _SELECT = f"SELECT {', '.join(_COLUMNS)} FROM results"
 
