@@ -542,13 +542,9 @@ class ProcessPool(concurrent.futures.Executor):
     def _call_listener(self, method: Callable[..., None], args: tuple[Any, ...]) -> None:
         try:
             method(*args)
-        except Exception as exc:
-            self._listener_failed(exc)
-
-    def _listener_failed(self, exc: Exception) -> None:
-        """As the loop treats a failing callback: reported, never fatal to the pool."""
-        assert self._loop is not None
-        self._loop.call_exception_handler({"message": "a ProcessPool call listener failed", "exception": exc})
+        except Exception as exc:  # as the loop treats a failing callback: reported, never fatal to the pool
+            assert self._loop is not None
+            self._loop.call_exception_handler({"message": "a ProcessPool call listener failed", "exception": exc})
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """``Executor.shutdown``. From the pool's own loop thread it cannot wait: use ``await aclose()`` there.
@@ -940,10 +936,7 @@ class ProcessPool(concurrent.futures.Executor):
             self._held = None
             for call, method, args in held:
                 if not call.cancelled:  # else a listener cancelled it meanwhile: nothing more about it
-                    try:
-                        method(*args)
-                    except Exception as exc:
-                        self._listener_failed(exc)
+                    self._call_listener(method, args)
         if not worker.calls and not self._pending and self._balancing is None and worker in self._ready:
             assert self._loop is not None  # after the listeners' new calls are dispatched (call_soon, too)
             self._balancing = self._loop.call_soon(self._balance)

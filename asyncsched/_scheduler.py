@@ -141,14 +141,10 @@ class _Record:
     def finished(self, outcome: Outcome) -> None:
         if self.running is not None:  # else cancelled meanwhile: cancel_all() records the task
             self.running = None
-            run = self.run
             try:
-                if outcome.status is _COMPLETED:
-                    run._finish(self, outcome)
-                else:
-                    run.finished(self, outcome)
+                self.run.finished(self, outcome)
             except Exception as exc:  # e.g. a store that cannot take the result: the run fails with it
-                run.abort(exc)
+                self.run.abort(exc)
 
 
 class _BatchRun:
@@ -198,8 +194,9 @@ class _BatchRun:
             self._finish(record, backend_failure(exc))
 
     def finished(self, record: _Record, outcome: Outcome) -> None:
-        """An attempt of ``record`` ended badly: retry it later, or record the task."""
-        if record.attempts <= record.retries and self.policy.should_retry(outcome):
+        """An attempt of ``record`` ended: retry it later, or record the task."""
+        if (outcome.status is not _COMPLETED and record.attempts <= record.retries
+                and self.policy.should_retry(outcome)):
             delay = self.policy.delay(record.attempts)
             record.running_since = None
             self.retries += 1
