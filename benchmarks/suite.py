@@ -4,9 +4,10 @@
 
 Every measurement runs in a fresh interpreter, one after the other in the same
 run, on 2 workers. The throughput measurements (asyncsched with the store off
-and on, and each peer) go round ``--rounds`` times, in alternating order; the
-table gives the median of each, so that one burst of other load on the machine
-does not decide a ratio. See benchmarks/README.md for what each one measures.
+and on, and each peer) and the CPU-bound ones (sequential, asyncsched, bare
+processes) go round ``--rounds`` times, in alternating order; the table gives
+the median of each, so that one burst of other load on the machine does not
+decide a ratio. See benchmarks/README.md for what each one measures.
 """
 
 from __future__ import annotations
@@ -65,27 +66,39 @@ async def throughput(n: int, store: bool) -> dict[str, Any]:
     return {"tasks_per_s": n / elapsed}
 
 
-async def cpu_bound(n: int, ms: float) -> dict[str, Any]:
-    iterations = iterations_for(ms)
-    start = time.perf_counter()
-    crunch_many(n, iterations)
-    sequential = time.perf_counter() - start
-    async with Scheduler(workers=WORKERS) as scheduler:
-        await scheduler.run([Task(crunch, 10)])
-        start = time.perf_counter()
-        await scheduler.run(Task(crunch, iterations) for _ in range(n))
-        ours = time.perf_counter() - start
+async def cpu_bound(n: int, ms: float, rounds: int) -> dict[str, Any]:
+    """Seconds for ``n`` tasks of ``ms`` in sequence, on asyncsched's workers and on bare processes, ``rounds``
+    times in alternating order; the ratios are of the medians."""
     import multiprocessing
 
+    iterations = iterations_for(ms)
     ctx = multiprocessing.get_context("fork")
-    procs = [ctx.Process(target=crunch_many, args=(n // WORKERS, iterations)) for _ in range(WORKERS)]
-    start = time.perf_counter()
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join()
-    bare = time.perf_counter() - start
-    return {"speedup": sequential / ours, "bare_speedup": sequential / bare, "ratio": bare / ours}
+    times: dict[str, list[float]] = {"sequential": [], "asyncsched": [], "bare": []}
+
+    async def run(how: str) -> None:
+        if how == "sequential":
+            start = time.perf_counter()
+            crunch_many(n, iterations)
+        elif how == "asyncsched":
+            async with Scheduler(workers=WORKERS) as scheduler:
+                await scheduler.run([Task(crunch, 10)])
+                start = time.perf_counter()
+                await scheduler.run(Task(crunch, iterations) for _ in range(n))
+        else:
+            procs = [ctx.Process(target=crunch_many, args=(n // WORKERS, iterations)) for _ in range(WORKERS)]
+            start = time.perf_counter()
+            for p in procs:
+                p.start()
+            for p in procs:
+                p.join()
+        times[how].append(time.perf_counter() - start)
+
+    for round_ in range(rounds):
+        for how in list(times) if round_ % 2 == 0 else reversed(times):
+            await run(how)
+    sequential, ours, bare = (statistics.median(t) for t in times.values())
+    return {"speedup": sequential / ours, "bare_speedup": sequential / bare, "ratio": bare / ours,
+            "rounds": times}
 
 
 async def memory(n: int) -> dict[str, Any]:
@@ -203,7 +216,8 @@ def throughput_rounds(n: int, rounds: int) -> dict[str, list[float]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smaller sizes and one round, for a smoke run")
-    parser.add_argument("--rounds", type=int, default=3, help="rounds of the throughput measurements (default 3)")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="rounds of the throughput and CPU-bound measurements (default 3)")
     parser.add_argument("--one", nargs=2, metavar=("NAME", "ARGS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
@@ -226,7 +240,7 @@ def main() -> None:
     for name, rate in median.items():
         rows.append((f"   {name}", f"{rate:,.0f}/s", f"asyncsched is {off / rate:.2f}x"))
 
-    cpu = one("cpu", [str(n_cpu), "1.0"])
+    cpu = one("cpu", [str(n_cpu), "1.0", str(1 if q else args.rounds)])
     out["cpu"] = cpu
     rows.append((f"2. CPU-bound, {n_cpu:,} x 1 ms, speedup over sequential", f"{cpu['speedup']:.2f}x",
                  f"{cpu['ratio']:.2f}x of 2 bare processes ({cpu['bare_speedup']:.2f}x)"))
