@@ -30,7 +30,7 @@ from asyncsched.backends._celery import target_of
 
 from . import faults, services, tasks
 from .services import CeleryWorker
-from .util import wait_gone
+from .util import silent_server, wait_gone
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -81,29 +81,6 @@ def unreachable(summary: Summary, pattern: str) -> None:
         assert result.error_type == "asyncsched.BackendUnreachableError", result
         assert re.search(pattern, result.error or ""), result.error
         assert isinstance(result.exception, BackendUnreachableError)
-
-
-@contextlib.asynccontextmanager
-async def silent_server() -> AsyncIterator[int]:
-    """A TCP server on 127.0.0.1 that accepts connections and never answers; yields its port."""
-    holding: set[asyncio.Task[None]] = set()
-
-    async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        holding.add(asyncio.current_task())  # type: ignore[arg-type]
-        try:
-            await reader.read()  # until the client leaves
-        finally:
-            writer.close()
-
-    server = await asyncio.start_server(hold, "127.0.0.1", 0)
-    try:
-        yield server.sockets[0].getsockname()[1]
-    finally:
-        server.close()
-        for task in holding:
-            task.cancel()
-        await asyncio.gather(*holding, return_exceptions=True)
-        await server.wait_closed()
 
 
 async def next_start(events: object) -> TaskStarted:
@@ -247,9 +224,9 @@ async def test_a_start_names_both_servers_when_neither_can_be_reached() -> None:
 async def test_a_server_that_never_answers_fails_the_start_within_the_socket_timeout(
         silent: str, redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(_celery, "SOCKET_TIMEOUT", 0.2)  # 5 s: four tries of the broker would take 20 s
-    async with silent_server() as port:
+    async with silent_server() as server:
         urls = {"broker": f"{redis_url}/0", "result backend": f"{redis_url}/1"}
-        urls[silent] = f"redis://127.0.0.1:{port}/{0 if silent == 'broker' else 1}"
+        urls[silent] = f"redis://127.0.0.1:{server.port}/{0 if silent == 'broker' else 1}"
         scheduler = Scheduler(backend=CeleryBackend(urls["broker"], urls["result backend"]))
         try:
             with pytest.raises(BackendUnreachableError, match=rf"^the Celery {silent} {re.escape(urls[silent])} "

@@ -10,7 +10,7 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import dask.config
@@ -33,7 +33,7 @@ from asyncsched.backends import DaskBackend
 from asyncsched.backends._dask import DEFAULT_CONNECT_TIMEOUT, _last_failure
 
 from . import faults, tasks
-from .util import wait_gone
+from .util import silent_server, wait_gone
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -273,30 +273,14 @@ async def test_a_connect_timeout_longer_than_dasks_own_is_waited_for(refused: st
     await backend.aclose()
 
 
-@pytest.fixture
-async def answers_nothing() -> AsyncIterator[tuple[str, asyncio.Event, asyncio.Event]]:
-    """A listener that never answers; yields its address, and events set when a client connects and hangs up."""
-    connected, hung_up = asyncio.Event(), asyncio.Event()
-
-    async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        connected.set()
-        await reader.read()  # until the client hangs up
-        hung_up.set()
-        writer.close()
-
-    async with await asyncio.start_server(hold, "127.0.0.1", 0) as server:
-        yield f"tcp://127.0.0.1:{server.sockets[0].getsockname()[1]}", connected, hung_up
-
-
-async def test_cancelling_a_start_closes_the_client_it_opened(
-        answers_nothing: tuple[str, asyncio.Event, asyncio.Event]) -> None:
-    address, connected, hung_up = answers_nothing
-    backend = DaskBackend(address, connect_timeout=UNREACHABLE_BOUND * 10)
-    with dask_left_as_it_was():
-        start = asyncio.ensure_future(backend.start())
-        await connected.wait()  # Dask waits for the handshake
-        start.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await start
-    await hung_up.wait()  # its connection closed
-    await backend.aclose()
+async def test_cancelling_a_start_closes_the_client_it_opened() -> None:
+    async with silent_server() as server:
+        backend = DaskBackend(f"tcp://127.0.0.1:{server.port}", connect_timeout=UNREACHABLE_BOUND * 10)
+        with dask_left_as_it_was():
+            start = asyncio.ensure_future(backend.start())
+            await server.connected.wait()  # Dask waits for the handshake
+            start.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await start
+        await server.hung_up.wait()  # its connection closed
+        await backend.aclose()

@@ -3,14 +3,51 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import os
 import select
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 
 import psutil
 
 from asyncsched import TaskResult
 from asyncsched._store import MemoryStore
+
+
+@dataclasses.dataclass
+class SilentServer:
+    port: int
+    connected: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
+    """Set once a client connects."""
+    hung_up: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
+    """Set once a client hangs up."""
+
+
+@contextlib.asynccontextmanager
+async def silent_server() -> AsyncIterator[SilentServer]:
+    """A TCP server on 127.0.0.1 that accepts connections and never answers."""
+    holding: set[asyncio.Task[None]] = set()
+
+    async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        holding.add(asyncio.current_task())  # type: ignore[arg-type]
+        found.connected.set()
+        try:
+            await reader.read()  # until the client hangs up
+            found.hung_up.set()
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(hold, "127.0.0.1", 0)
+    found = SilentServer(server.sockets[0].getsockname()[1])
+    try:
+        yield found
+    finally:
+        server.close()
+        for task in holding:
+            task.cancel()
+        await asyncio.gather(*holding, return_exceptions=True)
+        await server.wait_closed()
 
 
 def wait_gone(pid: int, timeout: float = 3.0) -> bool:
