@@ -654,12 +654,9 @@ class Scheduler:
                     run.cancel_all("the batch was cancelled")
                 run.total = sum(run.counts.values())  # what it finished, also when it was left early
             finally:
-                try:
-                    self._hub.deliver()  # every TaskFinished of the batch is out before its run() returns
-                    if not self._closed:  # else aclose() ends the batch, and may have closed the store already
-                        await self._store.end_batch(batch_id)
-                finally:
-                    self._ended(run)
+                self._hub.deliver()  # every TaskFinished of the batch is out before its run() returns
+                if not self._closed:  # else aclose() ends the batch, and may have closed the store already
+                    await self._store.end_batch(batch_id)  # run() and stream() then tell wait_ended()
 
     def _admit(self, run: _BatchRun, item: object, index: int, previous: Mapping[str, TaskResult]) -> int:
         """Start one batch item; returns the next index."""
