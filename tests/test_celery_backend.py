@@ -6,8 +6,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import gc
 import logging
 import re
+import threading
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -301,3 +303,39 @@ async def test_a_result_backend_lost_past_the_reconnect_timeout_fails_the_attemp
     unreachable(later, given_up)
     assert sent.qsize() == 0
     assert f"lost the Celery result backend {url}/1" in caplog.text
+
+
+async def test_a_start_cancelled_while_it_tries_the_broker_leaves_no_error_unread(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    trying, go_on = threading.Event(), threading.Event()
+
+    def try_broker(self: CeleryBackend) -> BaseException | None:
+        trying.set()
+        go_on.wait(10)
+        raise RuntimeError("the broker's transport failed")  # not a connection error: a bug, say
+
+    monkeypatch.setattr(CeleryBackend, "_reach_broker", try_broker)
+    loop = asyncio.get_running_loop()
+    started: list[asyncio.Future[Any]] = []
+    run_in_executor = loop.run_in_executor
+
+    def keep(*args: Any) -> asyncio.Future[Any]:
+        started.append(run_in_executor(*args))
+        return started[-1]
+
+    monkeypatch.setattr(loop, "run_in_executor", keep)
+    unread: list[dict[str, Any]] = []
+    monkeypatch.setattr(loop, "call_exception_handler", unread.append)
+    async with silent_server() as server:  # the result backend never answers: the start waits on it
+        backend = CeleryBackend(f"redis://127.0.0.1:{server.port}/0", f"redis://127.0.0.1:{server.port}/1")
+        start = asyncio.ensure_future(backend.start())
+        await asyncio.to_thread(trying.wait, 10)
+        start.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await start
+        go_on.set()
+        await asyncio.wait(started)  # reads nothing
+        started.clear()
+        gc.collect()  # a future whose error nobody read says so as it goes
+        await backend.aclose()
+    assert not unread, unread

@@ -285,6 +285,7 @@ class CeleryBackend(Backend):
             if broker_error is not None or backend_error is not None:
                 raise self._unreachable_at_start(broker_error, backend_error)
         except BaseException:
+            broker.add_done_callback(_read_outcome)  # maybe left to its thread: what it raises is not logged as lost
             if self._pubsub is not None:
                 pubsub, self._pubsub = self._pubsub, None
                 await pubsub.aclose()
@@ -593,6 +594,11 @@ def _broker_name(app: Celery) -> str:
 
 def _reason(exc: BaseException) -> str:
     return str(exc).strip() or type(exc).__name__
+
+
+def _read_outcome(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 def _unreachable_outcome(message: str, cause: BaseException, traceback: str | None = None) -> Outcome:
