@@ -314,7 +314,12 @@ async def test_a_start_cancelled_while_it_tries_the_broker_leaves_no_error_unrea
         go_on.wait(10)
         raise RuntimeError("the broker's transport failed")  # not a connection error: a bug, say
 
+    async def ping_for_ever(self: redis.asyncio.Redis) -> bool:
+        await asyncio.Event().wait()
+        return True
+
     monkeypatch.setattr(CeleryBackend, "_reach_broker", try_broker)
+    monkeypatch.setattr(redis.asyncio.Redis, "ping", ping_for_ever)  # the start waits on the result backend
     loop = asyncio.get_running_loop()
     started: list[asyncio.Future[Any]] = []
     run_in_executor = loop.run_in_executor
@@ -326,16 +331,15 @@ async def test_a_start_cancelled_while_it_tries_the_broker_leaves_no_error_unrea
     monkeypatch.setattr(loop, "run_in_executor", keep)
     unread: list[dict[str, Any]] = []
     monkeypatch.setattr(loop, "call_exception_handler", unread.append)
-    async with silent_server() as server:  # the result backend never answers: the start waits on it
-        backend = CeleryBackend(f"redis://127.0.0.1:{server.port}/0", f"redis://127.0.0.1:{server.port}/1")
-        start = asyncio.ensure_future(backend.start())
-        await asyncio.to_thread(trying.wait, 10)
-        start.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await start
-        go_on.set()
-        await asyncio.wait(started)  # reads nothing
-        started.clear()
-        gc.collect()  # a future whose error nobody read says so as it goes
-        await backend.aclose()
+    backend = CeleryBackend("redis://127.0.0.1:1/0", "redis://127.0.0.1:1/1")
+    start = asyncio.ensure_future(backend.start())
+    await asyncio.to_thread(trying.wait, 10)
+    start.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await start
+    go_on.set()
+    await asyncio.wait(started)  # reads nothing
+    started.clear()
+    gc.collect()  # a future whose error nobody read says so as it goes
+    await backend.aclose()
     assert not unread, unread
