@@ -405,7 +405,7 @@ class _Api:
         if not self.scheduler.cancel(batch_id):
             _fail(409, f"batch {batch_id!r} is not running", state=self._summary(info, {})["state"])
         job = self.jobs.get(batch_id)
-        with contextlib.suppress(TimeoutError):  # bounded; a client that leaves cancels the wait, and nothing else
+        with contextlib.suppress(TimeoutError):  # bounded; should the request be cancelled, only the wait ends
             async with asyncio.timeout(CANCEL_WAIT):
                 await self.scheduler.wait_ended(batch_id)  # the batch is over and written, whoever runs it
                 if job is not None:  # then its task ends, and the batch leaves self.jobs
