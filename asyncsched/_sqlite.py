@@ -109,8 +109,8 @@ _COLUMNS = ("batch_id", "key", "position", "status", "value", "value_pickle", "e
             "attempts", "pid", "started_at", "finished_at", "message", "progress")
 _ROWS_PER_INSERT = 64
 """Rows per INSERT statement: each statement is one SQLite step, and each step hands the GIL to the loop and back."""
-_LEAN_PARAMETERS = 8
-"""Parameters per row of a lean INSERT (see _lean_sql), besides the batch."""
+_LEAN_PARAMETERS = 9
+"""Parameters per row of a lean INSERT (see _lean_sql)."""
 _INT64 = 2**63
 """Ints in [-_INT64, _INT64) bind to SQLite as they are."""
 _COMPLETED = Status.COMPLETED  # for the writer's loop over results: an enum member costs a lookup each time
@@ -596,9 +596,11 @@ def _insert_sql(rows: int, columns: Sequence[str] = _COLUMNS) -> str:
 
 @functools.cache
 def _lean_sql(rows: int) -> str:
-    """An INSERT of ``rows`` plain completed results of one batch: the batch once, 8 parameters a row."""
-    values = ", ".join(f"(?{p}, ?1, ?{p + 1}, ?{p + 2}, 'completed', ?{p + 3}, ?{p + 4}, ?{p + 5}, ?{p + 6}, ?{p + 7})"
-                       for p in range(2, 2 + rows * _LEAN_PARAMETERS, _LEAN_PARAMETERS))
+    """An INSERT of ``rows`` plain completed results: 9 parameters a row, the status a constant.
+
+    Plain ``?`` only: Python 3.12.0 to 3.12.3 warn about numbered ones (``?1``) bound from a sequence.
+    """
+    values = ", ".join(["(?, ?, ?, ?, 'completed', ?, ?, ?, ?, ?)"] * rows)
     return ("INSERT OR REPLACE INTO results (id, batch_id, key, position, status, value, attempts, pid, started_at, "
             f"finished_at) VALUES {values}")
 
@@ -631,11 +633,14 @@ async def _insert_results(db: aiosqlite.Connection, results: Sequence[TaskResult
     """
     (last,) = next(iter(await db.execute_fetchall("SELECT coalesce(max(id), 0) FROM results")))
     full: list[Row] = []
-    partial: dict[str, list[Any]] = {}  # per batch: the parameters of lean rows not yet in a statement
-    complete = 1 + _ROWS_PER_INSERT * _LEAN_PARAMETERS
+    rest: list[Any] = []  # the parameters of the lean rows that fill no whole statement
+    complete = _ROWS_PER_INSERT * _LEAN_PARAMETERS
 
     def lean_statements() -> Iterator[list[Any]]:  # runs in the connection's thread
         full_keys: set[tuple[str, str]] = set()
+        parameters: list[Any] = []
+        batch_id: str | None = None
+        batch = None
         for row_id, r in enumerate(results, last + 1):
             encoded = None
             if (r.status is _COMPLETED and r.message is None and r.progress is None and r.error is None
@@ -647,21 +652,22 @@ async def _insert_results(db: aiosqlite.Connection, results: Sequence[TaskResult
                 else:
                     encoded = value, blob = _encode(value)
                 if blob is None:
-                    parameters = partial.get(r.batch_id)
-                    if parameters is None:
-                        parameters = partial[r.batch_id] = [_text(r.batch_id)]
+                    if r.batch_id is not batch_id:
+                        batch_id, batch = r.batch_id, _text(r.batch_id)
                     key = r.key if r.key.isascii() else _text(r.key)
-                    parameters += (row_id, key, r.index, value, r.attempts, r.pid, r.started_at, r.finished_at)
+                    parameters += (row_id, batch, key, r.index, value, r.attempts, r.pid, r.started_at,
+                                   r.finished_at)
                     if len(parameters) == complete:
-                        del partial[r.batch_id]
                         yield parameters
+                        parameters = []
                     continue
             full_keys.add((r.batch_id, r.key))
             full.append((row_id, *_row(r, encoded)))
+        rest.extend(parameters)
 
     await db.executemany(_lean_sql(_ROWS_PER_INSERT), lean_statements())
-    for parameters in partial.values():
-        await db.execute(_lean_sql((len(parameters) - 1) // _LEAN_PARAMETERS), parameters)
+    if rest:
+        await db.execute(_lean_sql(len(rest) // _LEAN_PARAMETERS), rest)
     await _insert(db, full, ("id", *_COLUMNS))
 
 
