@@ -728,8 +728,17 @@ class ProcessPool(concurrent.futures.Executor):
             return
         loop = self._loop
         assert loop is not None
-        # Never marked RUNNING, so cancel() keeps working until the call finishes.
-        result.add_done_callback(lambda f: f.cancelled() and loop.call_soon_threadsafe(inner.cancel))
+
+        def on_done(future: concurrent.futures.Future[Any]) -> None:
+            # Never marked RUNNING, so cancel() keeps working until the call finishes. On the loop (the future
+            # of run_in_executor() was cancelled) the worker is killed before the canceller goes on.
+            if future.cancelled():
+                if self._on_loop_thread():
+                    inner.cancel()
+                else:
+                    loop.call_soon_threadsafe(inner.cancel)
+
+        result.add_done_callback(on_done)
         inner.add_done_callback(lambda f: _settle_from_outcome(result, f))
 
     def _on_loop_thread(self) -> bool:
