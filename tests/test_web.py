@@ -55,9 +55,9 @@ Client = TestClient[web.Request, web.Application]
 
 async def make_client(aiohttp_client: AiohttpClient, *, registry: TaskRegistry | None = REGISTRY,
                       token: str | None = None, scheduler: Scheduler | None = None,
-                      allowed_hosts: frozenset[str] | None = None) -> Client:
+                      allowed_hosts: frozenset[str] | None = None, limits: Limits = LIMITS) -> Client:
     app = web.Application()
-    setup(app, scheduler or Scheduler(workers=2), registry=registry, token=token, limits=LIMITS,
+    setup(app, scheduler or Scheduler(workers=2), registry=registry, token=token, limits=limits,
           allowed_hosts=allowed_hosts)
     return await aiohttp_client(app)
 
@@ -342,7 +342,6 @@ async def test_bad_submissions_say_what_is_wrong(client: Client, body: Any, stat
     (b'{"task": "square", "inputs": [NaN]}', "application/json", 400, "NaN is not JSON"),
     (b"[" * 100_000, "application/json", 413, "over the limit of 4096 bytes"),
     (b"[" * 3000 + b"]" * 3000, "application/json", 413, "over the limit"),
-    (b"[" * 2000 + b"]" * 2000, "application/json", 400, "not valid JSON"),
     (b'{"task": "square", "inputs": [1]}', "text/plain", 415, "Content-Type: application/json"),
 ])
 async def test_bad_bodies_are_refused(client: Client, data: bytes, content_type: str, status: int,
@@ -350,6 +349,15 @@ async def test_bad_bodies_are_refused(client: Client, data: bytes, content_type:
     response = await client.post(f"{API}/batches", data=data, headers={"Content-Type": content_type})
     assert response.status == status
     assert error in (await response.json())["error"]
+
+
+async def test_a_body_nested_too_deep_to_parse_is_refused(aiohttp_client: AiohttpClient) -> None:
+    # how deep json.loads() goes depends on the Python version: 2,000 levels fail on 3.11, not on 3.13
+    client = await make_client(aiohttp_client, limits=Limits(max_body=1 << 17))
+    response = await client.post(f"{API}/batches", data=b"[" * 50_000 + b"]" * 50_000,
+                                 headers={"Content-Type": "application/json"})
+    assert response.status == 400
+    assert "not valid JSON" in (await response.json())["error"]
 
 
 async def test_a_chunked_body_over_the_limit_is_refused(client: Client) -> None:
