@@ -55,8 +55,9 @@ PICKLED_VALUES: list[Any] = [(1, 2), {1: "int key"}, {"a": (1,)}, [(1, 2)], {1, 
 
 
 def threads(path: Path) -> Scheduler:
-    """A scheduler on the in-process thread backend: fast, for tests that need no process."""
-    return Scheduler(store=path, backend=ExecutorBackend(ThreadPoolExecutor(2)))
+    """A scheduler on the in-process thread backend: fast, for tests that need no process. One thread: tasks
+    finish in the order they are given, which is the order results are stored and read back in."""
+    return Scheduler(store=path, backend=ExecutorBackend(ThreadPoolExecutor(1)))
 
 
 async def wait_until(condition: Callable[[], Awaitable[bool]], within: float = 30.0) -> None:
@@ -195,7 +196,7 @@ async def test_queries_filter_and_page(tmp_path: Path) -> None:
 @pytest.mark.parametrize("in_sqlite", [False, True])
 async def test_a_page_out_of_range_is_refused_by_every_store_alike(tmp_path: Path, in_sqlite: bool) -> None:
     store: Store = SQLiteStore(tmp_path / "results.db") if in_sqlite else MemoryStore()
-    async with Scheduler(store=store, backend=ExecutorBackend(ThreadPoolExecutor(2))) as scheduler:
+    async with Scheduler(store=store, backend=ExecutorBackend(ThreadPoolExecutor(1))) as scheduler:
         await scheduler.run([Task(tasks.square, i) for i in range(3)], batch_id="a")
         assert await scheduler.results(limit=0) == []
         assert [r.value for r in await scheduler.results(limit=2**63 - 1, offset=1)] == [1, 4]
