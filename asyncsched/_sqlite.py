@@ -133,7 +133,9 @@ class SQLiteStore(Store):
     disk at most about 0.1 s (plus the commit itself) after its task is
     reported finished to the caller. :meth:`end_batch` (the end of
     ``run()`` and ``stream()``), :meth:`flush` and :meth:`aclose` commit
-    everything queued before they return. Commits are synchronous (WAL with
+    everything queued before they return; so does a cancel of the writer task
+    from outside, as at the end of ``asyncio.run()`` for a store never closed,
+    which then closes the store. Commits are synchronous (WAL with
     ``synchronous=FULL``): a committed result survives SIGKILL and power loss.
     If a commit fails (disk full, a lock held too long) the results stay queued
     and the next commit tries again; ``end_batch``, ``flush`` and ``aclose``
@@ -310,6 +312,15 @@ class SQLiteStore(Store):
         await self._commit("UPDATE batches SET finished_at = ? WHERE batch_id = ?", (time.time(), _text(batch_id)))
 
     async def _write_loop(self) -> None:
+        try:
+            await self._write_groups()
+        except asyncio.CancelledError:
+            if not self._closed:  # not by aclose(): asyncio.run() cancels the tasks left when its main returns
+                self._writer = None  # the file is closed now, as its connections' threads would keep the
+                await self.aclose()  # process from exiting; what is queued is committed first
+            raise
+
+    async def _write_groups(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
             await self._wake.wait()

@@ -250,6 +250,33 @@ async def test_resume_runs_cancelled_tasks_again(tmp_path: Path, gate: Callable[
     assert runs_per_key(log)["a"] == 1
 
 
+LEFT_OPEN = """
+import asyncio, sys
+from asyncsched import Scheduler, Status, Task, TaskResult
+from tests import tasks
+
+async def main() -> None:
+    scheduler = Scheduler(workers=1, store=sys.argv[1])  # never closed
+    await scheduler.run([Task(tasks.square, 3)], batch_id="b")
+    scheduler.store.add(TaskResult("b", "queued", Status.COMPLETED, 16, attempts=1))
+
+asyncio.run(main())
+"""
+
+
+async def test_a_store_left_open_when_asyncio_run_ends_commits_and_lets_the_process_exit(tmp_path: Path) -> None:
+    db = str(tmp_path / "results.db")
+    orchestrator = await asyncio.create_subprocess_exec(sys.executable, "-c", LEFT_OPEN, db, cwd=ROOT)
+    try:
+        assert await asyncio.wait_for(orchestrator.wait(), 60) == 0  # the store's threads kept it alive for ever
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            orchestrator.kill()
+        await orchestrator.wait()
+    async with SQLiteStore(db, readonly=True) as reader:
+        assert {r.key: r.value for r in await reader.results()} == {"0": 9, "queued": 16}
+
+
 async def test_resume_after_the_orchestrator_is_killed(tmp_path: Path) -> None:
     db, log, release = str(tmp_path / "results.db"), str(tmp_path / "runs.log"), str(tmp_path / "gate")
     orchestrator = await asyncio.create_subprocess_exec(
