@@ -35,8 +35,10 @@ import os
 import pickle
 import sqlite3
 import stat
+import threading
 import time
 import urllib.parse
+import weakref
 from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, overload
@@ -117,6 +119,20 @@ _COMPLETED = Status.COMPLETED  # for the writer's loop over results: an enum mem
 _SELECT = f"SELECT {', '.join(_COLUMNS)} FROM results"
 
 Row = tuple[Any, ...]
+_OPEN: weakref.WeakSet[SQLiteStore] = weakref.WeakSet()
+"""Stores whose connections may be open."""
+
+
+def _stop_open_stores() -> None:
+    """At exit, before the interpreter waits for its threads: stop the connection threads of the stores never
+    closed, after what was queued on them. They are not daemon threads, and would keep the process alive."""
+    for store in list(_OPEN):
+        for connection in (store._reader, store._db):
+            if connection is not None:
+                connection.stop()
+
+
+threading._register_atexit(_stop_open_stores)  # type: ignore[attr-defined]  # concurrent.futures uses it so too
 _JSON = json.JSONEncoder(separators=(",", ":"))
 
 
@@ -134,8 +150,10 @@ class SQLiteStore(Store):
     reported finished to the caller. :meth:`end_batch` (the end of
     ``run()`` and ``stream()``), :meth:`flush` and :meth:`aclose` commit
     everything queued before they return; so does a cancel of the writer task
-    from outside, as at the end of ``asyncio.run()`` for a store never closed,
-    which then closes the store. Commits are synchronous (WAL with
+    from outside, as at the end of ``asyncio.run()`` for a store never closed
+    (what comes after is committed by ``end_batch``, ``flush`` or ``aclose``).
+    At exit, the connections of a store never closed are stopped, after what
+    was queued on them. Commits are synchronous (WAL with
     ``synchronous=FULL``): a committed result survives SIGKILL and power loss.
     If a commit fails (disk full, a lock held too long) the results stay queued
     and the next commit tries again; ``end_batch``, ``flush`` and ``aclose``
@@ -216,6 +234,7 @@ class SQLiteStore(Store):
             self._writer = asyncio.get_running_loop().create_task(self._write_loop(), name=f"{self!r} writer")
 
     async def _connect(self) -> aiosqlite.Connection:
+        _OPEN.add(self)
         return await aiosqlite.connect(_readonly_uri(self.path) if self.readonly else self.path, uri=self.readonly,
                                        isolation_level=None, timeout=self.busy_timeout, iter_chunk_size=_CHUNK)
 
@@ -269,6 +288,7 @@ class SQLiteStore(Store):
                 with contextlib.suppress(sqlite3.Error):
                     await connection.close()
         self._reader = self._db = None
+        _OPEN.discard(self)
 
     # -- writes ----------------------------------------------------------------------------
 
@@ -316,8 +336,7 @@ class SQLiteStore(Store):
             await self._write_groups()
         except asyncio.CancelledError:
             if not self._closed:  # not by aclose(): asyncio.run() cancels the tasks left when its main returns
-                self._writer = None  # the file is closed now, as its connections' threads would keep the
-                await self.aclose()  # process from exiting; what is queued is committed first
+                await self._commit()  # what is queued; the file stays open for what the other tasks end with
             raise
 
     async def _write_groups(self) -> None:
@@ -372,8 +391,8 @@ class SQLiteStore(Store):
         if db is None:
             raise self._unavailable()
         with self._translate(doing):
-            await db.execute("BEGIN IMMEDIATE")
             try:
+                await db.execute("BEGIN IMMEDIATE")  # runs even if this await is cancelled: so does the rollback
                 yield db
                 await db.execute("COMMIT")
             except BaseException:

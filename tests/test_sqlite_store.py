@@ -252,29 +252,79 @@ async def test_resume_runs_cancelled_tasks_again(tmp_path: Path, gate: Callable[
 
 LEFT_OPEN = """
 import asyncio, sys
-from asyncsched import Scheduler, Status, Task, TaskResult
-from tests import tasks
+from asyncsched import Scheduler, Status, Task, TaskResult, TaskStarted
+from tests import faults, tasks
 
 async def main() -> None:
     scheduler = Scheduler(workers=1, store=sys.argv[1])  # never closed
-    await scheduler.run([Task(tasks.square, 3)], batch_id="b")
-    scheduler.store.add(TaskResult("b", "queued", Status.COMPLETED, 16, attempts=1))
+    await scheduler.run([Task(tasks.square, 3)], batch_id="done")
+    scheduler.store.add(TaskResult("done", "queued", Status.COMPLETED, 16, attempts=1))
+    started = scheduler.events(kinds=[TaskStarted])
+    asyncio.ensure_future(scheduler.run([Task(faults.hang)], batch_id="left"))  # runs on when main returns
+    async for _ in started:
+        break
 
 asyncio.run(main())
 """
 
 
-async def test_a_store_left_open_when_asyncio_run_ends_commits_and_lets_the_process_exit(tmp_path: Path) -> None:
+async def test_a_scheduler_left_open_when_asyncio_run_ends_stores_everything_and_lets_the_process_exit(
+        tmp_path: Path) -> None:
     db = str(tmp_path / "results.db")
-    orchestrator = await asyncio.create_subprocess_exec(sys.executable, "-c", LEFT_OPEN, db, cwd=ROOT)
-    try:
-        assert await asyncio.wait_for(orchestrator.wait(), 60) == 0  # the store's threads kept it alive for ever
+    orchestrator = await asyncio.create_subprocess_exec(sys.executable, "-c", LEFT_OPEN, db, cwd=ROOT,
+                                                        stderr=subprocess.PIPE)
+    try:  # the store's connection threads kept it alive for ever; its writer closed the file under the batch's end
+        _, stderr = await asyncio.wait_for(orchestrator.communicate(), 60)
     finally:
         with contextlib.suppress(ProcessLookupError):
             orchestrator.kill()
         await orchestrator.wait()
+    assert (orchestrator.returncode, stderr.decode()) == (0, "")
     async with SQLiteStore(db, readonly=True) as reader:
-        assert {r.key: r.value for r in await reader.results()} == {"0": 9, "queued": 16}
+        stored = {(r.batch_id, r.key): (r.status, r.value) for r in await reader.results()}
+        assert stored == {("done", "0"): (Status.COMPLETED, 9), ("done", "queued"): (Status.COMPLETED, 16),
+                          ("left", "0"): (Status.CANCELLED, None)}
+        assert all(info.finished_at is not None for info in await reader.batches())
+
+
+async def test_a_writer_cancelled_from_outside_leaves_the_store_open_for_what_the_runs_end_with(
+        tmp_path: Path) -> None:
+    async with Scheduler(workers=1, store=tmp_path / "results.db") as scheduler:
+        assert isinstance(scheduler.store, SQLiteStore) and scheduler.store._writer is not None
+        started = scheduler.events(kinds=[TaskStarted])
+        running = asyncio.ensure_future(scheduler.run([Task(faults.hang)], batch_id="left"))
+        async for _ in started:
+            break
+        writer = scheduler.store._writer  # cancelled first, then the run, as asyncio.run() may do when main returns
+        writer.cancel()
+        running.cancel()
+        await asyncio.gather(writer, running, return_exceptions=True)
+        assert [(r.key, r.status) for r in await scheduler.results(batch_id="left")] == [("0", Status.CANCELLED)]
+        info = await scheduler.batch("left")
+        assert info is not None and info.finished_at is not None
+
+
+async def test_a_write_cancelled_while_it_begins_leaves_no_transaction_open(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    async with SQLiteStore(tmp_path / "results.db") as store:
+        assert store._db is not None
+        execute, begun = store._db.execute, asyncio.Event()
+
+        def spy(sql: str, *args: Any) -> Any:
+            if sql == "BEGIN IMMEDIATE":
+                begun.set()
+            return execute(sql, *args)
+
+        monkeypatch.setattr(store._db, "execute", spy)
+        beginning = asyncio.ensure_future(store.begin_batch("cancelled"))
+        await begun.wait()
+        beginning.cancel()  # the BEGIN runs all the same, in the connection's thread
+        with pytest.raises(asyncio.CancelledError):
+            await beginning
+        assert await store.begin_batch("next") == {}  # not "cannot start a transaction within a transaction"
+        with contextlib.closing(sqlite3.connect(tmp_path / "results.db", timeout=0)) as other:
+            other.execute("BEGIN IMMEDIATE")  # the file is not left locked either
+            other.rollback()
 
 
 async def test_resume_after_the_orchestrator_is_killed(tmp_path: Path) -> None:
