@@ -567,7 +567,9 @@ class Scheduler:
             raise ConfigurationError(f"batch_id must be a non-empty str (or None for a new id), got {batch_id!r}")
         elif any(run.batch_id == batch_id for run in self._runs):
             raise ConfigurationError(f"batch {batch_id!r} is running on this scheduler: wait for it to end, or "
-                                     "cancel() it, before you resume it")
+                                     "cancel() it, before you run it again")
+        if name is not None and not isinstance(name, str):
+            raise ConfigurationError(f"name must be a str or None, got {name!r}")
         run = _BatchRun(self, batch_id)
         self._runs.add(run)  # a cancel() while the scheduler starts or the store begins the batch stops it
         self._unended.add(run)

@@ -49,7 +49,7 @@ import aiosqlite
 
 from ._errors import ClosedError, ConfigurationError, StoreError
 from ._models import Stats, Status, TaskResult, finite
-from ._store import BatchInfo, Store, check_page
+from ._store import BatchInfo, Store, check_batch_id, check_page
 
 __all__ = ["SQLiteStore"]
 
@@ -418,6 +418,7 @@ class SQLiteStore(Store):
         return await self._batches(None)
 
     async def batch(self, batch_id: str) -> BatchInfo | None:
+        check_batch_id(batch_id, every=False)
         found = await self._batches(batch_id)
         return found[0] if found else None
 
@@ -720,6 +721,7 @@ async def _pragma(db: aiosqlite.Connection, name: str) -> int:
 
 
 def _where(batch_id: str | None, status: Status | str | None) -> tuple[str, tuple[Any, ...]]:
+    check_batch_id(batch_id)
     conditions, parameters = [], []
     if batch_id is not None:
         conditions.append("batch_id = ?")

@@ -36,6 +36,13 @@ def check_page(limit: int | None, offset: int) -> None:
                                      f"2**63 - 1, got {value!r}")
 
 
+def check_batch_id(batch_id: object, *, every: bool = True) -> None:
+    """A :class:`ConfigurationError` unless ``batch_id`` is a str, or None where ``every`` batch may be meant."""
+    if not (isinstance(batch_id, str) or (every and batch_id is None)):
+        raise ConfigurationError(f"batch_id must be a str{' (or None for every batch)' if every else ''}, "
+                                 f"got {batch_id!r}")
+
+
 @dataclass(frozen=True, slots=True)
 class BatchInfo:
     """One batch as the store knows it."""
@@ -100,6 +107,7 @@ class Store(abc.ABC):
 
     async def batch(self, batch_id: str) -> BatchInfo | None:
         """One batch, or None; a store may answer it without reading every batch."""
+        check_batch_id(batch_id, every=False)
         return next((info for info in await self.batches() if info.batch_id == batch_id), None)
 
 
@@ -168,12 +176,14 @@ class MemoryStore(Store):
     async def results(self, *, batch_id: str | None = None, status: Status | str | None = None,
                       limit: int | None = None, offset: int = 0) -> list[TaskResult]:
         check_page(limit, offset)
+        check_batch_id(batch_id)
         wanted = None if status is None else Status(status)
         matches = [r for r in self._results
                    if (batch_id is None or r.batch_id == batch_id) and (wanted is None or r.status is wanted)]
         return matches[offset:None if limit is None else offset + limit]
 
     async def stats(self, batch_id: str | None = None) -> Stats:
+        check_batch_id(batch_id)
         if batch_id is not None:
             batch = self._batches.get(batch_id)
             return Stats.of(dict(batch.counts) if batch else {}, batch_id)
@@ -186,6 +196,7 @@ class MemoryStore(Store):
         return [self._info(batch_id, b) for batch_id, b in self._batches.items()]
 
     async def batch(self, batch_id: str) -> BatchInfo | None:
+        check_batch_id(batch_id, every=False)
         found = self._batches.get(batch_id)
         return None if found is None else self._info(batch_id, found)
 

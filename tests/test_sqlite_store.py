@@ -209,6 +209,26 @@ async def test_a_page_out_of_range_is_refused_by_every_store_alike(tmp_path: Pat
                 await store.records(offset=-2)
 
 
+@pytest.mark.parametrize("in_sqlite", [False, True])
+async def test_a_batch_id_or_name_that_is_not_a_str_is_refused_by_every_store_alike(tmp_path: Path,
+                                                                                    in_sqlite: bool) -> None:
+    store: Store = SQLiteStore(tmp_path / "results.db") if in_sqlite else MemoryStore()
+    async with Scheduler(store=store, backend=ExecutorBackend(ThreadPoolExecutor(1))) as scheduler:
+        await scheduler.run([Task(tasks.square, 2)], batch_id="a")
+        queries: list[Callable[[], Awaitable[object]]] = [
+            lambda: scheduler.results(batch_id=123),  # type: ignore[arg-type]
+            lambda: scheduler.stats(123),  # type: ignore[arg-type]
+            lambda: scheduler.batch(123),  # type: ignore[arg-type]
+            lambda: scheduler.batch(None),  # type: ignore[arg-type]  # not "every batch": that is batches()
+        ]
+        for query in queries:
+            with pytest.raises(ConfigurationError, match="batch_id must be a str"):
+                await query()
+        with pytest.raises(ConfigurationError, match="name must be a str or None, got <object"):
+            await scheduler.run([], name=object())  # type: ignore[arg-type]
+        assert [info.batch_id for info in await scheduler.batches()] == ["a"]
+
+
 async def test_an_existing_batch_needs_resume(tmp_path: Path) -> None:
     async with threads(tmp_path / "results.db") as scheduler:
         batch = [Task(tasks.square, i) for i in range(4)]
