@@ -254,6 +254,9 @@ _ALL_KINDS = frozenset(Event.__subclasses__())
 def _kinds(kinds: Iterable[type[Event]] | None) -> Kinds:
     if kinds is None:
         return None
+    if isinstance(kinds, type):
+        raise ConfigurationError(f"kinds is a list of event classes, such as kinds=[{kinds.__name__}]; "
+                                 f"got the class {kinds.__name__} itself")
     chosen = frozenset(kinds)
     for kind in chosen:
         if not (isinstance(kind, type) and issubclass(kind, Event) and kind is not Event):

@@ -53,6 +53,7 @@ from __future__ import annotations
 import contextlib
 import math
 import multiprocessing
+import numbers
 import os
 import pickle
 import select
@@ -134,8 +135,8 @@ def _let_the_parent_run(now: float) -> None:
 def report(message: str | None = None, progress: float | None = None, **data: Any) -> None:
     """Report progress from inside a running task; a no-op outside one.
 
-    ``message`` is free text, ``progress`` a fraction between 0 and 1 (NaN and
-    infinities raise ValueError), and any keyword arguments travel along as
+    ``message`` is free text, ``progress`` a fraction between 0 and 1 (anything
+    else raises ValueError), and any keyword arguments travel along as
     ``Event.data`` (they must pickle). It reports for the call the worker runs
     at that moment: a thread the task leaves running when it returns reports
     for the worker's next call.
@@ -148,9 +149,13 @@ def report(message: str | None = None, progress: float | None = None, **data: An
     if message is not None:
         message = str.__str__(str(message))  # a str, never a subclass that might not unpickle in the parent
     if progress is not None:
-        progress = float(progress)
-        if not math.isfinite(progress):  # it could not travel as JSON to a dashboard or an export
+        fraction = math.nan
+        if isinstance(progress, numbers.Real) and not isinstance(progress, bool):
+            with contextlib.suppress(OverflowError):
+                fraction = float(progress)
+        if not 0.0 <= fraction <= 1.0:  # NaN and infinities could not travel as JSON either
             raise ValueError(f"report(progress=...) takes a fraction between 0 and 1, got {progress!r}")
+        progress = fraction
     if current is not None:
         send, call_id = current
         # data pickled on its own: data that cannot be unpickled in the parent spoils only this report
