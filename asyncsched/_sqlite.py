@@ -556,6 +556,8 @@ def _advice(path: str, exc: sqlite3.Error, busy_timeout: float) -> str:
         directory = os.path.dirname(os.path.abspath(path))
         if not os.path.isdir(directory):
             return f"directory {directory} does not exist: create it, or choose another path"
+        if os.path.isfile(path) and not os.access(path, os.W_OK):
+            return "the file is read-only: make it writable, or open it with readonly=True to query it"
         return (f"check that directory {directory} is writable, since SQLite creates the file and its WAL files "
                 "there, and that the path is not a directory")
     if code == sqlite3.SQLITE_FULL:

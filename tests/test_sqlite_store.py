@@ -702,6 +702,20 @@ async def test_queries_by_status_and_counts_read_the_index_of_results_not_comple
             assert "COVERING INDEX results_not_completed" in counts and "SCAN results |" not in f"{counts} |"
 
 
+def test_a_read_only_file_is_told_apart_from_a_directory_that_is_not_writable(tmp_path: Path,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "results.db"
+    path.touch()
+    exc = sqlite3.OperationalError("attempt to write a readonly database")
+    exc.sqlite_errorcode = sqlite3.SQLITE_READONLY
+    assert "check that directory" in asyncsched._sqlite._advice(str(path), exc, 5.0)
+    access = os.access  # root may write any file: the file's own answer is faked
+    monkeypatch.setattr(os, "access", lambda p, mode: mode != os.W_OK and access(p, mode) if p == str(path) else
+                        access(p, mode))
+    assert asyncsched._sqlite._advice(str(path), exc, 5.0) == ("the file is read-only: make it writable, or open it "
+                                                                "with readonly=True to query it")
+
+
 async def test_a_locked_database_fails_after_the_busy_timeout(tmp_path: Path) -> None:
     path = tmp_path / "results.db"
     async with SQLiteStore(path):
