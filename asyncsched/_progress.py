@@ -39,7 +39,7 @@ from rich.table import Table
 from rich.text import Text
 
 from ._errors import ConfigurationError
-from ._models import FINAL_STATUSES, Stats, Status, TaskReported
+from ._models import FINAL_STATUSES, Stats, Status, TaskReported, is_int, is_seconds
 
 if TYPE_CHECKING:
     from ._events import EventListener
@@ -160,9 +160,11 @@ class ProgressMonitor:
     def __init__(self, scheduler: Scheduler, *, batch_id: str | None = None, total: int | None = None,
                  console: Console | None = None, refresh_per_second: float = REFRESH_PER_SECOND,
                  interval: float = PLAIN_INTERVAL) -> None:
-        if not refresh_per_second > 0 or not interval > 0:
-            raise ConfigurationError(f"refresh_per_second and interval must be positive numbers of seconds, "
-                                     f"got {refresh_per_second!r} and {interval!r}")
+        for name, value in (("refresh_per_second", refresh_per_second), ("interval", interval)):
+            if not (is_seconds(value) and value > 0):
+                raise ConfigurationError(f"{name} must be a positive, finite number, got {value!r}")
+        if total is not None and not (is_int(total) and total >= 0):
+            raise ConfigurationError(f"total must be None or an int of at least 0, got {total!r}")
         self.scheduler = scheduler
         self.batch_id = batch_id
         self.total = total

@@ -6,10 +6,12 @@ import asyncio
 import contextlib
 import io
 import itertools
+import math
 import re
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from rich.console import Console
@@ -224,8 +226,12 @@ async def test_scheduler_progress_prints_a_report_for_each_batch(capsys: pytest.
 
 
 async def test_monitor_lifecycle(scheduler: Scheduler) -> None:
-    with pytest.raises(ConfigurationError, match="interval"):
-        ProgressMonitor(scheduler, interval=0)
+    wrong: list[dict[str, Any]] = [{"interval": 0}, {"refresh_per_second": math.inf}, {"refresh_per_second": "x"},
+                                   {"total": -1}, {"total": 2.5}, {"total": "x"}, {"total": True}]
+    for arguments in wrong:
+        name, value = next(iter(arguments.items()))
+        with pytest.raises(ConfigurationError, match=f"^{name} must be .*, got {re.escape(repr(value))}$"):
+            ProgressMonitor(scheduler, **arguments)
     monitor = ProgressMonitor(scheduler, console=plain_console(io.StringIO()))
     await monitor.aclose()  # never started: nothing to do
     async with monitor:
