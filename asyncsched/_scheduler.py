@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import operator
 import os
 import signal
@@ -172,6 +173,7 @@ class _BatchRun:
         self.aborted: BaseException | None = None
         self.total: int | None = None  # tasks this run will finish, once known; known once it is over
         self.skipped = 0  # items of a resumed batch with a stored result, not run again
+        self.resumed: list[TaskResult] | None = None  # their results, at their positions here, for run() to keep
         self.stopped: str | None = None  # why the batch was cancelled (Scheduler.cancel)
         self.begun = False  # the store has begun the batch
         self.ended: asyncio.Future[None] = self.loop.create_future()  # the run is over, the store has ended the batch
@@ -520,11 +522,13 @@ class Scheduler:
 
         With ``resume=True`` the tasks whose key already has a final result in
         the store for ``batch_id`` are not run again; their stored results are
-        part of the summary.
+        part of the summary, at their positions in ``batch`` (the stored results
+        of keys ``batch`` does not have are not).
         """
         started = time.monotonic()
         run, previous = await self._begin(batch_id, name, resume)
-        results = list(previous.values())
+        results: list[TaskResult] = []
+        run.resumed = []
         run.eager = False
         try:
             async with self._monitor(run.batch_id), contextlib.aclosing(self._stream(batch, run, previous)) as stream:
@@ -533,6 +537,7 @@ class Scheduler:
         finally:
             self._runs.discard(run)
             self._ended(run)  # also when the stream never began
+        results += run.resumed
         results.sort(key=operator.attrgetter("index"))
         return Summary.of(run.batch_id, results, time.monotonic() - started)
 
@@ -665,6 +670,8 @@ class Scheduler:
         key = _key(item, index)
         if key in previous:
             run.skipped += 1
+            if run.resumed is not None:
+                run.resumed.append(dataclasses.replace(previous[key], index=index))
         elif not isinstance(item, Task):
             run.fail_item(index, key, f"TaskDefinitionError: batch item {index} is {type(item).__name__}, not a Task")
         else:

@@ -239,6 +239,16 @@ async def test_an_existing_batch_needs_resume(tmp_path: Path) -> None:
         assert again.results == first.results  # nothing ran again: every result is the stored one
 
 
+async def test_a_resumed_summary_holds_the_tasks_of_the_batch_given_at_their_positions_there(tmp_path: Path) -> None:
+    async with threads(tmp_path / "results.db") as scheduler:
+        await scheduler.run([Task(tasks.square, i, key=f"k{i}") for i in range(4)], batch_id="b")
+        reordered = [Task(tasks.square, 5, key="new"), Task(tasks.square, 3, key="k3"),
+                     Task(tasks.square, 1, key="k1")]  # k0 and k2 are stored, not in this batch
+        summary = await scheduler.run(reordered, batch_id="b", resume=True)
+    assert [(r.key, r.value, r.index) for r in summary.results] == [("new", 25, 0), ("k3", 9, 1), ("k1", 1, 2)]
+    assert summary.total == 3
+
+
 async def test_a_batch_still_running_cannot_be_resumed_beside_itself(tmp_path: Path, gate: Callable[[], str]) -> None:
     release, log = gate(), str(tmp_path / "runs.log")
     batch = [Task(tasks.log_run, log, key, 0.0, release, key=key) for key in "ab"]
