@@ -616,6 +616,10 @@ class Scheduler:
         index = 0
         exhausted = False
         try:
+            if isinstance(batch, str | bytes | bytearray | Mapping):  # iterable, but of characters, bytes or keys
+                values = "; to run the tasks of a dict, pass its values()" if isinstance(batch, Mapping) else ""
+                raise TaskDefinitionError(f"a batch is an iterable or async iterable of Task, got a "
+                                          f"{type(batch).__name__}{values}")
             if isinstance(batch, AsyncIterable):
                 async_items = aiter(batch)
             elif isinstance(batch, Iterable):

@@ -409,6 +409,15 @@ async def test_a_batch_id_is_a_non_empty_string(scheduler: Scheduler) -> None:
     assert not scheduler.running()
 
 
+async def test_a_batch_of_characters_bytes_or_dict_keys_is_refused(scheduler: Scheduler) -> None:
+    for wrong, said in [("abc", "got a str$"), (b"abc", "got a bytes$"),
+                        ({"a": Task(tasks.square, 1)}, "got a dict; to run the tasks of a dict, pass its values()")]:
+        with pytest.raises(TaskDefinitionError, match=f"a batch is an iterable or async iterable of Task, {said}"):
+            await scheduler.run(wrong)  # type: ignore[arg-type]
+    summary = await scheduler.run({"a": Task(tasks.square, 2)}.values())
+    assert [r.value for r in summary.results] == [4]
+
+
 async def test_a_non_task_item_fails_alone(scheduler: Scheduler) -> None:
     summary = await scheduler.run([Task(tasks.square, 3), "not a task", Task(tasks.square, 4)])  # type: ignore[list-item]
     assert [r.status for r in summary.results] == [Status.COMPLETED, Status.FAILED, Status.COMPLETED]
