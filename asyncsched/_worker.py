@@ -159,7 +159,11 @@ def report(message: str | None = None, progress: float | None = None, **data: An
     if current is not None:
         send, call_id = current
         # data pickled on its own: data that cannot be unpickled in the parent spoils only this report
-        frame = (REPORT, call_id, now, message, progress, pickle.dumps(data, _PROTOCOL) if data else None)
+        try:
+            pickled = pickle.dumps(data, _PROTOCOL) if data else None
+        except Exception as exc:
+            raise pickle.PicklingError(f"report()'s data could not be pickled: {type(exc).__name__}: {exc}") from exc
+        frame = (REPORT, call_id, now, message, progress, pickled)
         with contextlib.suppress(ConnectionError):  # the parent is gone: the worker ends once the task returns
             send(frame)
         _let_the_parent_run(now)

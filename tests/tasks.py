@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -90,6 +91,10 @@ def say(message: str, fail: bool = False) -> str:
 
 def report_progress(progress: float) -> None:
     report(progress=progress)
+
+
+def report_a_lock() -> None:
+    report("a lock does not pickle", lock=threading.Lock())
 
 
 def write_at_exit(path: str, daemon_child: bool = False) -> int:

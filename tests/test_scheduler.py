@@ -139,6 +139,13 @@ async def test_a_progress_that_is_not_a_fraction_fails_its_report(scheduler: Sch
     assert Counter([e.progress async for e in events]) == Counter([0.5, 1.0, 0.25])  # as floats, in any order
 
 
+async def test_report_data_that_does_not_pickle_fails_its_task_saying_so(scheduler: Scheduler) -> None:
+    summary = await scheduler.run([Task(tasks.report_a_lock)])
+    assert summary.results[0].status is Status.FAILED
+    assert (summary.results[0].error or "").endswith("PicklingError: report()'s data could not be pickled: "
+                                                     "TypeError: cannot pickle '_thread.lock' object")
+
+
 async def test_the_events_of_one_worker_never_overlap() -> None:
     async with Scheduler(workers=1) as scheduler:
         events = scheduler.events()
