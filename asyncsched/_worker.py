@@ -162,7 +162,7 @@ def report(message: str | None = None, progress: float | None = None, **data: An
         try:
             pickled = pickle.dumps(data, _PROTOCOL) if data else None
         except Exception as exc:
-            raise pickle.PicklingError(f"report()'s data could not be pickled: {type(exc).__name__}: {exc}") from exc
+            raise _pickling_error("report()'s data", exc) from exc
         frame = (REPORT, call_id, now, message, progress, pickled)
         with contextlib.suppress(ConnectionError):  # the parent is gone: the worker ends once the task returns
             send(frame)
@@ -191,9 +191,8 @@ def error_info(exc: BaseException) -> ErrorInfo:
     return name, text, tb, blob
 
 
-def _describe_pickle_failure(what: str, exc: BaseException) -> ErrorInfo:
-    wrapped = pickle.PicklingError(f"{what} could not be pickled: {type(exc).__name__}: {exc}")
-    return error_info(wrapped)
+def _pickling_error(what: str, exc: BaseException) -> pickle.PicklingError:
+    return pickle.PicklingError(f"{what} could not be pickled: {type(exc).__name__}: {exc}")
 
 
 class _Channel:
@@ -275,7 +274,7 @@ def _run_call(channel: _Channel, call_id: int, function: bytes | None, payload: 
             try:
                 message = (DONE, call_id, PICKLED, pickle.dumps(value, _PROTOCOL), started, finished)
             except Exception as exc:
-                failure = _describe_pickle_failure(f"the result of type {type(value).__name__}", exc)
+                failure = error_info(_pickling_error(f"the result of type {type(value).__name__}", exc))
                 message = (DONE, call_id, ERROR, failure, started, finished)
     finally:
         _current = None
