@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import signal
 import sys
 
 from asyncsched import Scheduler, Task, TaskStarted
@@ -30,6 +31,9 @@ async def main(start_method: str | None) -> None:
 
 
 if __name__ == "__main__":
+    # As a terminal's Ctrl-C finds it: a process started by a shell's `&` (pytest in a background job, then
+    # this process) inherits SIGINT ignored, and Python then installs no KeyboardInterrupt handler.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     parser = argparse.ArgumentParser()
     parser.add_argument("--start-method", default=None)
     asyncio.run(main(parser.parse_args().start_method))
