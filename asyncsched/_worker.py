@@ -371,9 +371,9 @@ def worker_main(conn: Connection, doorbell: Connection) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     os.register_at_fork(after_in_child=_not_a_worker)  # a task's forked child does not speak for the task
     channel = _Channel(conn)
-    channel.send((READY, os.getpid()))
-    inbox = _Inbox(conn, doorbell, channel)
     try:
+        channel.send((READY, os.getpid()))
+        inbox = _Inbox(conn, doorbell, channel)
         while (call := inbox.next()) is not None:
             _run_call(channel, *call)
     except ConnectionError:  # the parent is gone (killed, say): there is no one left to tell

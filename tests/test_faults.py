@@ -588,6 +588,36 @@ def test_workers_of_a_killed_orchestrator_end_quietly(tmp_path: Path) -> None:
     assert "Traceback" not in errors, errors
 
 
+def test_workers_still_starting_when_the_orchestrator_is_killed_end_quietly(tmp_path: Path) -> None:
+    script = tmp_path / "script.py"
+    script.write_text(
+        "import asyncio, os, select\n"
+        "from asyncsched import Scheduler\n"
+        "if __name__ == '__mp_main__':  # a worker starting up imports this file: it waits for the orchestrator's end\n"
+        "    select.select([os.pidfd_open(int(os.environ['ORCHESTRATOR']))], [], [], 30)\n"
+        "async def main():\n"
+        "    async with Scheduler(workers=2):\n"
+        "        print('starting', flush=True)\n"
+        "        await asyncio.Event().wait()\n"
+        "if __name__ == '__main__':\n"
+        "    os.environ['ORCHESTRATOR'] = str(os.getpid())\n"
+        "    asyncio.run(main())\n"
+    )
+    orchestrator = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                    text=True)
+    assert orchestrator.stdout is not None and orchestrator.stderr is not None
+    try:
+        assert orchestrator.stdout.readline() == "starting\n"
+        orchestrator.kill()  # its workers find the pipe broken as they say they are ready
+        errors = orchestrator.stderr.read()  # to its end: every worker has let go of it
+    finally:
+        orchestrator.kill()
+        orchestrator.wait()
+        orchestrator.stdout.close()
+        orchestrator.stderr.close()
+    assert "Traceback" not in errors, errors
+
+
 @pytest.mark.parametrize("backend", ["pool", "executor"])
 def test_a_sigterm_to_a_process_forked_after_the_handler_ends_it_alone(tmp_path: Path, backend: str) -> None:
     # Forked children shared the loop's wakeup fd (Python 3.11): a SIGTERM sent to one ended the orchestrator.
