@@ -32,7 +32,9 @@ Actors:
   calls sent to it, in order; the first one is running. Each worker has its
   own socket, so killing one worker costs only its running call: the calls
   queued behind it go back to the pending deque once it has exited and what
-  it wrote has been read. A dead worker never breaks the pool (unlike the
+  it wrote has been read. The worker writes the id of each call it begins
+  into a shared value (``_Worker.started``): a worker that dies before it
+  began its running call costs no call at all (see ``_requeue``). A dead worker never breaks the pool (unlike the
   stdlib ``ProcessPoolExecutor``). A call cancelled while it is queued on a
   worker is revoked: the worker takes it out of its queue, and says so.
 * Batching adapts to the tasks: while they are fast (an average under
@@ -202,7 +204,8 @@ class _Call:
     Only ``(call_id, function, payload)`` crosses the wire.
     """
 
-    __slots__ = ("call_id", "cancelled", "done", "function", "listener", "payload", "pool", "timeout", "worker")
+    __slots__ = ("call_id", "cancelled", "done", "function", "given_back", "listener", "payload", "pool", "timeout",
+                 "worker")
 
     payload: bytes | tuple[Any, ...]
 
@@ -216,6 +219,7 @@ class _Call:
         self.worker: _Worker | None = None
         self.done = False  # settled or cancelled
         self.cancelled = False
+        self.given_back = False  # a worker died before it began this call, which went back to the queue
 
     def cancel(self) -> bool:
         """Stop the call: a running one has its worker killed. False if it had already ended."""
@@ -299,10 +303,12 @@ class _CallFuture(asyncio.Future[Outcome]):
 
 class _Worker:
     __slots__ = ("began", "begun", "calls", "calls_sent", "deadline", "deadline_at", "doorbell", "fd", "inbuf",
-                 "killed", "outbuf", "pid", "process", "ready", "retiring", "revoking", "sock", "timer_at", "told")
+                 "killed", "outbuf", "pid", "process", "ready", "retiring", "revoking", "sock", "started", "timer_at",
+                 "told")
 
-    def __init__(self, process: Any, sock: socket.socket, doorbell: socket.socket) -> None:
+    def __init__(self, process: Any, sock: socket.socket, doorbell: socket.socket, started: Any) -> None:
         self.process = process
+        self.started = started  # shared with the worker: the id of the last call it began (-1: none yet)
         self.sock = sock
         self.doorbell = doorbell  # rung after a revoke, for the worker to answer it even while a call runs
         self.fd = sock.fileno()
@@ -766,7 +772,8 @@ class ProcessPool(concurrent.futures.Executor):
         parent_sock, child_sock = socket.socketpair()
         doorbell, child_doorbell = socket.socketpair()
         child_conns = (Connection(child_sock.detach()), Connection(child_doorbell.detach()))
-        process = self._ctx.Process(target=worker_main, args=child_conns, name="asyncsched-worker")
+        started = self._ctx.RawValue("q", -1)
+        process = self._ctx.Process(target=worker_main, args=(*child_conns, started), name="asyncsched-worker")
         try:
             process.start()
         finally:
@@ -774,7 +781,7 @@ class ProcessPool(concurrent.futures.Executor):
                 conn.close()
         parent_sock.setblocking(False)
         doorbell.setblocking(False)
-        worker = _Worker(process, parent_sock, doorbell)
+        worker = _Worker(process, parent_sock, doorbell, started)
         self._workers.add(worker)
         self._started += 1
         assert self._all_exited is not None
@@ -813,13 +820,15 @@ class ProcessPool(concurrent.futures.Executor):
         self._fill()
 
     def _requeue(self, worker: _Worker) -> None:
-        """Give back the calls queued on a worker behind its running one; they never started.
+        """Give back the calls of a worker that has exited which are not settled: they never started.
 
-        A pool that has broken or closed meanwhile settles them instead: no worker will take them.
+        Those are the calls queued behind its running one and, if it died before it began that one (the
+        ``started`` it shares with the pool says so), the running one too. That one goes back once only: a
+        call whose worker dies again before beginning it (say, its arguments are too large to take in) is
+        crashed, or it could kill workers for ever. A pool that has broken or closed meanwhile settles them
+        instead: no worker will take them.
         """
         calls, worker.calls = worker.calls, deque()
-        if calls:
-            calls.popleft()
         waiting = [call for call in calls if not call.done]
         if self._broken is not None or self._closed:
             outcome = _broken_outcome(self._broken) if self._broken is not None else _CLOSED
@@ -851,7 +860,11 @@ class ProcessPool(concurrent.futures.Executor):
             self._ready.remove(worker)
         if worker.deadline is not None:
             worker.deadline.cancel()
-        self._crash_running_call(worker, f"worker {worker.pid} {_describe_exit(code)}")
+        running = worker.call
+        if running is None or running.done or running.given_back or worker.started.value == running.call_id:
+            self._crash_running_call(worker, f"worker {worker.pid} {_describe_exit(code)}")
+        else:  # the worker died before it began its running call: that goes back, once (see _requeue)
+            running.given_back = True
         if not worker.ready and not worker.retiring:
             self._start_failures += 1
             if self._start_failures >= MAX_START_FAILURES:

@@ -247,8 +247,10 @@ def _load(function: bytes | None, payload: bytes | tuple[Any, ...]) -> tuple[Cal
     return fn, loaded
 
 
-def _run_call(channel: _Channel, call_id: int, function: bytes | None, payload: bytes | tuple[Any, ...]) -> None:
+def _run_call(channel: _Channel, begun: Any, call_id: int, function: bytes | None,
+              payload: bytes | tuple[Any, ...]) -> None:
     global _current
+    begun.value = call_id  # for the parent, should this worker die before it sends the result
     started = time.time()
     try:
         fn, args = _load(function, payload)
@@ -360,8 +362,12 @@ def _exit(code: int) -> NoReturn:
     os._exit(code)
 
 
-def worker_main(conn: Connection, doorbell: Connection) -> None:
-    """Entry point of a pool worker: serve calls from ``conn`` until told to stop."""
+def worker_main(conn: Connection, doorbell: Connection, begun: Any) -> None:
+    """Entry point of a pool worker: serve calls from ``conn`` until told to stop.
+
+    ``begun`` is a shared ``c_longlong``: the id of the last call this worker began, which tells the parent,
+    should the worker die, whether the first call it was sent had started.
+    """
     os.setpgrp()  # a kill of this worker's group takes the task's own children too
     _die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the orchestrator's to handle
@@ -375,7 +381,7 @@ def worker_main(conn: Connection, doorbell: Connection) -> None:
         channel.send((READY, os.getpid()))
         inbox = _Inbox(conn, doorbell, channel)
         while (call := inbox.next()) is not None:
-            _run_call(channel, *call)
+            _run_call(channel, begun, *call)
     except ConnectionError:  # the parent is gone (killed, say): there is no one left to tell
         _exit(1)
     _leave()  # retired (every result is written), or orphaned

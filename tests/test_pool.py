@@ -228,7 +228,7 @@ def test_a_worker_yields_its_cpu_to_the_parent_after_a_slow_call_at_most_once_pe
     sent: list[tuple[Any, ...]] = []
     channel: Any = types.SimpleNamespace(send=sent.append)
     for call_id, (fn, args) in enumerate([(tasks.square, (3,)), (tasks.sleep_then, (_worker.YIELD_AFTER * 2, 7))]):
-        _worker._run_call(channel, call_id, None, pickle.dumps((fn, args)))
+        _worker._run_call(channel, types.SimpleNamespace(value=-1), call_id, None, pickle.dumps((fn, args)))
     assert [message[3] for message in sent] == [9, 7]
     assert len(yields) == 4  # after the slow call only: the results of fast calls are read a group at a time
 
@@ -424,6 +424,36 @@ async def test_a_call_that_starts_just_before_its_worker_is_killed_is_not_run_ag
         os.close(reader)
     assert outcome.status is Status.CRASHED  # killed with its worker: recorded, not given back as never started
     assert log.read_text().split() == ["first", "second"]
+
+
+async def test_a_call_whose_worker_dies_before_beginning_it_goes_back_uncharged(tmp_path: Path) -> None:
+    log = tmp_path / "runs"
+    async with ProcessPool(1) as pool:
+        await pool.call(tasks.whoami)  # the worker is up, and idle
+        (worker,) = pool._workers
+        os.kill(worker.pid, signal.SIGSTOP)  # from now on it takes in nothing it is sent
+        heard = Heard()
+        pool.start_call(tasks.log_run, (str(log), "once"), heard)
+        await heard.running.wait()  # sent: running, as far as the pool can tell
+        os.kill(worker.pid, signal.SIGKILL)  # between two calls, as the OOM killer may
+        outcome = await heard.outcome
+        crashed = pool.statistics().crashed
+    assert outcome.status is Status.COMPLETED and outcome.pid != worker.pid, outcome
+    assert log.read_text().split() == ["once"]
+    assert crashed == 0 and heard.heard == ["started", "started", "finished"]  # told again as it began again
+
+
+async def test_a_call_whose_workers_keep_dying_before_beginning_it_goes_back_once(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    def die(*_: Any) -> None:  # in place of running the call, before it is marked begun
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    monkeypatch.setattr(_worker, "_run_call", die)  # forked workers have it too
+    async with ProcessPool(1, mp_context="fork") as pool:
+        outcome = await pool.call(tasks.square, (3,))
+        statistics = pool.statistics()
+    assert outcome.status is Status.CRASHED and "killed by SIGKILL" in (outcome.error or ""), outcome
+    assert (statistics.crashed, statistics.started) == (1, 3)  # given back once, then charged: no endless deaths
 
 
 async def test_calls_queued_on_a_killed_worker_are_settled_when_the_pool_breaks_before_it_exits() -> None:
