@@ -40,7 +40,10 @@ class AttemptListener(Protocol):
     Called on the scheduler's loop; ``finished`` never from inside
     :meth:`Backend.run_attempt` itself. ``started`` comes first, then a
     ``reported`` for each ``report()`` call, in order, then ``finished`` once,
-    unless the attempt was cancelled.
+    unless the attempt was cancelled. ``started`` may come again, with another
+    pid, for the same attempt: the local pool's worker died before it began
+    the call, which went to another one, or Celery's broker delivered the
+    task again after its worker was lost.
     """
 
     def started(self, pid: int | None, timestamp: float) -> None: ...
