@@ -33,9 +33,10 @@ Actors:
   own socket, so killing one worker costs only its running call: the calls
   queued behind it go back to the pending deque once it has exited and what
   it wrote has been read. The worker writes the id of each call it begins
-  into a shared value (``_Worker.started``): a worker that dies before it
-  began its running call costs no call at all (see ``_requeue``). A dead worker never breaks the pool (unlike the
-  stdlib ``ProcessPoolExecutor``). A call cancelled while it is queued on a
+  into a value shared with the parent (``_Worker.last_begun``): a worker
+  that dies before it began its running call costs no call at all (see
+  ``_requeue``). A dead worker never breaks the pool (unlike the stdlib
+  ``ProcessPoolExecutor``). A call cancelled while it is queued on a
   worker is revoked: the worker takes it out of its queue, and says so.
 * Batching adapts to the tasks: while they are fast (an average under
   ``BATCH_SECONDS``) several calls go to a worker in one frame; slow tasks go
@@ -303,12 +304,12 @@ class _CallFuture(asyncio.Future[Outcome]):
 
 class _Worker:
     __slots__ = ("began", "begun", "calls", "calls_sent", "deadline", "deadline_at", "doorbell", "fd", "inbuf",
-                 "killed", "outbuf", "pid", "process", "ready", "retiring", "revoking", "sock", "started", "timer_at",
-                 "told")
+                 "killed", "last_begun", "outbuf", "pid", "process", "ready", "retiring", "revoking", "sock",
+                 "timer_at", "told")
 
-    def __init__(self, process: Any, sock: socket.socket, doorbell: socket.socket, started: Any) -> None:
+    def __init__(self, process: Any, sock: socket.socket, doorbell: socket.socket, last_begun: Any) -> None:
         self.process = process
-        self.started = started  # shared with the worker: the id of the last call it began (-1: none yet)
+        self.last_begun = last_begun  # shared with the worker: the id of the last call it began (-1: none yet)
         self.sock = sock
         self.doorbell = doorbell  # rung after a revoke, for the worker to answer it even while a call runs
         self.fd = sock.fileno()
@@ -772,8 +773,8 @@ class ProcessPool(concurrent.futures.Executor):
         parent_sock, child_sock = socket.socketpair()
         doorbell, child_doorbell = socket.socketpair()
         child_conns = (Connection(child_sock.detach()), Connection(child_doorbell.detach()))
-        started = self._ctx.RawValue("q", -1)
-        process = self._ctx.Process(target=worker_main, args=(*child_conns, started), name="asyncsched-worker")
+        last_begun = self._ctx.RawValue("q", -1)
+        process = self._ctx.Process(target=worker_main, args=(*child_conns, last_begun), name="asyncsched-worker")
         try:
             process.start()
         finally:
@@ -781,7 +782,7 @@ class ProcessPool(concurrent.futures.Executor):
                 conn.close()
         parent_sock.setblocking(False)
         doorbell.setblocking(False)
-        worker = _Worker(process, parent_sock, doorbell, started)
+        worker = _Worker(process, parent_sock, doorbell, last_begun)
         self._workers.add(worker)
         self._started += 1
         assert self._all_exited is not None
@@ -823,7 +824,7 @@ class ProcessPool(concurrent.futures.Executor):
         """Give back the calls of a worker that has exited which are not settled: they never started.
 
         Those are the calls queued behind its running one and, if it died before it began that one (the
-        ``started`` it shares with the pool says so), the running one too. That one goes back once only: a
+        ``last_begun`` it shares with the pool says so), the running one too. That one goes back once only: a
         call whose worker dies again before beginning it (say, its arguments are too large to take in) is
         crashed, or it could kill workers for ever. A pool that has broken or closed meanwhile settles them
         instead: no worker will take them.
@@ -861,7 +862,7 @@ class ProcessPool(concurrent.futures.Executor):
         if worker.deadline is not None:
             worker.deadline.cancel()
         running = worker.call
-        if running is None or running.done or running.given_back or worker.started.value == running.call_id:
+        if running is None or running.done or running.given_back or worker.last_begun.value == running.call_id:
             self._crash_running_call(worker, f"worker {worker.pid} {_describe_exit(code)}")
         else:  # the worker died before it began its running call: that goes back, once (see _requeue)
             running.given_back = True

@@ -247,10 +247,10 @@ def _load(function: bytes | None, payload: bytes | tuple[Any, ...]) -> tuple[Cal
     return fn, loaded
 
 
-def _run_call(channel: _Channel, begun: Any, call_id: int, function: bytes | None,
+def _run_call(channel: _Channel, last_begun: Any, call_id: int, function: bytes | None,
               payload: bytes | tuple[Any, ...]) -> None:
     global _current
-    begun.value = call_id  # for the parent, should this worker die before it sends the result
+    last_begun.value = call_id  # for the parent, should this worker die before it sends the result
     started = time.time()
     try:
         fn, args = _load(function, payload)
@@ -362,10 +362,10 @@ def _exit(code: int) -> NoReturn:
     os._exit(code)
 
 
-def worker_main(conn: Connection, doorbell: Connection, begun: Any) -> None:
+def worker_main(conn: Connection, doorbell: Connection, last_begun: Any) -> None:
     """Entry point of a pool worker: serve calls from ``conn`` until told to stop.
 
-    ``begun`` is a shared ``c_longlong``: the id of the last call this worker began, which tells the parent,
+    ``last_begun`` is a shared ``c_longlong``: the id of the last call this worker began, which tells the parent,
     should the worker die, whether the first call it was sent had started.
     """
     os.setpgrp()  # a kill of this worker's group takes the task's own children too
@@ -381,7 +381,7 @@ def worker_main(conn: Connection, doorbell: Connection, begun: Any) -> None:
         channel.send((READY, os.getpid()))
         inbox = _Inbox(conn, doorbell, channel)
         while (call := inbox.next()) is not None:
-            _run_call(channel, begun, *call)
+            _run_call(channel, last_begun, *call)
     except ConnectionError:  # the parent is gone (killed, say): there is no one left to tell
         _exit(1)
     _leave()  # retired (every result is written), or orphaned
