@@ -39,7 +39,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from . import __version__, _demo
-from ._errors import AsyncschedError, ConfigurationError
+from ._errors import AsyncschedError, ConfigurationError, StoreError
 from ._models import FINAL_STATUSES, Summary, Task, TaskResult, task_from_json
 from ._progress import stats_table
 
@@ -357,7 +357,12 @@ def _export_command(args: argparse.Namespace) -> int:
     started_at, finished_at, duration, progress and response_pickle. The
     results file is opened read-only.
     """
-    count = _run_loop(_read(args, lambda store: store.export_jsonl(args.out, batch_id=args.batch)))
+    try:
+        count = _run_loop(_read(args, lambda store: store.export_jsonl(args.out, batch_id=args.batch)))
+    except StoreError as exc:
+        if isinstance(exc.__cause__, BrokenPipeError):  # OUT is a pipe whose reader left (`| head`): quietly
+            raise exc.__cause__ from None
+        raise
     print(f"exported {count} results to {args.out}", file=sys.stderr if _is_stdout(args.out) else sys.stdout)
     return 0
 

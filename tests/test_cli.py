@@ -227,6 +227,20 @@ def test_results_into_a_pipe_its_reader_left_stop_quietly(results_db: str, monke
     assert capsys.readouterr().err == ""
 
 
+def test_export_into_a_pipe_its_reader_left_stops_quietly(results_db: str, monkeypatch: pytest.MonkeyPatch,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    reader, writer = os.pipe()
+    os.close(reader)  # as `| head` does once it has its lines
+    with open(os.devnull, "w") as devnull:  # a stdout with a file descriptor, as the console script's
+        monkeypatch.setattr(sys, "stdout", devnull)
+        try:
+            assert main(["export", results_db, f"/dev/fd/{writer}"]) == 141  # OUT given as /dev/stdout, say
+        finally:
+            os.close(writer)
+            monkeypatch.undo()
+    assert capsys.readouterr().err == ""
+
+
 def test_stats_batches_and_export(results_db: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     stats = json.loads(read(["stats", results_db, "--batch", "b1", "--json"], capsys))
     assert stats == {"total": 3, "completed": 2, "failed": 1, "timed_out": 0, "crashed": 0, "cancelled": 0,
