@@ -133,21 +133,14 @@ def _let_the_parent_run(now: float) -> None:
 
 
 def report(message: str | None = None, progress: float | None = None, **data: Any) -> None:
-    """Report progress from inside a running task; a no-op outside one.
+    """Report progress from inside a running task; outside one it only checks ``progress``.
 
     ``message`` is free text, ``progress`` a fraction between 0 and 1 (anything
-    else raises ValueError), and any keyword arguments travel along as
-    ``Event.data`` (they must pickle). It reports for the call the worker runs
-    at that moment: a thread the task leaves running when it returns reports
-    for the worker's next call.
+    else raises ValueError, inside a task or not), and any keyword arguments
+    travel along as ``Event.data`` (they must pickle). It reports for the call
+    the worker runs at that moment: a thread the task leaves running when it
+    returns reports for the worker's next call.
     """
-    current = _current
-    captured = None if current is not None else getattr(_capture, "reports", None)
-    if current is None and captured is None:
-        return
-    now = time.time()
-    if message is not None:
-        message = str.__str__(str(message))  # a str, never a subclass that might not unpickle in the parent
     if progress is not None:
         fraction = math.nan
         if isinstance(progress, numbers.Real) and not isinstance(progress, bool):
@@ -156,6 +149,13 @@ def report(message: str | None = None, progress: float | None = None, **data: An
         if not 0.0 <= fraction <= 1.0:  # NaN and infinities could not travel as JSON either
             raise ValueError(f"report(progress=...) takes a fraction between 0 and 1, got {progress!r}")
         progress = fraction
+    current = _current
+    captured = None if current is not None else getattr(_capture, "reports", None)
+    if current is None and captured is None:
+        return
+    now = time.time()
+    if message is not None:
+        message = str.__str__(str(message))  # a str, never a subclass that might not unpickle in the parent
     if current is not None:
         send, call_id = current
         # data pickled on its own: data that cannot be unpickled in the parent spoils only this report
@@ -317,7 +317,7 @@ def _die_with_parent() -> None:
 
 def _not_a_worker() -> None:
     global _current, _forked
-    _current = None  # report() is a no-op there, and never touches the channel (whose lock a thread may hold)
+    _current = None  # report() sends nothing there, and never touches the channel (whose lock a thread may hold)
     _forked = True
 
 

@@ -438,10 +438,13 @@ async def test_keyword_arguments_through_partial(scheduler: Scheduler) -> None:
     assert summary.results[0].value == 15
 
 
-def test_report_outside_a_task_is_a_no_op() -> None:
+def test_report_outside_a_task_sends_nothing_but_checks_its_progress() -> None:
     from asyncsched import report
 
-    report(message="nobody listens", progress="not even a number", extra=object())  # type: ignore[arg-type]
+    report(message="nobody listens", progress=0.5, extra=object())  # data that would not pickle: never pickled
+    for wrong in [2, float("nan"), "not even a number"]:
+        with pytest.raises(ValueError, match="takes a fraction between 0 and 1"):
+            report(progress=wrong)  # type: ignore[arg-type]
 
 
 class Unwritten(MemoryStore):
