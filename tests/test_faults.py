@@ -555,9 +555,9 @@ def test_an_exception_class_of_the_main_script_is_named_as_the_script_knows_it(t
     assert out.stdout.strip() == "__main__.MyError | __main__.MyError: bad | MyError"  # not __mp_main__
 
 
-def test_workers_of_a_killed_orchestrator_end_quietly(tmp_path: Path) -> None:
-    script = tmp_path / "script.py"
-    script.write_text(
+_KILLED_ORCHESTRATORS = {
+    # its workers find the pipe broken as they send a report or a result
+    "running": (
         "import asyncio, time\n"
         "from asyncsched import Scheduler, Task, report\n"
         "def busy(i):\n"
@@ -572,25 +572,9 @@ def test_workers_of_a_killed_orchestrator_end_quietly(tmp_path: Path) -> None:
         "                print('running', flush=True)\n"
         "if __name__ == '__main__':\n"
         "    asyncio.run(main())\n"
-    )
-    orchestrator = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                    text=True)
-    assert orchestrator.stdout is not None and orchestrator.stderr is not None
-    try:
-        assert orchestrator.stdout.readline() == "running\n"
-        orchestrator.kill()  # its workers find the pipe broken as they send a report or a result
-        errors = orchestrator.stderr.read()  # to its end: every worker has let go of it
-    finally:
-        orchestrator.kill()
-        orchestrator.wait()
-        orchestrator.stdout.close()
-        orchestrator.stderr.close()
-    assert "Traceback" not in errors, errors
-
-
-def test_workers_still_starting_when_the_orchestrator_is_killed_end_quietly(tmp_path: Path) -> None:
-    script = tmp_path / "script.py"
-    script.write_text(
+    ),
+    # its workers find the pipe broken as they say they are ready
+    "starting": (
         "import asyncio, os, select\n"
         "from asyncsched import Scheduler\n"
         "if __name__ == '__mp_main__':  # a worker starting up imports this file: it waits for the orchestrator's end\n"
@@ -602,13 +586,20 @@ def test_workers_still_starting_when_the_orchestrator_is_killed_end_quietly(tmp_
         "if __name__ == '__main__':\n"
         "    os.environ['ORCHESTRATOR'] = str(os.getpid())\n"
         "    asyncio.run(main())\n"
-    )
+    ),
+}
+
+
+@pytest.mark.parametrize("when", list(_KILLED_ORCHESTRATORS))
+def test_workers_of_a_killed_orchestrator_end_quietly(tmp_path: Path, when: str) -> None:
+    script = tmp_path / "script.py"
+    script.write_text(_KILLED_ORCHESTRATORS[when])
     orchestrator = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                     text=True)
     assert orchestrator.stdout is not None and orchestrator.stderr is not None
     try:
-        assert orchestrator.stdout.readline() == "starting\n"
-        orchestrator.kill()  # its workers find the pipe broken as they say they are ready
+        assert orchestrator.stdout.readline() == f"{when}\n"
+        orchestrator.kill()
         errors = orchestrator.stderr.read()  # to its end: every worker has let go of it
     finally:
         orchestrator.kill()
