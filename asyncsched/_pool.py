@@ -1200,10 +1200,12 @@ class ProcessPool(concurrent.futures.Executor):
             if rss <= limit:
                 continue
             self._read(worker)  # a call that has just finished is not the one to blame
-            if worker.call is not None and not worker.killed:
-                self._crash_running_call(worker, f"worker {worker.pid} used {rss / 2**20:.0f} MiB, over "
-                                                 f"max_memory_per_child={limit / 2**20:.0f} MiB; it was killed",
-                                         "MemoryError")
+            running = worker.call
+            if running is not None and not worker.killed:
+                if worker.last_begun.value == running.call_id:  # else it is between two calls: it goes back
+                    self._crash_running_call(worker, f"worker {worker.pid} used {rss / 2**20:.0f} MiB, over "
+                                                     f"max_memory_per_child={limit / 2**20:.0f} MiB; it was killed",
+                                             "MemoryError")
                 self._kill(worker)
         self._loop.call_later(MEMORY_CHECK_SECONDS, self._check_memory)
 

@@ -443,6 +443,23 @@ async def test_a_call_whose_worker_dies_before_beginning_it_goes_back_uncharged(
     assert crashed == 0 and heard.heard == ["started", "started", "finished"]  # told again as it began again
 
 
+async def test_a_worker_over_its_memory_limit_between_two_calls_is_replaced_at_no_calls_cost(tmp_path: Path) -> None:
+    log = tmp_path / "runs"
+    async with ProcessPool(1, max_memory_per_child="1GB") as pool:
+        await pool.call(tasks.whoami)
+        (worker,) = pool._workers
+        os.kill(worker.pid, signal.SIGSTOP)  # it takes in the next call, but never begins it
+        heard = Heard()
+        pool.start_call(tasks.log_run, (str(log), "once"), heard)
+        await heard.running.wait()
+        pool._max_memory = 1  # over the limit now, between two calls: memory earlier calls left behind
+        pool._check_memory()
+        pool._max_memory = None  # the next worker is not checked
+        outcome = await heard.outcome
+    assert outcome.status is Status.COMPLETED and outcome.pid != worker.pid, outcome
+    assert log.read_text().split() == ["once"]
+
+
 async def test_a_call_whose_workers_keep_dying_before_beginning_it_goes_back_once(
         monkeypatch: pytest.MonkeyPatch) -> None:
     def die(*_: Any) -> None:  # in place of running the call, before it is marked begun
