@@ -152,6 +152,12 @@ def return_then_exit(value: Any) -> Any:
     return value
 
 
+def hold_the_gil(seconds: int) -> str:
+    """Sleep ``seconds`` in a C call that keeps the GIL all along, from the task's first instant."""
+    ctypes.PyDLL(None).sleep(seconds)
+    return "held"
+
+
 def log_then_hold_the_gil(log: str, fifo: str, key: str) -> str:
     """Append ``key`` to ``log``, then wait for a byte on ``fifo`` in a C call that keeps the GIL all along."""
     with open(log, "a") as file:

@@ -29,7 +29,7 @@ from asyncsched import (
     TaskReported,
     TaskStarted,
 )
-from asyncsched.backends import DaskBackend
+from asyncsched.backends import DaskBackend, _dask
 from asyncsched.backends._dask import DEFAULT_CONNECT_TIMEOUT, _last_failure
 
 from . import faults, tasks
@@ -75,6 +75,15 @@ async def test_without_kill_a_timed_out_task_is_recorded_at_once_and_runs_on(das
     started, finished = [e async for e in events]
     assert finished.timestamp - started.timestamp < 1.5  # long before the task ends
     assert result.pid is not None and psutil.pid_exists(result.pid)  # its worker was left alone
+
+
+async def test_a_task_that_holds_the_gil_past_its_timeout_is_recorded_timed_out(dask_address: str) -> None:
+    # its worker's loop cannot send the start (which starts the timeout) until the task lets go of the GIL
+    async with Scheduler(backend=DaskBackend(dask_address, capacity=2)) as scheduler:
+        summary = await scheduler.run([Task(faults.hold_the_gil, 2, timeout=0.5)])
+    result = summary.results[0]
+    assert result.status is Status.TIMED_OUT, result
+    assert (result.error or "").startswith("timed out after 0.5s")
 
 
 async def test_restarting_a_worker_takes_the_tasks_children_with_it(dask_address: str, tmp_path: Path) -> None:
@@ -156,6 +165,26 @@ async def test_a_worker_that_leaves_before_its_restart_is_ended_all_the_same() -
     backend = DaskBackend(client=LeftClient())  # type: ignore[arg-type]
     await backend._restart(Key(), "tcp://gone:1")  # type: ignore[arg-type]
     assert ended == [["tcp://gone:1"]]
+
+
+async def test_a_restart_the_scheduler_does_not_answer_is_given_up(monkeypatch: pytest.MonkeyPatch) -> None:
+    class FrozenClient:  # a scheduler that stopped answering (frozen, cut off) after the start
+        asynchronous = True
+
+        async def cancel(self, futures: object) -> None:
+            await asyncio.Event().wait()
+
+        async def run(self, function: object, *, workers: list[str], on_error: str) -> None:
+            await asyncio.Event().wait()
+
+    class Key:
+        key = "a-key"
+
+    monkeypatch.setattr(_dask, "CANCEL_WAIT", 0.1)
+    monkeypatch.setattr(_dask, "RESTART_WAIT", 0.1)
+    backend = DaskBackend(client=FrozenClient())  # type: ignore[arg-type]
+    async with asyncio.timeout(10):  # else aclose(), which waits for restarts, and SIGTERM with it, would hang
+        await backend._restart(Key(), "tcp://frozen:1")  # type: ignore[arg-type]
 
 
 # -- a scheduler that cannot be reached ----------------------------------------------------------------------------

@@ -19,8 +19,12 @@ What Dask cannot do is reported honestly: cancelling a Dask future does not
 stop a task that is already running. A timed-out attempt is recorded
 ``timed_out`` at once; with ``kill_on_timeout=True`` the worker running it is
 restarted (through its nanny), which stops the task but also every other task
-on that worker. A worker that dies (``os._exit``, segfault, lost host) is
-Dask's to handle: it reschedules the task elsewhere up to
+on that worker. The timeout counts from the start the worker reports, which
+its event loop sends: a task that holds the GIL from its first instant (a long
+C call) delays that report until it ends; it is then recorded ``timed_out``
+when its result shows it ran past its timeout, and nothing stopped it. A
+worker that dies (``os._exit``, segfault, lost host) is Dask's to handle: it
+reschedules the task elsewhere up to
 ``distributed.scheduler.allowed-failures`` times, then reports ``KilledWorker``,
 which is recorded ``crashed``.
 
@@ -65,6 +69,9 @@ DEFAULT_CONNECT_TIMEOUT = 10.0
 
 CANCEL_WAIT = 2.0
 """Seconds to wait for the scheduler to forget a timed-out attempt before its worker is restarted."""
+
+RESTART_WAIT = 10.0
+"""Seconds to wait for a worker's restart to be sent: a scheduler that stops answering does not hold up aclose()."""
 
 _WHAT_TO_DO = ("check that a Dask scheduler runs there and that this machine can reach its host and port (or, if it "
                "is still starting, give DaskBackend a longer connect_timeout)")
@@ -243,6 +250,11 @@ class DaskBackend(Backend):
             ok, value, started, finished, pid = pickle.loads(blob)
         except Exception as exc:  # e.g. the value's class cannot be imported here
             return unreadable_result(exc, pid=running.pid)
+        timeout = attempt.timeout
+        if timeout is not None and finished - started > timeout:  # its start came too late to time it out
+            return Outcome(Status.TIMED_OUT, error=f"timed out after {timeout:g}s; it ran {finished - started:.1f}s, "
+                           "to its end: its Dask worker could not report its start while it held the GIL",
+                           error_type="TimeoutError", pid=pid, started_at=started, finished_at=finished)
         if ok:
             return Outcome(Status.COMPLETED, value=value, pid=pid, started_at=started, finished_at=finished)
         return Outcome.from_error(value, pid=pid, started_at=started, finished_at=finished)
@@ -272,15 +284,16 @@ class DaskBackend(Backend):
         client = self.client
         assert client is not None
         try:
-            await client.cancel([future])
             async with asyncio.timeout(CANCEL_WAIT):
+                await client.cancel([future])
                 while future.key in (await client.processing([worker])).get(worker, ()):
                     pass
         except Exception:  # timed out, or the worker has left meanwhile (processing() raises KeyError): end it anyway
             pass
         try:
-            await client.run(end_dask_worker, workers=[worker], on_error="ignore")
-        except Exception:  # the worker may be gone already; the timed-out outcome stands
+            async with asyncio.timeout(RESTART_WAIT):
+                await client.run(end_dask_worker, workers=[worker], on_error="ignore")
+        except Exception:  # the worker may be gone already, the scheduler may not answer: the timed-out outcome stands
             logger.warning("asyncsched: could not restart Dask worker %s", worker, exc_info=True)
 
     async def aclose(self) -> None:
