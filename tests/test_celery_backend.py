@@ -221,6 +221,26 @@ async def test_a_start_names_both_servers_when_neither_can_be_reached() -> None:
         await scheduler.aclose()
 
 
+@pytest.mark.parametrize("wrong", ["broker", "result backend"])
+async def test_a_listener_that_is_no_redis_fails_the_start(wrong: str, redis_url: str) -> None:
+    async def answer_as_http(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(1)
+        writer.write(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")  # a proxy or a web server
+        writer.close()
+        await writer.wait_closed()
+
+    async with await asyncio.start_server(answer_as_http, "127.0.0.1", 0) as server:
+        urls = {"broker": f"{redis_url}/0", "result backend": f"{redis_url}/1"}
+        urls[wrong] = f"redis://127.0.0.1:{server.sockets[0].getsockname()[1]}/{0 if wrong == 'broker' else 1}"
+        scheduler = Scheduler(backend=CeleryBackend(urls["broker"], urls["result backend"]))
+        try:
+            with pytest.raises(BackendUnreachableError, match=rf"^the Celery {wrong} {re.escape(urls[wrong])} "
+                               r"cannot be reached \(.+\): check that it runs and that its URL is right$"):
+                await scheduler.run([Task(tasks.add, 1)])  # it raised redis' InvalidResponse
+        finally:
+            await scheduler.aclose()
+
+
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("silent", ["broker", "result backend"])
 async def test_a_server_that_never_answers_fails_the_start_within_the_socket_timeout(

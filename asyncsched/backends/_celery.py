@@ -277,7 +277,7 @@ class CeleryBackend(Backend):
             try:
                 await self._redis.ping()
                 self._pubsub = await self._subscribe()
-            except _REDIS_ERRORS as exc:
+            except (redis.RedisError, OSError) as exc:  # RedisError: also a listener that does not speak Redis
                 backend_error: BaseException | None = exc
             else:
                 backend_error = None
