@@ -41,7 +41,7 @@ from rich.table import Table
 from . import __version__, _demo
 from ._errors import AsyncschedError, ConfigurationError, StoreError
 from ._models import FINAL_STATUSES, Summary, Task, TaskResult, task_from_json
-from ._progress import stats_table
+from ._progress import stats_table, visible
 
 if TYPE_CHECKING:
     from ._sqlite import SQLiteStore
@@ -273,15 +273,15 @@ def _print_outcome(summary: Summary, args: argparse.Namespace) -> None:
     if failures:
         console.print(f"{len(failures)} of {summary.total} tasks did not complete:")
         shown = failures[:FAILURES_SHOWN]
-        width = max(len(result.key) for result in shown)
+        width = max(len(visible(result.key)) for result in shown)
         for result in shown:
-            console.print(f"  {escape(result.key):<{width}}  {result.status.value:<9}  {escape(result.error or '')}",
-                          overflow="ellipsis", no_wrap=True)
+            console.print(f"  {visible(result.key):<{width}}  {result.status.value:<9}  {visible(result.error or '')}",
+                          overflow="ellipsis", no_wrap=True, markup=False)
         if len(failures) > FAILURES_SHOWN:
             console.print(f"  ... and {len(failures) - FAILURES_SHOWN} more")
     where = "" if args.db is None else f"; see asyncsched results {args.db} --batch {summary.batch_id}"
-    console.print(f"batch {summary.batch_id}: {summary.completed} of {summary.total} tasks completed "
-                  f"in {summary.elapsed:.2f}s{where}", soft_wrap=True)
+    console.print(visible(f"batch {summary.batch_id}: {summary.completed} of {summary.total} tasks completed "
+                          f"in {summary.elapsed:.2f}s{where}"), soft_wrap=True, markup=False)
 
 
 # -- commands that read a results file ------------------------------------------------------
@@ -342,7 +342,7 @@ def _batches_command(args: argparse.Namespace) -> int:
     for name in ("batch", "name", "created", "finished", "tasks", "completed", "success"):
         table.add_column(name, justify="left" if name in ("batch", "name") else "right")
     for batch in batches:
-        table.add_row(escape(batch.batch_id), escape(batch.name or ""), _when(batch.created_at),
+        table.add_row(_shown(batch.batch_id), _shown(batch.name or ""), _when(batch.created_at),
                       _when(batch.finished_at), str(batch.stats.total), str(batch.stats.completed),
                       f"{batch.stats.success_rate:.1%}")
     _console().print(table)
@@ -428,9 +428,14 @@ def _results_table(results: list[TaskResult], *, with_batch: bool) -> Table:
     for result in results:
         shown = _repr(result.value) if result.ok else result.error or ""
         duration = "" if result.duration is None else f"{result.duration:.3f}s"
-        table.add_row(*[escape(result.batch_id)] * with_batch, escape(result.key), result.status.value,
-                      str(result.attempts), duration, escape(shown))
+        table.add_row(*[_shown(result.batch_id)] * with_batch, _shown(result.key), result.status.value,
+                      str(result.attempts), duration, _shown(shown))
     return table
+
+
+def _shown(text: str) -> str:
+    """Text of a task or a batch, as a console prints it: no markup, no control characters."""
+    return escape(visible(text))
 
 
 def _repr(value: Any) -> str:

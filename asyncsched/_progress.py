@@ -238,7 +238,7 @@ class ProgressMonitor:
         """Called by the scheduler's hub with each list of reports it delivers: quick, and never raises."""
         for event in reversed(events):
             if event.message is not None:
-                self._last_message = f"[{event.key}] {event.message}"
+                self._last_message = visible(f"[{event.key}] {event.message}")
                 return
 
     def statistics(self) -> ProgressStatistics:
@@ -300,7 +300,7 @@ class ProgressMonitor:
             f"  | retries {stats.retries}" if stats.retries else "", f"  | {stats.rate:.1f} tasks/s")
         lines: list[RenderableType] = [bar, summary]
         if stats.running_tasks:
-            lines.append(Text("running: " + ", ".join(f"{key} ({seconds:.1f}s)"
+            lines.append(Text("running: " + ", ".join(f"{visible(key)} ({seconds:.1f}s)"
                                                        for key, seconds in stats.running_tasks)
                               + (" ..." if stats.running > len(stats.running_tasks) else ""), style="dim"))
         if stats.last_message is not None:
@@ -310,7 +310,7 @@ class ProgressMonitor:
 
 def report(stats: ProgressStatistics) -> RenderableType:
     """The final report of a monitor: counts by status, rates and the total elapsed time."""
-    batch = "" if stats.finished.batch_id is None else f"Batch {stats.finished.batch_id}: "
+    batch = "" if stats.finished.batch_id is None else f"Batch {visible(stats.finished.batch_id)}: "
     rates = (f"avg {_seconds(stats.average)}/task, {stats.rate:.1f} tasks/s"
              + (f", {stats.retries} retries" if stats.retries else ""))
     return Group(Text(f"{batch}finished {stats.done} tasks in {_seconds(stats.elapsed)}", style="bold"),
@@ -341,6 +341,15 @@ def _counts(stats: Stats) -> list[tuple[Status, int]]:
     """Every final status with its count, leaving out cancelled unless there are some."""
     return [(status, _count(stats, status)) for status in FINAL_STATUSES
             if status is not Status.CANCELLED or stats.cancelled]
+
+
+_VISIBLE = {code: repr(chr(code))[1:-1] for code in (*range(0x20), *range(0x7F, 0xA0))}
+
+
+def visible(text: str) -> str:
+    """``text`` with its control characters (newlines, ANSI escapes) written as escapes: what tasks say never
+    moves the cursor, breaks a line or clears the screen."""
+    return text.translate(_VISIBLE)
 
 
 def format_duration(seconds: float | None) -> str:

@@ -65,6 +65,19 @@ def test_run_exits_1_and_lists_the_tasks_that_did_not_complete(tmp_path: Path,
     assert "  3  failed     ValueError: bad input" in out  # the key is the line number; blank lines count
 
 
+def test_what_tasks_and_names_say_reaches_the_console_as_text(tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    jobs = write_lines(tmp_path / "jobs.jsonl", "\x1b[2J[bold]cleared\nnext line")  # would clear the screen
+    db = os.fspath(tmp_path / "r[red].db")
+    assert main(["run", "tests.faults:boom", "--input", jobs, "--workers", "1", "--no-progress", "--db", db,
+                 "--batch-id", "c[/]d"]) == 1  # the closing tag alone made rich raise a MarkupError
+    out = capsys.readouterr().out
+    assert "  1  failed     ValueError: \\x1b[2J[bold]cleared\\nnext line\n" in out
+    assert "batch c[/]d: 0 of 1 tasks completed in" in out and f"see asyncsched results {db} --batch c[/]d" in out
+    table = read(["results", db], capsys)
+    assert "c[/]d" in table and "ValueError: \\x1b[2J[bold]cleared\\nnext line" in table
+
+
 def test_run_shows_progress_and_the_final_report(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     jobs = write_lines(tmp_path / "jobs.jsonl", *range(4))
     assert main(["run", "tests.tasks:square", "--input", jobs, "--workers", "2", "--timeout", "30",

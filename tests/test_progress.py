@@ -97,6 +97,12 @@ async def test_counts_every_status_retries_and_the_last_message(scheduler: Sched
     assert "\x1b" not in report
 
 
+async def test_what_a_task_reports_is_shown_without_its_control_characters(scheduler: Scheduler) -> None:
+    async with ProgressMonitor(scheduler, console=plain_console(io.StringIO())) as monitor:
+        await scheduler.run([Task(tasks.say, "\x1b[2Jcleared\nnext", key="k\r")])
+    assert monitor.statistics().last_message == "[k\\r] \\x1b[2Jcleared\\nnext"  # no screen cleared, no new line
+
+
 async def test_plain_lines_every_interval_off_a_terminal(scheduler: Scheduler, gate: Callable[[], str]) -> None:
     release = gate()
     batch = [Task(tasks.identity, 1), Task(tasks.identity, 2), Task(tasks.wait_for_file, release)]
