@@ -41,7 +41,7 @@ from rich.table import Table
 from . import __version__, _demo
 from ._errors import AsyncschedError, ConfigurationError, StoreError
 from ._models import FINAL_STATUSES, Summary, Task, TaskResult, task_from_json
-from ._progress import stats_table, visible
+from ._progress import stats_table, success, visible
 
 if TYPE_CHECKING:
     from ._sqlite import SQLiteStore
@@ -344,7 +344,7 @@ def _batches_command(args: argparse.Namespace) -> int:
     for batch in batches:
         table.add_row(_shown(batch.batch_id), _shown(batch.name or ""), _when(batch.created_at),
                       _when(batch.finished_at), str(batch.stats.total), str(batch.stats.completed),
-                      f"{batch.stats.success_rate:.1%}")
+                      success(batch.stats))
     _console().print(table)
     return 0
 

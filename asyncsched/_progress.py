@@ -91,8 +91,8 @@ class ProgressStatistics:
 
     @property
     def rate(self) -> float:
-        """Tasks finished per second since the monitor started."""
-        return self.done / self.elapsed if self.elapsed > 0 else 0.0
+        """Tasks finished per second since the monitor started (cancelled ones do not count)."""
+        return (self.done - self.finished.cancelled) / self.elapsed if self.elapsed > 0 else 0.0
 
     @property
     def eta(self) -> float | None:
@@ -107,7 +107,7 @@ class ProgressStatistics:
         parts = [f"{self.done}/{'?' if self.total is None else self.total}"
                  + ("" if fraction is None else f" ({fraction:.1%})"),
                  ", ".join(f"{status.value} {count}" for status, count in _counts(self.finished)),
-                 f"success {self.finished.success_rate:.1%}",
+                 f"success {success(self.finished)}",
                  f"running {self.running}"]
         if self.retries:
             parts.append(f"retries {self.retries}")
@@ -296,7 +296,7 @@ class ProgressMonitor:
         for status, style in _STYLES.items():
             counts.highlight_words([f"{status.value} "], style)
         summary = Text.assemble(
-            counts, f"  | success {stats.finished.success_rate:.1%}  | running {stats.running}",
+            counts, f"  | success {success(stats.finished)}  | running {stats.running}",
             f"  | retries {stats.retries}" if stats.retries else "", f"  | {stats.rate:.1f} tasks/s")
         lines: list[RenderableType] = [bar, summary]
         if stats.running_tasks:
@@ -313,8 +313,22 @@ def report(stats: ProgressStatistics) -> RenderableType:
     batch = "" if stats.finished.batch_id is None else f"Batch {visible(stats.finished.batch_id)}: "
     rates = (f"avg {_seconds(stats.average)}/task, {stats.rate:.1f} tasks/s"
              + (f", {stats.retries} retries" if stats.retries else ""))
-    return Group(Text(f"{batch}finished {stats.done} tasks in {_seconds(stats.elapsed)}", style="bold"),
-                 stats_table(stats.finished), Text(rates))
+    cancelled = stats.finished.cancelled
+    if cancelled:  # stopped (Ctrl-C, cancel()): say so, the bar ends full all the same
+        head = f"{batch}stopped after {_seconds(stats.elapsed)}: {_tasks(stats.done - cancelled)} finished, " \
+               f"{cancelled} cancelled"
+    else:
+        head = f"{batch}finished {_tasks(stats.done)} in {_seconds(stats.elapsed)}"
+    return Group(Text(head, style="bold"), stats_table(stats.finished), Text(rates))
+
+
+def success(stats: Stats) -> str:
+    """The success rate as a percentage, ``-`` while no task has finished."""
+    return f"{stats.success_rate:.1%}" if stats.total else "-"
+
+
+def _tasks(count: int) -> str:
+    return f"{count} task{'' if count == 1 else 's'}"
 
 
 def stats_table(stats: Stats) -> Table:
@@ -328,7 +342,7 @@ def stats_table(stats: Stats) -> Table:
                       f"{count / stats.total:.1%}" if stats.total else "-")
     table.add_section()
     table.add_row("total", str(stats.total), "")
-    table.add_row("success rate", "", f"{stats.success_rate:.1%}")
+    table.add_row("success rate", "", success(stats))
     return table
 
 

@@ -341,7 +341,7 @@ def test_resume_runs_only_the_lines_without_a_result(results_db: str, tmp_path: 
     assert "already exists" in capsys.readouterr().err
     assert main([*argv, "--resume"]) == 1  # line 2 still failed: its result is kept, not run again
     out = capsys.readouterr().out
-    assert "finished 1 tasks in" in out and "3 of 4 tasks completed" in out
+    assert "finished 1 task in" in out and "3 of 4 tasks completed" in out
     lines = read(["results", results_db, "--format", "jsonl"], capsys).splitlines()
     assert {json.loads(line)["task_id"]: json.loads(line)["response_data"] for line in lines}["4"] == 30
 

@@ -73,6 +73,7 @@ def test_plain_line_format() -> None:
                     "last: [7] page 3 of 9")
     assert statistics(total=None).line().startswith("asyncsched: 4/? | ")
     assert "ETA --:--:--" in statistics(total=None).line()
+    assert "| success - |" in statistics(finished=Stats()).line()  # no task has finished: no rate yet, not 0.0%
 
 
 def test_durations() -> None:
@@ -101,6 +102,23 @@ async def test_what_a_task_reports_is_shown_without_its_control_characters(sched
     async with ProgressMonitor(scheduler, console=plain_console(io.StringIO())) as monitor:
         await scheduler.run([Task(tasks.say, "\x1b[2Jcleared\nnext", key="k\r")])
     assert monitor.statistics().last_message == "[k\\r] \\x1b[2Jcleared\\nnext"  # no screen cleared, no new line
+
+
+async def test_the_report_of_a_stopped_batch_says_it_stopped(scheduler: Scheduler, gate: Callable[[], str]) -> None:
+    release = gate()
+    events = scheduler.events(kinds=[TaskFinished])
+    output = io.StringIO()
+    async with ProgressMonitor(scheduler, console=plain_console(output)) as monitor:
+        stuck = [Task(tasks.wait_for_file, release, key=f"stuck{i}") for i in range(3)]
+        run = asyncio.ensure_future(scheduler.run([Task(tasks.square, 3, key="quick"), *stuck], batch_id="nightly"))
+        assert (await anext(aiter(events))).key == "quick"
+        scheduler.cancel("nightly")  # as Ctrl-C does
+        summary = await run
+    assert (summary.completed, summary.cancelled) == (1, 3)
+    report = output.getvalue()
+    assert report.startswith("stopped after ") and ": 1 task finished, 3 cancelled\n" in report, report
+    stats = monitor.statistics()
+    assert stats.rate == pytest.approx(1 / stats.elapsed)  # the cancelled ones are not counted
 
 
 async def test_plain_lines_every_interval_off_a_terminal(scheduler: Scheduler, gate: Callable[[], str]) -> None:
@@ -265,4 +283,4 @@ async def test_the_final_report_counts_a_task_recorded_in_the_runs_last_turn(
         summary = await scheduler.run(["not a task"], batch_id="odd")  # type: ignore[list-item]
     assert summary.failed == 1
     report = capsys.readouterr().out
-    assert "finished 1 tasks" in report and re.search(r"failed\s+1\s+100\.0%", report), report
+    assert "finished 1 task in" in report and re.search(r"failed\s+1\s+100\.0%", report), report
