@@ -121,6 +121,9 @@ MEMORY_CHECK_SECONDS = 0.1
 """How often busy workers' memory is sampled when ``max_memory_per_child`` is set."""
 ABANDONED_GRACE = 0.1
 """Seconds a call cancelled while queued on a worker may run once it is reached, before that worker is killed."""
+WORKER_MEMORY = 12 * 2**20
+"""The memory of its own an idle worker takes at least (its USS here): a pool that cannot have that much for each
+worker is refused, rather than left to run the machine out of memory as it starts."""
 
 _PLAIN_FUNCTIONS = (types.FunctionType, types.BuiltinFunctionType)
 _COMPLETED = Status.COMPLETED  # for _read: an enum member costs a lookup each time (Python 3.11)
@@ -383,6 +386,12 @@ class ProcessPool(concurrent.futures.Executor):
         max_memory_per_child: float | str | None = None,
     ) -> None:
         self.size = resolve_workers(workers)
+        available = psutil.virtual_memory().available
+        if self.size * WORKER_MEMORY > available:
+            raise ConfigurationError(
+                f"{self.size} worker processes would need {self.size * WORKER_MEMORY / 2**30:.1f} GiB at least "
+                f"({WORKER_MEMORY >> 20} MiB each, idle), and this machine has {available / 2**30:.1f} GiB available: "
+                "use fewer workers")
         if max_tasks_per_child is not None and not (is_int(max_tasks_per_child) and max_tasks_per_child >= 1):
             raise ConfigurationError(f"max_tasks_per_child must be an int of at least 1, got {max_tasks_per_child!r}")
         self._ctx = _context(mp_context)

@@ -113,6 +113,7 @@ def test_a_module_that_fails_to_import_is_one_line_too(tmp_path: Path, capsys: p
 
 @pytest.mark.parametrize(("argv", "message"), [
     (["--workers", "0"], "argument --workers: '0' is not cpu, io or a positive number"),
+    (["--workers", "1000000", "--input", os.devnull], "1000000 worker processes would need 11718.8 GiB at least"),
     (["--timeout", "-1"], "argument --timeout: '-1' is not a positive number"),
     (["--retries", "x"], "argument --retries: 'x' is not a non-negative number"),
     (["--resume", "--batch-id", "b"], "--resume continues a stored batch: give its file with --db and its id"),

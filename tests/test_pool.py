@@ -737,6 +737,9 @@ def test_bad_pool_arguments() -> None:
         ProcessPool(1, max_tasks_per_child=0)
     with pytest.raises(ConfigurationError, match="workers"):
         ProcessPool(0)
+    with pytest.raises(ConfigurationError, match=r"^1000000 worker processes would need 11718\.8 GiB at least .*: use "
+                       "fewer workers$"):
+        ProcessPool(10**6)  # it started them until the machine ran out of memory
 
 
 def test_worker_side_imports_no_asyncio_or_aiosqlite() -> None:
