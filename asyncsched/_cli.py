@@ -29,6 +29,7 @@ import json
 import os
 import stat
 import sys
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
@@ -138,6 +139,8 @@ def _run_command(args: argparse.Namespace) -> int:
     fn = load_function(args.function)
     if args.resume and (args.batch_id is None or args.db is None):
         raise UsageError("--resume continues a stored batch: give its file with --db and its id with --batch-id")
+    if args.db is not None and args.batch_id is None:
+        args.batch_id = uuid.uuid4().hex[:12]  # as the scheduler makes one; known here, to tell how to resume
     with _open_input(args.input) as file:
         summary = _run_loop(_schedule(tasks_from_lines(fn, read_lines(file)), args))
     _print_outcome(summary, args)
@@ -248,11 +251,17 @@ async def _schedule(batch: Any, args: argparse.Namespace) -> Summary:
 
     async with Scheduler(workers=args.workers, store=args.db, timeout=args.timeout, retries=args.retries,
                          progress=args.progress) as scheduler:
+        if args.resume and await scheduler.batch(args.batch_id) is None:  # a typo in the id would run it all again
+            print(f"asyncsched {args.name}: {args.db} has no batch {args.batch_id!r} yet: starting it", file=sys.stderr)
         try:
             return await scheduler.run(batch, batch_id=args.batch_id, resume=args.resume)
         except ConfigurationError as exc:  # its advice names the arguments of run(): name the options instead
             raise UsageError(str(exc).replace("pass resume=True", "pass --resume")
                              .replace("another batch_id", "another --batch-id")) from None
+        except UsageError as exc:  # a bad line of input: the tasks of the lines before it have run
+            then = ("" if args.db is None else f", and their results are in {args.db}: fix that line, then continue "
+                    f"with --batch-id {args.batch_id} --resume")
+            raise UsageError(f"{exc}. The tasks of the lines before it ran{then}") from None
 
 
 def _run_loop(coroutine: Coroutine[Any, Any, T]) -> T:

@@ -137,6 +137,32 @@ def test_run_stops_at_a_line_that_is_not_json(tmp_path: Path, capsys: pytest.Cap
     assert main(["run", "tests.tasks:square", "--input", os.fspath(jobs), "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "input line 2 is not JSON" in err and "each line must be one JSON value" in err
+    assert err.endswith(". The tasks of the lines before it ran\n")
+
+
+def test_a_line_that_is_not_json_says_how_to_continue_the_batch_once_it_is_fixed(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    jobs, db = tmp_path / "jobs.jsonl", os.fspath(tmp_path / "results.db")
+    jobs.write_text("1\n{not json\n2\n")
+    assert main(["run", "tests.tasks:square", "--input", os.fspath(jobs), "--no-progress", "--db", db]) == 2
+    found = re.search(r"their results are in (.+): fix that line, then continue with --batch-id (\w+) --resume\n$",
+                      capsys.readouterr().err)
+    assert found is not None and found[1] == db
+    jobs.write_text("1\n3\n2\n")
+    assert main(["run", "tests.tasks:square", "--input", os.fspath(jobs), "--no-progress", "--db", db,
+                 "--batch-id", found[2], "--resume"]) == 0
+    assert "batch" not in capsys.readouterr().err  # it has the batch: no note
+    values = {r["task_id"]: r["response_data"] for r in map(json.loads, read(["results", db, "--format", "jsonl"],
+                                                                               capsys).splitlines())}
+    assert values == {"1": 1, "2": 9, "3": 4}
+
+
+def test_resume_of_a_batch_the_file_does_not_have_says_it_starts_it(tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    db = os.fspath(tmp_path / "results.db")
+    assert main(["run", "tests.tasks:square", "--input", write_lines(tmp_path / "jobs.jsonl", 3), "--no-progress",
+                 "--db", db, "--batch-id", "nightyl", "--resume"]) == 0
+    assert capsys.readouterr().err == f"asyncsched run: {db} has no batch 'nightyl' yet: starting it\n"
 
 
 def test_run_stops_at_a_piped_line_that_is_too_long(monkeypatch: pytest.MonkeyPatch,
