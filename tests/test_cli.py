@@ -181,7 +181,8 @@ def test_run_stops_at_a_piped_line_that_is_too_long(monkeypatch: pytest.MonkeyPa
         assert main(["run", "tests.tasks:square", "--workers", "1", "--no-progress"]) == 2
     writer.join()  # the pipe's last reader is closed: the rest of the write fails at once
     assert capsys.readouterr().err == ("asyncsched run: error: input line 2 is longer than 1 MiB, the most a line "
-                                       "read from a pipe may have; pass big arguments as file names instead\n")
+                                       "read from a pipe may have; pass big arguments as file names instead. The "
+                                       "tasks of the lines before it ran\n")
 
 
 @pytest.mark.parametrize("argv", [[], ["--input", "/dev/null"]])
