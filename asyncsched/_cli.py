@@ -475,6 +475,12 @@ def _when(timestamp: float | None) -> str:
 # -- the parser -----------------------------------------------------------------------------
 
 
+def _file(value: str) -> str:
+    if value in ("", ":memory:"):  # SQLite's names of a database in memory; leave out --db for that
+        raise argparse.ArgumentTypeError(f"{value!r} is not the path of a file")
+    return value
+
+
 def _workers(value: str) -> str:
     if value in ("cpu", "io") or (value.isdigit() and int(value) > 0):
         return value
@@ -522,7 +528,8 @@ def _parser() -> argparse.ArgumentParser:
     demo = command("demo", _demo_command)
     demo.add_argument("--tasks", type=_positive(int), default=50, metavar="N", help="requests to simulate (50)")
     demo.add_argument("--workers", type=_positive(int), default=10, metavar="W", help="worker processes (10)")
-    demo.add_argument("--db", default=DEFAULT_DB, metavar="PATH", help=f"SQLite file for the results ({DEFAULT_DB})")
+    demo.add_argument("--db", type=_file, default=DEFAULT_DB, metavar="PATH",
+                      help=f"SQLite file for the results ({DEFAULT_DB})")
     demo.set_defaults(timeout=_demo.TIMEOUT, retries=0, progress=True, batch_id=None, resume=False)
 
     run = command("run", _run_command)
@@ -533,34 +540,34 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--timeout", type=_positive(float), metavar="S", help="seconds a task may run before it is killed")
     run.add_argument("--retries", type=_positive(int, zero=True), default=0, metavar="N",
                      help="retries of a task that failed, crashed or timed out (0)")
-    run.add_argument("--db", metavar="PATH", help="SQLite file to keep the results in")
+    run.add_argument("--db", type=_file, metavar="PATH", help="SQLite file to keep the results in")
     run.add_argument("--batch-id", metavar="ID", help="the batch's id (default: a new random one)")
     run.add_argument("--resume", action="store_true",
                      help="continue batch --batch-id in --db: tasks whose line has a result are not run again")
     run.add_argument("--no-progress", dest="progress", action="store_false", help="no live progress display")
 
     results = command("results", _results_command)
-    results.add_argument("db", metavar="DB", help="a results file (SQLite)")
+    results.add_argument("db", type=_file, metavar="DB", help="a results file (SQLite)")
     results.add_argument("--batch", metavar="ID", help="only this batch")
     results.add_argument("--status", choices=[status.value for status in FINAL_STATUSES], help="only this status")
     results.add_argument("--limit", type=_positive(int), metavar="N", help="at most N results")
     results.add_argument("--format", choices=("table", "jsonl", "csv"), default="table", help="table (default)")
 
     stats = command("stats", _stats_command)
-    stats.add_argument("db", metavar="DB", help="a results file (SQLite)")
+    stats.add_argument("db", type=_file, metavar="DB", help="a results file (SQLite)")
     stats.add_argument("--batch", metavar="ID", help="only this batch")
     stats.add_argument("--json", action="store_true", help="one JSON object instead of a table")
 
     batches = command("batches", _batches_command)
-    batches.add_argument("db", metavar="DB", help="a results file (SQLite)")
+    batches.add_argument("db", type=_file, metavar="DB", help="a results file (SQLite)")
 
     export = command("export", _export_command)
-    export.add_argument("db", metavar="DB", help="a results file (SQLite)")
+    export.add_argument("db", type=_file, metavar="DB", help="a results file (SQLite)")
     export.add_argument("out", metavar="OUT.jsonl", help="the JSON Lines file to write (replaced if it exists)")
     export.add_argument("--batch", metavar="ID", help="only this batch")
 
     serve = command("serve", _serve_command)
-    serve.add_argument("--db", required=True, metavar="PATH", help="the results file (SQLite)")
+    serve.add_argument("--db", type=_file, required=True, metavar="PATH", help="the results file (SQLite)")
     serve.add_argument("--tasks", metavar="MODULE",
                        help="module whose `registry` names the tasks clients may run; without it, read-only")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1: this machine only)")

@@ -217,9 +217,9 @@ class SQLiteStore(Store):
                 await asyncio.to_thread(_try_to_open, self.path, self.readonly)
                 if self.readonly:
                     self._reader = await self._connect()
-                    if await self._version(self._reader) < _READABLE_VERSION:
-                        raise StoreError(f"{self.path} holds no asyncsched results: pass the path of a results "
-                                         "file, or open it once for writing to upgrade it")
+                    if await self._version(self._reader) < _READABLE_VERSION:  # an empty database
+                        raise StoreError(f"{self.path} holds no asyncsched results: it is empty (a run stopped "
+                                         "before it stored anything, say); pass the path of a results file")
                 else:
                     self._db = await self._connect()
                     await self._version(self._db)  # refuse a file that is not ours before changing anything in it
@@ -542,10 +542,10 @@ class SQLiteStore(Store):
             yield
         except sqlite3.Error as exc:
             raise StoreError(f"cannot {doing} the result store {self.path}: {exc}; "
-                             f"{_advice(self.path, exc, self.busy_timeout)}") from exc
+                             f"{_advice(self.path, exc, self.busy_timeout, self.readonly)}") from exc
 
 
-def _advice(path: str, exc: sqlite3.Error, busy_timeout: float) -> str:
+def _advice(path: str, exc: sqlite3.Error, busy_timeout: float, readonly: bool) -> str:
     code = getattr(exc, "sqlite_errorcode", 0) & 0xFF
     if code in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
         return (f"another connection held its write lock for more than busy_timeout={busy_timeout:g}s; "
@@ -554,12 +554,18 @@ def _advice(path: str, exc: sqlite3.Error, busy_timeout: float) -> str:
         return "it is not a SQLite database: pass the path of an asyncsched results file, or of a new file"
     if code in (sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_READONLY, sqlite3.SQLITE_IOERR):
         directory = os.path.dirname(os.path.abspath(path))
+        if os.path.isdir(path):
+            return "it is a directory: pass the path of a file"
         if not os.path.isdir(directory):
             return f"directory {directory} does not exist: create it, or choose another path"
+        if readonly:  # a file in WAL mode is read through a -shm file that SQLite creates next to it
+            return (f"check that it can be read, and that directory {directory} is writable: reading a results "
+                    "file takes a file SQLite creates next to it (its -shm file); else copy the file, with its "
+                    "-wal file if there is one, to a directory that is")
         if os.path.isfile(path) and not os.access(path, os.W_OK):
             return "the file is read-only: make it writable, or open it with readonly=True to query it"
         return (f"check that directory {directory} is writable, since SQLite creates the file and its WAL files "
-                "there, and that the path is not a directory")
+                "there")
     if code == sqlite3.SQLITE_FULL:
         return "the disk is full: free some space, and the queued results are written at the next commit"
     return "see the SQLite error above"

@@ -113,6 +113,7 @@ def test_a_module_that_fails_to_import_is_one_line_too(tmp_path: Path, capsys: p
 
 @pytest.mark.parametrize(("argv", "message"), [
     (["--workers", "0"], "argument --workers: '0' is not cpu, io or a positive number"),
+    (["--db", ""], "argument --db: '' is not the path of a file"),
     (["--workers", "1000000", "--input", os.devnull], "1000000 worker processes would need 11718.8 GiB at least"),
     (["--timeout", "-1"], "argument --timeout: '-1' is not a positive number"),
     (["--retries", "x"], "argument --retries: 'x' is not a non-negative number"),
@@ -332,6 +333,9 @@ def test_read_commands_report_bad_files_and_batches(results_db: str, tmp_path: P
     assert f"error: {tmp_path} is a directory: pass the path of an asyncsched results file" in capsys.readouterr().err
     assert main(["export", results_db, os.fspath(tmp_path / "out.jsonl"), "--batch", "nope"]) == 2
     assert "has no batch 'nope'" in capsys.readouterr().err
+    (tmp_path / "empty.db").touch()  # what a run stopped as it opened the file leaves
+    assert main(["stats", os.fspath(tmp_path / "empty.db")]) == 2
+    assert "holds no asyncsched results: it is empty" in capsys.readouterr().err
 
 
 def test_results_unpickle_values_as_run_imports_and_jsonl_and_csv_leave_them_pickled(tmp_path: Path) -> None:

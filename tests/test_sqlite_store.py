@@ -618,7 +618,7 @@ async def test_a_value_of_a_type_this_process_cannot_import_is_a_clear_error(tmp
 @pytest.mark.parametrize(("where", "message"), [
     ("missing/results.db", "directory .*missing does not exist"),
     ("file/results.db", "file does not exist"),
-    (".", "the path is not a directory"),
+    (".", "it is a directory: pass the path of a file"),
 ])
 async def test_a_bad_path_is_refused_when_the_store_opens(tmp_path: Path, where: str, message: str) -> None:
     (tmp_path / "file").write_text("not a directory")
@@ -718,12 +718,16 @@ def test_a_read_only_file_is_told_apart_from_a_directory_that_is_not_writable(tm
     path.touch()
     exc = sqlite3.OperationalError("attempt to write a readonly database")
     exc.sqlite_errorcode = sqlite3.SQLITE_READONLY
-    assert "check that directory" in asyncsched._sqlite._advice(str(path), exc, 5.0)
+    assert "check that directory" in asyncsched._sqlite._advice(str(path), exc, 5.0, False)
     access = os.access  # root may write any file: the file's own answer is faked
     monkeypatch.setattr(os, "access", lambda p, mode: mode != os.W_OK and access(p, mode) if p == str(path) else
                         access(p, mode))
-    assert asyncsched._sqlite._advice(str(path), exc, 5.0) == ("the file is read-only: make it writable, or open it "
-                                                                "with readonly=True to query it")
+    assert asyncsched._sqlite._advice(str(path), exc, 5.0, False) == ("the file is read-only: make it writable, or "
+                                                                       "open it with readonly=True to query it")
+    # opened for reading only already: what it needs is its directory, for the -shm file
+    assert "(its -shm file); else copy the file" in asyncsched._sqlite._advice(str(path), exc, 5.0, True)
+    exc.sqlite_errorcode = sqlite3.SQLITE_CANTOPEN
+    assert asyncsched._sqlite._advice(str(tmp_path), exc, 5.0, False) == "it is a directory: pass the path of a file"
 
 
 async def test_a_locked_database_fails_after_the_busy_timeout(tmp_path: Path) -> None:
