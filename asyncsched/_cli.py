@@ -142,7 +142,11 @@ def _run_command(args: argparse.Namespace) -> int:
     if args.db is not None and args.batch_id is None:
         args.batch_id = uuid.uuid4().hex[:12]  # as the scheduler makes one; known here, to tell how to resume
     with _open_input(args.input) as file:
-        summary = _run_loop(_schedule(tasks_from_lines(fn, read_lines(file)), args))
+        batch: Any = tasks_from_lines(fn, read_lines(file))
+        count = _count_lines(file)
+        if count is not None:
+            batch = _Counted(batch, count)
+        summary = _run_loop(_schedule(batch, args))
     _print_outcome(summary, args)
     return 0 if summary.completed == summary.total else 1
 
@@ -193,6 +197,30 @@ def _open_input(path: str) -> BinaryIO:
         return open(path, "rb")
     except OSError as exc:
         raise UsageError(f"cannot read --input {path}: {exc.strerror}") from None
+
+
+def _count_lines(file: BinaryIO) -> int | None:
+    """How many tasks a regular file holds (its non-blank lines), read once before the run; None for a pipe."""
+    if not stat.S_ISREG(os.fstat(file.fileno()).st_mode):
+        return None
+    start = file.tell()
+    count = sum(1 for line in file if not line.isspace())
+    file.seek(start)
+    return count
+
+
+class _Counted:
+    """Tasks read as they run, and how many there are: the progress display then has a total and an ETA."""
+
+    def __init__(self, tasks: AsyncIterator[Task], count: int) -> None:
+        self.tasks = tasks
+        self.count = count
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __aiter__(self) -> AsyncIterator[Task]:
+        return self.tasks
 
 
 async def read_lines(file: BinaryIO) -> AsyncIterator[bytes]:

@@ -18,6 +18,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -130,6 +131,29 @@ def test_serve_refuses_a_port_out_of_range(port: str, tmp_path: Path, capsys: py
     assert main(["serve", "--db", os.fspath(tmp_path / "r.db"), "--port", port]) == 2
     assert f"argument --port: {port!r} is not a port number (1 to 65535)" in capsys.readouterr().err
     assert not (tmp_path / "r.db").exists()
+
+
+@pytest.mark.parametrize("via", ["--input", "stdin"])
+def test_run_counts_the_tasks_of_a_file_first_for_the_progress_total(via: str, tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text("1\n\n2\n   \n3")  # blank lines are no tasks; the last line has no newline
+    sizes: list[int] = []
+    schedule = asyncsched._cli._schedule
+
+    async def sized(batch: Any, args: Any) -> Any:
+        sizes.append(len(batch))  # the scheduler takes a sized batch's len() as its total
+        return await schedule(batch, args)
+
+    monkeypatch.setattr(asyncsched._cli, "_schedule", sized)
+    argv = ["run", "tests.tasks:square", "--no-progress"]
+    if via == "stdin":
+        with jobs.open() as stdin:
+            monkeypatch.setattr(sys, "stdin", stdin)
+            assert main(argv) == 0
+    else:
+        assert main([*argv, "--input", os.fspath(jobs)]) == 0
+    assert sizes == [3]
 
 
 def test_run_stops_at_a_line_that_is_not_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
