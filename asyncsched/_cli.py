@@ -88,7 +88,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"asyncsched {args.name}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"asyncsched {args.name}: interrupted", file=sys.stderr)
+        after_echo = "\n" if sys.stderr.isatty() else ""  # the terminal echoed ^C where the cursor was
+        print(f"{after_echo}asyncsched {args.name}: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:  # the reader left (`| head`): stop quietly, as other commands do
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more is flushed into the pipe

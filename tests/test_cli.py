@@ -527,3 +527,27 @@ def test_console_script_redraws_the_bar_in_place_on_a_terminal(tmp_path: Path, g
 def text(output: bytes) -> str:
     """What the terminal shows, without colours and cursor movements."""
     return re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", output.decode(errors="replace"))
+
+
+def test_ctrl_c_stops_the_run_with_130_and_says_so_and_resume_finishes_it(tmp_path: Path,
+                                                                          gate: Callable[[], str]) -> None:
+    release = gate()
+    quick = os.fspath(tmp_path / "jobs.jsonl")  # exists: that task returns at once
+    jobs = write_lines(tmp_path / "jobs.jsonl", [quick, 1], *([release, n] for n in range(2, 6)))
+    db = os.fspath(tmp_path / "results.db")
+    argv = ["run", "tests.tasks:wait_for_file", "--input", jobs, "--workers", "2", "--db", db, "--batch-id", "b"]
+    in_the_foreground = ("import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+                         "from asyncsched._cli import main; sys.exit(main())")  # as a shell starts a command
+    terminal = Terminal([sys.executable, "-c", in_the_foreground, *argv], cwd=ROOT)
+    try:
+        terminal.read_until(lambda out: " 1/5 " in text(out) and "running: " in text(out))
+        terminal.process.send_signal(signal.SIGINT)  # Ctrl-C
+        terminal.read_until(lambda out: "interrupted" in text(out))
+    finally:
+        status = terminal.close()
+    assert status == 130
+    shown = text(terminal.output).replace("\r", "")
+    assert "stopped after " in shown and ": 1 task finished, 4 cancelled" in shown  # not "finished 5 tasks"
+    assert "\nasyncsched run: interrupted\n" in shown
+    Path(release).touch()
+    assert main([*argv, "--resume", "--no-progress"]) == 0  # what was cancelled runs; what finished does not
