@@ -66,7 +66,9 @@ class ProgressStatistics:
     ``finished`` counts the tasks that reached a final status, by status
     (``finished.total`` of them); ``total`` is how many are expected, ``None``
     while unknown (a generator batch not yet exhausted). ``average`` is the mean
-    duration of a finished task's last attempt, in seconds.
+    duration of a finished task's last attempt, in seconds. ``skipped`` counts
+    the tasks of resumed batches that had a stored result, and were not run
+    again: they are in neither ``finished`` nor ``total``.
     """
 
     finished: Stats
@@ -77,6 +79,7 @@ class ProgressStatistics:
     average: float | None
     last_message: str | None
     running_tasks: tuple[tuple[str, float], ...] = ()
+    skipped: int = 0
 
     @property
     def done(self) -> int:
@@ -121,16 +124,17 @@ class ProgressStatistics:
 class _Past:
     """The counts of batch runs that are over, added up (the fields a run keeps, see ``_BatchRun``)."""
 
-    __slots__ = ("busy", "counts", "retries", "runs", "timed", "total")
+    __slots__ = ("busy", "counts", "retries", "runs", "skipped", "timed", "total")
 
     def __init__(self) -> None:
         self.counts: Counter[Status] = Counter()
-        self.retries = self.timed = self.total = self.runs = 0
+        self.retries = self.timed = self.total = self.runs = self.skipped = 0
         self.busy = 0.0
 
     def add(self, run: _BatchRun) -> None:
         self.counts.update(run.counts)
         self.retries += run.retries
+        self.skipped += run.skipped
         self.timed += run.timed
         self.busy += run.busy
         self.total += run.total or 0  # known once the run is over
@@ -266,6 +270,7 @@ class ProgressMonitor:
             average=sum(tally.busy for tally in tallies) / timed if timed else None,
             last_message=self._last_message,
             running_tasks=tuple((key, max(0.0, now - since)) for since, key in heapq.nsmallest(RUNNING_SHOWN, started)),
+            skipped=sum(tally.skipped for tally in tallies),
         )
 
     def _total(self, done: int) -> int | None:
@@ -319,6 +324,8 @@ def report(stats: ProgressStatistics) -> RenderableType:
                f"{cancelled} cancelled"
     else:
         head = f"{batch}finished {_tasks(stats.done)} in {_seconds(stats.elapsed)}"
+    if stats.skipped:
+        head += f" ({stats.skipped} stored before, not run again)"
     return Group(Text(head, style="bold"), stats_table(stats.finished), Text(rates))
 
 

@@ -212,7 +212,8 @@ async def test_the_total_of_a_resumed_list_leaves_out_what_is_stored(scheduler: 
     release = gate()
     resumed = [Task(tasks.square, i, key=f"k{i}") for i in range(3)]  # stored: not run again
     resumed += [Task(tasks.wait_for_file, release, key="new-1"), Task(tasks.square, 7, key="new-2")]
-    async with ProgressMonitor(scheduler, console=plain_console(io.StringIO())) as monitor:
+    output = io.StringIO()
+    async with ProgressMonitor(scheduler, console=plain_console(output)) as monitor:
         running = asyncio.ensure_future(scheduler.run(resumed, batch_id="nightly", resume=True))
         ends = scheduler.events(kinds=[TaskFinished])
         await anext(ends)  # new-2 is done; new-1 waits for its gate
@@ -221,6 +222,8 @@ async def test_the_total_of_a_resumed_list_leaves_out_what_is_stored(scheduler: 
         assert (monitor.statistics().done, monitor.statistics().total) == (1, 2)
         await asyncio.to_thread(Path(release).touch)
         await running
+    assert monitor.statistics().skipped == 3
+    assert "finished 2 tasks in " in output.getvalue() and " (3 stored before, not run again)\n" in output.getvalue()
 
 
 async def test_a_batch_that_could_not_begin_is_not_counted(scheduler: Scheduler) -> None:
