@@ -230,15 +230,8 @@ async def test_a_listener_that_is_no_redis_fails_the_start(wrong: str, redis_url
         await writer.wait_closed()
 
     async with await asyncio.start_server(answer_as_http, "127.0.0.1", 0) as server:
-        urls = {"broker": f"{redis_url}/0", "result backend": f"{redis_url}/1"}
-        urls[wrong] = f"redis://127.0.0.1:{server.sockets[0].getsockname()[1]}/{0 if wrong == 'broker' else 1}"
-        scheduler = Scheduler(backend=CeleryBackend(urls["broker"], urls["result backend"]))
-        try:
-            with pytest.raises(BackendUnreachableError, match=rf"^the Celery {wrong} {re.escape(urls[wrong])} "
-                               r"cannot be reached \(.+\): check that it runs and that its URL is right$"):
-                await scheduler.run([Task(tasks.add, 1)])  # it raised redis' InvalidResponse
-        finally:
-            await scheduler.aclose()
+        # it raised redis' InvalidResponse
+        await the_start_fails_naming(wrong, server.sockets[0].getsockname()[1], redis_url, ".+")
 
 
 @pytest.mark.timeout(60)
@@ -247,16 +240,21 @@ async def test_a_server_that_never_answers_fails_the_start_within_the_socket_tim
         silent: str, redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(_celery, "SOCKET_TIMEOUT", 0.2)  # 5 s: four tries of the broker would take 20 s
     async with silent_server() as server:
-        urls = {"broker": f"{redis_url}/0", "result backend": f"{redis_url}/1"}
-        urls[silent] = f"redis://127.0.0.1:{server.port}/{0 if silent == 'broker' else 1}"
-        scheduler = Scheduler(backend=CeleryBackend(urls["broker"], urls["result backend"]))
-        try:
-            with pytest.raises(BackendUnreachableError, match=rf"^the Celery {silent} {re.escape(urls[silent])} "
-                               r"cannot be reached \(.*[Tt]imeout.*\): check that it runs and that its URL is right$"):
-                # a silent broker: the first send waited for ever; a silent result backend: redis.TimeoutError
-                await scheduler.run([Task(tasks.add, 1)])
-        finally:
-            await scheduler.aclose()
+        # a silent broker: the first send waited for ever; a silent result backend: redis.TimeoutError
+        await the_start_fails_naming(silent, server.port, redis_url, ".*[Tt]imeout.*")
+
+
+async def the_start_fails_naming(which: str, port: int, redis_url: str, reason: str) -> None:
+    """A scheduler whose broker or result backend (``which``) is at ``port`` fails its first run, naming it."""
+    urls = {"broker": f"{redis_url}/0", "result backend": f"{redis_url}/1"}
+    urls[which] = f"redis://127.0.0.1:{port}/{0 if which == 'broker' else 1}"
+    scheduler = Scheduler(backend=CeleryBackend(urls["broker"], urls["result backend"]))
+    try:
+        with pytest.raises(BackendUnreachableError, match=rf"^the Celery {which} {re.escape(urls[which])} "
+                           rf"cannot be reached \({reason}\): check that it runs and that its URL is right$"):
+            await scheduler.run([Task(tasks.add, 1)])
+    finally:
+        await scheduler.aclose()
 
 
 @pytest.mark.timeout(60)
