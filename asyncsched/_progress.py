@@ -52,6 +52,8 @@ REFRESH_PER_SECOND = 4
 """Redraws per second on a terminal."""
 PLAIN_INTERVAL = 5.0
 """Seconds between two plain lines when the output is not a terminal."""
+NARROW = 72
+"""A terminal narrower than this many columns shows the bar's row without the average and the elapsed time."""
 RUNNING_SHOWN = 5
 """Running tasks listed on a terminal (the longest-running first)."""
 
@@ -287,16 +289,21 @@ class ProgressMonitor:
 
     def _view(self, stats: ProgressStatistics) -> RenderableType:
         fraction = stats.fraction
-        bar = Table.grid(padding=(0, 1))
-        bar.add_row(
-            ProgressBar(total=None if fraction is None else 1.0, completed=fraction or 0.0, width=40,
-                        pulse=fraction is None),
+        cells: list[RenderableType] = [
             Text("  --%" if fraction is None else f"{fraction:5.1%}", style="bold"),
             f"{stats.done}/{'?' if stats.total is None else stats.total}",
             f"avg {_seconds(stats.average)}/task",
             f"elapsed {format_duration(stats.elapsed)}",
             Text(f"ETA {format_duration(stats.eta)}", style="cyan"),
-        )
+        ]
+        if self.console.width < NARROW:
+            del cells[2:4]  # the average and the elapsed time make way for the ETA
+        bar = Table.grid(padding=(0, 1))
+        bar.add_column(ratio=1, min_width=5, max_width=40)  # the bar takes what the numbers leave, up to 40
+        for _ in cells:
+            bar.add_column(no_wrap=True)
+        bar.add_row(ProgressBar(total=None if fraction is None else 1.0, completed=fraction or 0.0, width=None,
+                                pulse=fraction is None), *cells)
         counts = Text("  ".join(f"{status.value} {count}" for status, count in _counts(stats.finished)))
         for status, style in _STYLES.items():
             counts.highlight_words([f"{status.value} "], style)

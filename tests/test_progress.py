@@ -76,6 +76,18 @@ def test_plain_line_format() -> None:
     assert "| success - |" in statistics(finished=Stats()).line()  # no task has finished: no rate yet, not 0.0%
 
 
+@pytest.mark.parametrize("width", [40, 60, 120])
+async def test_the_bars_row_keeps_the_percentage_the_count_and_the_eta_on_one_line(width: int,
+                                                                                   scheduler: Scheduler) -> None:
+    output = io.StringIO()
+    console = Console(file=output, width=width, force_terminal=True, color_system=None)
+    monitor = ProgressMonitor(scheduler, console=console)
+    console.print(monitor._view(statistics(finished=Stats.of({Status.COMPLETED: 2212}), total=4000)))
+    first = output.getvalue().splitlines()[0]
+    assert "55.3% 2212/4000 " in first and first.endswith("ETA 0:00:06"), first  # a narrow one wrapped, mid-number
+    assert ("avg 1.50s/task elapsed 0:00:08" in first) is (width >= 72)
+
+
 def test_durations() -> None:
     assert [format_duration(s) for s in (None, 0, 59.6, 65, 3600 * 25 + 61)] == [
         "--:--:--", "0:00:00", "0:01:00", "0:01:05", "25:01:01"]
