@@ -284,6 +284,10 @@ async def _schedule(batch: Any, args: argparse.Namespace) -> Summary:
             print(f"asyncsched {args.name}: {args.db} has no batch {args.batch_id!r} yet: starting it", file=sys.stderr)
         try:
             return await scheduler.run(batch, batch_id=args.batch_id, resume=args.resume)
+        except asyncio.CancelledError:
+            if scheduler._sigterm_received:  # the scheduler stops its workers, then ends the process by SIGTERM
+                print(f"asyncsched {args.name}: terminated", file=sys.stderr)
+            raise
         except ConfigurationError as exc:  # its advice names the arguments of run(): name the options instead
             raise UsageError(str(exc).replace("pass resume=True", "pass --resume")
                              .replace("another batch_id", "another --batch-id")) from None

@@ -551,3 +551,21 @@ def test_ctrl_c_stops_the_run_with_130_and_says_so_and_resume_finishes_it(tmp_pa
     assert "\nasyncsched run: interrupted\n" in shown
     Path(release).touch()
     assert main([*argv, "--resume", "--no-progress"]) == 0  # what was cancelled runs; what finished does not
+
+
+def test_sigterm_stops_the_run_says_so_and_ends_the_process_by_it(tmp_path: Path, gate: Callable[[], str]) -> None:
+    release, fifo, log = gate(), tmp_path / "started", os.fspath(tmp_path / "runs")
+    os.mkfifo(fifo)
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+    jobs = write_lines(tmp_path / "jobs.jsonl", *([log, os.fspath(fifo), f"k{n}", release] for n in range(4)))
+    process = subprocess.Popen([os.fspath(CONSOLE_SCRIPT), "run", "tests.tasks:log_and_announce", "--input", jobs,
+                                "--workers", "2", "--no-progress"], cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    try:
+        assert select.select([reader], [], [], 30)[0], "no task started"
+        process.terminate()
+        _, err = process.communicate(timeout=30)
+    finally:
+        process.kill()
+        os.close(reader)
+    assert process.returncode == -signal.SIGTERM  # after it stopped its workers
+    assert err == "asyncsched run: terminated\n"
