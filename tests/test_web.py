@@ -321,6 +321,7 @@ BAD_SUBMISSIONS: list[tuple[Any, int, str, str | None]] = [
     ({"task": "square", "inputs": [1], "retries": 1.5}, 400, "'retries' must be a non-negative integer", "retries"),
     ({"task": "square", "inputs": [1], "batch_id": "a/b"}, 400, "'batch_id' must be", "batch_id"),
     ({"task": "square", "inputs": [1], "batch_id": 12}, 400, "'batch_id' must be", "batch_id"),
+    ({"task": "square", "inputs": [1], "batch_id": ".."}, 400, "not . or .. (which no URL can hold)", "batch_id"),
 ]
 
 
@@ -373,7 +374,7 @@ async def test_a_batch_id_that_exists_is_a_conflict(client: Client) -> None:
     await run_batch(client, "once", task="square", inputs=[1])
     response = await client.post(f"{API}/batches", json={"task": "square", "inputs": [1], "batch_id": "once"})
     assert response.status == 409
-    assert "already exists" in (await response.json())["error"]
+    assert (await response.json())["error"] == "batch 'once' already exists: submit it under another batch_id"
 
 
 async def test_a_running_batch_id_is_a_conflict(client: Client) -> None:
@@ -392,6 +393,7 @@ async def test_a_running_batch_id_is_a_conflict(client: Client) -> None:
     ("/batches/nope/results", 404, "no batch 'nope'"),
     ("/batches?limit=0", 400, "'limit' must be an integer of at least 1"),
     ("/batches?limit=ten", 400, "'limit' must be an integer"),
+    *((f"/batches?limit={text}", 400, "'limit' must be an integer") for text in ("%205", "1_0", "%D9%A3", "+5")),
     ("/batches?offset=-1", 400, "'offset' must be an integer of at least 0"),
     ("/batches/x/results?offset=9223372036854775808", 400, "'offset' must be an integer of at least 0 and at most "
                                                          "9223372036854775807"),

@@ -326,8 +326,8 @@ class _Api:
         await asyncio.wait([job, began], return_when=asyncio.FIRST_COMPLETED)
         if not began.done():  # the batch could not begin
             exc = job.exception()
-            if isinstance(exc, ConfigurationError):  # the store has a batch of that id
-                _fail(409, str(exc))
+            if isinstance(exc, ConfigurationError):  # the store has a batch of that id; its advice is run()'s
+                _fail(409, f"batch {batch_id!r} already exists: submit it under another batch_id")
             _fail(503, f"the batch could not start: {type(exc).__name__}: {exc}")
         location = f"{self.prefix}/api/batches/{batch_id}"
         return web.json_response({"batch_id": batch_id, "state": "running", "expected": len(tasks),
@@ -369,9 +369,9 @@ class _Api:
         batch_id = body.get("batch_id")
         if batch_id is None:
             batch_id = uuid.uuid4().hex[:12]
-        elif not isinstance(batch_id, str) or not BATCH_ID.fullmatch(batch_id):
-            _fail(400, f"field 'batch_id' must be 1 to 100 letters, digits or _.:- characters, "
-                  f"got {batch_id!r}", field="batch_id")
+        elif not isinstance(batch_id, str) or not BATCH_ID.fullmatch(batch_id) or batch_id in (".", ".."):
+            _fail(400, f"field 'batch_id' must be 1 to 100 letters, digits or _.:- characters, and not . or .. "
+                  f"(which no URL can hold), got {batch_id!r}", field="batch_id")
         return _Submission(fn, name, inputs, timeout, retries, batch_id)
 
     async def _run(self, batch_id: str, name: str, tasks: list[Task], began: asyncio.Future[None]) -> None:
@@ -501,7 +501,7 @@ def _query_int(request: web.Request, name: str, default: int, minimum: int) -> i
     text = request.query.get(name)
     if text is None or text == "":
         return default
-    with contextlib.suppress(ValueError):
+    if text.isascii() and text.isdigit():  # not int()'s " 5", "1_0" or other scripts' digits
         value = int(text)
         if minimum <= value <= MAX_QUERY_INT:
             return value
