@@ -370,6 +370,19 @@ async def test_a_chunked_body_over_the_limit_is_refused(client: Client) -> None:
     assert response.status == 413
 
 
+async def test_a_page_of_big_results_ends_early_and_paging_on_from_what_came_gets_the_rest(
+        aiohttp_client: AiohttpClient) -> None:
+    client = await make_client(aiohttp_client, limits=Limits(max_body=1 << 17, max_page=10, default_page=10,
+                                                             max_page_bytes=3000))
+    await run_batch(client, "big", task="say", inputs=["x" * 500] * 8)  # about 1,300 bytes a result (value, message)
+    keys: list[str] = []
+    while len(keys) < 8:
+        page = await get_json(client, f"/batches/big/results?offset={len(keys)}")
+        assert page["total"] == 8 and page["limit"] == 10 and 1 <= len(page["results"]) <= 3, page
+        keys += [result["key"] for result in page["results"]]
+    assert sorted(keys) == [str(n) for n in range(8)]  # each once, oldest first as they finished
+
+
 async def test_a_batch_id_that_exists_is_a_conflict(client: Client) -> None:
     await run_batch(client, "once", task="square", inputs=[1])
     response = await client.post(f"{API}/batches", json={"task": "square", "inputs": [1], "batch_id": "once"})

@@ -89,6 +89,9 @@ class Limits:
     """Results or batches in one page: a larger ``limit`` is capped to it."""
     default_page: int = 100
     """Page size when the request gives no ``limit``."""
+    max_page_bytes: int = 16 << 20
+    """JSON bytes of the results of one page: a page ends early, before ``limit``, once past it (it holds one
+    result at least), so large stored values never make a response, or the server's memory, balloon."""
     event_backlog: int = 1000
     """Events kept for clients that reconnect with ``Last-Event-ID``."""
     heartbeat: float = 15.0
@@ -424,12 +427,20 @@ class _Api:
         stats = await self.scheduler.stats(batch_id)
         if stats.total == 0:
             await self._batch(batch_id)  # 404 when there is no such batch
-        rows = await self.scheduler.results(batch_id, status=status, limit=limit, offset=offset)
-        return web.json_response({
-            "results": [result_json(r) for r in rows],
-            "total": stats.total if status is None else getattr(stats, status),
-            "limit": limit, "offset": offset,
-        })
+        texts: list[str] = []  # each result as JSON
+        size, ask = 0, 1  # the first result tells how many more the byte budget may hold
+        while True:
+            rows = await self.scheduler.results(batch_id, status=status, limit=ask, offset=offset + len(texts))
+            for row in rows:
+                texts.append(json.dumps(result_json(row)))  # ASCII: as many bytes as characters
+                size += len(texts[-1])
+            left = limit - len(texts)
+            if len(rows) < ask or not left or size >= self.limits.max_page_bytes:
+                break
+            ask = min(left, max(1, (self.limits.max_page_bytes - size) * len(texts) // size))
+        total = stats.total if status is None else getattr(stats, status)
+        return web.Response(text=f'{{"results": [{", ".join(texts)}], "total": {total}, "limit": {limit}, '
+                                 f'"offset": {offset}}}', content_type="application/json")
 
     # -- events ----------------------------------------------------------------------------
 

@@ -23,6 +23,7 @@ const state = {
   lastTimestamp: new Map(), // batch_id -> server time of its latest event
   selected: null,
   offset: 0,
+  shown: 0, // results on the page shown: the next page starts after them
   started: false,
 };
 
@@ -349,7 +350,8 @@ async function loadResults() {
     return row;
   });
   $("#results tbody").replaceChildren(...rows);
-  const last = Math.min(page.offset + page.limit, page.total);
+  state.shown = page.results.length;
+  const last = Math.min(page.offset + page.results.length, page.total); // a page of big values ends early
   $("#results-range").textContent = page.total ? `${page.offset + 1}–${last} of ${page.total}` : "none";
   $("#results-prev").disabled = page.offset === 0;
   $("#results-next").disabled = last >= page.total;
@@ -430,7 +432,7 @@ document.addEventListener("DOMContentLoaded", () => {
     loadResults();
   });
   $("#results-next").addEventListener("click", () => {
-    state.offset += RESULTS_PAGE;
+    state.offset += state.shown;
     loadResults();
   });
   start();
