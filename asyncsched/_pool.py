@@ -337,6 +337,12 @@ class _Worker:
         """The running call."""
         return self.calls[0] if self.calls else None
 
+    @property
+    def in_call(self) -> bool:
+        """Whether the worker has begun its running call, as it says in ``last_begun``: else it is between two
+        calls (or was never sent one)."""
+        return bool(self.calls) and self.last_begun.value == self.calls[0].call_id
+
     def signal(self, signum: int) -> None:
         """Signal the worker's whole process group (the task's own children too)."""
         try:
@@ -871,7 +877,7 @@ class ProcessPool(concurrent.futures.Executor):
         if worker.deadline is not None:
             worker.deadline.cancel()
         running = worker.call
-        if running is None or running.done or running.given_back or worker.last_begun.value == running.call_id:
+        if running is None or running.done or running.given_back or worker.in_call:
             self._crash_running_call(worker, f"worker {worker.pid} {_describe_exit(code)}")
         else:  # the worker died before it began its running call: that goes back, once (see _requeue)
             running.given_back = True
@@ -1211,7 +1217,7 @@ class ProcessPool(concurrent.futures.Executor):
             self._read(worker)  # a call that has just finished is not the one to blame
             running = worker.call
             if running is not None and not worker.killed:
-                if worker.last_begun.value == running.call_id:  # else it is between two calls: it goes back
+                if worker.in_call:  # else it is between two calls: the call it was sent goes back
                     self._crash_running_call(worker, f"worker {worker.pid} used {rss / 2**20:.0f} MiB, over "
                                                      f"max_memory_per_child={limit / 2**20:.0f} MiB; it was killed",
                                              "MemoryError")
