@@ -403,6 +403,11 @@ class ProcessPool(concurrent.futures.Executor):
         self._ctx = _context(mp_context)
         self._max_tasks = max_tasks_per_child
         self._max_memory = parse_size(max_memory_per_child)
+        if self._max_memory is not None and self._max_memory < WORKER_MEMORY:
+            raise ConfigurationError(
+                f"max_memory_per_child={max_memory_per_child!r} is less than a worker takes before it runs anything "
+                f"(over {WORKER_MEMORY >> 20} MiB): every task would be killed; set a limit above what your "
+                "largest task needs, such as \"1GB\"")
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_says_its_thread = False  # an asyncio loop, which keeps the id of the thread that runs it
         self._starting = threading.Lock()
@@ -1007,7 +1012,12 @@ class ProcessPool(concurrent.futures.Executor):
         elif kind == READY:
             worker.ready = True
             self._start_failures = 0
-            if self._closed:
+            limit = self._max_memory
+            if limit is not None and (rss := _rss(worker.pid) or 0) > limit:
+                self._break(f"a worker takes {rss / 2**20:.0f} MiB before it runs anything, more than "
+                            f"max_memory_per_child={limit / 2**20:.0f} MiB: every task would be killed; raise the "
+                            "limit above what your largest task needs")
+            if self._closed or self._broken is not None:
                 self._retire(worker)
             else:
                 self._ready.append(worker)
@@ -1208,12 +1218,9 @@ class ProcessPool(concurrent.futures.Executor):
         for worker in list(self._workers):
             if worker.call is None or worker.killed:
                 continue
-            try:
-                rss = psutil.Process(worker.pid).memory_info().rss
-            except psutil.Error:
-                continue  # it is exiting; the sentinel tells
-            if rss <= limit:
-                continue
+            rss = _rss(worker.pid)
+            if rss is None or rss <= limit:
+                continue  # (None: it is exiting; the sentinel tells)
             self._read(worker)  # a call that has just finished is not the one to blame
             running = worker.call
             if running is not None and not worker.killed:
@@ -1256,6 +1263,14 @@ def _running_loop() -> asyncio.AbstractEventLoop | None:
     try:
         return asyncio.get_running_loop()
     except RuntimeError:
+        return None
+
+
+def _rss(pid: int) -> int | None:
+    """The resident memory of process ``pid``, None if it is gone."""
+    try:
+        return int(psutil.Process(pid).memory_info().rss)
+    except psutil.Error:
         return None
 
 

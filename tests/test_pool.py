@@ -24,7 +24,7 @@ import uvloop
 
 from asyncsched import Outcome, ProcessPool, Status, TaskFailedError, _worker
 from asyncsched._errors import BrokenPoolError, ClosedError, ConfigurationError
-from asyncsched._pool import MAX_DEPTH, parse_size
+from asyncsched._pool import MAX_DEPTH, WORKER_MEMORY, parse_size
 
 from . import faults, tasks
 from .util import wait_gone
@@ -826,6 +826,18 @@ async def test_a_result_sent_just_before_the_exit_is_kept_when_the_exit_is_seen_
         follow = await pool.call(tasks.square, (3,))
     assert (outcome.status, outcome.value) == (Status.COMPLETED, 42)
     assert follow.value == 9
+
+
+def test_a_memory_limit_below_what_any_worker_takes_is_refused() -> None:
+    with pytest.raises(ConfigurationError, match=r"max_memory_per_child='1KB' is less than a worker takes"):
+        ProcessPool(1, max_memory_per_child="1KB")
+
+
+async def test_a_memory_limit_below_an_idle_workers_size_breaks_the_pool_with_the_reason() -> None:
+    async with ProcessPool(1, max_memory_per_child=WORKER_MEMORY) as pool:  # accepted: idle workers take more
+        with pytest.raises(BrokenPoolError, match=r"before it runs anything, more than max_memory_per_child=12 MiB"):
+            await pool.call(tasks.square, (3,))
+        assert pool.pids == []  # the worker was sent away
 
 
 def test_memory_limits_are_read_in_decimal_and_binary_units() -> None:
