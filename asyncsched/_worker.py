@@ -3,7 +3,8 @@
 This module is all a worker process imports of asyncsched. It must import
 neither asyncio machinery nor aiosqlite, and nothing from the parent's side.
 
-Wire protocol: one socket pair per worker; every frame is a length-prefixed
+Wire protocol: one socket pair per worker for the parent's frames, and one
+pipe for the worker's (the doorbell, below, is a second socket pair); every frame is a length-prefixed
 pickle, in the framing of ``multiprocessing.connection.Connection``; from the
 worker, each frame is one message::
 
@@ -196,7 +197,7 @@ def _pickling_error(what: str, exc: BaseException) -> pickle.PicklingError:
 
 
 class _Channel:
-    """The worker's end of the socket: each message written at once, in a frame of its own.
+    """The worker's end of its pipe to the parent: each message written at once, in a frame of its own.
 
     The lock keeps frames whole when threads of a task call ``report()`` while
     the worker's own thread sends. A ``report()`` from a signal handler runs in
@@ -362,13 +363,15 @@ def _exit(code: int) -> NoReturn:
     os._exit(code)
 
 
-def worker_main(conn: Connection, doorbell: Connection, last_begun: Any) -> None:
+def worker_main(conn: Connection, doorbell: Connection, results: Connection, last_begun: Any) -> None:
     """Entry point of a pool worker: serve calls from ``conn`` until told to stop.
 
     ``last_begun`` is a shared ``c_longlong``: the id of the last call this worker began, which tells the parent,
     should the worker die, whether the first call it was sent had started.
     """
     os.setpgrp()  # a kill of this worker's group takes the task's own children too
+    with contextlib.suppress(AttributeError, OSError):  # Linux: woken by new calls, wait for a core rather than
+        os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))  # preempt the parent, which sets the pace
     _die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the orchestrator's to handle
     # Forked from a loop that handles SIGTERM, a worker would pass a SIGTERM sent to it on to its parent through
@@ -376,7 +379,7 @@ def worker_main(conn: Connection, doorbell: Connection, last_begun: Any) -> None
     signal.set_wakeup_fd(-1)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     os.register_at_fork(after_in_child=_not_a_worker)  # a task's forked child does not speak for the task
-    channel = _Channel(conn)
+    channel = _Channel(results)
     try:
         channel.send((READY, os.getpid()))
         inbox = _Inbox(conn, doorbell, channel)

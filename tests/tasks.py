@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -112,3 +114,10 @@ def report_each(*reports: tuple[str | None, float | None]) -> None:
     """Call ``report(message, progress)`` once for each pair, in order."""
     for message, progress in reports:
         report(message=message, progress=progress)
+
+
+def scheduling_policies() -> tuple[int, int]:
+    """This process's scheduling policy, and that of a child it starts."""
+    code = "import os; print(os.sched_getscheduler(0))"
+    child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return os.sched_getscheduler(0), int(child.stdout)

@@ -828,6 +828,30 @@ async def test_a_result_sent_just_before_the_exit_is_kept_when_the_exit_is_seen_
     assert follow.value == 9
 
 
+@pytest.mark.skipif(not hasattr(os, "SCHED_BATCH"), reason="a Linux scheduling policy")
+async def test_workers_run_under_sched_batch_and_so_do_their_tasks_children() -> None:
+    async with ProcessPool(1) as pool:
+        outcome = await pool.call(tasks.scheduling_policies)
+    worker, child = outcome.value
+    assert worker == child == os.SCHED_BATCH
+    assert os.sched_getscheduler(0) != os.SCHED_BATCH  # the orchestrator keeps its own
+
+
+async def test_replacing_workers_leaves_no_file_descriptor_behind() -> None:
+    def open_fds() -> int:
+        return len(os.listdir("/proc/self/fd" if os.path.isdir("/proc/self/fd") else "/dev/fd"))
+
+    before = open_fds()
+    async with ProcessPool(1, max_tasks_per_child=1) as pool:
+        await pool.call(tasks.square, (1,))
+        await pool.call(tasks.square, (2,))  # the first worker is gone, its replacement is there
+        steady = open_fds()
+        for n in range(20):
+            await pool.call(tasks.square, (n,))
+        assert open_fds() == steady
+    assert open_fds() == before
+
+
 def test_a_memory_limit_below_what_any_worker_takes_is_refused() -> None:
     with pytest.raises(ConfigurationError, match=r"max_memory_per_child='1KB' is less than a worker takes"):
         ProcessPool(1, max_memory_per_child="1KB")
