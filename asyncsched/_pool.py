@@ -1036,6 +1036,7 @@ class ProcessPool(concurrent.futures.Executor):
     def _next(self, worker: _Worker, now: float | None = None) -> None:
         """The worker's running call has ended, or was revoked: the next one begins, or it retires."""
         worker.deadline_at = None  # the timer, if any, stays: it re-checks when it fires
+        worker.begun = worker.told = None  # an idle worker keeps nothing of its last call (its listener, its args)
         if worker.calls:
             self._begin(worker, worker.calls[0], now)
         elif worker.retiring:

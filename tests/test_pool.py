@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import gc
 import multiprocessing.context
 import os
 import pickle
@@ -14,6 +15,7 @@ import subprocess
 import sys
 import threading
 import types
+import weakref
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -826,6 +828,17 @@ async def test_a_result_sent_just_before_the_exit_is_kept_when_the_exit_is_seen_
         follow = await pool.call(tasks.square, (3,))
     assert (outcome.status, outcome.value) == (Status.COMPLETED, 42)
     assert follow.value == 9
+
+
+async def test_an_idle_pool_keeps_nothing_of_the_calls_it_ran() -> None:
+    async with ProcessPool(1) as pool:
+        heard = Heard()
+        pool.start_call(tasks.square, (3,), heard, timeout=30)
+        await heard.outcome
+        listener = weakref.ref(heard)
+        del heard
+        gc.collect()
+        assert listener() is None  # nor what it holds: a scheduler's record of a task, with the task's arguments
 
 
 @pytest.mark.skipif(not hasattr(os, "SCHED_BATCH"), reason="a Linux scheduling policy")
