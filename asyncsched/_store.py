@@ -9,13 +9,14 @@ background. Queries are async. ``Scheduler(store=None)`` uses
 from __future__ import annotations
 
 import abc
+import itertools
 import time
 from collections import Counter, deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from ._errors import ConfigurationError
-from ._models import Stats, Status, TaskResult
+from ._models import Stats, Status, TaskResult, is_int
 
 __all__ = ["MAX_BACKLOG", "BatchInfo", "MemoryStore", "Store"]
 
@@ -127,14 +128,21 @@ class MemoryStore(Store):
 
     Counts are exact for every batch; of the results themselves the latest
     ``max_results`` are kept (all of them with ``None``), so that a stream of
-    millions of tasks runs in flat memory. As in a SQLite store, a resumed
+    millions of tasks runs in flat memory. Of the batches, the latest
+    ``max_batches`` are kept: past that, the oldest that have ended are
+    forgotten, with what is kept of their results, so that a service running
+    batch after batch runs in flat memory too. As in a SQLite store, a resumed
     batch's new result for a key replaces the one stored before; a batch some
     of whose results are no longer kept cannot be resumed.
     """
 
-    def __init__(self, max_results: int | None = 10_000) -> None:
+    def __init__(self, max_results: int | None = 10_000, *, max_batches: int | None = 10_000) -> None:
+        for name, value in (("max_results", max_results), ("max_batches", max_batches)):
+            if value is not None and not (is_int(value) and value >= 1):
+                raise ConfigurationError(f"{name} must be an int of at least 1, or None to keep all, got {value!r}")
         self._results: deque[TaskResult] = deque(maxlen=max_results)
         self._batches: dict[str, _Batch] = {}
+        self._max_batches = max_batches
 
     async def begin_batch(self, batch_id: str, *, name: str | None = None,
                           resume: bool = False) -> Mapping[str, TaskResult]:
@@ -156,7 +164,18 @@ class MemoryStore(Store):
             batch.rerun = {key: r for key, r in previous.items() if r.status is Status.CANCELLED}
             return {key: r for key, r in previous.items() if key not in batch.rerun}
         self._batches[batch_id] = _Batch(name)
+        if self._max_batches is not None and len(self._batches) > self._max_batches:
+            self._forget(len(self._batches) - self._max_batches)
         return {}
+
+    def _forget(self, count: int) -> None:
+        """Forget the ``count`` oldest batches that have ended (fewer if fewer have), and their results."""
+        ended = (batch_id for batch_id, batch in self._batches.items() if batch.finished_at is not None)
+        forgotten = set(itertools.islice(ended, count))
+        for batch_id in forgotten:
+            del self._batches[batch_id]
+        if any(r.batch_id in forgotten for r in self._results):
+            self._results = deque((r for r in self._results if r.batch_id not in forgotten), self._results.maxlen)
 
     def add(self, result: TaskResult) -> None:
         batch = self._batches[result.batch_id]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import datetime
 import errno
 import itertools
@@ -845,6 +846,26 @@ async def test_the_memory_store_refuses_to_resume_a_batch_whose_results_it_no_lo
     with pytest.raises(ConfigurationError, match="has 4 results and this MemoryStore keeps only the latest 3"):
         await store.begin_batch("b", resume=True)
     assert (await store.stats("b")).completed == 4
+
+
+async def test_the_memory_store_forgets_its_oldest_ended_batches_past_max_batches() -> None:
+    store = MemoryStore(max_batches=2)
+    await store.begin_batch("running")  # never ended: never forgotten
+    for batch_id in ("old", "new"):
+        await store.begin_batch(batch_id)
+        store.add(dataclasses.replace(_completed("k", 1), batch_id=batch_id))
+        await store.end_batch(batch_id)
+    assert [b.batch_id for b in await store.batches()] == ["running", "new"]
+    assert [r.batch_id for r in await store.results()] == ["new"]  # and its results with it
+    assert (await store.stats("old")).total == 0
+    assert await store.begin_batch("old", resume=True) == {}  # a new batch again
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, "10"])
+def test_the_memory_store_refuses_a_bound_that_is_not_a_positive_int(bad: Any) -> None:
+    for name in ("max_results", "max_batches"):
+        with pytest.raises(ConfigurationError, match=f"{name} must be an int of at least 1, or None to keep all"):
+            MemoryStore(**{name: bad})
 
 
 @pytest.mark.parametrize(("progress", "back"), [(math.inf, None), (1e20, 1e20)])
