@@ -311,13 +311,14 @@ class _CallFuture(asyncio.Future[Outcome]):
 
 class _Worker:
     __slots__ = ("began", "begun", "calls", "calls_sent", "deadline", "deadline_at", "doorbell", "fd", "inbuf",
-                 "killed", "last_begun", "outbuf", "pid", "process", "ready", "results", "retiring", "revoking", "sock",
-                 "timer_at", "told")
+                 "killed", "last_begun", "outbuf", "pid", "process", "ready", "results", "retiring", "revokes",
+                 "revoking", "sock", "timer_at", "told")
 
     def __init__(self, process: Any, sock: socket.socket, doorbell: socket.socket, results: int,
-                 last_begun: Any) -> None:
+                 last_begun: Any, revokes: Any) -> None:
         self.process = process
         self.last_begun = last_begun  # shared with the worker: the id of the last call it began (-1: none yet)
+        self.revokes = revokes  # shared with the worker: how many revokes were sent to it
         self.sock = sock
         self.doorbell = doorbell  # rung after a revoke, for the worker to answer it even while a call runs
         self.fd = sock.fileno()
@@ -804,8 +805,8 @@ class ProcessPool(concurrent.futures.Executor):
         doorbell, child_doorbell = socket.socketpair()
         results, child_results = os.pipe()
         child_conns = (Connection(child_sock.detach()), Connection(child_doorbell.detach()), Connection(child_results))
-        last_begun = self._ctx.RawValue("q", -1)
-        process = self._ctx.Process(target=worker_main, args=(*child_conns, last_begun), name="asyncsched-worker")
+        shared = self._ctx.RawValue("q", -1), self._ctx.RawValue("q", 0)  # last_begun, revokes
+        process = self._ctx.Process(target=worker_main, args=(*child_conns, *shared), name="asyncsched-worker")
         try:
             process.start()
         finally:
@@ -814,7 +815,7 @@ class ProcessPool(concurrent.futures.Executor):
         parent_sock.setblocking(False)
         doorbell.setblocking(False)
         os.set_blocking(results, False)
-        worker = _Worker(process, parent_sock, doorbell, results, last_begun)
+        worker = _Worker(process, parent_sock, doorbell, results, *shared)
         self._workers.add(worker)
         self._started += 1
         assert self._all_exited is not None
@@ -1257,6 +1258,7 @@ class ProcessPool(concurrent.futures.Executor):
     def _revoke(self, worker: _Worker, call_ids: set[int]) -> None:
         """Ask ``worker`` for these calls back, queued there behind another; it answers with the ones it had
         not started (see _on_revoked; a cancelled one it had started gets ``ABANDONED_GRACE``, see _begin)."""
+        worker.revokes.value += 1  # before the frame: the worker looks for it before each call until it has it
         if not worker.killed and self._send(worker, pickle.dumps(call_ids, _PROTOCOL)):
             worker.revoking.append(call_ids)
             with contextlib.suppress(OSError):  # full: it rings already; gone: its exit tells the rest

@@ -363,11 +363,13 @@ def _exit(code: int) -> NoReturn:
     os._exit(code)
 
 
-def worker_main(conn: Connection, doorbell: Connection, results: Connection, last_begun: Any) -> None:
+def worker_main(conn: Connection, doorbell: Connection, results: Connection, last_begun: Any,
+                revokes: Any) -> None:
     """Entry point of a pool worker: serve calls from ``conn`` until told to stop.
 
     ``last_begun`` is a shared ``c_longlong``: the id of the last call this worker began, which tells the parent,
-    should the worker die, whether the first call it was sent had started.
+    should the worker die, whether the first call it was sent had started. ``revokes``, another, counts the
+    revokes the parent has sent (see ``_Inbox``).
     """
     os.setpgrp()  # a kill of this worker's group takes the task's own children too
     with contextlib.suppress(AttributeError, OSError):  # Linux: woken by new calls, wait for a core rather than
@@ -382,7 +384,7 @@ def worker_main(conn: Connection, doorbell: Connection, results: Connection, las
     channel = _Channel(results)
     try:
         channel.send((READY, os.getpid()))
-        inbox = _Inbox(conn, doorbell, channel)
+        inbox = _Inbox(conn, doorbell, channel, revokes)
         while (call := inbox.next()) is not None:
             _run_call(channel, last_begun, *call)
     except ConnectionError:  # the parent is gone (killed, say): there is no one left to tell
@@ -393,9 +395,11 @@ def worker_main(conn: Connection, doorbell: Connection, results: Connection, las
 class _Inbox:
     """The calls sent to this worker and not started yet.
 
-    The worker's own thread takes in what the parent sends before each call,
-    waiting for it when it has nothing to run: a revoke that came while a call
-    ran (even one holding the GIL) still counts. The parent rings ``doorbell``
+    The worker's own thread takes in what the parent sends when it has nothing
+    to run, waiting for it, and before each call while the parent has sent a
+    revoke that it has not taken in (the count in ``revokes``, shared with the
+    parent, tells without a system call): a revoke that came while a call ran
+    (even one holding the GIL) still counts. The parent rings ``doorbell``
     after each revoke; a thread of the worker, woken by it alone, takes in what
     has come while a call runs, so a revoke is answered then, even if that call
     never ends. Frames are taken in, and calls started, under one lock: each
@@ -403,9 +407,11 @@ class _Inbox:
     reaches the parent before the result of any call started after it.
     """
 
-    def __init__(self, conn: Connection, doorbell: Connection, channel: _Channel) -> None:
+    def __init__(self, conn: Connection, doorbell: Connection, channel: _Channel, revokes: Any) -> None:
         self.conn = conn
         self.channel = channel
+        self.revokes = revokes  # sent by the parent
+        self.revokes_taken = 0
         self.reading = threading.Lock()
         self.queue: deque[tuple[int, bytes | None, bytes | tuple[Any, ...]]] = deque()
         self.leaving = False  # told to stop, or orphaned: no more calls will come
@@ -415,7 +421,8 @@ class _Inbox:
     def next(self) -> tuple[int, bytes | None, bytes | tuple[Any, ...]] | None:
         """The next call to run, once there is one; None when the worker is to leave."""
         with self.reading:
-            while not self.leaving and (not self.queue or self.sent.poll(0)):  # sent, and not taken in yet
+            while not self.leaving and (not self.queue or (self.revokes.value != self.revokes_taken
+                                                           and self.sent.poll(0))):  # sent, not taken in yet
                 self._take_one()  # waits for a frame when the queue is empty
             return self.queue.popleft() if self.queue else None
 
@@ -441,6 +448,7 @@ class _Inbox:
         if frame is None:
             self.leaving = True
         elif isinstance(frame, set):
+            self.revokes_taken += 1
             revoked = [call[0] for call in self.queue if call[0] in frame]
             if revoked:
                 self.queue = deque(call for call in self.queue if call[0] not in frame)
