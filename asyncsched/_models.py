@@ -189,7 +189,7 @@ class Outcome:
         if blob is not None:
             try:
                 exc = pickle.loads(blob)
-            except Exception:
+            except BaseException:  # a reducer may raise anything, SystemExit and KeyboardInterrupt too
                 exc = None
             if isinstance(exc, BaseException):
                 exc.__cause__ = RemoteTraceback(tb)

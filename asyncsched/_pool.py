@@ -1294,7 +1294,7 @@ def _report_data(data: bytes | None) -> dict[str, Any]:
         return {}
     try:
         loaded: dict[str, Any] = pickle.loads(data)
-    except Exception as exc:  # e.g. a value whose class cannot be imported here
+    except BaseException as exc:  # e.g. a class that cannot be imported here, or a reducer calling sys.exit()
         return {"error": f"the data of this report could not be unpickled here: {error_info(exc)[1]}"}
     return loaded
 
@@ -1305,7 +1305,7 @@ def _outcome(pid: int, how: int, value: Any, started: float, finished: float) ->
     if how == PICKLED:
         try:
             value = pickle.loads(value)
-        except Exception as exc:  # e.g. the value's class cannot be imported here
+        except BaseException as exc:  # e.g. its class cannot be imported here, or a reducer calls sys.exit()
             return unreadable_result(exc, pid=pid, started_at=started, finished_at=finished)
         return Outcome(Status.COMPLETED, value, None, None, None, None, pid, started, finished)
     return Outcome.from_error(value, pid=pid, started_at=started, finished_at=finished)  # ERROR (checked by _read)

@@ -91,6 +91,62 @@ def return_unloadable_in_a_list() -> Any:
     return [1, Unloadable()]
 
 
+def _raise_on_load(kind: str) -> None:
+    if kind == "exit":
+        sys.exit("a reducer called sys.exit()")
+    raise KeyboardInterrupt
+
+
+class RaisesOnLoad:
+    """Pickles; unpickling it raises SystemExit (``kind="exit"``) or KeyboardInterrupt, as a hostile reducer may."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_raise_on_load, (self.kind,))
+
+
+def return_raising_on_load(kind: str) -> Any:
+    return RaisesOnLoad(kind)
+
+
+def report_raising_on_load(kind: str) -> int:
+    from asyncsched import report
+
+    report("here", thing=RaisesOnLoad(kind))
+    return 1
+
+
+class RaisesOnLoadElsewhereError(Exception):
+    """Unpickles in the process that pickled it (the worker checks that it does); anywhere else, in the parent,
+    unpickling it raises SystemExit or KeyboardInterrupt."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__(kind)
+        self.kind = kind
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild_where_pickled, (os.getpid(), self.kind))
+
+
+def _rebuild_where_pickled(pid: int, kind: str) -> RaisesOnLoadElsewhereError:
+    if os.getpid() != pid:
+        _raise_on_load(kind)
+    return RaisesOnLoadElsewhereError(kind)
+
+
+def raise_raising_on_load_in_the_parent(kind: str) -> None:
+    raise RaisesOnLoadElsewhereError(kind)
+
+
+def raise_raising_on_load(kind: str) -> None:
+    """Raises an exception whose unpickling raises SystemExit or KeyboardInterrupt, in the worker too."""
+    error = ValueError("cannot be rebuilt")
+    error.thing = RaisesOnLoad(kind)  # type: ignore[attr-defined]
+    raise error
+
+
 def fork_and_report() -> int:
     """Forks a child that calls report(); the child is not the worker, so nothing is reported."""
     from asyncsched import report

@@ -434,6 +434,28 @@ async def test_report_data_that_cannot_be_unpickled_here_spoils_only_that_report
     assert "could not be unpickled here: RuntimeError: this value cannot be rebuilt here" in str(reported[0].data)
 
 
+@pytest.mark.parametrize(("kind", "raised"), [("exit", "SystemExit: a reducer called sys.exit()"),
+                                              ("interrupt", "KeyboardInterrupt")])
+async def test_a_result_exception_or_report_whose_unpickling_here_raises_a_base_exception_spoils_only_itself(
+        scheduler: Scheduler, kind: str, raised: str) -> None:
+    events = scheduler.events(kinds=[TaskReported])
+    summary = await scheduler.run([Task(faults.return_raising_on_load, kind, key="result"),
+                                   Task(faults.raise_raising_on_load_in_the_parent, kind, key="exception"),
+                                   Task(faults.report_raising_on_load, kind, key="report"),
+                                   Task(tasks.square, 3, key="fine")])
+    await scheduler.aclose()
+    reported = [e async for e in events]
+    result, exception, report, fine = summary.results
+    assert result.status is Status.FAILED and result.error == f"the result could not be unpickled here: {raised}"
+    assert exception.status is Status.FAILED and exception.exception is None  # told as text only
+    assert exception.error == f"tests.faults.RaisesOnLoadElsewhereError: {kind}"
+    assert (report.value, fine.value) == (1, 9)
+    assert [(r.key, r.message) for r in reported] == [("report", "here")]
+    assert reported[0].data == {"error": f"the data of this report could not be unpickled here: {raised}"}
+    pool: ProcessPool = scheduler.backend.pool  # type: ignore[attr-defined]
+    assert (pool.statistics().crashed, pool.statistics().killed) == (0, 0)
+
+
 async def test_unimportable_function_fails_in_the_worker_with_a_clear_error(scheduler: Scheduler) -> None:
     module = types.ModuleType("made_up_in_the_parent")  # importable here only: workers cannot load it
     exec("def here_only():\n    return 1\n", module.__dict__)
