@@ -187,7 +187,7 @@ def error_info(exc: BaseException) -> ErrorInfo:
     try:
         blob = pickle.dumps(exc, _PROTOCOL)
         pickle.loads(blob)  # an exception that cannot be rebuilt travels as text only
-    except Exception:
+    except BaseException:  # whatever its reducer raises, SystemExit too, must not end this process
         blob = None
     return name, text, tb, blob
 

@@ -140,11 +140,33 @@ def raise_raising_on_load_in_the_parent(kind: str) -> None:
     raise RaisesOnLoadElsewhereError(kind)
 
 
-def raise_raising_on_load(kind: str) -> None:
-    """Raises an exception whose unpickling raises SystemExit or KeyboardInterrupt, in the worker too."""
+def _unloadable_error(kind: str) -> ValueError:
+    """An exception whose unpickling raises SystemExit or KeyboardInterrupt, wherever it happens."""
     error = ValueError("cannot be rebuilt")
     error.thing = RaisesOnLoad(kind)  # type: ignore[attr-defined]
-    raise error
+    return error
+
+
+def raise_raising_on_load(kind: str) -> None:
+    raise _unloadable_error(kind)
+
+
+def _raise_unloadable_error(kind: str) -> None:
+    raise _unloadable_error(kind)
+
+
+class RaisesUnloadableErrorOnLoad:
+    """Pickles; unpickling it raises an exception whose own unpickling raises SystemExit or KeyboardInterrupt."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_raise_unloadable_error, (self.kind,))
+
+
+def return_raising_unloadable_error_on_load(kind: str) -> Any:
+    return RaisesUnloadableErrorOnLoad(kind)
 
 
 def fork_and_report() -> int:

@@ -456,6 +456,22 @@ async def test_a_result_exception_or_report_whose_unpickling_here_raises_a_base_
     assert (pool.statistics().crashed, pool.statistics().killed) == (0, 0)
 
 
+@pytest.mark.parametrize("kind", ["exit", "interrupt"])
+async def test_an_exception_whose_unpickling_raises_a_base_exception_travels_as_text(scheduler: Scheduler,
+                                                                                    kind: str) -> None:
+    summary = await scheduler.run([Task(faults.raise_raising_on_load, kind, key="raised"),
+                                   Task(faults.return_raising_unloadable_error_on_load, kind, key="result"),
+                                   Task(tasks.square, 3, key="fine")])
+    raised, result, fine = summary.results
+    assert raised.status is Status.FAILED and raised.error == "ValueError: cannot be rebuilt"  # checked in the worker
+    assert raised.exception is None and "ValueError: cannot be rebuilt" in (raised.traceback or "")
+    assert result.status is Status.FAILED  # and the error its unpickling raised here, described here
+    assert result.error == "the result could not be unpickled here: ValueError: cannot be rebuilt"
+    assert fine.value == 9
+    pool: ProcessPool = scheduler.backend.pool  # type: ignore[attr-defined]
+    assert (pool.statistics().crashed, pool.statistics().killed) == (0, 0)
+
+
 async def test_unimportable_function_fails_in_the_worker_with_a_clear_error(scheduler: Scheduler) -> None:
     module = types.ModuleType("made_up_in_the_parent")  # importable here only: workers cannot load it
     exec("def here_only():\n    return 1\n", module.__dict__)
