@@ -106,6 +106,17 @@ async def test_a_result_that_cannot_be_unpickled_here_fails_alone(dask_address: 
     assert fine.value == 9
 
 
+@pytest.mark.parametrize(("kind", "raised"), [("exit", "SystemExit: a reducer called sys.exit()"),
+                                              ("interrupt", "KeyboardInterrupt")])
+async def test_a_result_whose_unpickling_here_raises_a_base_exception_fails_alone(dask_address: str, kind: str,
+                                                                                   raised: str) -> None:
+    async with Scheduler(backend=DaskBackend(dask_address, capacity=2)) as scheduler:
+        summary = await scheduler.run([Task(faults.return_raising_on_load, kind), Task(tasks.square, 3)])
+    bad, fine = summary.results
+    assert bad.status is Status.FAILED and bad.error == f"the result could not be unpickled here: {raised}"
+    assert fine.value == 9
+
+
 async def test_a_report_whose_data_cannot_be_unpickled_here_still_arrives(dask_address: str) -> None:
     async with Scheduler(backend=DaskBackend(dask_address, capacity=2)) as scheduler:
         events = scheduler.events(kinds=[TaskReported])

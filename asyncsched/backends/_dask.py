@@ -248,7 +248,7 @@ class DaskBackend(Backend):
                 await client.cancel([future])
         try:
             ok, value, started, finished, pid = pickle.loads(blob)
-        except Exception as exc:  # e.g. the value's class cannot be imported here
+        except BaseException as exc:  # e.g. its class cannot be imported here, or a reducer calls sys.exit()
             return unreadable_result(exc, pid=running.pid)
         timeout = attempt.timeout
         if timeout is not None and finished - started > timeout:  # its start came too late to time it out
