@@ -696,8 +696,7 @@ class ProcessPool(concurrent.futures.Executor):
         assert loop is not None
         if not self._on_loop_thread():  # as start_call() asks, so that the call below takes the fast way
             if loop.is_closed():
-                raise ClosedError("the event loop this ProcessPool started on is closed (a pool lives on one loop): "
-                                  "close it, and create a new one on this loop")
+                raise ClosedError(_LOOP_CLOSED)
             raise ConfigurationError("this ProcessPool runs on the event loop it started on: call it there (from "
                                      "another thread, use submit())")
         return self.start_call(fn, args, listener, timeout=timeout)
@@ -751,6 +750,8 @@ class ProcessPool(concurrent.futures.Executor):
         assert loop is not None
         if self._on_loop_thread():
             self._submit_on_loop(result, fn, args)
+        elif loop.is_closed():  # it ended without aclose() or shutdown()
+            raise ClosedError(_LOOP_CLOSED)
         else:
             loop.call_soon_threadsafe(self._submit_on_loop, result, fn, args)
         return result
@@ -1263,6 +1264,10 @@ class ProcessPool(concurrent.futures.Executor):
             worker.revoking.append(call_ids)
             with contextlib.suppress(OSError):  # full: it rings already; gone: its exit tells the rest
                 worker.doorbell.send(b"!")
+
+
+_LOOP_CLOSED = ("the event loop this ProcessPool started on is closed (a pool lives on one loop): close it, and "
+                "create a new one on this loop")
 
 
 def _call_on(loop: asyncio.AbstractEventLoop, function: Callable[[], None]) -> None:

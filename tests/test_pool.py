@@ -709,6 +709,28 @@ def test_shutdown_cancel_futures_cancels_only_the_calls_not_running(tmp_path: Pa
     assert log.read_text().split() == ["running"]
 
 
+def test_a_pool_whose_loop_has_ended_refuses_submit_and_run_in_executor_with_a_closed_error() -> None:
+    pool = ProcessPool(1)
+
+    async def use() -> list[int]:
+        pool.start()  # on this loop, which ends without aclose()
+        await pool.call(tasks.square, (2,))
+        return pool.pids
+
+    async def run_in_executor() -> Any:
+        return await asyncio.get_running_loop().run_in_executor(pool, tasks.square, 3)
+
+    pids = asyncio.run(use())
+    try:
+        with pytest.raises(ClosedError, match="started on is closed"):
+            pool.submit(tasks.square, 3)
+        with pytest.raises(ClosedError, match="started on is closed"):
+            asyncio.run(run_in_executor())
+    finally:
+        pool.shutdown()
+    assert all(wait_gone(pid) for pid in pids)
+
+
 def test_shutdown_after_the_loop_has_ended_kills_the_workers() -> None:
     pool = ProcessPool(1)
 
