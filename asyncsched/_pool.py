@@ -493,6 +493,11 @@ class ProcessPool(concurrent.futures.Executor):
 
     async def aclose(self) -> None:
         """Kill what runs, stop every worker and wait until all are gone. Idempotent."""
+        if self._thread is not None and not self._on_loop_thread():
+            # Started from a plain thread, on its private loop: closed there, and that loop's thread ended, as
+            # shutdown() does, in a thread of this loop's executor so as not to block this loop meanwhile.
+            await asyncio.to_thread(self._shutdown, True, cancel_futures=False, cancel=True)
+            return
         await self._close(cancel=True)
 
     async def _close(self, *, cancel: bool) -> None:
@@ -590,6 +595,10 @@ class ProcessPool(concurrent.futures.Executor):
         A pool whose loop has stopped (after ``run_until_complete``) is closed
         on that loop, here; one whose loop is closed has its workers killed.
         """
+        self._shutdown(wait, cancel_futures=cancel_futures, cancel=False)
+
+    def _shutdown(self, wait: bool, *, cancel_futures: bool, cancel: bool) -> None:
+        """``shutdown()``; with ``cancel``, what runs is killed (see ``_close``)."""
         loop = self._loop
         if loop is None or self._closed:
             self._closed = True
@@ -600,7 +609,7 @@ class ProcessPool(concurrent.futures.Executor):
                 self._cancel_queued()
             else:
                 _call_on(loop, self._cancel_queued)
-        closing = self._close(cancel=False)
+        closing = self._close(cancel=cancel)
         if self._on_loop_thread():
             task = loop.create_task(closing)
             if self._thread is not None:

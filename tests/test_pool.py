@@ -650,6 +650,25 @@ def test_shutdown_without_waiting_ends_the_pools_own_thread() -> None:
     assert not thread.is_alive()
 
 
+async def test_aclose_from_a_loop_closes_a_pool_started_from_a_plain_thread_and_ends_its_thread(
+        tmp_path: Path) -> None:
+    fifo = tmp_path / "started"
+    os.mkfifo(fifo)
+    pool = ProcessPool(1)
+    running = await asyncio.to_thread(pool.submit, faults.announce_then_hang, os.fspath(fifo))  # no loop there:
+    thread = pool._thread  # the pool runs its own, in a private thread
+    assert thread is not None
+    assert await asyncio.to_thread(fifo.read_text) == "started"
+    pids = pool.pids
+    await pool.aclose()
+    assert not thread.is_alive()
+    assert not concurrent.futures.wait([running], timeout=30).not_done and running.cancelled()  # killed
+    assert all(wait_gone(pid) for pid in pids)
+    await pool.aclose()  # again: a no-op
+    with pytest.raises(ClosedError):
+        pool.submit(tasks.square, 1)
+
+
 def test_shutdown_from_a_done_callback_lets_the_running_call_finish(gate: Callable[[], str]) -> None:
     release = gate()
     pool = ProcessPool(2)
