@@ -190,6 +190,10 @@ def _context(mp_context: str | multiprocessing.context.BaseContext | None) -> An
             raise ConfigurationError(
                 f"unknown start method {mp_context!r}; use one of {multiprocessing.get_all_start_methods()}"
             ) from None
+    if not isinstance(mp_context, multiprocessing.context.BaseContext):
+        raise ConfigurationError(
+            f"mp_context must be a start method, one of {multiprocessing.get_all_start_methods()}, or a "
+            f"multiprocessing context such as multiprocessing.get_context(\"spawn\"), got {mp_context!r}")
     return mp_context
 
 

@@ -776,6 +776,10 @@ def test_executor_error_for_non_exception_outcomes() -> None:
 def test_bad_pool_arguments() -> None:
     with pytest.raises(ConfigurationError, match="start method"):
         ProcessPool(1, mp_context="teleport")
+    with pytest.raises(ConfigurationError, match=r"^mp_context must be a start method, one of \[.*'spawn'.*\], or a "
+                       r"multiprocessing context such as multiprocessing.get_context\(\"spawn\"\), got 5$"):
+        ProcessPool(1, mp_context=5)  # type: ignore[arg-type]  # it failed with an AttributeError at the start
+    assert ProcessPool(1, mp_context=multiprocessing.get_context("spawn"))._ctx.get_start_method() == "spawn"
     with pytest.raises(ConfigurationError, match="max_tasks_per_child"):
         ProcessPool(1, max_tasks_per_child=0)
     with pytest.raises(ConfigurationError, match="workers"):

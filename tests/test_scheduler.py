@@ -377,7 +377,7 @@ def test_bad_arguments_get_clear_errors() -> None:
     wrong: dict[str, Any]
     for wrong in ({"timeout": "5"}, {"timeout": True}, {"timeout": 10**400}, {"timeout": math.nan},
                   {"window": "10"}, {"event_buffer": -1}, {"retries": 1.5}, {"retries": True},
-                  {"retry_policy": {"base_delay": 1}}, {"max_tasks_per_child": "3"}):
+                  {"retry_policy": {"base_delay": 1}}, {"max_tasks_per_child": "3"}, {"mp_context": 5}):
         with pytest.raises(ConfigurationError, match=next(iter(wrong))):
             Scheduler(workers=1, **wrong)
         if next(iter(wrong)) in ("timeout", "retries"):
