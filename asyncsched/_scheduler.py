@@ -364,6 +364,9 @@ class Scheduler:
 
             backend = ProcessBackend(workers=workers, mp_context=mp_context, max_tasks_per_child=max_tasks_per_child,
                                      max_memory_per_child=max_memory_per_child)
+        elif not isinstance(backend, Backend):
+            raise ConfigurationError(f"backend must be a Backend, such as ExecutorBackend(executor) for a "
+                                     f"concurrent.futures executor, or None for the local pool; got {backend!r}")
         elif (workers, mp_context, max_tasks_per_child, max_memory_per_child) != ("cpu", None, None, None):
             raise ConfigurationError("workers, mp_context, max_tasks_per_child and max_memory_per_child configure "
                                      "the default local pool; with backend= configure the backend itself")

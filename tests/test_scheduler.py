@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import fractions
 import gc
@@ -385,6 +386,12 @@ def test_bad_arguments_get_clear_errors() -> None:
                 Task(tasks.square, 1, **wrong)
     with pytest.raises(ConfigurationError, match="max_delay"):
         RetryPolicy(max_delay=10**400)
+    with pytest.raises(ConfigurationError, match=r"^backend must be a Backend, such as ExecutorBackend\(executor\) "
+                       r"for a concurrent.futures executor, or None for the local pool; got <object object at"):
+        Scheduler(backend=object())  # type: ignore[arg-type]  # it failed at the start, with an AttributeError
+    with concurrent.futures.ThreadPoolExecutor(1) as executor, pytest.raises(ConfigurationError,
+                                                                             match="ExecutorBackend"):
+        Scheduler(backend=executor)  # type: ignore[arg-type]
     with pytest.raises(ConfigurationError, match="buffer"):
         Scheduler(workers=1).events(buffer=0)
     assert Scheduler(workers=1, max_memory_per_child=1e9).backend.pool._max_memory == 10**9  # type: ignore[attr-defined]
