@@ -48,7 +48,7 @@ import aiofiles.os
 import aiosqlite
 
 from ._errors import ClosedError, ConfigurationError, StoreError
-from ._models import Stats, Status, TaskResult, finite
+from ._models import Stats, Status, TaskResult, finite, is_seconds
 from ._store import BatchInfo, Store, check_batch_id, check_page
 
 __all__ = ["SQLiteStore"]
@@ -60,6 +60,8 @@ GROUP_ROWS = 1024
 a large backlog, and the last commit of a batch stays short."""
 DEFAULT_BUSY_TIMEOUT = 5.0
 """Seconds to wait for another connection's write lock before giving up."""
+_MAX_BUSY_TIMEOUT = (2**31 - 1) / 1000
+"""SQLite takes the busy timeout in milliseconds, in a 32-bit int: a longer one would mean no wait at all."""
 SCHEMA_VERSION = 2
 _READABLE_VERSION = 1
 """The oldest schema a read-only connection can query: version 2 changed an index only."""
@@ -175,12 +177,17 @@ class SQLiteStore(Store):
 
     def __init__(self, path: str | os.PathLike[str], *, busy_timeout: float = DEFAULT_BUSY_TIMEOUT,
                  readonly: bool = False) -> None:
-        self.path = os.fspath(path)
+        fspath = os.fspath(path) if isinstance(path, str | os.PathLike) else None
+        if not isinstance(fspath, str):
+            raise ConfigurationError(f"SQLiteStore needs the path of a SQLite file, a str or an os.PathLike such as "
+                                     f"pathlib.Path (a bytes path decoded with os.fsdecode()), got {path!r}")
+        self.path = fspath
         if self.path in ("", ":memory:"):
             raise ConfigurationError(f"SQLiteStore needs a file path, got {self.path!r}; "
                                      "use store=None to keep results in memory")
-        if not busy_timeout >= 0:
-            raise ConfigurationError(f"busy_timeout must be a non-negative number of seconds, got {busy_timeout!r}")
+        if not (is_seconds(busy_timeout) and 0 <= busy_timeout <= _MAX_BUSY_TIMEOUT):
+            raise ConfigurationError(f"busy_timeout must be a number of seconds from 0 to {int(_MAX_BUSY_TIMEOUT)}, "
+                                     f"got {busy_timeout!r}")
         self.busy_timeout = busy_timeout
         self.readonly = readonly
         self._db: aiosqlite.Connection | None = None

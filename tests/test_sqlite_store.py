@@ -83,6 +83,15 @@ def test_a_path_selects_the_sqlite_store(tmp_path: Path) -> None:
         Scheduler(store=42)  # type: ignore[arg-type]
     with pytest.raises(ConfigurationError, match="store=None"):
         SQLiteStore(":memory:")
+    for path in (123, None, b"x.db"):  # they raised a TypeError, or took a bytes path its str methods then met
+        with pytest.raises(ConfigurationError, match=r"^SQLiteStore needs the path of a SQLite file, a str or an "
+                           r"os.PathLike such as pathlib.Path \(a bytes path decoded with os.fsdecode\(\)\), got "):
+            SQLiteStore(path)  # type: ignore[arg-type]
+    for busy_timeout in ("1", -1, True, math.nan, math.inf, 10**400, 3e6):  # inf and 3e6 meant no wait at all
+        with pytest.raises(ConfigurationError, match=r"^busy_timeout must be a number of seconds from 0 to 2147483, "
+                           f"got {re.escape(repr(busy_timeout))}$"):
+            SQLiteStore(tmp_path / "c.db", busy_timeout=busy_timeout)  # type: ignore[arg-type]
+    assert SQLiteStore(tmp_path / "d.db", busy_timeout=2147483).busy_timeout == 2147483
 
 
 async def test_the_later_of_two_results_for_one_key_wins_within_one_commit(tmp_path: Path) -> None:
