@@ -65,7 +65,7 @@ from ._models import (
     is_int,
     is_seconds,
 )
-from ._store import MAX_BACKLOG, BatchInfo, MemoryStore, Store
+from ._store import MAX_BACKLOG, BatchInfo, MemoryStore, Store, check_batch_id
 
 __all__ = ["Scheduler"]
 
@@ -741,6 +741,7 @@ class Scheduler:
         closes.
         """
         self._check_open()
+        check_batch_id(batch_id)  # as results() and stats() do: any other value would never match
         if buffer is not None and not (is_int(buffer) and buffer >= 1):
             raise ConfigurationError(f"buffer must be an int of at least 1, or None, got {buffer!r}")
         return self._hub.subscribe(batch_id, buffer, kinds)

@@ -394,6 +394,8 @@ def test_bad_arguments_get_clear_errors() -> None:
         Scheduler(backend=executor)  # type: ignore[arg-type]
     with pytest.raises(ConfigurationError, match="buffer"):
         Scheduler(workers=1).events(buffer=0)
+    with pytest.raises(ConfigurationError, match=r"^batch_id must be a str \(or None for every batch\), got 5$"):
+        Scheduler(workers=1).events(batch_id=5)  # type: ignore[arg-type]  # as results() says: it never matched
     assert Scheduler(workers=1, max_memory_per_child=1e9).backend.pool._max_memory == 10**9  # type: ignore[attr-defined]
     with pytest.raises(TaskDefinitionError, match="callable"):
         Task(42)  # type: ignore[arg-type]
