@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import operator
 import os
 import signal
@@ -43,7 +44,7 @@ from collections.abc import (
     Sequence,
     Sized,
 )
-from typing import Any
+from typing import Any, TypeVar
 
 from ._backend import Backend, Cancellable, backend_failure
 from ._errors import ClosedError, ConfigurationError, TaskDefinitionError
@@ -86,6 +87,7 @@ def _after_fork_in_child() -> None:
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
 Batch = Iterable[Task] | AsyncIterable[Task]
+T = TypeVar("T")
 
 MIN_WINDOW = 16
 
@@ -177,6 +179,7 @@ class _BatchRun:
         self.stopped: str | None = None  # why the batch was cancelled (Scheduler.cancel)
         self.begun = False  # the store has begun the batch
         self.ended: asyncio.Future[None] = self.loop.create_future()  # the run is over, the store has ended the batch
+        self.ending: asyncio.Task[None] | None = None  # the end of its stream: the store ends the batch
         self.counts: dict[Status, int] = dict.fromkeys(Status, 0)
         self.retries = 0
         self.busy = 0.0
@@ -618,6 +621,7 @@ class Scheduler:
         pulling: asyncio.Future[Any] | None = None  # the next item of an async batch, on its way
         index = 0
         exhausted = False
+        cancelled: asyncio.CancelledError | None = None
         try:
             if isinstance(batch, str | bytes | bytearray | Mapping):  # iterable, but of characters, bytes or keys
                 values = "; to run the tasks of a dict, pass its values()" if isinstance(batch, Mapping) else ""
@@ -658,19 +662,29 @@ class Scheduler:
                 if not run.records and (exhausted or run.stopped is not None):
                     break
                 await run.wait(pulling if pulling is not None and not pulling.done() else None)
+        except asyncio.CancelledError as exc:
+            cancelled = exc
+            raise
         finally:
-            if pulling is not None:  # stopped or left while the source was waiting
-                pulling.cancel()
-                await asyncio.wait([pulling])
+            # First what needs no await: a second cancel, landing in an await below, cannot skip it.
             self._runs.discard(run)
             try:
                 if run.records:
                     run.cancel_all("the batch was cancelled")
                 run.total = sum(run.counts.values())  # what it finished, also when it was left early
             finally:
+                if pulling is not None:  # stopped or left while the source was waiting
+                    pulling.cancel()
                 self._hub.deliver()  # every TaskFinished of the batch is out before its run() returns
-                if not self._closed:  # else aclose() ends the batch, and may have closed the store already
-                    await self._store.end_batch(batch_id)  # run() and stream() then tell wait_ended()
+                run.ending = asyncio.ensure_future(self._end(run, pulling))
+                await _to_the_end(run.ending, f"ending batch {batch_id!r}", cancelled)
+
+    async def _end(self, run: _BatchRun, pulling: asyncio.Future[Any] | None) -> None:
+        """The end of a batch's run, once its tasks are recorded: the source lets go, the store ends the batch."""
+        if pulling is not None:
+            await asyncio.wait([pulling])
+        if not self._closed:  # else aclose() ends the batch, and may have closed the store already
+            await self._store.end_batch(run.batch_id)  # run() and stream() then tell wait_ended()
 
     def _admit(self, run: _BatchRun, item: object, index: int, previous: Mapping[str, TaskResult]) -> int:
         """Start one batch item; returns the next index."""
@@ -715,6 +729,10 @@ class Scheduler:
             await asyncio.wait(ends)
 
     def _ended(self, run: _BatchRun) -> None:
+        ending = run.ending
+        if ending is not None and not ending.done():  # a stream closed while the store ends its batch
+            ending.add_done_callback(lambda _: self._ended(run))
+            return
         self._unended.discard(run)
         if not run.ended.done():
             run.ended.set_result(None)
@@ -768,6 +786,38 @@ class Scheduler:
         """One batch the store knows, or None."""
         await self._ensure_started()
         return await self._store.batch(batch_id)
+
+
+async def _to_the_end(task: asyncio.Task[T], doing: str, cancelled: asyncio.CancelledError | None = None) -> T:
+    """Wait for ``task`` to its end, even when the caller is cancelled meanwhile, once or many times; then raise
+    that cancellation, or ``cancelled``, the one the caller is handling already.
+
+    A cancelled caller gets no result: an error of ``task`` then goes to the
+    loop's exception handler, saying what it was ``doing``. A caller closed
+    meanwhile (GeneratorExit: on Python 3.11, a stream left early and closed
+    by the end of ``asyncio.run()`` can get one in the middle of an await)
+    returns at once, and ``task`` ends on its own.
+    """
+    try:
+        while not task.done():
+            try:
+                await asyncio.wait([task])
+            except asyncio.CancelledError as exc:
+                cancelled = cancelled or exc
+    except GeneratorExit:
+        task.add_done_callback(functools.partial(_report_failure, doing))
+        raise
+    if cancelled is not None:
+        _report_failure(doing, task)
+        raise cancelled
+    return task.result()
+
+
+def _report_failure(doing: str, task: asyncio.Task[Any]) -> None:
+    """Tell the loop's exception handler of an error of ``task``, which no caller is there to get."""
+    if not task.cancelled() and (error := task.exception()) is not None:
+        task.get_loop().call_exception_handler({"message": f"{doing} failed after its run was cancelled",
+                                                "exception": error, "task": task})
 
 
 def _key(item: object, index: int) -> str:

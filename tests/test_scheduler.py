@@ -686,6 +686,58 @@ async def test_wait_ended_returns_once_the_store_has_ended_the_cancelled_batch()
         await scheduler.wait_ended("b")  # ended: at once
 
 
+@pytest.mark.parametrize("consumer", ["run", "stream"])
+async def test_a_second_cancel_while_a_run_ends_still_cancels_its_tasks_and_ends_its_batch(consumer: str) -> None:
+    backend = _Held()
+    letting_go, let_go = asyncio.Event(), asyncio.Event()
+
+    async def source() -> AsyncIterator[Task]:
+        yield Task(tasks.identity, 1, key="held")
+        try:
+            await asyncio.Event().wait()  # the next task never comes
+        finally:
+            letting_go.set()
+            await let_go.wait()  # the source takes its time to let go: the end of the run waits for it
+
+    async def consume(scheduler: Scheduler) -> None:
+        if consumer == "run":
+            await scheduler.run(source(), batch_id="b")
+        else:
+            async for _ in scheduler.stream(source(), batch_id="b"):
+                pass
+
+    async with Scheduler(backend=backend) as scheduler:
+        running = asyncio.ensure_future(consume(scheduler))
+        await backend.holding(1)
+        running.cancel()
+        await letting_go.wait()
+        running.cancel()  # again, as asyncio.timeout() and an outer cancel may both do
+        let_go.set()
+        with pytest.raises(asyncio.CancelledError):
+            await running
+        assert "b" not in scheduler.running() and len(backend.listeners) == 1  # nothing more was started
+        assert [(r.key, r.status) for r in await scheduler.results(batch_id="b")] == [("held", Status.CANCELLED)]
+        info = await scheduler.batch("b")
+        assert info is not None and info.finished_at is not None
+
+
+async def test_a_second_cancel_while_the_store_ends_the_batch_lets_it_end() -> None:
+    backend, store = _Held(), SlowToEnd()
+    async with Scheduler(backend=backend, store=store) as scheduler:
+        running = asyncio.ensure_future(scheduler.run([Task(tasks.identity, 1)], batch_id="b"))
+        await backend.holding(1)
+        running.cancel()
+        await store.entered.wait()  # the end of the run: the store ends the batch
+        running.cancel()
+        ended = asyncio.ensure_future(scheduler.wait_ended("b"))
+        store.release.set()
+        with pytest.raises(asyncio.CancelledError):
+            await running
+        await ended
+        info = await scheduler.batch("b")
+        assert info is not None and info.finished_at is not None and info.stats.cancelled == 1
+
+
 class _RefusesKeyOne(MemoryStore):
     def add(self, result: TaskResult) -> None:
         if result.key == "1":

@@ -327,6 +327,37 @@ async def test_a_scheduler_left_open_when_asyncio_run_ends_stores_everything_and
         assert all(info.finished_at is not None for info in await reader.batches())
 
 
+LEFT_EARLY = """
+import asyncio, sys
+from asyncsched import Scheduler, Task
+from tests import tasks
+
+async def main() -> None:
+    scheduler = Scheduler(workers=1, store=sys.argv[1])  # never closed
+    async for _ in scheduler.stream([Task(tasks.identity, i) for i in range(50)], batch_id="left"):
+        break  # left without aclosing(): the end of asyncio.run() closes the stream
+
+asyncio.run(main())
+"""
+
+
+async def test_a_stream_left_early_on_a_scheduler_left_open_lets_asyncio_run_end(tmp_path: Path) -> None:
+    db = str(tmp_path / "results.db")
+    orchestrator = await asyncio.create_subprocess_exec(sys.executable, "-c", LEFT_EARLY, db, cwd=ROOT,
+                                                        stderr=subprocess.PIPE)
+    try:  # the end of asyncio.run() waited for ever for the store's lock (Python 3.11)
+        _, stderr = await asyncio.wait_for(orchestrator.communicate(), 30)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            orchestrator.kill()
+        await orchestrator.wait()
+    assert (orchestrator.returncode, stderr.decode()) == (0, "")
+    async with SQLiteStore(db, readonly=True) as reader:
+        info = await reader.batch("left")
+    assert info is not None and info.finished_at is not None
+    assert info.stats.completed + info.stats.cancelled == info.stats.total > 0
+
+
 async def test_a_writer_cancelled_from_outside_leaves_the_store_open_for_what_the_runs_end_with(
         tmp_path: Path) -> None:
     async with Scheduler(workers=1, store=tmp_path / "results.db") as scheduler:
