@@ -589,16 +589,28 @@ class Scheduler:
         try:
             await self._ensure_started()
             run.started = time.monotonic()  # for its rate: not the time it took to start workers
-            previous = await self._store.begin_batch(batch_id, name=name, resume=resume)
-            run.begun = True
-            if self._closed:  # aclose() came while the store began it: end the batch, as aclose() ends the others
-                with contextlib.suppress(Exception):  # unless the store is closing or closed already
-                    await self._store.end_batch(batch_id)
-        except BaseException:
+            # to its end even if this is cancelled meanwhile: a batch the store has begun is then ended below
+            beginning = asyncio.ensure_future(self._begin_batch(run, name, resume))
+            previous = await _to_the_end(beginning, f"beginning batch {batch_id!r}")
+        except BaseException as exc:
             self._runs.discard(run)
-            self._ended(run)
+            try:
+                if run.begun and not self._closed:  # cancelled while the store began it: the batch ends at once
+                    cancelled = exc if isinstance(exc, asyncio.CancelledError) else None
+                    await _to_the_end(asyncio.ensure_future(self._store.end_batch(batch_id)),
+                                      f"ending batch {batch_id!r}", cancelled)
+            finally:
+                self._ended(run)
             raise
         return run, previous
+
+    async def _begin_batch(self, run: _BatchRun, name: str | None, resume: bool) -> Mapping[str, TaskResult]:
+        previous = await self._store.begin_batch(run.batch_id, name=name, resume=resume)
+        run.begun = True
+        if self._closed:  # aclose() came while the store began it: end the batch, as aclose() ends the others
+            with contextlib.suppress(Exception):  # unless the store is closing or closed already
+                await self._store.end_batch(run.batch_id)
+        return previous
 
     def _monitor(self, batch_id: str) -> contextlib.AbstractAsyncContextManager[object]:
         if not self._progress:

@@ -48,7 +48,7 @@ from asyncsched._pool import MAX_DEPTH, ProcessPool, resolve_workers
 from asyncsched._store import MemoryStore
 
 from . import faults, tasks
-from .util import SlowToBegin, SlowToEnd, wait_gone
+from .util import SlowToAnswerBegin, SlowToBegin, SlowToEnd, wait_gone
 
 
 async def test_run_returns_results_in_submission_order(scheduler: Scheduler) -> None:
@@ -736,6 +736,21 @@ async def test_a_second_cancel_while_the_store_ends_the_batch_lets_it_end() -> N
         await ended
         info = await scheduler.batch("b")
         assert info is not None and info.finished_at is not None and info.stats.cancelled == 1
+
+
+async def test_a_run_cancelled_while_the_store_begins_its_batch_ends_the_batch() -> None:
+    store = SlowToAnswerBegin()
+    async with Scheduler(backend=_Held(), store=store) as scheduler:
+        running = asyncio.ensure_future(scheduler.run([Task(tasks.identity, 1)], batch_id="b"))
+        await store.entered.wait()  # the store has begun the batch, and not returned yet
+        running.cancel()
+        ended = asyncio.ensure_future(scheduler.wait_ended("b"))
+        store.release.set()
+        with pytest.raises(asyncio.CancelledError):
+            await running
+        await ended
+        info = await scheduler.batch("b")
+        assert info is not None and info.finished_at is not None and info.stats.total == 0
 
 
 class _RefusesKeyOne(MemoryStore):

@@ -91,6 +91,16 @@ class SlowToBegin(_Holding):
         return await super().begin_batch(batch_id, name=name, resume=resume)
 
 
+class SlowToAnswerBegin(_Holding):
+    """Begins a batch at once, and returns only once the test sets ``release``."""
+
+    async def begin_batch(self, batch_id: str, *, name: str | None = None,
+                          resume: bool = False) -> Mapping[str, TaskResult]:
+        previous = await super().begin_batch(batch_id, name=name, resume=resume)
+        await self._hold()
+        return previous
+
+
 class SlowToEnd(_Holding):
     """Ends a batch only once the test sets ``release``."""
 
