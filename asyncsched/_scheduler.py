@@ -576,9 +576,13 @@ class Scheduler:
             batch_id = uuid.uuid4().hex[:12]
         elif not (isinstance(batch_id, str) and batch_id):
             raise ConfigurationError(f"batch_id must be a non-empty str (or None for a new id), got {batch_id!r}")
-        elif any(run.batch_id == batch_id for run in self._runs):
+        elif running := [run for run in self._runs if run.batch_id == batch_id]:
+            if all(run.stopped is not None for run in running):
+                raise ConfigurationError(f"batch {batch_id!r} was cancelled and is still ending on this scheduler: "
+                                         f"await scheduler.wait_ended({batch_id!r}) before you run it again")
             raise ConfigurationError(f"batch {batch_id!r} is running on this scheduler: wait for it to end, or "
-                                     "cancel() it, before you run it again")
+                                     f"cancel() it and await scheduler.wait_ended({batch_id!r}), before you run it "
+                                     "again")
         if name is not None and not isinstance(name, str):
             raise ConfigurationError(f"name must be a str or None, got {name!r}")
         run = _BatchRun(self, batch_id)

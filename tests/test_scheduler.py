@@ -753,6 +753,23 @@ async def test_a_run_cancelled_while_the_store_begins_its_batch_ends_the_batch()
         assert info is not None and info.finished_at is not None and info.stats.total == 0
 
 
+async def test_running_a_batch_again_right_after_cancel_says_to_wait_for_its_end() -> None:
+    backend = _Held()
+    async with Scheduler(backend=backend) as scheduler:
+        first = asyncio.ensure_future(scheduler.run([Task(tasks.identity, 1)], batch_id="b"))
+        await backend.holding(1)
+        with pytest.raises(ConfigurationError, match=r"wait for it to end, or cancel\(\) it and await "
+                                                     r"scheduler.wait_ended\('b'\)"):
+            await scheduler.run([], batch_id="b", resume=True)
+        assert scheduler.cancel("b")
+        with pytest.raises(ConfigurationError, match=r"'b' was cancelled and is still ending on this scheduler: "
+                                                     r"await scheduler.wait_ended\('b'\) before you run it again"):
+            await scheduler.run([], batch_id="b", resume=True)
+        await scheduler.wait_ended("b")
+        assert (await scheduler.run([], batch_id="b", resume=True)).total == 0  # as the message says
+        assert (await first).cancelled == 1
+
+
 class _RefusesKeyOne(MemoryStore):
     def add(self, result: TaskResult) -> None:
         if result.key == "1":
