@@ -495,12 +495,7 @@ class Scheduler:
             self._closing = asyncio.ensure_future(self._release({run.batch_id for run in running if run.begun}))
         elif self._closing.done() or self._closing.get_loop() is not asyncio.get_running_loop():
             return  # closed; or closing on a loop that has ended, where it can be waited for no more
-        closing = self._closing
-        try:
-            await asyncio.shield(closing)
-        except asyncio.CancelledError:
-            await closing
-            raise
+        await _to_the_end(self._closing, "closing the scheduler")
 
     async def _release(self, ended: set[str]) -> None:
         """Stop the backend; end the batches that were running (their streams may end later), close the store.
@@ -804,7 +799,7 @@ class Scheduler:
         return await self._store.batch(batch_id)
 
 
-async def _to_the_end(task: asyncio.Task[T], doing: str, cancelled: asyncio.CancelledError | None = None) -> T:
+async def _to_the_end(task: asyncio.Future[T], doing: str, cancelled: asyncio.CancelledError | None = None) -> T:
     """Wait for ``task`` to its end, even when the caller is cancelled meanwhile, once or many times; then raise
     that cancellation, or ``cancelled``, the one the caller is handling already.
 
@@ -829,7 +824,7 @@ async def _to_the_end(task: asyncio.Task[T], doing: str, cancelled: asyncio.Canc
     return task.result()
 
 
-def _report_failure(doing: str, task: asyncio.Task[Any]) -> None:
+def _report_failure(doing: str, task: asyncio.Future[Any]) -> None:
     """Tell the loop's exception handler of an error of ``task``, which no caller is there to get."""
     if not task.cancelled() and (error := task.exception()) is not None:
         task.get_loop().call_exception_handler({"message": f"{doing} failed after its run was cancelled",

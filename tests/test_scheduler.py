@@ -48,7 +48,7 @@ from asyncsched._pool import MAX_DEPTH, ProcessPool, resolve_workers
 from asyncsched._store import MemoryStore
 
 from . import faults, tasks
-from .util import SlowToAnswerBegin, SlowToBegin, SlowToEnd, wait_gone
+from .util import SlowToAnswerBegin, SlowToBegin, SlowToClose, SlowToEnd, wait_gone
 
 
 async def test_run_returns_results_in_submission_order(scheduler: Scheduler) -> None:
@@ -368,6 +368,21 @@ async def test_a_second_aclose_returns_once_the_first_is_done() -> None:
     await scheduler.aclose()
     assert scheduler.backend.pool.statistics().workers == 0  # type: ignore[attr-defined]
     await first
+
+
+async def test_aclose_cancelled_twice_still_closes_everything() -> None:
+    store = SlowToClose()
+    scheduler = Scheduler(workers=1, store=store)
+    await scheduler.run([Task(tasks.square, 1)])
+    closing = asyncio.ensure_future(scheduler.aclose())
+    await store.entered.wait()  # the workers are gone; the store closes
+    closing.cancel()
+    await asyncio.sleep(0)  # one step: the cancel is taken, and aclose() waits on for the close
+    closing.cancel()
+    store.release.set()
+    with pytest.raises(asyncio.CancelledError):
+        await closing
+    assert store.closed  # the second cancel did not stop the close
 
 
 def test_bad_arguments_get_clear_errors() -> None:

@@ -101,6 +101,16 @@ class SlowToAnswerBegin(_Holding):
         return previous
 
 
+class SlowToClose(_Holding):
+    """Closes only once the test sets ``release``; ``closed`` says it did."""
+
+    closed = False
+
+    async def aclose(self) -> None:
+        await self._hold()
+        self.closed = True
+
+
 class SlowToEnd(_Holding):
     """Ends a batch only once the test sets ``release``."""
 
