@@ -215,14 +215,16 @@ class ProgressMonitor:
         self._closed = True
         self._listener.close()
         self.scheduler._watchers.remove(self._watch)
-        if self._ticker is not None:
-            self._ticker.cancel()
-            await asyncio.wait([self._ticker])
-        statistics = self.statistics()
-        if self._live is not None:
-            self._live.update(self._view(statistics))
-            self._live.stop()  # draws that last frame
-        self.console.print(report(statistics))
+        try:
+            if self._ticker is not None:
+                self._ticker.cancel()
+                await asyncio.wait([self._ticker])
+        finally:  # also when this is cancelled meanwhile: the terminal is not left in the live display
+            statistics = self.statistics()
+            if self._live is not None:
+                self._live.update(self._view(statistics))
+                self._live.stop()  # draws that last frame
+            self.console.print(report(statistics))
 
     async def _tick(self) -> None:
         period = 1 / self.refresh_per_second

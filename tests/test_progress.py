@@ -88,6 +88,19 @@ async def test_the_bars_row_keeps_the_percentage_the_count_and_the_eta_on_one_li
     assert ("avg 1.50s/task elapsed 0:00:08" in first) is (width >= 72)
 
 
+async def test_a_close_cancelled_as_it_stops_the_display_still_stops_it_and_reports(scheduler: Scheduler) -> None:
+    output = io.StringIO()
+    monitor = ProgressMonitor(scheduler, console=Console(file=output, width=100, force_terminal=True))
+    monitor.start()
+    closing = asyncio.ensure_future(monitor.aclose())
+    await asyncio.sleep(0)  # one step: it waits for its ticker to end
+    closing.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await closing
+    assert monitor._live is not None and not monitor._live.is_started
+    assert "finished 0 tasks" in output.getvalue()
+
+
 def test_durations() -> None:
     assert [format_duration(s) for s in (None, 0, 59.6, 65, 3600 * 25 + 61)] == [
         "--:--:--", "0:00:00", "0:01:00", "0:01:05", "25:01:01"]
