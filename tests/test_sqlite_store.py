@@ -311,20 +311,26 @@ asyncio.run(main())
 async def test_a_scheduler_left_open_when_asyncio_run_ends_stores_everything_and_lets_the_process_exit(
         tmp_path: Path) -> None:
     db = str(tmp_path / "results.db")
-    orchestrator = await asyncio.create_subprocess_exec(sys.executable, "-c", LEFT_OPEN, db, cwd=ROOT,
-                                                        stderr=subprocess.PIPE)
-    try:  # the store's connection threads kept it alive for ever; its writer closed the file under the batch's end
-        _, stderr = await asyncio.wait_for(orchestrator.communicate(), 60)
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            orchestrator.kill()
-        await orchestrator.wait()
-    assert (orchestrator.returncode, stderr.decode()) == (0, "")
+    # the store's connection threads kept it alive for ever; its writer closed the file under the batch's end
+    assert await _run_script(LEFT_OPEN, db, 60) == (0, "")
     async with SQLiteStore(db, readonly=True) as reader:
         stored = {(r.batch_id, r.key): (r.status, r.value) for r in await reader.results()}
         assert stored == {("done", "0"): (Status.COMPLETED, 9), ("done", "queued"): (Status.COMPLETED, 16),
                           ("left", "0"): (Status.CANCELLED, None)}
         assert all(info.finished_at is not None for info in await reader.batches())
+
+
+async def _run_script(script: str, db: str, seconds: float) -> tuple[int | None, str]:
+    """Run ``script`` with ``db`` as its argument, in a Python of its own; its exit status and its stderr."""
+    orchestrator = await asyncio.create_subprocess_exec(sys.executable, "-c", script, db, cwd=ROOT,
+                                                        stderr=subprocess.PIPE)
+    try:
+        _, stderr = await asyncio.wait_for(orchestrator.communicate(), seconds)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            orchestrator.kill()
+        await orchestrator.wait()
+    return orchestrator.returncode, stderr.decode()
 
 
 LEFT_EARLY = """
@@ -343,15 +349,8 @@ asyncio.run(main())
 
 async def test_a_stream_left_early_on_a_scheduler_left_open_lets_asyncio_run_end(tmp_path: Path) -> None:
     db = str(tmp_path / "results.db")
-    orchestrator = await asyncio.create_subprocess_exec(sys.executable, "-c", LEFT_EARLY, db, cwd=ROOT,
-                                                        stderr=subprocess.PIPE)
-    try:  # the end of asyncio.run() waited for ever for the store's lock (Python 3.11)
-        _, stderr = await asyncio.wait_for(orchestrator.communicate(), 30)
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            orchestrator.kill()
-        await orchestrator.wait()
-    assert (orchestrator.returncode, stderr.decode()) == (0, "")
+    # the end of asyncio.run() waited for ever for the store's lock (Python 3.11)
+    assert await _run_script(LEFT_EARLY, db, 30) == (0, "")
     async with SQLiteStore(db, readonly=True) as reader:
         info = await reader.batch("left")
     assert info is not None and info.finished_at is not None
