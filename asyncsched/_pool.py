@@ -13,7 +13,7 @@ Data flow (everything on the left runs on one event loop thread; no locks)::
                                                                                               runs them in order
     listener.started / reported / finished <-- _read <-- add_reader(pipe) <-- READY / REPORT / DONE
          ^                                                                                    |
-         |           _on_exit  <-------- add_reader(process sentinel) <---- process exit -----+
+         |           _on_exit  <-------- add_reader(pidfd or sentinel) <--- process exit -----+
          |
     deadline timer (loop.call_at) or _Call.cancel() -> _kill(worker): SIGKILL to the worker's
     process group, and a new worker takes the slot.
@@ -47,8 +47,8 @@ Actors:
   The worker writes each result before it starts the next call, and the loop
   reads whatever has come in at once. A call's timeout starts when it reaches
   the head of its worker.
-* The event loop watches every pipe and every process sentinel with
-  ``add_reader``: nothing polls and nothing sleeps. Messages come back through
+* The event loop watches every pipe and every process's exit (a pidfd on
+  Linux, else its sentinel) with ``add_reader``: nothing polls and nothing sleeps. Messages come back through
   a pipe rather than the socket: the kernel packs a pipe's small writes into
   one buffer, where a socket keeps each in a buffer of its own, and reading
   forty results costs a third of the CPU. Reads and writes are
@@ -314,13 +314,15 @@ class _CallFuture(asyncio.Future[Outcome]):
 
 
 class _Worker:
-    __slots__ = ("began", "begun", "calls", "calls_sent", "deadline", "deadline_at", "doorbell", "fd", "inbuf",
-                 "killed", "last_begun", "outbuf", "pid", "process", "ready", "results", "retiring", "revokes",
-                 "revoking", "sock", "timer_at", "told")
+    __slots__ = ("began", "begun", "calls", "calls_sent", "deadline", "deadline_at", "doorbell", "exit_fd", "fd",
+                 "inbuf", "killed", "last_begun", "outbuf", "pid", "pidfd", "process", "ready", "results", "retiring",
+                 "revokes", "revoking", "sock", "timer_at", "told")
 
     def __init__(self, process: Any, sock: socket.socket, doorbell: socket.socket, results: int,
-                 last_begun: Any, revokes: Any) -> None:
+                 last_begun: Any, revokes: Any, *, pidfd: int | None) -> None:
         self.process = process
+        self.pidfd = pidfd  # readable once the process has exited
+        self.exit_fd: int = process.sentinel if pidfd is None else pidfd  # watched for the exit
         self.last_begun = last_begun  # shared with the worker: the id of the last call it began (-1: none yet)
         self.revokes = revokes  # shared with the worker: how many revokes were sent to it
         self.sock = sock
@@ -347,6 +349,8 @@ class _Worker:
         self.sock.close()
         self.doorbell.close()
         os.close(self.results)
+        if self.pidfd is not None:
+            os.close(self.pidfd)
 
     @property
     def call(self) -> _Call | None:
@@ -558,7 +562,7 @@ class ProcessPool(concurrent.futures.Executor):
         for worker in list(self._workers):
             worker.signal(signal.SIGKILL)
             if loop is not None and not loop.is_closed():  # stopped: it may run again, with none of these
-                for watched in (worker.results, worker.process.sentinel):
+                for watched in (worker.results, worker.exit_fd):
                     loop.remove_reader(watched)
                 loop.remove_writer(worker.fd)
             if worker.deadline is not None:
@@ -829,13 +833,24 @@ class ProcessPool(concurrent.futures.Executor):
         parent_sock.setblocking(False)
         doorbell.setblocking(False)
         os.set_blocking(results, False)
-        worker = _Worker(process, parent_sock, doorbell, results, *shared)
+        worker = _Worker(process, parent_sock, doorbell, results, *shared, pidfd=self._pidfd(process))
         self._workers.add(worker)
         self._started += 1
         assert self._all_exited is not None
         self._all_exited.clear()
         loop.add_reader(worker.results, self._on_readable, worker)
-        loop.add_reader(process.sentinel, self._on_exit, worker)
+        loop.add_reader(worker.exit_fd, self._on_exit, worker)
+
+    def _pidfd(self, process: Any) -> int | None:
+        """A pidfd of the worker (Linux), to watch for its exit: a child its task forks holds the write end of
+        a fork or spawn worker's sentinel, which would then say nothing until that child too has ended. Not
+        under forkserver, whose sentinel is the fork server's and says the exit status too."""
+        if self._ctx.get_start_method() == "forkserver":
+            return None
+        try:
+            return os.pidfd_open(process.pid)
+        except (AttributeError, OSError):  # not Linux (5.3 or later)
+            return None
 
     def _retire(self, worker: _Worker) -> None:
         """Take a worker out of service; it exits once it has run what it was sent."""
@@ -891,7 +906,7 @@ class ProcessPool(concurrent.futures.Executor):
     def _on_exit(self, worker: _Worker) -> None:
         loop = self._loop
         assert loop is not None
-        loop.remove_reader(worker.process.sentinel)
+        loop.remove_reader(worker.exit_fd)
         self._read(worker)  # results sent just before the exit still count
         loop.remove_reader(worker.results)
         if worker.outbuf:
@@ -1232,8 +1247,8 @@ class ProcessPool(concurrent.futures.Executor):
         call = worker.call
         if call is None or worker.deadline_at is None or worker.deadline_at > loop.time():
             return
-        if not call.done:  # else it was abandoned: nobody waits for it
-            call.settle(Outcome(
+        if not call.done and (worker.in_call or call.given_back):  # else it was abandoned: nobody waits for it;
+            call.settle(Outcome(  # or the worker never began it (stopped, say): it goes back, once, as it exits
                 Status.TIMED_OUT, error=f"timed out after {call.timeout:g}s; worker {worker.pid} was killed",
                 error_type="TimeoutError", pid=worker.pid))
         self._kill(worker)

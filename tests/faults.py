@@ -271,6 +271,17 @@ def start_child_then_exit(pidfile: str) -> None:
     os._exit(3)
 
 
+def fork_child_then_exit(pidfile: str) -> None:
+    """Fork a child that lives on (with every file descriptor of the worker), note its pid, then crash the worker."""
+    child = os.fork()
+    if child == 0:
+        time.sleep(3600)
+        os._exit(0)
+    with open(pidfile, "w") as file:
+        file.write(str(child))
+    os._exit(3)
+
+
 def fail_until(counter: str, succeed_on: int) -> str:
     """Fail until called ``succeed_on`` times (counted in the file ``counter``)."""
     count = 1

@@ -558,6 +558,30 @@ async def test_a_crashed_workers_task_processes_do_not_outlive_it(tmp_path: Path
     assert gone, "the crashed task's own process was left running"
 
 
+@pytest.mark.parametrize("method", ["fork", "spawn", "forkserver"])
+async def test_a_worker_whose_task_forked_a_child_is_seen_to_die_at_once(tmp_path: Path, method: str) -> None:
+    pidfile = tmp_path / "child.pid"
+    async with ProcessPool(1, mp_context=method) as pool:
+        # the child held the worker's sentinel open: its death went unseen for as long as the child lived
+        outcome = await asyncio.wait_for(pool.call(faults.fork_child_then_exit, (str(pidfile),)), 30)
+    assert outcome.status is Status.CRASHED
+    child = int(pidfile.read_text())
+    gone = wait_gone(child)
+    if not gone:
+        os.kill(child, signal.SIGKILL)
+    assert gone, "the crashed task's child was left running"
+
+
+async def test_a_call_its_stopped_worker_never_began_before_its_deadline_goes_back(tmp_path: Path) -> None:
+    log = tmp_path / "runs"
+    async with ProcessPool(1) as pool:
+        stopped = (await pool.call(tasks.whoami)).value
+        os.kill(stopped, signal.SIGSTOP)  # it takes in the next call, but never begins it
+        outcome = await pool.call(tasks.log_run, (str(log), "once"), timeout=0.3)
+    assert outcome.status is Status.COMPLETED, outcome  # not timed out: it never began
+    assert outcome.pid != stopped and log.read_text().split() == ["once"]
+
+
 def test_shutdown_of_a_pool_whose_loop_has_stopped() -> None:
     loop = asyncio.new_event_loop()
     try:
