@@ -752,7 +752,7 @@ def test_shutdown_cancel_futures_cancels_only_the_calls_not_running(tmp_path: Pa
     assert log.read_text().split() == ["running"]
 
 
-def test_a_pool_whose_loop_has_ended_refuses_submit_and_run_in_executor_with_a_closed_error() -> None:
+def test_a_pool_whose_loop_has_ended_refuses_calls_and_its_shutdown_kills_the_workers() -> None:
     pool = ProcessPool(1)
 
     async def use() -> list[int]:
@@ -771,19 +771,6 @@ def test_a_pool_whose_loop_has_ended_refuses_submit_and_run_in_executor_with_a_c
             asyncio.run(run_in_executor())
     finally:
         pool.shutdown()
-    assert all(wait_gone(pid) for pid in pids)
-
-
-def test_shutdown_after_the_loop_has_ended_kills_the_workers() -> None:
-    pool = ProcessPool(1)
-
-    async def use() -> list[int]:
-        pool.start()  # on this loop, which ends without aclose()
-        await pool.call(tasks.square, (2,))
-        return pool.pids
-
-    pids = asyncio.run(use())
-    pool.shutdown()
     assert all(wait_gone(pid) for pid in pids)
     with pytest.raises(ClosedError):
         pool.submit(tasks.square, 1)
