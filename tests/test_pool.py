@@ -546,30 +546,23 @@ async def test_a_spawned_worker_that_retires_runs_its_exit_handlers(tmp_path: Pa
     assert marker.read_text() == "written at exit"
 
 
-async def test_a_crashed_workers_task_processes_do_not_outlive_it(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("fault", "method"), [
+    (faults.start_child_then_exit, None),
+    *((faults.fork_child_then_exit, method) for method in ("fork", "spawn", "forkserver")),
+])
+async def test_a_crashed_workers_task_processes_do_not_outlive_it(tmp_path: Path, fault: Callable[[str], None],
+                                                                  method: str | None) -> None:
     pidfile = tmp_path / "child.pid"
-    async with ProcessPool(1) as pool:
-        outcome = await pool.call(faults.start_child_then_exit, (str(pidfile),))
+    async with ProcessPool(1, mp_context=method) as pool:
+        # bounded: a forked child held a fork or spawn worker's sentinel open, so its death went unseen for as long
+        # as the child lived
+        outcome = await asyncio.wait_for(pool.call(fault, (str(pidfile),)), 30)
     assert outcome.status is Status.CRASHED
     child = int(pidfile.read_text())
     gone = wait_gone(child)
     if not gone:
         os.kill(child, signal.SIGKILL)
     assert gone, "the crashed task's own process was left running"
-
-
-@pytest.mark.parametrize("method", ["fork", "spawn", "forkserver"])
-async def test_a_worker_whose_task_forked_a_child_is_seen_to_die_at_once(tmp_path: Path, method: str) -> None:
-    pidfile = tmp_path / "child.pid"
-    async with ProcessPool(1, mp_context=method) as pool:
-        # the child held the worker's sentinel open: its death went unseen for as long as the child lived
-        outcome = await asyncio.wait_for(pool.call(faults.fork_child_then_exit, (str(pidfile),)), 30)
-    assert outcome.status is Status.CRASHED
-    child = int(pidfile.read_text())
-    gone = wait_gone(child)
-    if not gone:
-        os.kill(child, signal.SIGKILL)
-    assert gone, "the crashed task's child was left running"
 
 
 async def test_a_call_its_stopped_worker_never_began_before_its_deadline_goes_back(tmp_path: Path) -> None:
