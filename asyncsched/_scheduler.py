@@ -798,6 +798,11 @@ class Scheduler:
         await self._ensure_started()
         return await self._store.batch(batch_id)
 
+    async def batch_page(self, limit: int | None, offset: int = 0) -> tuple[list[BatchInfo], int]:
+        """A page of the batches the store knows, newest first, and how many it knows in all."""
+        await self._ensure_started()
+        return await self._store.batch_page(limit, offset)
+
 
 async def _to_the_end(task: asyncio.Future[T], doing: str, cancelled: asyncio.CancelledError | None = None) -> T:
     """Wait for ``task`` to its end, even when the caller is cancelled meanwhile, once or many times; then raise

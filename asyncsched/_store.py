@@ -111,6 +111,13 @@ class Store(abc.ABC):
         check_batch_id(batch_id, every=False)
         return next((info for info in await self.batches() if info.batch_id == batch_id), None)
 
+    async def batch_page(self, limit: int | None, offset: int = 0) -> tuple[list[BatchInfo], int]:
+        """A page of the batches, newest first, and how many batches there are in all; a store may answer it
+        without reading every batch."""
+        check_page(limit, offset)
+        every = (await self.batches())[::-1]
+        return every[offset:None if limit is None else offset + limit], len(every)
+
 
 class _Batch:
     __slots__ = ("counts", "created_at", "finished_at", "name", "rerun")

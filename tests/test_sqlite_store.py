@@ -887,6 +887,28 @@ async def test_the_memory_store_refuses_to_resume_a_batch_whose_results_it_no_lo
     assert (await store.stats("b")).completed == 4
 
 
+@pytest.mark.parametrize("kind", ["memory", "sqlite"])
+async def test_a_page_of_batches_is_newest_first_with_the_total(tmp_path: Path, kind: str,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    store: Store = MemoryStore() if kind == "memory" else SQLiteStore(tmp_path / "r.db")
+    await store.open()
+    try:
+        for n, batch_id in enumerate(["a", "b", "c", "d"]):
+            await store.begin_batch(batch_id)
+            for key in range(n):
+                store.add(dataclasses.replace(_completed(str(key), key), batch_id=batch_id))
+            await store.end_batch(batch_id)
+        every = (await store.batches())[::-1]
+        if kind == "sqlite":  # it reads the page's batches alone
+            monkeypatch.setattr(store, "batches", None)
+        pages = [await store.batch_page(limit, offset) for limit, offset in [(2, 0), (2, 1), (None, 3), (5, 9)]]
+    finally:
+        await store.aclose()
+    assert [b.batch_id for b in every] == ["d", "c", "b", "a"]
+    assert pages == [(every[0:2], 4), (every[1:3], 4), (every[3:], 4), ([], 4)]
+    assert [b.stats.total for b in pages[0][0]] == [3, 2]
+
+
 async def test_the_memory_store_forgets_its_oldest_ended_batches_past_max_batches() -> None:
     store = MemoryStore(max_batches=2)
     await store.begin_batch("running")  # never ended: never forgotten

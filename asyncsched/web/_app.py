@@ -302,11 +302,11 @@ class _Api:
 
     async def list_batches(self, request: web.Request) -> web.Response:
         limit, offset = self._page(request)
-        batches = (await self.scheduler.batches())[::-1]  # newest first
+        batches, total = await self.scheduler.batch_page(limit, offset)  # newest first
         running = self._running()
         return web.json_response({
-            "batches": [self._summary(info, running) for info in batches[offset:offset + limit]],
-            "total": len(batches), "limit": limit, "offset": offset,
+            "batches": [self._summary(info, running) for info in batches],
+            "total": total, "limit": limit, "offset": offset,
         })
 
     async def get_batch(self, request: web.Request) -> web.Response:
