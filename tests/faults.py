@@ -151,10 +151,6 @@ def raise_raising_on_load(kind: str) -> None:
     raise _unloadable_error(kind)
 
 
-def _raise_unloadable_error(kind: str) -> None:
-    raise _unloadable_error(kind)
-
-
 class RaisesUnloadableErrorOnLoad:
     """Pickles; unpickling it raises an exception whose own unpickling raises SystemExit or KeyboardInterrupt."""
 
@@ -162,7 +158,7 @@ class RaisesUnloadableErrorOnLoad:
         self.kind = kind
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (_raise_unloadable_error, (self.kind,))
+        return (raise_raising_on_load, (self.kind,))
 
 
 def return_raising_unloadable_error_on_load(kind: str) -> Any:

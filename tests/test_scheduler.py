@@ -23,6 +23,7 @@ import asyncsched._scheduler
 from asyncsched import (
     AttemptListener,
     Backend,
+    BatchInfo,
     Cancellable,
     ClosedError,
     ConfigurationError,
@@ -736,6 +737,19 @@ async def test_a_second_cancel_while_a_run_ends_still_cancels_its_tasks_and_ends
         assert info is not None and info.finished_at is not None
 
 
+async def _released_then_ended(scheduler: Scheduler, running: asyncio.Future[Any],
+                               release: asyncio.Event) -> BatchInfo:
+    """Let the store go on; the cancelled run of batch "b" then raises, and the batch is ended: its info."""
+    ended = asyncio.ensure_future(scheduler.wait_ended("b"))
+    release.set()
+    with pytest.raises(asyncio.CancelledError):
+        await running
+    await ended
+    info = await scheduler.batch("b")
+    assert info is not None and info.finished_at is not None
+    return info
+
+
 async def test_a_second_cancel_while_the_store_ends_the_batch_lets_it_end() -> None:
     backend, store = _Held(), SlowToEnd()
     async with Scheduler(backend=backend, store=store) as scheduler:
@@ -744,13 +758,7 @@ async def test_a_second_cancel_while_the_store_ends_the_batch_lets_it_end() -> N
         running.cancel()
         await store.entered.wait()  # the end of the run: the store ends the batch
         running.cancel()
-        ended = asyncio.ensure_future(scheduler.wait_ended("b"))
-        store.release.set()
-        with pytest.raises(asyncio.CancelledError):
-            await running
-        await ended
-        info = await scheduler.batch("b")
-        assert info is not None and info.finished_at is not None and info.stats.cancelled == 1
+        assert (await _released_then_ended(scheduler, running, store.release)).stats.cancelled == 1
 
 
 async def test_a_run_cancelled_while_the_store_begins_its_batch_ends_the_batch() -> None:
@@ -759,13 +767,7 @@ async def test_a_run_cancelled_while_the_store_begins_its_batch_ends_the_batch()
         running = asyncio.ensure_future(scheduler.run([Task(tasks.identity, 1)], batch_id="b"))
         await store.entered.wait()  # the store has begun the batch, and not returned yet
         running.cancel()
-        ended = asyncio.ensure_future(scheduler.wait_ended("b"))
-        store.release.set()
-        with pytest.raises(asyncio.CancelledError):
-            await running
-        await ended
-        info = await scheduler.batch("b")
-        assert info is not None and info.finished_at is not None and info.stats.total == 0
+        assert (await _released_then_ended(scheduler, running, store.release)).stats.total == 0
 
 
 async def test_running_a_batch_again_right_after_cancel_says_to_wait_for_its_end() -> None:
