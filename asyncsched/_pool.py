@@ -130,6 +130,7 @@ WORKER_MEMORY = 12 * 2**20
 worker is refused, rather than left to run the machine out of memory as it starts."""
 
 _PLAIN_FUNCTIONS = (types.FunctionType, types.BuiltinFunctionType)
+_get_ident = threading.get_ident
 _COMPLETED = Status.COMPLETED  # for _read: an enum member costs a lookup each time (Python 3.11)
 _READ_SIZE = 1 << 16
 _PROTOCOL = pickle.HIGHEST_PROTOCOL
@@ -593,9 +594,13 @@ class ProcessPool(concurrent.futures.Executor):
     def _call_listener(self, method: Callable[..., None], args: tuple[Any, ...]) -> None:
         try:
             method(*args)
-        except Exception as exc:  # as the loop treats a failing callback: reported, never fatal to the pool
-            assert self._loop is not None
-            self._loop.call_exception_handler({"message": "a ProcessPool call listener failed", "exception": exc})
+        except Exception as exc:
+            self._listener_failed(exc)
+
+    def _listener_failed(self, exc: Exception) -> None:
+        """As the loop treats a failing callback: reported, never fatal to the pool."""
+        assert self._loop is not None
+        self._loop.call_exception_handler({"message": "a ProcessPool call listener failed", "exception": exc})
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """``Executor.shutdown``. From the pool's own loop thread it cannot wait: use ``await aclose()`` there.
@@ -681,7 +686,8 @@ class ProcessPool(concurrent.futures.Executor):
         the outcome's exception).
         """
         loop = self._loop
-        if loop is None or self._closed or not self._on_loop_thread():
+        if loop is None or self._closed or not (getattr(loop, "_thread_id", None) == _get_ident()  # the usual case
+                                                or self._on_loop_thread()):
             return self._start_call_slowly(fn, args, listener, timeout)
         call = _Call(self, next(self._ids), timeout, listener)
         if self._broken is not None:
@@ -980,6 +986,7 @@ class ProcessPool(concurrent.futures.Executor):
         pos, end = 0, len(buf)
         assert self._loop is not None
         now = self._loop.time()  # for every call that begins as this read finds its worker free
+        average = self._average
         try:
             while end - pos >= 4:
                 (size,) = HEADER.unpack_from(buf, pos)
@@ -1009,18 +1016,30 @@ class ProcessPool(concurrent.futures.Executor):
                 if not calls or calls[0].call_id != call_id:
                     continue  # the worker was killed meanwhile and its calls given back
                 call = calls.popleft()
-                self._average += 0.2 * (duration - self._average)
-                call.settle(Outcome(_COMPLETED, value, None, None, None, None, worker.pid, started, finished)
-                            if how == VALUE else _outcome(worker.pid, how, value, started, finished))
-                self._next(worker, now)
+                average += 0.2 * (duration - average)
+                if not call.done:  # call.settle(), inlined: this runs for every call
+                    call.done = True
+                    held.append((call, call.listener.finished, (
+                        Outcome(_COMPLETED, value, None, None, None, None, worker.pid, started, finished)
+                        if how == VALUE else _outcome(worker.pid, how, value, started, finished),)))
+                    if self._progress is not None:
+                        self._progressed()
+                if calls:  # self._next(), its usual case inlined
+                    self._begin(worker, calls[0], now)
+                else:
+                    self._next(worker, now)
             if pos:
+                self._average = average
                 self._dispatch()  # the calls it starts are told after the results that made room for them
         finally:
             del buf[:pos]
             self._held = None
             for call, method, args in held:
                 if not call.cancelled:  # else a listener cancelled it meanwhile: nothing more about it
-                    self._call_listener(method, args)
+                    try:
+                        method(*args)
+                    except Exception as exc:  # as in _call_listener(), inlined: this runs twice for every call
+                        self._listener_failed(exc)
         if not worker.calls and not self._pending and self._balancing is None and worker in self._ready:
             assert self._loop is not None  # after the listeners' new calls are dispatched (call_soon, too)
             self._balancing = self._loop.call_soon(self._balance)
@@ -1217,7 +1236,9 @@ class ProcessPool(concurrent.futures.Executor):
         timeout = call.timeout
         if call.done:
             timeout = ABANDONED_GRACE if timeout is None else min(timeout, ABANDONED_GRACE)
-        if timeout is not None:
+        if timeout is None:
+            worker.deadline_at = None
+        else:
             worker.deadline_at = deadline = now + timeout
             timer = worker.deadline
             if timer is not None and worker.timer_at > deadline:
@@ -1227,7 +1248,11 @@ class ProcessPool(concurrent.futures.Executor):
                 worker.deadline = loop.call_at(deadline, self._on_deadline, worker)
                 worker.timer_at = deadline
         if not (worker.revoking and any(call.call_id in asked for asked in worker.revoking)):
-            self._tell_started(worker, call)  # else once the worker says it kept it
+            worker.told = call  # self._tell_started(), inlined: this runs for every call
+            if not call.done:
+                self._tell(call, call.listener.started, (worker.pid, time.time()))
+        else:
+            worker.told = None  # told once the worker says it kept it
 
     def _tell_started(self, worker: _Worker, call: _Call) -> None:
         worker.told = call

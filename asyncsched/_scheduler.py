@@ -144,10 +144,14 @@ class _Record:
     def finished(self, outcome: Outcome) -> None:
         if self.running is not None:  # else cancelled meanwhile: cancel_all() records the task
             self.running = None
+            run = self.run
             try:
-                self.run.finished(self, outcome)
+                if outcome.status is _COMPLETED:  # never retried: recorded at once
+                    run.record(self, outcome)
+                else:
+                    run.finished(self, outcome)
             except Exception as exc:  # e.g. a store that cannot take the result: the run fails with it
-                self.run.abort(exc)
+                run.abort(exc)
 
 
 class _BatchRun:
@@ -189,14 +193,14 @@ class _BatchRun:
         if record.retry_handle is not None:
             self._end_backoff(record)
         if self.stopped is not None:  # admitted while the batch was being cancelled
-            self._finish(record, Outcome(Status.CANCELLED, error=self.stopped, error_type="asyncio.CancelledError"))
+            self.record(record, Outcome(Status.CANCELLED, error=self.stopped, error_type="asyncio.CancelledError"))
             return
         record.attempts += 1
         attempt = Attempt(self.batch_id, record.key, record.fn, record.args, record.timeout, record.attempts)
         try:
             record.running = self.backend.run_attempt(attempt, record)
         except Exception as exc:  # a backend that cannot take work any more
-            self._finish(record, backend_failure(exc))
+            self.record(record, backend_failure(exc))
 
     def finished(self, record: _Record, outcome: Outcome) -> None:
         """An attempt of ``record`` ended: retry it later, or record the task."""
@@ -212,9 +216,10 @@ class _BatchRun:
             self.backing_off += 1
             self._made_room()
             return
-        self._finish(record, outcome)
+        self.record(record, outcome)
 
-    def _finish(self, record: _Record, outcome: Outcome) -> None:
+    def record(self, record: _Record, outcome: Outcome) -> None:
+        """Record the task's final result, and hand it out."""
         del self.records[record.index]
         started, finished = outcome.started_at, outcome.finished_at
         if started is None and record.running_since is not None:  # killed, lost or cancelled while it ran
@@ -245,7 +250,8 @@ class _BatchRun:
             self.hub.publish(TaskFinished, self.batch_id, record.key, outcome.status, finished or time.time(),
                              outcome.pid, outcome.error or record.message, record.progress, record.attempts)
         self.ready.append(result)
-        self._made_room()
+        if self.eager or len(self.records) - self.backing_off <= self.low_water:  # self._made_room(), inlined
+            self._wake()
 
     def _made_room(self) -> None:
         """A task left the workers: wake the stream, if it hands out every result or has room for half a window."""
@@ -268,7 +274,7 @@ class _BatchRun:
         """Record a batch item that is not a runnable Task as failed, without running it."""
         record = _Record(self, index, key, None, (), None, 0)
         self.records[index] = record
-        self._finish(record, Outcome(Status.FAILED, error=error, error_type="asyncsched.TaskDefinitionError"))
+        self.record(record, Outcome(Status.FAILED, error=error, error_type="asyncsched.TaskDefinitionError"))
 
     def cancel_all(self, why: str) -> None:
         """Stop every task still in flight and record it as cancelled; wake the batch's stream."""
@@ -282,7 +288,7 @@ class _BatchRun:
                     record.attempts -= 1
             if record.retry_handle is not None:
                 self._end_backoff(record)
-            self._finish(record, Outcome(Status.CANCELLED, error=why, error_type="asyncio.CancelledError"))
+            self.record(record, Outcome(Status.CANCELLED, error=why, error_type="asyncio.CancelledError"))
         self._wake()  # also with nothing in flight: a stream waiting for its async batch's next item ends
 
     def abort(self, error: BaseException) -> None:
@@ -699,7 +705,9 @@ class Scheduler:
 
     def _admit(self, run: _BatchRun, item: object, index: int, previous: Mapping[str, TaskResult]) -> int:
         """Start one batch item; returns the next index."""
-        key = _key(item, index)
+        key = item.key if isinstance(item, Task) else None  # _key(), inlined: this runs for every task
+        if key is None:
+            key = str(index)
         if key in previous:
             run.skipped += 1
             if run.resumed is not None:
