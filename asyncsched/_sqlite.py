@@ -37,6 +37,7 @@ import sqlite3
 import stat
 import threading
 import time
+import traceback
 import urllib.parse
 import weakref
 from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
@@ -876,10 +877,11 @@ def _result(row: Row) -> TaskResult:
     if blob is not None:
         try:
             value = pickle.loads(blob)
-        except Exception as exc:
-            raise StoreError(f"the value of task {key!r} of batch {batch_id!r} cannot be unpickled here "
-                             f"({type(exc).__name__}: {exc}); make the module that defines its type importable, "
-                             "or read it with export_jsonl, which leaves it pickled") from exc
+        except BaseException as exc:  # e.g. its class cannot be imported here, or a reducer calls sys.exit()
+            why = traceback.format_exception_only(exc)[-1].strip()
+            raise StoreError(f"the value of task {key!r} of batch {batch_id!r} cannot be unpickled here ({why}); "
+                             "make the module that defines its type importable, or read it with export_jsonl, "
+                             "which leaves it pickled") from exc
     elif value is not None:
         value = json.loads(value)
     return TaskResult(batch_id, key, Status(status), value, error, tb, attempts, pid, started_at, finished_at,

@@ -652,6 +652,19 @@ async def test_a_value_of_a_type_this_process_cannot_import_is_a_clear_error(tmp
         sys.modules.pop(module.__name__, None)
 
 
+
+@pytest.mark.parametrize(("kind", "raised"), [("exit", "SystemExit: a reducer called sys.exit()"),
+                                              ("interrupt", "KeyboardInterrupt")])
+async def test_a_stored_value_whose_unpickling_raises_a_base_exception_is_a_store_error(
+        tmp_path: Path, kind: str, raised: str) -> None:
+    async with SQLiteStore(tmp_path / "results.db") as store:
+        await store.begin_batch("b")
+        store.add(TaskResult("b", "k", Status.COMPLETED, value=faults.RaisesOnLoad(kind)))
+        await store.flush()
+        with pytest.raises(StoreError, match=re.escape(f"task 'k' of batch 'b' cannot be unpickled here ({raised})")):
+            await store.results()
+        assert (await store.stats("b")).completed == 1  # the store is still usable
+
 # -- bad input gets a clear error before any work starts ---------------------------------------
 
 
