@@ -43,7 +43,10 @@ class AttemptListener(Protocol):
     unless the attempt was cancelled. ``started`` may come again, with another
     pid, for the same attempt: the local pool's worker died before it began
     the call, which went to another one, or Celery's broker delivered the
-    task again after its worker was lost.
+    task again after its worker was lost. An attempt that started and ended
+    before the backend looked may be told only ``finished`` (the local pool
+    does so for fast calls queued behind another): its outcome's ``pid`` and
+    ``started_at`` then say where and when it started.
     """
 
     def started(self, pid: int | None, timestamp: float) -> None: ...

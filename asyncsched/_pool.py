@@ -144,7 +144,9 @@ class CallListener(Protocol):
 
     ``started`` when the call starts running in a worker, ``reported`` for each
     ``report()`` inside it, then ``finished`` once with its :class:`Outcome`.
-    A call cancelled through what :meth:`ProcessPool.start_call` returned is
+    A call that started and ended before the pool looked (a fast call queued
+    behind another) is told only ``finished``: its outcome's ``started_at`` and
+    ``pid`` say when and where it started. A call cancelled through what :meth:`ProcessPool.start_call` returned is
     told nothing more; closing the pool finishes a call as ``cancelled``. Each
     must be quick.
     """
@@ -279,15 +281,17 @@ class _ExecutorFuture(concurrent.futures.Future[Any]):
 class _CallFuture(asyncio.Future[Outcome]):
     """The future :meth:`ProcessPool.call` returns: the listener of its call. Cancelling it cancels the call."""
 
-    __slots__ = ("call", "on_report", "on_start")
+    __slots__ = ("call", "on_report", "on_start", "told_start")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, on_start: OnStart | None, on_report: OnReport | None) -> None:
         super().__init__(loop=loop)
         self.on_start = on_start
         self.on_report = on_report
         self.call: _Call | None = None
+        self.told_start = False
 
     def started(self, pid: int, timestamp: float) -> None:
+        self.told_start = True
         if self.on_start is not None:
             self.on_start(pid, timestamp)
 
@@ -299,6 +303,8 @@ class _CallFuture(asyncio.Future[Outcome]):
     def finished(self, outcome: Outcome) -> None:
         if self.done():
             return
+        if not self.told_start and outcome.started_at is not None and outcome.pid is not None:
+            self.started(outcome.pid, outcome.started_at)  # it ended before the pool told it started
         if outcome.status is Status.CANCELLED:  # the pool was closed
             super().cancel()
         elif self.call is not None and (broken := self.call.pool._broken) is not None and outcome.exception is broken:
@@ -1025,7 +1031,7 @@ class ProcessPool(concurrent.futures.Executor):
                     if self._progress is not None:
                         self._progressed()
                 if calls:  # self._next(), its usual case inlined
-                    self._begin(worker, calls[0], now)
+                    self._begin(worker, calls[0], now, tell=False)  # told below if it still runs then
                 else:
                     self._next(worker, now)
             if pos:
@@ -1033,6 +1039,7 @@ class ProcessPool(concurrent.futures.Executor):
                 self._dispatch()  # the calls it starts are told after the results that made room for them
         finally:
             del buf[:pos]
+            self._tell_begun(worker)  # a call that began and ended in this read is told only that it ended
             self._held = None
             for call, method, args in held:
                 if not call.cancelled:  # else a listener cancelled it meanwhile: nothing more about it
@@ -1066,6 +1073,7 @@ class ProcessPool(concurrent.futures.Executor):
         elif kind == REPORT:
             running = worker.call
             if running is not None and running.call_id == message[1] and not running.done:
+                self._tell_begun(worker)  # it started before it reports
                 _, _, timestamp, text, progress, data = message
                 self._tell(running, running.listener.reported,
                            (worker.pid, timestamp, text, progress, _report_data(data)))
@@ -1215,7 +1223,7 @@ class ProcessPool(concurrent.futures.Executor):
         calls = queued[busiest]
         self._revoke(busiest, {call.call_id for call in calls[len(calls) // 2:]})
 
-    def _begin(self, worker: _Worker, call: _Call, now: float | None = None) -> None:
+    def _begin(self, worker: _Worker, call: _Call, now: float | None = None, *, tell: bool = True) -> None:
         """``call`` has reached the head of its worker: it runs now, and its timeout starts.
 
         One timer per worker serves a stream of fast calls: it is re-armed when
@@ -1225,7 +1233,8 @@ class ProcessPool(concurrent.futures.Executor):
         then its worker is killed. A call asked back is timed from here too (it
         may run, holding the GIL so that the worker cannot answer), but its
         listener hears that it started only once the worker has kept it.
-        ``now`` is the loop's time, when the caller has it already.
+        ``now`` is the loop's time, when the caller has it already. ``tell=False``
+        leaves telling the listener to the caller (see _tell_begun).
         """
         loop = self._loop
         assert loop is not None
@@ -1247,12 +1256,26 @@ class ProcessPool(concurrent.futures.Executor):
             if timer is None:
                 worker.deadline = loop.call_at(deadline, self._on_deadline, worker)
                 worker.timer_at = deadline
-        if not (worker.revoking and any(call.call_id in asked for asked in worker.revoking)):
-            worker.told = call  # self._tell_started(), inlined: this runs for every call
-            if not call.done:
-                self._tell(call, call.listener.started, (worker.pid, time.time()))
+        if tell and not self._asked_back(worker, call):
+            self._tell_started(worker, call)
         else:
-            worker.told = None  # told once the worker says it kept it
+            worker.told = None  # told later: see _tell_begun, and _on_revoked for a call asked back
+
+    @staticmethod
+    def _asked_back(worker: _Worker, call: _Call) -> bool:
+        return bool(worker.revoking) and any(call.call_id in asked for asked in worker.revoking)
+
+    def _tell_begun(self, worker: _Worker) -> None:
+        """Tell the listener of the worker's running call that it started, unless it has been told, or the
+        call is being asked back (then once the worker says it kept it: see _on_revoked).
+
+        ``_read`` tells it only once it has read all that came: a call that began and ended within one
+        read is told only that it ended, and its outcome says when it started, and where.
+        """
+        head = worker.call
+        if head is not None and head is worker.begun and head is not worker.told and not worker.killed \
+                and not self._asked_back(worker, head):
+            self._tell_started(worker, head)
 
     def _tell_started(self, worker: _Worker, call: _Call) -> None:
         worker.told = call

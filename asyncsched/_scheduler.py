@@ -145,6 +145,8 @@ class _Record:
         if self.running is not None:  # else cancelled meanwhile: cancel_all() records the task
             self.running = None
             run = self.run
+            if self.running_since is None and outcome.started_at is not None:
+                self.started(outcome.pid, outcome.started_at)  # it ended before the backend told it started
             try:
                 if outcome.status is _COMPLETED:  # never retried: recorded at once
                     run.record(self, outcome)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import functools
 import gc
 import multiprocessing.context
 import os
@@ -119,6 +120,29 @@ async def until_batching(pool: ProcessPool) -> None:
     """Run fast calls until the pool sends calls in groups (and their results come back grouped)."""
     while pool.depth < MAX_DEPTH:
         await asyncio.gather(*(pool.call(tasks.square, (i,)) for i in range(200)))
+
+
+async def test_every_fast_call_is_told_it_started_once_before_it_ended() -> None:
+    heard: dict[int, list[tuple[str, int, float]]] = {}
+
+    def started(i: int) -> Callable[[int, float], None]:
+        return lambda pid, at: heard.setdefault(i, []).append(("started", pid, at))
+
+    def finished(i: int, _: object) -> None:
+        heard.setdefault(i, []).append(("finished", 0, 0.0))
+
+    async with ProcessPool(1) as pool:
+        await until_batching(pool)  # calls queued behind others, most of which begin and end within one read
+        calls = [pool.call(tasks.square, (i,), on_start=started(i)) for i in range(500)]
+        for i, call in enumerate(calls):
+            call.add_done_callback(functools.partial(finished, i))
+        outcomes = await asyncio.gather(*calls)
+    assert [o.value for o in outcomes] == [i * i for i in range(500)]
+    for i, outcome in enumerate(outcomes):
+        (_, pid, at), (then, _, _) = heard[i]
+        assert then == "finished" and pid == outcome.pid
+        assert outcome.started_at is not None and outcome.finished_at is not None
+        assert at <= outcome.finished_at + 0.01  # its own start, or the moment the pool saw it running
 
 
 class Heard:

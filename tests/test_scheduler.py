@@ -27,6 +27,7 @@ from asyncsched import (
     Cancellable,
     ClosedError,
     ConfigurationError,
+    Event,
     Outcome,
     ProcessBackend,
     RetryPolicy,
@@ -146,6 +147,22 @@ async def test_report_data_that_does_not_pickle_fails_its_task_saying_so(schedul
     assert summary.results[0].status is Status.FAILED
     assert (summary.results[0].error or "").endswith("PicklingError: report()'s data could not be pickled: "
                                                      "TypeError: cannot pickle '_thread.lock' object")
+
+
+async def test_every_fast_task_has_one_started_event_before_its_finished_event() -> None:
+    async with Scheduler(workers=1) as scheduler:
+        events = scheduler.events()
+        summary = await scheduler.run([Task(tasks.square, i) for i in range(1000)])
+        await scheduler.aclose()
+        seen: dict[str, list[Event]] = {}
+        async for event in events:
+            seen.setdefault(event.key, []).append(event)
+    assert len(seen) == 1000
+    for result in summary.results:
+        started, finished = seen[result.key]
+        assert (type(started), type(finished)) == (TaskStarted, TaskFinished)
+        assert started.pid == finished.pid == result.pid and started.attempt == finished.attempt == 1
+        assert result.finished_at is not None and started.timestamp <= result.finished_at + 0.01
 
 
 async def test_the_events_of_one_worker_never_overlap() -> None:
