@@ -507,11 +507,20 @@ class ProcessPool(concurrent.futures.Executor):
         await self.aclose()
 
     async def aclose(self) -> None:
-        """Kill what runs, stop every worker and wait until all are gone. Idempotent."""
+        """Kill what runs, stop every worker and wait until all are gone. Idempotent.
+
+        Awaited on another loop than the pool's, it closes the pool on the pool's loop (in that loop's thread)
+        and waits for it here.
+        """
         if self._thread is not None and not self._on_loop_thread():
             # Started from a plain thread, on its private loop: closed there, and that loop's thread ended, as
             # shutdown() does, in a thread of this loop's executor so as not to block this loop meanwhile.
             await asyncio.to_thread(self._shutdown, True, cancel_futures=False, cancel=True)
+            return
+        loop = self._loop
+        if loop is not None and loop.is_running() and _running_loop() is not loop:
+            # Started on a loop that runs in another thread: closed there, as nothing of it is thread-safe.
+            await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(self._close(cancel=True), loop))
             return
         await self._close(cancel=True)
 

@@ -644,6 +644,34 @@ def test_a_pool_whose_loop_goes_on_in_another_thread_serves_that_thread_and_this
         loop.close()
 
 
+async def test_aclose_from_another_loop_closes_the_pool_on_its_own_loop_in_its_thread(tmp_path: Path) -> None:
+    fifo = tmp_path / "started"
+    os.mkfifo(fifo)
+    loop = asyncio.new_event_loop()
+    loop.set_debug(True)  # which makes a call_soon() on it from another thread raise
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    try:
+        pool = ProcessPool(1)
+
+        async def hang() -> Outcome:
+            return await pool.call(faults.announce_then_hang, (os.fspath(fifo),))
+
+        running = asyncio.run_coroutine_threadsafe(hang(), loop)  # the pool starts on that loop
+        assert await asyncio.to_thread(fifo.read_text) == "started"
+        pids = pool.pids
+        await asyncio.wait_for(pool.aclose(), 30)  # from this loop, not the pool's
+        assert all(wait_gone(pid) for pid in pids)
+        assert concurrent.futures.wait([running], timeout=30).not_done == set()
+        assert running.cancelled() or running.result().status is Status.CANCELLED  # closing cancelled it
+        assert asyncio.run_coroutine_threadsafe(asyncio.sleep(0, "alive"), loop).result(timeout=30) == "alive"
+        await pool.aclose()  # again: a no-op
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        await asyncio.to_thread(thread.join, 30)
+        loop.close()
+
+
 def test_threads_submitting_at_once_to_a_new_pool_start_it_once() -> None:
     pool = ProcessPool(2)
     ready = threading.Barrier(4)
