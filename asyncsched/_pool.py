@@ -58,7 +58,9 @@ Actors:
 * A result that does not unpickle in the parent fails its own call only.
 * Listeners are told what :meth:`ProcessPool._read` found only once it has
   handled all of it, so a listener that cancels a call cannot make another
-  one run twice.
+  one run twice. A call that began and ended within one read (most fast
+  calls queued behind another) is told only that it ended: its outcome says
+  when and where it started.
 
 Used from a thread with no running loop (plain ``Executor`` use), the pool runs
 its own loop in a private thread.
@@ -146,9 +148,9 @@ class CallListener(Protocol):
     ``report()`` inside it, then ``finished`` once with its :class:`Outcome`.
     A call that started and ended before the pool looked (a fast call queued
     behind another) is told only ``finished``: its outcome's ``started_at`` and
-    ``pid`` say when and where it started. A call cancelled through what :meth:`ProcessPool.start_call` returned is
-    told nothing more; closing the pool finishes a call as ``cancelled``. Each
-    must be quick.
+    ``pid`` say when and where it started. A call cancelled through what
+    :meth:`ProcessPool.start_call` returned is told nothing more; closing the
+    pool finishes a call as ``cancelled``. Each must be quick.
     """
 
     def started(self, pid: int, timestamp: float) -> None: ...
