@@ -306,7 +306,13 @@ class _CallFuture(asyncio.Future[Outcome]):
         if self.done():
             return
         if not self.told_start and outcome.started_at is not None and outcome.pid is not None:
-            self.started(outcome.pid, outcome.started_at)  # it ended before the pool told it started
+            try:
+                self.started(outcome.pid, outcome.started_at)  # it ended before the pool told it started
+            except Exception as exc:  # as when the pool tells it: reported, and the call still ends
+                if self.call is not None:
+                    self.call.pool._listener_failed(exc)
+            if self.done():  # on_start cancelled it
+                return
         if outcome.status is Status.CANCELLED:  # the pool was closed
             super().cancel()
         elif self.call is not None and (broken := self.call.pool._broken) is not None and outcome.exception is broken:
@@ -1042,7 +1048,8 @@ class ProcessPool(concurrent.futures.Executor):
                     if self._progress is not None:
                         self._progressed()
                 if calls:  # self._next(), its usual case inlined
-                    self._begin(worker, calls[0], now, tell=False)  # told below if it still runs then
+                    following = calls[0]  # told below if it still runs then, unless told it started elsewhere
+                    self._begin(worker, following, now, tell=following.given_back)
                 else:
                     self._next(worker, now)
             if pos:
@@ -1073,6 +1080,8 @@ class ProcessPool(concurrent.futures.Executor):
         """Settle the worker's running call, if it has not ended, as ``crashed`` with ``error``."""
         call = worker.call
         if call is not None and not call.done:
+            if call is worker.begun and call is not worker.told and worker.in_call:
+                self._tell_started(worker, call)  # it began in the read that found it crashed, say: told first
             self._crashed += 1
             call.settle(Outcome(Status.CRASHED, error=error, error_type=error_type, pid=worker.pid))
 

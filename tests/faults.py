@@ -349,14 +349,18 @@ def report_a_label() -> str:
     return "done"
 
 
-def send_garbage_then_hang() -> None:
-    """Writes a frame that does not unpickle onto the worker's socket (a stand-in for a bug), then hangs."""
+def send_garbage_then_hang(fifo: str | None = None) -> None:
+    """Writes a frame that does not unpickle onto the worker's pipe (a stand-in for a bug), then says so on the
+    FIFO ``fifo`` if given (to a test blocked reading it), then hangs."""
     from asyncsched import _worker
 
     assert _worker._current is not None
     channel = _worker._current[0].__self__  # type: ignore[attr-defined]
     garbage = b"\x80\x05not a pickle"
     channel._write(_worker.frame_header(len(garbage)) + garbage)
+    if fifo is not None:
+        with open(fifo, "w") as f:
+            f.write("sent")
     time.sleep(3600)
 
 

@@ -25,6 +25,7 @@ from typing import Any
 import pytest
 import uvloop
 
+import asyncsched._pool
 from asyncsched import Outcome, ProcessPool, Status, TaskFailedError, _worker
 from asyncsched._errors import BrokenPoolError, ClosedError, ConfigurationError
 from asyncsched._pool import MAX_DEPTH, WORKER_MEMORY, parse_size
@@ -143,6 +144,125 @@ async def test_every_fast_call_is_told_it_started_once_before_it_ended() -> None
         assert then == "finished" and pid == outcome.pid
         assert outcome.started_at is not None and outcome.finished_at is not None
         assert at <= outcome.finished_at + 0.01  # its own start, or the moment the pool saw it running
+
+
+async def test_a_call_that_crashes_in_the_read_where_it_began_is_told_it_started_first(tmp_path: Path) -> None:
+    fifo = tmp_path / "sent"
+    os.mkfifo(fifo)
+    heard: list[str] = []
+    async with ProcessPool(1) as pool:
+        await until_batching(pool)
+        fast = pool.call(tasks.square, (3,))  # sent in one frame with the next one
+        bad = pool.call(faults.send_garbage_then_hang, (os.fspath(fifo),), on_start=lambda *_: heard.append("started"))
+        bad.add_done_callback(lambda _: heard.append("finished"))
+        await asyncio.sleep(0)  # sent
+        assert fifo.read_text() == "sent"  # blocks the loop until the fast result and the garbage are both there
+        assert (await fast).value == 9
+        outcome = await bad  # began in the read that found the garbage
+    assert outcome.status is Status.CRASHED and "cannot be read here" in (outcome.error or ""), outcome
+    assert heard == ["started", "finished"]
+
+
+async def test_a_call_given_back_then_begun_and_ended_within_one_read_elsewhere_is_told_where_it_started(
+        gate: Callable[[], str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(asyncsched._pool, "TAKE_BACK_AFTER", 3600.0)  # calls may wait behind a long one
+    release, fifo = gate(), tmp_path / "running"
+    os.mkfifo(fifo)
+    async with ProcessPool(2) as pool:
+        await until_batching(pool)
+        while len(pool._ready) < 2:  # the second worker may still be starting
+            await pool.call(tasks.square, (1,))
+        running = asyncio.Event()
+        long = pool.call(tasks.wait_for_file, (release,), on_start=lambda *_: running.set())
+        await running.wait()
+        b = long.call.worker  # type: ignore[attr-defined]
+        (a,) = pool._workers - {b}
+        os.kill(a.pid, signal.SIGSTOP)  # it takes in nothing more
+        starts: list[int] = []
+        sent = asyncio.Event()
+
+        def started(pid: int, at: float) -> None:
+            starts.append(pid)
+            sent.set()
+
+        given_back = pool.call(tasks.square, (7,), on_start=started)
+        announcing = pool.call(faults.announce_then_hang, (os.fspath(fifo),))
+        others = [pool.call(tasks.square, (i,)) for i in range(6)]  # 4 calls to each worker, these two first on a
+        await sent.wait()  # the head of a: told it started there
+        requeued = asyncio.Event()
+        requeue = pool._requeue
+
+        def requeue_then_say_so(worker: Any) -> None:
+            requeue(worker)
+            requeued.set()
+
+        monkeypatch.setattr(pool, "_requeue", requeue_then_say_so)
+        os.kill(a.pid, signal.SIGKILL)  # before it began it: given back, with the call behind it, to b
+        await requeued.wait()
+        assert given_back.call.worker is b, "given back to the worker that was busy"  # type: ignore[attr-defined]
+        await asyncio.to_thread(Path(release).touch)
+        assert fifo.read_text() == "started"  # blocks the loop until b has run the call given back, and the rest
+        outcome = await given_back  # began and ended within one read of b's pipe
+        announcing.cancel()
+        assert [o.value for o in await asyncio.gather(*others)] == [i * i for i in range(6)]
+    assert outcome.value == 49 and starts == [a.pid, b.pid] and outcome.pid == b.pid, (starts, outcome)
+
+
+async def calls_ended_before_the_pool_looked(
+        pool: ProcessPool, fifo: Path, calls: list[asyncio.Future[Outcome]], count: int,
+        on_start: Callable[[int], Callable[[int, float], None]]) -> None:
+    """Make ``count`` fast calls (into ``calls``) on a one-worker pool, all sent in one frame with a last one
+    that says when it runs; the loop waits for that, so the results of all the others come in one read: only
+    the first, begun as the frame went out, is told it started before it ended."""
+    await until_batching(pool)
+    os.mkfifo(fifo)
+    calls += [pool.call(tasks.square, (i,), on_start=on_start(i)) for i in range(count)]
+    last = pool.call(faults.announce_then_hang, (os.fspath(fifo),))
+    await asyncio.sleep(0)  # sent
+    assert fifo.read_text() == "started"  # noqa: ASYNC240 - on purpose: the loop reads nothing until all have ended
+    await asyncio.wait_for(asyncio.wait(calls), 30)
+    last.cancel()
+
+
+async def test_an_on_start_that_raises_is_reported_and_its_fast_call_still_ends(tmp_path: Path) -> None:
+    failures: list[BaseException | None] = []
+    loop = asyncio.get_running_loop()
+    loop.set_exception_handler(lambda _, context: failures.append(context.get("exception")))
+
+    def on_start(i: int) -> Callable[[int, float], None]:
+        def raises(pid: int, at: float) -> None:
+            raise RuntimeError("a bug in on_start")
+        return raises
+
+    calls: list[asyncio.Future[Outcome]] = []
+    try:
+        async with ProcessPool(1) as pool:
+            await calls_ended_before_the_pool_looked(pool, tmp_path / "last", calls, 50, on_start)
+    finally:
+        loop.set_exception_handler(None)
+    assert [call.result().value for call in calls] == [i * i for i in range(50)]
+    assert len(failures) == 50 and all(isinstance(f, RuntimeError) for f in failures)
+
+
+async def test_an_on_start_that_cancels_its_fast_call_cancels_it_and_nothing_fails(tmp_path: Path) -> None:
+    failures: list[BaseException | None] = []
+    loop = asyncio.get_running_loop()
+    loop.set_exception_handler(lambda _, context: failures.append(context.get("exception")))
+    calls: list[asyncio.Future[Outcome]] = []
+
+    def on_start(i: int) -> Callable[[int, float], None]:
+        def cancel(pid: int, at: float) -> None:
+            if i:  # the first one is told it started while it runs: cancelling it would kill its worker
+                calls[i].cancel()
+        return cancel
+
+    try:
+        async with ProcessPool(1) as pool:
+            await calls_ended_before_the_pool_looked(pool, tmp_path / "last", calls, 50, on_start)
+    finally:
+        loop.set_exception_handler(None)
+    assert failures == []
+    assert calls[0].result().value == 0 and all(call.cancelled() for call in calls[1:])
 
 
 class Heard:
