@@ -305,12 +305,9 @@ class _CallFuture(asyncio.Future[Outcome]):
     def finished(self, outcome: Outcome) -> None:
         if self.done():
             return
-        if not self.told_start and outcome.started_at is not None and outcome.pid is not None:
-            try:
-                self.started(outcome.pid, outcome.started_at)  # it ended before the pool told it started
-            except Exception as exc:  # as when the pool tells it: reported, and the call still ends
-                if self.call is not None:
-                    self.call.pool._listener_failed(exc)
+        if (self.call is not None and not self.told_start and outcome.started_at is not None
+                and outcome.pid is not None):  # it ended before the pool told it started: as the pool would
+            self.call.pool._call_listener(self.started, (outcome.pid, outcome.started_at))
             if self.done():  # on_start cancelled it
                 return
         if outcome.status is Status.CANCELLED:  # the pool was closed
@@ -1080,8 +1077,8 @@ class ProcessPool(concurrent.futures.Executor):
         """Settle the worker's running call, if it has not ended, as ``crashed`` with ``error``."""
         call = worker.call
         if call is not None and not call.done:
-            if call is worker.begun and call is not worker.told and worker.in_call:
-                self._tell_started(worker, call)  # it began in the read that found it crashed, say: told first
+            if worker.in_call:
+                self._tell_begun(worker, running=True)  # it began in the read that found it crashed, say
             self._crashed += 1
             call.settle(Outcome(Status.CRASHED, error=error, error_type=error_type, pid=worker.pid))
 
@@ -1285,16 +1282,17 @@ class ProcessPool(concurrent.futures.Executor):
     def _asked_back(worker: _Worker, call: _Call) -> bool:
         return bool(worker.revoking) and any(call.call_id in asked for asked in worker.revoking)
 
-    def _tell_begun(self, worker: _Worker) -> None:
+    def _tell_begun(self, worker: _Worker, *, running: bool = False) -> None:
         """Tell the listener of the worker's running call that it started, unless it has been told, or the
-        call is being asked back (then once the worker says it kept it: see _on_revoked).
+        call is being asked back (then once the worker says it kept it: see _on_revoked), or its worker was
+        killed (it may go back, never begun). ``running``: the worker says it began the call: told anyway.
 
         ``_read`` tells it only once it has read all that came: a call that began and ended within one
         read is told only that it ended, and its outcome says when it started, and where.
         """
         head = worker.call
-        if head is not None and head is worker.begun and head is not worker.told and not worker.killed \
-                and not self._asked_back(worker, head):
+        if head is not None and head is worker.begun and head is not worker.told and (
+                running or not (worker.killed or self._asked_back(worker, head))):
             self._tell_started(worker, head)
 
     def _tell_started(self, worker: _Worker, call: _Call) -> None:
