@@ -957,7 +957,9 @@ class ProcessPool(concurrent.futures.Executor):
             self._start_failures += 1
             if self._start_failures >= MAX_START_FAILURES:
                 self._break(f"{self._start_failures} workers in a row {_describe_exit(code)} before they were "
-                            "ready; check that the task module imports cleanly in a fresh process")
+                            "ready; check that the task module imports cleanly in a fresh process, and that a "
+                            "script which runs tasks does so under if __name__ == \"__main__\": (each new worker "
+                            "imports the script)")
         if not self._workers:
             assert self._all_exited is not None
             self._all_exited.set()

@@ -1031,6 +1031,27 @@ async def test_workers_that_keep_dying_before_they_are_ready_break_the_pool() ->
         assert pool.statistics().started == 3  # no more respawning
 
 
+async def test_a_script_with_no_main_guard_is_told_what_to_add(tmp_path: Path) -> None:
+    script = tmp_path / "no_guard.py"  # the workers of every start method but fork import the script again
+    script.write_text("import asyncio\n"
+                      "from asyncsched import ProcessPool\n"
+                      "async def main():\n"
+                      "    async with ProcessPool(1, mp_context='forkserver') as pool:\n"
+                      "        print((await pool.call(abs, (-2,))).value)\n"
+                      "asyncio.run(main())\n")
+    run = await asyncio.create_subprocess_exec(sys.executable, os.fspath(script), stdout=subprocess.PIPE,
+                                               stderr=subprocess.PIPE)
+    try:
+        _, stderr = await asyncio.wait_for(run.communicate(), 60)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            run.kill()
+        await run.wait()
+    assert run.returncode == 1
+    assert "BrokenPoolError: 3 workers in a row" in stderr.decode()
+    assert 'a script which runs tasks does so under if __name__ == "__main__":' in stderr.decode()
+
+
 async def test_closing_the_pool_cancels_the_futures_of_its_calls() -> None:
     async with ProcessPool(1) as pool:
         started: asyncio.Future[int] = asyncio.get_running_loop().create_future()
