@@ -1092,7 +1092,7 @@ class ProcessPool(concurrent.futures.Executor):
         elif kind == REPORT:
             running = worker.call
             if running is not None and running.call_id == message[1] and not running.done:
-                self._tell_begun(worker)  # it started before it reports
+                self._tell_begun(worker, running=True)  # it reports: it runs, even if it is being asked back
                 _, _, timestamp, text, progress, data = message
                 self._tell(running, running.listener.reported,
                            (worker.pid, timestamp, text, progress, _report_data(data)))
@@ -1316,6 +1316,8 @@ class ProcessPool(concurrent.futures.Executor):
         if call is None or worker.deadline_at is None or worker.deadline_at > loop.time():
             return
         if not call.done and (worker.in_call or call.given_back):  # else it was abandoned: nobody waits for it;
+            if worker.in_call:
+                self._tell_begun(worker, running=True)  # it ran, even if it was being asked back
             call.settle(Outcome(  # or the worker never began it (stopped, say): it goes back, once, as it exits
                 Status.TIMED_OUT, error=f"timed out after {call.timeout:g}s; worker {worker.pid} was killed",
                 error_type="TimeoutError", pid=worker.pid))

@@ -257,6 +257,14 @@ def announce_then_hold_the_gil(announce: str, gate: str) -> str:
     return "held"
 
 
+def report_then_hold_the_gil(announce: str, gate: str) -> str:
+    """Report, then as announce_then_hold_the_gil."""
+    from asyncsched import report
+
+    report("here")
+    return announce_then_hold_the_gil(announce, gate)
+
+
 def start_child_then_exit(pidfile: str) -> None:
     """Start a process of the task's own (as a task running a tool does), note its pid, then crash the worker."""
     import subprocess

@@ -407,6 +407,31 @@ async def test_a_call_cancelled_behind_one_that_holds_the_gil_never_runs(tmp_pat
     assert log.read_text().split() == ["last"]
 
 
+@pytest.mark.parametrize(("task", "seconds", "expected"), [
+    (faults.report_then_hold_the_gil, 30, ["started", "reported", "finished"]),  # it reports: it runs
+    (faults.announce_then_hold_the_gil, 0.5, ["started", "finished"]),  # it times out: it ran
+], ids=["reports", "times-out"])
+async def test_a_call_asked_back_after_it_began_is_told_it_started_before_anything_else(
+        tmp_path: Path, task: Callable[[str, str], str], seconds: float, expected: list[str]) -> None:
+    with held_gil(tmp_path) as (announce, gate, release):
+        async with ProcessPool(1) as pool:
+            await until_batching(pool)
+            heard = Heard()
+            pool.start_call(tasks.square, (2,), Heard())  # sent in one frame with the next one
+            call = pool.start_call(task, (announce, gate), heard, timeout=seconds)
+            await asyncio.sleep(0)  # sent
+            assert Path(announce).read_text() == "started"  # noqa: ASYNC240 - on purpose: the loop reads nothing
+            # meanwhile, so the pool still sees the first call running and this one queued behind it: asked back
+            # after it began, before the worker can answer (its call holds the GIL)
+            assert call.worker is not None
+            pool._revoke(call.worker, {call.call_id})
+            if seconds > 1:
+                release()
+            outcome = await heard.outcome
+        assert outcome.status is (Status.COMPLETED if seconds > 1 else Status.TIMED_OUT), outcome
+        assert heard.heard == expected
+
+
 async def test_a_call_taken_back_is_told_started_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     with held_gil(tmp_path) as (announce, gate, release):
         async with ProcessPool(2) as pool:
