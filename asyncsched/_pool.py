@@ -1080,7 +1080,7 @@ class ProcessPool(concurrent.futures.Executor):
         call = worker.call
         if call is not None and not call.done:
             if worker.in_call:
-                self._tell_begun(worker, running=True)  # it began in the read that found it crashed, say
+                self._tell_begun(worker)  # it began in the read that found it crashed, say
             self._crashed += 1
             call.settle(Outcome(Status.CRASHED, error=error, error_type=error_type, pid=worker.pid))
 
@@ -1092,7 +1092,7 @@ class ProcessPool(concurrent.futures.Executor):
         elif kind == REPORT:
             running = worker.call
             if running is not None and running.call_id == message[1] and not running.done:
-                self._tell_begun(worker, running=True)  # it reports: it runs, even if it is being asked back
+                self._tell_begun(worker)  # it reports: it runs, even if it is being asked back
                 _, _, timestamp, text, progress, data = message
                 self._tell(running, running.listener.reported,
                            (worker.pid, timestamp, text, progress, _report_data(data)))
@@ -1284,17 +1284,17 @@ class ProcessPool(concurrent.futures.Executor):
     def _asked_back(worker: _Worker, call: _Call) -> bool:
         return bool(worker.revoking) and any(call.call_id in asked for asked in worker.revoking)
 
-    def _tell_begun(self, worker: _Worker, *, running: bool = False) -> None:
-        """Tell the listener of the worker's running call that it started, unless it has been told, or the
-        call is being asked back (then once the worker says it kept it: see _on_revoked), or its worker was
-        killed (it may go back, never begun). ``running``: the worker says it began the call: told anyway.
+    def _tell_begun(self, worker: _Worker) -> None:
+        """Tell the listener of the worker's running call that it started, unless it has been told. A call
+        being asked back, or whose worker was killed, is told only if the worker says it began it
+        (``in_call``): else it may never run there (see _on_revoked, _requeue).
 
         ``_read`` tells it only once it has read all that came: a call that began and ended within one
         read is told only that it ended, and its outcome says when it started, and where.
         """
         head = worker.call
         if head is not None and head is worker.begun and head is not worker.told and (
-                running or not (worker.killed or self._asked_back(worker, head))):
+                not (worker.killed or self._asked_back(worker, head)) or worker.in_call):
             self._tell_started(worker, head)
 
     def _tell_started(self, worker: _Worker, call: _Call) -> None:
@@ -1317,7 +1317,7 @@ class ProcessPool(concurrent.futures.Executor):
             return
         if not call.done and (worker.in_call or call.given_back):  # else it was abandoned: nobody waits for it;
             if worker.in_call:
-                self._tell_begun(worker, running=True)  # it ran, even if it was being asked back
+                self._tell_begun(worker)  # it ran, even if it was being asked back
             call.settle(Outcome(  # or the worker never began it (stopped, say): it goes back, once, as it exits
                 Status.TIMED_OUT, error=f"timed out after {call.timeout:g}s; worker {worker.pid} was killed",
                 error_type="TimeoutError", pid=worker.pid))
