@@ -151,7 +151,7 @@ async def test_cancelling_revokes_and_kills_the_child(celery_worker: CeleryWorke
             await running
         results = await scheduler.results()
     assert [r.status for r in results] == [Status.CANCELLED]
-    assert started.pid is not None and wait_gone(started.pid, timeout=10)
+    assert started.pid is not None and wait_gone(started.pid)
 
 
 async def test_a_result_published_while_disconnected_is_not_lost(

@@ -93,8 +93,8 @@ async def test_restarting_a_worker_takes_the_tasks_children_with_it(dask_address
     result = summary.results[0]
     assert result.status is Status.TIMED_OUT
     child = int(await asyncio.to_thread(Path(pidfile).read_text))
-    assert result.pid is not None and wait_gone(result.pid, timeout=10)
-    assert wait_gone(child, timeout=3)  # not left running, orphaned, on the cluster's machine
+    assert result.pid is not None and wait_gone(result.pid)
+    assert wait_gone(child)  # not left running, orphaned, on the cluster's machine
 
 
 async def test_a_result_that_cannot_be_unpickled_here_fails_alone(dask_address: str) -> None:

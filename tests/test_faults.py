@@ -214,7 +214,7 @@ async def test_cancelling_run_kills_its_workers_and_the_scheduler_goes_on() -> N
         run.cancel()
         with pytest.raises(asyncio.CancelledError):
             await run
-        assert all(wait_gone(pid, timeout=1.0) for pid in pids)
+        assert all(wait_gone(pid) for pid in pids)
         stored = await scheduler.results(batch_id="doomed")
         assert sorted(r.key for r in stored) == ["0", "1", "2", "3"]
         assert {r.status for r in stored} == {Status.CANCELLED}
@@ -240,7 +240,7 @@ async def test_breaking_out_of_stream_cancels_the_rest() -> None:
                 ended.add(event.key)
                 if len(ended) == 3:
                     break
-        assert pids and all(pid is not None and wait_gone(pid, timeout=1.0) for pid in pids)
+        assert pids and all(pid is not None and wait_gone(pid) for pid in pids)
         statuses = {r.key: r.status for r in await scheduler.results(batch_id="brk")}
         assert statuses["quick"] is Status.COMPLETED
         assert {statuses[k] for k in statuses if k != "quick"} == {Status.CANCELLED}
@@ -276,7 +276,7 @@ async def test_cancel_by_id_kills_the_running_tasks_and_run_returns() -> None:
         summary = await run  # ends with what it has: the tasks admitted so far, cancelled
         assert 2 <= summary.total < n and summary.cancelled == summary.total
         assert {r.error for r in summary.results} == {"the batch was cancelled"}
-        assert all(pid is not None and wait_gone(pid, timeout=1.0) for pid in pids)
+        assert all(pid is not None and wait_gone(pid) for pid in pids)
         assert scheduler.running() == {} and not scheduler.cancel("doomed")
         assert (await scheduler.stats("doomed")).cancelled == summary.total
 
@@ -319,7 +319,7 @@ def test_sigint_and_sigterm_end_the_orchestrator_and_its_workers(signum: int) ->
     _, stderr = process.communicate(timeout=10)
     assert process.returncode == -signum, stderr  # ended by the signal, after cleaning up
     assert "KeyboardInterrupt" in stderr or signum == signal.SIGTERM
-    assert all(wait_gone(pid, timeout=5) for pid in pids)
+    assert all(wait_gone(pid) for pid in pids)
 
 
 @pytest.mark.parametrize("method", START_METHODS)
@@ -327,7 +327,7 @@ def test_workers_die_with_a_sigkilled_orchestrator(method: str) -> None:
     process, pids = _start_orchestrator(method)
     process.kill()
     process.communicate(timeout=10)
-    assert all(wait_gone(pid, timeout=5) for pid in pids)
+    assert all(wait_gone(pid) for pid in pids)
 
 
 # -- 5. a task's own children ---------------------------------------------------------------
@@ -338,7 +338,7 @@ async def test_a_timed_out_task_takes_its_children_with_it(tmp_path: Path) -> No
         summary = await scheduler.run([Task(faults.spawn_child_and_hang, pidfile, timeout=1.0)])
     assert summary.results[0].status is Status.TIMED_OUT
     child = int(await asyncio.to_thread(Path(pidfile).read_text))
-    assert wait_gone(child, timeout=3)
+    assert wait_gone(child)
 
 
 # -- 6. bad input ---------------------------------------------------------------------------

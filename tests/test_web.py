@@ -447,7 +447,7 @@ async def test_delete_cancels_a_running_batch_and_kills_its_tasks(client: Client
     summary = await response.json()
     assert summary["state"] == "finished" and summary["total"] >= 2
     assert summary["cancelled"] == summary["total"] and summary["success_rate"] == 0
-    assert all(wait_gone(pid, timeout=2) for pid in pids)
+    assert all(wait_gone(pid) for pid in pids)
     rest = await events_until(events, batch_finished)
     assert {e.data["status"] for e in rest if e.data.get("type") == "finished"} == {"cancelled"}
     events.close()
@@ -780,7 +780,7 @@ async def test_the_scheduler_starts_and_stops_with_the_app(aiohttp_client: Aioht
     events.close()
     await client.close()  # cancels the running batch and closes the scheduler
     assert scheduler.running() == {}
-    assert all(wait_gone(e.data["pid"], timeout=2) for e in seen if e.data.get("type") == "started")
+    assert all(wait_gone(e.data["pid"]) for e in seen if e.data.get("type") == "started")
     with pytest.raises(ClosedError):
         scheduler.events()
 

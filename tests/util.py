@@ -50,7 +50,7 @@ async def silent_server() -> AsyncIterator[SilentServer]:
         await server.wait_closed()
 
 
-def wait_gone(pid: int, timeout: float = 3.0) -> bool:
+def wait_gone(pid: int, timeout: float = 10.0) -> bool:
     """Wait, bounded, until process ``pid`` has ended (a zombie counts); True if it has.
 
     Waits on a pidfd, so it is woken by the exit itself and never reaps the process
