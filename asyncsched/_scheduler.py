@@ -715,7 +715,8 @@ class Scheduler:
             if run.resumed is not None:
                 run.resumed.append(dataclasses.replace(previous[key], index=index))
         elif not isinstance(item, Task):
-            run.fail_item(index, key, f"TaskDefinitionError: batch item {index} is {type(item).__name__}, not a Task")
+            run.fail_item(index, key, f"TaskDefinitionError: batch item {index} is {type(item).__name__}, not a Task: "
+                                      "wrap each call as Task(fn, *args)")
         else:
             timeout = item.timeout
             retries = item.retries

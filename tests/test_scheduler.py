@@ -470,7 +470,7 @@ async def test_a_batch_of_characters_bytes_or_dict_keys_is_refused(scheduler: Sc
 async def test_a_non_task_item_fails_alone(scheduler: Scheduler) -> None:
     summary = await scheduler.run([Task(tasks.square, 3), "not a task", Task(tasks.square, 4)])  # type: ignore[list-item]
     assert [r.status for r in summary.results] == [Status.COMPLETED, Status.FAILED, Status.COMPLETED]
-    assert "batch item 1 is str, not a Task" in (summary.results[1].error or "")
+    assert "batch item 1 is str, not a Task: wrap each call as Task(fn, *args)" in (summary.results[1].error or "")
 
 
 async def test_keyword_arguments_through_partial(scheduler: Scheduler) -> None:
