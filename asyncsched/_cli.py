@@ -142,14 +142,29 @@ def _run_command(args: argparse.Namespace) -> int:
         raise UsageError("--resume continues a stored batch: give its file with --db and its id with --batch-id")
     if args.db is not None and args.batch_id is None:
         args.batch_id = uuid.uuid4().hex[:12]  # as the scheduler makes one; known here, to tell how to resume
+    bad: list[UsageError] = []
     with _open_input(args.input) as file:
-        batch: Any = tasks_from_lines(fn, read_lines(file))
+        batch: Any = _up_to_a_bad_line(tasks_from_lines(fn, read_lines(file)), bad)
         count = _count_lines(file)
         if count is not None:
             batch = _Counted(batch, count)
         summary = _run_loop(_schedule(batch, args))
     _print_outcome(summary, args)
+    if bad:
+        then = ("" if args.db is None else f", and their results are in {args.db}: fix that line, then continue "
+                f"with --batch-id {args.batch_id} --resume")
+        raise UsageError(f"{bad[0]}. The tasks of the lines before it ran{then}")
     return 0 if summary.completed == summary.total else 1
+
+
+async def _up_to_a_bad_line(tasks: AsyncIterator[Task], bad: list[UsageError]) -> AsyncIterator[Task]:
+    """``tasks`` until a line of input that is not one, whose error goes in ``bad``: the batch then ends as at
+    the end of the input, so the tasks of the lines before it run to their end instead of being cancelled."""
+    try:
+        async for task in tasks:
+            yield task
+    except UsageError as exc:
+        bad.append(exc)
 
 
 def load_function(spec: str) -> Callable[..., Any]:
@@ -291,10 +306,6 @@ async def _schedule(batch: Any, args: argparse.Namespace) -> Summary:
         except ConfigurationError as exc:  # its advice names the arguments of run(): name the options instead
             raise UsageError(str(exc).replace("pass resume=True", "pass --resume")
                              .replace("another batch_id", "another --batch-id")) from None
-        except UsageError as exc:  # a bad line of input: the tasks of the lines before it have run
-            then = ("" if args.db is None else f", and their results are in {args.db}: fix that line, then continue "
-                    f"with --batch-id {args.batch_id} --resume")
-            raise UsageError(f"{exc}. The tasks of the lines before it ran{then}") from None
 
 
 def _run_loop(coroutine: Coroutine[Any, Any, T]) -> T:

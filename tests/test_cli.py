@@ -160,9 +160,10 @@ def test_run_stops_at_a_line_that_is_not_json(tmp_path: Path, capsys: pytest.Cap
     jobs = tmp_path / "jobs.jsonl"
     jobs.write_text("1\n{not json\n2\n")
     assert main(["run", "tests.tasks:square", "--input", os.fspath(jobs), "--no-progress"]) == 2
-    err = capsys.readouterr().err
+    out, err = capsys.readouterr()
     assert "input line 2 is not JSON" in err and "each line must be one JSON value" in err
     assert err.endswith(". The tasks of the lines before it ran\n")
+    assert "1 of 1 tasks completed" in out  # they did: run to their end, not cancelled with the batch
 
 
 def test_a_line_that_is_not_json_says_how_to_continue_the_batch_once_it_is_fixed(
@@ -173,6 +174,8 @@ def test_a_line_that_is_not_json_says_how_to_continue_the_batch_once_it_is_fixed
     found = re.search(r"their results are in (.+): fix that line, then continue with --batch-id (\w+) --resume\n$",
                       capsys.readouterr().err)
     assert found is not None and found[1] == db
+    stored = read(["results", db, "--format", "jsonl"], capsys).splitlines()
+    assert [(r["task_id"], r["status"], r["response_data"]) for r in map(json.loads, stored)] == [("1", "completed", 1)]
     jobs.write_text("1\n3\n2\n")
     assert main(["run", "tests.tasks:square", "--input", os.fspath(jobs), "--no-progress", "--db", db,
                  "--batch-id", found[2], "--resume"]) == 0
