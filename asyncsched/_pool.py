@@ -1458,7 +1458,8 @@ _CLOSED = Outcome(Status.CANCELLED, error="the pool was closed", error_type="asy
 
 
 def _broken_outcome(broken: BrokenPoolError) -> Outcome:
-    return Outcome(Status.CRASHED, error=f"BrokenPoolError: {broken}", error_type="BrokenPoolError", exception=broken)
+    return Outcome(Status.CRASHED, error=f"BrokenPoolError: {broken}", error_type="BrokenPoolError", exception=broken,
+                   retryable=False)  # the pool stays broken: another attempt would only wait out its backoff
 
 
 def _pickle_failure(fn: Callable[..., Any], args: tuple[Any, ...], exc: Exception) -> Outcome:

@@ -26,7 +26,7 @@ import pytest
 import uvloop
 
 import asyncsched._pool
-from asyncsched import Outcome, ProcessPool, Status, TaskFailedError, _worker
+from asyncsched import Outcome, ProcessPool, RetryPolicy, Scheduler, Status, Task, TaskFailedError, _worker
 from asyncsched._errors import BrokenPoolError, ClosedError, ConfigurationError
 from asyncsched._pool import MAX_DEPTH, WORKER_MEMORY, parse_size
 
@@ -1142,6 +1142,15 @@ async def test_a_memory_limit_below_an_idle_workers_size_breaks_the_pool_with_th
         with pytest.raises(BrokenPoolError, match=r"before it runs anything, more than max_memory_per_child=12 MiB"):
             await pool.call(tasks.square, (3,))
         assert pool.pids == []  # the worker was sent away
+
+
+async def test_a_broken_pool_is_not_retried() -> None:
+    policy = RetryPolicy(base_delay=600)  # a retry would wait out the test's bound
+    async with asyncio.timeout(30), Scheduler(workers=1, max_memory_per_child=WORKER_MEMORY, retries=3,
+                                              retry_policy=policy) as scheduler:
+        summary = await scheduler.run([Task(tasks.square, n) for n in range(3)])
+    assert [(r.status, r.attempts) for r in summary.results] == [(Status.CRASHED, 1)] * 3
+    assert all("BrokenPoolError: " in (r.error or "") for r in summary.results)
 
 
 def test_memory_limits_are_read_in_decimal_and_binary_units() -> None:
