@@ -253,6 +253,7 @@ async def read_lines(file: BinaryIO) -> AsyncIterator[bytes]:
         return
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader(limit=MAX_LINE)
+    blocking = os.get_blocking(file.fileno())  # shared with every copy of the fd, the terminal's stdin among them
     transport, _ = await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), file)
     try:
         for number in itertools.count(1):
@@ -265,6 +266,7 @@ async def read_lines(file: BinaryIO) -> AsyncIterator[bytes]:
                 break
             yield line
     finally:
+        os.set_blocking(file.fileno(), blocking)  # the reader made it non-blocking: as it was, for the shell after us
         transport.close()
 
 

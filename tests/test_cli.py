@@ -221,6 +221,16 @@ def test_run_reads_dev_null_as_no_tasks(argv: list[str]) -> None:
     assert "0 of 0 tasks completed" in ran.stdout
 
 
+def test_run_leaves_its_stdin_blocking_for_the_programs_after_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    read_end, write_end = os.pipe()
+    os.write(write_end, b"1\n2\n")
+    os.close(write_end)
+    with open(read_end) as stdin:
+        monkeypatch.setattr(sys, "stdin", stdin)
+        assert main(["run", "tests.tasks:square", "--workers", "1", "--no-progress"]) == 0
+        assert os.get_blocking(stdin.fileno())  # as a shell's terminal: a `read` after us would fail with EAGAIN
+
+
 def test_python_m_asyncsched_reads_stdin_as_it_comes() -> None:
     process = subprocess.Popen([sys.executable, "-m", "asyncsched", "run", "tests.tasks:square", "--workers", "1",
                                 "--no-progress"], cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
