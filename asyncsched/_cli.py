@@ -501,9 +501,14 @@ def _repr(value: Any) -> str:
         return f"<{type(value).__qualname__} that cannot be shown: {type(exc).__name__}: {exc}>"
 
 
+class _Console(Console):
+    def on_broken_pipe(self) -> None:
+        raise BrokenPipeError  # for main() to answer as for any output: 141, quietly (rich's own exits with 1)
+
+
 def _console() -> Console:
     """Where commands print: the terminal's width, or lines up to OFF_TERMINAL_WIDTH into a file or a pipe."""
-    console = Console(highlight=False)
+    console = _Console(highlight=False)
     if not console.is_terminal:
         console.width = max(console.width, OFF_TERMINAL_WIDTH)
     return console

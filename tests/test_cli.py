@@ -295,13 +295,15 @@ def test_results_table_shows_a_value_whose_repr_fails(tmp_path: Path, capsys: py
     assert "<int that cannot be shown: ValueError: Exceeds the limit" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("argv", [["results", "--format", "jsonl"], ["results"], ["stats"], ["batches"]],
+                         ids=["jsonl", "table", "stats", "batches"])
 def test_results_into_a_pipe_its_reader_left_stop_quietly(results_db: str, monkeypatch: pytest.MonkeyPatch,
-                                                          capsys: pytest.CaptureFixture[str]) -> None:
+                                                          capsys: pytest.CaptureFixture[str], argv: list[str]) -> None:
     reader, writer = os.pipe()
     os.close(reader)  # as `| head` does once it has its lines
     with os.fdopen(writer, "w") as pipe:
         monkeypatch.setattr(sys, "stdout", pipe)
-        assert main(["results", results_db, "--format", "jsonl"]) == 141
+        assert main([argv[0], results_db, *argv[1:]]) == 141
         monkeypatch.undo()
     assert capsys.readouterr().err == ""
 
