@@ -35,6 +35,7 @@ from types import ModuleType
 from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
 
 from rich import box
+from rich.cells import cell_len
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
@@ -55,6 +56,8 @@ FAILURES_SHOWN = 10
 """Tasks that did not complete listed after a run."""
 OFF_TERMINAL_WIDTH = 160
 """Columns of tables and lines written to a file or a pipe rather than a terminal."""
+KEY_WIDTH = 40
+"""Columns of a batch id or a key in the results table, past which it is cut."""
 MAX_LINE = 1 << 26
 """Longest input line read from a pipe, in bytes."""
 
@@ -353,7 +356,8 @@ def _results_command(args: argparse.Namespace) -> int:
         results = _run_loop(_read(args, lambda store: store.results(batch_id=args.batch, status=args.status,
                                                                      limit=args.limit)))
         console = _console()
-        console.print(_results_table(results, with_batch=args.batch is None) if results else "no results")
+        console.print(_results_table(results, with_batch=args.batch is None, width=console.width) if results
+                      else "no results")
         return 0
     records = iter(_run_loop(_read(args, lambda store: store.records(batch_id=args.batch, status=args.status,
                                                                      limit=args.limit))))
@@ -474,17 +478,25 @@ def _serve_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def _results_table(results: list[TaskResult], *, with_batch: bool) -> Table:
-    table = Table(box=box.SIMPLE_HEAD, show_edge=False)
-    names = ["batch"] * with_batch + ["key", "status", "attempts", "duration", "value or error"]
-    for name in names:
-        table.add_column(name, justify="right" if name in ("attempts", "duration") else "left",
-                         overflow="ellipsis", no_wrap=True)
+def _results_table(results: list[TaskResult], *, with_batch: bool, width: int) -> Table:
+    """One row per result in ``width`` columns: the last column, the value or the error, is cut to fit, and
+    never the others (a batch id or a key only past KEY_WIDTH)."""
+    rows = []
     for result in results:
         shown = _repr(result.value) if result.ok else result.error or ""
         duration = "" if result.duration is None else f"{result.duration:.3f}s"
-        table.add_row(*[_shown(result.batch_id)] * with_batch, _shown(result.key), result.status.value,
-                      str(result.attempts), duration, _shown(shown))
+        rows.append((*[_shown(result.batch_id)] * with_batch, _shown(result.key), result.status.value,
+                     str(result.attempts), duration, _shown(shown)))
+    names = ["batch"] * with_batch + ["key", "status", "attempts", "duration", "value or error"]
+    widths = [min(KEY_WIDTH, max(len(name), *(cell_len(row[i]) for row in rows))) for i, name in enumerate(names)]
+    fixed = sum(widths[:-1]) + 3 * (len(names) - 1) + 2  # a space each side of every cell, one between cells
+    table = Table(box=box.SIMPLE_HEAD, show_edge=False)
+    for name, column_width in zip(names[:-1], widths[:-1], strict=True):
+        table.add_column(name, justify="right" if name in ("attempts", "duration") else "left", overflow="ellipsis",
+                         no_wrap=True, min_width=column_width, max_width=KEY_WIDTH)
+    table.add_column(names[-1], overflow="ellipsis", no_wrap=True, max_width=max(len(names[-1]), width - fixed))
+    for row in rows:
+        table.add_row(*row)
     return table
 
 

@@ -285,6 +285,21 @@ def test_results_in_every_format(results_db: str, capsys: pytest.CaptureFixture[
     assert read(["results", results_db, "--status", "crashed"], capsys).strip() == "no results"
 
 
+def test_results_table_cuts_a_long_value_and_no_other_column(tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    db, jobs = os.fspath(tmp_path / "r.db"), tmp_path / "jobs.jsonl"
+    jobs.write_text('1\n"' + "a" * 300 + '"\n')
+    assert main(["run", "builtins:str", "--input", os.fspath(jobs), "--db", db, "--batch-id", "b",
+                 "--no-progress"]) == 0
+    capsys.readouterr()
+    lines = read(["results", db], capsys).splitlines()
+    assert lines[0].split() == ["batch", "key", "status", "attempts", "duration", "value", "or", "error"]
+    rows = [line.split() for line in lines[2:]]
+    assert [row[:4] for row in rows] == [["b", "1", "completed", "1"], ["b", "2", "completed", "1"]]
+    assert rows[1][-1].startswith("'aaaa") and rows[1][-1].endswith("…")
+    assert max(map(len, lines)) <= asyncsched._cli.OFF_TERMINAL_WIDTH
+
+
 def test_results_table_shows_a_value_whose_repr_fails(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     db = os.fspath(tmp_path / "huge.db")
     ran = main(["run", "operator:pow", "--input", write_lines(tmp_path / "jobs.jsonl", [10, 5000]), "--db", db,
