@@ -317,6 +317,7 @@ BAD_SUBMISSIONS: list[tuple[Any, int, str, str | None]] = [
     ({"task": "square", "inputs": [1], "timeout": "5"}, 400, "'timeout' must be a positive number", "timeout"),
     ({"task": "square", "inputs": [1], "timeout": 0}, 400, "'timeout' must be a positive number", "timeout"),
     ({"task": "square", "inputs": [1], "timeout": True}, 400, "'timeout' must be a positive number", "timeout"),
+    ({"task": "square", "inputs": [1], "timeout": 10**400}, 400, "'timeout' must be a positive number", "timeout"),
     ({"task": "square", "inputs": [1], "retries": -1}, 400, "'retries' must be a non-negative integer", "retries"),
     ({"task": "square", "inputs": [1], "retries": 1.5}, 400, "'retries' must be a non-negative integer", "retries"),
     ({"task": "square", "inputs": [1], "batch_id": "a/b"}, 400, "'batch_id' must be", "batch_id"),
@@ -359,6 +360,13 @@ async def test_a_body_nested_too_deep_to_parse_is_refused(aiohttp_client: Aiohtt
                                  headers={"Content-Type": "application/json"})
     assert response.status == 400
     assert "not valid JSON" in (await response.json())["error"]
+
+
+async def test_a_body_not_in_its_content_encoding_is_refused(client: Client) -> None:
+    response = await client.post(f"{API}/batches", data=b"xx", headers={"Content-Type": "application/json",
+                                                                       "Content-Encoding": "gzip"})
+    assert response.status == 400
+    assert "the body cannot be read: " in (await response.json())["error"]
 
 
 async def test_a_chunked_body_over_the_limit_is_refused(client: Client) -> None:

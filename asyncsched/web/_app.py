@@ -31,9 +31,10 @@ from importlib import resources
 from typing import Any, NamedTuple, NoReturn
 
 from aiohttp import web
+from aiohttp.web_protocol import RequestPayloadError
 
 from .._errors import ClosedError, ConfigurationError, StoreError
-from .._models import Status, Task, task_from_json
+from .._models import Status, Task, is_seconds, task_from_json
 from .._scheduler import Scheduler
 from .._store import BatchInfo
 from ._json import batch_json, result_json
@@ -270,10 +271,13 @@ class _Api:
         if request.content_length is not None and request.content_length > limit:
             _fail(413, f"the body is over the limit of {limit} bytes")
         body = bytearray()
-        async for chunk in request.content.iter_chunked(1 << 16):
-            body += chunk
-            if len(body) > limit:
-                _fail(413, f"the body is over the limit of {limit} bytes")
+        try:
+            async for chunk in request.content.iter_chunked(1 << 16):
+                body += chunk
+                if len(body) > limit:
+                    _fail(413, f"the body is over the limit of {limit} bytes")
+        except RequestPayloadError as exc:  # e.g. a Content-Encoding the body is not in
+            _fail(400, f"the body cannot be read: {exc}")
         try:
             return json.loads(body, parse_constant=_no_constant)
         except (ValueError, RecursionError) as exc:
@@ -361,8 +365,7 @@ class _Api:
                   f"field 'inputs' has {len(inputs)} tasks, over the limit of {self.limits.max_inputs}",
                   field="inputs")
         timeout = body.get("timeout")
-        if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, int | float)
-                                    or not 0 < timeout < float("inf")):
+        if timeout is not None and not (is_seconds(timeout) and timeout > 0):  # an int past a float's range too
             _fail(400, f"field 'timeout' must be a positive number of seconds or null, got {timeout!r}",
                   field="timeout")
         retries = body.get("retries")
