@@ -730,6 +730,8 @@ async def test_with_a_token_every_api_route_needs_it(aiohttp_client: AiohttpClie
             assert "Authorization: Bearer" in (await response.json())["error"]
     good = {"Authorization": f"Bearer {TOKEN}"}
     assert (await client.get(f"{API}/batches", headers=good)).status == 200
+    for scheme in ("bearer", "BEARER"):  # a scheme is case-insensitive
+        assert (await client.get(f"{API}/batches", headers={"Authorization": f"{scheme} {TOKEN}"})).status == 200
     answer = await client.post(f"{API}/batches", json={"task": "square", "inputs": [2], "batch_id": "t"},
                                headers=good)
     assert answer.status == 202

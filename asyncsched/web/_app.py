@@ -240,7 +240,7 @@ class _Api:
 
     def endpoint(self, handler: Handler) -> Handler:
         """``handler`` behind the token, when there is one, with its refusals answered in JSON."""
-        expected = None if self._token is None else b"Bearer " + self._token
+        expected = self._token
 
         async def answer(request: web.Request) -> web.StreamResponse:
             allowed = self._allowed_hosts
@@ -248,8 +248,9 @@ class _Api:
                 return web.json_response({"error": f"this server answers for {', '.join(sorted(allowed))}, not for "
                                           f"the Host {request.host!r}"}, status=421)
             if expected is not None:
-                given = request.headers.get("Authorization", "").encode("utf-8", "replace")
-                if not hmac.compare_digest(given, expected):
+                scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+                if not (hmac.compare_digest(given.strip().encode("utf-8", "replace"), expected)
+                        and scheme.lower() == "bearer"):  # a scheme is case-insensitive (RFC 9110)
                     return web.json_response({"error": "this API needs the header 'Authorization: Bearer <token>'"},
                                              status=401, headers={"WWW-Authenticate": 'Bearer realm="asyncsched"'})
             try:
