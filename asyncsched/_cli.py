@@ -27,6 +27,7 @@ import inspect
 import itertools
 import json
 import os
+import signal
 import stat
 import sys
 import uuid
@@ -474,8 +475,13 @@ def _serve_command(args: argparse.Namespace) -> int:
         if not isinstance(registry, TaskRegistry):
             raise UsageError(f"module {args.tasks!r} has no TaskRegistry named 'registry' "
                              "(registry = asyncsched.web.TaskRegistry(), at module level)")
-    serve(args.db, registry=registry, host=args.host, port=args.port, token=args.token, workers=args.workers)
-    return 0
+    stopped_by = serve(args.db, registry=registry, host=args.host, port=args.port, token=args.token,
+                       workers=args.workers)
+    if stopped_by == signal.SIGTERM:  # as `run` ends on SIGTERM: by that signal, once the workers are stopped
+        print("asyncsched serve: terminated", file=sys.stderr, flush=True)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
+    raise KeyboardInterrupt  # Ctrl-C: main() says so, and exits 130
 
 
 def _results_table(results: list[TaskResult], *, with_batch: bool, width: int) -> Table:

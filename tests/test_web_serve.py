@@ -66,8 +66,9 @@ async def test_serve_runs_a_module_s_tasks_until_sigterm(tmp_path: Path) -> None
     port, db = _free_port(), os.fspath(tmp_path / "served.db")
     server = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "asyncsched", "serve", "--db", db, "--tasks", "examples.web_service", "--port",
-        str(port), "--workers", "2", cwd=ROOT, stdout=subprocess.PIPE, env={**os.environ, "ASYNCSCHED_TOKEN": "t0ken"})
-    assert server.stdout is not None
+        str(port), "--workers", "2", cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        env={**os.environ, "ASYNCSCHED_TOKEN": "t0ken"})
+    assert server.stdout is not None and server.stderr is not None
     try:
         async with asyncio.timeout(30):
             ready = (await server.stdout.readline()).decode()
@@ -90,10 +91,37 @@ async def test_serve_runs_a_module_s_tasks_until_sigterm(tmp_path: Path) -> None
                 async with session.get(f"{base}/batches", headers={"Host": f"localhost:{port}"}) as response:
                     assert response.status == 200
             server.send_signal(signal.SIGTERM)
-            assert await server.wait() == 0
+            assert await server.wait() == -signal.SIGTERM  # ended by it, as `run` is, once its workers are stopped
+            assert await server.stderr.read() == b"asyncsched serve: terminated\n"
     finally:
         if server.returncode is None:
             server.kill()
             await server.wait()
     async with Scheduler(workers=1, store=db) as scheduler:  # the results are in the file
         assert (await scheduler.stats("served")).completed == 1
+
+
+async def test_a_client_stalled_in_its_request_does_not_hold_up_the_end_of_serve(tmp_path: Path) -> None:
+    port, db = _free_port(), os.fspath(tmp_path / "served.db")
+    server = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "asyncsched", "serve", "--db", db, "--tasks", "examples.web_service", "--port",
+        str(port), "--workers", "1", cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert server.stdout is not None and server.stderr is not None
+    try:
+        async with asyncio.timeout(30):  # aiohttp's own grace for requests in progress is 60 s
+            await server.stdout.readline()  # it listens
+            _, stalled = await asyncio.open_connection("127.0.0.1", port)
+            stalled.write(f"POST {API}/batches HTTP/1.1\r\nHost: localhost:{port}\r\nContent-Type: application/json"
+                          "\r\nContent-Length: 100\r\n\r\n{\"task\"".encode())  # 7 bytes of the 100
+            await stalled.drain()
+            # the stalled request is in progress once this one is answered
+            async with aiohttp.ClientSession() as session, session.get(f"http://127.0.0.1:{port}{API}/batches") as got:
+                assert got.status == 200
+            server.send_signal(signal.SIGINT)
+            assert await server.wait() == 130
+            assert await server.stderr.read() == b"asyncsched serve: interrupted\n"
+            stalled.close()
+    finally:
+        if server.returncode is None:
+            server.kill()
+            await server.wait()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import os
+import signal
 import sys
 from typing import Any
 
@@ -31,6 +32,8 @@ LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
 """The Host names a server listening on loopback answers for."""
 TOKEN_VARIABLE = "ASYNCSCHED_TOKEN"
 """The environment variable read for the token when ``--token`` is not given (a command line is visible to all)."""
+SHUTDOWN_GRACE = 3.0
+"""Seconds the server gives the requests in progress to end once it is asked to stop (aiohttp's default is 60)."""
 
 
 class _NoBackend(Backend):
@@ -65,10 +68,13 @@ def build_app(db: str, *, registry: TaskRegistry | None, token: str | None = Non
 
 
 def serve(db: str, *, registry: TaskRegistry | None, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
-          token: str | None = None, workers: int | str = "cpu") -> None:
-    """Serve :func:`build_app` until SIGINT or SIGTERM; the token defaults to ``$ASYNCSCHED_TOKEN``.
+          token: str | None = None, workers: int | str = "cpu") -> signal.Signals:
+    """Serve :func:`build_app` until SIGINT or SIGTERM, and return which; the token defaults to
+    ``$ASYNCSCHED_TOKEN``.
 
-    Prints one line once the server listens.
+    Prints one line once the server listens. Once asked to stop, it gives the
+    requests in progress :data:`SHUTDOWN_GRACE` seconds, then cancels the
+    batches submitted over HTTP; a second signal ends it at once.
     """
     token = token if token is not None else os.environ.get(TOKEN_VARIABLE) or None
     # On loopback, only this machine's names: a page that reaches the server through DNS rebinding is refused.
@@ -80,11 +86,27 @@ def serve(db: str, *, registry: TaskRegistry | None, host: str = DEFAULT_HOST, p
     what = "read-only view of" if registry is None else f"tasks {', '.join(registry.names()) or '(none)'} with"
     address = f"[{host}]" if ":" in host else host
     ready = f"asyncsched serve: {what} {db} at http://{address}:{port}{PREFIX}/ (Ctrl-C stops)"
+    stopped_by: list[signal.Signals] = []
+
+    async def on_signals(app: web.Application) -> None:
+        loop = asyncio.get_running_loop()
+
+        def stop(signum: signal.Signals) -> None:
+            stopped_by.append(signum)
+            for each in signal.SIGINT, signal.SIGTERM:  # a second one ends the process at once
+                loop.remove_signal_handler(each)
+            raise web.GracefulExit
+
+        for signum in signal.SIGINT, signal.SIGTERM:
+            loop.add_signal_handler(signum, stop, signum)
+
+    app.on_startup.append(on_signals)
     try:
         web.run_app(app, host=host, port=port, print=lambda _: print(ready, flush=True), loop=_new_loop(),
-                    access_log=None)
+                    access_log=None, handle_signals=False, shutdown_timeout=SHUTDOWN_GRACE)
     except OSError as exc:  # the address is taken, or not this machine's
         raise ConfigurationError(f"cannot serve on {address}:{port}: {exc.strerror or exc}") from None
+    return stopped_by[0] if stopped_by else signal.SIGINT  # else a KeyboardInterrupt that came before the loop ran
 
 
 def _loopback(host: str) -> bool:
