@@ -381,6 +381,7 @@ def worker_main(conn: Connection, doorbell: Connection, results: Connection, las
     signal.set_wakeup_fd(-1)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     os.register_at_fork(after_in_child=_not_a_worker)  # a task's forked child does not speak for the task
+    _stdin_from_devnull(conn, doorbell, results)
     channel = _Channel(results)
     try:
         channel.send((READY, os.getpid()))
@@ -390,6 +391,18 @@ def worker_main(conn: Connection, doorbell: Connection, results: Connection, las
     except ConnectionError:  # the parent is gone (killed, say): there is no one left to tell
         _exit(1)
     _leave()  # retired (every result is written), or orphaned
+
+
+def _stdin_from_devnull(*own: Connection) -> None:
+    """Give the worker's fd 0 /dev/null, as ``sys.stdin`` already is: else it is the parent's stdin (under
+    forkserver and spawn), from which the program a task starts (``ssh``, ``cat``) would take input meant for
+    the parent, such as the lines of tasks ``asyncsched run`` reads."""
+    if 0 in (conn.fileno() for conn in own):  # the parent ran with fd 0 closed, and the pipe took it
+        return
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    if devnull != 0:  # else fd 0 was closed, and is /dev/null now
+        os.dup2(devnull, 0)
+        os.close(devnull)
 
 
 class _Inbox:

@@ -121,3 +121,8 @@ def scheduling_policies() -> tuple[int, int]:
     code = "import os; print(os.sched_getscheduler(0))"
     child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return os.sched_getscheduler(0), int(child.stdout)
+
+
+def stdin_target(_: object = None) -> str:
+    """What the worker's fd 0 is."""
+    return os.readlink("/proc/self/fd/0")

@@ -231,6 +231,18 @@ def test_run_leaves_its_stdin_blocking_for_the_programs_after_it(monkeypatch: py
         assert os.get_blocking(stdin.fileno())  # as a shell's terminal: a `read` after us would fail with EAGAIN
 
 
+def test_the_workers_stdin_is_dev_null_not_the_input_run_reads(tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    jobs, db = tmp_path / "jobs.jsonl", os.fspath(tmp_path / "r.db")
+    jobs.write_text("1\n")
+    ran = subprocess.run([sys.executable, "-m", "asyncsched", "run", "tests.tasks:stdin_target", "--input",
+                          os.fspath(jobs), "--db", db, "--no-progress"], cwd=ROOT, input="a line for run only\n",
+                         capture_output=True, text=True, timeout=60)
+    assert ran.returncode == 0, ran.stderr
+    (stored,) = map(json.loads, read(["results", db, "--format", "jsonl"], capsys).splitlines())
+    assert stored["response_data"] == "/dev/null"  # not the pipe: a program the task starts cannot take run's input
+
+
 def test_python_m_asyncsched_reads_stdin_as_it_comes() -> None:
     process = subprocess.Popen([sys.executable, "-m", "asyncsched", "run", "tests.tasks:square", "--workers", "1",
                                 "--no-progress"], cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
