@@ -22,6 +22,7 @@ import asyncio
 import csv
 import dataclasses
 import datetime
+import errno
 import importlib
 import inspect
 import itertools
@@ -73,6 +74,7 @@ class UsageError(Exception):
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one command and return its exit status (``python -m asyncsched`` and the console script)."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    _open_standard_streams()
     if argv[:1] == ["celery-worker"]:  # its options belong to its own parser, and to Celery's
         return _celery_worker(argv[1:])
     parser = _parser()
@@ -98,6 +100,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # the reader left (`| head`): stop quietly, as other commands do
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more is flushed into the pipe
         return 141  # as a shell reports SIGPIPE
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # not written again at exit
+        print(f"asyncsched {args.name}: error: cannot write the output: {exc.strerror}", file=sys.stderr)
+        return 2
+
+
+def _open_standard_streams() -> None:
+    """Give a standard stream that was closed (`>&-`, `<&-`) /dev/null: else Python has None for it, and the
+    next file opened, the event loop's own, say, would take its fd and get the output."""
+    for fd, name in enumerate(("stdin", "stdout", "stderr")):
+        try:
+            os.fstat(fd)
+        except OSError:
+            opened = os.open(os.devnull, os.O_RDWR)  # the lowest free fd: this one, as those before it are open
+            if opened != fd:
+                os.dup2(opened, fd)
+                os.close(opened)
+        if getattr(sys, name) is None:
+            setattr(sys, name, open(fd, "r" if fd == 0 else "w", closefd=False))  # noqa: SIM115 - for the process
 
 
 def _celery_worker(argv: list[str]) -> int:

@@ -335,6 +335,22 @@ def test_results_into_a_pipe_its_reader_left_stop_quietly(results_db: str, monke
     assert capsys.readouterr().err == ""
 
 
+@pytest.mark.parametrize("closed", [">&-", "<&-", "2>&-"])
+def test_a_command_with_a_standard_stream_closed_runs(results_db: str, closed: str) -> None:
+    # the event loop (uvloop's aborts) or the file a command opens would take the free fd
+    ran = subprocess.run(["sh", "-c", f'exec "$0" -m asyncsched stats "$1" --json {closed}', sys.executable,
+                          results_db], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert ran.returncode == 0, ran.stderr
+
+
+def test_a_full_disk_for_the_output_is_one_line_error(results_db: str) -> None:
+    with open("/dev/full", "w") as full:
+        ran = subprocess.run([sys.executable, "-m", "asyncsched", "results", results_db], cwd=ROOT, stdout=full,
+                             stderr=subprocess.PIPE, text=True, timeout=60)
+    assert (ran.returncode, ran.stderr) == (2, "asyncsched results: error: cannot write the output: No space left on "
+                                               "device\n")
+
+
 def test_export_into_a_pipe_its_reader_left_stops_quietly(results_db: str, monkeypatch: pytest.MonkeyPatch,
                                                           capsys: pytest.CaptureFixture[str]) -> None:
     reader, writer = os.pipe()
