@@ -219,6 +219,9 @@ def _import(module_name: str) -> ModuleType:
         return importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
         raise UsageError(f"cannot import module {module_name!r}: {exc}") from None
+    except SystemExit as exc:  # a script's own command line (argparse), run at import: no `__main__` guard
+        raise UsageError(f"importing module {module_name!r} ended it (SystemExit: {exc.code}): code that runs the "
+                         "module as a program goes under if __name__ == \"__main__\":") from None
     except Exception as exc:
         raise UsageError(f"importing module {module_name!r} failed: {type(exc).__name__}: {exc}") from None
 

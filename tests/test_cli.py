@@ -112,6 +112,17 @@ def test_a_module_that_fails_to_import_is_one_line_too(tmp_path: Path, capsys: p
     assert err == "asyncsched run: error: importing module 'broken_module_for_cli' failed: RuntimeError: no config\n"
 
 
+def test_a_module_that_exits_as_it_is_imported_is_one_line_too(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "script_for_cli.py").write_text("import sys\nsys.exit(5)  # as argparse does on a bad command line\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    assert main(["run", "script_for_cli:f"]) == 2
+    err = capsys.readouterr().err
+    assert err == ("asyncsched run: error: importing module 'script_for_cli' ended it (SystemExit: 5): code that runs "
+                   'the module as a program goes under if __name__ == "__main__":\n')
+
+
 @pytest.mark.parametrize(("argv", "message"), [
     (["--workers", "0"], "argument --workers: '0' is not cpu, io or a positive number"),
     (["--db", ""], "argument --db: '' is not the path of a file"),
