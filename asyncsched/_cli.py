@@ -28,6 +28,7 @@ import inspect
 import itertools
 import json
 import os
+import shlex
 import signal
 import stat
 import sys
@@ -178,8 +179,8 @@ def _run_command(args: argparse.Namespace) -> int:
         summary = _run_loop(_schedule(batch, args))
     _print_outcome(summary, args)
     if bad:
-        then = ("" if args.db is None else f", and their results are in {args.db}: fix that line, then continue "
-                f"with --batch-id {args.batch_id} --resume")
+        then = ("" if args.db is None else f", and their results are in {visible(args.db)}: fix that line, then "
+                f"continue with --batch-id {visible(shlex.quote(args.batch_id))} --resume")
         raise UsageError(f"{bad[0]}. The tasks of the lines before it ran{then}")
     return 0 if summary.completed == summary.total else 1
 
@@ -364,7 +365,8 @@ def _print_outcome(summary: Summary, args: argparse.Namespace) -> None:
                           overflow="ellipsis", no_wrap=True, markup=False)
         if len(failures) > FAILURES_SHOWN:
             console.print(f"  ... and {len(failures) - FAILURES_SHOWN} more")
-    where = "" if args.db is None else f"; see asyncsched results {args.db} --batch {summary.batch_id}"
+    where = "" if args.db is None else \
+        f"; see asyncsched results {shlex.quote(args.db)} --batch {shlex.quote(summary.batch_id)}"  # to paste
     console.print(visible(f"batch {summary.batch_id}: {summary.completed} of {summary.total} tasks completed "
                           f"in {summary.elapsed:.2f}s{where}"), soft_wrap=True, markup=False)
 

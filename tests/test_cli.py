@@ -74,7 +74,8 @@ def test_what_tasks_and_names_say_reaches_the_console_as_text(tmp_path: Path,
                  "--batch-id", "c[/]d"]) == 1  # the closing tag alone made rich raise a MarkupError
     out = capsys.readouterr().out
     assert "  1  failed     ValueError: \\x1b[2J[bold]cleared\\nnext line\n" in out
-    assert "batch c[/]d: 0 of 1 tasks completed in" in out and f"see asyncsched results {db} --batch c[/]d" in out
+    assert "batch c[/]d: 0 of 1 tasks completed in" in out
+    assert f"see asyncsched results '{db}' --batch 'c[/]d'" in out  # quoted for a shell, as the brackets are
     table = read(["results", db], capsys)
     assert "c[/]d" in table and "ValueError: \\x1b[2J[bold]cleared\\nnext line" in table
 
