@@ -445,6 +445,8 @@ def _export_command(args: argparse.Namespace) -> int:
     started_at, finished_at, duration, progress and response_pickle. The
     results file is opened read-only.
     """
+    if args.out == "-":  # as for run --input
+        args.out = "/dev/stdout"
     try:
         count = _run_loop(_read(args, lambda store: store.export_jsonl(args.out, batch_id=args.batch)))
     except StoreError as exc:
@@ -660,7 +662,8 @@ def _parser() -> argparse.ArgumentParser:
 
     export = command("export", _export_command)
     export.add_argument("db", type=_file, metavar="DB", help="a results file (SQLite)")
-    export.add_argument("out", metavar="OUT.jsonl", help="the JSON Lines file to write (replaced if it exists)")
+    export.add_argument("out", metavar="OUT.jsonl",
+                        help="the JSON Lines file to write (replaced if it exists); - is stdout")
     export.add_argument("--batch", metavar="ID", help="only this batch")
 
     serve = command("serve", _serve_command)

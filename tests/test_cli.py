@@ -391,12 +391,15 @@ def test_stats_batches_and_export(results_db: str, tmp_path: Path, capsys: pytes
     assert sorted(json.loads(line)["task_id"] for line in out.read_text().splitlines()) == ["1", "2", "3"]
 
 
-def test_export_to_dev_stdout_writes_into_the_pipe_and_reports_on_stderr(results_db: str) -> None:
-    exported = subprocess.run([os.fspath(CONSOLE_SCRIPT), "export", results_db, "/dev/stdout"], capture_output=True,
-                              text=True, timeout=60)
+@pytest.mark.parametrize("out", ["/dev/stdout", "-"])
+def test_export_to_dev_stdout_writes_into_the_pipe_and_reports_on_stderr(results_db: str, out: str,
+                                                                         tmp_path: Path) -> None:
+    exported = subprocess.run([os.fspath(CONSOLE_SCRIPT), "export", results_db, out], capture_output=True,
+                              text=True, timeout=60, cwd=tmp_path)
     assert exported.returncode == 0, exported.stderr
     assert sorted(json.loads(line)["task_id"] for line in exported.stdout.splitlines()) == ["1", "2", "3"]
     assert exported.stderr == "exported 3 results to /dev/stdout\n"
+    assert not (tmp_path / "-").exists()
 
 
 def test_export_refuses_to_write_over_the_results_file(results_db: str, tmp_path: Path,
