@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import enum
 import functools
+import importlib
 import math
 import operator
 import pickle
@@ -370,9 +371,11 @@ class RetryPolicy:
     """When and how soon a task that did not complete is tried again.
 
     The delay before retry ``n`` (1-based) is ``min(max_delay, base_delay * 2 ** (n - 1))``,
-    scaled by a random factor in ``[1 - jitter, 1]``. ``exceptions`` limits the
-    retried *failures* to those types (matched on the rebuilt exception, or on
-    the type's name when it could not be rebuilt); ``None`` retries any.
+    scaled by a random factor in ``[1 - jitter, 1]``. ``on`` takes some of
+    ``failed``, ``crashed`` and ``timed_out``. ``exceptions`` limits the
+    retried *failures* to those types and their subclasses (matched on the
+    rebuilt exception; when it could not be rebuilt, on its type, imported here
+    by name, or on the name alone where it cannot be imported); ``None`` retries any.
 
     >>> RetryPolicy(base_delay=0.5, max_delay=10, on=frozenset({Status.CRASHED}))  # doctest: +ELLIPSIS
     RetryPolicy(...)
@@ -393,9 +396,13 @@ class RetryPolicy:
             raise ConfigurationError(f"RetryPolicy jitter must be a number between 0 and 1, got {self.jitter!r}")
         on = [self.on] if isinstance(self.on, Status | str) else self.on
         try:
-            object.__setattr__(self, "on", frozenset(Status(status) for status in on))
+            statuses = frozenset(Status(status) for status in on)
         except (TypeError, ValueError):
-            raise ConfigurationError(f"RetryPolicy on= takes statuses such as Status.FAILED, got {self.on!r}") from None
+            statuses = frozenset({Status.COMPLETED})  # refused below
+        if not statuses <= DEFAULT_RETRY_ON:
+            raise ConfigurationError(f"RetryPolicy on= takes statuses to retry: some of Status.FAILED, Status.CRASHED "
+                                     f"and Status.TIMED_OUT, got {self.on!r}")
+        object.__setattr__(self, "on", statuses)
         if self.exceptions is not None:
             kinds = (self.exceptions,) if isinstance(self.exceptions, type) else tuple(self.exceptions)
             if not all(isinstance(kind, type) and issubclass(kind, BaseException) for kind in kinds):
@@ -413,7 +420,30 @@ class RetryPolicy:
             return True
         if outcome.exception is not None:
             return isinstance(outcome.exception, self.exceptions)
+        kind = _exception_type(outcome.error_type)
+        if kind is not None:  # the exception could not be rebuilt (an __init__ of its own), but its type can
+            return issubclass(kind, self.exceptions)
         return outcome.error_type in {type_name(kind) for kind in self.exceptions}
+
+
+def _exception_type(name: str | None) -> type[BaseException] | None:
+    """The exception class :func:`type_name` gave ``name``, imported if need be; None when it cannot be found."""
+    if not name:
+        return None
+    parts = name.split(".")
+    for split in range(len(parts) - 1, -1, -1):  # the longest module name first: "a.b.C" is C of a.b, or b.C of a
+        module_name = ".".join(parts[:split]) or "builtins"
+        try:
+            found: Any = importlib.import_module(module_name)
+        except Exception:  # ImportError, or what the module raises as it is imported
+            continue
+        try:
+            for attribute in parts[split:]:
+                found = getattr(found, attribute)
+        except AttributeError:
+            continue
+        return found if isinstance(found, type) and issubclass(found, BaseException) else None
+    return None
 
 
 def is_int(value: object) -> TypeGuard[int]:

@@ -189,6 +189,25 @@ async def test_retry_policy_matches_an_exception_that_could_not_be_rebuilt_by_it
     assert (rebuilt_as_text.attempts, other.attempts) == (3, 1)
 
 
+async def test_retry_policy_matches_a_subclass_of_its_exceptions_that_could_not_be_rebuilt() -> None:
+    policy = RetryPolicy(base_delay=0.0, exceptions=(Exception,))
+    async with Scheduler(workers=1, retries=2, retry_policy=policy) as scheduler:
+        (unrebuilt,) = (await scheduler.run([Task(faults.raise_unrebuildable)])).results
+    assert unrebuilt.exception is None and unrebuilt.attempts == 3  # its type imported here by name: a subclass
+
+
+def test_retry_policy_matches_a_type_by_name_subclasses_included() -> None:
+    def failed(error_type: str) -> Outcome:
+        return Outcome(Status.FAILED, error=f"{error_type}: x", error_type=error_type)
+
+    assert RetryPolicy(exceptions=(OSError,)).should_retry(failed("urllib.error.HTTPError"))  # imported to see
+    assert not RetryPolicy(exceptions=(ValueError,)).should_retry(failed("urllib.error.HTTPError"))
+    assert RetryPolicy(exceptions=(LookupError,)).should_retry(failed("KeyError"))  # a builtin
+    elsewhere = type("Elsewhere", (Exception,), {"__module__": "no_such_module_here"})
+    assert RetryPolicy(exceptions=(elsewhere,)).should_retry(failed("no_such_module_here.Elsewhere"))  # the name
+    assert not RetryPolicy(exceptions=(elsewhere,)).should_retry(failed("no_such_module_here.Other"))
+
+
 def test_backoff_grows_exponentially_with_jitter_and_a_cap() -> None:
     policy = RetryPolicy(base_delay=1.0, max_delay=5.0, jitter=0.5)
     for retry, top in [(1, 1.0), (2, 2.0), (3, 4.0), (4, 5.0), (10, 5.0)]:

@@ -906,7 +906,8 @@ def test_a_retry_policy_takes_one_exception_class_or_status_and_refuses_nonsense
     assert (policy.exceptions, policy.on) == ((ValueError,), frozenset({Status.CRASHED}))
     assert RetryPolicy(on=["failed"]).on == frozenset({Status.FAILED})  # type: ignore[arg-type]
     assert RetryPolicy(base_delay=0).delay(5000) == 0 and RetryPolicy(max_delay=5).delay(5000) <= 5  # no overflow
-    for bad in ({"exceptions": [1]}, {"on": ["nope"]}, {"base_delay": -1}, {"jitter": 2}, {"max_delay": "5"}):
+    for bad in ({"exceptions": [1]}, {"on": ["nope"]}, {"on": [Status.COMPLETED]}, {"on": "cancelled"},
+                {"base_delay": -1}, {"jitter": 2}, {"max_delay": "5"}):
         with pytest.raises(ConfigurationError, match="RetryPolicy"):
             RetryPolicy(**bad)
 
