@@ -95,8 +95,8 @@ from typing import Any, Protocol
 import psutil
 
 from ._backend import unreadable_result
-from ._errors import BrokenPoolError, ClosedError, ConfigurationError
-from ._models import Outcome, Status, is_int, task_error
+from ._errors import BrokenPoolError, ClosedError, ConfigurationError, TaskDefinitionError
+from ._models import Outcome, Status, is_int, is_seconds, task_error
 from ._worker import (
     BIG_HEADER,
     DONE,
@@ -689,6 +689,11 @@ class ProcessPool(concurrent.futures.Executor):
         own errors: those are outcomes (failed, timed out, crashed). Cancelling it
         stops the call; if it runs, its worker is killed and replaced.
         """
+        if not isinstance(args, tuple):
+            raise TaskDefinitionError(f"args must be a tuple of the call's arguments, as in call(fn, (x,)), got "
+                                      f"{type(args).__name__}")
+        if timeout is not None and not (is_seconds(timeout) and timeout > 0):
+            raise TaskDefinitionError(f"timeout must be a positive number of seconds or None, got {timeout!r}")
         if self._loop is None:
             self.start()
         assert self._loop is not None

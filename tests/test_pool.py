@@ -27,7 +27,7 @@ import uvloop
 
 import asyncsched._pool
 from asyncsched import Outcome, ProcessPool, RetryPolicy, Scheduler, Status, Task, TaskFailedError, _worker
-from asyncsched._errors import BrokenPoolError, ClosedError, ConfigurationError
+from asyncsched._errors import BrokenPoolError, ClosedError, ConfigurationError, TaskDefinitionError
 from asyncsched._pool import MAX_DEPTH, WORKER_MEMORY, parse_size
 
 from . import faults, tasks
@@ -1142,6 +1142,16 @@ async def test_a_memory_limit_below_an_idle_workers_size_breaks_the_pool_with_th
         with pytest.raises(BrokenPoolError, match=r"before it runs anything, more than max_memory_per_child=12 MiB"):
             await pool.call(tasks.square, (3,))
         assert pool.pids == []  # the worker was sent away
+
+
+async def test_a_call_with_bad_arguments_is_refused_at_once() -> None:
+    async with ProcessPool(1) as pool:
+        for timeout in ("5", 0, -5, 10**400, float("nan"), True):
+            with pytest.raises(TaskDefinitionError, match="timeout must be a positive number of seconds or None"):
+                pool.call(tasks.square, (4,), timeout=timeout)  # type: ignore[arg-type]
+        with pytest.raises(TaskDefinitionError, match=r"args must be a tuple .* as in call\(fn, \(x,\)\), got int"):
+            pool.call(tasks.square, 4)  # type: ignore[arg-type]
+        assert (await pool.call(tasks.square, (4,), timeout=5)).value == 16  # the pool goes on
 
 
 async def test_a_broken_pool_is_not_retried() -> None:
