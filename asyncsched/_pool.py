@@ -170,7 +170,7 @@ def resolve_workers(workers: int | str) -> int:
         return 2 * cores
     if is_int(workers) and workers > 0:
         return workers
-    if isinstance(workers, str) and workers.isdigit() and int(workers) > 0:
+    if isinstance(workers, str) and workers.isascii() and workers.isdigit() and int(workers) > 0:  # not "²"
         return int(workers)
     raise ConfigurationError(f'workers must be "cpu", "io" or a positive int, got {workers!r}')
 
@@ -1442,7 +1442,7 @@ def parse_size(size: float | str | None) -> int | None:
             value = float(number) * _UNITS[unit]
         except (ValueError, KeyError):
             value = 0
-        if value >= 1:
+        if 1 <= value < math.inf:  # "infGB", "1e400"
             return int(value)
     raise ConfigurationError(f'a memory limit is a positive number of bytes or a string like "512MB", got {size!r}')
 

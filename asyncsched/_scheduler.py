@@ -370,6 +370,9 @@ class Scheduler:
             raise ConfigurationError(f"event_buffer must be an int of at least 1, got {event_buffer!r}")
         if retry_policy is not None and not isinstance(retry_policy, RetryPolicy):
             raise ConfigurationError(f"retry_policy must be a RetryPolicy, got {retry_policy!r}")
+        for name, flag in ("handle_sigterm", handle_sigterm), ("progress", progress):
+            if not isinstance(flag, bool):  # "no" would be true
+                raise ConfigurationError(f"{name} must be True or False, got {flag!r}")
         if backend is None:
             from ._local import ProcessBackend  # the default; any Backend plugs in instead
 

@@ -411,9 +411,11 @@ def test_bad_arguments_get_clear_errors() -> None:
     wrong: dict[str, Any]
     for wrong in ({"timeout": "5"}, {"timeout": True}, {"timeout": 10**400}, {"timeout": math.nan},
                   {"window": "10"}, {"event_buffer": -1}, {"retries": 1.5}, {"retries": True},
-                  {"retry_policy": {"base_delay": 1}}, {"max_tasks_per_child": "3"}, {"mp_context": 5}):
-        with pytest.raises(ConfigurationError, match=next(iter(wrong))):
-            Scheduler(workers=1, **wrong)
+                  {"retry_policy": {"base_delay": 1}}, {"max_tasks_per_child": "3"}, {"mp_context": 5},
+                  {"workers": "²"}, {"max_memory_per_child": "infGB"}, {"max_memory_per_child": "1e400"},
+                  {"handle_sigterm": "no"}, {"progress": "yes"}):
+        with pytest.raises(ConfigurationError, match=next(iter(wrong)) if "memory" not in str(wrong) else "memory"):
+            Scheduler(**{"workers": 1, **wrong})  # type: ignore[arg-type]
         if next(iter(wrong)) in ("timeout", "retries"):
             with pytest.raises(TaskDefinitionError, match=next(iter(wrong))):  # the same checks for one task
                 Task(tasks.square, 1, **wrong)
