@@ -879,9 +879,11 @@ def _result(row: Row) -> TaskResult:
             value = pickle.loads(blob)
         except BaseException as exc:  # e.g. its class cannot be imported here, or a reducer calls sys.exit()
             why = traceback.format_exception_only(exc)[-1].strip()
+            fix = "it is not a whole pickle: the file was damaged, or written by something else" \
+                if isinstance(exc, pickle.UnpicklingError | EOFError) else "make the module that defines its " \
+                "type importable, or read it with export_jsonl, which leaves it pickled"
             raise StoreError(f"the value of task {key!r} of batch {batch_id!r} cannot be unpickled here ({why}); "
-                             "make the module that defines its type importable, or read it with export_jsonl, "
-                             "which leaves it pickled") from exc
+                             f"{fix}") from exc
     elif value is not None:
         value = json.loads(value)
     return TaskResult(batch_id, key, Status(status), value, error, tb, attempts, pid, started_at, finished_at,
@@ -947,17 +949,22 @@ def _import_row(line: str, path: str | os.PathLike[str], number: int, batch_id: 
             stamp = (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp()  # naive: UTC, not local
         if finished_at is None:
             finished_at = stamp
+        blob = None
+        if pickled:
+            blob = base64.b64decode(pickled, validate=True)
+            if not (blob[:1] == b"\x80" and blob[-1:] == b"."):  # a protocol's opcode first, STOP last
+                raise ValueError("field 'response_pickle' must be the base64 of a pickle, as export writes it")
+
         def text(name: str) -> str | None:  # a lone surrogate ("\udce9" in JSON, from a file name) escaped
             found: str | None = _field(record, name, str, "a string")
             return _text(found)
 
         return (
             text("batch_id") or _text(batch_id), _text(str(key)), _field(record, "index", int, "an integer", -1),
-            status.value, None if data is None or pickled else _JSON.encode(data),
-            base64.b64decode(pickled) if pickled else None, text("error"), text("error_type"), text("traceback"),
-            _field(record, "attempts", int, "an integer", 1), _field(record, "process_id", int, "an integer"),
-            _field(record, "started_at", _NUMBER, _SECONDS), finished_at, text("message"),
-            _field(record, "progress", _NUMBER, "a number"),
+            status.value, None if data is None or pickled else _JSON.encode(data), blob, text("error"),
+            text("error_type"), text("traceback"), _field(record, "attempts", int, "an integer", 1),
+            _field(record, "process_id", int, "an integer"), _field(record, "started_at", _NUMBER, _SECONDS),
+            finished_at, text("message"), _field(record, "progress", _NUMBER, "a number"),
         )
     except (ValueError, KeyError, TypeError) as exc:
         raise StoreError(f"{os.fspath(path)}, line {number}: {type(exc).__name__}: {exc}; each line must be a JSON "

@@ -544,13 +544,17 @@ async def test_import_reads_the_bare_format_and_rejects_bad_lines(tmp_path: Path
     ("attempts", 1.5, "must be an integer, not 1.5"),
     ("index", "3", "must be an integer, not"),
     ("message", {"text": "ok"}, "must be a string or null"),
+    ("response_pickle", "AAAA", "must be the base64 of a pickle, as export writes it"),
+    ("response_pickle", "not base64!", None),
 ])
-async def test_import_rejects_a_field_of_the_wrong_type(tmp_path: Path, field: str, value: Any, message: str) -> None:
+async def test_import_rejects_a_field_of_the_wrong_type(tmp_path: Path, field: str, value: Any,
+                                                        message: str | None) -> None:
     line = {"task_id": "t", "status": "completed", "response_data": 1}
     path = tmp_path / "odd.jsonl"
     path.write_text(json.dumps(line) + "\n" + json.dumps({**line, field: value}) + "\n")
     async with SQLiteStore(tmp_path / "results.db") as store:
-        with pytest.raises(StoreError, match=rf"odd.jsonl, line 2: ValueError: field '{field}' {message}"):
+        with pytest.raises(StoreError, match=r"odd.jsonl, line 2: " + (rf"ValueError: field '{field}' {message}"
+                                                                         if message else "Error: ")):
             await store.import_jsonl(path)
         assert await store.results() == []
 
@@ -645,11 +649,25 @@ async def test_a_value_of_a_type_this_process_cannot_import_is_a_clear_error(tmp
             store.add(TaskResult("b", "k", Status.COMPLETED, value=module.Point()))
             await store.flush()
             del sys.modules[module.__name__]
-            with pytest.raises(StoreError, match="task 'k' of batch 'b' cannot be unpickled here"):
+            with pytest.raises(StoreError, match=r"task 'k' of batch 'b' cannot be unpickled here .*; make the module "
+                               r"that defines its type importable"):
                 await store.results()
             assert await store.export_jsonl(tmp_path / "out.jsonl") == 1  # exporting does not unpickle
     finally:
         sys.modules.pop(module.__name__, None)
+
+
+async def test_a_damaged_stored_value_is_a_clear_error(tmp_path: Path) -> None:
+    path = tmp_path / "results.db"
+    async with SQLiteStore(path) as store:
+        await store.begin_batch("b")
+        store.add(TaskResult("b", "k", Status.COMPLETED, value=object()))
+    with sqlite3.connect(path) as db:
+        db.execute("UPDATE results SET value_pickle = x'80050000'")
+    async with SQLiteStore(path, readonly=True) as store:
+        with pytest.raises(StoreError, match=r"cannot be unpickled here .*; it is not a whole pickle: the file was "
+                           r"damaged, or written by something else"):
+            await store.results()
 
 
 
