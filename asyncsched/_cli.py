@@ -35,7 +35,7 @@ import sys
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from types import ModuleType
-from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
+from typing import TYPE_CHECKING, Any, BinaryIO, NoReturn, TypeVar
 
 from rich import box
 from rich.cells import cell_len
@@ -313,11 +313,15 @@ async def tasks_from_lines(fn: Callable[..., Any], lines: AsyncIterator[bytes]) 
         if not line.strip():
             continue
         try:
-            value = json.loads(line)
+            value = json.loads(line, parse_constant=_not_json)
         except ValueError as exc:
             raise UsageError(f"input line {number} is not JSON ({exc}); each line must be one JSON value: "
                              "an array of arguments, an object of keyword arguments, or the single argument") from None
         yield task_from_json(fn, value, key=number)
+
+
+def _not_json(name: str) -> NoReturn:
+    raise ValueError(f"{name} is not JSON")  # Python's json reads NaN and Infinity, as the web API does not
 
 
 # -- shared by demo and run -----------------------------------------------------------------

@@ -178,6 +178,15 @@ def test_run_stops_at_a_line_that_is_not_json(tmp_path: Path, capsys: pytest.Cap
     assert "1 of 1 tasks completed" in out  # they did: run to their end, not cancelled with the batch
 
 
+@pytest.mark.parametrize("constant", ["NaN", "Infinity", "-Infinity"])
+def test_run_refuses_a_line_with_a_constant_python_reads_but_json_has_not(
+        constant: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text(f"[{constant}]\n")
+    assert main(["run", "tests.tasks:square", "--input", os.fspath(jobs), "--no-progress"]) == 2
+    assert f"input line 1 is not JSON ({constant} is not JSON)" in capsys.readouterr().err
+
+
 def test_a_line_that_is_not_json_says_how_to_continue_the_batch_once_it_is_fixed(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     jobs, db = tmp_path / "jobs.jsonl", os.fspath(tmp_path / "results.db")
