@@ -45,7 +45,7 @@ from rich.table import Table
 
 from . import __version__, _demo
 from ._errors import AsyncschedError, ConfigurationError, StoreError
-from ._models import FINAL_STATUSES, Summary, Task, TaskResult, task_from_json
+from ._models import FINAL_STATUSES, Summary, Task, TaskResult, is_seconds, task_from_json
 from ._progress import stats_table, success, visible
 
 if TYPE_CHECKING:
@@ -596,11 +596,19 @@ def _positive(kind: type[float] | type[int], *, zero: bool = False) -> Callable[
             number = kind(value)
         except ValueError:
             number = -1
-        if number > 0 or (zero and number == 0):
-            return number
-        raise argparse.ArgumentTypeError(f"{value!r} is not a {'non-negative' if zero else 'positive'} number")
+        if not (number > 0 or (zero and number == 0)):
+            raise argparse.ArgumentTypeError(f"{value!r} is not a {'non-negative' if zero else 'positive'} number")
+        if not (is_seconds(number) and number < 2**63):  # inf, or past what SQLite and a timer take
+            raise argparse.ArgumentTypeError(f"{value!r} is too large")
+        return number
 
     return parse
+
+
+def _batch_id(value: str) -> str:
+    if not value:
+        raise argparse.ArgumentTypeError("a batch id is not empty")
+    return value
 
 
 def _port(value: str) -> int:
@@ -644,7 +652,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--retries", type=_positive(int, zero=True), default=0, metavar="N",
                      help="retries of a task that failed, crashed or timed out (0)")
     run.add_argument("--db", type=_file, metavar="PATH", help="SQLite file to keep the results in")
-    run.add_argument("--batch-id", metavar="ID", help="the batch's id (default: a new random one)")
+    run.add_argument("--batch-id", type=_batch_id, metavar="ID", help="the batch's id (default: a new random one)")
     run.add_argument("--resume", action="store_true",
                      help="continue batch --batch-id in --db: tasks whose line has a result are not run again")
     run.add_argument("--no-progress", dest="progress", action="store_false", help="no live progress display")

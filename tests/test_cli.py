@@ -129,6 +129,8 @@ def test_a_module_that_exits_as_it_is_imported_is_one_line_too(tmp_path: Path, c
     (["--db", ""], "argument --db: '' is not the path of a file"),
     (["--workers", "1000000", "--input", os.devnull], "1000000 worker processes would need 11718.8 GiB at least"),
     (["--timeout", "-1"], "argument --timeout: '-1' is not a positive number"),
+    (["--timeout", "inf"], "argument --timeout: 'inf' is too large"),
+    (["--batch-id", ""], "argument --batch-id: a batch id is not empty"),
     (["--retries", "x"], "argument --retries: 'x' is not a non-negative number"),
     (["--resume", "--batch-id", "b"], "--resume continues a stored batch: give its file with --db and its id"),
     (["--input", "/no/such/file"], "cannot read --input /no/such/file: No such file or directory"),
