@@ -816,6 +816,23 @@ def test_a_registry_names_module_level_functions_once() -> None:
         registry.add("lambda", lambda: None)
 
 
+async def test_in_a_sub_app_the_urls_it_gives_have_the_sub_app_s_prefix(aiohttp_client: AiohttpClient) -> None:
+    service = web.Application()
+    setup(service, Scheduler(workers=1), registry=REGISTRY, prefix="/jobs")
+    root = web.Application()
+    root.add_subapp("/svc", service)
+    client = await aiohttp_client(root)
+    answer = await client.post("/svc/jobs/api/batches", json={"task": "square", "inputs": [3], "batch_id": "sub"})
+    assert answer.status == 202
+    assert answer.headers["Location"] == (await answer.json())["url"] == "/svc/jobs/api/batches/sub"
+    assert (await client.get(answer.headers["Location"])).status == 200
+    home = await client.get("/svc/jobs", allow_redirects=False)
+    assert home.headers["Location"] == "/svc/jobs/"
+    assert (await (await client.get("/svc/jobs/api/openapi.json")).json())["servers"] == [{"url": "/svc/jobs/api"}]
+    missing = await client.get("/svc/jobs/api/nothing")
+    assert (await missing.json())["error"] == "no route /svc/jobs/api/nothing; /svc/jobs/api/openapi.json lists them"
+
+
 def test_setup_refuses_bad_arguments() -> None:
     app = web.Application()
     scheduler = Scheduler(workers=1)

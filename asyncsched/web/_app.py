@@ -132,12 +132,12 @@ def setup(app: web.Application, scheduler: Scheduler, *, registry: TaskRegistry 
     if allowed_hosts is not None and (isinstance(allowed_hosts, str)
                                       or not all(isinstance(host, str) for host in allowed_hosts)):
         raise ConfigurationError(f"allowed_hosts must be a collection of host names, got {allowed_hosts!r}")
-    api = _Api(scheduler, registry, token, limits or Limits(), prefix,
+    api = _Api(scheduler, registry, token, limits or Limits(),
                None if allowed_hosts is None else frozenset(h.lower() for h in allowed_hosts))
     app.cleanup_ctx.append(api.lifecycle)
     app.on_shutdown.append(api.on_shutdown)
     router = app.router
-    router.add_get(prefix, api.to_dashboard)
+    api.home = router.add_get(prefix, api.to_dashboard).resource  # its path gains the prefix of a sub-app
     router.add_get(f"{prefix}/", api.dashboard)
     router.add_get(f"{prefix}/static/{{name}}", api.static)
     routes: list[tuple[str, str, Handler]] = [
@@ -198,17 +198,23 @@ class _Job(NamedTuple):
 
 class _Api:
     def __init__(self, scheduler: Scheduler, registry: TaskRegistry | None, token: str | None, limits: Limits,
-                 prefix: str, allowed_hosts: frozenset[str] | None) -> None:
+                 allowed_hosts: frozenset[str] | None) -> None:
         self.scheduler = scheduler
         self.registry = registry
         self.limits = limits
-        self.prefix = prefix
+        self.home: web.AbstractResource | None = None  # the route of {prefix}: setup() adds it
         self.log = EventLog(limits.event_backlog)
         self.jobs: dict[str, _Job] = {}
         self._token = None if token is None else token.encode()
         self._allowed_hosts = allowed_hosts
         self._files: dict[str, bytes] = {}
         self._streams: dict[asyncio.Future[None], web.Request] = {}  # the open event streams, by their ends
+
+    @property
+    def mounted(self) -> str:
+        """The prefix as the app is mounted: a sub-app's own prefix before it."""
+        assert self.home is not None
+        return self.home.canonical
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -337,7 +343,7 @@ class _Api:
             if isinstance(exc, ConfigurationError):  # the store has a batch of that id; its advice is run()'s
                 _fail(409, f"batch {batch_id!r} already exists: submit it under another batch_id")
             _fail(503, f"the batch could not start: {type(exc).__name__}: {exc}")
-        location = f"{self.prefix}/api/batches/{batch_id}"
+        location = f"{self.mounted}/api/batches/{batch_id}"
         return web.json_response({"batch_id": batch_id, "state": "running", "expected": len(tasks),
                                   "url": location}, status=202, headers={"Location": location})
 
@@ -479,18 +485,18 @@ class _Api:
         return refuse
 
     async def not_found(self, request: web.Request) -> NoReturn:
-        _fail(404, f"no route {request.path}; {self.prefix}/api/openapi.json lists them")
+        _fail(404, f"no route {request.path}; {self.mounted}/api/openapi.json lists them")
 
     async def tasks(self, request: web.Request) -> web.Response:
         return web.json_response({"tasks": [] if self.registry is None else self.registry.names(),
                                   "read_only": self.registry is None})
 
     async def openapi(self, request: web.Request) -> web.Response:
-        return web.json_response(openapi(self.prefix, self.limits, token=self._token is not None,
+        return web.json_response(openapi(self.mounted, self.limits, token=self._token is not None,
                                          cancel_wait=CANCEL_WAIT))
 
     async def to_dashboard(self, request: web.Request) -> web.Response:
-        raise web.HTTPFound(f"{self.prefix}/")
+        raise web.HTTPFound(f"{self.mounted}/")
 
     async def dashboard(self, request: web.Request) -> web.Response:
         return self._file("index.html")
