@@ -105,3 +105,20 @@ async def test_the_dashboard_runs_a_batch_and_shows_it_live(aiohttp_server: Aioh
     await expect(slow.locator(".card-state")).to_have_text("finished")
     await expect(slow.locator(".counts")).to_contain_text("cancelled 3")
     await expect(page.locator("#batches tbody tr")).to_have_count(2)
+
+
+async def test_a_token_entered_after_the_events_were_refused_follows_them_again(aiohttp_server: AiohttpServer,
+                                                                                page: Page) -> None:
+    first = await aiohttp_server(web_service.build_app(Scheduler(workers=1), token=TOKEN))
+    await page.goto(str(first.make_url("/asyncsched/")))
+    await page.fill("#token-input", TOKEN)
+    await page.click("#token-form button")
+    connection = page.locator("#connection")
+    await expect(connection).to_have_text("live")
+    port = first.port
+    await first.close()  # the server comes back with another token before the page reconnects
+    await aiohttp_server(web_service.build_app(Scheduler(workers=1), token="another-token"), port=port)
+    await expect(page.locator("#token-form")).to_be_visible()
+    await page.fill("#token-input", "another-token")
+    await page.click("#token-form button")
+    await expect(connection).to_have_text("live")  # it stayed "reconnecting", with no events, until a reload

@@ -25,6 +25,7 @@ const state = {
   offset: 0,
   shown: 0, // results on the page shown: the next page starts after them
   started: false,
+  following: false, // the event stream is followed: false again once it is refused a token
 };
 
 class Unauthorized extends Error {}
@@ -71,6 +72,7 @@ async function follow() {
       if (lastId) extra["Last-Event-ID"] = lastId;
       const response = await fetch("api/events", { headers: headers(extra), cache: "no-store" });
       if (response.status === 401) {
+        state.following = false; // start() follows it again with the next token
         askForToken(null);
         return;
       }
@@ -406,10 +408,13 @@ async function start() {
   const select = $("#task-select");
   select.replaceChildren(...info.tasks.map((name) => new Option(name, name)));
   $("#submit-form").hidden = info.read_only || info.tasks.length === 0;
+  if (!state.following) {
+    state.following = true;
+    follow();
+  }
+  await refreshBatches();
   if (state.started) return;
   state.started = true;
-  follow();
-  await refreshBatches();
   setInterval(() => {
     if ([...state.batches.values()].some((batch) => batch.state === "running")) refreshBatches();
   }, REFRESH_MS);
