@@ -427,8 +427,8 @@ class Scheduler:
         try:
             await self._ensure_started()
         except BaseException:
-            if self._loop is None:  # its start failed (not: it lives on another loop): close what the start opened
-                await self.aclose()  # (the store's threads), as __aexit__ will not run
+            if not self._started and self._loop in (None, asyncio.get_running_loop()):  # its start failed (not: it
+                await self.aclose()  # lives on another loop): close what the start opened, as __aexit__ will not run
             raise
         if self._handle_sigterm:
             self._install_sigterm(asyncio.current_task())
@@ -471,23 +471,25 @@ class Scheduler:
         if self._closed:
             raise ClosedError("this Scheduler is closed; create a new one")
 
-    async def _ensure_started(self) -> None:
+    async def _ensure_started(self, *, backend: bool = True) -> None:
+        """Open the store and, unless ``backend`` is False (a query needs no worker), start the backend."""
         self._check_open()
         loop = asyncio.get_running_loop()
         if self._loop is not loop and self._loop is not None:
             raise ConfigurationError("this Scheduler started on another event loop (an earlier asyncio.run()?), and "
                                      "a Scheduler lives on one loop: aclose() it, and create one on this loop")
-        if self._started:
+        if self._started or (self._loop is not None and not backend):
             return
         if self._start_lock is None:
             self._start_lock = asyncio.Lock()
         async with self._start_lock:
             self._check_open()  # closed while this waited for another start
-            if not self._started:
+            if self._loop is None:
                 await self._store.open()
+                self._loop = loop
+            if backend and not self._started:
                 await self._backend.start()
                 self._started = True
-                self._loop = loop
 
     async def aclose(self) -> None:
         """Cancel running batches, stop every worker, flush the store. Idempotent.
@@ -794,27 +796,27 @@ class Scheduler:
         """Stored results, oldest first, filtered by batch and status."""
         if status is not None:
             status = _status(status)
-        await self._ensure_started()
+        await self._ensure_started(backend=False)
         return await self._store.results(batch_id=batch_id, status=status, limit=limit, offset=offset)
 
     async def stats(self, batch_id: str | None = None) -> Stats:
         """Counts of stored results, for one batch or for all."""
-        await self._ensure_started()
+        await self._ensure_started(backend=False)
         return await self._store.stats(batch_id)
 
     async def batches(self) -> list[BatchInfo]:
         """Every batch the store knows, oldest first."""
-        await self._ensure_started()
+        await self._ensure_started(backend=False)
         return await self._store.batches()
 
     async def batch(self, batch_id: str) -> BatchInfo | None:
         """One batch the store knows, or None."""
-        await self._ensure_started()
+        await self._ensure_started(backend=False)
         return await self._store.batch(batch_id)
 
     async def batch_page(self, limit: int | None, offset: int = 0) -> tuple[list[BatchInfo], int]:
         """A page of the batches the store knows, newest first, and how many it knows in all."""
-        await self._ensure_started()
+        await self._ensure_started(backend=False)
         return await self._store.batch_page(limit, offset)
 
 

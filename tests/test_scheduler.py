@@ -403,6 +403,17 @@ async def test_aclose_cancelled_twice_still_closes_everything() -> None:
     assert store.closed  # the second cancel did not stop the close
 
 
+async def test_a_query_starts_no_worker_and_a_run_after_it_does(tmp_path: Path) -> None:
+    scheduler = Scheduler(workers=2, store=tmp_path / "r.db")
+    try:
+        assert (await scheduler.stats()).total == 0 and await scheduler.batches() == []
+        assert scheduler.backend.pool.pids == []  # type: ignore[attr-defined]  # reading the file needs no worker
+        assert (await scheduler.run([Task(tasks.square, 3)])).results[0].value == 9
+        assert len(scheduler.backend.pool.pids) == 2  # type: ignore[attr-defined]
+    finally:
+        await scheduler.aclose()
+
+
 def test_bad_arguments_get_clear_errors() -> None:
     with pytest.raises(ConfigurationError, match="workers"):
         Scheduler(workers="many")
