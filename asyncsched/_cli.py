@@ -397,12 +397,11 @@ def _results_command(args: argparse.Namespace) -> int:
     if args.format == "jsonl":
         sys.stdout.writelines(json.dumps(record) + "\n" for record in records)
         return 0
-    first = next(records, None)
-    if first is not None:
-        writer = csv.DictWriter(sys.stdout, fieldnames=list(first), lineterminator="\n")
-        writer.writeheader()
-        writer.writerows({name: _cell(value) for name, value in record.items()}
-                         for record in itertools.chain([first], records))
+    from ._sqlite import RECORD_FIELDS
+
+    writer = csv.DictWriter(sys.stdout, fieldnames=RECORD_FIELDS, lineterminator="\n")
+    writer.writeheader()  # with no results too: the columns are known
+    writer.writerows({name: _cell(value) for name, value in record.items()} for record in records)
     return 0
 
 
@@ -567,8 +566,8 @@ def _console() -> Console:
 
 
 def _cell(value: Any) -> Any:
-    """A CSV cell: nested JSON stays JSON, and null is empty."""
-    return json.dumps(value) if isinstance(value, dict | list) else "" if value is None else value
+    """A CSV cell: nested JSON stays JSON, as do true and false, and null is empty."""
+    return json.dumps(value) if isinstance(value, dict | list | bool) else "" if value is None else value
 
 
 def _when(timestamp: float | None) -> str:

@@ -930,6 +930,10 @@ def _iso(seconds: float | None) -> str | None:
         return None
 
 
+RECORD_FIELDS = tuple(_record((None,) * len(_COLUMNS)))
+"""The fields of a record (:meth:`SQLiteStore.records`, a line of :meth:`SQLiteStore.export_jsonl`), in order."""
+
+
 def _import_row(line: str, path: str | os.PathLike[str], number: int, batch_id: str) -> Row:
     """The row of one line written by :func:`_line`, or in the bare format."""
     try:

@@ -318,6 +318,16 @@ def test_results_in_every_format(results_db: str, capsys: pytest.CaptureFixture[
     assert "value or error" in table and "TypeError" in table and "completed" in table
     assert "batch" not in table.splitlines()[0]  # one batch asked for: no batch column
     assert read(["results", results_db, "--status", "crashed"], capsys).strip() == "no results"
+    header = read(["results", results_db, "--status", "crashed", "--format", "csv"], capsys)
+    assert header.startswith("task_id,status,message,response_data,") and header.count("\n") == 1  # no rows
+
+
+def test_csv_writes_true_and_false_as_json_does(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    db, jobs = os.fspath(tmp_path / "r.db"), write_lines(tmp_path / "jobs.jsonl", 1, 0)
+    assert main(["run", "builtins:bool", "--input", jobs, "--db", db, "--no-progress"]) == 0
+    capsys.readouterr()
+    rows = csv.DictReader(io.StringIO(read(["results", db, "--format", "csv"], capsys)))
+    assert [row["response_data"] for row in rows] == ["true", "false"]  # as a nested value has them, not True
 
 
 def test_results_table_cuts_a_long_value_and_no_other_column(tmp_path: Path,
