@@ -426,9 +426,10 @@ async def test_bad_queries(client: Client, path: str, status: int, error: str) -
 
 
 @pytest.mark.parametrize(("method", "path", "status", "error"), [
-    ("PUT", "/batches", 405, "PUT is not allowed on /asyncsched/api/batches; it takes GET, POST"),
-    ("PATCH", "/batches/x", 405, "PATCH is not allowed on /asyncsched/api/batches/x; it takes GET, DELETE"),
+    ("PUT", "/batches", 405, "PUT is not allowed on /asyncsched/api/batches; it takes GET, POST, HEAD"),
+    ("PATCH", "/batches/x", 405, "PATCH is not allowed on /asyncsched/api/batches/x; it takes GET, DELETE, HEAD"),
     ("POST", "/events", 405, "POST is not allowed on /asyncsched/api/events; it takes GET"),
+    ("HEAD", "/events", 405, ""),  # a stream: nothing to tell of it but by reading it
     ("GET", "/nope", 404, "no route /asyncsched/api/nope; /asyncsched/api/openapi.json lists them"),
     ("GET", "/batches/a/b", 404, "no route /asyncsched/api/batches/a/b"),
     ("DELETE", "", 404, "no route /asyncsched/api;"),
@@ -437,9 +438,18 @@ async def test_an_unknown_route_or_method_is_answered_in_json(client: Client, me
                                                               error: str) -> None:
     response = await client.request(method, f"{API}{path}")
     assert (response.status, response.content_type) == (status, "application/json")
+    if method == "HEAD":
+        assert response.headers["Allow"] == "GET"
+        return
     assert error in (await response.json())["error"]
     if status == 405:
         assert response.headers["Allow"] == error.rpartition("it takes ")[2]
+
+
+async def test_head_answers_as_get_without_the_body(client: Client) -> None:
+    for path in ("/tasks", "/batches", "/openapi.json"):
+        response = await client.head(f"{API}{path}")
+        assert (response.status, response.content_type, await response.read()) == (200, "application/json", b"")
 
 
 # -- cancel ---------------------------------------------------------------------------------

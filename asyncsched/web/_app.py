@@ -150,6 +150,8 @@ def setup(app: web.Application, scheduler: Scheduler, *, registry: TaskRegistry 
         ("GET", "/events", api.events),
         ("GET", "/openapi.json", api.openapi),
     ]
+    routes += [("HEAD", path, handler) for method, path, handler in routes  # for health checks; not for a stream
+               if method == "GET" and path != "/events"]
     for method, path, handler in routes:
         router.add_route(method, f"{prefix}/api{path}", api.endpoint(handler))
     methods: dict[str, list[str]] = {}
