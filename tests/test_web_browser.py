@@ -122,3 +122,24 @@ async def test_a_token_entered_after_the_events_were_refused_follows_them_again(
     await page.fill("#token-input", "another-token")
     await page.click("#token-form button")
     await expect(connection).to_have_text("live")  # it stayed "reconnecting", with no events, until a reload
+
+
+async def test_the_dashboard_pages_through_more_batches_than_one_page_holds(aiohttp_server: AiohttpServer,
+                                                                           page: Page) -> None:
+    scheduler = Scheduler(workers=1)
+    server = await aiohttp_server(web_service.build_app(scheduler, token=TOKEN))
+    for n in range(105):
+        await scheduler.run([], batch_id=f"b{n:03}")
+    await page.goto(str(server.make_url("/asyncsched/")))
+    await page.fill("#token-input", TOKEN)
+    await page.click("#token-form button")
+    rows, shown = page.locator("#batches tbody tr"), page.locator("#batches-range")
+    await expect(shown).to_have_text("1\u2013100 of 105")
+    await expect(rows).to_have_count(100)
+    await page.click("#batches-older")  # the oldest were out of reach
+    await expect(shown).to_have_text("101\u2013105 of 105")
+    await expect(rows.first).to_have_attribute("data-batch-id", "b004")  # newest first
+    await expect(page.locator("#batches-older")).to_be_disabled()
+    await page.click("#batches-newer")
+    await expect(rows).to_have_count(100)
+    await expect(rows.first).to_have_attribute("data-batch-id", "b104")

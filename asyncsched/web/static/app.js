@@ -10,6 +10,7 @@ const FINAL = ["completed", "failed", "timed_out", "crashed", "cancelled"];
 const MESSAGES_SHOWN = 5;
 const LIVE_CARDS = 6;
 const RESULTS_PAGE = 50;
+const BATCHES_PAGE = 100;
 const RECONNECT_MS = 1000;
 const REFRESH_MS = 3000;
 const RESULTS_DELAY_MS = 1000; // re-read running batches that this page did not see start
@@ -24,6 +25,8 @@ const state = {
   selected: null,
   offset: 0,
   shown: 0, // results on the page shown: the next page starts after them
+  batchOffset: 0, // the batches shown start after this many newer ones
+  batchTotal: 0,
   started: false,
   following: false, // the event stream is followed: false again once it is refused a token
 };
@@ -170,8 +173,9 @@ function refreshBatches() {
     do {
       refreshing.again = false;
       try {
-        const page = await api("batches?limit=100");
+        const page = await api(`batches?limit=${BATCHES_PAGE}&offset=${state.batchOffset}`);
         state.batches = new Map(page.batches.map((batch) => [batch.batch_id, batch]));
+        state.batchTotal = page.total;
         for (const batch of page.batches) if (batch.state === "running") showLive(batch.batch_id);
       } catch (error) {
         if (!(error instanceof Unauthorized)) console.warn("batches:", error);
@@ -299,6 +303,11 @@ function renderBatches() {
     return row;
   });
   body.replaceChildren(...rows);
+  const last = state.batchOffset + rows.length;
+  $("#batches-pager").hidden = state.batchTotal <= BATCHES_PAGE && state.batchOffset === 0;
+  $("#batches-range").textContent = rows.length ? `${state.batchOffset + 1}–${last} of ${state.batchTotal}` : "none";
+  $("#batches-newer").disabled = state.batchOffset === 0;
+  $("#batches-older").disabled = last >= state.batchTotal;
 }
 
 async function cancelBatch(batchId) {
@@ -439,6 +448,14 @@ document.addEventListener("DOMContentLoaded", () => {
   $("#results-next").addEventListener("click", () => {
     state.offset += state.shown;
     loadResults();
+  });
+  $("#batches-newer").addEventListener("click", () => {
+    state.batchOffset = Math.max(0, state.batchOffset - BATCHES_PAGE);
+    refreshBatches();
+  });
+  $("#batches-older").addEventListener("click", () => {
+    state.batchOffset += BATCHES_PAGE;
+    refreshBatches();
   });
   start();
 });
