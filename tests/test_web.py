@@ -7,6 +7,7 @@ import contextlib
 import json
 import logging
 import math
+import re
 import socket
 import struct
 import subprocess
@@ -770,6 +771,14 @@ async def test_openapi_describes_every_route(client: Client) -> None:
                  if method != "parameters"}
     assert described == {(m, p.replace("/x", "/{batch_id}")) for m, p in API_ROUTES}
     assert spec["paths"]["/batches"]["post"]["responses"].keys() >= {"202", "400", "404", "409", "413"}
+    for item in spec["paths"].values():  # what every route may answer, the checks before its handler
+        for method, operation in item.items():
+            if method != "parameters":
+                assert operation["responses"].keys() >= {"405", "421", "500", "503"}
+    assert "state" in spec["components"]["schemas"]["Error"]["properties"]  # a DELETE's 409 says it
+    pattern = re.compile(spec["components"]["schemas"]["Submission"]["properties"]["batch_id"]["pattern"])
+    assert [bool(pattern.match(name)) for name in ("b-1.x", ".", "..", "...", "a/b")] == [True, False, False, True,
+                                                                                          False]
     assert "security" not in spec
 
 

@@ -103,10 +103,17 @@ def openapi(prefix: str, limits: Limits, *, token: bool, cancel_wait: float) -> 
         "/openapi.json": {"get": {"summary": "This description",
                                   "responses": {"200": {"description": "OpenAPI 3.1"}}}},
     }
+    every_route = {  # what any route may answer besides its own
+        **unauthorized,
+        "405": _error("a method the route does not take: the header Allow lists those it takes"),
+        "421": _error("a Host header this server does not answer for (the server's allowed_hosts)"),
+        "500": _error("the result store failed, e.g. a stored value of a type the server cannot import"),
+        "503": _error("the scheduler is closed, or the batch could not start"),
+    }
     for item in paths.values():
         for operation in item.values():
             if isinstance(operation, dict):
-                operation["responses"].update(unauthorized)
+                operation["responses"].update(every_route)
     spec: dict[str, Any] = {
         "openapi": "3.1.0",
         "info": {"title": "asyncsched", "version": __version__,
@@ -115,8 +122,9 @@ def openapi(prefix: str, limits: Limits, *, token: bool, cancel_wait: float) -> 
         "paths": paths,
         "components": {"schemas": {
             "Error": {"type": "object", "required": ["error"], "properties": {
-                "error": {"type": "string"}, "field": {"type": "string"},
-                "tasks": {"type": "array", "items": {"type": "string"}}}},
+                "error": {"type": "string"}, "field": {"type": "string", "description": "the field that is wrong"},
+                "tasks": {"type": "array", "items": {"type": "string"}, "description": "the known tasks, on a 404"},
+                "state": {"type": "string", "description": "the batch's state, on a 409 of a DELETE"}}},
             "Submission": {"type": "object", "required": ["task", "inputs"], "additionalProperties": False,
                            "properties": {
                                "task": {"type": "string", "description": "a registered task's name"},
@@ -126,7 +134,7 @@ def openapi(prefix: str, limits: Limits, *, token: bool, cancel_wait: float) -> 
                                "timeout": {**_NUMBER_OR_NULL, "exclusiveMinimum": 0,
                                            "description": "seconds each task may run"},
                                "retries": {**_INT_OR_NULL, "minimum": 0},
-                               "batch_id": {**_STRING_OR_NULL, "pattern": "^[A-Za-z0-9_.:-]{1,100}$"}}},
+                               "batch_id": {**_STRING_OR_NULL, "pattern": r"^(?!\.\.?$)[A-Za-z0-9_.:-]{1,100}$"}}},
             "Batch": {"type": "object", "properties": {
                 "batch_id": {"type": "string"}, "name": _STRING_OR_NULL,
                 "state": {"type": "string", "enum": ["running", "finished", "unfinished"]},
