@@ -32,6 +32,7 @@ import shlex
 import signal
 import stat
 import sys
+import threading
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from types import ModuleType
@@ -346,15 +347,52 @@ async def _schedule(batch: Any, args: argparse.Namespace) -> Summary:
 
 
 def _run_loop(coroutine: Coroutine[Any, Any, T]) -> T:
-    """Run on uvloop when it is installed, else on asyncio."""
+    """Run on uvloop when it is installed, else on asyncio.
+
+    Ctrl-C cancels ``coroutine``, as ``asyncio.run()`` does, and raises
+    KeyboardInterrupt once it has cleaned up: stopped the workers, ended the
+    batch in the store. A second Ctrl-C meanwhile (people press twice) is told
+    to wait, where ``asyncio.run()`` would leave the batch half stored; a third
+    ends the program at once.
+    """
     try:
         import uvloop
     except ImportError:
         factory = None
     else:
         factory = uvloop.new_event_loop
-    with asyncio.Runner(loop_factory=factory) as runner:
-        return runner.run(coroutine)
+    main: list[asyncio.Task[T]] = []
+    interrupts = 0
+
+    def on_sigint(signum: int, frame: Any) -> None:
+        nonlocal interrupts
+        interrupts += 1
+        if interrupts == 1 and main:
+            main[0].get_loop().call_soon_threadsafe(main[0].cancel)
+        elif interrupts == 2 and main:
+            print("\nasyncsched: stopping: the workers are being stopped and the results stored; Ctrl-C again to "
+                  "quit at once", file=sys.stderr, flush=True)
+        else:
+            raise KeyboardInterrupt
+
+    async def run() -> T:
+        main.append(asyncio.current_task())  # type: ignore[arg-type]
+        return await coroutine
+
+    ours = threading.current_thread() is threading.main_thread() and \
+        signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    if ours:
+        signal.signal(signal.SIGINT, on_sigint)
+    try:
+        with asyncio.Runner(loop_factory=factory) as runner:
+            return runner.run(run())
+    except asyncio.CancelledError:
+        if interrupts:
+            raise KeyboardInterrupt from None
+        raise
+    finally:
+        if ours:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def _print_outcome(summary: Summary, args: argparse.Namespace) -> None:

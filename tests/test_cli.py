@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import csv
 import hashlib
@@ -645,6 +646,26 @@ def test_ctrl_c_stops_the_run_with_130_and_says_so_and_resume_finishes_it(tmp_pa
     assert "\nasyncsched run: interrupted\n" in shown
     Path(release).touch()
     assert main([*argv, "--resume", "--no-progress"]) == 0  # what was cancelled runs; what finished does not
+
+
+def test_a_second_ctrl_c_waits_for_the_cleanup_the_first_began(capsys: pytest.CaptureFixture[str]) -> None:
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # as in a program run from a shell
+    cleaned: list[str] = []
+
+    async def work() -> None:
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C
+        try:
+            await asyncio.get_running_loop().create_future()  # until it cancels this
+        except asyncio.CancelledError:
+            os.kill(os.getpid(), signal.SIGINT)  # pressed again while the workers are stopped
+            await asyncio.to_thread(cleaned.append, "the workers stopped, the batch ended")
+            raise
+
+    with pytest.raises(KeyboardInterrupt):
+        asyncsched._cli._run_loop(work())
+    assert cleaned == ["the workers stopped, the batch ended"]  # not left half done
+    assert "Ctrl-C again to quit at once" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
 def test_sigterm_stops_the_run_says_so_and_ends_the_process_by_it(tmp_path: Path, gate: Callable[[], str]) -> None:
