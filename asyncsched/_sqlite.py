@@ -33,6 +33,7 @@ import json
 import math
 import os
 import pickle
+import re
 import sqlite3
 import stat
 import threading
@@ -488,7 +489,9 @@ class SQLiteStore(Store):
         is not plain JSON, else null.
 
         ``path`` is replaced only once the export is complete, so a failed
-        export leaves it as it was; the store's own files are refused.
+        export leaves it as it was; the store's own files are refused. A path
+        that names a descriptor of this process (``/dev/stdout``,
+        ``/dev/fd/3``) is written through it, where it points.
         """
         if await asyncio.to_thread(self._is_own_file, path):
             raise StoreError(f"cannot export to {os.fspath(path)}: it is the result store {self.path} itself (or "
@@ -604,6 +607,11 @@ async def _replacing(path: str | os.PathLike[str]) -> AsyncIterator[Any]:
     """``path`` opened to write text into; a regular file (or a new one) is written under a temporary name
     next to it, with its permissions from the start, and renamed over it only when the block ends without
     an error."""
+    fd = _descriptor(path)
+    if fd is not None:  # written where the descriptor is, as a shell's `>>` or `{ ...; } >` expects: not reopened
+        async with aiofiles.open(os.dup(fd), "w", encoding="utf-8") as out:
+            yield out
+        return
     names = await asyncio.to_thread(_partial, path)
     if names is None:
         async with aiofiles.open(path, "w", encoding="utf-8") as out:
@@ -622,6 +630,16 @@ async def _replacing(path: str | os.PathLike[str]) -> AsyncIterator[Any]:
         with contextlib.suppress(OSError):
             os.remove(partial)
         raise
+
+
+def _descriptor(path: str | os.PathLike[str]) -> int | None:
+    """The file descriptor of this process that ``path`` names (/dev/stdout, /dev/fd/3, /proc/self/fd/3), else
+    None: opening such a path opens its file anew, at its start, where a rename would replace it."""
+    found = re.fullmatch(r"/dev/(stdout|stderr)|/dev/fd/(\d+)|/proc/self/fd/(\d+)", os.path.normpath(os.fspath(path)))
+    if found is None:
+        return None
+    stream, *numbers = found.groups()
+    return {"stdout": 1, "stderr": 2}[stream] if stream else int(next(n for n in numbers if n))
 
 
 _NEW_FILE_MODE = 0o666

@@ -424,6 +424,17 @@ def test_export_to_dev_stdout_writes_into_the_pipe_and_reports_on_stderr(results
     assert not (tmp_path / "-").exists()
 
 
+def test_export_to_stdout_writes_where_the_shell_points_it(results_db: str, tmp_path: Path) -> None:
+    out = tmp_path / "all.jsonl"
+    out.write_text("an earlier line\n")
+    script = 'exec >> "$1"; echo header; "$0" export "$2" -; echo footer'  # appended, among other output
+    subprocess.run(["sh", "-c", script, os.fspath(CONSOLE_SCRIPT), os.fspath(out), results_db], check=True,
+                   timeout=60)
+    lines = out.read_text().splitlines()
+    assert lines[:2] == ["an earlier line", "header"] and lines[-1] == "footer"
+    assert sorted(json.loads(line)["task_id"] for line in lines[2:-1]) == ["1", "2", "3"]
+
+
 def test_export_refuses_to_write_over_the_results_file(results_db: str, tmp_path: Path,
                                                        capsys: pytest.CaptureFixture[str]) -> None:
     own = [results_db, f"{results_db}-wal", f"{results_db}-shm"]
