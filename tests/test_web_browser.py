@@ -140,6 +140,17 @@ async def test_the_dashboard_pages_through_more_batches_than_one_page_holds(aioh
     await expect(shown).to_have_text("101\u2013105 of 105")
     await expect(rows.first).to_have_attribute("data-batch-id", "b004")  # newest first
     await expect(page.locator("#batches-older")).to_be_disabled()
+
+    # a batch run meanwhile has its live card, though its row is on the first page
+    pages: list[str] = []
+    page.on("request", lambda request: pages.append(request.url) if "api/batches?" in request.url else None)
+    await page.select_option("#task-select", "slow_square")
+    await page.fill("#inputs", json.dumps([[3, 2]]))
+    await page.click("#submit-form button")
+    card = page.locator("#live .card").first
+    await expect(card.locator(".card-state")).to_have_text("running")
+    await expect(card.locator(".messages li").first).to_contain_text("step 3 of 4")
+    assert len(pages) <= 3, pages  # the page is read again for the batch's start, not for each of its events
     await page.click("#batches-newer")
     await expect(rows).to_have_count(100)
-    await expect(rows.first).to_have_attribute("data-batch-id", "b104")
+    await expect(rows.nth(1)).to_have_attribute("data-batch-id", "b104")  # after the new one

@@ -18,7 +18,8 @@ const RESULTS_DELAY_MS = 1000; // re-read running batches that this page did not
 const $ = (selector) => document.querySelector(selector);
 
 const state = {
-  batches: new Map(), // batch_id -> summary from the API, with live counts
+  batches: new Map(), // batch_id -> summary from the API, with live counts: the page shown and the live cards
+  pageIds: [], // the batches of the page shown, newest first
   live: [], // batch ids shown as cards, newest first
   messages: new Map(), // batch_id -> latest task messages
   lastTimestamp: new Map(), // batch_id -> server time of its latest event
@@ -174,9 +175,19 @@ function refreshBatches() {
       refreshing.again = false;
       try {
         const page = await api(`batches?limit=${BATCHES_PAGE}&offset=${state.batchOffset}`);
-        state.batches = new Map(page.batches.map((batch) => [batch.batch_id, batch]));
-        state.batchTotal = page.total;
+        const known = new Map(page.batches.map((batch) => [batch.batch_id, batch]));
         for (const batch of page.batches) if (batch.state === "running") showLive(batch.batch_id);
+        for (const id of state.live.filter((live) => !known.has(live))) {
+          // a card's batch on another page than the one shown: read on its own
+          const batch = await api(`batches/${encodeURIComponent(id)}`).catch((error) => {
+            if (error instanceof Unauthorized) throw error;
+            return null; // gone: no card
+          });
+          if (batch) known.set(id, batch);
+        }
+        state.batches = known;
+        state.pageIds = page.batches.map((batch) => batch.batch_id);
+        state.batchTotal = page.total;
       } catch (error) {
         if (!(error instanceof Unauthorized)) console.warn("batches:", error);
       }
@@ -286,7 +297,7 @@ function percentOf(rate) {
 
 function renderBatches() {
   const body = $("#batches tbody");
-  const rows = [...state.batches.values()].map((batch) => {
+  const rows = state.pageIds.map((id) => state.batches.get(id)).map((batch) => {
     const row = document.createElement("tr");
     row.dataset.batchId = batch.batch_id;
     row.classList.toggle("selected", batch.batch_id === state.selected);
