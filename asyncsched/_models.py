@@ -10,6 +10,7 @@ import math
 import operator
 import pickle
 import random
+import sys
 import types
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -426,6 +427,7 @@ class RetryPolicy:
         return outcome.error_type in {type_name(kind) for kind in self.exceptions}
 
 
+@functools.lru_cache(maxsize=256)  # a miss too: each name is imported once, whatever comes of it
 def _exception_type(name: str | None) -> type[BaseException] | None:
     """The exception class :func:`type_name` gave ``name``, imported if need be; None when it cannot be found."""
     if not name:
@@ -434,13 +436,10 @@ def _exception_type(name: str | None) -> type[BaseException] | None:
     for split in range(len(parts) - 1, -1, -1):  # the longest module name first: "a.b.C" is C of a.b, or b.C of a
         module_name = ".".join(parts[:split]) or "builtins"
         try:
-            found: Any = importlib.import_module(module_name)
-        except Exception:  # ImportError, or what the module raises as it is imported
-            continue
-        try:
+            found: Any = sys.modules.get(module_name) or importlib.import_module(module_name)
             for attribute in parts[split:]:
                 found = getattr(found, attribute)
-        except AttributeError:
+        except (Exception, SystemExit):  # not found, or what the module raises as it is imported
             continue
         return found if isinstance(found, type) and issubclass(found, BaseException) else None
     return None

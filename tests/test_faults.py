@@ -196,13 +196,17 @@ async def test_retry_policy_matches_a_subclass_of_its_exceptions_that_could_not_
     assert unrebuilt.exception is None and unrebuilt.attempts == 3  # its type imported here by name: a subclass
 
 
-def test_retry_policy_matches_a_type_by_name_subclasses_included() -> None:
+def test_retry_policy_matches_a_type_by_name_subclasses_included(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     def failed(error_type: str) -> Outcome:
         return Outcome(Status.FAILED, error=f"{error_type}: x", error_type=error_type)
 
     assert RetryPolicy(exceptions=(OSError,)).should_retry(failed("urllib.error.HTTPError"))  # imported to see
     assert not RetryPolicy(exceptions=(ValueError,)).should_retry(failed("urllib.error.HTTPError"))
     assert RetryPolicy(exceptions=(LookupError,)).should_retry(failed("KeyError"))  # a builtin
+    tmp_path.joinpath("exits_as_imported.py").write_text("import sys\nsys.exit(3)\n")
+    monkeypatch.syspath_prepend(tmp_path)
+    assert not RetryPolicy(exceptions=(OSError,)).should_retry(failed("exits_as_imported.Error"))  # and goes on
     elsewhere = type("Elsewhere", (Exception,), {"__module__": "no_such_module_here"})
     assert RetryPolicy(exceptions=(elsewhere,)).should_retry(failed("no_such_module_here.Elsewhere"))  # the name
     assert not RetryPolicy(exceptions=(elsewhere,)).should_retry(failed("no_such_module_here.Other"))
