@@ -62,6 +62,9 @@ OFF_TERMINAL_WIDTH = 160
 """Columns of tables and lines written to a file or a pipe rather than a terminal."""
 KEY_WIDTH = 40
 """Columns of a batch id or a key in the results table, past which it is cut."""
+MIN_ID_WIDTH = 8
+MIN_VALUE_WIDTH = 20
+"""Columns the results table keeps for a batch id or a key, and for the value, on a narrow terminal."""
 MAX_LINE = 1 << 26
 """Longest input line read from a pipe, in bytes."""
 
@@ -106,7 +109,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # not written again at exit
-        print(f"asyncsched {args.name}: error: cannot write the output: {exc.strerror}", file=sys.stderr)
+        where = "the output" if exc.filename is None else exc.filename  # else a file of its own, in /tmp say
+        print(f"asyncsched {args.name}: error: cannot write {where}: {exc.strerror}", file=sys.stderr)
         return 2
 
 
@@ -370,8 +374,7 @@ def _run_loop(coroutine: Coroutine[Any, Any, T]) -> T:
         if interrupts == 1 and main:
             main[0].get_loop().call_soon_threadsafe(main[0].cancel)
         elif interrupts == 2 and main:
-            print("\nasyncsched: stopping: the workers are being stopped and the results stored; Ctrl-C again to "
-                  "quit at once", file=sys.stderr, flush=True)
+            print("\nasyncsched: stopping, as asked; Ctrl-C again to quit at once", file=sys.stderr, flush=True)
         else:
             raise KeyboardInterrupt
 
@@ -556,8 +559,8 @@ def _serve_command(args: argparse.Namespace) -> int:
 
 
 def _results_table(results: list[TaskResult], *, with_batch: bool, width: int) -> Table:
-    """One row per result in ``width`` columns: the last column, the value or the error, is cut to fit, and
-    never the others (a batch id or a key only past KEY_WIDTH)."""
+    """One row per result in ``width`` columns: the value or the error is cut to fit, and then the batch id and
+    the key (past KEY_WIDTH, or to leave the value MIN_VALUE_WIDTH); never the status and the counts."""
     rows = []
     for result in results:
         shown = _repr(result.value) if result.ok else result.error or ""
@@ -566,12 +569,18 @@ def _results_table(results: list[TaskResult], *, with_batch: bool, width: int) -
                      str(result.attempts), duration, _shown(shown)))
     names = ["batch"] * with_batch + ["key", "status", "attempts", "duration", "value or error"]
     widths = [min(KEY_WIDTH, max(len(name), *(cell_len(row[i]) for row in rows))) for i, name in enumerate(names)]
-    fixed = sum(widths[:-1]) + 3 * (len(names) - 1) + 2  # a space each side of every cell, one between cells
+    padding = 3 * (len(names) - 1) + 2  # a space each side of every cell, one between cells
+    ids = widths[:with_batch + 1]  # the batch id and the key: cut, down to MIN_ID_WIDTH, for the value to fit
+    while sum(ids) > width - padding - sum(widths[len(ids):-1]) - MIN_VALUE_WIDTH and max(ids) > MIN_ID_WIDTH:
+        ids[ids.index(max(ids))] -= 1
+    widths[:len(ids)] = ids
     table = Table(box=box.SIMPLE_HEAD, show_edge=False)
     for name, column_width in zip(names[:-1], widths[:-1], strict=True):
         table.add_column(name, justify="right" if name in ("attempts", "duration") else "left", overflow="ellipsis",
-                         no_wrap=True, min_width=column_width, max_width=KEY_WIDTH)
-    table.add_column(names[-1], overflow="ellipsis", no_wrap=True, max_width=max(len(names[-1]), width - fixed))
+                         no_wrap=True, min_width=column_width, max_width=column_width if name in ("batch", "key")
+                         else None)
+    table.add_column(names[-1], overflow="ellipsis", no_wrap=True,
+                     max_width=max(MIN_VALUE_WIDTH, width - padding - sum(widths[:-1])))
     for row in rows:
         table.add_row(*row)
     return table
@@ -644,7 +653,7 @@ def _positive(kind: type[float] | type[int], *, zero: bool = False) -> Callable[
 
 def _batch_id(value: str) -> str:
     if not value:
-        raise argparse.ArgumentTypeError("a batch id is not empty")
+        raise argparse.ArgumentTypeError("a batch id must not be empty")
     return value
 
 

@@ -131,7 +131,7 @@ def test_a_module_that_exits_as_it_is_imported_is_one_line_too(tmp_path: Path, c
     (["--workers", "1000000", "--input", os.devnull], "1000000 worker processes would need 11718.8 GiB at least"),
     (["--timeout", "-1"], "argument --timeout: '-1' is not a positive number"),
     (["--timeout", "inf"], "argument --timeout: 'inf' is too large"),
-    (["--batch-id", ""], "argument --batch-id: a batch id is not empty"),
+    (["--batch-id", ""], "argument --batch-id: a batch id must not be empty"),
     (["--retries", "x"], "argument --retries: 'x' is not a non-negative number"),
     (["--resume", "--batch-id", "b"], "--resume continues a stored batch: give its file with --db and its id"),
     (["--input", "/no/such/file"], "cannot read --input /no/such/file: No such file or directory"),
@@ -344,6 +344,23 @@ def test_results_table_cuts_a_long_value_and_no_other_column(tmp_path: Path,
     assert [row[:4] for row in rows] == [["b", "1", "completed", "1"], ["b", "2", "completed", "1"]]
     assert rows[1][-1].startswith("'aaaa") and rows[1][-1].endswith("…")
     assert max(map(len, lines)) <= asyncsched._cli.OFF_TERMINAL_WIDTH
+
+
+@pytest.mark.parametrize("width", [80, 100])
+def test_on_a_narrow_terminal_the_results_table_cuts_long_ids_and_keeps_the_value(width: int) -> None:
+    from rich.console import Console
+
+    from asyncsched import Status, TaskResult
+
+    result = TaskResult("a-batch-id-" + "x" * 40, "k" * 30, Status.TIMED_OUT, error="timed out after 1s; " + "e" * 99,
+                        attempts=3, started_at=1.0, finished_at=2.5)
+    console = Console(width=width, record=True)
+    console.print(asyncsched._cli._results_table([result], with_batch=True, width=width))
+    lines = console.export_text().splitlines()
+    header, _, row = lines
+    assert header.split() == ["batch", "key", "status", "attempts", "duration", "value", "or", "error"]
+    assert row.split()[2:5] == ["timed_out", "3", "1.500s"] and "timed out after 1s;" in row  # the value, cut
+    assert row.split()[0].startswith("a-batch") and max(map(len, lines)) <= width
 
 
 def test_results_table_shows_a_value_whose_repr_fails(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
