@@ -255,6 +255,7 @@ def test_run_leaves_its_stdin_blocking_for_the_programs_after_it(monkeypatch: py
         assert os.get_blocking(stdin.fileno())  # as a shell's terminal: a `read` after us would fail with EAGAIN
 
 
+@pytest.mark.skipif(not os.path.exists("/proc/self/fd/0"), reason="no /proc (Linux has it)")
 def test_the_workers_stdin_is_dev_null_not_the_input_run_reads(tmp_path: Path,
                                                                capsys: pytest.CaptureFixture[str]) -> None:
     jobs, db = tmp_path / "jobs.jsonl", os.fspath(tmp_path / "r.db")
@@ -394,6 +395,7 @@ def test_a_command_with_a_standard_stream_closed_runs(results_db: str, closed: s
     assert ran.returncode == 0, ran.stderr
 
 
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="no /dev/full (Linux has it)")
 def test_a_full_disk_for_the_output_is_one_line_error(results_db: str) -> None:
     with open("/dev/full", "w") as full:
         ran = subprocess.run([sys.executable, "-m", "asyncsched", "results", results_db], cwd=ROOT, stdout=full,

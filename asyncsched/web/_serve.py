@@ -74,7 +74,8 @@ def serve(db: str, *, registry: TaskRegistry | None, host: str = DEFAULT_HOST, p
 
     Prints one line once the server listens. Once asked to stop, it gives the
     requests in progress :data:`SHUTDOWN_GRACE` seconds, then cancels the
-    batches submitted over HTTP; a second signal ends it at once.
+    batches submitted over HTTP; a second SIGINT cuts that wait short, a second
+    SIGTERM ends the process at once.
     """
     token = token if token is not None else os.environ.get(TOKEN_VARIABLE) or None
     # On loopback, only this machine's names: a page that reaches the server through DNS rebinding is refused.
@@ -93,7 +94,7 @@ def serve(db: str, *, registry: TaskRegistry | None, host: str = DEFAULT_HOST, p
 
         def stop(signum: signal.Signals) -> None:
             stopped_by.append(signum)
-            for each in signal.SIGINT, signal.SIGTERM:  # a second one ends the process at once
+            for each in signal.SIGINT, signal.SIGTERM:  # a second one: Python's own handling
                 loop.remove_signal_handler(each)
             raise web.GracefulExit
 
