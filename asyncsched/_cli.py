@@ -36,7 +36,7 @@ import threading
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from types import ModuleType
-from typing import TYPE_CHECKING, Any, BinaryIO, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
 
 from rich import box
 from rich.cells import cell_len
@@ -46,7 +46,7 @@ from rich.table import Table
 
 from . import __version__, _demo
 from ._errors import AsyncschedError, ConfigurationError, StoreError
-from ._models import FINAL_STATUSES, Summary, Task, TaskResult, is_seconds, task_from_json
+from ._models import FINAL_STATUSES, Summary, Task, TaskResult, is_seconds, no_json_constant, task_from_json
 from ._progress import stats_table, success, visible
 
 if TYPE_CHECKING:
@@ -318,15 +318,11 @@ async def tasks_from_lines(fn: Callable[..., Any], lines: AsyncIterator[bytes]) 
         if not line.strip():
             continue
         try:
-            value = json.loads(line, parse_constant=_not_json)
+            value = json.loads(line, parse_constant=no_json_constant)
         except ValueError as exc:
             raise UsageError(f"input line {number} is not JSON ({exc}); each line must be one JSON value: "
                              "an array of arguments, an object of keyword arguments, or the single argument") from None
         yield task_from_json(fn, value, key=number)
-
-
-def _not_json(name: str) -> NoReturn:
-    raise ValueError(f"{name} is not JSON")  # Python's json reads NaN and Infinity, as the web API does not
 
 
 # -- shared by demo and run -----------------------------------------------------------------

@@ -14,7 +14,7 @@ import sys
 import types
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, TypeGuard
+from typing import Any, NoReturn, TypeGuard
 
 from ._errors import (
     ConfigurationError,
@@ -137,6 +137,12 @@ class Task:
     def __repr__(self) -> str:
         name = getattr(self.fn, "__qualname__", repr(self.fn))
         return f"Task({name}, *{self.args!r}, key={self.key!r})"
+
+
+def no_json_constant(name: str) -> NoReturn:
+    """``json.loads(..., parse_constant=no_json_constant)`` refuses NaN and Infinity, which Python reads and JSON
+    has not."""
+    raise ValueError(f"{name} is not JSON")
 
 
 def task_from_json(fn: Callable[..., Any], value: Any, *, key: str | int | None = None,

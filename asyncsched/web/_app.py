@@ -34,7 +34,7 @@ from aiohttp import web
 from aiohttp.web_protocol import RequestPayloadError
 
 from .._errors import ClosedError, ConfigurationError, StoreError
-from .._models import Status, Task, is_seconds, task_from_json
+from .._models import Status, Task, is_seconds, no_json_constant, task_from_json
 from .._scheduler import Scheduler
 from .._store import BatchInfo
 from ._json import batch_json, result_json
@@ -288,7 +288,7 @@ class _Api:
         except RequestPayloadError as exc:  # e.g. a Content-Encoding the body is not in
             _fail(400, f"the body cannot be read: {exc}")
         try:
-            return json.loads(body, parse_constant=_no_constant)
+            return json.loads(body, parse_constant=no_json_constant)
         except (ValueError, RecursionError) as exc:
             _fail(400, f"the body is not valid JSON: {exc}")
 
@@ -514,10 +514,6 @@ class _Api:
         if body is None:
             body = self._files[name] = resources.files(__package__).joinpath("static", name).read_bytes()
         return web.Response(body=body, content_type=STATIC[name], charset="utf-8", headers=SECURITY_HEADERS)
-
-
-def _no_constant(name: str) -> NoReturn:
-    raise ValueError(f"{name} is not JSON")
 
 
 def _query_int(request: web.Request, name: str, default: int, minimum: int) -> int:
