@@ -294,6 +294,37 @@ async def test_a_listener_that_is_no_dask_scheduler_fails_the_start_at_once() ->
     await backend.aclose()
 
 
+async def test_a_listener_that_speaks_first_fails_the_start_at_once() -> None:
+    async def banner(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"HTTP/1.1 400 Bad Request\r\n\r\n")  # as an HTTP, SSH or SMTP server greets
+        await writer.drain()
+        await reader.read()  # until the client hangs up
+        writer.close()
+
+    async with await asyncio.start_server(banner, "127.0.0.1", 0) as server:
+        address = f"tcp://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+        backend = DaskBackend(address, connect_timeout=UNREACHABLE_BOUND * 10)  # it is not waited for
+        with dask_left_as_it_was(), pytest.raises(BackendUnreachableError, match="could not connect to a Dask "
+                                                  f"scheduler at {address}"):
+            await backend.start()  # Dask read the banner as a frame's length: a MemoryError
+    await backend.aclose()
+
+
+async def test_a_tls_address_with_no_security_is_a_configuration_error() -> None:
+    backend = DaskBackend("tls://127.0.0.1:1", connect_timeout=UNREACHABLE_BOUND * 10)
+    with dask_left_as_it_was(), pytest.raises(ConfigurationError, match=r"pass client=Client\(address, security="):
+        await backend.start()
+    await backend.aclose()
+
+
+async def test_closing_after_dask_closed_the_client_is_quiet(dask_address: str) -> None:
+    client = await Client(dask_address, asynchronous=True)
+    backend = DaskBackend(client=client)
+    await backend.start()
+    await client.close()  # as Dask does once it gives up reconnecting to a lost cluster
+    await backend.aclose()
+
+
 @pytest.mark.parametrize("address", ["foo://127.0.0.1:8786", "tcp://127.0.0.1", "tcp://127.0.0.1:port"])
 async def test_an_address_dask_cannot_read_is_a_configuration_error(address: str) -> None:
     backend = DaskBackend(address, connect_timeout=UNREACHABLE_BOUND * 10)  # it is not waited for

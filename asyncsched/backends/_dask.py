@@ -39,6 +39,7 @@ again: it leaves no task, connection or Dask default client behind.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import pickle
@@ -179,12 +180,17 @@ class DaskBackend(Backend):
                 why = f" (last error: {type(last).__name__}: {last})" if last is not None else ""
                 raise BackendUnreachableError(f"could not reach the Dask scheduler at {self.address} within "
                                               f"{timeout:g}s{why}; {_WHAT_TO_DO}") from exc
-            if isinstance(exc, OSError):  # a listener that hangs up, a TLS handshake refused, Dask's own timeout
-                raise BackendUnreachableError(f"could not connect to a Dask scheduler at {self.address} ({exc}); "
-                                              f"{_WHAT_TO_DO}") from exc
+            if isinstance(exc, OSError | MemoryError):  # a listener that hangs up, or speaks first (an HTTP,
+                # SSH or SMTP server: Dask reads its banner as a frame's length), a TLS handshake refused, Dask's
+                # own timeout
+                raise BackendUnreachableError(f"could not connect to a Dask scheduler at {self.address} "
+                                              f"({type(exc).__name__}: {exc}); {_WHAT_TO_DO}") from exc
             if isinstance(exc, ValueError):  # an address Dask cannot read: an unknown scheme, no port
                 raise ConfigurationError(f"DaskBackend cannot use the address {self.address!r} ({exc}); give the "
                                          "Dask scheduler's address with its port, such as tcp://host:8786") from exc
+            if isinstance(exc, TypeError) and self.address.startswith("tls://"):  # no ssl_context: a Client's
+                raise ConfigurationError(f"DaskBackend cannot open {self.address!r} on its own ({exc}): pass "
+                                         "client=Client(address, security=..., asynchronous=True)") from exc
             raise
         return client
 
@@ -306,6 +312,7 @@ class DaskBackend(Backend):
         client = self.client
         if client is None:
             return
-        client.unsubscribe_topic(self._topic)
+        with contextlib.suppress(Exception):  # the client may be closed: Dask gave up reconnecting to a lost cluster
+            client.unsubscribe_topic(self._topic)
         if self._owns_client:
             await client.close()
