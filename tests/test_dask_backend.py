@@ -32,7 +32,7 @@ from asyncsched import (
 from asyncsched.backends import DaskBackend, _dask
 from asyncsched.backends._dask import DEFAULT_CONNECT_TIMEOUT, _last_failure
 
-from . import faults, tasks
+from . import faults, services, tasks
 from .util import silent_server, wait_gone
 
 pytestmark = pytest.mark.timeout(120)
@@ -63,6 +63,39 @@ async def test_an_existing_client_is_used_and_left_open(dask_address: str) -> No
         assert [r.value for r in summary.results] == [i * i for i in range(10)]
         assert client.status == "running"
         assert await client.submit(tasks.square, 3) == 9
+
+
+async def test_after_the_dask_scheduler_restarts_at_its_address_reports_and_timeouts_still_come() -> None:
+    from distributed import Scheduler as DaskScheduler
+    from distributed import Worker
+
+    port = services.free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    first = await DaskScheduler(host="127.0.0.1", port=port, dashboard_address=None)
+    worker = await Worker(address, nthreads=1)
+    second = None
+    client = await Client(address, asynchronous=True)
+    try:
+        async with asyncio.timeout(60), Scheduler(backend=DaskBackend(client=client)) as scheduler:
+            (before,) = (await scheduler.run([Task(tasks.reporting, 1)])).results
+            assert before.message == "step 2"
+            await worker.close()
+            await first.close()  # as a supervisor restarts it, at the same address
+            second = await DaskScheduler(host="127.0.0.1", port=port, dashboard_address=None)
+            worker = await Worker(address, nthreads=1)
+            await client.wait_for_workers(1)
+            assert client.scheduler_info().get("id") == second.id  # the client is back, on the new scheduler
+            summary = await scheduler.run([Task(tasks.reporting, 2, key="after"), Task(faults.hang, 2, key="hang",
+                                                                                        timeout=0.5)])
+            after, hang = summary.results
+            assert after.message == "step 2"  # its reports came: Dask's client does not subscribe again by itself
+            assert hang.status is Status.TIMED_OUT
+    finally:
+        await client.close()
+        await worker.close()
+        for scheduler_ in (first, second):
+            if scheduler_ is not None:
+                await scheduler_.close()
 
 
 async def test_without_kill_a_timed_out_task_is_recorded_at_once_and_runs_on(dask_address: str) -> None:

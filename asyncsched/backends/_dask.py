@@ -149,12 +149,20 @@ class DaskBackend(Backend):
         self._attempts: set[asyncio.Future[Outcome]] = set()
         self._restarts: set[asyncio.Future[None]] = set()
         self._closed = False
+        self._subscribed: str | None = None  # the id of the scheduler that sends this backend's events
 
     async def start(self) -> None:
         """Open the client (with ``address``), or raise :class:`BackendUnreachableError` after ``connect_timeout``."""
         if self.client is None:
             self.client = await self._connect()
-        self.client.subscribe_topic(self._topic, self._on_event)
+        self._subscribe(self.client)
+
+    def _subscribe(self, client: Client) -> None:
+        """Have the scheduler send this backend's events, once per scheduler: Dask's client does not subscribe
+        again when it reconnects to a scheduler restarted at the same address, whose events would then be lost,
+        and with them the starts that set the timeouts."""
+        self._subscribed = client.scheduler_info().get("id")  # the client's cached identity: no request
+        client.subscribe_topic(self._topic, self._on_event)
 
     async def _connect(self) -> Client:
         """A client connected to ``address`` within ``connect_timeout``; a client that did not connect is closed.
@@ -235,6 +243,8 @@ class DaskBackend(Backend):
                            error_type=name, retryable=False)
         tag = next(self._tags)
         running = self._running[tag] = _Running(attempt, emit)
+        if client.scheduler_info().get("id") != self._subscribed:  # reconnected to another scheduler
+            self._subscribe(client)
         future = client.submit(run_on_dask, payload, self._topic, tag, pure=False)
         try:
             async with asyncio.timeout(None) as running.deadline:  # set when the attempt starts
