@@ -71,7 +71,7 @@ async def test_after_the_dask_scheduler_restarts_at_its_address_reports_and_time
 
     port = services.free_port()
     address = f"tcp://127.0.0.1:{port}"
-    first = await DaskScheduler(host="127.0.0.1", port=port, dashboard_address=None)
+    first = await DaskScheduler(host="127.0.0.1", port=port, dashboard_address=":0")
     worker = await Worker(address, nthreads=1)
     second = None
     client = await Client(address, asynchronous=True)
@@ -81,7 +81,7 @@ async def test_after_the_dask_scheduler_restarts_at_its_address_reports_and_time
             assert before.message == "step 2"
             await worker.close()
             await first.close()  # as a supervisor restarts it, at the same address
-            second = await DaskScheduler(host="127.0.0.1", port=port, dashboard_address=None)
+            second = await DaskScheduler(host="127.0.0.1", port=port, dashboard_address=":0")
             worker = await Worker(address, nthreads=1)
             await client.wait_for_workers(1)
             assert client.scheduler_info().get("id") == second.id  # the client is back, on the new scheduler
