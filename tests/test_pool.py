@@ -373,6 +373,9 @@ def test_a_worker_yields_its_cpu_to_the_parent_after_a_slow_call_at_most_once_pe
     assert len(yields) == 3  # at 0, 1.5 and 3 gaps: the two in between come too soon after a yield
     sent: list[tuple[Any, ...]] = []
     channel: Any = types.SimpleNamespace(send=sent.append)
+    # the worker's clock: the first call takes no time, the second twice YIELD_AFTER (however slow this machine)
+    clock = iter([200.0, 200.0, 300.0, 300.0 + _worker.YIELD_AFTER * 2])
+    monkeypatch.setattr(_worker, "time", types.SimpleNamespace(time=lambda: next(clock)))
     for call_id, (fn, args) in enumerate([(tasks.square, (3,)), (tasks.sleep_then, (_worker.YIELD_AFTER * 2, 7))]):
         _worker._run_call(channel, types.SimpleNamespace(value=-1), call_id, None, pickle.dumps((fn, args)))
     assert [message[3] for message in sent] == [9, 7]

@@ -91,8 +91,9 @@ async def test_serve_runs_a_module_s_tasks_until_sigterm(tmp_path: Path) -> None
                 async with session.get(f"{base}/batches", headers={"Host": f"localhost:{port}"}) as response:
                     assert response.status == 200
             server.send_signal(signal.SIGTERM)
-            assert await server.wait() == -signal.SIGTERM  # ended by it, as `run` is, once its workers are stopped
-            assert await server.stderr.read() == b"asyncsched serve: terminated\n"
+            _, err = await server.communicate()  # both pipes read to their end: none is left to the loop's close
+            assert server.returncode == -signal.SIGTERM  # ended by it, as `run` is, once its workers are stopped
+            assert err == b"asyncsched serve: terminated\n"
     finally:
         if server.returncode is None:
             server.kill()
@@ -118,8 +119,8 @@ async def test_a_client_stalled_in_its_request_does_not_hold_up_the_end_of_serve
             async with aiohttp.ClientSession() as session, session.get(f"http://127.0.0.1:{port}{API}/batches") as got:
                 assert got.status == 200
             server.send_signal(signal.SIGINT)
-            assert await server.wait() == 130
-            assert await server.stderr.read() == b"asyncsched serve: interrupted\n"
+            _, err = await server.communicate()
+            assert (server.returncode, err) == (130, b"asyncsched serve: interrupted\n")
             stalled.close()
     finally:
         if server.returncode is None:
