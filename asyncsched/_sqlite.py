@@ -636,11 +636,11 @@ async def _replacing(path: str | os.PathLike[str]) -> AsyncIterator[Any]:
 def _descriptor(path: str | os.PathLike[str]) -> int | None:
     """The file descriptor of this process that ``path`` names (/dev/stdout, /dev/fd/3, /proc/self/fd/3), else
     None: opening such a path opens its file anew, at its start, where a rename would replace it."""
-    found = re.fullmatch(r"/dev/(stdout|stderr)|/dev/fd/(\d+)|/proc/self/fd/(\d+)", os.path.normpath(os.fspath(path)))
+    found = re.fullmatch(r"/dev/(stdout|stderr)|/(?:dev|proc/self)/fd/(\d+)", os.path.normpath(os.fspath(path)))
     if found is None:
         return None
-    stream, *numbers = found.groups()
-    return {"stdout": 1, "stderr": 2}[stream] if stream else int(next(n for n in numbers if n))
+    stream, number = found.groups()
+    return {"stdout": 1, "stderr": 2}[stream] if stream else int(number)
 
 
 _NEW_FILE_MODE = 0o666
