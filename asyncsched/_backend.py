@@ -29,7 +29,7 @@ from typing import Any, Protocol
 from ._models import Attempt, Event, Outcome, Status, TaskReported, TaskStarted
 from ._worker import error_info
 
-__all__ = ["AttemptListener", "Backend", "Cancellable", "Emit", "backend_failure"]
+__all__ = ["AttemptListener", "Backend", "Cancellable", "Emit", "backend_failure", "default_backend"]
 
 Emit = Callable[[Event], None]
 
@@ -112,6 +112,15 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     async def aclose(self) -> None:
         """Stop everything and release every resource. Idempotent."""
+
+
+def default_backend(*, workers: int | str, mp_context: Any, max_tasks_per_child: int | None,
+                    max_memory_per_child: float | str | None) -> Backend:
+    """The backend of ``Scheduler(backend=None)``: the local process pool, imported only when it is the one used."""
+    from ._local import ProcessBackend
+
+    return ProcessBackend(workers=workers, mp_context=mp_context, max_tasks_per_child=max_tasks_per_child,
+                          max_memory_per_child=max_memory_per_child)
 
 
 def _emit_to(listener: AttemptListener, event: Event) -> None:

@@ -46,7 +46,7 @@ from collections.abc import (
 )
 from typing import Any, TypeVar
 
-from ._backend import Backend, Cancellable, backend_failure
+from ._backend import Backend, Cancellable, backend_failure, default_backend
 from ._errors import ClosedError, ConfigurationError, TaskDefinitionError
 from ._events import DEFAULT_EVENT_BUFFER, EventHub, EventStream
 from ._models import (
@@ -66,7 +66,7 @@ from ._models import (
     is_int,
     is_seconds,
 )
-from ._store import MAX_BACKLOG, BatchInfo, MemoryStore, Store, check_batch_id
+from ._store import MAX_BACKLOG, BatchInfo, Store, check_batch_id, check_status, open_store
 
 __all__ = ["Scheduler"]
 
@@ -374,10 +374,8 @@ class Scheduler:
             if not isinstance(flag, bool):  # "no" would be true
                 raise ConfigurationError(f"{name} must be True or False, got {flag!r}")
         if backend is None:
-            from ._local import ProcessBackend  # the default; any Backend plugs in instead
-
-            backend = ProcessBackend(workers=workers, mp_context=mp_context, max_tasks_per_child=max_tasks_per_child,
-                                     max_memory_per_child=max_memory_per_child)
+            backend = default_backend(workers=workers, mp_context=mp_context, max_tasks_per_child=max_tasks_per_child,
+                                      max_memory_per_child=max_memory_per_child)
         elif not isinstance(backend, Backend):
             raise ConfigurationError(f"backend must be a Backend, such as ExecutorBackend(executor) for a "
                                      f"concurrent.futures executor, or None for the local pool; got {backend!r}")
@@ -385,7 +383,7 @@ class Scheduler:
             raise ConfigurationError("workers, mp_context, max_tasks_per_child and max_memory_per_child configure "
                                      "the default local pool; with backend= configure the backend itself")
         self._backend = backend
-        self._store = _open_store(store)
+        self._store = open_store(store)
         self.timeout = timeout
         self.retries = retries
         self._retry_policy = retry_policy or RetryPolicy()
@@ -794,8 +792,7 @@ class Scheduler:
     async def results(self, batch_id: str | None = None, status: Status | str | None = None,
                       limit: int | None = None, offset: int = 0) -> list[TaskResult]:
         """Stored results, oldest first, filtered by batch and status."""
-        if status is not None:
-            status = _status(status)
+        check_status(status)  # before the store opens
         await self._ensure_started(backend=False)
         return await self._store.results(batch_id=batch_id, status=status, limit=limit, offset=offset)
 
@@ -858,20 +855,3 @@ def _key(item: object, index: int) -> str:
     return key if key is not None else str(index)
 
 
-def _status(value: Status | str) -> Status:
-    try:
-        return Status(value)
-    except ValueError:
-        raise ConfigurationError(f"unknown status {value!r}; use one of {[s.value for s in Status]}") from None
-
-
-def _open_store(store: Store | str | os.PathLike[str] | None) -> Store:
-    if store is None:
-        return MemoryStore()
-    if isinstance(store, Store):
-        return store
-    if isinstance(store, str | os.PathLike):
-        from ._sqlite import SQLiteStore  # imported only when asked for: it pulls in aiosqlite
-
-        return SQLiteStore(store)
-    raise ConfigurationError(f"store must be None, a Store or the path of a SQLite file, got {store!r}")

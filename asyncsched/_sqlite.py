@@ -52,7 +52,7 @@ import aiosqlite
 
 from ._errors import ClosedError, ConfigurationError, StoreError
 from ._models import Stats, Status, TaskResult, finite, is_seconds
-from ._store import BatchInfo, Store, check_batch_id, check_page
+from ._store import BatchInfo, Store, check_batch_id, check_page, check_status
 
 __all__ = ["SQLiteStore"]
 
@@ -771,8 +771,8 @@ def _where(batch_id: str | None, status: Status | str | None) -> tuple[str, tupl
     if batch_id is not None:
         conditions.append("batch_id = ?")
         parameters.append(_text(batch_id))
+    status = check_status(status)
     if status is not None:
-        status = Status(status)
         conditions.append("status = ?" if status is _COMPLETED else f"status = ? AND {_NOT_COMPLETED}")
         parameters.append(status.value)
     return (" WHERE " + " AND ".join(conditions) if conditions else ""), tuple(parameters)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import abc
 import itertools
+import os
 import time
 from collections import Counter, deque
 from collections.abc import Mapping
@@ -42,6 +43,27 @@ def check_batch_id(batch_id: object, *, every: bool = True) -> None:
     if not (isinstance(batch_id, str) or (every and batch_id is None)):
         raise ConfigurationError(f"batch_id must be a str{' (or None for every batch)' if every else ''}, "
                                  f"got {batch_id!r}")
+
+
+def check_status(status: Status | str | None) -> Status | None:
+    """``status`` as a :class:`Status` (None for any); a :class:`ConfigurationError` when it names none."""
+    try:
+        return None if status is None else Status(status)
+    except ValueError:
+        raise ConfigurationError(f"unknown status {status!r}; use one of {[s.value for s in Status]}") from None
+
+
+def open_store(store: Store | str | os.PathLike[str] | None) -> Store:
+    """The store ``Scheduler(store=...)`` names: None for a :class:`MemoryStore`, a path for the SQLite store."""
+    if store is None:
+        return MemoryStore()
+    if isinstance(store, Store):
+        return store
+    if isinstance(store, str | os.PathLike):
+        from ._sqlite import SQLiteStore  # imported only when asked for: it pulls in aiosqlite
+
+        return SQLiteStore(store)
+    raise ConfigurationError(f"store must be None, a Store or the path of a SQLite file, got {store!r}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -203,7 +225,7 @@ class MemoryStore(Store):
                       limit: int | None = None, offset: int = 0) -> list[TaskResult]:
         check_page(limit, offset)
         check_batch_id(batch_id)
-        wanted = None if status is None else Status(status)
+        wanted = check_status(status)
         matches = [r for r in self._results
                    if (batch_id is None or r.batch_id == batch_id) and (wanted is None or r.status is wanted)]
         return matches[offset:None if limit is None else offset + limit]

@@ -39,3 +39,22 @@ def test_web_package_exports_its_sorted_names() -> None:
     assert asyncsched.web.__all__ == sorted(asyncsched.web.__all__) == ["Limits", "TaskRegistry", "setup"]
     for name in asyncsched.web.__all__:
         assert getattr(asyncsched.web, name).__module__.startswith("asyncsched.web."), name
+
+
+def test_the_scheduler_imports_only_the_seams() -> None:
+    """The scheduler knows backends and stores through their interfaces: it imports no concrete one, not even lazily."""
+    import ast
+    import pathlib
+
+    source = pathlib.Path(asyncsched.__file__).with_name("_scheduler.py").read_text()
+    imported: set[str] = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.ImportFrom):
+            imported |= {f"{'.' * node.level}{node.module}.{alias.name}" for alias in node.names}
+        elif isinstance(node, ast.Import):
+            imported |= {alias.name for alias in node.names}
+    forbidden = {"_local", "_pool", "_sqlite", "backends", "web", "aiosqlite", "MemoryStore", "SQLiteStore",
+                 "ProcessBackend", "ExecutorBackend"}
+    concrete = {name for name in imported if forbidden & set(name.split("."))}
+    assert "._backend.Backend" in imported and "._store.Store" in imported
+    assert concrete == set()

@@ -204,7 +204,8 @@ async def test_queries_filter_and_page(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("in_sqlite", [False, True])
-async def test_a_page_out_of_range_is_refused_by_every_store_alike(tmp_path: Path, in_sqlite: bool) -> None:
+async def test_a_page_out_of_range_or_an_unknown_status_is_refused_by_every_store_alike(tmp_path: Path,
+                                                                                         in_sqlite: bool) -> None:
     store: Store = SQLiteStore(tmp_path / "results.db") if in_sqlite else MemoryStore()
     async with Scheduler(store=store, backend=ExecutorBackend(ThreadPoolExecutor(1))) as scheduler:
         await scheduler.run([Task(tasks.square, i) for i in range(3)], batch_id="a")
@@ -217,6 +218,9 @@ async def test_a_page_out_of_range_is_refused_by_every_store_alike(tmp_path: Pat
         if isinstance(store, SQLiteStore):
             with pytest.raises(ConfigurationError, match="offset must be an integer from 0"):
                 await store.records(offset=-2)
+        for query in scheduler.results, store.results:  # the store itself as well, not only the scheduler
+            with pytest.raises(ConfigurationError, match=r"^unknown status 'done'; use one of \['pending', "):
+                await query(status="done")
 
 
 @pytest.mark.parametrize("in_sqlite", [False, True])
