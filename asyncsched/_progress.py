@@ -56,6 +56,8 @@ NARROW = 72
 """A terminal narrower than this many columns shows the bar's row without the average and the elapsed time."""
 RUNNING_SHOWN = 5
 """Running tasks listed on a terminal (the longest-running first)."""
+MESSAGE_SHOWN = 200
+"""Characters of the latest message shown, its task's key included; a longer one is cut, once, as it comes."""
 
 _STYLES = {Status.COMPLETED: "green", Status.FAILED: "red", Status.TIMED_OUT: "yellow", Status.CRASHED: "magenta",
            Status.CANCELLED: "dim"}
@@ -237,8 +239,18 @@ class ProgressMonitor:
                 next_line += self.interval
                 self.console.out(self.statistics().line(), highlight=False)
 
+    def watch_every_batch(self) -> None:
+        """Watch every batch from now on, and those running now (a monitor started for one batch)."""
+        if self.batch_id is None or self._listener is None:
+            return
+        self.batch_id = None
+        self._listener.close()
+        self._listener = self.scheduler._hub.listen(self._on_reports, None, kinds=[TaskReported])
+        for run in self.scheduler._runs:
+            self._watch(run)
+
     def _watch(self, run: _BatchRun) -> None:
-        if self.batch_id is None or run.batch_id == self.batch_id:
+        if (self.batch_id is None or run.batch_id == self.batch_id) and run not in self._runs:
             self._runs.append(run)
             self._started = min(self._started, run.started)  # its counts are from its start: so is the rate
 
@@ -246,7 +258,8 @@ class ProgressMonitor:
         """Called by the scheduler's hub with each list of reports it delivers: quick, and never raises."""
         for event in reversed(events):
             if event.message is not None:
-                self._last_message = visible(f"[{event.key}] {event.message}")
+                shown = visible(f"[{event.key[:MESSAGE_SHOWN]}] {event.message[:MESSAGE_SHOWN]}")
+                self._last_message = shown if len(shown) <= MESSAGE_SHOWN else shown[:MESSAGE_SHOWN - 1] + "…"
                 return
 
     def statistics(self) -> ProgressStatistics:
@@ -306,12 +319,15 @@ class ProgressMonitor:
             bar.add_column(no_wrap=True)
         bar.add_row(ProgressBar(total=None if fraction is None else 1.0, completed=fraction or 0.0, width=None,
                                 pulse=fraction is None), *cells)
+        rest = (f"  | success {success(stats.finished)}  | running {stats.running}"
+                + (f"  | retries {stats.retries}" if stats.retries else "") + f"  | {stats.rate:.1f} tasks/s")
         counts = Text("  ".join(f"{status.value} {count}" for status, count in _counts(stats.finished)))
+        if len(counts) + len(rest) > self.console.width:  # the statuses with no task make room, then it is cut
+            counts = Text("  ".join(f"{status.value} {count}" for status, count in _counts(stats.finished)
+                                    if count or status is Status.COMPLETED))
         for status, style in _STYLES.items():
             counts.highlight_words([f"{status.value} "], style)
-        summary = Text.assemble(
-            counts, f"  | success {success(stats.finished)}  | running {stats.running}",
-            f"  | retries {stats.retries}" if stats.retries else "", f"  | {stats.rate:.1f} tasks/s")
+        summary = Text.assemble(counts, rest, no_wrap=True, overflow="ellipsis")
         lines: list[RenderableType] = [bar, summary]
         if stats.running_tasks:
             lines.append(Text("running: " + ", ".join(f"{visible(key)} ({seconds:.1f}s)"

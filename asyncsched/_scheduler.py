@@ -44,7 +44,7 @@ from collections.abc import (
     Sequence,
     Sized,
 )
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from ._backend import Backend, Cancellable, backend_failure, default_backend
 from ._errors import ClosedError, ConfigurationError, TaskDefinitionError
@@ -67,6 +67,9 @@ from ._models import (
     is_seconds,
 )
 from ._store import MAX_BACKLOG, BatchInfo, Store, check_batch_id, check_status, open_store
+
+if TYPE_CHECKING:
+    from ._progress import ProgressMonitor
 
 __all__ = ["Scheduler"]
 
@@ -393,6 +396,8 @@ class Scheduler:
         self._runs: set[_BatchRun] = set()
         self._unended: set[_BatchRun] = set()  # runs whose batch is not ended yet: what wait_ended() waits for
         self._watchers: list[Callable[[_BatchRun], None]] = []  # told of each run as it starts (progress displays)
+        self._display_monitor: ProgressMonitor | None = None  # the display of progress=True, while batches run
+        self._display_runs = 0  # the runs it shows
         self._started = False
         self._closed = False
         self._start_lock: asyncio.Lock | None = None
@@ -623,11 +628,28 @@ class Scheduler:
         return previous
 
     def _monitor(self, batch_id: str) -> contextlib.AbstractAsyncContextManager[object]:
-        if not self._progress:
-            return contextlib.nullcontext()
+        return self._display(batch_id) if self._progress else contextlib.nullcontext()
+
+    @contextlib.asynccontextmanager
+    async def _display(self, batch_id: str) -> AsyncIterator[None]:
+        """The display of ``progress=True`` while a batch runs: one for every batch that runs at once, as two
+        live displays on one terminal would draw over each other. Its final report comes as the last one ends."""
         from ._progress import ProgressMonitor  # the display sits above the scheduler and imports rich
 
-        return ProgressMonitor(self, batch_id=batch_id)
+        monitor = self._display_monitor
+        if monitor is None:
+            monitor = self._display_monitor = ProgressMonitor(self, batch_id=batch_id)
+            monitor.start()
+        else:
+            monitor.watch_every_batch()
+        self._display_runs += 1
+        try:
+            yield
+        finally:
+            self._display_runs -= 1
+            if not self._display_runs:
+                self._display_monitor = None
+                await monitor.aclose()
 
     async def _stream(self, batch: Batch, run: _BatchRun,
                       previous: Mapping[str, TaskResult]) -> AsyncGenerator[list[TaskResult], None]:

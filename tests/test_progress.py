@@ -25,8 +25,9 @@ from asyncsched import (
     Status,
     Task,
     TaskFinished,
+    TaskStarted,
 )
-from asyncsched._progress import format_duration
+from asyncsched._progress import MESSAGE_SHOWN, format_duration
 
 from . import faults, tasks
 
@@ -76,16 +77,19 @@ def test_plain_line_format() -> None:
     assert "| success - |" in statistics(finished=Stats()).line()  # no task has finished: no rate yet, not 0.0%
 
 
-@pytest.mark.parametrize("width", [40, 60, 120])
+@pytest.mark.parametrize("width", [40, 60, 80, 120])
 async def test_the_bars_row_keeps_the_percentage_the_count_and_the_eta_on_one_line(width: int,
                                                                                    scheduler: Scheduler) -> None:
     output = io.StringIO()
     console = Console(file=output, width=width, force_terminal=True, color_system=None)
     monitor = ProgressMonitor(scheduler, console=console)
     console.print(monitor._view(statistics(finished=Stats.of({Status.COMPLETED: 2212}), total=4000)))
-    first = output.getvalue().splitlines()[0]
+    first, second, *_ = output.getvalue().splitlines()
     assert "55.3% 2212/4000 " in first and first.endswith("ETA 0:00:06"), first  # a narrow one wrapped, mid-number
     assert ("avg 1.50s/task elapsed 0:00:08" in first) is (width >= 72)
+    # the counts' row stays one row too: the statuses with no task make room, then it is cut
+    assert second.startswith("completed 2212  ") and len(second) <= width, second
+    assert ("failed 0" in second) is (width >= 120) and second.endswith("…") is (width <= 60), second
 
 
 async def test_a_close_cancelled_as_it_stops_the_display_still_stops_it_and_reports(scheduler: Scheduler) -> None:
@@ -127,6 +131,17 @@ async def test_what_a_task_reports_is_shown_without_its_control_characters(sched
     async with ProgressMonitor(scheduler, console=plain_console(io.StringIO())) as monitor:
         await scheduler.run([Task(tasks.say, "\x1b[2Jcleared\nnext", key="k\r")])
     assert monitor.statistics().last_message == "[k\\r] \\x1b[2Jcleared\\nnext"  # no screen cleared, no new line
+
+
+async def test_a_long_message_is_cut_once_as_it_comes(scheduler: Scheduler) -> None:
+    output = Output()
+    async with ProgressMonitor(scheduler, console=plain_console(output), interval=0.01) as monitor:
+        await scheduler.run([Task(tasks.say, "\n" + "x" * 1_000_000, key="k" * 1000)])
+        shown = monitor.statistics().last_message
+        await output.wait_for("last: ")  # a plain line written with it
+    assert shown is not None and len(shown) == MESSAGE_SHOWN and shown.startswith("[kkk") and shown.endswith("…")
+    line = next(line for line in output.getvalue().splitlines() if "last: " in line)
+    assert line.endswith(shown)
 
 
 async def test_the_report_of_a_stopped_batch_says_it_stopped(scheduler: Scheduler, gate: Callable[[], str]) -> None:
@@ -275,6 +290,22 @@ async def test_scheduler_progress_prints_a_report_for_each_batch(capsys: pytest.
     out = capsys.readouterr().out
     assert f"Batch {first.batch_id}: finished 3 tasks in" in out
     assert f"Batch {second.batch_id}: finished 2 tasks in" in out
+
+
+async def test_batches_that_run_at_once_with_progress_share_one_display(capsys: pytest.CaptureFixture[str],
+                                                                         gate: Callable[[], str]) -> None:
+    release = gate()
+    async with Scheduler(workers=2, progress=True) as scheduler:
+        started = scheduler.events(kinds=[TaskStarted], batch_id="long")
+        long = asyncio.create_task(scheduler.run([Task(tasks.wait_for_file, release)], batch_id="long"))
+        await anext(started)
+        await scheduler.run([Task(tasks.square, i) for i in range(3)], batch_id="short")  # while "long" runs
+        assert "finished" not in capsys.readouterr().out  # the report comes as the last batch ends
+        await asyncio.to_thread(Path(release).touch)
+        await long
+        await started.aclose()
+    out = capsys.readouterr().out
+    assert out.count("finished") == 1 and "finished 4 tasks in" in out and "Batch" not in out, out
 
 
 async def test_monitor_lifecycle(scheduler: Scheduler) -> None:
