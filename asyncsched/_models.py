@@ -108,7 +108,7 @@ class Task:
     are passed). ``key`` identifies the task in its batch (default: its position,
     as a string) and must be unique there: a duplicate is not detected, and the
     store keeps one result per key; ``timeout`` (seconds) and ``retries`` override the scheduler's
-    defaults. A Task holds no state of a run, so one list of tasks can be run
+    defaults (``timeout=math.inf``: none for this task). A Task holds no state of a run, so one list of tasks can be run
     several times.
     """
 
@@ -124,8 +124,9 @@ class Task:
         retries: int | None = None,
     ) -> None:
         _check_sendable(fn)
-        if timeout is not None and not (is_seconds(timeout) and timeout > 0):
-            raise TaskDefinitionError(f"timeout must be a positive number of seconds, got {timeout!r}")
+        if timeout is not None and not ((is_seconds(timeout) and timeout > 0) or timeout == math.inf):
+            raise TaskDefinitionError(f"timeout must be a positive number of seconds, or math.inf for none (the "
+                                      f"scheduler's timeout then does not apply), got {timeout!r}")
         if retries is not None and not (is_int(retries) and retries >= 0):
             raise TaskDefinitionError(f"retries must be a non-negative int, got {retries!r}")
         self.fn = fn

@@ -27,6 +27,7 @@ import asyncio
 import contextlib
 import dataclasses
 import functools
+import math
 import operator
 import os
 import signal
@@ -745,7 +746,8 @@ class Scheduler:
         else:
             timeout = item.timeout
             retries = item.retries
-            record = _Record(run, index, key, item.fn, item.args, self.timeout if timeout is None else timeout,
+            record = _Record(run, index, key, item.fn, item.args,
+                             self.timeout if timeout is None else None if timeout == math.inf else timeout,
                              self.retries if retries is None else retries)
             run.records[index] = record
             run.start(record)

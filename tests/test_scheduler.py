@@ -99,6 +99,21 @@ async def test_timeout_kills_the_worker_and_others_complete() -> None:
         assert len(pool.pids) == 2 and stuck.pid not in pool.pids  # back to full size
 
 
+async def test_a_task_with_timeout_inf_has_none_though_the_scheduler_has_one(gate: Callable[[], str]) -> None:
+    release = gate()
+    async with Scheduler(workers=2, timeout=0.2) as scheduler:
+        finished = scheduler.events(kinds=[TaskFinished])
+        run = asyncio.create_task(scheduler.run([Task(tasks.wait_for_file, release, "done", key="exempt",
+                                                      timeout=math.inf), Task(faults.hang, key="bound")]))
+        bound = await anext(finished)  # past the scheduler's timeout, the exempt task still runs
+        await asyncio.to_thread(Path(release).touch)
+        summary = await run
+        await finished.aclose()
+    assert (bound.key, bound.status) == ("bound", Status.TIMED_OUT)
+    assert [(r.key, r.status, r.value) for r in summary.results] == [("exempt", Status.COMPLETED, "done"),
+                                                                     ("bound", Status.TIMED_OUT, None)]
+
+
 async def test_exceptions_keep_type_message_and_traceback(scheduler: Scheduler) -> None:
     summary = await scheduler.run([Task(faults.boom, "bad input 7"), Task(faults.raise_custom)])
     failed, custom = summary.results
