@@ -627,9 +627,13 @@ def _file(value: str) -> str:
 
 
 def _workers(value: str) -> str:
-    if value in ("cpu", "io") or (value.isdigit() and int(value) > 0):
-        return value
-    raise argparse.ArgumentTypeError(f"{value!r} is not cpu, io or a positive number")
+    from ._pool import resolve_workers  # the scheduler's own check
+
+    try:
+        resolve_workers(value)
+    except ConfigurationError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not cpu, io or a positive number") from None
+    return value
 
 
 def _positive(kind: type[float] | type[int], *, zero: bool = False) -> Callable[[str], float]:
