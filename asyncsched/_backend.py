@@ -23,13 +23,15 @@ from __future__ import annotations
 import abc
 import asyncio
 import functools
+import pickle
 from collections.abc import Callable
 from typing import Any, Protocol
 
 from ._models import Attempt, Event, Outcome, Status, TaskReported, TaskStarted
 from ._worker import error_info
 
-__all__ = ["AttemptListener", "Backend", "Cancellable", "Emit", "backend_failure", "default_backend"]
+__all__ = ["AttemptListener", "Backend", "Cancellable", "Emit", "backend_failure", "default_backend", "report_data",
+           "unreadable_result"]
 
 Emit = Callable[[Event], None]
 
@@ -143,6 +145,17 @@ def _finish_from(listener: AttemptListener, future: asyncio.Future[Outcome]) -> 
 def backend_failure(exc: BaseException) -> Outcome:
     """The outcome of an attempt whose backend failed (not the task): ``crashed``, with that error."""
     return Outcome(Status.CRASHED, error=f"{type(exc).__name__}: {exc}", error_type=type(exc).__name__)
+
+
+def report_data(data: bytes | None) -> dict[str, Any]:
+    """The keyword arguments of a ``report()`` call, from the pickle a worker sent (see ``_worker``); never raises."""
+    if data is None:
+        return {}
+    try:
+        loaded: dict[str, Any] = pickle.loads(data)
+    except BaseException as exc:  # e.g. a class that cannot be imported here, or a reducer calling sys.exit()
+        return {"error": f"the data of this report could not be unpickled here: {error_info(exc)[1]}"}
+    return loaded
 
 
 def unreadable_result(exc: BaseException, **fields: Any) -> Outcome:

@@ -46,7 +46,7 @@ from rich.table import Table
 
 from . import __version__, _demo
 from ._errors import AsyncschedError, ConfigurationError, StoreError
-from ._models import FINAL_STATUSES, Summary, Task, TaskResult, is_seconds, no_json_constant, task_from_json
+from ._models import FINAL_STATUS_VALUES, Summary, Task, TaskResult, is_seconds, no_json_constant, task_from_json
 from ._progress import stats_table, success, visible
 
 if TYPE_CHECKING:
@@ -706,7 +706,7 @@ def _parser() -> argparse.ArgumentParser:
     results = command("results", _results_command)
     results.add_argument("db", type=_file, metavar="DB", help="a results file (SQLite)")
     results.add_argument("--batch", metavar="ID", help="only this batch")
-    results.add_argument("--status", choices=[status.value for status in FINAL_STATUSES], help="only this status")
+    results.add_argument("--status", choices=FINAL_STATUS_VALUES, help="only this status")
     results.add_argument("--limit", type=_positive(int), metavar="N", help="at most N results")
     results.add_argument("--format", choices=("table", "jsonl", "csv"), default="table", help="table (default)")
 

@@ -29,6 +29,7 @@ from ._errors import (
 
 __all__ = [
     "FINAL_STATUSES",
+    "FINAL_STATUS_VALUES",
     "Attempt",
     "Event",
     "Outcome",
@@ -62,6 +63,8 @@ class Status(enum.StrEnum):
 
 
 FINAL_STATUSES = (Status.COMPLETED, Status.FAILED, Status.TIMED_OUT, Status.CRASHED, Status.CANCELLED)
+FINAL_STATUS_VALUES = [status.value for status in FINAL_STATUSES]
+"""What a query by status may ask for (a store keeps final results only)."""
 
 
 _SENDABLE: set[Callable[..., Any]] = set()

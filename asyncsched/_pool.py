@@ -94,7 +94,7 @@ from typing import Any, Protocol
 
 import psutil
 
-from ._backend import unreadable_result
+from ._backend import report_data, unreadable_result
 from ._errors import BrokenPoolError, ClosedError, ConfigurationError, TaskDefinitionError
 from ._models import Outcome, Status, is_int, is_seconds, task_error
 from ._worker import (
@@ -1100,7 +1100,7 @@ class ProcessPool(concurrent.futures.Executor):
                 self._tell_begun(worker)  # it reports: it runs, even if it is being asked back
                 _, _, timestamp, text, progress, data = message
                 self._tell(running, running.listener.reported,
-                           (worker.pid, timestamp, text, progress, _report_data(data)))
+                           (worker.pid, timestamp, text, progress, report_data(data)))
         elif kind == READY:
             worker.ready = True
             self._start_failures = 0
@@ -1394,17 +1394,6 @@ def _rss(pid: int) -> int | None:
         return int(psutil.Process(pid).memory_info().rss)
     except psutil.Error:
         return None
-
-
-def _report_data(data: bytes | None) -> dict[str, Any]:
-    """The keyword arguments of a ``report()`` call (see ``_worker``)."""
-    if data is None:
-        return {}
-    try:
-        loaded: dict[str, Any] = pickle.loads(data)
-    except BaseException as exc:  # e.g. a class that cannot be imported here, or a reducer calling sys.exit()
-        return {"error": f"the data of this report could not be unpickled here: {error_info(exc)[1]}"}
-    return loaded
 
 
 def _outcome(pid: int, how: int, value: Any, started: float, finished: float) -> Outcome:

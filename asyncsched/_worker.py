@@ -72,7 +72,8 @@ from typing import Any, NoReturn
 from ._models import type_name
 
 __all__ = ["BIG_HEADER", "DONE", "ERROR", "FUNCTION_CACHE", "HEADER", "INLINE", "PICKLED", "READY", "REPORT", "REVOKED",
-           "VALUE", "ErrorInfo", "error_info", "frame_header", "report", "run_capturing", "worker_main"]
+           "VALUE", "ErrorInfo", "Ran", "Report", "error_info", "frame_header", "report", "run_capturing",
+           "run_reporting", "worker_main"]
 
 READY = 0
 REPORT = 1
@@ -111,7 +112,7 @@ _current: tuple[Callable[[Any], None], int] | None = None
 _forked = False
 # Plain functions by the pickled reference the parent sends, loaded once.
 _functions: dict[bytes, Callable[..., Any]] = {}
-# Reports captured by run_capturing(), per thread, for executors without a pipe.
+# Where report() sends in run_reporting(), per thread, for executors without a pipe.
 _capture = threading.local()
 # Gives up this CPU to a process waiting for one, such as the parent just woken (a no-op when none waits).
 _yield: Callable[[], None] = getattr(os, "sched_yield", lambda: None)
@@ -151,7 +152,7 @@ def report(message: str | None = None, progress: float | None = None, **data: An
             raise ValueError(f"report(progress=...) takes a fraction between 0 and 1, got {progress!r}")
         progress = fraction
     current = _current
-    captured = None if current is not None else getattr(_capture, "reports", None)
+    captured = None if current is not None else getattr(_capture, "send", None)
     if current is None and captured is None:
         return
     now = time.time()
@@ -169,7 +170,7 @@ def report(message: str | None = None, progress: float | None = None, **data: An
             send(frame)
         _let_the_parent_run(now)
     elif captured is not None:
-        captured.append((now, message, progress, data))
+        captured((now, message, progress, data))
 
 
 def error_info(exc: BaseException) -> ErrorInfo:
@@ -479,19 +480,35 @@ def _poller(conn: Connection) -> select.poll:
     return poller
 
 
+Report = tuple[float, "str | None", "float | None", "dict[str, Any]"]
+"""One ``report()`` call off the pool's pipe: ``(timestamp, message, progress, data)``."""
+Ran = tuple[bool, Any, float, float, int]
+"""``(ok, value or ErrorInfo, started_at, finished_at, pid)``"""
+
+
+def run_reporting(fn: Callable[..., Any], args: Any, send: Callable[[Report], None],
+                  kwargs: dict[str, Any] | None = None) -> Ran:
+    """Call ``fn(*args, **kwargs)`` with each ``report()`` it makes from its thread handed to ``send``.
+
+    For executors and engines without the pool's pipe: ``ExecutorBackend``
+    (through :func:`run_capturing`), Dask and Celery.
+    """
+    _capture.send = send
+    started = time.time()
+    try:
+        value = fn(*args, **(kwargs or {}))
+    except BaseException as exc:
+        return False, error_info(exc), started, time.time(), os.getpid()
+    finally:
+        _capture.send = None
+    return True, value, started, time.time(), os.getpid()
+
+
 def run_capturing(fn: Callable[..., Any], args: tuple[Any, ...]) -> tuple[Any, ...]:
     """Run ``fn`` in any executor and bring back what the pool's wire would carry.
 
     Used by ``ExecutorBackend``: returns ``(ok, value_or_error, started_at,
     finished_at, pid, reports)``, with the ``report()`` calls made meanwhile.
     """
-    reports: list[tuple[float, str | None, float | None, dict[str, Any]]] = []
-    _capture.reports = reports
-    started = time.time()
-    try:
-        value = fn(*args)
-    except BaseException as exc:
-        return (False, error_info(exc), started, time.time(), os.getpid(), reports)
-    finally:
-        _capture.reports = None
-    return (True, value, started, time.time(), os.getpid(), reports)
+    reports: list[Report] = []
+    return (*run_reporting(fn, args, reports.append), reports)

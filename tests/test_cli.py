@@ -128,7 +128,7 @@ def test_a_module_that_exits_as_it_is_imported_is_one_line_too(tmp_path: Path, c
 @pytest.mark.parametrize(("argv", "message"), [
     (["--workers", "0"], "argument --workers: '0' is not cpu, io or a positive number"),
     (["--workers", "²"], "argument --workers: '²' is not cpu, io or a positive number"),  # not int()'s ValueError
-    (["--workers", "１"], "argument --workers: '１' is not cpu, io or a positive number"),  # nor the pool's error
+    (["--workers", "\uff11"], "argument --workers: '\uff11' is not cpu, io or a positive number"),  # a fullwidth 1
     (["--db", ""], "argument --db: '' is not the path of a file"),
     (["--workers", "1000000", "--input", os.devnull], "1000000 worker processes would need 11718.8 GiB at least"),
     (["--timeout", "-1"], "argument --timeout: '-1' is not a positive number"),

@@ -828,7 +828,7 @@ def test_a_registry_names_module_level_functions_once() -> None:
     assert registry.get("square") is tasks.square and registry.get("nope") is None
     with pytest.raises(ConfigurationError, match="already registered"):
         registry.add("square", tasks.double)
-    for name in ("", "a b", "x" * 101, 3):
+    for name in ("", "a b", "x" * 101, 3, ".", ".."):
         with pytest.raises(ConfigurationError, match="task name"):
             registry.add(name, tasks.double)  # type: ignore[arg-type]
     with pytest.raises(TaskDefinitionError, match="lambda"):

@@ -53,10 +53,9 @@ import dask.config
 from dask.utils import parse_timedelta
 from distributed import Client, Future, KilledWorker
 
-from .._backend import Backend, Emit, unreadable_result
+from .._backend import Backend, Emit, report_data, unreadable_result
 from .._errors import BackendUnreachableError, ConfigurationError
 from .._models import Attempt, Outcome, Status, TaskReported, TaskStarted, is_seconds
-from .._pool import _report_data
 from .._worker import error_info
 from ._remote import REPORTED, STARTED, end_dask_worker, run_on_dask
 
@@ -230,7 +229,7 @@ class DaskBackend(Backend):
         elif kind == REPORTED:
             timestamp, message, progress = pickle.loads(rest[0])
             running.emit(TaskReported(attempt.batch_id, attempt.key, Status.RUNNING, timestamp, running.pid,
-                                      message, progress, attempt.number, _report_data(rest[1]) or None))
+                                      message, progress, attempt.number, report_data(rest[1]) or None))
 
     async def _run(self, attempt: Attempt, emit: Emit) -> Outcome:
         client = self.client

@@ -29,45 +29,16 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from .._worker import _capture, error_info
+from .._worker import Ran, Report, error_info, run_reporting
 
-__all__ = ["REPORT_STATE", "STARTED", "REPORTED", "end_dask_worker", "resolve", "run_by_name", "run_on_dask",
-           "run_reporting"]
+__all__ = ["REPORT_STATE", "STARTED", "REPORTED", "end_dask_worker", "resolve", "run_by_name", "run_on_dask"]
 
 STARTED = "started"
 REPORTED = "reported"
 REPORT_STATE = "ASYNCSCHED_REPORT"
 """The Celery task state that carries one ``report()`` call."""
 
-Report = tuple[float, "str | None", "float | None", "dict[str, Any]"]
-
-
-class _Forward:
-    """Stands where ``run_capturing`` keeps its list: each ``report()`` goes out at once."""
-
-    def __init__(self, send: Callable[[Report], None]) -> None:
-        self.append = send
-
-
-Outcome = tuple[bool, Any, float, float, int]
-"""``(ok, value or ErrorInfo, started_at, finished_at, pid)``"""
-
-
-def run_reporting(fn: Callable[..., Any], args: Any, send: Callable[[Report], None],
-                  kwargs: dict[str, Any] | None = None) -> Outcome:
-    """Call ``fn(*args, **kwargs)`` with ``report()`` wired to ``send``."""
-    _capture.reports = _Forward(send)
-    started = time.time()
-    try:
-        value = fn(*args, **(kwargs or {}))
-    except BaseException as exc:
-        return False, error_info(exc), started, time.time(), os.getpid()
-    finally:
-        _capture.reports = None
-    return True, value, started, time.time(), os.getpid()
-
-
-def _failure(what: str, exc: BaseException) -> Outcome:
+def _failure(what: str, exc: BaseException) -> Ran:
     name, text, tb, blob = error_info(exc)
     now = time.time()
     return False, (name, f"{what}: {text}", tb, blob), now, now, os.getpid()

@@ -34,12 +34,12 @@ from aiohttp import web
 from aiohttp.web_protocol import RequestPayloadError
 
 from .._errors import ClosedError, ConfigurationError, StoreError
-from .._models import Status, Task, is_seconds, no_json_constant, task_from_json
+from .._models import FINAL_STATUS_VALUES, Task, is_seconds, no_json_constant, task_from_json
 from .._scheduler import Scheduler
-from .._store import BatchInfo
+from .._store import MAX_PAGE, BatchInfo
 from ._json import batch_json, result_json
 from ._openapi import openapi
-from ._registry import TaskRegistry
+from ._registry import NAME, TaskRegistry
 from ._sse import EventLog
 
 __all__ = ["Limits", "setup"]
@@ -48,11 +48,6 @@ logger = logging.getLogger("asyncsched.web")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
-BATCH_ID = re.compile(r"[A-Za-z0-9_.:-]{1,100}")
-"""What a batch id given by a client may be: it appears in URLs."""
-FINAL = [s.value for s in Status if s.is_final]
-MAX_QUERY_INT = 2**63 - 1
-"""The largest ``limit`` or ``offset``: what a store's query (SQLite's integer) can take."""
 SUBMISSION_FIELDS = ("task", "inputs", "timeout", "retries", "batch_id")
 STATIC = {  # the dashboard's files: served by name from this list only
     "app.js": "text/javascript",
@@ -384,7 +379,7 @@ class _Api:
         batch_id = body.get("batch_id")
         if batch_id is None:
             batch_id = uuid.uuid4().hex[:12]
-        elif not isinstance(batch_id, str) or not BATCH_ID.fullmatch(batch_id) or batch_id in (".", ".."):
+        elif not isinstance(batch_id, str) or not NAME.fullmatch(batch_id):
             _fail(400, f"field 'batch_id' must be 1 to 100 letters, digits or _.:- characters, and not . or .. "
                   f"(which no URL can hold), got {batch_id!r}", field="batch_id")
         return _Submission(fn, name, inputs, timeout, retries, batch_id)
@@ -432,8 +427,8 @@ class _Api:
     async def results(self, request: web.Request) -> web.Response:
         batch_id = request.match_info["batch_id"]
         status = request.query.get("status") or None
-        if status is not None and status not in FINAL:
-            _fail(400, f"query parameter 'status' must be one of {FINAL}, got {status!r}",
+        if status is not None and status not in FINAL_STATUS_VALUES:
+            _fail(400, f"query parameter 'status' must be one of {FINAL_STATUS_VALUES}, got {status!r}",
                   field="status")
         limit, offset = self._page(request)
         stats = await self.scheduler.stats(batch_id)
@@ -522,7 +517,7 @@ def _query_int(request: web.Request, name: str, default: int, minimum: int) -> i
         return default
     if text.isascii() and text.isdigit():  # not int()'s " 5", "1_0" or other scripts' digits
         value = int(text)
-        if minimum <= value <= MAX_QUERY_INT:
+        if minimum <= value <= MAX_PAGE:
             return value
-    _fail(400, f"query parameter {name!r} must be an integer of at least {minimum} and at most {MAX_QUERY_INT}, "
+    _fail(400, f"query parameter {name!r} must be an integer of at least {minimum} and at most {MAX_PAGE}, "
           f"got {text!r}", field=name)

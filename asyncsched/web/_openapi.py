@@ -5,7 +5,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from .. import __version__
-from .._models import Status
+from .._models import FINAL_STATUS_VALUES
+from ._registry import NAME
 
 if TYPE_CHECKING:
     from ._app import Limits
@@ -15,7 +16,6 @@ __all__ = ["openapi"]
 _NUMBER_OR_NULL = {"type": ["number", "null"]}
 _INT_OR_NULL = {"type": ["integer", "null"]}
 _STRING_OR_NULL = {"type": ["string", "null"]}
-_FINAL = [s.value for s in Status if s.is_final]
 
 
 def _ref(name: str) -> dict[str, str]:
@@ -85,8 +85,8 @@ def openapi(prefix: str, limits: Limits, *, token: bool, cancel_wait: float) -> 
         "/batches/{batch_id}/results": {
             "parameters": [batch_id],
             "get": {"summary": "A page of a batch's results, oldest first",
-                    "parameters": [{"name": "status", "in": "query", "schema": {"type": "string", "enum": _FINAL}},
-                                   *page],
+                    "parameters": [{"name": "status", "in": "query",
+                                    "schema": {"type": "string", "enum": FINAL_STATUS_VALUES}}, *page],
                     "responses": {"200": _json(_page("results", "Result"), "a page of results"),
                                   "400": _error("a bad query parameter"), "404": _error("no such batch")}}},
         "/events": {"get": {
@@ -134,18 +134,18 @@ def openapi(prefix: str, limits: Limits, *, token: bool, cancel_wait: float) -> 
                                "timeout": {**_NUMBER_OR_NULL, "exclusiveMinimum": 0,
                                            "description": "seconds each task may run"},
                                "retries": {**_INT_OR_NULL, "minimum": 0},
-                               "batch_id": {**_STRING_OR_NULL, "pattern": r"^(?!\.\.?$)[A-Za-z0-9_.:-]{1,100}$"}}},
+                               "batch_id": {**_STRING_OR_NULL, "pattern": f"^{NAME.pattern}$"}}},
             "Batch": {"type": "object", "properties": {
                 "batch_id": {"type": "string"}, "name": _STRING_OR_NULL,
                 "state": {"type": "string", "enum": ["running", "finished", "unfinished"]},
                 "total": {"type": "integer", "description": "tasks with a final result"},
                 "expected": {**_INT_OR_NULL, "description": "tasks in the batch, when submitted through this API"},
-                **{status: {"type": "integer"} for status in _FINAL},
+                **{status: {"type": "integer"} for status in FINAL_STATUS_VALUES},
                 "success_rate": {"type": "number"},
                 "created_at": _NUMBER_OR_NULL, "finished_at": _NUMBER_OR_NULL, "elapsed": _NUMBER_OR_NULL}},
             "Result": {"type": "object", "properties": {
                 "batch_id": {"type": "string"}, "key": {"type": "string"}, "index": {"type": "integer"},
-                "status": {"type": "string", "enum": _FINAL}, "value": {},
+                "status": {"type": "string", "enum": FINAL_STATUS_VALUES}, "value": {},
                 "error": _STRING_OR_NULL, "error_type": _STRING_OR_NULL, "traceback": _STRING_OR_NULL,
                 "attempts": {"type": "integer"}, "pid": _INT_OR_NULL, "started_at": _NUMBER_OR_NULL,
                 "finished_at": _NUMBER_OR_NULL, "duration": _NUMBER_OR_NULL, "message": _STRING_OR_NULL,

@@ -13,8 +13,9 @@ __all__ = ["TaskRegistry"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-NAME = re.compile(r"[A-Za-z0-9_.:-]{1,100}")
-"""What a task name may be: letters, digits and ``_ . : -``, up to 100 characters."""
+NAME = re.compile(r"(?!\.\.?$)[A-Za-z0-9_.:-]{1,100}")
+"""What a task name or a client's batch id may be: 1 to 100 letters, digits and ``_ . : -``, but not ``.`` or ``..``,
+which no URL can hold."""
 
 
 class TaskRegistry:
@@ -48,7 +49,8 @@ class TaskRegistry:
     def add(self, name: str, fn: Callable[..., Any]) -> None:
         """Register ``fn`` under ``name``; a name can be registered once."""
         if not isinstance(name, str) or not NAME.fullmatch(name):
-            raise ConfigurationError(f"a task name is 1 to 100 letters, digits or _.:- characters, got {name!r}")
+            raise ConfigurationError(f"a task name is 1 to 100 letters, digits or _.:- characters, and not . or .., "
+                                     f"got {name!r}")
         if name in self._tasks:
             raise ConfigurationError(f"task {name!r} is already registered")
         Task(fn)  # refuses, with a clear message, what a worker could not load (a lambda, a nested function)
