@@ -27,7 +27,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import errno
+import fcntl
 import functools
+import hashlib
 import itertools
 import json
 import math
@@ -37,6 +40,7 @@ import pickletools
 import re
 import sqlite3
 import stat
+import struct
 import threading
 import time
 import traceback
@@ -126,6 +130,9 @@ _SELECT = f"SELECT {', '.join(_COLUMNS)} FROM results"
 Row = tuple[Any, ...]
 _OPEN: weakref.WeakSet[SQLiteStore] = weakref.WeakSet()
 """Stores whose connections may be open."""
+_OFD_SETLK: int | None = getattr(fcntl, "F_OFD_SETLK", None)
+"""Linux's lock of an open file description: held until that description unlocks it or closes, or its process
+dies, and refused to every other description, in this process or another."""
 
 
 def _stop_open_stores() -> None:
@@ -200,6 +207,8 @@ class SQLiteStore(Store):
         self._wake = asyncio.Event()  # a result is queued
         self._full = asyncio.Event()  # GROUP_ROWS results are queued
         self._lock = asyncio.Lock()
+        self._claims: int | None = None  # the file of the locks of the batches this store runs (see _claim)
+        self._claimed: set[str] = set()  # those batches
         self._closed = False
 
     def __repr__(self) -> str:
@@ -293,6 +302,10 @@ class SQLiteStore(Store):
             await self._close_connections()
 
     async def _close_connections(self) -> None:
+        if self._claims is not None:
+            os.close(self._claims)  # releases every batch this store ran
+            self._claims = None
+        self._claimed.clear()
         for connection in (self._reader, self._db):
             if connection is not None:
                 with contextlib.suppress(sqlite3.Error):
@@ -324,22 +337,63 @@ class SQLiteStore(Store):
     async def begin_batch(self, batch_id: str, *, name: str | None = None,
                           resume: bool = False) -> Mapping[str, TaskResult]:
         batch_id = _text(batch_id)
-        created = await self._commit("INSERT OR IGNORE INTO batches (batch_id, name, created_at) VALUES (?, ?, ?)",
-                                     (batch_id, name, time.time()))
-        if created:
-            return {}
-        if not resume:
-            raise ConfigurationError(
-                f"batch {batch_id!r} already exists in {self.path}; pass resume=True to continue it, "
-                "or use another batch_id"
-            )
-        await self._commit("UPDATE batches SET finished_at = NULL WHERE batch_id = ?", (batch_id,))
-        cancelled = Status.CANCELLED.value  # a cancelled task never reached an outcome: the resumed batch runs it
-        return _Stored((r.key, r) for r in await self._select(" WHERE batch_id = ? AND status != ?",
-                                                              (batch_id, cancelled)))
+        self._claim(batch_id, fcntl.F_WRLCK)
+        try:
+            created = await self._commit("INSERT OR IGNORE INTO batches (batch_id, name, created_at) "
+                                         "VALUES (?, ?, ?)", (batch_id, name, time.time()))
+            if created:
+                return {}
+            if not resume:
+                raise ConfigurationError(
+                    f"batch {batch_id!r} already exists in {self.path}; pass resume=True to continue it, "
+                    "or use another batch_id"
+                )
+            await self._commit("UPDATE batches SET finished_at = NULL WHERE batch_id = ?", (batch_id,))
+            cancelled = Status.CANCELLED.value  # a cancelled task never reached an outcome: the resumed batch runs it
+            return _Stored((r.key, r) for r in await self._select(" WHERE batch_id = ? AND status != ?",
+                                                                  (batch_id, cancelled)))
+        except BaseException:
+            self._claim(batch_id, fcntl.F_UNLCK)
+            raise
 
     async def end_batch(self, batch_id: str) -> None:
-        await self._commit("UPDATE batches SET finished_at = ? WHERE batch_id = ?", (time.time(), _text(batch_id)))
+        batch_id = _text(batch_id)
+        try:
+            await self._commit("UPDATE batches SET finished_at = ? WHERE batch_id = ?", (time.time(), batch_id))
+        finally:
+            self._claim(batch_id, fcntl.F_UNLCK)
+
+    def _claim(self, batch_id: str, how: int) -> None:
+        """Lock (``F_WRLCK``) or unlock (``F_UNLCK``) ``batch_id`` while this store runs it.
+
+        Two schedulers that ran one batch at once would run its tasks twice:
+        whoever runs a batch holds a lock of one byte of ``<file>-batches``,
+        at an offset that a hash of the batch id gives, from begin_batch() to
+        end_batch(). It is a lock of this store's open file description
+        (Linux; elsewhere only the schedulers that share this store are kept
+        apart), so the kernel drops it when the process dies: a batch whose
+        orchestrator was killed can be resumed. The file stays empty; it is
+        not the database file, whose descriptors this process must not close
+        while SQLite holds locks on it.
+        """
+        if how == fcntl.F_UNLCK:
+            self._claimed.discard(batch_id)
+        elif batch_id in self._claimed:  # by another scheduler with this store
+            raise _running_elsewhere(batch_id, self.path)
+        if _OFD_SETLK is not None and (self._claims is not None or how != fcntl.F_UNLCK):
+            if self._claims is None:
+                with _file_errors("open the batch locks of", self.path):
+                    self._claims = os.open(f"{self.path}-batches", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            digest = hashlib.blake2b(batch_id.encode(), digest_size=7).digest()
+            lock = struct.pack("@hhqqi4x", how, os.SEEK_SET, 2**62 + int.from_bytes(digest, "big"), 1, 0)
+            try:
+                fcntl.fcntl(self._claims, _OFD_SETLK, lock)
+            except OSError as exc:
+                if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                    raise StoreError(f"cannot lock batch {batch_id!r} in {self.path}-batches: {exc}") from exc
+                raise _running_elsewhere(batch_id, self.path) from None
+        if how == fcntl.F_WRLCK:
+            self._claimed.add(batch_id)
 
     async def _write_loop(self) -> None:
         try:
@@ -745,6 +799,11 @@ async def _insert_results(db: aiosqlite.Connection, results: Sequence[TaskResult
     if rest:
         await db.execute(_lean_sql(len(rest) // _LEAN_PARAMETERS), rest)
     await _insert(db, full, ("id", *_COLUMNS))
+
+
+def _running_elsewhere(batch_id: str, path: str) -> ConfigurationError:
+    return ConfigurationError(f"batch {batch_id!r} is running in another scheduler or process on {path}: let it "
+                              "end, or stop it, before you run or resume it here")
 
 
 def _try_to_open(path: str, readonly: bool) -> None:

@@ -277,6 +277,27 @@ async def test_a_batch_still_running_cannot_be_resumed_beside_itself(tmp_path: P
     assert runs_per_key(log) == {"a": 1, "b": 1}
 
 
+@pytest.mark.parametrize("shared", [False, True], ids=["a store each", "one store"])
+async def test_a_batch_running_in_another_scheduler_is_not_run_or_resumed_there_too(
+        tmp_path: Path, gate: Callable[[], str], shared: bool) -> None:
+    release, log, path = gate(), str(tmp_path / "runs.log"), tmp_path / "results.db"
+    batch = [Task(tasks.log_run, log, key, 0.0, release, key=key) for key in "ab"]
+    store = SQLiteStore(path)
+    async with (Scheduler(workers=2, store=store) as scheduler,
+                Scheduler(workers=1, store=store if shared else path) as other):
+        async with scheduler.events(kinds=[TaskStarted]) as started:
+            first = asyncio.ensure_future(scheduler.run(batch, batch_id="job"))
+            await anext(started)
+        for resume in (False, True):  # not "already exists; pass resume=True", which would run its tasks twice
+            with pytest.raises(ConfigurationError, match=r"^batch 'job' is running in another scheduler or process "
+                                                         r"on .*results\.db: let it end, or stop it, before you run "):
+                await other.run(batch, batch_id="job", resume=resume)
+        await asyncio.to_thread(Path(release).touch)
+        assert (await first).completed == 2
+        assert (await other.run(batch, batch_id="job", resume=True)).completed == 2  # stored: not run again
+    assert runs_per_key(log) == {"a": 1, "b": 1}
+
+
 async def test_resume_runs_cancelled_tasks_again(tmp_path: Path, gate: Callable[[], str]) -> None:
     db, log, release = tmp_path / "results.db", str(tmp_path / "runs.log"), gate()
     batch = [Task(tasks.log_run, log, "a", key="a")]
@@ -514,10 +535,11 @@ async def test_a_failed_export_leaves_the_file_it_would_replace_as_it_was(tmp_pa
             with pytest.raises(StoreError, match=f"cannot write {out}: .*No space left"):
                 await store.export_jsonl(out)
         assert out.read_text() == "the last export\n"
-        assert sorted(os.listdir(tmp_path)) == ["out.jsonl", "results.db", "results.db-shm", "results.db-wal"]
+        assert sorted(os.listdir(tmp_path)) == ["out.jsonl", "results.db", "results.db-batches", "results.db-shm",
+                                                "results.db-wal"]
         assert await store.export_jsonl(out) == 1
     assert json.loads(out.read_text())["task_id"] == "k"
-    assert sorted(os.listdir(tmp_path)) == ["out.jsonl", "results.db"]
+    assert sorted(os.listdir(tmp_path)) == ["out.jsonl", "results.db", "results.db-batches"]
 
 
 async def test_import_reads_the_bare_format_and_rejects_bad_lines(tmp_path: Path) -> None:
