@@ -585,6 +585,18 @@ async def test_import_rejects_a_field_of_the_wrong_type(tmp_path: Path, field: s
         assert await store.results() == []
 
 
+@pytest.mark.parametrize("constant", ["NaN", "Infinity", "-Infinity"])
+async def test_import_refuses_nan_and_infinity_which_export_could_not_write_back(tmp_path: Path,
+                                                                                 constant: str) -> None:
+    path = tmp_path / "odd.jsonl"
+    path.write_text('{"task_id": "a", "status": "completed", "response_data": 1}\n'
+                    f'{{"task_id": "b", "status": "completed", "response_data": {{"x": {constant}}}}}\n')
+    async with SQLiteStore(tmp_path / "results.db") as store:
+        with pytest.raises(StoreError, match=rf"odd.jsonl, line 2: ValueError: {constant} is not JSON; each line"):
+            await store.import_jsonl(path)
+        assert await store.results() == []
+
+
 async def test_import_takes_text_with_a_lone_surrogate_as_a_result_would_be_stored(tmp_path: Path) -> None:
     path = tmp_path / "names.jsonl"  # what json.dumps writes for a str made from an undecodable file name
     path.write_text(json.dumps({"task_id": "caf\udce9", "status": "failed", "batch_id": "dir-\udce9",
