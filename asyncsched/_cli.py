@@ -328,22 +328,39 @@ async def tasks_from_lines(fn: Callable[..., Any], lines: AsyncIterator[bytes]) 
 # -- shared by demo and run -----------------------------------------------------------------
 
 
+_OPTIONS = (("pass resume=True", "pass --resume"), ("another batch_id", "another --batch-id"),
+            ("open it with readonly=True to query it", "query it with asyncsched results, stats or batches"))
+"""What the errors of the API advise, and what a command line does instead (tests hold both to their wording)."""
+
+
+def _as_options(exc: AsyncschedError) -> str:
+    text = str(exc)
+    for arguments, options in _OPTIONS:
+        text = text.replace(arguments, options)
+    return text
+
+
 async def _schedule(batch: Any, args: argparse.Namespace) -> Summary:
     from ._scheduler import Scheduler
 
-    async with Scheduler(workers=args.workers, store=args.db, timeout=args.timeout, retries=args.retries,
-                         progress=args.progress) as scheduler:
-        if args.resume and await scheduler.batch(args.batch_id) is None:  # a typo in the id would run it all again
-            print(f"asyncsched {args.name}: {args.db} has no batch {args.batch_id!r} yet: starting it", file=sys.stderr)
-        try:
-            return await scheduler.run(batch, batch_id=args.batch_id, resume=args.resume)
-        except asyncio.CancelledError:
-            if scheduler._sigterm_received:  # the scheduler stops its workers, then ends the process by SIGTERM
-                print(f"asyncsched {args.name}: terminated", file=sys.stderr)
-            raise
-        except ConfigurationError as exc:  # its advice names the arguments of run(): name the options instead
-            raise UsageError(str(exc).replace("pass resume=True", "pass --resume")
-                             .replace("another batch_id", "another --batch-id")) from None
+    try:
+        async with Scheduler(workers=args.workers, store=args.db, timeout=args.timeout, retries=args.retries,
+                             progress=args.progress) as scheduler:
+            if args.resume and await scheduler.batch(args.batch_id) is None:  # a typo in the id would run it all
+                print(f"asyncsched {args.name}: {args.db} has no batch {args.batch_id!r} yet: starting it",
+                      file=sys.stderr)
+            try:
+                return await scheduler.run(batch, batch_id=args.batch_id, resume=args.resume)
+            except asyncio.CancelledError:
+                if scheduler._sigterm_received:  # the scheduler stops its workers, then ends the process by SIGTERM
+                    print(f"asyncsched {args.name}: terminated", file=sys.stderr)
+                raise
+    except ConfigurationError as exc:
+        raise UsageError(_as_options(exc)) from None
+    except StoreError as exc:  # the results it has not written yet go with this process
+        again = (f". Once the file can be written, the same command with --batch-id {shlex.quote(args.batch_id)} "
+                 "--resume runs the tasks whose results it does not hold") if args.batch_id is not None else ""
+        raise StoreError(_as_options(exc) + again) from exc
 
 
 def _run_loop(coroutine: Coroutine[Any, Any, T]) -> T:

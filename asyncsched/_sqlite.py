@@ -643,7 +643,7 @@ def _advice(path: str, exc: sqlite3.Error, busy_timeout: float, readonly: bool) 
         return (f"check that directory {directory} is writable, since SQLite creates the file and its WAL files "
                 "there")
     if code == sqlite3.SQLITE_FULL:
-        return "the disk is full: free some space, and the queued results are written at the next commit"
+        return "the disk is full: free some space (the results queued stay queued while the store is open)"
     return "see the SQLite error above"
 
 

@@ -13,6 +13,7 @@ import pty
 import re
 import select
 import signal
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -24,6 +25,8 @@ from typing import Any
 import pytest
 
 import asyncsched._cli
+import asyncsched._sqlite
+import asyncsched._store
 from asyncsched import Scheduler, SQLiteStore, StoreError, Task
 from asyncsched._cli import main
 
@@ -141,6 +144,31 @@ def test_a_module_that_exits_as_it_is_imported_is_one_line_too(tmp_path: Path, c
 def test_run_usage_errors_exit_2(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["run", "tests.tasks:square", *argv]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_run_on_a_full_disk_says_how_to_run_what_it_could_not_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    async def disk_full(*args: Any) -> None:
+        exc = sqlite3.OperationalError("database or disk is full")
+        exc.sqlite_errorcode = sqlite3.SQLITE_FULL
+        raise exc
+
+    monkeypatch.setattr(asyncsched._sqlite, "_insert_results", disk_full)
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text("1\n2\n")
+    assert main(["run", "tests.tasks:square", "--input", str(jobs), "--db", str(tmp_path / "r.db"),
+                 "--batch-id", "b 1", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "database or disk is full; the disk is full: free some space (the results queued stay queued while " in err
+    assert err.endswith(". Once the file can be written, the same command with --batch-id 'b 1' --resume runs the "
+                        "tasks whose results it does not hold\n"), err
+
+
+def test_the_api_s_advice_is_put_in_options_in_the_words_the_api_uses() -> None:
+    sources = "".join(Path(module.__file__ or "").read_text() for module in (asyncsched._sqlite, asyncsched._store))
+    for arguments, options in asyncsched._cli._OPTIONS:
+        assert " ".join(arguments.split()) in " ".join(sources.split()), arguments  # as the stores still say it
+        assert asyncsched._cli._as_options(StoreError(f"so {arguments}.")) == f"so {options}."
 
 
 @pytest.mark.parametrize("port", ["0", "65536", "99999", "http"])
