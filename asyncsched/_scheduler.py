@@ -544,7 +544,7 @@ class Scheduler:
         of keys ``batch`` does not have are not).
         """
         started = time.monotonic()
-        run, previous = await self._begin(batch_id, name, resume)
+        run, previous = await self._begin(batch_id, name, resume, read_all=True)
         results: list[TaskResult] = []
         run.resumed = []
         run.eager = False
@@ -579,8 +579,9 @@ class Scheduler:
             self._ended(run)
 
     async def _begin(self, batch_id: str | None, name: str | None,
-                     resume: bool) -> tuple[_BatchRun, Mapping[str, TaskResult]]:
-        """The run of a batch, known to cancel() from now on, and the results the store has of it."""
+                     resume: bool, read_all: bool = False) -> tuple[_BatchRun, Mapping[str, TaskResult]]:
+        """The run of a batch, known to cancel() from now on, and the results the store has of it (``read_all``:
+        each read now, as for run()'s summary, before any task runs)."""
         self._check_open()
         if batch_id is None:
             if resume:
@@ -606,7 +607,7 @@ class Scheduler:
             await self._ensure_started()
             run.started = time.monotonic()  # for its rate: not the time it took to start workers
             # to its end even if this is cancelled meanwhile: a batch the store has begun is then ended below
-            beginning = asyncio.ensure_future(self._begin_batch(run, name, resume))
+            beginning = asyncio.ensure_future(self._begin_batch(run, name, resume, read_all))
             previous = await _to_the_end(beginning, f"beginning batch {batch_id!r}")
         except BaseException as exc:
             self._runs.discard(run)
@@ -620,12 +621,16 @@ class Scheduler:
             raise
         return run, previous
 
-    async def _begin_batch(self, run: _BatchRun, name: str | None, resume: bool) -> Mapping[str, TaskResult]:
+    async def _begin_batch(self, run: _BatchRun, name: str | None, resume: bool,
+                           read_all: bool) -> Mapping[str, TaskResult]:
         previous = await self._store.begin_batch(run.batch_id, name=name, resume=resume)
         run.begun = True
         if self._closed:  # aclose() came while the store began it: end the batch, as aclose() ends the others
             with contextlib.suppress(Exception):  # unless the store is closing or closed already
                 await self._store.end_batch(run.batch_id)
+        if read_all:  # a store may read each result when it is asked for (a value that no longer unpickles fails)
+            for key in previous:
+                previous[key]
         return previous
 
     def _monitor(self, batch_id: str) -> contextlib.AbstractAsyncContextManager[object]:

@@ -350,8 +350,7 @@ class SQLiteStore(Store):
                 )
             await self._commit("UPDATE batches SET finished_at = NULL WHERE batch_id = ?", (batch_id,))
             cancelled = Status.CANCELLED.value  # a cancelled task never reached an outcome: the resumed batch runs it
-            return _Stored((r.key, r) for r in await self._select(" WHERE batch_id = ? AND status != ?",
-                                                                  (batch_id, cancelled)))
+            return _Stored(await self._fetch(f"{_SELECT} WHERE batch_id = ? AND status != ?", (batch_id, cancelled)))
         except BaseException:
             self._claim(batch_id, fcntl.F_UNLCK)
             raise
@@ -922,20 +921,40 @@ def _text(text: str | None) -> str | None:
     return text
 
 
-class _Stored(dict[str, TaskResult]):
-    """The stored results of a batch by key: a key with a lone surrogate is found as it was stored."""
+class _Stored(Mapping[str, TaskResult]):
+    """The stored results of a batch by key, each read from its row when first asked for.
+
+    A resumed ``stream()`` asks only whether a key is there: a stored value
+    that no longer unpickles (its class was renamed) does not stop it. A key
+    with a lone surrogate is found as it was stored.
+    """
+
+    def __init__(self, rows: Iterable[Row]) -> None:
+        self._rows = {row[1]: row for row in rows}  # by key, as stored
+        self._read: dict[str, TaskResult] = {}
+
+    def _stored(self, key: object) -> str | None:
+        if not isinstance(key, str):
+            return None
+        return key if key in self._rows else _text(key) if _text(key) in self._rows else None
 
     def __contains__(self, key: object) -> bool:
-        return super().__contains__(_text(key) if isinstance(key, str) else key)
+        return self._stored(key) is not None
 
-    def __missing__(self, key: str) -> TaskResult:
-        stored = _text(key)
-        if stored == key:
+    def __getitem__(self, key: str) -> TaskResult:
+        stored = self._stored(key)
+        if stored is None:
             raise KeyError(key)
-        return self[stored]
+        result = self._read.get(stored)
+        if result is None:
+            result = self._read[stored] = _result(self._rows[stored])
+        return result
 
-    def get(self, key: str, default: Any = None) -> Any:
-        return super().get(_text(key) if isinstance(key, str) else key, default)
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._rows)
+
+    def __len__(self) -> int:
+        return len(self._rows)
 
 
 _STATUS_TEXT = {status: status.value for status in Status}  # Enum.value is a slow property

@@ -695,6 +695,28 @@ async def test_a_value_of_a_type_this_process_cannot_import_is_a_clear_error(tmp
         sys.modules.pop(module.__name__, None)
 
 
+async def test_a_stored_value_that_no_longer_unpickles_stops_a_resumed_run_but_not_a_resumed_stream(
+        tmp_path: Path) -> None:
+    module = types.ModuleType("renamed_since")
+    module.Point = type("Point", (), {"__module__": module.__name__})  # type: ignore[attr-defined]
+    sys.modules[module.__name__] = module
+    try:
+        async with Scheduler(workers=1, store=tmp_path / "results.db") as scheduler:
+            store = scheduler.store
+            await store.begin_batch("b")
+            store.add(TaskResult("b", "old", Status.COMPLETED, value=module.Point()))
+            await store.end_batch("b")
+            del sys.modules[module.__name__]
+            batch = [Task(tasks.square, 2, key="old"), Task(tasks.square, 3, key="new")]
+            with pytest.raises(StoreError, match=r"task 'old' of batch 'b' cannot be unpickled here"):
+                await scheduler.run(batch, batch_id="b", resume=True)  # its summary would hold it
+            assert (await scheduler.stats("b")).total == 1  # refused before any task ran
+            streamed = [(r.key, r.value) async for r in scheduler.stream(batch, batch_id="b", resume=True)]
+            assert streamed == [("new", 9)]
+    finally:
+        sys.modules.pop(module.__name__, None)
+
+
 async def test_a_damaged_stored_value_is_a_clear_error(tmp_path: Path) -> None:
     path = tmp_path / "results.db"
     async with SQLiteStore(path) as store:
