@@ -2,17 +2,18 @@
 
 Commands::
 
-    demo      the article's scenario: simulated requests, live progress, results in SQLite
+    demo      the demo: simulated requests, live progress, results in SQLite
     run       call MODULE:FUNCTION once per line of JSON input, on a pool of workers
     results   stored results, as a table, JSON Lines or CSV      \
     stats     counts by status and the success rate               | read a results file; never change it,
     batches   every batch of a results file                       | and work while another process writes
     export    write stored results to a JSON Lines file          /
     serve     the web API and dashboard over a results file, running a module's registered tasks
+    celery-worker  a Celery worker that runs the tasks a CeleryBackend sends (Celery's own options)
 
 Exit status: 0 when every task completed, 1 when any did not, 2 for a usage
-error (reported in one line on stderr, never with a traceback), 130 when
-interrupted.
+error or a results file that cannot be used (reported in one line on stderr,
+never with a traceback), 130 when interrupted.
 """
 
 from __future__ import annotations
@@ -46,7 +47,16 @@ from rich.table import Table
 
 from . import __version__, _demo
 from ._errors import AsyncschedError, ConfigurationError, StoreError
-from ._models import FINAL_STATUS_VALUES, Summary, Task, TaskResult, is_seconds, no_json_constant, task_from_json
+from ._models import (
+    FINAL_STATUS_VALUES,
+    Summary,
+    Task,
+    TaskResult,
+    describe,
+    is_seconds,
+    no_json_constant,
+    task_from_json,
+)
 from ._progress import stats_table, success, visible
 
 if TYPE_CHECKING:
@@ -363,6 +373,15 @@ async def _schedule(batch: Any, args: argparse.Namespace) -> Summary:
         raise StoreError(_as_options(exc) + again) from exc
 
 
+def new_event_loop() -> asyncio.AbstractEventLoop:
+    """A uvloop loop when uvloop is installed, else an asyncio one: for the commands, and ``serve``."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
+
+
 def _run_loop(coroutine: Coroutine[Any, Any, T]) -> T:
     """Run on uvloop when it is installed, else on asyncio.
 
@@ -372,12 +391,6 @@ def _run_loop(coroutine: Coroutine[Any, Any, T]) -> T:
     to wait, where ``asyncio.run()`` would leave the batch half stored; a third
     ends the program at once.
     """
-    try:
-        import uvloop
-    except ImportError:
-        factory = None
-    else:
-        factory = uvloop.new_event_loop
     main: list[asyncio.Task[T]] = []
     interrupts = 0
 
@@ -400,7 +413,7 @@ def _run_loop(coroutine: Coroutine[Any, Any, T]) -> T:
     if ours:
         signal.signal(signal.SIGINT, on_sigint)
     try:
-        with asyncio.Runner(loop_factory=factory) as runner:
+        with asyncio.Runner(loop_factory=new_event_loop) as runner:
             return runner.run(run())
     except asyncio.CancelledError:
         if interrupts:
@@ -576,7 +589,7 @@ def _results_table(results: list[TaskResult], *, with_batch: bool, width: int) -
     the key (past KEY_WIDTH, or to leave the value MIN_VALUE_WIDTH); never the status and the counts."""
     rows = []
     for result in results:
-        shown = _repr(result.value) if result.ok else result.error or ""
+        shown = describe(result.value) if result.ok else result.error or ""
         duration = "" if result.duration is None else f"{result.duration:.3f}s"
         rows.append((*[_shown(result.batch_id)] * with_batch, _shown(result.key), result.status.value,
                      str(result.attempts), duration, _shown(shown)))
@@ -602,14 +615,6 @@ def _results_table(results: list[TaskResult], *, with_batch: bool, width: int) -
 def _shown(text: str) -> str:
     """Text of a task or a batch, as a console prints it: no markup, no control characters."""
     return escape(visible(text))
-
-
-def _repr(value: Any) -> str:
-    """``repr(value)``, or what the value is when that fails (an int past str()'s digit limit, a broken __repr__)."""
-    try:
-        return repr(value)
-    except Exception as exc:
-        return f"<{type(value).__qualname__} that cannot be shown: {type(exc).__name__}: {exc}>"
 
 
 class _Console(Console):

@@ -1,25 +1,27 @@
 """The errors asyncsched raises.
 
-Every error derives from one base class, so ``except AsyncschedError`` catches
-them all::
+Every error asyncsched raises derives from one base class, so ``except AsyncschedError``
+catches them all::
 
     AsyncschedError
     ├── ConfigurationError        bad arguments to Scheduler, ProcessPool, ...  (also ValueError)
     ├── TaskDefinitionError       a Task that can never run: not callable, not picklable  (also TypeError)
     ├── ClosedError               the scheduler or pool was closed by your code  (also RuntimeError)
-    ├── BrokenPoolError           something outside broke the pool: workers die while starting
+    ├── BrokenPoolError           something outside broke the pool: workers die while starting, or start over
+    │                             max_memory_per_child
     ├── BackendUnreachableError   a backend's Dask scheduler, Celery broker or result backend does not answer
     │                             (also ConnectionError)
     ├── TaskError                 raised by TaskResult.unwrap() for a task that did not complete
     │   ├── TaskFailedError       the task raised; the original exception is the __cause__
-    │   ├── TaskTimeoutError      the task ran past its timeout and its worker was killed
+    │   ├── TaskTimeoutError      the task ran past its timeout (the local pool kills its worker)
     │   ├── TaskCrashedError      the worker died (segfault, os._exit, SIGKILL, memory limit)
     │   └── TaskCancelledError    the task was cancelled
     └── StoreError                the result store cannot be opened, read or written
 
 Exceptions raised by a task keep their own type: ``TaskResult.exception`` is the
 exception rebuilt in the parent, with the remote traceback attached as its
-``__cause__`` (a :class:`RemoteTraceback`), as ``concurrent.futures`` does.
+``__cause__`` (a :class:`RemoteTraceback`, which is never raised and so is no
+AsyncschedError), as ``concurrent.futures`` does.
 """
 
 from __future__ import annotations
@@ -77,7 +79,7 @@ class TaskFailedError(TaskError):
 
 
 class TaskTimeoutError(TaskError):
-    """The task ran past its timeout; its worker was killed."""
+    """The task ran past its timeout (the local pool kills its worker; see each backend for what it can stop)."""
 
 
 class TaskCrashedError(TaskError):

@@ -143,6 +143,17 @@ class Task:
         return f"Task({name}, *{self.args!r}, key={self.key!r})"
 
 
+def describe(value: Any, show: Callable[[Any], str] = repr) -> str:
+    """``show(value)``, or what the value is when that fails (an int past str()'s digit limit, a broken
+    ``__repr__``); never raises."""
+    try:
+        return show(value)
+    except Exception as exc:
+        if isinstance(value, int) and isinstance(exc, ValueError):
+            return f"<int of {value.bit_length()} bits, too long to show>"
+        return f"<{type(value).__name__} object: {show.__name__}() failed: {type(exc).__name__}>"
+
+
 def no_json_constant(name: str) -> NoReturn:
     """``json.loads(..., parse_constant=no_json_constant)`` refuses NaN and Infinity, which Python reads and JSON
     has not."""

@@ -55,7 +55,7 @@ import aiofiles.os
 import aiosqlite
 
 from ._errors import ClosedError, ConfigurationError, StoreError
-from ._models import Stats, Status, TaskResult, finite, is_seconds, no_json_constant
+from ._models import Stats, Status, TaskResult, describe, finite, is_seconds, no_json_constant
 from ._store import BatchInfo, Store, check_batch_id, check_page, check_status
 
 __all__ = ["SQLiteStore"]
@@ -889,14 +889,7 @@ def _encode(value: Any) -> tuple[str | None, bytes | None]:
     try:
         return None, pickle.dumps(value, pickle.HIGHEST_PROTOCOL)
     except Exception:  # neither (only an in-process backend can return such a value): keep what can be kept
-        return _JSON.encode(_describe(value)), None
-
-
-def _describe(value: Any) -> str:
-    try:
-        return repr(value)
-    except Exception:
-        return f"<a {type(value).__qualname__} that cannot be stored>"
+        return _JSON.encode(describe(value)), None
 
 
 @overload

@@ -1,4 +1,4 @@
-"""The article's scenario on asyncsched: simulated requests on a pool of processes.
+"""Simulated requests on a pool of processes: the demo's scenario, with live events.
 
 Each request waits a random 0.5-3 s, then succeeds with data, fails with a
 server error, or hangs past its timeout (and its worker is killed). Ten

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from typing import Any
 
-from .._models import TaskResult, finite
+from .._models import TaskResult, describe, finite
 from .._store import BatchInfo
 
 __all__ = ["MAX_DEPTH", "batch_json", "jsonable", "result_json"]
@@ -27,17 +26,17 @@ def jsonable(value: Any, depth: int = 0) -> Any:
     if value is None or isinstance(value, str | bool):
         return value
     if isinstance(value, int):
-        return value if value.bit_length() <= LONG_INT_BITS or _printable(value) else _text(value)
+        return value if value.bit_length() <= LONG_INT_BITS or _printable(value) else describe(value)
     if isinstance(value, float):
         return value if math.isfinite(value) else repr(value)
     if depth >= MAX_DEPTH:
-        return _text(value)
+        return describe(value)
     if isinstance(value, list | tuple):
         return [jsonable(item, depth + 1) for item in value]
     if isinstance(value, dict):
-        return {key if isinstance(key, str) else _text(key, str): jsonable(item, depth + 1)
+        return {key if isinstance(key, str) else describe(key, str): jsonable(item, depth + 1)
                 for key, item in value.items()}
-    return _text(value)
+    return describe(value)
 
 
 def _printable(number: int) -> bool:
@@ -46,16 +45,6 @@ def _printable(number: int) -> bool:
     except ValueError:  # over the interpreter's limit on digits
         return False
     return True
-
-
-def _text(value: Any, show: Callable[[Any], str] = repr) -> str:
-    """``show(value)``, or a description of ``value`` when that fails (an int too long, a broken ``__repr__``)."""
-    try:
-        return show(value)
-    except Exception as exc:
-        if isinstance(value, int) and isinstance(exc, ValueError):
-            return f"<int of {value.bit_length()} bits, too long to show>"
-        return f"<{type(value).__name__} object: {show.__name__}() failed: {type(exc).__name__}>"
 
 
 def result_json(result: TaskResult) -> dict[str, Any]:

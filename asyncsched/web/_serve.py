@@ -11,11 +11,11 @@ import ipaddress
 import os
 import signal
 import sys
-from typing import Any
 
 from aiohttp import web
 
 from .._backend import Backend, Emit
+from .._cli import new_event_loop
 from .._errors import ClosedError, ConfigurationError
 from .._models import Attempt, Outcome
 from .._scheduler import Scheduler
@@ -23,10 +23,8 @@ from .._sqlite import SQLiteStore
 from ._app import setup
 from ._registry import TaskRegistry
 
-__all__ = ["DEFAULT_HOST", "DEFAULT_PORT", "LOOPBACK_NAMES", "PREFIX", "TOKEN_VARIABLE", "build_app", "serve"]
+__all__ = ["LOOPBACK_NAMES", "PREFIX", "TOKEN_VARIABLE", "build_app", "serve"]
 
-DEFAULT_HOST = "127.0.0.1"
-DEFAULT_PORT = 8080
 PREFIX = "/asyncsched"
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
 """The Host names a server listening on loopback answers for."""
@@ -67,7 +65,7 @@ def build_app(db: str, *, registry: TaskRegistry | None, token: str | None = Non
     return app
 
 
-def serve(db: str, *, registry: TaskRegistry | None, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
+def serve(db: str, *, registry: TaskRegistry | None, host: str, port: int,
           token: str | None = None, workers: int | str = "cpu") -> signal.Signals:
     """Serve :func:`build_app` until SIGINT or SIGTERM, and return which; the token defaults to
     ``$ASYNCSCHED_TOKEN``.
@@ -103,7 +101,7 @@ def serve(db: str, *, registry: TaskRegistry | None, host: str = DEFAULT_HOST, p
 
     app.on_startup.append(on_signals)
     try:
-        web.run_app(app, host=host, port=port, print=lambda _: print(ready, flush=True), loop=_new_loop(),
+        web.run_app(app, host=host, port=port, print=lambda _: print(ready, flush=True), loop=new_event_loop(),
                     access_log=None, handle_signals=False, shutdown_timeout=SHUTDOWN_GRACE)
     except OSError as exc:  # the address is taken, or not this machine's
         raise ConfigurationError(f"cannot serve on {address}:{port}: {exc.strerror or exc}") from None
@@ -117,12 +115,3 @@ def _loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
-
-
-def _new_loop() -> Any:
-    """A uvloop loop when uvloop is installed, else an asyncio one."""
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.new_event_loop()
-    return uvloop.new_event_loop()
