@@ -11,12 +11,17 @@ Data flow (everything on the left runs on one event loop thread; no locks)::
     _Call -> pending deque --_dispatch: up to `depth` calls--> socket (one per worker)
                              per worker, in one frame    [(call_id, function, payload), ...] -> worker_main()
                                                                                               runs them in order
+           _revoke (a queued call cancelled,  ------------> {call_id, ...} on the socket, the
+           or taken back by _balance)                      doorbell rung, `revokes` += 1 (shared)
+                                                                                              |
     listener.started / reported / finished <-- _read <-- add_reader(pipe) <-- READY / REPORT / DONE
+    _on_revoked: calls not begun -> pending deque <--------------------------- REVOKED [call_id, ...]
          ^                                                                                    |
          |           _on_exit  <-------- add_reader(pidfd or sentinel) <--- process exit -----+
          |
-    deadline timer (loop.call_at) or _Call.cancel() -> _kill(worker): SIGKILL to the worker's
-    process group, and a new worker takes the slot.
+    the running call's deadline (loop.call_at), its cancel(), the worker over max_memory_per_child,
+    a message that cannot be read -> _kill(worker): SIGKILL to the worker's process group, and a new
+    worker takes the slot. _retire (max_tasks_per_child) sends None: the worker exits after its calls.
 
 Actors:
 
@@ -29,8 +34,10 @@ Actors:
   cached on both sides, so a call pays only for pickling its arguments (and
   not even that when each is a plain builtin, such as an int or a str).
 * ``_Worker`` is the record of one process: its socket (calls go to the
-  worker), its pipe (messages come back), its sentinel and the calls sent to
-  it, in order; the first one is running. Each worker has its own socket and
+  worker), its pipe (messages come back), its doorbell (rung after a revoke,
+  so the worker answers it even while a call runs), its pidfd or sentinel,
+  the two values it shares with the worker (``last_begun``, ``revokes``) and
+  the calls sent to it, in order; the first one is running. Each worker has its own socket and
   pipe, so killing one worker costs only its running call: the calls
   queued behind it go back to the pending deque once it has exited and what
   it wrote has been read. The worker writes the id of each call it begins
