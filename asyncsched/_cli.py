@@ -61,6 +61,7 @@ from ._progress import stats_table, success, visible
 
 if TYPE_CHECKING:
     from ._sqlite import SQLiteStore
+    from ._store import BatchInfo
 
 __all__ = ["main"]
 
@@ -492,17 +493,20 @@ def _batches_command(args: argparse.Namespace) -> int:
 
     The file is opened read-only.
     """
-    batches = _run_loop(_read(args, lambda store: store.batches()))
-    if not batches:
+    async def batches(store: SQLiteStore) -> list[tuple[BatchInfo, str]]:
+        return [(batch, _when(batch.finished_at) if batch.finished_at is not None else
+                 "running" if store.is_running(batch.batch_id) else "interrupted") for batch in await store.batches()]
+
+    listed = _run_loop(_read(args, batches))
+    if not listed:
         print("no batches")
         return 0
     table = Table(box=box.SIMPLE_HEAD, show_edge=False)
     for name in ("batch", "name", "created", "finished", "tasks", "completed", "success"):
         table.add_column(name, justify="left" if name in ("batch", "name") else "right")
-    for batch in batches:
-        table.add_row(_shown(batch.batch_id), _shown(batch.name or ""), _when(batch.created_at),
-                      _when(batch.finished_at), str(batch.stats.total), str(batch.stats.completed),
-                      success(batch.stats))
+    for batch, finished in listed:
+        table.add_row(_shown(batch.batch_id), _shown(batch.name or ""), _when(batch.created_at), finished,
+                      str(batch.stats.total), str(batch.stats.completed), success(batch.stats))
     _console().print(table)
     return 0
 

@@ -133,6 +133,9 @@ _OPEN: weakref.WeakSet[SQLiteStore] = weakref.WeakSet()
 _OFD_SETLK: int | None = getattr(fcntl, "F_OFD_SETLK", None)
 """Linux's lock of an open file description: held until that description unlocks it or closes, or its process
 dies, and refused to every other description, in this process or another."""
+_OFD_GETLK: int | None = getattr(fcntl, "F_OFD_GETLK", None)
+_FLOCK = "@hhqqi4x"
+"""Linux's struct flock: type, whence, start, length, pid (0 for a lock of an open file description)."""
 
 
 def _stop_open_stores() -> None:
@@ -383,16 +386,30 @@ class SQLiteStore(Store):
             if self._claims is None:
                 with _file_errors("open the batch locks of", self.path):
                     self._claims = os.open(f"{self.path}-batches", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-            digest = hashlib.blake2b(batch_id.encode(), digest_size=7).digest()
-            lock = struct.pack("@hhqqi4x", how, os.SEEK_SET, 2**62 + int.from_bytes(digest, "big"), 1, 0)
             try:
-                fcntl.fcntl(self._claims, _OFD_SETLK, lock)
+                fcntl.fcntl(self._claims, _OFD_SETLK, _lock(batch_id, how))
             except OSError as exc:
                 if exc.errno not in (errno.EAGAIN, errno.EACCES):
                     raise StoreError(f"cannot lock batch {batch_id!r} in {self.path}-batches: {exc}") from exc
                 raise _running_elsewhere(batch_id, self.path) from None
         if how == fcntl.F_WRLCK:
             self._claimed.add(batch_id)
+
+    def is_running(self, batch_id: str) -> bool:
+        """Whether a scheduler runs ``batch_id`` now, in this process or another: whether it holds the batch's
+        lock (see :meth:`_claim`; on other systems than Linux, only a scheduler with this store is seen)."""
+        batch_id = _text(batch_id)
+        if batch_id in self._claimed or _OFD_GETLK is None:
+            return batch_id in self._claimed
+        try:
+            fd = os.open(f"{self.path}-batches", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:  # none: no batch was ever run with this version
+            return False
+        try:
+            held = fcntl.fcntl(fd, _OFD_GETLK, _lock(batch_id, fcntl.F_WRLCK))
+        finally:
+            os.close(fd)  # a lock of an open file description is not dropped by closing another
+        return bool(struct.unpack(_FLOCK, held)[0] != fcntl.F_UNLCK)
 
     async def _write_loop(self) -> None:
         try:
@@ -798,6 +815,13 @@ async def _insert_results(db: aiosqlite.Connection, results: Sequence[TaskResult
     if rest:
         await db.execute(_lean_sql(len(rest) // _LEAN_PARAMETERS), rest)
     await _insert(db, full, ("id", *_COLUMNS))
+
+
+def _lock(batch_id: str, how: int) -> bytes:
+    """The struct flock of ``batch_id``'s lock: one byte, at an offset of 2**62 and a hash of the id (SQLite locks
+    bytes at 1 GiB)."""
+    digest = hashlib.blake2b(batch_id.encode(), digest_size=7).digest()
+    return struct.pack(_FLOCK, how, os.SEEK_SET, 2**62 + int.from_bytes(digest, "big"), 1, 0)
 
 
 def _running_elsewhere(batch_id: str, path: str) -> ConfigurationError:

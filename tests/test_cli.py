@@ -27,7 +27,7 @@ import pytest
 import asyncsched._cli
 import asyncsched._sqlite
 import asyncsched._store
-from asyncsched import Scheduler, SQLiteStore, StoreError, Task
+from asyncsched import Scheduler, SQLiteStore, Status, StoreError, Task, TaskResult
 from asyncsched._cli import main
 
 from . import tasks
@@ -581,6 +581,7 @@ def test_read_commands_work_while_another_process_writes_and_change_nothing(
             time.sleep(0.05)
         batches = read(["batches", os.fspath(db)], capsys)
         assert "live" in batches and "100.0%" in batches  # still running: the 2 results so far completed
+        assert " running " in batches and "interrupted" not in batches  # its process holds its lock
         assert len(read(["results", os.fspath(db), "--format", "jsonl"], capsys).splitlines()) == 2
         Path(release).touch()
         _, err = writer.communicate(timeout=30)
@@ -595,6 +596,23 @@ def test_read_commands_work_while_another_process_writes_and_change_nothing(
         read(argv, capsys)
     assert hashlib.sha256(db.read_bytes()).hexdigest() == before
     assert json.loads(read(["stats", os.fspath(db), "--json"], capsys))["completed"] == 3
+
+
+def test_batches_tells_an_interrupted_batch_from_a_finished_one(tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    db = tmp_path / "r.db"
+
+    async def store_two_batches() -> None:
+        async with SQLiteStore(db) as store:
+            for batch_id in ("done", "cut"):
+                await store.begin_batch(batch_id)
+                store.add(TaskResult(batch_id, "k", Status.COMPLETED, 1))
+            await store.end_batch("done")
+        # closed with "cut" not ended, as when its process is killed: its lock went with the store
+
+    asyncio.run(store_two_batches())
+    rows = {line.split()[0]: line for line in read(["batches", os.fspath(db)], capsys).splitlines()[2:]}
+    assert "interrupted" in rows["cut"] and re.search(r" \d{4}-\d\d-\d\d \d\d:\d\d:\d\d ", rows["done"]), rows
 
 
 async def test_a_readonly_store_reads_and_refuses_to_write(tmp_path: Path) -> None:
