@@ -44,6 +44,24 @@ def in_main() -> None:
 in_main.__module__ = "__main__"
 
 
+class Account:
+    """A class with a method: by name, a worker finds the plain function, without the instance."""
+
+    def __init__(self, balance: int) -> None:
+        self.balance = balance
+
+    def deposit(self, amount: int) -> int:
+        return self.balance + amount
+
+    @classmethod
+    def opened(cls, balance: int) -> int:
+        return balance
+
+
+class Savings(Account):
+    pass
+
+
 def scheduler_on(worker: CeleryWorker, **options: object) -> Scheduler:
     return Scheduler(backend=CeleryBackend(worker.broker, worker.backend, capacity=2), **options)  # type: ignore[arg-type]
 
@@ -102,6 +120,25 @@ def test_functions_travel_by_name() -> None:
     assert target_of(len, ("ab",)) == ("builtins:len", ["ab"], {})
     with pytest.raises(TaskDefinitionError, match="cannot be imported by name"):
         target_of(in_main, ())
+    # a class method of the class that defines it is found bound the same way by name
+    assert target_of(Account.opened, (1,)) == ("tests.test_celery_backend:Account.opened", [1], {})
+
+
+@pytest.mark.parametrize("method", [Account(100).deposit, functools.partial(Account(100).deposit, 5),
+                                    Savings.opened], ids=["bound", "partial", "subclass"])
+def test_a_bound_method_is_refused_as_its_instance_cannot_travel(method: Callable[..., Any]) -> None:
+    # it was sent as Account.deposit without its instance: the worker called deposit(5) with self=5
+    with pytest.raises(TaskDefinitionError, match=r"is a bound method: Celery runs functions by name, and the "
+                       r"(instance|class) it is bound to cannot travel with it; use a module-level function$"):
+        target_of(method, (5,))
+
+
+async def test_a_bound_method_fails_at_submit(celery_worker: CeleryWorker) -> None:
+    async with scheduler_on(celery_worker) as scheduler:
+        summary = await scheduler.run([Task(Account(100).deposit, 5)])
+    result = summary.results[0]
+    assert result.status is Status.FAILED and result.error_type == "asyncsched.TaskDefinitionError"
+    assert result.attempts == 1 and "is a bound method" in (result.error or "")
 
 
 def test_needs_urls_or_an_app_and_a_redis_result_backend() -> None:

@@ -57,6 +57,7 @@ import argparse
 import asyncio
 import concurrent.futures
 import functools
+import inspect
 import logging
 import time
 import uuid
@@ -182,13 +183,24 @@ def celery_worker_main(argv: Sequence[str] | None = None) -> int:
 
 
 def target_of(fn: Callable[..., Any], args: tuple[Any, ...]) -> tuple[str, list[Any], dict[str, Any]]:
-    """``("module:qualname", args, kwargs)`` for a function a worker can import, unwrapping partials."""
+    """``("module:qualname", args, kwargs)`` for a function a worker can import, unwrapping partials.
+
+    A bound method is refused, but for a class method of the class that defines it (which its name finds
+    bound the same way): by name, a worker would find the plain function and call it without its instance.
+    """
     kwargs: dict[str, Any] = {}
     while isinstance(fn, functools.partial):
         args = fn.args + args
         kwargs = {**fn.keywords, **kwargs}
         fn = fn.func
     module, qualname = getattr(fn, "__module__", None), getattr(fn, "__qualname__", None)
+    if inspect.ismethod(fn):
+        owner = fn.__self__
+        if not isinstance(owner, type) or (owner.__module__, f"{owner.__qualname__}.{fn.__name__}") != (
+                module, qualname):
+            what = "the class" if isinstance(owner, type) else "the instance"
+            raise TaskDefinitionError(f"{fn!r} is a bound method: Celery runs functions by name, and {what} it is "
+                                      "bound to cannot travel with it; use a module-level function")
     if not module or not qualname or "<" in qualname or module == "__main__":
         raise TaskDefinitionError(f"{fn!r} cannot be imported by name in a Celery worker: define it at module "
                                   "level in a module the workers can import")
