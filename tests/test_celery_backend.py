@@ -8,7 +8,10 @@ import contextlib
 import functools
 import gc
 import logging
+import os
 import re
+import subprocess
+import sys
 import threading
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -112,6 +115,30 @@ async def next_start(events: object) -> TaskStarted:
 
 def test_the_worker_logs_celerys_ready_line(celery_worker: CeleryWorker) -> None:
     assert re.search(r"INFO/MainProcess\] celery@\S+ ready\.$", celery_worker.ready_line), celery_worker.ready_line
+
+
+def test_the_worker_exits_1_after_an_unrecoverable_error(redis_url: str, tmp_path: Path) -> None:
+    pidfile = tmp_path / "missing" / "worker.pid"  # the worker cannot take its pid file: Celery gives up at its start
+    ran = subprocess.run([sys.executable, "-m", "asyncsched", "celery-worker", "--broker", f"{redis_url}/0",
+                          "--backend", f"{redis_url}/1", "--pidfile", os.fspath(pidfile), "--without-mingle",
+                          "--without-gossip"], cwd=services.ROOT, env={**os.environ, "PYTHONPATH": str(services.ROOT)},
+                         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                         timeout=60)
+    assert "Unrecoverable error" in ran.stdout, ran.stdout
+    assert ran.returncode == 1, ran.stdout  # it exited 0, as after a clean stop
+
+
+@pytest.mark.parametrize(("option", "message"), [
+    (["--pool", "bogus"], r"Invalid value for '-P' / '--pool': 'bogus' is not one of 'prefork', .*"),
+    (["--no-such-option"], r"No such option '--no-such-option'.*"),
+], ids=["bad-value", "unknown-option"])
+def test_a_bad_worker_option_is_a_usage_error_in_one_line(option: list[str], message: str,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    # click's exception came out as a traceback
+    assert _celery.celery_worker_main(["--broker", "redis://127.0.0.1:1/0", "--backend", "redis://127.0.0.1:1/1",
+                                       *option]) == 2
+    err = capsys.readouterr().err
+    assert re.fullmatch(rf"asyncsched celery-worker: error: {message}\n", err), err
 
 
 def test_functions_travel_by_name() -> None:

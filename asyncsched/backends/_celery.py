@@ -59,6 +59,7 @@ import concurrent.futures
 import functools
 import inspect
 import logging
+import sys
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -175,11 +176,35 @@ def celery_worker_main(argv: Sequence[str] | None = None) -> int:
         worker_argv.append(f"--concurrency={options.concurrency}")
     if options.hostname:
         worker_argv.append(f"--hostname={options.hostname}")
+    return _run_worker(app, worker_argv)
+
+
+def _run_worker(app: Celery, argv: list[str]) -> int:
+    """Run ``celery worker`` for ``app`` and return its exit status.
+
+    This is ``app.worker_main(argv)`` less what it loses: Celery's worker exits
+    with status 1 after an unrecoverable error, which ``worker_main`` drops (it
+    returned as after a clean stop), and a bad option is one line, status 2,
+    where ``worker_main`` raises click's exception.
+    """
+    import click
+    from celery.bin.celery import celery as celery_command
+
+    option = next(param for param in celery_command.params if param.name == "app")
+    option.default = app  # as app.start() does: the command's --app is this app
     try:
-        app.worker_main(worker_argv)
+        code = celery_command.main(args=argv, standalone_mode=False)
+    except click.ClickException as exc:
+        message = " ".join(exc.format_message().split())  # Celery's own can take several lines
+        print(f"asyncsched celery-worker: error: {message}", file=sys.stderr)
+        return exc.exit_code
     except SystemExit as exit_:
-        return exit_.code if isinstance(exit_.code, int) else 1
-    return 0
+        code = exit_.code
+    finally:
+        option.default = None
+    if code is None:
+        return 0
+    return code if isinstance(code, int) else 1
 
 
 def target_of(fn: Callable[..., Any], args: tuple[Any, ...]) -> tuple[str, list[Any], dict[str, Any]]:
