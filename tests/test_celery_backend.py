@@ -175,6 +175,34 @@ def test_needs_urls_or_an_app_and_a_redis_result_backend() -> None:
         CeleryBackend("redis://127.0.0.1:1/0", "rpc://")
 
 
+@pytest.mark.parametrize(("broker", "backend", "message"), [
+    ("redsi://:secret@127.0.0.1:1/0", "redis://127.0.0.1:1/1",  # it raised KeyError: 'No such transport: redsi'
+     r"the Celery broker URL redsi://:\*\*@127\.0\.0\.1:1/0 cannot be used \(No such transport: redsi\..*\): "
+     r"check its scheme"),
+    ("redis://127.0.0.1:1/0", "redsi://:secret@127.0.0.1:1/1",  # it raised ModuleNotFoundError: No module named 'redsi'
+     r"the Celery result backend URL redsi://:\*\*@127\.0\.0\.1:1/1 cannot be used \(no result backend has the "
+     r"scheme 'redsi'\): CeleryBackend needs a Redis result backend, redis://"),
+    ("redis://127.0.0.1:1/0", "redis://:secret@127.0.0.1:port/1",
+     r"the Celery result backend URL redis://:\*\*@127\.0\.0\.1:port/1 cannot be used \(.*port.*\): .*"),
+    ("redis://127.0.0.1:1/0", "rpc://guest:secret@127.0.0.1:1//",
+     r"CeleryBackend streams results over Redis pub/sub: the app's result backend must be redis://, "
+     r"got 'rpc://guest:\*\*@127\.0\.0\.1:1//'"),
+], ids=["broker-scheme", "backend-scheme", "backend-port", "backend-not-redis"])
+def test_a_url_that_cannot_be_used_is_a_configuration_error_naming_it(broker: str, backend: str,
+                                                                        message: str) -> None:
+    with pytest.raises(ConfigurationError, match=f"^{message}$") as caught:
+        CeleryBackend(broker, backend)
+    assert "secret" not in str(caught.value)
+
+
+def test_the_worker_refuses_a_url_that_cannot_be_used_in_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    # the worker started, logged an unrecoverable error, and exited
+    assert _celery.celery_worker_main(["--broker", "redis://127.0.0.1:1/0", "--backend", "redsi://127.0.0.1:1/1"]) == 2
+    assert capsys.readouterr().err == ("asyncsched celery-worker: error: the Celery result backend URL "
+                                       "redsi://127.0.0.1:1/1 cannot be used (no result backend has the scheme "
+                                       "'redsi'): CeleryBackend needs a Redis result backend, redis://\n")
+
+
 async def test_keyword_arguments_and_json_values(celery_worker: CeleryWorker) -> None:
     async with scheduler_on(celery_worker) as scheduler:
         summary = await scheduler.run([Task(functools.partial(tasks.add, b=10), 5), Task(tasks.identity, (1, "a")),

@@ -59,6 +59,7 @@ import concurrent.futures
 import functools
 import inspect
 import logging
+import re
 import sys
 import time
 import uuid
@@ -154,6 +155,40 @@ def _client_options(conf: Any) -> dict[str, Any]:
     }
 
 
+def _check_urls(app: Celery) -> None:
+    """Raise ConfigurationError, naming the URL without its password, when ``app``'s broker has a scheme kombu has
+    no transport for, or its result backend cannot be made (an unknown scheme, ...) or is not Redis.
+
+    Nothing is connected to: each would fail later, at the first send or when a worker starts, with kombu's
+    or Celery's own error (``KeyError: 'No such transport: redsi'``, ``No module named 'redsi'``).
+    """
+    try:
+        with app.connection_for_write() as connection:
+            connection.get_transport_cls()
+    except (KeyError, ImportError) as exc:  # KeyError: kombu's "No such transport"
+        name = _broker_name(app)
+        if isinstance(exc, KeyError):
+            reason, advice = (exc.args[0] if exc.args else _reason(exc)), "check its scheme"
+        else:
+            reason, advice = _reason(exc), "install what its transport needs"
+        raise ConfigurationError(f"the Celery broker URL {name} cannot be used ({reason}): {advice}") from exc
+    url = app.conf.result_backend
+    name = _hidden(url) if isinstance(url, str) else str(url)
+    try:
+        backend = app.backend
+    except Exception as exc:  # the backend's class cannot be found or imported, or refuses the URL
+        scheme = url.partition("://")[0].partition("+")[0] if isinstance(url, str) else None
+        if isinstance(exc, ModuleNotFoundError) and scheme and exc.name == scheme:  # Celery took it for a module
+            reason = f"no result backend has the scheme {scheme!r}"
+        else:
+            reason = _reason(exc).replace(url, name) if isinstance(url, str) else _reason(exc)
+        raise ConfigurationError(f"the Celery result backend URL {name} cannot be used ({reason}): CeleryBackend "
+                                 "needs a Redis result backend, redis://") from exc
+    if not isinstance(backend, RedisBackend):
+        raise ConfigurationError("CeleryBackend streams results over Redis pub/sub: the app's result backend "
+                                 f"must be redis://, got {name!r}")
+
+
 def celery_worker_main(argv: Sequence[str] | None = None) -> int:
     """``asyncsched celery-worker --broker URL --backend URL [--concurrency N]``: a Celery worker for asyncsched.
 
@@ -171,6 +206,11 @@ def celery_worker_main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--loglevel", default="INFO")
     options, rest = parser.parse_known_args(argv)
     app = make_app(options.broker, options.backend)
+    try:
+        _check_urls(app)
+    except ConfigurationError as exc:
+        print(f"asyncsched celery-worker: error: {exc}", file=sys.stderr)
+        return 2
     worker_argv = ["worker", f"--loglevel={options.loglevel}", *rest]
     if options.concurrency:
         worker_argv.append(f"--concurrency={options.concurrency}")
@@ -280,9 +320,7 @@ class CeleryBackend(Backend):
             app = make_app(broker_url, backend_url)
             app.conf.update(_client_options(app.conf))
         self.app = app
-        if not isinstance(self.app.backend, RedisBackend):
-            raise ConfigurationError("CeleryBackend streams results over Redis pub/sub: the app's result backend "
-                                     f"must be redis://, got {self.app.conf.result_backend!r}")
+        _check_urls(self.app)
         register_task(self.app)
         self.capacity = capacity
         self._prefix = f"asyncsched-{uuid.uuid4().hex[:12]}-"
@@ -290,7 +328,7 @@ class CeleryBackend(Backend):
         self._keyprefix: str = keyprefix.decode() if isinstance(keyprefix, bytes) else keyprefix
         self._backend_url: str = self.app.conf.result_backend
         self._broker_name: str = _broker_name(self.app)
-        self._backend_name: str = maybe_sanitize_url(self._backend_url)
+        self._backend_name: str = _hidden(self._backend_url)
         self._submitted = 0  # the number of the next send
         self._unsent: tuple[int, str, BaseException] | None = None  # the sends before this number fail: why
         self._lost: tuple[str, BaseException] | None = None  # the result backend is lost: why
@@ -624,9 +662,17 @@ def _broker_name(app: Celery) -> str:
     """The broker's URL for messages, without its password."""
     url = app.conf.broker_write_url or app.conf.broker_url
     if isinstance(url, str):
-        return str(maybe_sanitize_url(url))
+        return _hidden(url)
     with app.connection_for_write() as connection:  # a list of URLs, or Celery's default: as kombu shows it
         return str(connection.as_uri())
+
+
+def _hidden(url: str) -> str:
+    """``url`` without its password (also a URL kombu cannot parse, whose port is not a number, say)."""
+    try:
+        return str(maybe_sanitize_url(url))
+    except ValueError:
+        return re.sub(r"(://[^/@]*?:)[^/@]*@", r"\1**@", url)
 
 
 def _reason(exc: BaseException) -> str:
