@@ -22,6 +22,7 @@ import redis.asyncio
 
 from asyncsched import (
     BackendUnreachableError,
+    ClosedError,
     ConfigurationError,
     Scheduler,
     Status,
@@ -220,6 +221,22 @@ async def test_an_argument_that_is_not_json_is_not_retried(celery_worker: Celery
     result = summary.results[0]
     assert result.status is Status.FAILED and "EncodeError" in (result.error or "")
     assert result.attempts == 1  # it would fail the same way again
+
+
+async def test_a_closed_backend_refuses_to_start_again(celery_worker: CeleryWorker,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    backend = CeleryBackend(celery_worker.broker, celery_worker.backend, capacity=2)
+    async with Scheduler(backend=backend) as scheduler:
+        assert (await scheduler.run([Task(tasks.add, 1)])).results[0].value == 1
+
+    def connect(*_: object, **__: object) -> None:  # what it would open, its closing would leave open
+        raise AssertionError("the closed backend connected to its result backend again")
+
+    monkeypatch.setattr(redis.asyncio.Redis, "from_url", connect)
+    # it started, then each task crashed: "cannot schedule new futures after shutdown"
+    with pytest.raises(ClosedError, match=r"^this CeleryBackend was closed; create a new one$"):
+        async with Scheduler(backend=backend) as scheduler:
+            await scheduler.run([Task(tasks.add, 2)])
 
 
 async def test_a_crashing_task_is_redelivered_once_then_recorded_crashed(celery_worker: CeleryWorker) -> None:

@@ -74,7 +74,7 @@ from kombu.exceptions import EncodeError, KombuError, OperationalError
 from kombu.utils.url import maybe_sanitize_url
 
 from .._backend import Backend, Emit
-from .._errors import BackendUnreachableError, ConfigurationError, TaskDefinitionError
+from .._errors import BackendUnreachableError, ClosedError, ConfigurationError, TaskDefinitionError
 from .._models import Attempt, Outcome, Status, TaskReported, TaskStarted
 from .._worker import error_info
 from ._remote import REPORT_STATE, run_by_name
@@ -344,7 +344,10 @@ class CeleryBackend(Backend):
 
     async def start(self) -> None:
         """Connect to the result backend and try the broker: raise BackendUnreachableError when either cannot be
-        reached (both are tried at once; the module's documentation gives the bounds)."""
+        reached (both are tried at once; the module's documentation gives the bounds). A backend that was closed
+        raises ClosedError: its publisher thread is shut down."""
+        if self._closed:
+            raise ClosedError("this CeleryBackend was closed; create a new one")
         broker = asyncio.get_running_loop().run_in_executor(None, self._reach_broker)
         self._redis = redis.asyncio.Redis.from_url(self._backend_url, socket_connect_timeout=SOCKET_TIMEOUT,
                                                    socket_timeout=SOCKET_TIMEOUT)
