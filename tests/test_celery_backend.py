@@ -98,6 +98,15 @@ async def on_a_broker_to_lose(redis_url: str, monkeypatch: pytest.MonkeyPatch) -
             yield scheduler, broker, sent, broker_server.close
 
 
+async def store_meta(backend: CeleryBackend, task_id: str, state: str, result: Any) -> None:
+    """Store a task's state in the result backend and publish it, as a Celery worker does."""
+    key = backend.app.backend.get_key_for_task(task_id)
+    payload = backend.app.backend.encode({"status": state, "result": result, "traceback": None, "task_id": task_id})
+    async with redis.asyncio.Redis.from_url(backend.app.conf.result_backend) as client:
+        await client.set(key, payload)
+        await client.publish(key, payload)
+
+
 def unreachable(summary: Summary, pattern: str) -> None:
     """Every task of ``summary`` failed because a server could not be reached, as ``pattern`` says."""
     for result in summary.results:
@@ -237,6 +246,24 @@ async def test_a_closed_backend_refuses_to_start_again(celery_worker: CeleryWork
     with pytest.raises(ClosedError, match=r"^this CeleryBackend was closed; create a new one$"):
         async with Scheduler(backend=backend) as scheduler:
             await scheduler.run([Task(tasks.add, 2)])
+
+
+async def test_a_started_task_without_a_result_past_its_time_limit_times_out_and_says_why(
+        redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_celery, "TIME_LIMIT_GRACE", 0.2)
+    backend = CeleryBackend(f"{redis_url}/4", f"{redis_url}/5", capacity=2)  # no worker reads this broker
+    sent = announce_sends(backend, monkeypatch)
+    async with Scheduler(backend=backend) as scheduler:
+        running = asyncio.ensure_future(scheduler.run([Task(tasks.add, 1, timeout=0.5)]))
+        task_id = await sent.get()
+        # its start, as a worker that then died (or that cannot enforce time limits) would have stored it
+        await store_meta(backend, task_id, "STARTED", {"pid": 1, "started_at": 0.0})
+        summary = await running
+    result = summary.results[0]
+    assert result.status is Status.TIMED_OUT and result.error_type == "TimeoutError"
+    # it said "the worker did not enforce the time limit", also when the worker was lost
+    assert result.error == ("timed out after 0.5s; no result within the timeout and 0.2s more: the worker did not "
+                            "enforce the time limit or was lost; the task was revoked")
 
 
 async def test_a_crashing_task_is_redelivered_once_then_recorded_crashed(celery_worker: CeleryWorker) -> None:

@@ -538,8 +538,9 @@ class CeleryBackend(Backend):
         if pending is None:
             return
         self._finish(task_id, Outcome(
-            Status.TIMED_OUT, error=f"timed out after {pending.attempt.timeout:g}s; the worker did not enforce "
-            "the time limit, so the task was revoked", error_type="TimeoutError", pid=pending.pid))
+            Status.TIMED_OUT, error=f"timed out after {pending.attempt.timeout:g}s; no result within the timeout and "
+            f"{TIME_LIMIT_GRACE:g}s more: the worker did not enforce the time limit or was lost; the task was revoked",
+            error_type="TimeoutError", pid=pending.pid))
         self._revoke(task_id)
 
     # -- results and progress --------------------------------------------------------------
