@@ -266,6 +266,18 @@ async def test_a_started_task_without_a_result_past_its_time_limit_times_out_and
                             "enforce the time limit or was lost; the task was revoked")
 
 
+async def test_results_read_to_their_end_are_deleted_from_the_result_backend(
+        celery_worker: CeleryWorker, monkeypatch: pytest.MonkeyPatch) -> None:
+    backend = CeleryBackend(celery_worker.broker, celery_worker.backend, capacity=2)
+    sent = announce_sends(backend, monkeypatch)
+    async with Scheduler(backend=backend) as scheduler:
+        summary = await scheduler.run([Task(tasks.add, 1), Task(faults.boom), Task(tasks.reporting, 3)])
+    assert [r.status for r in summary.results] == [Status.COMPLETED, Status.FAILED, Status.COMPLETED]
+    keys = [backend.app.backend.get_key_for_task(sent.get_nowait()) for _ in range(3)]
+    async with redis.asyncio.Redis.from_url(celery_worker.backend) as client:
+        assert await client.exists(*keys) == 0  # they stayed for an hour (result_expires) after they were read
+
+
 async def test_a_crashing_task_is_redelivered_once_then_recorded_crashed(celery_worker: CeleryWorker) -> None:
     async with scheduler_on(celery_worker) as scheduler:
         events = scheduler.events()

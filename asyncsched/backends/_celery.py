@@ -334,6 +334,8 @@ class CeleryBackend(Backend):
         self._lost: tuple[str, BaseException] | None = None  # the result backend is lost: why
         self._pending: dict[str, _Pending] = {}
         self._revoking: list[str] = []
+        self._forgotten: list[str] = []  # the keys of results read to their end, to delete from the result backend
+        self._deleter: asyncio.Task[None] | None = None
         self._publisher = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="asyncsched-celery-publish")
         self._redis: redis.asyncio.Redis | None = None
         self._pubsub: Any = None
@@ -430,6 +432,9 @@ class CeleryBackend(Backend):
             while not self._listener.done():
                 self._listener.cancel()
                 await asyncio.wait([self._listener], timeout=CANCEL_RETRY)
+        if self._deleter is not None:  # the last results read: deleted, or given up with the result backend
+            await asyncio.wait([self._deleter], timeout=SOCKET_TIMEOUT)
+            self._deleter.cancel()
         if self._pubsub is not None:
             await self._pubsub.aclose()
         if self._redis is not None:
@@ -630,6 +635,24 @@ class CeleryBackend(Backend):
                                       attempt.number, result.get("data") or None))
         elif state in _FINAL_STATES:
             self._finish(task_id, self._outcome(pending, state, result, meta.get("traceback")))
+            self._forget(key)
+
+    def _forget(self, key: str) -> None:
+        """Delete a result that has been read to its end from the result backend (Celery keeps it for
+        ``result_expires``): one DEL at a time, of every key read meanwhile."""
+        self._forgotten.append(key)
+        if self._deleter is None or self._deleter.done():
+            self._deleter = asyncio.ensure_future(self._delete_forgotten())
+
+    async def _delete_forgotten(self) -> None:
+        await asyncio.sleep(0)  # the results read in the same loop iteration go in the same DEL
+        while self._forgotten and self._redis is not None:
+            keys, self._forgotten = self._forgotten, []
+            try:
+                await self._redis.delete(*keys)
+            except _REDIS_ERRORS as exc:  # they expire after result_expires all the same
+                logger.debug("asyncsched: could not delete %d results from the Celery result backend %s (%s)",
+                             len(keys), self._backend_name, _reason(exc))
 
     @staticmethod
     def _outcome(pending: _Pending, state: str, result: Any, traceback: str | None) -> Outcome:
