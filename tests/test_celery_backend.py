@@ -278,6 +278,38 @@ async def test_results_read_to_their_end_are_deleted_from_the_result_backend(
         assert await client.exists(*keys) == 0  # they stayed for an hour (result_expires) after they were read
 
 
+async def test_a_task_killed_at_its_time_limit_stores_no_result_of_its_own(celery_worker: CeleryWorker) -> None:
+    backend = CeleryBackend(celery_worker.broker, celery_worker.backend, capacity=2)
+    async with Scheduler(backend=backend) as scheduler, \
+            redis.asyncio.Redis.from_url(celery_worker.backend) as client, \
+            client.pubsub(ignore_subscribe_messages=True) as states:
+        await states.psubscribe(f"{backend.app.backend.get_key_for_task(backend._prefix).decode()}*")
+        events = scheduler.events()
+        running = asyncio.ensure_future(scheduler.run([Task(faults.hang, timeout=0.5)]))
+        started = await next_start(events)
+        summary = await running
+        assert started.pid is not None and wait_gone(started.pid)  # all it stored is published
+        await client.publish(b"%s-end" % backend.app.backend.get_key_for_task(backend._prefix), b"end")
+        published = []
+        async for message in states.listen():
+            if message["data"] == b"end":
+                break
+            published.append(backend.app.backend.decode(message["data"]))
+    assert summary.results[0].status is Status.TIMED_OUT
+    # the child, terminated, stored a SUCCESS with "SystemExit: -241" over Celery's TimeLimitExceeded: read by
+    # the fallback sweep (after a reconnect, say), the task was recorded failed
+    final = [meta for meta in published if meta["status"] != "STARTED"]
+    assert final and all(meta["status"] == "FAILURE" and meta["result"]["exc_type"] == "TimeLimitExceeded"
+                         for meta in final), published  # Celery stores it twice
+
+
+async def test_a_task_that_calls_sys_exit_is_recorded_failed(celery_worker: CeleryWorker) -> None:
+    async with scheduler_on(celery_worker) as scheduler:
+        summary = await scheduler.run([Task(sys.exit, 4)])
+    result = summary.results[0]
+    assert result.status is Status.FAILED and result.error_type == "SystemExit" and result.error == "SystemExit: 4"
+
+
 async def test_a_crashing_task_is_redelivered_once_then_recorded_crashed(celery_worker: CeleryWorker) -> None:
     async with scheduler_on(celery_worker) as scheduler:
         events = scheduler.events()
