@@ -10,9 +10,13 @@ import gc
 import logging
 import os
 import re
+import shutil
+import signal
+import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -64,6 +68,18 @@ class Account:
 
 class Savings(Account):
     pass
+
+
+def kill_then_return(pid: int, port: int) -> str:
+    """Kill the Redis server ``pid`` (the result backend) and return once its ``port`` refuses connections: the
+    worker stores the result while the result backend is down."""
+    os.kill(pid, signal.SIGKILL)
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        except OSError:
+            return "done"
+        time.sleep(0.01)
 
 
 def scheduler_on(worker: CeleryWorker, **options: object) -> Scheduler:
@@ -308,6 +324,28 @@ async def test_a_task_that_calls_sys_exit_is_recorded_failed(celery_worker: Cele
         summary = await scheduler.run([Task(sys.exit, 4)])
     result = summary.results[0]
     assert result.status is Status.FAILED and result.error_type == "SystemExit" and result.error == "SystemExit: 4"
+
+
+@pytest.mark.timeout(60)
+async def test_a_result_stored_while_the_result_backend_is_down_arrives_once_it_is_back(redis_url: str) -> None:
+    port = services.free_port()
+    server = [shutil.which("redis-server") or "redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save",
+              "", "--appendonly", "no"]
+    backend_url, broker = f"redis://127.0.0.1:{port}/1", f"{redis_url}/6"
+    with contextlib.ExitStack() as stack:
+        first = stack.enter_context(contextlib.ExitStack())
+        first.enter_context(services.service(server, "Ready to accept connections"))
+        stack.enter_context(services.celery_worker(broker, backend_url, concurrency=1))
+        async with redis.asyncio.Redis.from_url(backend_url) as admin:
+            pid = (await admin.info("server"))["process_id"]
+        async with Scheduler(backend=CeleryBackend(broker, backend_url, capacity=1)) as scheduler:
+            running = asyncio.ensure_future(scheduler.run([Task(kill_then_return, pid, port)]))
+            assert await asyncio.to_thread(wait_gone, pid)
+            first.close()
+            stack.enter_context(services.service(server, "Ready to accept connections"))  # back, empty
+            async with asyncio.timeout(30):
+                summary = await running  # it waited for ever: the worker gave up storing the result at once
+    assert summary.results[0].value == "done"
 
 
 async def test_a_crashing_task_is_redelivered_once_then_recorded_crashed(celery_worker: CeleryWorker) -> None:

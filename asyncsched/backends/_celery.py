@@ -101,6 +101,10 @@ REVOKE_EXPIRES = 1.0
 """Seconds a revoke broadcast stays valid for the workers (Celery's default broadcast timeout)."""
 CANCEL_RETRY = 0.1
 """Seconds between two cancellations of the listener when the first is lost."""
+STORE_RETRIES = 120
+STORE_RETRY_MAX_SLEEP = 1.0
+"""A worker that cannot store a task's state (its start, a report, its result) tries again, up to STORE_RETRIES
+times, each after a random wait of at most STORE_RETRY_MAX_SLEEP seconds: about a minute, past RECONNECT_TIMEOUT."""
 
 _FINAL_STATES = frozenset({"SUCCESS", "FAILURE", "REVOKED"})
 _REDIS_ERRORS = (redis.ConnectionError, redis.TimeoutError, OSError)
@@ -119,7 +123,12 @@ def register_task(app: Celery) -> Any:
 
 
 def make_app(broker_url: str | None = None, backend_url: str | None = None) -> Celery:
-    """A Celery app configured for asyncsched: JSON only, late acks, one task per child at a time."""
+    """A Celery app configured for asyncsched: JSON only, late acks, one task per child at a time.
+
+    Its workers keep trying to store a state while the result backend cannot be reached (STORE_RETRIES), the
+    child waiting meanwhile: by default Celery gives up at once, and the task's message is acknowledged all the
+    same, so a task that ended, or that was taken and could not store its start, was lost for good.
+    """
     app = Celery("asyncsched", broker=broker_url, backend=backend_url, set_as_current=False)
     app.conf.update(
         task_serializer="json",
@@ -131,6 +140,9 @@ def make_app(broker_url: str | None = None, backend_url: str | None = None) -> C
         worker_prefetch_multiplier=1,
         result_expires=3600,
         broker_connection_retry_on_startup=True,
+        result_backend_always_retry=True,
+        result_backend_max_retries=STORE_RETRIES,
+        result_backend_max_sleep_between_retries_ms=int(STORE_RETRY_MAX_SLEEP * 1000),
     )
     register_task(app)
     return app
