@@ -8,8 +8,15 @@ import contextlib
 import functools
 import gc
 import logging
+import os
 import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
 import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -19,6 +26,7 @@ import redis.asyncio
 
 from asyncsched import (
     BackendUnreachableError,
+    ClosedError,
     ConfigurationError,
     Scheduler,
     Status,
@@ -42,6 +50,36 @@ def in_main() -> None:
 
 
 in_main.__module__ = "__main__"
+
+
+class Account:
+    """A class with a method: by name, a worker finds the plain function, without the instance."""
+
+    def __init__(self, balance: int) -> None:
+        self.balance = balance
+
+    def deposit(self, amount: int) -> int:
+        return self.balance + amount
+
+    @classmethod
+    def opened(cls, balance: int) -> int:
+        return balance
+
+
+class Savings(Account):
+    pass
+
+
+def kill_then_return(pid: int, port: int) -> str:
+    """Kill the Redis server ``pid`` (the result backend) and return once its ``port`` refuses connections: the
+    worker stores the result while the result backend is down."""
+    os.kill(pid, signal.SIGKILL)
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        except OSError:
+            return "done"
+        time.sleep(0.01)
 
 
 def scheduler_on(worker: CeleryWorker, **options: object) -> Scheduler:
@@ -76,6 +114,15 @@ async def on_a_broker_to_lose(redis_url: str, monkeypatch: pytest.MonkeyPatch) -
             yield scheduler, broker, sent, broker_server.close
 
 
+async def store_meta(backend: CeleryBackend, task_id: str, state: str, result: Any) -> None:
+    """Store a task's state in the result backend and publish it, as a Celery worker does."""
+    key = backend.app.backend.get_key_for_task(task_id)
+    payload = backend.app.backend.encode({"status": state, "result": result, "traceback": None, "task_id": task_id})
+    async with redis.asyncio.Redis.from_url(backend.app.conf.result_backend) as client:
+        await client.set(key, payload)
+        await client.publish(key, payload)
+
+
 def unreachable(summary: Summary, pattern: str) -> None:
     """Every task of ``summary`` failed because a server could not be reached, as ``pattern`` says."""
     for result in summary.results:
@@ -96,12 +143,55 @@ def test_the_worker_logs_celerys_ready_line(celery_worker: CeleryWorker) -> None
     assert re.search(r"INFO/MainProcess\] celery@\S+ ready\.$", celery_worker.ready_line), celery_worker.ready_line
 
 
+def test_the_worker_exits_1_after_an_unrecoverable_error(redis_url: str, tmp_path: Path) -> None:
+    pidfile = tmp_path / "missing" / "worker.pid"  # the worker cannot take its pid file: Celery gives up at its start
+    ran = subprocess.run([sys.executable, "-m", "asyncsched", "celery-worker", "--broker", f"{redis_url}/0",
+                          "--backend", f"{redis_url}/1", "--pidfile", os.fspath(pidfile), "--without-mingle",
+                          "--without-gossip"], cwd=services.ROOT, env={**os.environ, "PYTHONPATH": str(services.ROOT)},
+                         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                         timeout=60)
+    assert "Unrecoverable error" in ran.stdout, ran.stdout
+    assert ran.returncode == 1, ran.stdout  # it exited 0, as after a clean stop
+
+
+@pytest.mark.parametrize(("option", "message"), [
+    (["--pool", "bogus"], r"Invalid value for '-P' / '--pool': 'bogus' is not one of 'prefork', .*"),
+    (["--no-such-option"], r"No such option '--no-such-option'.*"),
+], ids=["bad-value", "unknown-option"])
+def test_a_bad_worker_option_is_a_usage_error_in_one_line(option: list[str], message: str,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    # click's exception came out as a traceback
+    assert _celery.celery_worker_main(["--broker", "redis://127.0.0.1:1/0", "--backend", "redis://127.0.0.1:1/1",
+                                       *option]) == 2
+    err = capsys.readouterr().err
+    assert re.fullmatch(rf"asyncsched celery-worker: error: {message}\n", err), err
+
+
 def test_functions_travel_by_name() -> None:
     assert target_of(tasks.add, (1,)) == ("tests.tasks:add", [1], {})
     assert target_of(functools.partial(tasks.add, 1, b=2), ()) == ("tests.tasks:add", [1], {"b": 2})
     assert target_of(len, ("ab",)) == ("builtins:len", ["ab"], {})
     with pytest.raises(TaskDefinitionError, match="cannot be imported by name"):
         target_of(in_main, ())
+    # a class method of the class that defines it is found bound the same way by name
+    assert target_of(Account.opened, (1,)) == ("tests.test_celery_backend:Account.opened", [1], {})
+
+
+@pytest.mark.parametrize("method", [Account(100).deposit, functools.partial(Account(100).deposit, 5),
+                                    Savings.opened], ids=["bound", "partial", "subclass"])
+def test_a_bound_method_is_refused_as_its_instance_cannot_travel(method: Callable[..., Any]) -> None:
+    # it was sent as Account.deposit without its instance: the worker called deposit(5) with self=5
+    with pytest.raises(TaskDefinitionError, match=r"is a bound method: Celery runs functions by name, and the "
+                       r"(instance|class) it is bound to cannot travel with it; use a module-level function$"):
+        target_of(method, (5,))
+
+
+async def test_a_bound_method_fails_at_submit(celery_worker: CeleryWorker) -> None:
+    async with scheduler_on(celery_worker) as scheduler:
+        summary = await scheduler.run([Task(Account(100).deposit, 5)])
+    result = summary.results[0]
+    assert result.status is Status.FAILED and result.error_type == "asyncsched.TaskDefinitionError"
+    assert result.attempts == 1 and "is a bound method" in (result.error or "")
 
 
 def test_needs_urls_or_an_app_and_a_redis_result_backend() -> None:
@@ -109,6 +199,34 @@ def test_needs_urls_or_an_app_and_a_redis_result_backend() -> None:
         CeleryBackend("redis://127.0.0.1:1/0")
     with pytest.raises(ConfigurationError, match="must be redis://"):
         CeleryBackend("redis://127.0.0.1:1/0", "rpc://")
+
+
+@pytest.mark.parametrize(("broker", "backend", "message"), [
+    ("redsi://:secret@127.0.0.1:1/0", "redis://127.0.0.1:1/1",  # it raised KeyError: 'No such transport: redsi'
+     r"the Celery broker URL redsi://:\*\*@127\.0\.0\.1:1/0 cannot be used \(No such transport: redsi\..*\): "
+     r"check its scheme"),
+    ("redis://127.0.0.1:1/0", "redsi://:secret@127.0.0.1:1/1",  # it raised ModuleNotFoundError: No module named 'redsi'
+     r"the Celery result backend URL redsi://:\*\*@127\.0\.0\.1:1/1 cannot be used \(no result backend has the "
+     r"scheme 'redsi'\): CeleryBackend needs a Redis result backend, redis://"),
+    ("redis://127.0.0.1:1/0", "redis://:secret@127.0.0.1:port/1",
+     r"the Celery result backend URL redis://:\*\*@127\.0\.0\.1:port/1 cannot be used \(.*port.*\): .*"),
+    ("redis://127.0.0.1:1/0", "rpc://guest:secret@127.0.0.1:1//",
+     r"CeleryBackend streams results over Redis pub/sub: the app's result backend must be redis://, "
+     r"got 'rpc://guest:\*\*@127\.0\.0\.1:1//'"),
+], ids=["broker-scheme", "backend-scheme", "backend-port", "backend-not-redis"])
+def test_a_url_that_cannot_be_used_is_a_configuration_error_naming_it(broker: str, backend: str,
+                                                                        message: str) -> None:
+    with pytest.raises(ConfigurationError, match=f"^{message}$") as caught:
+        CeleryBackend(broker, backend)
+    assert "secret" not in str(caught.value)
+
+
+def test_the_worker_refuses_a_url_that_cannot_be_used_in_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    # the worker started, logged an unrecoverable error, and exited
+    assert _celery.celery_worker_main(["--broker", "redis://127.0.0.1:1/0", "--backend", "redsi://127.0.0.1:1/1"]) == 2
+    assert capsys.readouterr().err == ("asyncsched celery-worker: error: the Celery result backend URL "
+                                       "redsi://127.0.0.1:1/1 cannot be used (no result backend has the scheme "
+                                       "'redsi'): CeleryBackend needs a Redis result backend, redis://\n")
 
 
 async def test_keyword_arguments_and_json_values(celery_worker: CeleryWorker) -> None:
@@ -128,6 +246,106 @@ async def test_an_argument_that_is_not_json_is_not_retried(celery_worker: Celery
     result = summary.results[0]
     assert result.status is Status.FAILED and "EncodeError" in (result.error or "")
     assert result.attempts == 1  # it would fail the same way again
+
+
+async def test_a_closed_backend_refuses_to_start_again(celery_worker: CeleryWorker,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    backend = CeleryBackend(celery_worker.broker, celery_worker.backend, capacity=2)
+    async with Scheduler(backend=backend) as scheduler:
+        assert (await scheduler.run([Task(tasks.add, 1)])).results[0].value == 1
+
+    def connect(*_: object, **__: object) -> None:  # what it would open, its closing would leave open
+        raise AssertionError("the closed backend connected to its result backend again")
+
+    monkeypatch.setattr(redis.asyncio.Redis, "from_url", connect)
+    # it started, then each task crashed: "cannot schedule new futures after shutdown"
+    with pytest.raises(ClosedError, match=r"^this CeleryBackend was closed; create a new one$"):
+        async with Scheduler(backend=backend) as scheduler:
+            await scheduler.run([Task(tasks.add, 2)])
+
+
+async def test_a_started_task_without_a_result_past_its_time_limit_times_out_and_says_why(
+        redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_celery, "TIME_LIMIT_GRACE", 0.2)
+    backend = CeleryBackend(f"{redis_url}/4", f"{redis_url}/5", capacity=2)  # no worker reads this broker
+    sent = announce_sends(backend, monkeypatch)
+    async with Scheduler(backend=backend) as scheduler:
+        running = asyncio.ensure_future(scheduler.run([Task(tasks.add, 1, timeout=0.5)]))
+        task_id = await sent.get()
+        # its start, as a worker that then died (or that cannot enforce time limits) would have stored it
+        await store_meta(backend, task_id, "STARTED", {"pid": 1, "started_at": 0.0})
+        summary = await running
+    result = summary.results[0]
+    assert result.status is Status.TIMED_OUT and result.error_type == "TimeoutError"
+    # it said "the worker did not enforce the time limit", also when the worker was lost
+    assert result.error == ("timed out after 0.5s; no result within the timeout and 0.2s more: the worker did not "
+                            "enforce the time limit or was lost; the task was revoked")
+
+
+async def test_results_read_to_their_end_are_deleted_from_the_result_backend(
+        celery_worker: CeleryWorker, monkeypatch: pytest.MonkeyPatch) -> None:
+    backend = CeleryBackend(celery_worker.broker, celery_worker.backend, capacity=2)
+    sent = announce_sends(backend, monkeypatch)
+    async with Scheduler(backend=backend) as scheduler:
+        summary = await scheduler.run([Task(tasks.add, 1), Task(faults.boom), Task(tasks.reporting, 3)])
+    assert [r.status for r in summary.results] == [Status.COMPLETED, Status.FAILED, Status.COMPLETED]
+    keys = [backend.app.backend.get_key_for_task(sent.get_nowait()) for _ in range(3)]
+    async with redis.asyncio.Redis.from_url(celery_worker.backend) as client:
+        assert await client.exists(*keys) == 0  # they stayed for an hour (result_expires) after they were read
+
+
+async def test_a_task_killed_at_its_time_limit_stores_no_result_of_its_own(celery_worker: CeleryWorker) -> None:
+    backend = CeleryBackend(celery_worker.broker, celery_worker.backend, capacity=2)
+    async with Scheduler(backend=backend) as scheduler, \
+            redis.asyncio.Redis.from_url(celery_worker.backend) as client, \
+            client.pubsub(ignore_subscribe_messages=True) as states:
+        await states.psubscribe(f"{backend.app.backend.get_key_for_task(backend._prefix).decode()}*")
+        events = scheduler.events()
+        running = asyncio.ensure_future(scheduler.run([Task(faults.hang, timeout=0.5)]))
+        started = await next_start(events)
+        summary = await running
+        assert started.pid is not None and wait_gone(started.pid)  # all it stored is published
+        await client.publish(b"%s-end" % backend.app.backend.get_key_for_task(backend._prefix), b"end")
+        published = []
+        async for message in states.listen():
+            if message["data"] == b"end":
+                break
+            published.append(backend.app.backend.decode(message["data"]))
+    assert summary.results[0].status is Status.TIMED_OUT
+    # the child, terminated, stored a SUCCESS with "SystemExit: -241" over Celery's TimeLimitExceeded: read by
+    # the fallback sweep (after a reconnect, say), the task was recorded failed
+    final = [meta for meta in published if meta["status"] != "STARTED"]
+    assert final and all(meta["status"] == "FAILURE" and meta["result"]["exc_type"] == "TimeLimitExceeded"
+                         for meta in final), published  # Celery stores it twice
+
+
+async def test_a_task_that_calls_sys_exit_is_recorded_failed(celery_worker: CeleryWorker) -> None:
+    async with scheduler_on(celery_worker) as scheduler:
+        summary = await scheduler.run([Task(sys.exit, 4)])
+    result = summary.results[0]
+    assert result.status is Status.FAILED and result.error_type == "SystemExit" and result.error == "SystemExit: 4"
+
+
+@pytest.mark.timeout(60)
+async def test_a_result_stored_while_the_result_backend_is_down_arrives_once_it_is_back(redis_url: str) -> None:
+    port = services.free_port()
+    server = [shutil.which("redis-server") or "redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save",
+              "", "--appendonly", "no"]
+    backend_url, broker = f"redis://127.0.0.1:{port}/1", f"{redis_url}/6"
+    with contextlib.ExitStack() as stack:
+        first = stack.enter_context(contextlib.ExitStack())
+        first.enter_context(services.service(server, "Ready to accept connections"))
+        stack.enter_context(services.celery_worker(broker, backend_url, concurrency=1))
+        async with redis.asyncio.Redis.from_url(backend_url) as admin:
+            pid = (await admin.info("server"))["process_id"]
+        async with Scheduler(backend=CeleryBackend(broker, backend_url, capacity=1)) as scheduler:
+            running = asyncio.ensure_future(scheduler.run([Task(kill_then_return, pid, port)]))
+            assert await asyncio.to_thread(wait_gone, pid)
+            first.close()
+            stack.enter_context(services.service(server, "Ready to accept connections"))  # back, empty
+            async with asyncio.timeout(30):
+                summary = await running  # it waited for ever: the worker gave up storing the result at once
+    assert summary.results[0].value == "done"
 
 
 async def test_a_crashing_task_is_redelivered_once_then_recorded_crashed(celery_worker: CeleryWorker) -> None:

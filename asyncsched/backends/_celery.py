@@ -57,7 +57,10 @@ import argparse
 import asyncio
 import concurrent.futures
 import functools
+import inspect
 import logging
+import re
+import sys
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -71,7 +74,7 @@ from kombu.exceptions import EncodeError, KombuError, OperationalError
 from kombu.utils.url import maybe_sanitize_url
 
 from .._backend import Backend, Emit
-from .._errors import BackendUnreachableError, ConfigurationError, TaskDefinitionError
+from .._errors import BackendUnreachableError, ClosedError, ConfigurationError, TaskDefinitionError
 from .._models import Attempt, Outcome, Status, TaskReported, TaskStarted
 from .._worker import error_info
 from ._remote import REPORT_STATE, run_by_name
@@ -98,6 +101,10 @@ REVOKE_EXPIRES = 1.0
 """Seconds a revoke broadcast stays valid for the workers (Celery's default broadcast timeout)."""
 CANCEL_RETRY = 0.1
 """Seconds between two cancellations of the listener when the first is lost."""
+STORE_RETRIES = 120
+STORE_RETRY_MAX_SLEEP = 1.0
+"""A worker that cannot store a task's state (its start, a report, its result) tries again, up to STORE_RETRIES
+times, each after a random wait of at most STORE_RETRY_MAX_SLEEP seconds: about a minute, past RECONNECT_TIMEOUT."""
 
 _FINAL_STATES = frozenset({"SUCCESS", "FAILURE", "REVOKED"})
 _REDIS_ERRORS = (redis.ConnectionError, redis.TimeoutError, OSError)
@@ -116,7 +123,12 @@ def register_task(app: Celery) -> Any:
 
 
 def make_app(broker_url: str | None = None, backend_url: str | None = None) -> Celery:
-    """A Celery app configured for asyncsched: JSON only, late acks, one task per child at a time."""
+    """A Celery app configured for asyncsched: JSON only, late acks, one task per child at a time.
+
+    Its workers keep trying to store a state while the result backend cannot be reached (STORE_RETRIES), the
+    child waiting meanwhile: by default Celery gives up at once, and the task's message is acknowledged all the
+    same, so a task that ended, or that was taken and could not store its start, was lost for good.
+    """
     app = Celery("asyncsched", broker=broker_url, backend=backend_url, set_as_current=False)
     app.conf.update(
         task_serializer="json",
@@ -128,6 +140,9 @@ def make_app(broker_url: str | None = None, backend_url: str | None = None) -> C
         worker_prefetch_multiplier=1,
         result_expires=3600,
         broker_connection_retry_on_startup=True,
+        result_backend_always_retry=True,
+        result_backend_max_retries=STORE_RETRIES,
+        result_backend_max_sleep_between_retries_ms=int(STORE_RETRY_MAX_SLEEP * 1000),
     )
     register_task(app)
     return app
@@ -152,6 +167,40 @@ def _client_options(conf: Any) -> dict[str, Any]:
     }
 
 
+def _check_urls(app: Celery) -> None:
+    """Raise ConfigurationError, naming the URL without its password, when ``app``'s broker has a scheme kombu has
+    no transport for, or its result backend cannot be made (an unknown scheme, ...) or is not Redis.
+
+    Nothing is connected to: each would fail later, at the first send or when a worker starts, with kombu's
+    or Celery's own error (``KeyError: 'No such transport: redsi'``, ``No module named 'redsi'``).
+    """
+    try:
+        with app.connection_for_write() as connection:
+            connection.get_transport_cls()
+    except (KeyError, ImportError) as exc:  # KeyError: kombu's "No such transport"
+        name = _broker_name(app)
+        if isinstance(exc, KeyError):
+            reason, advice = (exc.args[0] if exc.args else _reason(exc)), "check its scheme"
+        else:
+            reason, advice = _reason(exc), "install what its transport needs"
+        raise ConfigurationError(f"the Celery broker URL {name} cannot be used ({reason}): {advice}") from exc
+    url = app.conf.result_backend
+    name = _hidden(url) if isinstance(url, str) else str(url)
+    try:
+        backend = app.backend
+    except Exception as exc:  # the backend's class cannot be found or imported, or refuses the URL
+        scheme = url.partition("://")[0].partition("+")[0] if isinstance(url, str) else None
+        if isinstance(exc, ModuleNotFoundError) and scheme and exc.name == scheme:  # Celery took it for a module
+            reason = f"no result backend has the scheme {scheme!r}"
+        else:
+            reason = _reason(exc).replace(url, name) if isinstance(url, str) else _reason(exc)
+        raise ConfigurationError(f"the Celery result backend URL {name} cannot be used ({reason}): CeleryBackend "
+                                 "needs a Redis result backend, redis://") from exc
+    if not isinstance(backend, RedisBackend):
+        raise ConfigurationError("CeleryBackend streams results over Redis pub/sub: the app's result backend "
+                                 f"must be redis://, got {name!r}")
+
+
 def celery_worker_main(argv: Sequence[str] | None = None) -> int:
     """``asyncsched celery-worker --broker URL --backend URL [--concurrency N]``: a Celery worker for asyncsched.
 
@@ -169,26 +218,66 @@ def celery_worker_main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--loglevel", default="INFO")
     options, rest = parser.parse_known_args(argv)
     app = make_app(options.broker, options.backend)
+    try:
+        _check_urls(app)
+    except ConfigurationError as exc:
+        print(f"asyncsched celery-worker: error: {exc}", file=sys.stderr)
+        return 2
     worker_argv = ["worker", f"--loglevel={options.loglevel}", *rest]
     if options.concurrency:
         worker_argv.append(f"--concurrency={options.concurrency}")
     if options.hostname:
         worker_argv.append(f"--hostname={options.hostname}")
+    return _run_worker(app, worker_argv)
+
+
+def _run_worker(app: Celery, argv: list[str]) -> int:
+    """Run ``celery worker`` for ``app`` and return its exit status.
+
+    This is ``app.worker_main(argv)`` less what it loses: Celery's worker exits
+    with status 1 after an unrecoverable error, which ``worker_main`` drops (it
+    returned as after a clean stop), and a bad option is one line, status 2,
+    where ``worker_main`` raises click's exception.
+    """
+    import click
+    from celery.bin.celery import celery as celery_command
+
+    option = next(param for param in celery_command.params if param.name == "app")
+    option.default = app  # as app.start() does: the command's --app is this app
     try:
-        app.worker_main(worker_argv)
+        code = celery_command.main(args=argv, standalone_mode=False)
+    except click.ClickException as exc:
+        message = " ".join(exc.format_message().split())  # Celery's own can take several lines
+        print(f"asyncsched celery-worker: error: {message}", file=sys.stderr)
+        return exc.exit_code
     except SystemExit as exit_:
-        return exit_.code if isinstance(exit_.code, int) else 1
-    return 0
+        code = exit_.code
+    finally:
+        option.default = None
+    if code is None:
+        return 0
+    return code if isinstance(code, int) else 1
 
 
 def target_of(fn: Callable[..., Any], args: tuple[Any, ...]) -> tuple[str, list[Any], dict[str, Any]]:
-    """``("module:qualname", args, kwargs)`` for a function a worker can import, unwrapping partials."""
+    """``("module:qualname", args, kwargs)`` for a function a worker can import, unwrapping partials.
+
+    A bound method is refused, but for a class method of the class that defines it (which its name finds
+    bound the same way): by name, a worker would find the plain function and call it without its instance.
+    """
     kwargs: dict[str, Any] = {}
     while isinstance(fn, functools.partial):
         args = fn.args + args
         kwargs = {**fn.keywords, **kwargs}
         fn = fn.func
     module, qualname = getattr(fn, "__module__", None), getattr(fn, "__qualname__", None)
+    if inspect.ismethod(fn):
+        owner = fn.__self__
+        if not isinstance(owner, type) or (owner.__module__, f"{owner.__qualname__}.{fn.__name__}") != (
+                module, qualname):
+            what = "the class" if isinstance(owner, type) else "the instance"
+            raise TaskDefinitionError(f"{fn!r} is a bound method: Celery runs functions by name, and {what} it is "
+                                      "bound to cannot travel with it; use a module-level function")
     if not module or not qualname or "<" in qualname or module == "__main__":
         raise TaskDefinitionError(f"{fn!r} cannot be imported by name in a Celery worker: define it at module "
                                   "level in a module the workers can import")
@@ -243,9 +332,7 @@ class CeleryBackend(Backend):
             app = make_app(broker_url, backend_url)
             app.conf.update(_client_options(app.conf))
         self.app = app
-        if not isinstance(self.app.backend, RedisBackend):
-            raise ConfigurationError("CeleryBackend streams results over Redis pub/sub: the app's result backend "
-                                     f"must be redis://, got {self.app.conf.result_backend!r}")
+        _check_urls(self.app)
         register_task(self.app)
         self.capacity = capacity
         self._prefix = f"asyncsched-{uuid.uuid4().hex[:12]}-"
@@ -253,12 +340,14 @@ class CeleryBackend(Backend):
         self._keyprefix: str = keyprefix.decode() if isinstance(keyprefix, bytes) else keyprefix
         self._backend_url: str = self.app.conf.result_backend
         self._broker_name: str = _broker_name(self.app)
-        self._backend_name: str = maybe_sanitize_url(self._backend_url)
+        self._backend_name: str = _hidden(self._backend_url)
         self._submitted = 0  # the number of the next send
         self._unsent: tuple[int, str, BaseException] | None = None  # the sends before this number fail: why
         self._lost: tuple[str, BaseException] | None = None  # the result backend is lost: why
         self._pending: dict[str, _Pending] = {}
         self._revoking: list[str] = []
+        self._forgotten: list[str] = []  # the keys of results read to their end, to delete from the result backend
+        self._deleter: asyncio.Task[None] | None = None
         self._publisher = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="asyncsched-celery-publish")
         self._redis: redis.asyncio.Redis | None = None
         self._pubsub: Any = None
@@ -269,7 +358,10 @@ class CeleryBackend(Backend):
 
     async def start(self) -> None:
         """Connect to the result backend and try the broker: raise BackendUnreachableError when either cannot be
-        reached (both are tried at once; the module's documentation gives the bounds)."""
+        reached (both are tried at once; the module's documentation gives the bounds). A backend that was closed
+        raises ClosedError: its publisher thread is shut down."""
+        if self._closed:
+            raise ClosedError("this CeleryBackend was closed; create a new one")
         broker = asyncio.get_running_loop().run_in_executor(None, self._reach_broker)
         self._redis = redis.asyncio.Redis.from_url(self._backend_url, socket_connect_timeout=SOCKET_TIMEOUT,
                                                    socket_timeout=SOCKET_TIMEOUT)
@@ -352,6 +444,9 @@ class CeleryBackend(Backend):
             while not self._listener.done():
                 self._listener.cancel()
                 await asyncio.wait([self._listener], timeout=CANCEL_RETRY)
+        if self._deleter is not None:  # the last results read: deleted, or given up with the result backend
+            await asyncio.wait([self._deleter], timeout=SOCKET_TIMEOUT)
+            self._deleter.cancel()
         if self._pubsub is not None:
             await self._pubsub.aclose()
         if self._redis is not None:
@@ -460,8 +555,9 @@ class CeleryBackend(Backend):
         if pending is None:
             return
         self._finish(task_id, Outcome(
-            Status.TIMED_OUT, error=f"timed out after {pending.attempt.timeout:g}s; the worker did not enforce "
-            "the time limit, so the task was revoked", error_type="TimeoutError", pid=pending.pid))
+            Status.TIMED_OUT, error=f"timed out after {pending.attempt.timeout:g}s; no result within the timeout and "
+            f"{TIME_LIMIT_GRACE:g}s more: the worker did not enforce the time limit or was lost; the task was revoked",
+            error_type="TimeoutError", pid=pending.pid))
         self._revoke(task_id)
 
     # -- results and progress --------------------------------------------------------------
@@ -551,6 +647,24 @@ class CeleryBackend(Backend):
                                       attempt.number, result.get("data") or None))
         elif state in _FINAL_STATES:
             self._finish(task_id, self._outcome(pending, state, result, meta.get("traceback")))
+            self._forget(key)
+
+    def _forget(self, key: str) -> None:
+        """Delete a result that has been read to its end from the result backend (Celery keeps it for
+        ``result_expires``): one DEL at a time, of every key read meanwhile."""
+        self._forgotten.append(key)
+        if self._deleter is None or self._deleter.done():
+            self._deleter = asyncio.ensure_future(self._delete_forgotten())
+
+    async def _delete_forgotten(self) -> None:
+        await asyncio.sleep(0)  # the results read in the same loop iteration go in the same DEL
+        while self._forgotten and self._redis is not None:
+            keys, self._forgotten = self._forgotten, []
+            try:
+                await self._redis.delete(*keys)
+            except _REDIS_ERRORS as exc:  # they expire after result_expires all the same
+                logger.debug("asyncsched: could not delete %d results from the Celery result backend %s (%s)",
+                             len(keys), self._backend_name, _reason(exc))
 
     @staticmethod
     def _outcome(pending: _Pending, state: str, result: Any, traceback: str | None) -> Outcome:
@@ -587,9 +701,17 @@ def _broker_name(app: Celery) -> str:
     """The broker's URL for messages, without its password."""
     url = app.conf.broker_write_url or app.conf.broker_url
     if isinstance(url, str):
-        return str(maybe_sanitize_url(url))
+        return _hidden(url)
     with app.connection_for_write() as connection:  # a list of URLs, or Celery's default: as kombu shows it
         return str(connection.as_uri())
+
+
+def _hidden(url: str) -> str:
+    """``url`` without its password (also a URL kombu cannot parse, whose port is not a number, say)."""
+    try:
+        return str(maybe_sanitize_url(url))
+    except ValueError:
+        return re.sub(r"(://[^/@]*?:)[^/@]*@", r"\1**@", url)
 
 
 def _reason(exc: BaseException) -> str:

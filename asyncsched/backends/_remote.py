@@ -97,6 +97,27 @@ def resolve(target: str) -> Callable[..., Any]:
     return found  # type: ignore[no-any-return]
 
 
+def _terminating() -> bool:
+    """Whether the terminate-signal handler of billiard (Celery's prefork pool) has fired in this process."""
+    try:
+        common = importlib.import_module("billiard.common")  # comes with Celery, untyped
+    except ImportError:
+        return False
+    fired = getattr(common, "terminate_handler_fired", None)  # recent billiard; older ones have only the flag
+    if fired is not None:
+        return bool(fired())
+    flag = getattr(common, "_should_have_exited", None)  # what it reads
+    return bool(flag and flag[0])
+
+
+def _exit_code(text: str) -> int:
+    """The exit status the handler's SystemExit carried, from its text (its ``-(256 - signum)``), else 1."""
+    try:
+        return int(text)
+    except ValueError:
+        return 1
+
+
 def run_by_name(task: Any, target: str, args: list[Any], kwargs: dict[str, Any]) -> dict[str, Any]:
     """The body of the registered Celery task (bound: ``task`` is the Celery task)."""
     pid = os.getpid()
@@ -115,6 +136,11 @@ def run_by_name(task: Any, target: str, args: list[Any], kwargs: dict[str, Any])
     else:
         outcome = run_reporting(fn, args, send, kwargs)
     ok, value, started, finished, pid = outcome
+    if not ok and _terminating():
+        # The worker's own SIGTERM handler raised SystemExit in the task: Celery's hard time limit (which has
+        # stored the task's TimeLimitExceeded) or the worker's shutdown. The task did not end: leave as billiard
+        # means, storing nothing (a result would overwrite the time limit's, as a task that failed with SystemExit).
+        raise SystemExit(_exit_code(value[1]))
     if not ok:
         value = list(value[:3])  # JSON carries the type name, text and traceback, not the pickled exception
     return {"ok": ok, "value": value, "started_at": started, "finished_at": finished, "pid": pid}
