@@ -354,13 +354,16 @@ def _as_options(exc: AsyncschedError) -> str:
 async def _schedule(batch: Any, args: argparse.Namespace) -> Summary:
     from ._scheduler import Scheduler
 
+    ran = False
     try:
         async with Scheduler(workers=args.workers, store=args.db, timeout=args.timeout, retries=args.retries,
                              progress=args.progress) as scheduler:
-            if args.resume and await scheduler.batch(args.batch_id) is None:  # a typo in the id would run it all
+            # the file opens here: what is wrong with it is told before anything runs, with no advice to resume
+            if args.batch_id is not None and await scheduler.batch(args.batch_id) is None and args.resume:
                 print(f"asyncsched {args.name}: {args.db} has no batch {args.batch_id!r} yet: starting it",
-                      file=sys.stderr)
+                      file=sys.stderr)  # a typo in the id would run it all again
             try:
+                ran = True
                 return await scheduler.run(batch, batch_id=args.batch_id, resume=args.resume)
             except asyncio.CancelledError:
                 if scheduler._sigterm_received:  # the scheduler stops its workers, then ends the process by SIGTERM
@@ -370,7 +373,7 @@ async def _schedule(batch: Any, args: argparse.Namespace) -> Summary:
         raise UsageError(_as_options(exc)) from None
     except StoreError as exc:  # the results it has not written yet go with this process
         again = (f". Once the file can be written, the same command with --batch-id {shlex.quote(args.batch_id)} "
-                 "--resume runs the tasks whose results it does not hold") if args.batch_id is not None else ""
+                 "--resume runs the tasks whose results it does not hold") if ran and args.batch_id else ""
         raise StoreError(_as_options(exc) + again) from exc
 
 
@@ -494,8 +497,9 @@ def _batches_command(args: argparse.Namespace) -> int:
     The file is opened read-only.
     """
     async def batches(store: SQLiteStore) -> list[tuple[BatchInfo, str]]:
+        states = {True: "running", False: "interrupted", None: "not ended"}  # None: cannot be told here
         return [(batch, _when(batch.finished_at) if batch.finished_at is not None else
-                 "running" if store.is_running(batch.batch_id) else "interrupted") for batch in await store.batches()]
+                 states[store.is_running(batch.batch_id)]) for batch in await store.batches()]
 
     listed = _run_loop(_read(args, batches))
     if not listed:

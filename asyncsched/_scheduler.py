@@ -399,6 +399,7 @@ class Scheduler:
         self._watchers: list[Callable[[_BatchRun], None]] = []  # told of each run as it starts (progress displays)
         self._display_monitor: ProgressMonitor | None = None  # the display of progress=True, while batches run
         self._display_runs = 0  # the runs it shows
+        self._display_closing: asyncio.Future[None] | None = None  # its last aclose(): a new display waits for it
         self._started = False
         self._closed = False
         self._start_lock: asyncio.Lock | None = None
@@ -642,6 +643,8 @@ class Scheduler:
         live displays on one terminal would draw over each other. Its final report comes as the last one ends."""
         from ._progress import ProgressMonitor  # the display sits above the scheduler and imports rich
 
+        while (closing := self._display_closing) is not None and not closing.done():  # the last one ends first
+            await asyncio.wait([closing])
         monitor = self._display_monitor
         if monitor is None:
             monitor = self._display_monitor = ProgressMonitor(self, batch_id=batch_id)
@@ -655,7 +658,8 @@ class Scheduler:
             self._display_runs -= 1
             if not self._display_runs:
                 self._display_monitor = None
-                await monitor.aclose()
+                self._display_closing = asyncio.ensure_future(monitor.aclose())
+                await self._display_closing
 
     async def _stream(self, batch: Batch, run: _BatchRun,
                       previous: Mapping[str, TaskResult]) -> AsyncGenerator[list[TaskResult], None]:
@@ -821,7 +825,7 @@ class Scheduler:
     async def results(self, batch_id: str | None = None, status: Status | str | None = None,
                       limit: int | None = None, offset: int = 0) -> list[TaskResult]:
         """Stored results, oldest first, filtered by batch and status."""
-        check_status(status)  # before the store opens
+        status = check_status(status)  # before the store opens
         await self._ensure_started(backend=False)
         return await self._store.results(batch_id=batch_id, status=status, limit=limit, offset=offset)
 

@@ -28,7 +28,6 @@ import asyncio
 import base64
 import contextlib
 import errno
-import fcntl
 import functools
 import hashlib
 import itertools
@@ -49,6 +48,11 @@ import weakref
 from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, overload
+
+try:
+    import fcntl
+except ImportError:  # Windows: no lock of a batch, but those of one store
+    fcntl = None  # type: ignore[assignment]
 
 import aiofiles
 import aiofiles.os
@@ -148,6 +152,19 @@ def _stop_open_stores() -> None:
 
 
 threading._register_atexit(_stop_open_stores)  # type: ignore[attr-defined]  # concurrent.futures uses it so too
+
+
+def _let_go_of_claims() -> None:
+    """In a child forked after a batch began (a task's own, a fork-started pool's worker), close the copy of the
+    descriptor that holds the batch's lock: else the lock would outlive a killed orchestrator in that child."""
+    for store in list(_OPEN):
+        if store._claims is not None:
+            os.close(store._claims)  # the parent's descriptor holds the lock all the same
+            store._claims = None
+        store._claimed.clear()
+
+
+os.register_at_fork(after_in_child=_let_go_of_claims)
 _JSON = json.JSONEncoder(separators=(",", ":"))
 
 
@@ -340,7 +357,9 @@ class SQLiteStore(Store):
     async def begin_batch(self, batch_id: str, *, name: str | None = None,
                           resume: bool = False) -> Mapping[str, TaskResult]:
         batch_id = _text(batch_id)
-        self._claim(batch_id, fcntl.F_WRLCK)
+        if self._db is None:  # not open, closed, or read-only: refused before the lock is touched
+            raise self._unavailable()
+        self._claim(batch_id, True)
         try:
             created = await self._commit("INSERT OR IGNORE INTO batches (batch_id, name, created_at) "
                                          "VALUES (?, ?, ?)", (batch_id, name, time.time()))
@@ -355,7 +374,7 @@ class SQLiteStore(Store):
             cancelled = Status.CANCELLED.value  # a cancelled task never reached an outcome: the resumed batch runs it
             return _Stored(await self._fetch(f"{_SELECT} WHERE batch_id = ? AND status != ?", (batch_id, cancelled)))
         except BaseException:
-            self._claim(batch_id, fcntl.F_UNLCK)
+            self._claim(batch_id, False)
             raise
 
     async def end_batch(self, batch_id: str) -> None:
@@ -363,10 +382,10 @@ class SQLiteStore(Store):
         try:
             await self._commit("UPDATE batches SET finished_at = ? WHERE batch_id = ?", (time.time(), batch_id))
         finally:
-            self._claim(batch_id, fcntl.F_UNLCK)
+            self._claim(batch_id, False)
 
-    def _claim(self, batch_id: str, how: int) -> None:
-        """Lock (``F_WRLCK``) or unlock (``F_UNLCK``) ``batch_id`` while this store runs it.
+    def _claim(self, batch_id: str, claim: bool) -> None:
+        """Lock ``batch_id`` while this store runs it (``claim``), or unlock it.
 
         Two schedulers that ran one batch at once would run its tasks twice:
         whoever runs a batch holds a lock of one byte of ``<file>-batches``,
@@ -378,35 +397,37 @@ class SQLiteStore(Store):
         not the database file, whose descriptors this process must not close
         while SQLite holds locks on it.
         """
-        if how == fcntl.F_UNLCK:
+        if not claim:
             self._claimed.discard(batch_id)
         elif batch_id in self._claimed:  # by another scheduler with this store
             raise _running_elsewhere(batch_id, self.path)
-        if _OFD_SETLK is not None and (self._claims is not None or how != fcntl.F_UNLCK):
+        if _OFD_SETLK is not None and (self._claims is not None or claim):
             if self._claims is None:
                 with _file_errors("open the batch locks of", self.path):
-                    self._claims = os.open(f"{self.path}-batches", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+                    self._claims = _open_claims(self.path)
             try:
-                fcntl.fcntl(self._claims, _OFD_SETLK, _lock(batch_id, how))
+                fcntl.fcntl(self._claims, _OFD_SETLK, _flock(batch_id, fcntl.F_WRLCK if claim else fcntl.F_UNLCK))
             except OSError as exc:
                 if exc.errno not in (errno.EAGAIN, errno.EACCES):
                     raise StoreError(f"cannot lock batch {batch_id!r} in {self.path}-batches: {exc}") from exc
                 raise _running_elsewhere(batch_id, self.path) from None
-        if how == fcntl.F_WRLCK:
+        if claim:
             self._claimed.add(batch_id)
 
-    def is_running(self, batch_id: str) -> bool:
+    def is_running(self, batch_id: str) -> bool | None:
         """Whether a scheduler runs ``batch_id`` now, in this process or another: whether it holds the batch's
-        lock (see :meth:`_claim`; on other systems than Linux, only a scheduler with this store is seen)."""
+        lock (see :meth:`_claim`). None where that cannot be told: not on Linux, and not run by this store."""
         batch_id = _text(batch_id)
-        if batch_id in self._claimed or _OFD_GETLK is None:
-            return batch_id in self._claimed
+        if batch_id in self._claimed:
+            return True
+        if _OFD_GETLK is None:
+            return None
         try:
-            fd = os.open(f"{self.path}-batches", os.O_RDONLY | os.O_CLOEXEC)
+            fd = os.open(_claims_path(self.path), os.O_RDONLY | os.O_CLOEXEC)
         except OSError:  # none: no batch was ever run with this version
             return False
         try:
-            held = fcntl.fcntl(fd, _OFD_GETLK, _lock(batch_id, fcntl.F_WRLCK))
+            held = fcntl.fcntl(fd, _OFD_GETLK, _flock(batch_id, fcntl.F_WRLCK))
         finally:
             os.close(fd)  # a lock of an open file description is not dropped by closing another
         return bool(struct.unpack(_FLOCK, held)[0] != fcntl.F_UNLCK)
@@ -566,7 +587,7 @@ class SQLiteStore(Store):
         """
         if await asyncio.to_thread(self._is_own_file, path):
             raise StoreError(f"cannot export to {os.fspath(path)}: it is the result store {self.path} itself (or "
-                             "its -wal or -shm file), which the export would destroy; write to another path")
+                             "its -wal, -shm or -batches file), which the export would destroy; write to another path")
         where, parameters = _where(batch_id, None)
         count = 0
         with self._translate("read"), _file_errors("write", path):
@@ -589,8 +610,9 @@ class SQLiteStore(Store):
         return [_record(row) for row in rows]
 
     def _is_own_file(self, path: str | os.PathLike[str]) -> bool:
-        """Whether ``path`` names the file of this store, or its -wal or -shm file (which may not exist yet)."""
-        for own in (self.path, f"{self.path}-wal", f"{self.path}-shm"):
+        """Whether ``path`` names the file of this store, or its -wal, -shm or -batches file (which may not exist
+        yet)."""
+        for own in (self.path, f"{self.path}-wal", f"{self.path}-shm", _claims_path(self.path)):
             if os.path.realpath(path) == os.path.realpath(own):
                 return True
             with contextlib.suppress(OSError):  # either one does not exist
@@ -817,7 +839,25 @@ async def _insert_results(db: aiosqlite.Connection, results: Sequence[TaskResult
     await _insert(db, full, ("id", *_COLUMNS))
 
 
-def _lock(batch_id: str, how: int) -> bytes:
+def _claims_path(path: str) -> str:
+    """The file of the locks of the batches of the results file ``path``: beside the file itself, links resolved
+    as SQLite resolves them, so that every name of one file finds the same locks."""
+    return os.path.realpath(path) + "-batches"
+
+
+def _open_claims(path: str) -> int:
+    """Open the file of the locks of ``path``'s batches, creating it with the results file's permissions (as SQLite
+    gives its -wal and -shm files), so that every user who may write the results may run a batch."""
+    name, mode = _claims_path(path), stat.S_IMODE(os.stat(path).st_mode) & 0o666
+    try:
+        fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
+    except FileExistsError:
+        return os.open(name, os.O_RDWR | os.O_CLOEXEC)
+    os.fchmod(fd, mode)  # the umask does not narrow it
+    return fd
+
+
+def _flock(batch_id: str, how: int) -> bytes:
     """The struct flock of ``batch_id``'s lock: one byte, at an offset of 2**62 and a hash of the id (SQLite locks
     bytes at 1 GiB)."""
     digest = hashlib.blake2b(batch_id.encode(), digest_size=7).digest()
@@ -947,7 +987,7 @@ class _Stored(Mapping[str, TaskResult]):
     """
 
     def __init__(self, rows: Iterable[Row]) -> None:
-        self._rows = {row[1]: row for row in rows}  # by key, as stored
+        self._rows: dict[str, Row | None] = {row[1]: row for row in rows}  # by key, as stored; None once read
         self._read: dict[str, TaskResult] = {}
 
     def _stored(self, key: object) -> str | None:
@@ -962,9 +1002,11 @@ class _Stored(Mapping[str, TaskResult]):
         stored = self._stored(key)
         if stored is None:
             raise KeyError(key)
-        result = self._read.get(stored)
-        if result is None:
-            result = self._read[stored] = _result(self._rows[stored])
+        row = self._rows[stored]
+        if row is None:
+            return self._read[stored]
+        result = self._read[stored] = _result(row)
+        self._rows[stored] = None
         return result
 
     def __iter__(self) -> Iterator[str]:

@@ -35,6 +35,7 @@ from asyncsched import (
     TaskDefinitionError,
     TaskStarted,
 )
+from asyncsched._worker import error_info
 from asyncsched.backends import CeleryBackend, _celery
 from asyncsched.backends._celery import target_of
 
@@ -580,3 +581,10 @@ async def test_a_start_cancelled_while_it_tries_the_broker_leaves_no_error_unrea
     gc.collect()  # a future whose error nobody read says so as it goes
     await backend.aclose()
     assert not unread, unread
+
+
+def test_the_exit_status_of_a_task_ended_by_the_worker_s_sigterm_handler_is_the_handler_s() -> None:
+    from asyncsched.backends._remote import _exit_code
+
+    assert _exit_code(error_info(SystemExit(-241))[1]) == -241  # "SystemExit: -241"
+    assert _exit_code("SystemExit") == 1

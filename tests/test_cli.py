@@ -164,6 +164,19 @@ def test_run_on_a_full_disk_says_how_to_run_what_it_could_not_store(tmp_path: Pa
                         "tasks whose results it does not hold\n"), err
 
 
+def test_run_with_a_file_that_is_not_ours_says_so_without_advice_to_resume(tmp_path: Path,
+                                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    other = tmp_path / "other.db"
+    with contextlib.closing(sqlite3.connect(other)) as db:
+        db.execute("CREATE TABLE t (x)")
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text("1\n")
+    assert main(["run", "tests.tasks:square", "--input", str(jobs), "--db", str(other), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.endswith("is a SQLite database of another application; pass the path of an asyncsched results "
+                        "file, or of a new file\n"), err  # nothing ran: no "--resume"
+
+
 def test_the_api_s_advice_is_put_in_options_in_the_words_the_api_uses() -> None:
     sources = "".join(Path(module.__file__ or "").read_text() for module in (asyncsched._sqlite, asyncsched._store))
     for arguments, options in asyncsched._cli._OPTIONS:

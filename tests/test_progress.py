@@ -308,6 +308,49 @@ async def test_batches_that_run_at_once_with_progress_share_one_display(capsys: 
     assert out.count("finished") == 1 and "finished 4 tasks in" in out and "Batch" not in out, out
 
 
+async def test_a_batch_that_starts_while_the_display_closes_waits_for_it(monkeypatch: pytest.MonkeyPatch,
+                                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    live: list[ProgressMonitor] = []
+    most = 0
+    closing, release = asyncio.Event(), asyncio.Event()
+    start, aclose = ProgressMonitor.start, ProgressMonitor.aclose
+
+    def counted_start(self: ProgressMonitor) -> None:
+        nonlocal most
+        live.append(self)
+        most = max(most, len(live))
+        start(self)
+
+    async def slow_aclose(self: ProgressMonitor) -> None:
+        closing.set()
+        await release.wait()
+        await aclose(self)
+        live.remove(self)
+
+    monkeypatch.setattr(ProgressMonitor, "start", counted_start)
+    monkeypatch.setattr(ProgressMonitor, "aclose", slow_aclose)
+    async with Scheduler(workers=1, progress=True) as scheduler:
+        entered = asyncio.Event()
+        display = scheduler._display
+
+        @contextlib.asynccontextmanager
+        async def noted(batch_id: str) -> Any:
+            entered.set()
+            async with display(batch_id):
+                yield
+
+        first = asyncio.create_task(scheduler.run([Task(tasks.square, 1)], batch_id="a"))
+        await closing.wait()  # a's display prints its report
+        monkeypatch.setattr(scheduler, "_display", noted)
+        second = asyncio.create_task(scheduler.run([Task(tasks.square, 2)], batch_id="b"))
+        await entered.wait()  # b's display has been asked for, and has gone as far as it can
+        release.set()
+        await asyncio.gather(first, second)
+    assert most == 1  # never two live displays
+    out = capsys.readouterr().out
+    assert "Batch a: finished 1 task" in out and "Batch b: finished 1 task" in out
+
+
 async def test_monitor_lifecycle(scheduler: Scheduler) -> None:
     wrong: list[dict[str, Any]] = [{"interval": 0}, {"refresh_per_second": math.inf}, {"refresh_per_second": "x"},
                                    {"total": -1}, {"total": 2.5}, {"total": "x"}, {"total": True}]

@@ -13,10 +13,12 @@ import math
 import os
 import re
 import sqlite3
+import stat
 import subprocess
 import sys
 import time
 import types
+import warnings
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -28,6 +30,7 @@ import pytest
 
 import asyncsched._sqlite
 from asyncsched import (
+    ClosedError,
     ConfigurationError,
     ExecutorBackend,
     MemoryStore,
@@ -296,6 +299,67 @@ async def test_a_batch_running_in_another_scheduler_is_not_run_or_resumed_there_
         assert (await first).completed == 2
         assert (await other.run(batch, batch_id="job", resume=True)).completed == 2  # stored: not run again
     assert runs_per_key(log) == {"a": 1, "b": 1}
+
+
+@pytest.mark.skipif(not hasattr(os, "fork") or not os.path.isdir("/proc/self/fd"), reason="Linux: fork, /proc")
+async def test_a_child_forked_while_a_batch_runs_does_not_hold_its_lock(tmp_path: Path) -> None:
+    async with SQLiteStore(tmp_path / "results.db") as store:
+        await store.begin_batch("b")
+        readable, writable = os.pipe()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # 3.12: fork() with the connection's threads
+            pid = os.fork()
+        if pid == 0:  # the child: how many of its descriptors name the lock file (a killed parent's lock lives on)
+            try:
+                os.write(writable, str(sum(os.path.realpath(f"/proc/self/fd/{fd}").endswith("-batches")  # noqa: ASYNC240
+                                           for fd in os.listdir("/proc/self/fd"))).encode())
+            finally:
+                os._exit(0)
+        os.close(writable)
+        with os.fdopen(readable) as answer:
+            assert answer.read() == "0"
+        await asyncio.to_thread(os.waitpid, pid, 0)
+        assert store.is_running("b")  # the parent still holds it
+        await store.end_batch("b")
+
+
+async def test_every_name_of_the_file_finds_the_same_batch_locks(tmp_path: Path) -> None:
+    path, link = tmp_path / "results.db", tmp_path / "link.db"
+    async with SQLiteStore(path) as store:
+        await store.begin_batch("b")
+        link.symlink_to(path)
+        async with SQLiteStore(link) as other:
+            with pytest.raises(ConfigurationError, match="'b' is running in another scheduler"):
+                await other.begin_batch("b", resume=True)
+            assert other.is_running("b")
+            with pytest.raises(StoreError, match=r"it is the result store .* -batches file\), which the export"):
+                await other.export_jsonl(tmp_path / "results.db-batches")  # would put a new file in its place
+        await store.end_batch("b")
+    assert sorted(os.listdir(tmp_path)) == ["link.db", "results.db", "results.db-batches"]
+
+
+async def test_the_batch_locks_take_the_results_file_s_permissions_and_a_store_that_cannot_write_takes_none(
+        tmp_path: Path) -> None:
+    path = tmp_path / "results.db"
+    async with SQLiteStore(path):
+        pass
+    path.chmod(0o664)  # a file a group shares
+    umask = os.umask(0o022)
+    try:
+        async with SQLiteStore(path) as store:
+            await store.begin_batch("b")
+            await store.end_batch("b")
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE((tmp_path / "results.db-batches").stat().st_mode) == 0o664
+    (tmp_path / "results.db-batches").unlink()
+    closed = SQLiteStore(path)
+    await closed.aclose()
+    async with SQLiteStore(path, readonly=True) as readonly:
+        for store in (closed, readonly):
+            with pytest.raises((ClosedError, StoreError)):
+                await store.begin_batch("c")
+    assert not (tmp_path / "results.db-batches").exists()  # nor a descriptor left open on it
 
 
 async def test_resume_runs_cancelled_tasks_again(tmp_path: Path, gate: Callable[[], str]) -> None:

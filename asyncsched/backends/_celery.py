@@ -447,6 +447,7 @@ class CeleryBackend(Backend):
         if self._deleter is not None:  # the last results read: deleted, or given up with the result backend
             await asyncio.wait([self._deleter], timeout=SOCKET_TIMEOUT)
             self._deleter.cancel()
+            await asyncio.wait([self._deleter])
         if self._pubsub is not None:
             await self._pubsub.aclose()
         if self._redis is not None:

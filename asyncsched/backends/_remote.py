@@ -111,9 +111,10 @@ def _terminating() -> bool:
 
 
 def _exit_code(text: str) -> int:
-    """The exit status the handler's SystemExit carried, from its text (its ``-(256 - signum)``), else 1."""
+    """The exit status the handler's SystemExit carried (its ``-(256 - signum)``), from its ``SystemExit: -241``
+    text, else 1."""
     try:
-        return int(text)
+        return int(text.rpartition(" ")[2])
     except ValueError:
         return 1
 
