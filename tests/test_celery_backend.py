@@ -373,6 +373,23 @@ async def test_cancelling_revokes_and_kills_the_child(celery_worker: CeleryWorke
     assert started.pid is not None and wait_gone(started.pid)
 
 
+async def test_a_task_cancelled_while_no_worker_was_up_does_not_run_when_one_comes(
+        redis_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    broker, result_backend, log = f"{redis_url}/6", f"{redis_url}/7", str(tmp_path / "runs.log")
+    backend = CeleryBackend(broker, result_backend, capacity=2)  # no worker reads this broker yet
+    sent = announce_sends(backend, monkeypatch)
+    async with Scheduler(backend=backend) as scheduler:
+        running = asyncio.ensure_future(scheduler.run([Task(tasks.log_run, log, "cancelled")]))
+        await sent.get()
+        running.cancel()
+        assert (await asyncio.gather(running, return_exceptions=True))[0].__class__ is asyncio.CancelledError
+    # the revoke's broadcast reached no worker; the message waits in the broker
+    with services.celery_worker(broker, result_backend, concurrency=1):  # one task at a time, in their order
+        async with Scheduler(backend=CeleryBackend(broker, result_backend, capacity=1)) as scheduler:
+            assert (await scheduler.run([Task(tasks.log_run, log, "after")])).completed == 1
+    assert await asyncio.to_thread(Path(log).read_text) == "after\n"  # the cancelled one was taken first, not run
+
+
 async def test_a_result_published_while_disconnected_is_not_lost(
         celery_worker: CeleryWorker, gate: Callable[[], str], caplog: pytest.LogCaptureFixture) -> None:
     release = gate()

@@ -70,6 +70,7 @@ from typing import Any
 import redis.asyncio
 from celery import Celery
 from celery.backends.redis import RedisBackend
+from celery.exceptions import TaskRevokedError
 from kombu.exceptions import EncodeError, KombuError, OperationalError
 from kombu.utils.url import maybe_sanitize_url
 
@@ -550,6 +551,22 @@ class CeleryBackend(Backend):
                              headers={"clock": mailbox.clock.forward(), "expires": time.time() + REVOKE_EXPIRES},
                              serializer=mailbox.serializer, retry=True,
                              retry_policy=self.app.conf.task_publish_retry_policy)
+        # A worker keeps the broadcast in memory, and only one that is up now hears it: the mark, in the result
+        # backend, is what a worker that takes the task later checks before it runs it (see run_by_name). It is
+        # what backend.mark_as_revoked() stores, less its publish, and with SET EX where Celery's Redis backend
+        # calls the deprecated SETEX.
+        backend = self.app.backend
+        revoked = backend.prepare_exception(TaskRevokedError("revoked by asyncsched"))
+        try:
+            with backend.client.pipeline() as pipe:
+                for task_id in ids:
+                    meta = {"status": "REVOKED", "result": revoked, "traceback": None, "children": [],
+                            "date_done": None, "task_id": task_id}
+                    pipe.set(backend.get_key_for_task(task_id), backend.encode(meta), ex=backend.expires)
+                pipe.execute()
+        except _REDIS_ERRORS as exc:  # the result backend is lost: a worker that is up heard the broadcast
+            logger.debug("asyncsched: could not mark %d tasks revoked in %s (%s)", len(ids), self._backend_name,
+                         _reason(exc))
 
     def _expire(self, task_id: str) -> None:
         pending = self._pending.get(task_id)

@@ -121,6 +121,10 @@ def _exit_code(text: str) -> int:
 
 def run_by_name(task: Any, target: str, args: list[Any], kwargs: dict[str, Any]) -> dict[str, Any]:
     """The body of the registered Celery task (bound: ``task`` is the Celery task)."""
+    if task.AsyncResult(task.request.id).state == "REVOKED":  # revoked while no worker was up to hear it
+        from celery.exceptions import Ignore
+
+        raise Ignore  # stores nothing, and acknowledges the message
     pid = os.getpid()
     task.update_state(state="STARTED", meta={"pid": pid, "hostname": task.request.hostname,
                                              "started_at": time.time()})
