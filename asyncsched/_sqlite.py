@@ -987,13 +987,15 @@ class _Stored(Mapping[str, TaskResult]):
     """
 
     def __init__(self, rows: Iterable[Row]) -> None:
-        self._rows: dict[str, Row | None] = {row[1]: row for row in rows}  # by key, as stored; None once read
-        self._read: dict[str, TaskResult] = {}
+        self._rows: dict[str, Row | TaskResult] = {row[1]: row for row in rows}  # by key, as stored; read once
 
     def _stored(self, key: object) -> str | None:
         if not isinstance(key, str):
             return None
-        return key if key in self._rows else _text(key) if _text(key) in self._rows else None
+        if key in self._rows:
+            return key
+        escaped = _text(key)
+        return escaped if escaped in self._rows else None
 
     def __contains__(self, key: object) -> bool:
         return self._stored(key) is not None
@@ -1002,12 +1004,10 @@ class _Stored(Mapping[str, TaskResult]):
         stored = self._stored(key)
         if stored is None:
             raise KeyError(key)
-        row = self._rows[stored]
-        if row is None:
-            return self._read[stored]
-        result = self._read[stored] = _result(row)
-        self._rows[stored] = None
-        return result
+        found = self._rows[stored]
+        if isinstance(found, tuple):  # its row, not read yet
+            found = self._rows[stored] = _result(found)
+        return found
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._rows)
