@@ -10,6 +10,7 @@ each variant's throughput as a ratio of the medians to store off. A variant
 replaces how the store commits a group of results, for its own rounds only:
 
 - ``real``: the store as it is;
+- ``no-key-index``: the store as it is, on a file whose schema has no ``UNIQUE (batch_id, key)``;
 - ``no-insert``: each group is a transaction that inserts nothing;
 - ``rows-on-loop``: each group's rows are built on the loop's thread, and nothing is inserted;
 - ``process``: the store's inserts, made by a writer process of its own (no GIL shared), the rows sent as marshal;
@@ -21,7 +22,7 @@ the variants write only those, and check that they are.
 
 ``--per-row`` times SQLite alone, in one thread with no pool: 40,000 lean
 rows in groups of 1,024 into the store's schema, and into variants of it;
-the CPU per row is the best of three runs.
+the CPU per row is the best of seven runs, in alternating order.
 """
 
 from __future__ import annotations
@@ -170,6 +171,28 @@ class WriterProcesses:
         self.writers.clear()
 
 
+SCHEMAS: dict[str, tuple[str, str]] = {  # variant: (text of the store's schema, replaced by)
+    "without the key index": (",\n            UNIQUE (batch_id, key)", ""),
+    "an integer batch id": ("batch_id TEXT NOT NULL", "batch_id INTEGER NOT NULL"),
+}
+
+
+def create_schema(path: str, variant: str) -> sqlite3.Connection:
+    """A new results file at ``path`` with the store's schema, changed as ``SCHEMAS[variant]`` says (if it says),
+    marked as the store marks its own: the store opens it as one of its own files."""
+    db = sqlite3.connect(path, isolation_level=None)
+    db.execute("PRAGMA journal_mode = WAL")
+    old, new = SCHEMAS.get(variant, ("", ""))
+    statements = [statement for migration in sqlite_store._MIGRATIONS for statement in migration]
+    if old and not any(old in statement for statement in statements):  # else it would measure nothing
+        raise SystemExit(f"the store's schema no longer has {old!r}: update SCHEMAS")
+    for statement in statements:
+        db.execute(statement.replace(old, new) if old else statement)
+    db.execute(f"PRAGMA application_id = {sqlite_store.APPLICATION_ID}")
+    db.execute(f"PRAGMA user_version = {sqlite_store.SCHEMA_VERSION}")
+    return db
+
+
 @contextlib.contextmanager
 def writing_groups_with(group: Group | None) -> Iterator[None]:
     """Patch how the store commits each group of queued results with ``group``; its other statements run as ever."""
@@ -206,8 +229,9 @@ async def throughput(store: str | None, tasks: int, *, stores: bool = True) -> f
 
 async def compare(variants: Sequence[str], rounds: int, tasks: int) -> None:
     processes = WriterProcesses()
-    groups: dict[str, Group | None] = {"real": None, "no-insert": no_insert, "rows-on-loop": rows_on_loop,
-                                       "process": processes, "one-call": one_call, "json": json_each}
+    groups: dict[str, Group | None] = {"real": None, "no-key-index": None, "no-insert": no_insert,
+                                       "rows-on-loop": rows_on_loop, "process": processes, "one-call": one_call,
+                                       "json": json_each}
     unknown = set(variants) - set(groups)
     if unknown:
         raise SystemExit(f"unknown variants {sorted(unknown)}; choose among {list(groups)}")
@@ -216,9 +240,12 @@ async def compare(variants: Sequence[str], rounds: int, tasks: int) -> None:
         for round_ in range(rounds):
             rates["off"].append(await throughput(None, tasks))
             for name in variants:
+                path = os.path.join(directory, f"{name}-{round_}.db")
+                if name == "no-key-index":
+                    create_schema(path, "without the key index").close()
                 with writing_groups_with(groups[name]):
                     try:
-                        rates[name].append(await throughput(os.path.join(directory, f"{name}-{round_}.db"), tasks,
+                        rates[name].append(await throughput(path, tasks,
                                                            stores=name not in ("no-insert", "rows-on-loop")))
                     finally:
                         processes.stop()
@@ -232,23 +259,13 @@ async def compare(variants: Sequence[str], rounds: int, tasks: int) -> None:
 
 
 PER_ROW_ROWS = 40 * 1024
-SCHEMAS: dict[str, tuple[str, str]] = {  # variant: (text of the store's schema, replaced by)
-    "without the key index": (",\n            UNIQUE (batch_id, key)", ""),
-    "an integer batch id": ("batch_id TEXT NOT NULL", "batch_id INTEGER NOT NULL"),
-}
+RUNS = 7
 
 
 def per_row(variant: str, directory: str) -> float:
     """Seconds of this thread's CPU to store PER_ROW_ROWS lean rows, in groups of 1,024, in one variant."""
-    db = sqlite3.connect(os.path.join(directory, f"{variant}.db"), isolation_level=None)
-    db.execute("PRAGMA journal_mode = WAL")
+    db = create_schema(os.path.join(directory, f"{variant}.db"), variant)
     db.execute(f"PRAGMA synchronous = {'NORMAL' if variant == 'synchronous=NORMAL' else 'FULL'}")
-    for migration in sqlite_store._MIGRATIONS:
-        for statement in migration:
-            if variant in SCHEMAS:
-                old, new = SCHEMAS[variant]
-                statement = statement.replace(old, new)
-            db.execute(statement)
     batch: str | int = 7 if variant == "an integer batch id" else "measured"
     now = time.time()
     rows = [(i + 1, batch, str(i), i, 2 * i, 1, 1234, now + i * 1e-5, now + i * 1e-5 + 3e-6)
@@ -269,24 +286,22 @@ def per_row(variant: str, directory: str) -> float:
 
 
 def per_row_table() -> None:
-    for old, _ in SCHEMAS.values():  # the benchmark would measure nothing should the schema's text change
-        assert any(old in statement for migration in sqlite_store._MIGRATIONS for statement in migration), old
     variants = ["as stored", *SCHEMAS, "synchronous=NORMAL", "plain INSERT"]
     best: dict[str, float] = {}
-    for _ in range(3):
+    for _ in range(RUNS):
         with tempfile.TemporaryDirectory() as directory:
             for variant in variants:
                 spent = per_row(variant, directory)
                 best[variant] = min(best.get(variant, spent), spent)
-    print(f"SQLite's CPU per lean row, {PER_ROW_ROWS} rows in groups of 1,024, best of 3:")
+    print(f"SQLite's CPU per lean row, {PER_ROW_ROWS} rows in groups of 1,024, best of {RUNS}:")
     for variant in variants:
         print(f"  {variant:24s} {best[variant] / PER_ROW_ROWS * 1e6:5.2f} µs")
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("variants", nargs="*", default=["real", "no-insert", "rows-on-loop", "process", "one-call",
-                                                        "json"])
+    parser.add_argument("variants", nargs="*", default=["real", "no-key-index", "no-insert", "rows-on-loop", "process",
+                                                        "one-call", "json"])
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--tasks", type=int, default=20_000)
     parser.add_argument("--per-row", action="store_true", help="SQLite's CPU per row alone, in schema variants")
