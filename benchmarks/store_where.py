@@ -20,7 +20,7 @@ replaces how the store commits a group of results, for its own rounds only:
 Every result of these tasks is a plain completed one, which the store writes as a lean row (``_lean_sql``);
 the variants write only those, and check that they are.
 
-``--per-row`` times SQLite alone, in one thread with no pool: 40,000 lean
+``--per-row`` times SQLite alone, in one thread with no pool: 40,960 lean
 rows in groups of 1,024 into the store's schema, and into variants of it;
 the CPU per row is the best of seven runs, in alternating order.
 """
@@ -71,10 +71,11 @@ def lean_rows(results: Sequence[TaskResult], first_id: int) -> list[Row]:
 
 
 def insert_rows(conn: sqlite3.Connection, rows: Sequence[Row], statement_rows: int) -> None:
-    """Insert lean ``rows``, ``statement_rows`` to a statement, the rest 64 to one and then one statement."""
+    """Insert lean ``rows``, ``statement_rows`` to a statement, the rest as many as the store puts in one, then
+    one statement."""
     flat = [parameter for row in rows for parameter in row]
     done = 0
-    for size in dict.fromkeys((statement_rows, 64)):
+    for size in dict.fromkeys((statement_rows, sqlite_store._ROWS_PER_INSERT)):
         whole = (len(rows) - done) // size * size
         width = size * 9
         conn.executemany(sqlite_store._lean_sql(size),
@@ -131,7 +132,7 @@ def writer_process(conn: Connection, path: str) -> None:
     while data := conn.recv_bytes():
         rows: list[Row] = marshal.loads(data)
         db.execute("BEGIN IMMEDIATE")
-        insert_rows(db, [(i, *row) for i, row in enumerate(rows, next_id(db))], 64)
+        insert_rows(db, [(i, *row) for i, row in enumerate(rows, next_id(db))], sqlite_store._ROWS_PER_INSERT)
         db.execute("COMMIT")
         conn.send_bytes(b"committed")
     db.close()
@@ -270,13 +271,14 @@ def per_row(variant: str, directory: str) -> float:
     now = time.time()
     rows = [(i + 1, batch, str(i), i, 2 * i, 1, 1234, now + i * 1e-5, now + i * 1e-5 + 3e-6)
             for i in range(PER_ROW_ROWS)]
-    sql = sqlite_store._lean_sql(64)
+    size = sqlite_store._ROWS_PER_INSERT
+    sql = sqlite_store._lean_sql(size)
     if variant == "plain INSERT":
         sql = sql.replace("INSERT OR REPLACE", "INSERT")
     started = time.thread_time()
     for first in range(0, PER_ROW_ROWS, 1024):
         db.execute("BEGIN IMMEDIATE")
-        db.executemany(sql, ([p for row in rows[i:i + 64] for p in row] for i in range(first, first + 1024, 64)))
+        db.executemany(sql, ([p for row in rows[i:i + size] for p in row] for i in range(first, first + 1024, size)))
         db.execute("COMMIT")
     spent = time.thread_time() - started
     (stored,) = db.execute("SELECT count(*) FROM results").fetchone()
