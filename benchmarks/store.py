@@ -29,15 +29,16 @@ WORKERS = 2
 TARGET = 0.80
 
 
-async def throughput(store: Path | None, tasks: int) -> float:
-    """Tasks per second of one batch of ``tasks`` tiny tasks."""
+async def throughput(store: str | Path | None, tasks: int, *, stores: bool = True) -> float:
+    """Tasks per second of one batch of ``tasks`` tiny tasks; ``stores``: check that the store has every result."""
     async with Scheduler(WORKERS, store=store, timeout=10) as scheduler, scheduler.events():
         await scheduler.run([Task(double, i) for i in range(200)], batch_id="warm-up")
         started = time.perf_counter()
         summary = await scheduler.run((Task(double, i) for i in range(tasks)), batch_id="measured")
         elapsed = time.perf_counter() - started
         assert summary.completed == tasks, summary
-        assert (await scheduler.stats("measured")).completed == tasks
+        if stores:
+            assert (await scheduler.stats("measured")).completed == tasks
     return tasks / elapsed
 
 

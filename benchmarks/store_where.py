@@ -42,12 +42,11 @@ from collections.abc import Awaitable, Callable, Iterator, Sequence
 from multiprocessing.connection import Connection
 from typing import Any
 
-from _common import double
+from store import WORKERS, throughput
 
 import asyncsched._sqlite as sqlite_store
-from asyncsched import Scheduler, SQLiteStore, Status, Task, TaskResult
+from asyncsched import SQLiteStore, Status, TaskResult
 
-WORKERS = 2
 GROUP_STATEMENT_ROWS = 1024
 """Rows per statement of ``one-call``."""
 _JSON_INSERT = (
@@ -213,19 +212,6 @@ def writing_groups_with(group: Group | None) -> Iterator[None]:
         yield
     finally:
         SQLiteStore._commit = _REAL_COMMIT  # type: ignore[method-assign]
-
-
-async def throughput(store: str | None, tasks: int, *, stores: bool = True) -> float:
-    """Tasks per second of one batch; ``stores``: check that every result is in the store."""
-    async with Scheduler(WORKERS, store=store, timeout=10) as scheduler, scheduler.events():
-        await scheduler.run([Task(double, i) for i in range(200)], batch_id="warm-up")
-        started = time.perf_counter()
-        summary = await scheduler.run((Task(double, i) for i in range(tasks)), batch_id="measured")
-        elapsed = time.perf_counter() - started
-        assert summary.completed == tasks, summary
-        if store is not None and stores:
-            assert (await scheduler.stats("measured")).completed == tasks
-    return tasks / elapsed
 
 
 async def compare(variants: Sequence[str], rounds: int, tasks: int) -> None:
