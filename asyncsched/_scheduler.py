@@ -110,7 +110,7 @@ class _Record:
     """
 
     __slots__ = ("args", "attempts", "fn", "index", "key", "message", "progress", "retries", "retry_handle", "run",
-                 "running", "running_since", "timeout")
+                 "running", "running_pid", "running_since", "timeout")
 
     def __init__(self, run: _BatchRun, index: int, key: str, fn: Any, args: tuple[Any, ...], timeout: float | None,
                  retries: int) -> None:
@@ -124,12 +124,14 @@ class _Record:
         self.attempts = 0
         self.running: Cancellable | None = None  # the attempt in the backend's hands
         self.running_since: float | None = None  # when that attempt started running, once it has
+        self.running_pid: int | None = None  # and in which process
         self.retry_handle: asyncio.TimerHandle | None = None
         self.message: str | None = None
         self.progress: float | None = None
 
     def started(self, pid: int | None, timestamp: float) -> None:
         self.running_since = timestamp
+        self.running_pid = pid
         hub = self.run.hub
         if TaskStarted in hub.wanted:
             hub.publish(TaskStarted, self.run.batch_id, self.key, _RUNNING, timestamp, pid, None, None, self.attempts)
@@ -294,7 +296,8 @@ class _BatchRun:
                     record.attempts -= 1
             if record.retry_handle is not None:
                 self._end_backoff(record)
-            self.record(record, Outcome(Status.CANCELLED, error=why, error_type="asyncio.CancelledError"))
+            pid = None if record.running_since is None else record.running_pid  # where it ran, if it was running
+            self.record(record, Outcome(Status.CANCELLED, error=why, error_type="asyncio.CancelledError", pid=pid))
         self._wake()  # also with nothing in flight: a stream waiting for its async batch's next item ends
 
     def abort(self, error: BaseException) -> None:
@@ -693,7 +696,8 @@ class Scheduler:
                     await store.flush()
                 window = self.window
                 run.low_water = window // 2
-                while not exhausted and run.stopped is None and len(run.records) + len(run.ready) < window:
+                room = window + min(run.backing_off, window)  # tasks waiting for a retry hold none, up to a window
+                while not exhausted and run.stopped is None and len(run.records) + len(run.ready) < room:
                     if async_items is None:
                         item = next(items, _END)
                     else:  # pulled beside the run, so that results go out while the source waits

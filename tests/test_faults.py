@@ -289,16 +289,19 @@ async def test_cancel_by_id_kills_the_running_tasks_and_run_returns() -> None:
         n = scheduler.window + 100  # more than it admits at once (slow tasks: the window stays small)
         batch = [Task(faults.hang, key=str(i)) for i in range(n)]
         run = asyncio.ensure_future(scheduler.run(batch, batch_id="doomed"))
-        pids = set()
+        started = {}
         async for event in events:
-            pids.add(event.pid)
-            if len(pids) == 2:
+            started[event.key] = event.pid
+            if len(set(started.values())) == 2:
                 break
+        pids = set(started.values())
         assert scheduler.running() == {"doomed": n}
         assert scheduler.cancel("doomed") and not scheduler.cancel("no-such-batch")
         summary = await run  # ends with what it has: the tasks admitted so far, cancelled
         assert 2 <= summary.total < n and summary.cancelled == summary.total
         assert {r.error for r in summary.results} == {"the batch was cancelled"}
+        # a task cancelled while it ran keeps where it ran, as its TaskStarted said
+        assert {r.key: r.pid for r in summary.results if r.key in started} == started
         assert all(pid is not None and wait_gone(pid) for pid in pids)
         assert scheduler.running() == {} and not scheduler.cancel("doomed")
         assert (await scheduler.stats("doomed")).cancelled == summary.total

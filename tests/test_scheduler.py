@@ -41,6 +41,7 @@ from asyncsched import (
     TaskFailedError,
     TaskFinished,
     TaskReported,
+    TaskRetried,
     TaskStarted,
     TaskTimeoutError,
 )
@@ -368,11 +369,13 @@ async def _stored_values(path: Path) -> list[Any]:
         return [r.value for r in await store.results()]
 
 
-async def test_tasks_waiting_to_be_retried_do_not_hold_back_the_rest_of_a_run() -> None:
-    # run() wakes to admit tasks once half its window has room: the tasks in backoff hold no room
+@pytest.mark.parametrize("failing", [3, 4])
+async def test_tasks_waiting_to_be_retried_do_not_hold_back_the_rest_of_a_run(failing: int) -> None:
+    # run() wakes to admit tasks once half its window has room, and the tasks in backoff hold no room: not even
+    # when they fill the window (4), where the workers would otherwise sit idle for the whole backoff
     async with Scheduler(workers=1, window=4, retry_policy=RetryPolicy(base_delay=3600, jitter=0)) as scheduler:
         finished = scheduler.events(kinds=[TaskFinished])
-        batch = ([Task(faults.boom, "x", retries=1, key=f"f{i}") for i in range(3)]
+        batch = ([Task(faults.boom, "x", retries=1, key=f"f{i}") for i in range(failing)]
                  + [Task(tasks.square, i, key=f"s{i}") for i in range(10)])
         running = asyncio.ensure_future(scheduler.run(batch, batch_id="b"))
         done = set()
@@ -382,7 +385,30 @@ async def test_tasks_waiting_to_be_retried_do_not_hold_back_the_rest_of_a_run() 
                 break
         assert scheduler.cancel("b")
         summary = await running
-    assert (summary.completed, summary.cancelled) == (10, 3)
+    assert (summary.completed, summary.cancelled) == (10, failing)
+
+
+async def test_tasks_waiting_to_be_retried_free_at_most_a_window_of_room() -> None:
+    # else a lazy batch whose tasks all fail, and wait long for their retry, would be pulled whole into memory
+    pulled = 0
+
+    def batch() -> Iterator[Task]:
+        nonlocal pulled
+        for i in range(100):
+            pulled += 1
+            yield Task(faults.boom, "x", retries=1, key=f"f{i}")
+
+    async with Scheduler(workers=1, window=4, retry_policy=RetryPolicy(base_delay=3600, jitter=0)) as scheduler:
+        retried = scheduler.events(kinds=[TaskRetried])
+        running = asyncio.ensure_future(scheduler.run(batch(), batch_id="b"))
+        waiting = 0
+        async for _ in retried:
+            waiting += 1
+            if waiting == 8:  # a window of them waiting, and another window admitted in their place
+                break
+        assert scheduler.cancel("b")
+        summary = await running
+    assert pulled == 8 and summary.cancelled == 8
 
 
 async def test_scheduler_is_closed_after_exit() -> None:
