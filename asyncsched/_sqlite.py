@@ -284,7 +284,7 @@ class SQLiteStore(Store):
             row = await cursor.fetchone()
             if row is not None and row[0]:  # whatever its user_version: many applications set theirs
                 raise StoreError(f"{self.path} is a SQLite database of another application; "
-                                 "pass the path of an asyncsched results file, or of a new file")
+                                 f"{_pass_a_results_file(self.readonly)}")
             return 0  # an empty database: a new file
         version = await _pragma(db, "user_version")
         if version > SCHEMA_VERSION:
@@ -659,13 +659,18 @@ class SQLiteStore(Store):
                              f"{_advice(self.path, exc, self.busy_timeout, self.readonly)}") from exc
 
 
+def _pass_a_results_file(readonly: bool) -> str:
+    """What to pass instead of a file that is not one of ours: a read-only store never creates one."""
+    return "pass the path of an asyncsched results file" + ("" if readonly else ", or of a new file")
+
+
 def _advice(path: str, exc: sqlite3.Error, busy_timeout: float, readonly: bool) -> str:
     code = getattr(exc, "sqlite_errorcode", 0) & 0xFF
     if code in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
         return (f"another connection held its write lock for more than busy_timeout={busy_timeout:g}s; "
                 "stop the other writer, or pass a larger busy_timeout")
     if code == sqlite3.SQLITE_NOTADB:
-        return "it is not a SQLite database: pass the path of an asyncsched results file, or of a new file"
+        return f"it is not a SQLite database: {_pass_a_results_file(readonly)}"
     if code in (sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_READONLY, sqlite3.SQLITE_IOERR):
         directory = os.path.dirname(os.path.abspath(path))
         if os.path.isdir(path):

@@ -835,11 +835,13 @@ async def test_a_bad_store_stops_the_scheduler_before_any_worker_starts(tmp_path
     assert isinstance(scheduler.backend, ProcessBackend) and scheduler.backend.pool.pids == []
 
 
-async def test_a_file_that_is_not_sqlite_is_refused(tmp_path: Path) -> None:
+@pytest.mark.parametrize("readonly", [False, True])
+async def test_a_file_that_is_not_sqlite_is_refused(tmp_path: Path, readonly: bool) -> None:
     path = tmp_path / "notes.db"
     path.write_text("these are my notes, not a database\n" * 100)
-    with pytest.raises(StoreError, match="not a SQLite database"):
-        await SQLiteStore(path).open()
+    with pytest.raises(StoreError, match="not a SQLite database: pass the path of an asyncsched results file") as e:
+        await SQLiteStore(path, readonly=readonly).open()
+    assert ("or of a new file" in str(e.value)) is not readonly  # a read-only store never creates one
     assert path.read_text().startswith("these are my notes")
 
 
@@ -851,8 +853,9 @@ async def test_a_database_of_another_application_is_refused_and_left_as_it_was(
     with contextlib.closing(sqlite3.connect(path)) as other:
         other.execute("CREATE TABLE customers (name TEXT)")
         other.execute(f"PRAGMA user_version = {user_version}")
-    with pytest.raises(StoreError, match="another application"):
+    with pytest.raises(StoreError, match="another application") as e:
         await SQLiteStore(path, readonly=readonly).open()
+    assert ("or of a new file" in str(e.value)) is not readonly  # a read-only store never creates one
     with contextlib.closing(sqlite3.connect(path)) as other:
         assert other.execute("PRAGMA application_id").fetchone() == (0,)
         assert other.execute("PRAGMA journal_mode").fetchone() == ("delete",)
