@@ -229,10 +229,14 @@ _RAISES: dict[Status, type[TaskError]] = {
 }
 
 
-def task_error(status: Status, key: str | None, error: str | None) -> TaskError:
-    """The :class:`TaskError` that stands for a task that ended with ``status``."""
+def task_error(status: Status, key: str | None, error: str | None, traceback: str | None = None) -> TaskError:
+    """The :class:`TaskError` that stands for a task that ended with ``status``; ``traceback``, the remote one of
+    an exception that is not at hand (not rebuilt here, or read from a store), becomes its ``__cause__``."""
     name = "task" if key is None else f"task {key!r}"
-    return _RAISES.get(status, TaskError)(f"{name} {status.value}: {error}")
+    exc = _RAISES.get(status, TaskError)(f"{name} {status.value}: {error}")
+    if traceback:
+        exc.__cause__ = RemoteTraceback(traceback)
+    return exc
 
 
 @dataclass(slots=True)
@@ -270,11 +274,15 @@ class TaskResult:
         """Return the value, or raise a :class:`TaskError` describing why there is none.
 
         For a failed task the task's own exception (with its type) is the
-        ``__cause__`` of the :class:`TaskFailedError`.
+        ``__cause__`` of the :class:`TaskFailedError`; where there is none (it
+        could not be rebuilt here, or the result was read from a store), the
+        remote traceback is.
         """
         if self.status is Status.COMPLETED:
             return self.value
-        raise task_error(self.status, self.key, self.error) from self.exception
+        if self.exception is not None:
+            raise task_error(self.status, self.key, self.error) from self.exception
+        raise task_error(self.status, self.key, self.error, self.traceback)
 
 
 @dataclass(slots=True)

@@ -461,6 +461,7 @@ class ProcessPool(concurrent.futures.Executor):
         self._held: list[tuple[_Call, Callable[..., None], tuple[Any, ...]]] | None = None  # see _tell
         self._balancing: asyncio.Handle | None = None  # a _balance() to come
         self._progress: asyncio.Future[None] | None = None  # set when a call ends, while _close() waits
+        self._closing: asyncio.Task[None] | None = None  # the close that shutdown() began on the loop thread
         self._closed = False
         self._stopping = False  # shutdown() has begun: submit() takes no more calls
         self._broken: BrokenPoolError | None = None
@@ -544,6 +545,18 @@ class ProcessPool(concurrent.futures.Executor):
         if self._loop is not _running_loop() and not self._loop.is_running():
             self._kill_here()  # its loop has ended or stopped (an earlier asyncio.run()): nothing watches the workers
             return
+        try:
+            await self._stop_workers(cancel=cancel)
+        except asyncio.CancelledError:  # e.g. asyncio.run() ending with the close in flight: kill what is left now
+            for call in itertools.chain(self._pending, *(worker.calls for worker in self._workers)):
+                call.settle(_CLOSED)
+            self._pending.clear()
+            self._kill_here()
+            raise
+
+    async def _stop_workers(self, *, cancel: bool) -> None:
+        """``_close()`` on the pool's running loop."""
+        assert self._loop is not None
         if not self._closed and not cancel:
             while self._unfinished():
                 if self._progress is None or self._progress.done():
@@ -651,7 +664,7 @@ class ProcessPool(concurrent.futures.Executor):
                 _call_on(loop, self._cancel_queued)
         closing = self._close(cancel=cancel)
         if self._on_loop_thread():
-            task = loop.create_task(closing)
+            task = self._closing = loop.create_task(closing)  # held: the loop keeps only a weak reference
             if self._thread is not None:
                 task.add_done_callback(lambda _: loop.stop())  # the private loop's thread ends with it
             return
@@ -1491,6 +1504,7 @@ def _settle_from_outcome(result: concurrent.futures.Future[Any], inner: asyncio.
     elif (outcome := inner.result()).status is Status.COMPLETED:
         _settle(result, outcome.value, error=False)
     else:
-        _settle(result, outcome.exception or task_error(outcome.status, None, outcome.error), error=True)
+        _settle(result, outcome.exception or task_error(outcome.status, None, outcome.error, outcome.traceback),
+                error=True)
     if result.cancelled():  # as an executor must, or wait() and as_completed() never count it done
         result.set_running_or_notify_cancel()

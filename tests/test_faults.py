@@ -24,10 +24,12 @@ import pytest
 from asyncsched import (
     Backend,
     ExecutorBackend,
+    RemoteTraceback,
     RetryPolicy,
     Scheduler,
     Status,
     Task,
+    TaskFailedError,
     TaskFinished,
     TaskReported,
     TaskRetried,
@@ -187,6 +189,10 @@ async def test_retry_policy_matches_an_exception_that_could_not_be_rebuilt_by_it
     rebuilt_as_text, other = summary.results
     assert rebuilt_as_text.exception is None and rebuilt_as_text.error_type == "tests.faults.UnrebuildableError"
     assert (rebuilt_as_text.attempts, other.attempts) == (3, 1)
+    with pytest.raises(TaskFailedError) as raised:  # without the exception, its remote traceback is the cause
+        rebuilt_as_text.unwrap()
+    cause = raised.value.__cause__
+    assert isinstance(cause, RemoteTraceback) and "raise_unrebuildable" in str(cause)
 
 
 async def test_retry_policy_matches_a_subclass_of_its_exceptions_that_could_not_be_rebuilt() -> None:

@@ -27,7 +27,7 @@ import uvloop
 
 import asyncsched._pool
 from asyncsched import Outcome, ProcessPool, RetryPolicy, Scheduler, Status, Task, TaskFailedError, _worker
-from asyncsched._errors import BrokenPoolError, ClosedError, ConfigurationError, TaskDefinitionError
+from asyncsched._errors import BrokenPoolError, ClosedError, ConfigurationError, RemoteTraceback, TaskDefinitionError
 from asyncsched._pool import MAX_DEPTH, WORKER_MEMORY, parse_size
 
 from . import faults, tasks
@@ -967,6 +967,27 @@ def test_a_pool_whose_loop_has_ended_refuses_calls_and_its_shutdown_kills_the_wo
     assert all(wait_gone(pid) for pid in pids)
     with pytest.raises(ClosedError):
         pool.submit(tasks.square, 1)
+
+
+def test_a_with_block_in_a_coroutine_that_ends_at_once_leaves_no_worker_and_no_pending_future() -> None:
+    # shutdown() cannot wait on the pool's own loop: it begins the close there, and asyncio.run() cancels that
+    # close as the coroutine ends; the workers are killed then, and the calls still waiting are settled
+    async def main() -> tuple[list[int], concurrent.futures.Future[Any]]:
+        with ProcessPool(2) as pool:
+            assert await asyncio.get_running_loop().run_in_executor(pool, tasks.square, 3) == 9
+            waiting = pool.submit(faults.hang)
+        return pool.pids, waiting
+
+    pids, waiting = asyncio.run(main())
+    assert pids and all(wait_gone(pid) for pid in pids)
+    assert waiting.cancelled()  # with the loop it needed, not pending for ever
+
+
+def test_executor_error_for_an_exception_not_rebuilt_here_has_its_remote_traceback() -> None:
+    with ProcessPool(1) as pool:
+        error = pool.submit(faults.raise_unrebuildable).exception(timeout=30)
+    assert isinstance(error, TaskFailedError) and "UnrebuildableError" in str(error)
+    assert isinstance(error.__cause__, RemoteTraceback) and "raise_unrebuildable" in str(error.__cause__)
 
 
 def test_executor_error_for_non_exception_outcomes() -> None:
