@@ -865,22 +865,37 @@ class ProcessPool(concurrent.futures.Executor):
         if self._closed or self._broken is not None:
             return
         for _ in range(self.size - sum(1 for w in self._workers if not w.retiring)):
-            self._spawn()
+            try:
+                self._spawn()
+            except OSError as exc:  # out of descriptors, processes or memory: the pool goes on with fewer
+                if all(w.retiring for w in self._workers):  # none: the calls would wait for ever
+                    self._break(f"could not start a worker: {exc}; each worker takes some six file descriptors "
+                                "of this process: use fewer workers, or raise the limits (ulimit -n, ulimit -u)")
+                return  # tried again when a worker exits
 
     def _spawn(self) -> None:
         loop = self._loop
         assert loop is not None
-        parent_sock, child_sock = socket.socketpair()
-        doorbell, child_doorbell = socket.socketpair()
-        results, child_results = os.pipe()
-        child_conns = (Connection(child_sock.detach()), Connection(child_doorbell.detach()), Connection(child_results))
-        shared = self._ctx.RawValue("q", -1), self._ctx.RawValue("q", 0)  # last_begun, revokes
-        process = self._ctx.Process(target=worker_main, args=(*child_conns, *shared), name="asyncsched-worker")
-        try:
-            process.start()
-        finally:
-            for conn in child_conns:
-                conn.close()
+        with contextlib.ExitStack() as opened:  # closed again if the worker cannot start
+            parent_sock, child_sock = socket.socketpair()
+            opened.enter_context(parent_sock)
+            opened.enter_context(child_sock)
+            doorbell, child_doorbell = socket.socketpair()
+            opened.enter_context(doorbell)
+            opened.enter_context(child_doorbell)
+            results, child_results = os.pipe()
+            opened.callback(os.close, results)
+            child_conns = (Connection(child_sock.detach()), Connection(child_doorbell.detach()),
+                           Connection(child_results))
+            try:
+                shared = self._ctx.RawValue("q", -1), self._ctx.RawValue("q", 0)  # last_begun, revokes
+                process = self._ctx.Process(target=worker_main, args=(*child_conns, *shared),
+                                            name="asyncsched-worker")
+                process.start()
+            finally:
+                for conn in child_conns:
+                    conn.close()
+            opened.pop_all()  # started: the parent's ends are the worker's now
         parent_sock.setblocking(False)
         doorbell.setblocking(False)
         os.set_blocking(results, False)

@@ -983,6 +983,28 @@ def test_a_with_block_in_a_coroutine_that_ends_at_once_leaves_no_worker_and_no_p
     assert waiting.cancelled()  # with the loop it needed, not pending for ever
 
 
+async def test_a_worker_that_cannot_be_started_breaks_the_pool_once_none_is_left(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    def descriptors() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    def out_of_descriptors() -> tuple[int, int]:
+        raise OSError(24, "Too many open files")
+
+    async with Scheduler(workers=1, max_tasks_per_child=1) as scheduler:
+        await scheduler.run([Task(tasks.square, 1)])  # and its worker replaced
+        monkeypatch.setattr(os, "pipe", out_of_descriptors)  # no worker starts from now on
+        before = descriptors()
+        with pytest.raises(OSError):
+            scheduler.backend.pool._spawn()  # type: ignore[attr-defined]
+        assert descriptors() == before  # what a failed start opened is closed again
+        summary = await scheduler.run([Task(tasks.square, i) for i in range(3)])
+    assert (summary.completed, summary.crashed) == (1, 2)  # the last worker's task, then no worker at all
+    assert {r.error for r in summary.results if r.status is Status.CRASHED} == {
+        "BrokenPoolError: could not start a worker: [Errno 24] Too many open files; each worker takes some six "
+        "file descriptors of this process: use fewer workers, or raise the limits (ulimit -n, ulimit -u)"}
+
+
 def test_executor_error_for_an_exception_not_rebuilt_here_has_its_remote_traceback() -> None:
     with ProcessPool(1) as pool:
         error = pool.submit(faults.raise_unrebuildable).exception(timeout=30)
