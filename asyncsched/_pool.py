@@ -94,7 +94,7 @@ import time
 import types
 import weakref
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any, Protocol
@@ -548,9 +548,7 @@ class ProcessPool(concurrent.futures.Executor):
         try:
             await self._stop_workers(cancel=cancel)
         except asyncio.CancelledError:  # e.g. asyncio.run() ending with the close in flight: kill what is left now
-            for call in itertools.chain(self._pending, *(worker.calls for worker in self._workers)):
-                call.settle(_CLOSED)
-            self._pending.clear()
+            self._close_calls()
             self._kill_here()
             raise
 
@@ -564,16 +562,12 @@ class ProcessPool(concurrent.futures.Executor):
                 await self._progress  # shared by every caller waiting here
         self._closed = True
         self._ready.clear()  # nothing more is sent
+        self._close_calls()
         for worker in list(self._workers):
             if worker.calls:
-                for call in worker.calls:
-                    call.settle(_CLOSED)
                 self._kill(worker)
             elif not worker.retiring:
                 self._retire(worker)
-        for call in self._pending:
-            call.settle(_CLOSED)
-        self._pending.clear()
         assert self._all_exited is not None
         if self._workers:
             try:
@@ -613,9 +607,18 @@ class ProcessPool(concurrent.futures.Executor):
         self._workers.clear()
         _live_pools.discard(self)
 
+    def _calls(self) -> Iterator[_Call]:
+        """The calls sent to the workers, in their order, then those pending."""
+        return itertools.chain(*(w.calls for w in self._workers), self._pending)
+
     def _unfinished(self) -> bool:
-        calls = itertools.chain(self._pending, *(w.calls for w in self._workers))
-        return any(not call.done for call in calls)
+        return any(not call.done for call in self._calls())
+
+    def _close_calls(self) -> None:
+        """End every call not ended yet as closed; none is pending any more."""
+        for call in self._calls():
+            call.settle(_CLOSED)
+        self._pending.clear()
 
     def _progressed(self) -> None:
         """A call ended or was cancelled: wake a ``_close()`` that waits for them all."""
