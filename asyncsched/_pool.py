@@ -334,8 +334,8 @@ class _CallFuture(asyncio.Future[Outcome]):
 
 class _Worker:
     __slots__ = ("began", "begun", "calls", "calls_sent", "deadline", "deadline_at", "doorbell", "exit_fd", "fd",
-                 "inbuf", "killed", "last_begun", "outbuf", "pid", "pidfd", "process", "ready", "results", "retiring",
-                 "revokes", "revoking", "sock", "timer_at", "told")
+                 "inbuf", "inherited", "killed", "last_begun", "outbuf", "pid", "pidfd", "process", "ready", "results",
+                 "retiring", "revokes", "revoking", "sock", "timer_at", "told")
 
     def __init__(self, process: Any, sock: socket.socket, doorbell: socket.socket, results: int,
                  last_begun: Any, revokes: Any, *, pidfd: int | None) -> None:
@@ -363,6 +363,7 @@ class _Worker:
         self.revoking: deque[set[int]] = deque()  # the calls of each revoke sent here and not answered yet
         self.inbuf = bytearray()
         self.outbuf = bytearray()
+        self.inherited = 0  # under fork, the RSS it had when ready: the parent's pages, not counted as its own
 
     def close(self) -> None:
         self.sock.close()
@@ -1143,7 +1144,10 @@ class ProcessPool(concurrent.futures.Executor):
             worker.ready = True
             self._start_failures = 0
             limit = self._max_memory
-            if limit is not None and (rss := _rss(worker.pid) or 0) > limit:
+            rss = 0 if limit is None else _rss(worker.pid) or 0
+            if self._ctx.get_start_method() == "fork":
+                worker.inherited = rss  # copies of the parent's pages: its RSS counts them, though they are shared
+            elif limit is not None and rss > limit:
                 self._break(f"a worker takes {rss / 2**20:.0f} MiB before it runs anything, more than "
                             f"max_memory_per_child={limit / 2**20:.0f} MiB: every task would be killed; raise the "
                             "limit above what your largest task needs")
@@ -1374,8 +1378,9 @@ class ProcessPool(concurrent.futures.Executor):
             if worker.call is None or worker.killed:
                 continue
             rss = _rss(worker.pid)
-            if rss is None or rss <= limit:
+            if rss is None or rss - worker.inherited <= limit:
                 continue  # (None: it is exiting; the sentinel tells)
+            rss -= worker.inherited
             self._read(worker)  # a call that has just finished is not the one to blame
             running = worker.call
             if running is not None and not worker.killed:

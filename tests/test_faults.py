@@ -538,6 +538,20 @@ async def test_max_memory_per_child_kills_the_hungry_task() -> None:
     assert fine.value == 36
 
 
+async def test_max_memory_per_child_under_fork_counts_only_what_the_worker_adds() -> None:
+    parent = bytearray(300 * 2**20)  # a worker forked from here has these pages in its RSS too
+    for i in range(0, len(parent), 4096):
+        parent[i] = 1
+    async with Scheduler(workers=2, mp_context="fork", max_memory_per_child="200MB") as scheduler:
+        summary = await scheduler.run([Task(faults.allocate_and_hold, 400 * 2**20, key="hog"),
+                                       Task(tasks.square, 6, key="fine")])
+    del parent
+    hog, fine = summary.results
+    assert fine.value == 36  # not a pool broken by "a worker takes 300 MiB before it runs anything"
+    assert hog.status is Status.CRASHED and "max_memory_per_child" in (hog.error or "") and hog.pid is not None
+    assert wait_gone(hog.pid)
+
+
 async def test_executor_backend_reports_timeouts_honestly() -> None:
     from concurrent.futures import ThreadPoolExecutor
 
