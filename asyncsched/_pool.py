@@ -92,6 +92,7 @@ import socket
 import threading
 import time
 import types
+import warnings
 import weakref
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -467,6 +468,7 @@ class ProcessPool(concurrent.futures.Executor):
         self._stopping = False  # shutdown() has begun: submit() takes no more calls
         self._broken: BrokenPoolError | None = None
         self._start_failures = 0
+        self._short = False  # a worker could not be started: it ran with fewer (warned once)
         self._all_exited: asyncio.Event | None = None
         self._started = self._crashed = self._killed = 0
 
@@ -872,9 +874,15 @@ class ProcessPool(concurrent.futures.Executor):
             try:
                 self._spawn()
             except OSError as exc:  # out of descriptors, processes or memory: the pool goes on with fewer
-                if all(w.retiring for w in self._workers):  # none: the calls would wait for ever
-                    self._break(f"could not start a worker: {exc}; each worker takes some six file descriptors "
-                                "of this process: use fewer workers, or raise the limits (ulimit -n, ulimit -u)")
+                advice = ("each worker takes some six file descriptors of this process: use fewer workers, or raise "
+                          "the limits (ulimit -n, ulimit -u)")
+                running = sum(1 for w in self._workers if not w.retiring)
+                if not running:  # the calls would wait for ever
+                    self._break(f"could not start a worker: {exc}; {advice}")
+                elif not self._short:
+                    self._short = True
+                    warnings.warn(f"could not start a worker: {exc}; the pool runs with {running} of its {self.size} "
+                                  f"workers, and tries again as each exits; {advice}", RuntimeWarning, stacklevel=1)
                 return  # tried again when a worker exits
 
     def _spawn(self) -> None:

@@ -7,6 +7,7 @@ import concurrent.futures
 import contextlib
 import functools
 import gc
+import itertools
 import multiprocessing.context
 import os
 import pickle
@@ -1003,6 +1004,25 @@ async def test_a_worker_that_cannot_be_started_breaks_the_pool_once_none_is_left
     assert {r.error for r in summary.results if r.status is Status.CRASHED} == {
         "BrokenPoolError: could not start a worker: [Errno 24] Too many open files; each worker takes some six "
         "file descriptors of this process: use fewer workers, or raise the limits (ulimit -n, ulimit -u)"}
+
+
+async def test_a_pool_that_can_start_only_some_of_its_workers_says_so_and_runs_with_those(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    spawn = ProcessPool._spawn
+    spawns = itertools.count()
+
+    def first_only(pool: ProcessPool) -> None:  # the first worker starts, no other does
+        if next(spawns):
+            raise OSError(24, "Too many open files")
+        spawn(pool)
+
+    monkeypatch.setattr(ProcessPool, "_spawn", first_only)
+    with pytest.warns(RuntimeWarning, match=r"^could not start a worker: \[Errno 24\] Too many open files; the pool "
+                      r"runs with 1 of its 2 workers, and tries again as each exits; each worker takes"):
+        async with ProcessPool(2) as pool:
+            outcomes = [await pool.call(tasks.square, (i,)) for i in range(3)]
+            assert len(pool.pids) == 1
+    assert [outcome.value for outcome in outcomes] == [0, 1, 4]
 
 
 def test_executor_error_for_an_exception_not_rebuilt_here_has_its_remote_traceback() -> None:
