@@ -133,6 +133,9 @@ TAKE_BACK_AFTER = 2 * BATCH_SECONDS
 """Seconds a call may run before half the calls queued behind it are taken back for an idle worker."""
 MEMORY_CHECK_SECONDS = 0.1
 """How often busy workers' memory is sampled when ``max_memory_per_child`` is set."""
+SENDING_GRACE = 0.5
+"""A message still being read at a call's deadline is checked this often; the worker is killed once none of it
+has come since the last check (see ``ProcessPool._still_sending``)."""
 ABANDONED_GRACE = 0.1
 """Seconds a call cancelled while queued on a worker may run once it is reached, before that worker is killed."""
 WORKER_MEMORY = 12 * 2**20
@@ -335,8 +338,8 @@ class _CallFuture(asyncio.Future[Outcome]):
 
 class _Worker:
     __slots__ = ("began", "begun", "calls", "calls_sent", "deadline", "deadline_at", "doorbell", "exit_fd", "fd",
-                 "inbuf", "inherited", "killed", "last_begun", "outbuf", "pid", "pidfd", "process", "ready", "results",
-                 "retiring", "revokes", "revoking", "sock", "timer_at", "told")
+                 "inbuf", "inherited", "killed", "last_begun", "outbuf", "pid", "pidfd", "process", "ready", "received",
+                 "results", "retiring", "revokes", "revoking", "sending", "sock", "timer_at", "told")
 
     def __init__(self, process: Any, sock: socket.socket, doorbell: socket.socket, results: int,
                  last_begun: Any, revokes: Any, *, pidfd: int | None) -> None:
@@ -363,6 +366,8 @@ class _Worker:
         self.told: _Call | None = None  # the call whose listener was told it started
         self.revoking: deque[set[int]] = deque()  # the calls of each revoke sent here and not answered yet
         self.inbuf = bytearray()
+        self.received = 0  # bytes read from its pipe so far
+        self.sending: tuple[int, int, int] | None = None  # see ProcessPool._still_sending
         self.outbuf = bytearray()
         self.inherited = 0  # under fork, the RSS it had when ready: the parent's pages, not counted as its own
 
@@ -1041,6 +1046,7 @@ class ProcessPool(concurrent.futures.Executor):
         """
         assert self._held is None
         buf = worker.inbuf
+        had = len(buf)
         alive = True
         while True:
             try:
@@ -1055,6 +1061,7 @@ class ProcessPool(concurrent.futures.Executor):
             buf += data
             if len(data) < _READ_SIZE:
                 break
+        worker.received += len(buf) - had
         held: list[tuple[_Call, Callable[..., None], tuple[Any, ...]]] = []
         self._held = held
         pos, end = 0, len(buf)
@@ -1370,6 +1377,10 @@ class ProcessPool(concurrent.futures.Executor):
         call = worker.call
         if call is None or worker.deadline_at is None or worker.deadline_at > loop.time():
             return
+        if not call.done and self._still_sending(worker, call):
+            worker.deadline = loop.call_later(SENDING_GRACE, self._on_deadline, worker)
+            worker.timer_at = loop.time() + SENDING_GRACE
+            return
         if not call.done and (worker.in_call or call.given_back):  # else it was abandoned: nobody waits for it;
             if worker.in_call:
                 self._tell_begun(worker)  # it ran, even if it was being asked back
@@ -1377,6 +1388,20 @@ class ProcessPool(concurrent.futures.Executor):
                 Status.TIMED_OUT, error=f"timed out after {call.timeout:g}s; worker {worker.pid} was killed",
                 error_type="TimeoutError", pid=worker.pid))
         self._kill(worker)
+
+    @staticmethod
+    def _still_sending(worker: _Worker, call: _Call) -> bool:
+        """Whether the worker is still sending the message it had begun to send at its running call's deadline.
+
+        That message is most likely the call's result, of a size that takes time to send: it is waited for while
+        its bytes keep coming. One message only: a task that sends report after report past its deadline, or
+        stops halfway through a message, is killed.
+        """
+        if not worker.inbuf:
+            return False
+        begun = worker.received - len(worker.inbuf)  # where the message being read began
+        seen, worker.sending = worker.sending, (call.call_id, begun, worker.received)
+        return seen is None or seen[0] != call.call_id or (seen[1] == begun and seen[2] < worker.received)
 
     def _check_memory(self) -> None:
         limit = self._max_memory

@@ -212,6 +212,23 @@ def announce_then_hang(fifo: str) -> None:
     time.sleep(3600)
 
 
+def return_in_two_halves(size: int) -> bytes:
+    """Return ``size`` bytes; the worker writes the first half of its result at once, the rest on a SIGUSR1."""
+    from asyncsched import _worker
+
+    write = _worker._Channel._write
+
+    def in_halves(self: Any, frame: bytes) -> None:
+        _worker._Channel._write = write  # type: ignore[method-assign]
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})  # one that comes early waits for sigwait
+        write(self, frame[:len(frame) // 2])
+        signal.sigwait({signal.SIGUSR1})
+        write(self, frame[len(frame) // 2:])
+
+    _worker._Channel._write = in_halves  # type: ignore[method-assign]
+    return b"x" * size
+
+
 def return_then_exit(value: Any) -> Any:
     """Return normally, and have the worker die the moment its result is written."""
     from asyncsched import _worker

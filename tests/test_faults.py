@@ -83,6 +83,29 @@ async def test_a_result_sent_just_before_the_exit_is_kept() -> None:
     assert follow.value == 9
 
 
+@pytest.mark.parametrize("sent", ["all", "half"])
+async def test_a_result_still_arriving_at_the_deadline_is_waited_for_while_it_comes(
+        monkeypatch: pytest.MonkeyPatch, sent: str) -> None:
+    async with ProcessPool(1) as pool:
+        checked = asyncio.Event()
+        on_deadline = pool._on_deadline
+
+        def deadline_then_the_rest(worker: Any) -> None:
+            on_deadline(worker)  # half the result is here: it is waited for
+            if not checked.is_set() and sent == "all":
+                os.kill(worker.pid, signal.SIGUSR1)  # and now the rest comes
+            checked.set()
+
+        monkeypatch.setattr(pool, "_on_deadline", deadline_then_the_rest)
+        outcome = await pool.call(faults.return_in_two_halves, (2**20,), timeout=0.5)
+        assert checked.is_set()
+    if sent == "all":
+        assert outcome.status is Status.COMPLETED and outcome.value == b"x" * 2**20
+    else:  # the rest never comes: killed once nothing more has come for a while
+        assert outcome.status is Status.TIMED_OUT and outcome.pid is not None
+        assert wait_gone(outcome.pid)
+
+
 # -- 2. retries -----------------------------------------------------------------------------
 
 async def test_retries_count_attempts_and_give_up(tmp_path: Path) -> None:
