@@ -57,7 +57,7 @@ from ._models import (
     no_json_constant,
     task_from_json,
 )
-from ._progress import stats_table, success, visible
+from ._progress import QuietConsole, stats_table, success, visible
 
 if TYPE_CHECKING:
     from ._sqlite import SQLiteStore
@@ -625,14 +625,9 @@ def _shown(text: str) -> str:
     return escape(visible(text))
 
 
-class _Console(Console):
-    def on_broken_pipe(self) -> None:
-        raise BrokenPipeError  # for main() to answer as for any output: 141, quietly (rich's own exits with 1)
-
-
 def _console() -> Console:
     """Where commands print: the terminal's width, or lines up to OFF_TERMINAL_WIDTH into a file or a pipe."""
-    console = _Console(highlight=False)
+    console = QuietConsole(highlight=False)  # a reader that left raises BrokenPipeError: main() answers 141
     if not console.is_terminal:
         console.width = max(console.width, OFF_TERMINAL_WIDTH)
     return console

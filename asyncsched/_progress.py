@@ -24,9 +24,11 @@ counts exact even when events would be dropped.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import heapq
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import TracebackType
 from typing import TYPE_CHECKING
@@ -176,7 +178,7 @@ class ProgressMonitor:
         self.scheduler = scheduler
         self.batch_id = batch_id
         self.total = total
-        self.console = console or Console()
+        self.console = console or QuietConsole()
         self.refresh_per_second = refresh_per_second
         self.interval = interval
         self._runs: list[_BatchRun] = []  # the runs watched that are still running, as of the last statistics()
@@ -187,6 +189,7 @@ class ProgressMonitor:
         self._live: Live | None = None
         self._started = 0.0
         self._closed = False
+        self._gone = False  # the console's output is gone (a reader that left a pipe, say): nothing more is drawn
 
     async def __aenter__(self) -> ProgressMonitor:
         self.start()
@@ -207,7 +210,7 @@ class ProgressMonitor:
             self._watch(run)
         if self.console.is_interactive:
             self._live = Live(self._view(self.statistics()), console=self.console, auto_refresh=False)
-            self._live.start()
+            self._draw(self._live.start)
         self._ticker = asyncio.create_task(self._tick(), name="asyncsched-progress")
 
     async def aclose(self) -> None:
@@ -225,8 +228,8 @@ class ProgressMonitor:
             statistics = self.statistics()
             if self._live is not None:
                 self._live.update(self._view(statistics))
-                self._live.stop()  # draws that last frame
-            self.console.print(report(statistics))
+                self._draw(self._live.stop)  # draws that last frame
+            self._draw(lambda: self.console.print(report(statistics)))
 
     async def _tick(self) -> None:
         period = 1 / self.refresh_per_second
@@ -234,10 +237,29 @@ class ProgressMonitor:
         while True:
             await asyncio.sleep(period)
             if self._live is not None:
-                self._live.update(self._view(self.statistics()), refresh=True)
+                self._draw(self._redraw)
             elif time.monotonic() >= next_line:
                 next_line += self.interval
-                self.console.out(self.statistics().line(), highlight=False)
+                self._draw(self._write_line)
+
+    def _redraw(self) -> None:
+        assert self._live is not None
+        self._live.update(self._view(self.statistics()), refresh=True)
+
+    def _write_line(self) -> None:
+        self.console.out(self.statistics().line(), highlight=False)
+
+    def _draw(self, draw: Callable[[], object]) -> None:
+        """Draw, unless the output is gone; a display never ends the batches it shows."""
+        if self._gone:
+            return
+        try:
+            draw()
+        except (OSError, SystemExit):  # rich's own Console answers a broken pipe with SystemExit(1)
+            self._gone = True
+            if self._live is not None:
+                with contextlib.suppress(Exception, SystemExit):  # (an IndexError when it failed in its start)
+                    self._live.stop()  # out of its live mode, and sys.stdout its own again
 
     def watch_every_batch(self) -> None:
         """Watch every batch from now on, and those running now (a monitor started for one batch)."""
@@ -387,6 +409,15 @@ def _counts(stats: Stats) -> list[tuple[Status, int]]:
     """Every final status with its count, leaving out cancelled unless there are some."""
     return [(status, _count(stats, status)) for status in FINAL_STATUSES
             if status is not Status.CANCELLED or stats.cancelled]
+
+
+class QuietConsole(Console):
+    """rich's Console, where a reader that has left a pipe raises BrokenPipeError: rich's own raises SystemExit(1),
+    which would end whatever runs, batches and a server included."""
+
+    def on_broken_pipe(self) -> None:
+        self.quiet = True  # nothing more is written
+        raise BrokenPipeError
 
 
 _VISIBLE = {code: repr(chr(code))[1:-1] for code in (*range(0x20), *range(0x7F, 0xA0))}

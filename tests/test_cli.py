@@ -430,6 +430,21 @@ def test_results_into_a_pipe_its_reader_left_stop_quietly(results_db: str, monke
     assert capsys.readouterr().err == ""
 
 
+def test_run_with_progress_into_a_pipe_its_reader_left_runs_its_batch_and_stops_quietly(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    db = os.fspath(tmp_path / "r.db")
+    reader, writer = os.pipe()
+    os.close(reader)  # as `| head -1` does once it has its line
+    with os.fdopen(writer, "w") as pipe:
+        monkeypatch.setattr(sys, "stdout", pipe)
+        assert main(["run", "tests.tasks:square", "--input", write_lines(tmp_path / "jobs.jsonl", *range(6)),
+                     "--db", db, "--batch-id", "b", "--workers", "2"]) == 141  # the display's output is gone too
+        monkeypatch.undo()
+    assert capsys.readouterr().err == ""
+    assert main(["stats", db, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["completed"] == 6
+
+
 @pytest.mark.parametrize("closed", [">&-", "<&-", "2>&-"])
 def test_a_command_with_a_standard_stream_closed_runs(results_db: str, closed: str) -> None:
     # the event loop (uvloop's aborts) or the file a command opens would take the free fd

@@ -27,7 +27,7 @@ from asyncsched import (
     TaskFinished,
     TaskStarted,
 )
-from asyncsched._progress import MESSAGE_SHOWN, format_duration
+from asyncsched._progress import MESSAGE_SHOWN, QuietConsole, format_duration
 
 from . import faults, tasks
 
@@ -177,6 +177,37 @@ async def test_plain_lines_every_interval_off_a_terminal(scheduler: Scheduler, g
     assert lines[0].startswith("asyncsched: ") and " | ETA " in lines[0]
     assert "finished 3 tasks in" in text
     assert "\x1b" not in text and "\r" not in text  # no control characters off a terminal
+
+
+class Gone(io.StringIO):
+    """A console's file whose reader has left, as a pipe to `head` is once it has its lines."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tried = asyncio.Event()
+
+    def write(self, text: str) -> int:
+        self.tried.set()
+        raise BrokenPipeError(32, "Broken pipe")
+
+
+class RichConsole(Console):
+    def on_broken_pipe(self) -> None:
+        raise SystemExit(1)  # as rich's own does, without taking this process's stdout
+
+
+@pytest.mark.parametrize("kind", [QuietConsole, RichConsole])
+@pytest.mark.parametrize("terminal", [True, False])
+async def test_a_display_whose_output_is_gone_stops_drawing_and_the_batch_goes_on(
+        scheduler: Scheduler, gate: Callable[[], str], kind: type[Console], terminal: bool) -> None:
+    release = gate()
+    output = Gone()
+    async with ProgressMonitor(scheduler, console=kind(file=output, force_terminal=terminal), interval=0.01):
+        running = asyncio.ensure_future(scheduler.run([Task(tasks.square, 2), Task(tasks.wait_for_file, release)]))
+        await output.tried.wait()  # a draw, while the batch runs
+        await asyncio.to_thread(Path(release).touch)
+        summary = await running
+    assert summary.completed == 2
 
 
 async def test_total_of_a_generator_is_unknown_until_it_is_exhausted(scheduler: Scheduler,
