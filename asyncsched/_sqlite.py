@@ -59,7 +59,7 @@ import aiofiles.os
 import aiosqlite
 
 from ._errors import ClosedError, ConfigurationError, StoreError
-from ._models import Stats, Status, TaskResult, describe, finite, is_seconds, no_json_constant
+from ._models import Stats, Status, TaskResult, finite, is_seconds, no_json_constant
 from ._store import BatchInfo, Store, check_batch_id, check_page, check_status
 
 __all__ = ["SQLiteStore"]
@@ -127,6 +127,11 @@ _ROWS_PER_INSERT = 64
 _LEAN_PARAMETERS = 9
 """Parameters per row of a lean INSERT (see _lean_sql)."""
 _INT64 = 2**63
+_VALUE_ROOM = 1_000_000_000 - 2**26
+"""The longest value stored, in bytes: SQLite's limit on one string, blob or row (SQLITE_MAX_LENGTH, as SQLite is
+built by default), less room for the row's other columns (see _TEXT_ROOM). A longer one would fail every commit."""
+_TEXT_ROOM = 2**22
+"""The longest error, traceback or message stored, in characters (16 MiB of UTF-8 at most); a longer one is cut."""
 """Ints in [-_INT64, _INT64) bind to SQLite as they are."""
 _COMPLETED = Status.COMPLETED  # for the writer's loop over results: an enum member costs a lookup each time
 _SELECT = f"SELECT {', '.join(_COLUMNS)} FROM results"
@@ -823,7 +828,10 @@ async def _insert_results(db: aiosqlite.Connection, results: Sequence[TaskResult
                 if type(value) is int and -_INT64 <= value < _INT64:
                     blob = None  # bound as it is: the column's TEXT affinity stores its decimal text, as _encode()
                 else:
-                    encoded = value, blob = _encode(value)
+                    try:
+                        encoded = value, blob = _encode(value)
+                    except _Unstorable:
+                        blob = b""  # a full row, which says why
                 if blob is None:
                     if r.batch_id is not batch_id:
                         batch_id, batch = r.batch_id, _text(r.batch_id)
@@ -943,8 +951,12 @@ def _plain_json(value: Any) -> bool:
     return False
 
 
+class _Unstorable(Exception):
+    """A value the store cannot hold: why, for the ``failed`` row stored instead."""
+
+
 def _encode(value: Any) -> tuple[str | None, bytes | None]:
-    """The ``(value, value_pickle)`` columns of a value; never raises."""
+    """The ``(value, value_pickle)`` columns of a value; raises _Unstorable."""
     if value is None:
         return None, None
     kind = type(value)
@@ -952,13 +964,22 @@ def _encode(value: Any) -> tuple[str | None, bytes | None]:
         if kind is int or (kind is float and math.isfinite(value)):
             return repr(value), None  # the JSON of a number is its repr
         if _plain_json(value):
-            return _JSON.encode(value), None
+            text = _JSON.encode(value)
+            if len(text) > _VALUE_ROOM:  # (ASCII: as many bytes as characters)
+                raise _Unstorable(f"its value, {len(text):,} bytes of JSON, is over the {_VALUE_ROOM:,} bytes "
+                                  "SQLite can hold in one row: it was not stored")
+            return text, None
     except ValueError:  # an int too long for str() (sys.set_int_max_str_digits): pickled
         pass
     try:
-        return None, pickle.dumps(value, pickle.HIGHEST_PROTOCOL)
-    except Exception:  # neither (only an in-process backend can return such a value): keep what can be kept
-        return _JSON.encode(describe(value)), None
+        blob = pickle.dumps(value, pickle.HIGHEST_PROTOCOL)
+    except Exception as exc:  # it came unpickled, but does not pickle again (its __setstate__ made a lock, say)
+        raise _Unstorable(f"its value, of type {type(value).__name__}, could not be pickled again here to be "
+                          f"stored: {type(exc).__name__}: {exc}") from None
+    if len(blob) > _VALUE_ROOM:
+        raise _Unstorable(f"its value, {len(blob):,} bytes pickled, is over the {_VALUE_ROOM:,} bytes SQLite can "
+                          "hold in one row: it was not stored")
+    return None, blob
 
 
 @overload
@@ -1025,11 +1046,27 @@ _STATUS_TEXT = {status: status.value for status in Status}  # Enum.value is a sl
 
 
 def _row(r: TaskResult, encoded: tuple[str | None, bytes | None] | None = None) -> Row:
-    """The row of ``r``, in the order of ``_COLUMNS``; ``encoded`` is ``_encode(r.value)`` if already known."""
-    value, blob = encoded or _encode(r.value)
-    return (_text(r.batch_id), _text(r.key), r.index, _STATUS_TEXT[r.status], value, blob, _text(r.error),
-            _text(r.error_type), _text(r.traceback), r.attempts, r.pid, r.started_at, r.finished_at, _text(r.message),
-            r.progress)
+    """The row of ``r``, in the order of ``_COLUMNS``; ``encoded`` is ``_encode(r.value)`` if already known.
+
+    A value the store cannot hold makes a ``failed`` row that says why: a commit that failed on it would fail
+    again each time, and hold back every result after it.
+    """
+    status, error, error_type, tb = r.status, r.error, r.error_type, r.traceback
+    try:
+        value, blob = encoded or _encode(r.value)
+    except _Unstorable as exc:
+        value = blob = None
+        status, error, error_type, tb = Status.FAILED, f"StoreError: {exc}", "StoreError", None
+    return (_text(r.batch_id), _text(r.key), r.index, _STATUS_TEXT[status], value, blob, _cut(_text(error)),
+            _text(error_type), _cut(_text(tb)), r.attempts, r.pid, r.started_at, r.finished_at,
+            _cut(_text(r.message)), r.progress)
+
+
+def _cut(text: str | None) -> str | None:
+    """``text``, cut to _TEXT_ROOM characters."""
+    if text is None or len(text) <= _TEXT_ROOM:
+        return text
+    return f"{text[:_TEXT_ROOM]}… (cut: {len(text):,} characters in all)"
 
 
 def _result(row: Row) -> TaskResult:

@@ -16,6 +16,7 @@ import sqlite3
 import stat
 import subprocess
 import sys
+import threading
 import time
 import types
 import warnings
@@ -957,6 +958,41 @@ async def test_a_result_sqlite_cannot_take_as_it_is_still_stored_with_the_others
         stored = {r.key: r for r in await store.results()}
     assert sorted(stored) == sorted(["good-1", key, "good-2"])
     assert kept in (stored[key].value, stored[key].message)
+
+
+async def test_what_is_over_sqlites_length_limit_fails_its_own_result_and_holds_back_no_other(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(asyncsched._sqlite, "_VALUE_ROOM", 2**20)  # as SQLite's 1 GB, less room for the rest
+    monkeypatch.setattr(asyncsched._sqlite, "_TEXT_ROOM", 2**16)
+    async with SQLiteStore(tmp_path / "r.db") as store:
+        db = store._db
+        assert db is not None
+        # and SQLite's own limit with it: a row over it fails its commit
+        await db._execute(db._conn.setlimit, sqlite3.SQLITE_LIMIT_LENGTH, 2**21)  # type: ignore[no-untyped-call]
+        await store.begin_batch("b")
+        for result in (_completed("good-1", 1), _completed("text", "x" * (2**20 + 1)),  # plain JSON: a lean row
+                       _completed("bytes", b"x" * 2**20),  # pickled: a full row
+                       _completed("said", 2, message="y" * 2**18), _completed("good-2", 2)):
+            store.add(result)
+        await store.flush()  # the rows over the limit failed every commit, and held back every row after them
+        stored = {r.key: r for r in await store.results()}
+    assert (stored["good-1"].value, stored["good-2"].value, stored["said"].value) == (1, 2, 2)
+    assert stored["said"].message == f"{'y' * 2**16}… (cut: {2**18:,} characters in all)"
+    for key, what in ("text", "1,048,579 bytes of JSON"), ("bytes", "1,048,585 bytes pickled"):
+        assert (stored[key].status, stored[key].value, stored[key].error_type) == (Status.FAILED, None, "StoreError")
+        assert f"its value, {what}" in (stored[key].error or "") and "SQLite can hold in one row" in (
+            stored[key].error or "")
+
+
+async def test_a_value_that_does_not_pickle_again_is_stored_as_a_failure_that_says_so(tmp_path: Path) -> None:
+    async with SQLiteStore(tmp_path / "r.db") as store:  # (its __setstate__ made a lock, say)
+        await store.begin_batch("b")
+        store.add(_completed("lock", threading.Lock()))
+        await store.flush()
+        (stored,) = await store.results()
+    assert (stored.status, stored.value) == (Status.FAILED, None)  # not the text of its repr(), as completed
+    assert stored.error == ("StoreError: its value, of type lock, could not be pickled again here to be stored: "
+                            "TypeError: cannot pickle '_thread.lock' object")
 
 
 async def test_flush_waits_for_the_commit_in_flight(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
