@@ -664,6 +664,19 @@ def stalled_stream(runner: web.AppRunner) -> socket.socket:
     return sock
 
 
+def read_to_the_end(sock: socket.socket) -> bool:
+    """Read what the server sent, up to the end of the connection (True) or 10 s of silence (False)."""
+    sock.settimeout(10)
+    try:
+        while sock.recv(1 << 16):
+            pass
+    except TimeoutError:
+        return False
+    except ConnectionResetError:
+        pass
+    return True
+
+
 async def stall(runner: web.AppRunner, scheduler: Scheduler) -> None:
     """Publish events until the server waits for a stalled stream's client to read."""
     assert runner.server is not None
@@ -696,6 +709,32 @@ async def test_a_client_that_vanishes_while_its_stream_waits_is_not_an_error(
             await forgotten.wait()
         await asyncio.sleep(0)
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+
+
+async def test_a_client_that_reads_nothing_is_cut_off_and_then_disconnected() -> None:
+    scheduler = Scheduler(workers=1)
+    app = web.Application()
+    setup(app, scheduler, registry=None, limits=Limits(event_backlog=10, write_timeout=0.2))
+    log = app.on_shutdown[-1].__self__.log  # type: ignore[attr-defined]  # the _Api's EventLog
+    forgotten, forget = asyncio.Event(), log.forget
+
+    def forgetting(listener: Any) -> None:  # the handler forgets its listener as it ends
+        forget(listener)
+        forgotten.set()
+
+    log.forget = forgetting
+    async with served(app) as runner:
+        sock = stalled_stream(runner)
+        try:
+            await stall(runner, scheduler)  # a write waits for the client
+            for _ in range(20):  # and its stream falls 20 events behind: cut off
+                log.publish_notice("b", {"state": "running"})
+            assert not log._listeners  # it takes no more events from the moment it is cut off
+            async with asyncio.timeout(10):
+                await forgotten.wait()  # a write that waited write_timeout for it: its connection is closed
+            assert await asyncio.to_thread(read_to_the_end, sock)  # the server closed it
+        finally:
+            sock.close()
 
 
 async def test_a_client_that_reads_nothing_does_not_hold_up_the_shutdown() -> None:

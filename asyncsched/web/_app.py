@@ -92,11 +92,14 @@ class Limits:
     """Events kept for clients that reconnect with ``Last-Event-ID``."""
     heartbeat: float = 15.0
     """Seconds between keep-alive comments on an idle event stream."""
+    write_timeout: float = 30.0
+    """Seconds a write to an event stream may wait for its client to read; past it the connection is closed (the
+    client reconnects, and catches up from the backlog or gets a ``reset``)."""
 
     def __post_init__(self) -> None:
         for field in fields(self):
             value = getattr(self, field.name)
-            kind = float if field.name == "heartbeat" else int  # the others are counts
+            kind = float if field.name in ("heartbeat", "write_timeout") else int  # the others are counts
             if isinstance(value, bool) or not isinstance(value, kind | int) or not value > 0:
                 what = "number" if kind is float else "integer"
                 raise ConfigurationError(f"Limits.{field.name} must be a positive {what}, got {value!r}")
@@ -462,9 +465,13 @@ class _Api:
             await response.prepare(request)
             await response.write(b"retry: 1000\n\n")
             while (chunk := await listener.next_chunk(self.limits.heartbeat)) is not None:
-                await response.write(chunk)
+                async with asyncio.timeout(self.limits.write_timeout):
+                    await response.write(chunk)
         except ConnectionError:  # the client went away: reset (or lost while a write waited for it to read)
             pass
+        except TimeoutError:  # it reads nothing: what it holds and its connection go
+            if request.transport is not None:
+                request.transport.abort()
         finally:
             self.log.forget(listener)
             del self._streams[ended]

@@ -60,6 +60,7 @@ class _Entry:
             data = _event_json(payload) if isinstance(payload, Event) else payload
             text = json.dumps(data, separators=(",", ":"), allow_nan=False)
             self._chunk = f"id: {epoch}-{self.number}\nevent: {self.kind}\ndata: {text}\n\n".encode()
+            self.payload = {}  # encoded: what it held (a report's data, say) is not kept twice
         return self._chunk
 
 
@@ -89,13 +90,15 @@ class Listener:
         self._pending: list[_Entry] = []
         self._wake = asyncio.Event()
 
-    def push(self, entry: _Entry) -> None:
+    def push(self, entry: _Entry) -> bool:
+        """Queue ``entry`` for this client, if it is of its batch; False once the stream has ended."""
         if self.ended or (self.batch_id is not None and entry.batch_id != self.batch_id and entry.kind != "reset"):
-            return
+            return not self.ended
         self._pending.append(entry)
         if len(self._pending) >= self._limit:
             self.ended = True  # too far behind: it reconnects and catches up from the backlog
         self._wake.set()
+        return not self.ended
 
     def end(self) -> None:
         self.ended = True
@@ -134,8 +137,8 @@ class EventLog:
         self._last += 1
         entry = _Entry(self._last, batch_id, kind, payload)
         self._backlog.append(entry)
-        for listener in self._listeners:
-            listener.push(entry)
+        behind = [listener for listener in self._listeners if not listener.push(entry)]
+        self._listeners.difference_update(behind)  # it holds its last events, and no more
 
     def publish_events(self, events: list[Event]) -> None:
         """Publish the scheduler's events as ``task`` events (an ``EventHub`` listener: quick, never raises)."""
