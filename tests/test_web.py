@@ -14,6 +14,7 @@ import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, NoReturn
 
 import pytest
@@ -550,6 +551,58 @@ async def test_delete_answers_a_batch_slow_to_end_as_it_stands_after_a_bounded_w
     summary = await hosted
     assert summary.cancelled == 1
     assert (await get_json(client, "/batches/slow"))["state"] == "finished"
+
+
+async def test_a_delete_while_another_one_ends_the_batch_waits_as_that_one_does(
+        aiohttp_client: AiohttpClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(asyncsched.web._app, "CANCEL_WAIT", 0.05)
+    store = SlowToEnd()
+    client = await make_client(aiohttp_client, scheduler=Scheduler(workers=1, store=store))
+    events = await client.get(f"{API}/events", params={"batch": "twice"})
+    await submit(client, task="hang", inputs=[[]], batch_id="twice")
+    await events_until(events, lambda seen: any(e.data.get("type") == "started" for e in seen))
+    assert (await client.delete(f"{API}/batches/twice")).status == 200
+    await store.entered.wait()  # the batch is ending: the store holds its end
+    again = await client.delete(f"{API}/batches/twice")  # it was answered 409 "not running", state "unfinished"
+    assert again.status == 200 and (await again.json())["state"] == "running", await again.text()
+    store.release.set()
+    await events_until(events, batch_finished)
+    events.close()
+    assert (await get_json(client, "/batches/twice"))["state"] == "finished"
+
+
+@pytest.mark.parametrize("route", ["/batches/ending", "/batches"])
+async def test_a_batch_that_ends_while_it_is_read_is_not_shown_unfinished(
+        aiohttp_client: AiohttpClient, monkeypatch: pytest.MonkeyPatch, gate: Callable[[], str], route: str) -> None:
+    registry = TaskRegistry()
+    registry.add("wait_for_file", tasks.wait_for_file)
+    scheduler = Scheduler(workers=1)
+    client = await make_client(aiohttp_client, scheduler=scheduler, registry=registry)
+    api = client.app.on_shutdown[-1].__self__  # type: ignore[attr-defined]  # the _Api
+    release = gate()
+    await submit(client, task="wait_for_file", inputs=[release], batch_id="ending")
+    read_batch, read_page = scheduler.batch, scheduler.batch_page
+
+    async def end_it() -> None:  # once its row is read, as it was then: running, no end recorded
+        job = api.jobs["ending"]
+        await asyncio.to_thread(Path(release).touch)
+        await asyncio.wait([job.task])
+
+    async def batch(batch_id: str) -> Any:
+        info = await read_batch(batch_id)
+        await end_it()
+        return info
+
+    async def batch_page(*args: Any) -> Any:
+        page = await read_page(*args)
+        await end_it()
+        return page
+
+    monkeypatch.setattr(scheduler, "batch", batch)
+    monkeypatch.setattr(scheduler, "batch_page", batch_page)
+    answer = await get_json(client, route)
+    shown = answer if route != "/batches" else answer["batches"][0]
+    assert shown["state"] == "running"  # as it was when its row was read; "unfinished" says it was abandoned
 
 
 async def test_a_client_that_leaves_while_its_delete_waits_leaves_nothing_behind(

@@ -313,16 +313,18 @@ class _Api:
 
     async def list_batches(self, request: web.Request) -> web.Response:
         limit, offset = self._page(request)
+        running = self._running()  # before the rows as well: one read before its batch ended is not "unfinished"
         batches, total = await self.scheduler.batch_page(limit, offset)  # newest first
-        running = self._running()
+        running.update(self._running())
         return web.json_response({
             "batches": [self._summary(info, running) for info in batches],
             "total": total, "limit": limit, "offset": offset,
         })
 
     async def get_batch(self, request: web.Request) -> web.Response:
+        running = self._running()  # before the row as well: one read before the batch ended is not "unfinished"
         info = await self._batch(request.match_info["batch_id"])
-        return web.json_response(self._summary(info, self._running()))
+        return web.json_response(self._summary(info, running | self._running()))
 
     async def submit(self, request: web.Request) -> web.Response:
         if self.registry is None:
@@ -415,9 +417,10 @@ class _Api:
         if self.registry is None:
             _fail(403, "this server is read-only: it was started without a task registry")
         info = await self._batch(batch_id)
-        if not self.scheduler.cancel(batch_id):
-            _fail(409, f"batch {batch_id!r} is not running", state=self._summary(info, {})["state"])
         job = self.jobs.get(batch_id)
+        if not self.scheduler.cancel(batch_id) and job is None:  # (a job still ending was cancelled just now)
+            info = await self._batch(batch_id)  # as it is now that it has ended
+            _fail(409, f"batch {batch_id!r} is not running", state=self._summary(info, {})["state"])
         with contextlib.suppress(TimeoutError):  # bounded; should the request be cancelled, only the wait ends
             async with asyncio.timeout(CANCEL_WAIT):
                 await self.scheduler.wait_ended(batch_id)  # the batch is over and written, whoever runs it
