@@ -24,8 +24,10 @@ import csv
 import dataclasses
 import datetime
 import errno
+import functools
 import importlib
 import inspect
+import io
 import itertools
 import json
 import os
@@ -35,6 +37,7 @@ import stat
 import sys
 import threading
 import uuid
+import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
@@ -53,6 +56,7 @@ from ._models import (
     Task,
     TaskResult,
     describe,
+    finite_json_float,
     is_seconds,
     no_json_constant,
     task_from_json,
@@ -103,7 +107,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return 2
     try:
-        status = command(args)
+        with warnings.catch_warnings():
+            warnings.showwarning = functools.partial(_show_warning, args.name)
+            status = command(args)
         sys.stdout.flush()  # a reader that has left shows here, not as a traceback at exit
         return status
     except (UsageError, AsyncschedError) as exc:
@@ -125,9 +131,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
 
+def _show_warning(name: str, message: Warning | str, *args: Any, **kwargs: Any) -> None:
+    print(f"asyncsched {name}: warning: {message}", file=sys.stderr)
+
+
 def _open_standard_streams() -> None:
     """Give a standard stream that was closed (`>&-`, `<&-`) /dev/null: else Python has None for it, and the
-    next file opened, the event loop's own, say, would take its fd and get the output."""
+    next file opened, the event loop's own, say, would take its fd and get the output. Text that is not Unicode
+    (a key made from an undecodable file name, with a lone surrogate) is written escaped, as ``\\udce9``."""
     for fd, name in enumerate(("stdin", "stdout", "stderr")):
         try:
             os.fstat(fd)
@@ -138,6 +149,9 @@ def _open_standard_streams() -> None:
                 os.close(opened)
         if getattr(sys, name) is None:
             setattr(sys, name, open(fd, "r" if fd == 0 else "w", closefd=False))  # noqa: SIM115 - for the process
+        stream = getattr(sys, name)
+        if fd and isinstance(stream, io.TextIOWrapper):
+            stream.reconfigure(errors="backslashreplace")
 
 
 def _celery_worker(argv: list[str]) -> int:
@@ -196,7 +210,7 @@ def _run_command(args: argparse.Namespace) -> int:
     _print_outcome(summary, args)
     if bad:
         then = ("" if args.db is None else f", and their results are in {visible(args.db)}: fix that line, then "
-                f"continue with --batch-id {visible(shlex.quote(args.batch_id))} --resume")
+                f"continue with --batch-id={visible(shlex.quote(args.batch_id))} --resume")
         raise UsageError(f"{bad[0]}. The tasks of the lines before it ran{then}")
     return 0 if summary.completed == summary.total else 1
 
@@ -223,7 +237,8 @@ def load_function(spec: str) -> Callable[..., Any]:
         except AttributeError:
             raise UsageError(f"module {module_name!r} has no function {name!r}") from None
     if not callable(target):
-        raise UsageError(f"{spec} is a {type(target).__name__}, not a function")
+        kind = type(target).__name__
+        raise UsageError(f"{spec} is {'an' if kind[0] in 'aeiou' else 'a'} {kind}, not a function")
     Task(target)  # refuses, with a clear message, what a worker could not load (a lambda, a nested function)
     return target  # type: ignore[no-any-return]
 
@@ -329,8 +344,8 @@ async def tasks_from_lines(fn: Callable[..., Any], lines: AsyncIterator[bytes]) 
         if not line.strip():
             continue
         try:
-            value = json.loads(line, parse_constant=no_json_constant)
-        except ValueError as exc:
+            value = json.loads(line, parse_constant=no_json_constant, parse_float=finite_json_float)
+        except (ValueError, RecursionError) as exc:  # (nested deeper than Python's recursion limit)
             raise UsageError(f"input line {number} is not JSON ({exc}); each line must be one JSON value: "
                              "an array of arguments, an object of keyword arguments, or the single argument") from None
         yield task_from_json(fn, value, key=number)
@@ -372,7 +387,7 @@ async def _schedule(batch: Any, args: argparse.Namespace) -> Summary:
     except ConfigurationError as exc:
         raise UsageError(_as_options(exc)) from None
     except StoreError as exc:  # the results it has not written yet go with this process
-        again = (f". Once the file can be written, the same command with --batch-id {shlex.quote(args.batch_id)} "
+        again = (f". Once the file can be written, the same command with --batch-id={shlex.quote(args.batch_id)} "
                  "--resume runs the tasks whose results it does not hold") if ran and args.batch_id else ""
         raise StoreError(_as_options(exc) + again) from exc
 
@@ -441,7 +456,7 @@ def _print_outcome(summary: Summary, args: argparse.Namespace) -> None:
         if len(failures) > FAILURES_SHOWN:
             console.print(f"  ... and {len(failures) - FAILURES_SHOWN} more")
     where = "" if args.db is None else \
-        f"; see asyncsched results {shlex.quote(args.db)} --batch {shlex.quote(summary.batch_id)}"  # to paste
+        f"; see asyncsched results {shlex.quote(args.db)} --batch={shlex.quote(summary.batch_id)}"  # to paste
     console.print(visible(f"batch {summary.batch_id}: {summary.completed} of {summary.total} tasks completed "
                           f"in {summary.elapsed:.2f}s{where}"), soft_wrap=True, markup=False)
 

@@ -6,6 +6,7 @@ import collections
 import enum
 import functools
 import importlib
+import inspect
 import math
 import operator
 import pickle
@@ -101,6 +102,14 @@ def _check_callable(fn: Callable[..., Any]) -> None:
             f"{fn.__module__}.{fn.__qualname__} is {what}; a worker process can only load functions "
             "by name: define it at module level (use functools.partial to bind arguments)"
         )
+    if inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn):
+        raise TaskDefinitionError(
+            f"{fn.__module__}.{fn.__qualname__} is an async function, and a worker runs no event loop: pass a "
+            "plain function that calls it with asyncio.run(), or await it in your own loop")
+    if inspect.isgeneratorfunction(fn):
+        raise TaskDefinitionError(
+            f"{fn.__module__}.{fn.__qualname__} is a generator function: what it returns, a generator, cannot be "
+            "sent back from a worker; pass a plain function that returns a list of what it yields")
 
 
 class Task:
@@ -158,6 +167,15 @@ def no_json_constant(name: str) -> NoReturn:
     """``json.loads(..., parse_constant=no_json_constant)`` refuses NaN and Infinity, which Python reads and JSON
     has not."""
     raise ValueError(f"{name} is not JSON")
+
+
+def finite_json_float(text: str) -> float:
+    """``json.loads(..., parse_float=finite_json_float)`` refuses a number past a float's range (``1e400``), which
+    Python reads as infinity."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text} is past the range of a float")
+    return value
 
 
 def task_from_json(fn: Callable[..., Any], value: Any, *, key: str | int | None = None,

@@ -79,6 +79,7 @@ import asyncio
 import atexit
 import concurrent.futures
 import contextlib
+import errno
 import functools
 import itertools
 import math
@@ -142,6 +143,7 @@ WORKER_MEMORY = 12 * 2**20
 """The memory of its own an idle worker takes at least (its USS here): a pool that cannot have that much for each
 worker is refused, rather than left to run the machine out of memory as it starts."""
 
+_OUT_OF = (errno.EMFILE, errno.ENFILE, errno.EAGAIN, errno.ENOMEM)  # descriptors, processes, memory
 _PLAIN_FUNCTIONS = (types.FunctionType, types.BuiltinFunctionType)
 _get_ident = threading.get_ident
 _COMPLETED = Status.COMPLETED  # for _read: an enum member costs a lookup each time (Python 3.11)
@@ -880,7 +882,8 @@ class ProcessPool(concurrent.futures.Executor):
                 self._spawn()
             except OSError as exc:  # out of descriptors, processes or memory: the pool goes on with fewer
                 advice = ("each worker takes some six file descriptors of this process: use fewer workers, or raise "
-                          "the limits (ulimit -n, ulimit -u)")
+                          "the limits (ulimit -n, ulimit -u)") if exc.errno in _OUT_OF else \
+                    "check that this interpreter can start a process here"
                 running = sum(1 for w in self._workers if not w.retiring)
                 if not running:  # the calls would wait for ever
                     self._break(f"could not start a worker: {exc}; {advice}")

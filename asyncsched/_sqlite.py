@@ -59,7 +59,7 @@ import aiofiles.os
 import aiosqlite
 
 from ._errors import ClosedError, ConfigurationError, StoreError
-from ._models import Stats, Status, TaskResult, finite, is_seconds, no_json_constant
+from ._models import Stats, Status, TaskResult, finite, finite_json_float, is_seconds, no_json_constant
 from ._store import BatchInfo, Store, check_batch_id, check_page, check_status
 
 __all__ = ["SQLiteStore"]
@@ -1135,7 +1135,8 @@ RECORD_FIELDS = tuple(_record((None,) * len(_COLUMNS)))
 def _import_row(line: str, path: str | os.PathLike[str], number: int, batch_id: str) -> Row:
     """The row of one line written by :func:`_line`, or in the bare format."""
     try:
-        record = json.loads(line, parse_constant=no_json_constant)  # NaN, Infinity: export could not write them
+        # NaN, Infinity, 1e400: export could not have written them
+        record = json.loads(line, parse_constant=no_json_constant, parse_float=finite_json_float)
         if not isinstance(record, dict):
             raise ValueError("not a JSON object")
         status = Status(record["status"])

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -126,3 +127,14 @@ def scheduling_policies() -> tuple[int, int]:
 def stdin_target(_: object = None) -> str:
     """What the worker's fd 0 is."""
     return os.readlink("/proc/self/fd/0")
+
+
+ITEMS = 3
+
+
+async def async_square(n: int) -> int:  # not a task: a worker runs no event loop
+    return n * n
+
+
+def squares(n: int) -> Iterator[int]:  # not a task: a generator cannot be sent back
+    yield from (i * i for i in range(n))

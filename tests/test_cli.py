@@ -7,6 +7,7 @@ import contextlib
 import csv
 import hashlib
 import io
+import itertools
 import json
 import os
 import pty
@@ -29,6 +30,7 @@ import asyncsched._sqlite
 import asyncsched._store
 from asyncsched import Scheduler, SQLiteStore, Status, StoreError, Task, TaskResult
 from asyncsched._cli import main
+from asyncsched._pool import ProcessPool
 
 from . import tasks
 
@@ -79,7 +81,7 @@ def test_what_tasks_and_names_say_reaches_the_console_as_text(tmp_path: Path,
     out = capsys.readouterr().out
     assert "  1  failed     ValueError: \\x1b[2J[bold]cleared\\nnext line\n" in out
     assert "batch c[/]d: 0 of 1 tasks completed in" in out
-    assert f"see asyncsched results '{db}' --batch 'c[/]d'" in out  # quoted for a shell, as the brackets are
+    assert f"see asyncsched results '{db}' --batch='c[/]d'" in out  # quoted for a shell, as the brackets are
     table = read(["results", db], capsys)
     assert "c[/]d" in table and "ValueError: \\x1b[2J[bold]cleared\\nnext line" in table
 
@@ -97,6 +99,10 @@ def test_run_shows_progress_and_the_final_report(tmp_path: Path, capsys: pytest.
     ("tests.tasks:no_such_function", "module 'tests.tasks' has no function 'no_such_function'"),
     ("tests.tasks", "'tests.tasks' is not MODULE:FUNCTION"),
     ("tests.tasks:os", "tests.tasks:os is a module, not a function"),
+    ("tests.tasks:ITEMS", "tests.tasks:ITEMS is an int, not a function"),
+    ("tests.tasks:async_square", "tests.tasks.async_square is an async function, and a worker runs no event loop"),
+    ("tests.tasks:squares", "tests.tasks.squares is a generator function: what it returns, a generator, cannot be "
+                            "sent back from a worker"),
 ])
 def test_run_reports_what_cannot_be_imported_in_one_line(spec: str, message: str, tmp_path: Path,
                                                          capsys: pytest.CaptureFixture[str]) -> None:
@@ -160,7 +166,7 @@ def test_run_on_a_full_disk_says_how_to_run_what_it_could_not_store(tmp_path: Pa
                  "--batch-id", "b 1", "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "database or disk is full; the disk is full: free some space (the results queued stay queued while " in err
-    assert err.endswith(". Once the file can be written, the same command with --batch-id 'b 1' --resume runs the "
+    assert err.endswith(". Once the file can be written, the same command with --batch-id='b 1' --resume runs the "
                         "tasks whose results it does not hold\n"), err
 
 
@@ -214,9 +220,10 @@ def test_run_counts_the_tasks_of_a_file_first_for_the_progress_total(via: str, t
     assert sizes == [3]
 
 
-def test_run_stops_at_a_line_that_is_not_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize("line", ["{not json", "[" * 10_000 + "]" * 10_000], ids=["not-json", "deeper-than-python"])
+def test_run_stops_at_a_line_that_is_not_json(tmp_path: Path, capsys: pytest.CaptureFixture[str], line: str) -> None:
     jobs = tmp_path / "jobs.jsonl"
-    jobs.write_text("1\n{not json\n2\n")
+    jobs.write_text(f"1\n{line}\n2\n")
     assert main(["run", "tests.tasks:square", "--input", os.fspath(jobs), "--no-progress"]) == 2
     out, err = capsys.readouterr()
     assert "input line 2 is not JSON" in err and "each line must be one JSON value" in err
@@ -224,13 +231,15 @@ def test_run_stops_at_a_line_that_is_not_json(tmp_path: Path, capsys: pytest.Cap
     assert "1 of 1 tasks completed" in out  # they did: run to their end, not cancelled with the batch
 
 
-@pytest.mark.parametrize("constant", ["NaN", "Infinity", "-Infinity"])
+@pytest.mark.parametrize(("constant", "why"), [("NaN", "NaN is not JSON"), ("Infinity", "Infinity is not JSON"),
+                                               ("-Infinity", "-Infinity is not JSON"),
+                                               ("1e400", "1e400 is past the range of a float")])
 def test_run_refuses_a_line_with_a_constant_python_reads_but_json_has_not(
-        constant: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        constant: str, why: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     jobs = tmp_path / "jobs.jsonl"
     jobs.write_text(f"[{constant}]\n")
     assert main(["run", "tests.tasks:square", "--input", os.fspath(jobs), "--no-progress"]) == 2
-    assert f"input line 1 is not JSON ({constant} is not JSON)" in capsys.readouterr().err
+    assert f"input line 1 is not JSON ({why})" in capsys.readouterr().err
 
 
 def test_a_line_that_is_not_json_says_how_to_continue_the_batch_once_it_is_fixed(
@@ -238,7 +247,7 @@ def test_a_line_that_is_not_json_says_how_to_continue_the_batch_once_it_is_fixed
     jobs, db = tmp_path / "jobs.jsonl", os.fspath(tmp_path / "results.db")
     jobs.write_text("1\n{not json\n2\n")
     assert main(["run", "tests.tasks:square", "--input", os.fspath(jobs), "--no-progress", "--db", db]) == 2
-    found = re.search(r"their results are in (.+): fix that line, then continue with --batch-id (\w+) --resume\n$",
+    found = re.search(r"their results are in (.+): fix that line, then continue with --batch-id=(\w+) --resume\n$",
                       capsys.readouterr().err)
     assert found is not None and found[1] == db
     stored = read(["results", db, "--format", "jsonl"], capsys).splitlines()
@@ -428,6 +437,35 @@ def test_results_into_a_pipe_its_reader_left_stop_quietly(results_db: str, monke
         assert main([argv[0], results_db, *argv[1:]]) == 141
         monkeypatch.undo()
     assert capsys.readouterr().err == ""
+
+
+def test_text_that_is_not_unicode_is_written_escaped(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    db = os.fspath(tmp_path / "r.db")  # stdout encodes strictly, as with a locale such as en_US.UTF-8
+    assert main(["run", "tests.tasks:identity", "--input", write_lines(tmp_path / "jobs.jsonl", "caf\udce9"),
+                 "--db", db, "--batch-id", "b\udce9", "--no-progress"]) == 0
+    assert "batch b\\udce9: 1 of 1 tasks completed" in capsys.readouterr().out
+    assert main(["results", db, "--format", "csv"]) == 0  # a UnicodeEncodeError, with its traceback
+    assert "caf\\udce9" in capsys.readouterr().out
+
+
+@pytest.mark.filterwarnings("always::RuntimeWarning")  # as outside the tests, where warnings are not errors
+def test_a_warning_is_one_line_of_the_command(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    spawn = ProcessPool._spawn
+    spawns = itertools.count()
+
+    def first_only(pool: ProcessPool) -> None:  # as with `ulimit -n 64` and 40 workers
+        if next(spawns):
+            raise OSError(24, "Too many open files")
+        spawn(pool)
+
+    monkeypatch.setattr(ProcessPool, "_spawn", first_only)
+    assert main(["run", "tests.tasks:square", "--input", write_lines(tmp_path / "jobs.jsonl", 1, 2), "--workers", "2",
+                 "--no-progress"]) == 0
+    assert capsys.readouterr().err == (
+        "asyncsched run: warning: could not start a worker: [Errno 24] Too many open files; the pool runs with 1 of "
+        "its 2 workers, and tries again as each exits; each worker takes some six file descriptors of this process: "
+        "use fewer workers, or raise the limits (ulimit -n, ulimit -u)\n")
 
 
 def test_run_with_progress_into_a_pipe_its_reader_left_runs_its_batch_and_stops_quietly(

@@ -344,6 +344,7 @@ async def test_bad_submissions_say_what_is_wrong(client: Client, body: Any, stat
 @pytest.mark.parametrize(("data", "content_type", "status", "error"), [
     (b'{"task": "square", "inputs": [1]', "application/json", 400, "not valid JSON"),
     (b'{"task": "square", "inputs": [NaN]}', "application/json", 400, "NaN is not JSON"),
+    (b'{"task": "square", "inputs": [1e400]}', "application/json", 400, "1e400 is past the range of a float"),
     (b"[" * 100_000, "application/json", 413, "over the limit of 4096 bytes"),
     (b"[" * 3000 + b"]" * 3000, "application/json", 413, "over the limit"),
     (b'{"task": "square", "inputs": [1]}', "text/plain", 415, "Content-Type: application/json"),

@@ -34,7 +34,7 @@ from aiohttp import web
 from aiohttp.web_protocol import RequestPayloadError
 
 from .._errors import ClosedError, ConfigurationError, StoreError
-from .._models import FINAL_STATUS_VALUES, Task, is_seconds, no_json_constant, task_from_json
+from .._models import FINAL_STATUS_VALUES, Task, finite_json_float, is_seconds, no_json_constant, task_from_json
 from .._scheduler import Scheduler
 from .._store import MAX_PAGE, BatchInfo
 from ._json import batch_json, result_json
@@ -286,7 +286,7 @@ class _Api:
         except RequestPayloadError as exc:  # e.g. a Content-Encoding the body is not in
             _fail(400, f"the body cannot be read: {exc}")
         try:
-            return json.loads(body, parse_constant=no_json_constant)
+            return json.loads(body, parse_constant=no_json_constant, parse_float=finite_json_float)
         except (ValueError, RecursionError) as exc:
             _fail(400, f"the body is not valid JSON: {exc}")
 
