@@ -984,13 +984,20 @@ def test_a_with_block_in_a_coroutine_that_ends_at_once_leaves_no_worker_and_no_p
     assert waiting.cancelled()  # with the loop it needed, not pending for ever
 
 
+@pytest.mark.parametrize(("error", "advice"), [
+    (OSError(24, "Too many open files"), "[Errno 24] Too many open files; each worker takes some six file "
+                                         "descriptors of this process: use fewer workers, or raise the limits "
+                                         "(ulimit -n, ulimit -u)"),
+    (OSError(111, "Connection refused"), "[Errno 111] Connection refused; check that this interpreter can start a "
+                                         "process here"),  # the fork server could not be reached, say
+], ids=["out-of-descriptors", "other"])
 async def test_a_worker_that_cannot_be_started_breaks_the_pool_once_none_is_left(
-        monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch: pytest.MonkeyPatch, error: OSError, advice: str) -> None:
     def descriptors() -> int:
         return len(os.listdir("/proc/self/fd"))
 
     def out_of_descriptors() -> tuple[int, int]:
-        raise OSError(24, "Too many open files")
+        raise error
 
     async with Scheduler(workers=1, max_tasks_per_child=1) as scheduler:
         await scheduler.run([Task(tasks.square, 1)])  # and its worker replaced
@@ -1002,8 +1009,7 @@ async def test_a_worker_that_cannot_be_started_breaks_the_pool_once_none_is_left
         summary = await scheduler.run([Task(tasks.square, i) for i in range(3)])
     assert (summary.completed, summary.crashed) == (1, 2)  # the last worker's task, then no worker at all
     assert {r.error for r in summary.results if r.status is Status.CRASHED} == {
-        "BrokenPoolError: could not start a worker: [Errno 24] Too many open files; each worker takes some six "
-        "file descriptors of this process: use fewer workers, or raise the limits (ulimit -n, ulimit -u)"}
+        f"BrokenPoolError: could not start a worker: {advice}"}
 
 
 async def test_a_pool_that_can_start_only_some_of_its_workers_says_so_and_runs_with_those(
