@@ -162,7 +162,9 @@ class MemoryStore(Store):
     forgotten, with what is kept of their results, so that a service running
     batch after batch runs in flat memory too. As in a SQLite store, a resumed
     batch's new result for a key replaces the one stored before; a batch some
-    of whose results are no longer kept cannot be resumed.
+    of whose results are no longer kept cannot be resumed, nor can one of the
+    latest ``max_batches`` it forgot, nor one that is running (in another
+    scheduler that shares this store).
     """
 
     def __init__(self, max_results: int | None = 10_000, *, max_batches: int | None = 10_000) -> None:
@@ -172,6 +174,7 @@ class MemoryStore(Store):
         self._results: deque[TaskResult] = deque(maxlen=max_results)
         self._batches: dict[str, _Batch] = {}
         self._max_batches = max_batches
+        self._forgotten: dict[str, None] = {}  # the latest max_batches forgotten, oldest first: not to resume
 
     async def begin_batch(self, batch_id: str, *, name: str | None = None,
                           resume: bool = False) -> Mapping[str, TaskResult]:
@@ -181,6 +184,9 @@ class MemoryStore(Store):
                     f"batch {batch_id!r} already exists; pass resume=True to continue it, or use another batch_id"
                 )
             batch = self._batches[batch_id]
+            if batch.finished_at is None:
+                raise ConfigurationError(f"batch {batch_id!r} is running in another scheduler on this MemoryStore: "
+                                         "let it end, or stop it, before you resume it here")
             kept = [r for r in self._results if r.batch_id == batch_id]
             if len(kept) < batch.counts.total():
                 raise ConfigurationError(
@@ -192,6 +198,12 @@ class MemoryStore(Store):
             previous = {r.key: r for r in kept}
             batch.rerun = {key: r for key, r in previous.items() if r.status is Status.CANCELLED}
             return {key: r for key, r in previous.items() if key not in batch.rerun}
+        if resume and batch_id in self._forgotten:
+            raise ConfigurationError(
+                f"batch {batch_id!r} was forgotten: this MemoryStore keeps the latest {self._max_batches} batches, "
+                "so it cannot tell which tasks already ran; resume from a SQLite store (store='results.db'), or use "
+                "MemoryStore(max_batches=None)")
+        self._forgotten.pop(batch_id, None)
         self._batches[batch_id] = _Batch(name)
         if self._max_batches is not None and len(self._batches) > self._max_batches:
             self._forget(len(self._batches) - self._max_batches)
@@ -203,6 +215,9 @@ class MemoryStore(Store):
         forgotten = set(itertools.islice(ended, count))
         for batch_id in forgotten:
             del self._batches[batch_id]
+            self._forgotten[batch_id] = None
+        while len(self._forgotten) > (self._max_batches or 0):
+            del self._forgotten[next(iter(self._forgotten))]
         if any(r.batch_id in forgotten for r in self._results):
             self._results = deque((r for r in self._results if r.batch_id not in forgotten), self._results.maxlen)
 

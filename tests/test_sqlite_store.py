@@ -1081,6 +1081,36 @@ async def test_the_memory_store_refuses_to_resume_a_batch_whose_results_it_no_lo
     assert (await store.stats("b")).completed == 4
 
 
+async def test_the_memory_store_refuses_to_resume_a_batch_it_forgot() -> None:
+    store = MemoryStore(max_batches=2)
+    for batch_id in "abc":  # "a" is forgotten as "c" begins
+        await store.begin_batch(batch_id)
+        store.add(dataclasses.replace(_completed("k", 1), batch_id=batch_id))
+        await store.end_batch(batch_id)
+    with pytest.raises(ConfigurationError, match=r"^batch 'a' was forgotten: this MemoryStore keeps the latest 2 "
+                                                 r"batches, so it cannot tell which tasks already ran"):
+        await store.begin_batch("a", resume=True)  # it began anew, and ran every task again
+    assert await store.begin_batch("a") == {}  # a new batch of that id is another matter
+    await store.end_batch("a")
+    assert await store.begin_batch("a", resume=True) == {}  # and that one resumes
+
+
+async def test_a_memory_store_shared_by_two_schedulers_runs_a_batch_in_one_at_a_time(
+        tmp_path: Path, gate: Callable[[], str]) -> None:
+    store, log, release = MemoryStore(), os.fspath(tmp_path / "runs.log"), gate()
+    batch = [Task(tasks.log_run, log, str(n), 0.0, release, key=str(n)) for n in range(4)]
+    async with Scheduler(workers=1, store=store) as one, Scheduler(workers=1, store=store) as two:
+        started = one.events(kinds=[TaskStarted])
+        first = asyncio.ensure_future(one.run(batch, batch_id="b", resume=True))
+        await anext(aiter(started))
+        with pytest.raises(ConfigurationError, match=r"^batch 'b' is running in another scheduler on this MemoryStore"):
+            await two.run(batch, batch_id="b", resume=True)  # it ran every task a second time
+        await asyncio.to_thread(Path(release).touch)
+        assert (await first).completed == 4
+        await started.aclose()
+    assert sorted((await asyncio.to_thread(Path(log).read_text)).split()) == ["0", "1", "2", "3"]  # each ran once
+
+
 @pytest.mark.parametrize("kind", ["memory", "sqlite"])
 async def test_a_page_of_batches_is_newest_first_with_the_total(tmp_path: Path, kind: str,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
@@ -1113,7 +1143,7 @@ async def test_the_memory_store_forgets_its_oldest_ended_batches_past_max_batche
     assert [b.batch_id for b in await store.batches()] == ["running", "new"]
     assert [r.batch_id for r in await store.results()] == ["new"]  # and its results with it
     assert (await store.stats("old")).total == 0
-    assert await store.begin_batch("old", resume=True) == {}  # a new batch again
+    assert await store.begin_batch("old") == {}  # a new batch again
 
 
 @pytest.mark.parametrize("bad", [0, -1, 1.5, "10"])
