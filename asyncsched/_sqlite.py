@@ -688,6 +688,11 @@ def _advice(path: str, exc: sqlite3.Error, busy_timeout: float, readonly: bool) 
                     "-wal file if there is one, to a directory that is")
         if os.path.isfile(path) and not os.access(path, os.W_OK):
             return "the file is read-only: make it writable, or open it with readonly=True to query it"
+        stuck = [name for name in (f"{path}-wal", f"{path}-shm") if os.path.isfile(name)
+                 and not os.access(name, os.W_OK)]  # made by SQLite with the permissions the file had then
+        if stuck:
+            it, are = ("it", "is") if len(stuck) == 1 else ("them", "are")
+            return f"{' and '.join(stuck)} {are} read-only, as the file was when SQLite made {it}: make {it} writable"
         return (f"check that directory {directory} is writable, since SQLite creates the file and its WAL files "
                 "there")
     if code == sqlite3.SQLITE_FULL:

@@ -923,6 +923,12 @@ def test_a_read_only_file_is_told_apart_from_a_directory_that_is_not_writable(tm
                         access(p, mode))
     assert asyncsched._sqlite._advice(str(path), exc, 5.0, False) == ("the file is read-only: make it writable, or "
                                                                        "open it with readonly=True to query it")
+    shm = f"{path}-shm"
+    Path(shm).touch()
+    monkeypatch.setattr(os, "access", lambda p, mode: mode != os.W_OK and access(p, mode) if p == shm else
+                        access(p, mode))  # the file made writable again, its -shm left as it was
+    assert asyncsched._sqlite._advice(str(path), exc, 5.0, False) == (
+        f"{shm} is read-only, as the file was when SQLite made it: make it writable")
     # opened for reading only already: what it needs is its directory, for the -shm file
     assert "(its -shm file); else copy the file" in asyncsched._sqlite._advice(str(path), exc, 5.0, True)
     exc.sqlite_errorcode = sqlite3.SQLITE_CANTOPEN
