@@ -113,7 +113,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stdout.flush()  # a reader that has left shows here, not as a traceback at exit
         return status
     except (UsageError, AsyncschedError) as exc:
-        print(f"asyncsched {args.name}: error: {exc}", file=sys.stderr)
+        print(f"asyncsched {args.name}: error: {_as_options(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         after_echo = "\n" if sys.stderr.isatty() else ""  # the terminal echoed ^C where the cursor was
@@ -355,11 +355,14 @@ async def tasks_from_lines(fn: Callable[..., Any], lines: AsyncIterator[bytes]) 
 
 
 _OPTIONS = (("pass resume=True", "pass --resume"), ("another batch_id", "another --batch-id"),
-            ("open it with readonly=True to query it", "query it with asyncsched results, stats or batches"))
+            ("open it with readonly=True to query it", "query it with asyncsched results, stats or batches"),
+            ("or pass a larger busy_timeout", "then run the command again"),
+            ("or read it with export_jsonl, which leaves it pickled",
+             "or read it with asyncsched results --format jsonl or asyncsched export, which leave it pickled"))
 """What the errors of the API advise, and what a command line does instead (tests hold both to their wording)."""
 
 
-def _as_options(exc: AsyncschedError) -> str:
+def _as_options(exc: Exception) -> str:
     text = str(exc)
     for arguments, options in _OPTIONS:
         text = text.replace(arguments, options)

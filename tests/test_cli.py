@@ -608,6 +608,8 @@ def test_results_unpickle_values_as_run_imports_and_jsonl_and_csv_leave_them_pic
     assert rows.returncode == 0 and len(list(csv.DictReader(io.StringIO(rows.stdout)))) == 2, rows.stderr
     table = console_script("results", "../r.db", cwd=elsewhere)
     assert table.returncode == 2 and "cannot be unpickled here" in table.stderr and "Traceback" not in table.stderr
+    assert "or read it with asyncsched results --format jsonl or asyncsched export, which leave it pickled" in (
+        table.stderr)  # not the API's export_jsonl
 
 
 def test_resume_runs_only_the_lines_without_a_result(results_db: str, tmp_path: Path,
