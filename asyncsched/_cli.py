@@ -172,13 +172,18 @@ def _demo_command(args: argparse.Namespace) -> int:
     Each request takes 0.5-3 s and succeeds with data, fails with a server error,
     or hangs until its timeout. The results are kept in a SQLite file.
     """
-    batch = [Task(_demo.fetch, n, key=f"request-{n}") for n in range(1, args.tasks + 1)]
+    batch = _Counted(_demo_requests(args.tasks), args.tasks)  # made as they run: --tasks may be huge
     print(f"Simulating {args.tasks} requests on {args.workers} workers: each takes "
           f"{_demo.DELAY[0]}-{_demo.DELAY[1]}s and succeeds, fails with a server error, or hangs until "
           f"its {_demo.TIMEOUT}s timeout.")
     summary = _run_loop(_schedule(batch, args))
     _print_outcome(summary, args)
     return 0
+
+
+async def _demo_requests(count: int) -> AsyncIterator[Task]:
+    for n in range(1, count + 1):
+        yield Task(_demo.fetch, n, key=f"request-{n}")
 
 
 # -- run ------------------------------------------------------------------------------------

@@ -342,6 +342,24 @@ def test_demo_keeps_its_results_in_sqlite(tmp_path: Path, capsys: pytest.Capture
     assert stats["total"] == 4 and stats["total"] == sum(stats[s] for s in ("completed", "failed", "timed_out"))
 
 
+def test_the_demo_makes_its_requests_as_they_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    class Scheduled(Exception):
+        pass
+
+    async def schedule(batch: Any, args: Any) -> Any:
+        assert len(batch) == 10**15  # for the progress display's total
+        keys = []
+        async for task in batch:
+            keys.append(task.key)
+            if len(keys) == 3:
+                raise Scheduled(keys)
+
+    monkeypatch.setattr(asyncsched._cli, "_schedule", schedule)
+    with pytest.raises(Scheduled) as scheduled:  # a list of them first: out of memory
+        main(["demo", "--tasks", str(10**15)])
+    assert scheduled.value.args[0] == ["request-1", "request-2", "request-3"]
+
+
 @pytest.fixture
 def results_db(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> str:
     """A results file with batch "b1": line 1 completed (3), line 2 failed, line 3 completed (7)."""
