@@ -409,17 +409,27 @@ def new_event_loop() -> asyncio.AbstractEventLoop:
     return uvloop.new_event_loop()
 
 
-def _run_loop(coroutine: Coroutine[Any, Any, T]) -> T:
+def _run_loop(coroutine: Coroutine[Any, Any, T], *, terminate: str | None = None) -> T:
     """Run on uvloop when it is installed, else on asyncio.
 
     Ctrl-C cancels ``coroutine``, as ``asyncio.run()`` does, and raises
     KeyboardInterrupt once it has cleaned up: stopped the workers, ended the
     batch in the store. A second Ctrl-C meanwhile (people press twice) is told
     to wait, where ``asyncio.run()`` would leave the batch half stored; a third
-    ends the program at once.
+    ends the program at once. With ``terminate`` (the command's name), SIGTERM
+    cancels it too, and once it has cleaned up (a file half written, say) ends
+    the process by SIGTERM, as `run` does (its scheduler handles SIGTERM itself).
     """
     main: list[asyncio.Task[T]] = []
     interrupts = 0
+    terminated = False
+
+    def on_sigterm(signum: int, frame: Any) -> None:
+        nonlocal terminated
+        terminated = True
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second one ends it at once
+        if main:
+            main[0].get_loop().call_soon_threadsafe(main[0].cancel)
 
     def on_sigint(signum: int, frame: Any) -> None:
         nonlocal interrupts
@@ -439,16 +449,31 @@ def _run_loop(coroutine: Coroutine[Any, Any, T]) -> T:
         signal.getsignal(signal.SIGINT) is signal.default_int_handler
     if ours:
         signal.signal(signal.SIGINT, on_sigint)
+    sigterm = terminate is not None and threading.current_thread() is threading.main_thread() and \
+        signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    if sigterm:
+        signal.signal(signal.SIGTERM, on_sigterm)
     try:
         with asyncio.Runner(loop_factory=new_event_loop) as runner:
             return runner.run(run())
     except asyncio.CancelledError:
+        if terminated:
+            _end_by_sigterm(f"asyncsched {terminate}")
         if interrupts:
             raise KeyboardInterrupt from None
         raise
     finally:
         if ours:
             signal.signal(signal.SIGINT, signal.default_int_handler)
+        if sigterm:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def _end_by_sigterm(name: str) -> None:
+    """Say the command was terminated, and end the process by SIGTERM (143 in a shell), as it was asked to."""
+    print(f"{name}: terminated", file=sys.stderr, flush=True)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _print_outcome(summary: Summary, args: argparse.Namespace) -> None:
@@ -549,7 +574,8 @@ def _export_command(args: argparse.Namespace) -> int:
     if args.out == "-":  # as for run --input
         args.out = "/dev/stdout"
     try:
-        count = _run_loop(_read(args, lambda store: store.export_jsonl(args.out, batch_id=args.batch)))
+        count = _run_loop(_read(args, lambda store: store.export_jsonl(args.out, batch_id=args.batch)),
+                          terminate="export")  # the file it writes goes
     except StoreError as exc:
         if isinstance(exc.__cause__, BrokenPipeError):  # OUT is a pipe whose reader left (`| head`): quietly
             raise exc.__cause__ from None
@@ -609,9 +635,7 @@ def _serve_command(args: argparse.Namespace) -> int:
     stopped_by = serve(args.db, registry=registry, host=args.host, port=args.port, token=args.token,
                        workers=args.workers)
     if stopped_by == signal.SIGTERM:  # as `run` ends on SIGTERM: by that signal, once the workers are stopped
-        print("asyncsched serve: terminated", file=sys.stderr, flush=True)
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        os.kill(os.getpid(), signal.SIGTERM)
+        _end_by_sigterm("asyncsched serve")
     raise KeyboardInterrupt  # Ctrl-C: main() says so, and exits 130
 
 

@@ -557,6 +557,31 @@ def test_export_to_dev_stdout_writes_into_the_pipe_and_reports_on_stderr(results
     assert not (tmp_path / "-").exists()
 
 
+SIGTERM_IN_AN_EXPORT = """
+import asyncio, os, signal, sys
+import asyncsched._sqlite
+
+async def export_jsonl(self, path, batch_id=None):
+    async with asyncsched._sqlite._replacing(path) as out:  # a file written under a temporary name
+        await out.write("{}\\n")
+        os.kill(os.getpid(), signal.SIGTERM)
+        await asyncio.Event().wait()
+
+asyncsched._sqlite.SQLiteStore.export_jsonl = export_jsonl
+from asyncsched._cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_sigterm_in_an_export_leaves_no_file_half_written(results_db: str, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    ended = subprocess.run([sys.executable, "-c", SIGTERM_IN_AN_EXPORT, "export", results_db,
+                            os.fspath(out / "r.jsonl")], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert (ended.returncode, ended.stderr) == (-signal.SIGTERM, "asyncsched export: terminated\n")
+    assert os.listdir(out) == []  # its .partial file was left behind
+
+
 def test_export_to_stdout_writes_where_the_shell_points_it(results_db: str, tmp_path: Path) -> None:
     out = tmp_path / "all.jsonl"
     out.write_text("an earlier line\n")
