@@ -392,12 +392,10 @@ async def _schedule(batch: Any, args: argparse.Namespace) -> Summary:
                 if scheduler._sigterm_received:  # the scheduler stops its workers, then ends the process by SIGTERM
                     print(f"asyncsched {args.name}: terminated", file=sys.stderr)
                 raise
-    except ConfigurationError as exc:
-        raise UsageError(_as_options(exc)) from None
     except StoreError as exc:  # the results it has not written yet go with this process
         again = (f". Once the file can be written, the same command with --batch-id={shlex.quote(args.batch_id)} "
                  "--resume runs the tasks whose results it does not hold") if ran and args.batch_id else ""
-        raise StoreError(_as_options(exc) + again) from exc
+        raise StoreError(f"{exc}{again}") from exc
 
 
 def new_event_loop() -> asyncio.AbstractEventLoop:
