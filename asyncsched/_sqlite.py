@@ -127,12 +127,12 @@ _ROWS_PER_INSERT = 64
 _LEAN_PARAMETERS = 9
 """Parameters per row of a lean INSERT (see _lean_sql)."""
 _INT64 = 2**63
+"""Ints in [-_INT64, _INT64) bind to SQLite as they are."""
 _VALUE_ROOM = 1_000_000_000 - 2**26
 """The longest value stored, in bytes: SQLite's limit on one string, blob or row (SQLITE_MAX_LENGTH, as SQLite is
 built by default), less room for the row's other columns (see _TEXT_ROOM). A longer one would fail every commit."""
 _TEXT_ROOM = 2**22
 """The longest error, traceback or message stored, in characters (16 MiB of UTF-8 at most); a longer one is cut."""
-"""Ints in [-_INT64, _INT64) bind to SQLite as they are."""
 _COMPLETED = Status.COMPLETED  # for the writer's loop over results: an enum member costs a lookup each time
 _SELECT = f"SELECT {', '.join(_COLUMNS)} FROM results"
 
