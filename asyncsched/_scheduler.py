@@ -97,6 +97,52 @@ MIN_WINDOW = 16
 
 _END: Any = object()
 
+
+def _source_raised(exc: Exception) -> str:
+    return f"the batch's source raised {type(exc).__name__}: {exc}; the batch was cancelled"
+
+
+class _Feed:
+    """The items of an async batch, pulled beside its run by a task of their own and admitted as they come, while
+    the run has room for them.
+
+    A source that does not wait (most async generators, most of the time) so hands over all the run has room for in
+    one turn of the loop, rather than one item a turn; and results still go out while a source that waits waits.
+    """
+
+    def __init__(self, source: AsyncIterator[object], take: Callable[[object], bool], wake: Callable[[], None]) -> None:
+        self._source = source
+        self._take = take  # admits an item (or _END); whether the run has room for another
+        self._wake = wake  # the run's stream
+        self._asked: asyncio.Future[None] | None = None  # the puller waits on it for room
+        self.error: Exception | None = None  # what the source raised, or admitting an item; for the run to raise
+        self.why: str | None = None  # what to record the tasks in flight with, then
+        self.task = asyncio.ensure_future(self._pull())
+
+    def ask(self) -> None:
+        """The run has room again: pull on."""
+        if self._asked is not None and not self._asked.done():
+            self._asked.set_result(None)
+
+    async def _pull(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                try:
+                    item = await anext(self._source, _END)
+                except Exception as exc:
+                    self.why = _source_raised(exc)
+                    raise
+                if not self._take(item):
+                    if item is _END:
+                        return
+                    self._asked = loop.create_future()
+                    await self._asked
+        except Exception as exc:
+            self.error = exc
+            self._wake()
+
+
 _COMPLETED, _RUNNING = Status.COMPLETED, Status.RUNNING
 """For the code that runs for every task: an enum member costs a lookup each time (Python 3.11)."""
 
@@ -314,14 +360,11 @@ class _BatchRun:
         self.stopped = why
         self.cancel_all(why)
 
-    async def wait(self, pulling: asyncio.Future[Any] | None = None) -> None:
-        """Until a result is ready, or the next item of an async batch, if ``pulling`` it."""
+    async def wait(self) -> None:
+        """Until the stream has something to do: a result is ready, there is room, the async batch is over."""
         self.waiter = self.loop.create_future()
         try:
-            if pulling is None:
-                await self.waiter
-            else:
-                await asyncio.wait([self.waiter, pulling], return_when=asyncio.FIRST_COMPLETED)
+            await self.waiter
         finally:
             self.waiter = None
 
@@ -674,18 +717,33 @@ class Scheduler:
             run.total = len(batch) - sum(1 for index, item in enumerate(batch) if _key(item, index) in previous)
         store = self._store
         items: Iterator[object] = iter(())
-        async_items: AsyncIterator[object] | None = None
-        pulling: asyncio.Future[Any] | None = None  # the next item of an async batch, on its way
+        feed: _Feed | None = None  # the items of an async batch, admitted as they come
         index = 0
         exhausted = False
         cancelled: asyncio.CancelledError | None = None
+        why = "the batch was cancelled"  # what is in flight when the stream ends early is recorded so
+
+        def take(item: object) -> bool:
+            """Admit an item of an async batch as the feed pulls it; whether the run has room for another."""
+            nonlocal index, exhausted
+            if run.stopped is not None:
+                return False
+            if item is _END:
+                exhausted = True
+                run.total = index - run.skipped
+                run._wake()
+                return False
+            index = self._admit(run, item, index, previous)
+            window = self.window
+            return len(run.records) + len(run.ready) < window + min(run.backing_off, window)
+
         try:
             if isinstance(batch, str | bytes | bytearray | Mapping):  # iterable, but of characters, bytes or keys
                 values = "; to run the tasks of a dict, pass its values()" if isinstance(batch, Mapping) else ""
                 raise TaskDefinitionError(f"a batch is an iterable or async iterable of Task, got a "
                                           f"{type(batch).__name__}{values}")
             if isinstance(batch, AsyncIterable):
-                async_items = aiter(batch)
+                feed = _Feed(aiter(batch), take, run._wake)
             elif isinstance(batch, Iterable):
                 items = iter(batch)
             else:
@@ -697,15 +755,19 @@ class Scheduler:
                 window = self.window
                 run.low_water = window // 2
                 room = window + min(run.backing_off, window)  # tasks waiting for a retry hold none, up to a window
-                while not exhausted and run.stopped is None and len(run.records) + len(run.ready) < room:
-                    if async_items is None:
+                if feed is not None:  # pulled beside the run, so that results go out while the source waits
+                    if feed.error is not None:
+                        why = feed.why or why
+                        raise feed.error
+                    if not exhausted and run.stopped is None and len(run.records) + len(run.ready) < room:
+                        feed.ask()
+                while feed is None and not exhausted and run.stopped is None and \
+                        len(run.records) + len(run.ready) < room:
+                    try:
                         item = next(items, _END)
-                    else:  # pulled beside the run, so that results go out while the source waits
-                        if pulling is None:
-                            pulling = asyncio.ensure_future(anext(async_items, _END))
-                        if not pulling.done():
-                            break
-                        item, pulling = pulling.result(), None
+                    except Exception as exc:
+                        why = _source_raised(exc)
+                        raise
                     if item is _END:
                         exhausted = True
                         run.total = index - run.skipped
@@ -719,7 +781,7 @@ class Scheduler:
                     raise run.aborted
                 if not run.records and (exhausted or run.stopped is not None):
                     break
-                await run.wait(pulling if pulling is not None and not pulling.done() else None)
+                await run.wait()
         except asyncio.CancelledError as exc:
             cancelled = exc
             raise
@@ -728,13 +790,13 @@ class Scheduler:
             self._runs.discard(run)
             try:
                 if run.records:
-                    run.cancel_all("the batch was cancelled")
+                    run.cancel_all(why)
                 run.total = sum(run.counts.values())  # what it finished, also when it was left early
             finally:
-                if pulling is not None:  # stopped or left while the source was waiting
-                    pulling.cancel()
+                if feed is not None:  # stopped or left while the source was waiting
+                    feed.task.cancel()
                 self._hub.deliver()  # every TaskFinished of the batch is out before its run() returns
-                run.ending = asyncio.ensure_future(self._end(run, pulling))
+                run.ending = asyncio.ensure_future(self._end(run, None if feed is None else feed.task))
                 await _to_the_end(run.ending, f"ending batch {batch_id!r}", cancelled)
 
     async def _end(self, run: _BatchRun, pulling: asyncio.Future[Any] | None) -> None:

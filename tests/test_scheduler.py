@@ -610,6 +610,52 @@ async def test_a_resumed_batch_records_an_item_that_is_not_a_task_once(tmp_path:
     assert again.total == 2
 
 
+async def test_an_async_batch_that_does_not_wait_hands_over_the_room_it_has_in_one_turn_of_the_loop() -> None:
+    loop = asyncio.get_running_loop()
+    turns = 0
+    ticking = True
+
+    def tick() -> None:  # counts the turns of the loop
+        nonlocal turns
+        turns += 1
+        if ticking:
+            loop.call_soon(tick)
+
+    turn_of_item = []
+
+    async def source() -> AsyncIterator[Task]:
+        for i in range(40):
+            turn_of_item.append(turns)
+            yield Task(tasks.square, i)
+
+    async with Scheduler(workers=1, window=16) as scheduler:
+        tick()
+        summary = await scheduler.run(source())
+        ticking = False
+    assert summary.completed == 40
+    assert len(set(turn_of_item[:16])) == 1  # not a turn for each item: an async batch ran 7 times slower
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+async def test_the_tasks_in_flight_when_the_batchs_source_raises_are_recorded_with_its_error(
+        scheduler: Scheduler, gate: Callable[[], str], kind: str) -> None:
+    release = gate()
+
+    def sync_source() -> Iterator[Task]:
+        yield from (Task(tasks.wait_for_file, release, i) for i in range(3))
+        raise RuntimeError("source broke")
+
+    async def async_source() -> AsyncIterator[Task]:
+        for task in sync_source():
+            yield task
+
+    with pytest.raises(RuntimeError, match=r"^source broke$"):
+        await scheduler.run(sync_source() if kind == "sync" else async_source(), batch_id="b")
+    results = await scheduler.results("b")
+    assert [(r.status, r.error) for r in results] == [(
+        Status.CANCELLED, "the batch's source raised RuntimeError: source broke; the batch was cancelled")] * 3
+
+
 async def test_a_stream_hands_out_results_while_its_async_batch_waits_for_the_next_task(scheduler: Scheduler) -> None:
     more = asyncio.Event()
 
@@ -632,10 +678,10 @@ async def test_cancel_ends_a_run_whose_async_batch_waits_for_the_next_task(sched
     waiting = asyncio.Event()  # the run waits for the source alone, nothing in flight
     wait = asyncsched._scheduler._BatchRun.wait
 
-    async def noted(self: Any, pulling: Any = None) -> None:
-        if pulling is not None and not self.records and sum(self.counts.values()):  # after the first result
+    async def noted(self: Any) -> None:
+        if not self.records and sum(self.counts.values()):  # after the first result: it waits for the source
             waiting.set()
-        await wait(self, pulling)
+        await wait(self)
 
     monkeypatch.setattr(asyncsched._scheduler._BatchRun, "wait", noted)
 
@@ -987,10 +1033,10 @@ async def test_a_run_waits_quietly_when_its_async_batchs_next_task_comes_while_t
     waits = 0
     wait = asyncsched._scheduler._BatchRun.wait
 
-    async def counted(self: Any, pulling: Any = None) -> None:
+    async def counted(self: Any) -> None:
         nonlocal waits
         waits += 1
-        await wait(self, pulling)
+        await wait(self)
 
     monkeypatch.setattr(asyncsched._scheduler._BatchRun, "wait", counted)
 
