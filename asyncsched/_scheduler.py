@@ -98,6 +98,15 @@ MIN_WINDOW = 16
 _END: Any = object()
 
 
+def _check_batch(batch: object) -> None:
+    if isinstance(batch, str | bytes | bytearray | Mapping):  # iterable, but of characters, bytes or keys
+        values = "; to run the tasks of a dict, pass its values()" if isinstance(batch, Mapping) else ""
+        raise TaskDefinitionError(f"a batch is an iterable or async iterable of Task, got a "
+                                  f"{type(batch).__name__}{values}")
+    if not isinstance(batch, AsyncIterable | Iterable):
+        raise TaskDefinitionError(f"a batch is an iterable or async iterable of Task, got {type(batch).__name__}")
+
+
 def _source_raised(exc: Exception) -> str:
     return f"the batch's source raised {type(exc).__name__}: {exc}; the batch was cancelled"
 
@@ -591,6 +600,7 @@ class Scheduler:
         of keys ``batch`` does not have are not).
         """
         started = time.monotonic()
+        _check_batch(batch)  # before the store begins a batch of that id
         run, previous = await self._begin(batch_id, name, resume, read_all=True)
         results: list[TaskResult] = []
         run.resumed = []
@@ -615,6 +625,7 @@ class Scheduler:
         the stream in ``contextlib.aclosing`` to have that happen at once rather
         than when the stream is garbage collected.
         """
+        _check_batch(batch)  # before the store begins a batch of that id
         run, previous = await self._begin(batch_id, name, resume)
         try:
             async with self._monitor(run.batch_id), contextlib.aclosing(self._stream(batch, run, previous)) as stream:
@@ -738,17 +749,10 @@ class Scheduler:
             return len(run.records) + len(run.ready) < window + min(run.backing_off, window)
 
         try:
-            if isinstance(batch, str | bytes | bytearray | Mapping):  # iterable, but of characters, bytes or keys
-                values = "; to run the tasks of a dict, pass its values()" if isinstance(batch, Mapping) else ""
-                raise TaskDefinitionError(f"a batch is an iterable or async iterable of Task, got a "
-                                          f"{type(batch).__name__}{values}")
             if isinstance(batch, AsyncIterable):
                 feed = _Feed(aiter(batch), take, run._wake)
-            elif isinstance(batch, Iterable):
+            else:  # an Iterable (see _check_batch)
                 items = iter(batch)
-            else:
-                raise TaskDefinitionError(
-                    f"a batch is an iterable or async iterable of Task, got {type(batch).__name__}")
             while True:
                 if store.backlog > MAX_BACKLOG:  # the store writes slower than tasks finish: let it catch up
                     await store.flush()

@@ -513,11 +513,14 @@ async def test_a_batch_id_is_a_non_empty_string(scheduler: Scheduler) -> None:
 
 
 async def test_a_batch_of_characters_bytes_or_dict_keys_is_refused(scheduler: Scheduler) -> None:
-    for wrong, said in [("abc", "got a str$"), (b"abc", "got a bytes$"),
+    for wrong, said in [("abc", "got a str$"), (b"abc", "got a bytes$"), (7, "got int$"),
                         ({"a": Task(tasks.square, 1)}, "got a dict; to run the tasks of a dict, pass its values()")]:
         with pytest.raises(TaskDefinitionError, match=f"a batch is an iterable or async iterable of Task, {said}"):
-            await scheduler.run(wrong)  # type: ignore[arg-type]
-    summary = await scheduler.run({"a": Task(tasks.square, 2)}.values())
+            await scheduler.run(wrong, batch_id="nightly")  # type: ignore[arg-type]
+        with pytest.raises(TaskDefinitionError, match=f"a batch is an iterable or async iterable of Task, {said}"):
+            await anext(aiter(scheduler.stream(wrong, batch_id="nightly")))  # type: ignore[arg-type]
+    assert await scheduler.batch("nightly") is None  # refused before the store began it: the id is still free
+    summary = await scheduler.run({"a": Task(tasks.square, 2)}.values(), batch_id="nightly")
     assert [r.value for r in summary.results] == [4]
 
 
