@@ -531,13 +531,16 @@ class Scheduler:
         if self._closed:
             raise ClosedError("this Scheduler is closed; create a new one")
 
+    def _check_loop(self, loop: asyncio.AbstractEventLoop | None) -> None:
+        if self._loop is not loop and self._loop is not None:
+            raise ConfigurationError("this Scheduler started on another event loop (an earlier asyncio.run()?), and "
+                                     "a Scheduler lives on one loop: aclose() it, and create one on this loop")
+
     async def _ensure_started(self, *, backend: bool = True) -> None:
         """Open the store and, unless ``backend`` is False (a query needs no worker), start the backend."""
         self._check_open()
         loop = asyncio.get_running_loop()
-        if self._loop is not loop and self._loop is not None:
-            raise ConfigurationError("this Scheduler started on another event loop (an earlier asyncio.run()?), and "
-                                     "a Scheduler lives on one loop: aclose() it, and create one on this loop")
+        self._check_loop(loop)
         if self._started or (self._loop is not None and not backend):
             return
         if self._start_lock is None:
@@ -887,6 +890,10 @@ class Scheduler:
         closes.
         """
         self._check_open()
+        try:
+            self._check_loop(asyncio.get_running_loop())
+        except RuntimeError:  # no loop runs here: its events could never be read
+            self._check_loop(None)
         check_batch_id(batch_id)  # as results() and stats() do: any other value would never match
         if buffer is not None and not (is_int(buffer) and buffer >= 1):
             raise ConfigurationError(f"buffer must be an int of at least 1, or None, got {buffer!r}")

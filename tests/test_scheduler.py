@@ -352,6 +352,12 @@ def test_a_scheduler_lives_on_the_loop_it_started_on(tmp_path: Path, stored: boo
         pids = scheduler.backend.pool.pids  # type: ignore[attr-defined]
         with pytest.raises(ConfigurationError, match="started on another event loop"):
             asyncio.run(scheduler.run([Task(tasks.square, 4)]))  # not tasks recorded crashed
+
+        async def subscribe() -> None:
+            scheduler.events()  # not a stream that never yields
+
+        with pytest.raises(ConfigurationError, match="started on another event loop"):
+            asyncio.run(subscribe())
         asyncio.run(asyncio.wait_for(scheduler.aclose(), 30))  # from another loop too: it returns, nothing is left
         assert all(wait_gone(pid) for pid in pids)
         leftover = set() if loop.is_closed() else asyncio.all_tasks(loop)
