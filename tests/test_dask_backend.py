@@ -65,6 +65,15 @@ async def test_an_existing_client_is_used_and_left_open(dask_address: str) -> No
         assert await client.submit(tasks.square, 3) == 9
 
 
+async def test_a_closed_backend_leaves_no_events_on_the_dask_scheduler(dask_address: str) -> None:
+    backend = DaskBackend(address=dask_address, capacity=2)
+    async with Scheduler(backend=backend) as scheduler:
+        summary = await scheduler.run([Task(tasks.reporting, i) for i in range(3)])
+    assert summary.completed == 3
+    async with await Client(dask_address, asynchronous=True) as client:
+        assert await client.get_events(backend._topic) == ()  # they were kept for good: a leak per backend
+
+
 async def test_after_the_dask_scheduler_restarts_at_its_address_reports_and_timeouts_still_come() -> None:
     from distributed import Scheduler as DaskScheduler
     from distributed import Worker

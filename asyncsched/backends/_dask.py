@@ -73,6 +73,11 @@ CANCEL_WAIT = 2.0
 RESTART_WAIT = 10.0
 """Seconds to wait for a worker's restart to be sent: a scheduler that stops answering does not hold up aclose()."""
 
+_FORGET_TOPIC = lambda topic, dask_scheduler: (  # noqa: E731 - a lambda goes by value: the scheduler need not import us
+    getattr(getattr(dask_scheduler, "_broker", None), "_topics", None) or {}).pop(topic, None) and None
+"""Run on the Dask scheduler as a backend closes: drop its topic, or the scheduler keeps the last events of every
+backend that ever ran, report() data and all (its private store of events: where it is not, nothing is done)."""
+
 _WHAT_TO_DO = ("check that a Dask scheduler runs there and that this machine can reach its host and port (or, if it "
                "is still starting, give DaskBackend a longer connect_timeout)")
 
@@ -323,5 +328,8 @@ class DaskBackend(Backend):
             return
         with contextlib.suppress(Exception):  # the client may be closed: Dask gave up reconnecting to a lost cluster
             client.unsubscribe_topic(self._topic)
+        with contextlib.suppress(Exception):  # a cluster that runs no function for clients keeps it, as before
+            async with asyncio.timeout(CANCEL_WAIT):
+                await client.run_on_scheduler(_FORGET_TOPIC, self._topic)
         if self._owns_client:
             await client.close()
