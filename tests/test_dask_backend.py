@@ -367,6 +367,23 @@ async def test_closing_after_dask_closed_the_client_is_quiet(dask_address: str) 
     await backend.aclose()
 
 
+async def test_tasks_after_dask_closed_the_client_crash_at_once_saying_so_and_a_closed_backend_is_not_reused(
+        dask_address: str) -> None:
+    client = await Client(dask_address, asynchronous=True)
+    backend = DaskBackend(client=client)
+    async with Scheduler(backend=backend, retries=3) as scheduler:
+        await client.close()  # as Dask does once it gives up reconnecting to a lost cluster
+        summary = await scheduler.run([Task(tasks.square, 2)])
+        (result,) = summary.results
+        assert (result.status, result.attempts, result.error_type) == (Status.CRASHED, 1, "BackendUnreachableError")
+        assert (result.error or "").startswith("BackendUnreachableError: the Dask client is closed: it lost the "
+                                               "scheduler for longer than Dask waits to reconnect")
+        assert not backend._running  # an attempt left its entry there
+    with pytest.raises(ClosedError, match=r"^this DaskBackend was closed; create a new one$"):
+        async with Scheduler(backend=backend):
+            pass
+
+
 @pytest.mark.parametrize("address", ["foo://127.0.0.1:8786", "tcp://127.0.0.1", "tcp://127.0.0.1:port"])
 async def test_an_address_dask_cannot_read_is_a_configuration_error(address: str) -> None:
     backend = DaskBackend(address, connect_timeout=UNREACHABLE_BOUND * 10)  # it is not waited for

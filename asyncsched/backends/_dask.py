@@ -54,7 +54,7 @@ from dask.utils import parse_timedelta
 from distributed import Client, Future, KilledWorker
 
 from .._backend import Backend, Emit, report_data, unreadable_result
-from .._errors import BackendUnreachableError, ConfigurationError
+from .._errors import BackendUnreachableError, ClosedError, ConfigurationError
 from .._models import Attempt, Outcome, Status, TaskReported, TaskStarted, is_seconds
 from .._worker import error_info
 from ._remote import REPORTED, STARTED, end_dask_worker, run_on_dask
@@ -156,7 +156,10 @@ class DaskBackend(Backend):
         self._subscribed: str | None = None  # the id of the scheduler that sends this backend's events
 
     async def start(self) -> None:
-        """Open the client (with ``address``), or raise :class:`BackendUnreachableError` after ``connect_timeout``."""
+        """Open the client (with ``address``), or raise :class:`BackendUnreachableError` after ``connect_timeout``.
+        A backend that was closed raises ClosedError: the client it opened is closed."""
+        if self._closed:
+            raise ClosedError("this DaskBackend was closed; create a new one")
         if self.client is None:
             self.client = await self._connect()
         self._subscribe(self.client)
@@ -214,6 +217,11 @@ class DaskBackend(Backend):
             logger.warning("asyncsched: could not close the Dask client that did not connect", exc_info=True)
 
     def submit(self, attempt: Attempt, emit: Emit) -> asyncio.Future[Outcome]:
+        if self.client is not None and self.client.status in ("closing", "closed"):  # Dask gave up reconnecting
+            raise BackendUnreachableError(
+                f"the Dask client is closed: it lost the scheduler{f' at {self.address}' if self.address else ''} "
+                "for longer than Dask waits to reconnect; once the cluster is back, run the batch on a new Scheduler "
+                "(and a new DaskBackend)")
         run = asyncio.ensure_future(self._run(attempt, emit))
         self._attempts.add(run)
         run.add_done_callback(self._attempts.discard)
@@ -249,11 +257,13 @@ class DaskBackend(Backend):
         running = self._running[tag] = _Running(attempt, emit)
         if client.scheduler_info().get("id") != self._subscribed:  # reconnected to another scheduler
             self._subscribe(client)
-        future = client.submit(run_on_dask, payload, self._topic, tag, pure=False)
+        future: Future[bytes] | None = None
         try:
+            future = client.submit(run_on_dask, payload, self._topic, tag, pure=False)
             async with asyncio.timeout(None) as running.deadline:  # set when the attempt starts
                 blob = await future
         except TimeoutError:
+            assert future is not None
             return self._timed_out(running, future)
         except KilledWorker as exc:
             return Outcome(Status.CRASHED, error=f"the Dask worker running it died: {exc}", pid=running.pid,
@@ -264,7 +274,7 @@ class DaskBackend(Backend):
                            error_type=name)
         finally:
             del self._running[tag]
-            if not future.done():
+            if future is not None and not future.done():
                 await client.cancel([future])
         try:
             ok, value, started, finished, pid = pickle.loads(blob)
