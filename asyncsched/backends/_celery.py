@@ -546,11 +546,16 @@ class CeleryBackend(Backend):
         mailbox = self.app.control.mailbox
         message = {"method": "revoke", "arguments": {"task_id": ids, "terminate": True, "signal": "SIGKILL"},
                    "destination": None, "pattern": None, "matcher": None}
-        with self.app.producer_or_acquire() as producer:
-            producer.publish(message, exchange=mailbox.exchange.name, declare=[mailbox.exchange],
-                             headers={"clock": mailbox.clock.forward(), "expires": time.time() + REVOKE_EXPIRES},
-                             serializer=mailbox.serializer, retry=True,
-                             retry_policy=self.app.conf.task_publish_retry_policy)
+        try:
+            with self.app.producer_or_acquire() as producer:
+                producer.publish(message, exchange=mailbox.exchange.name, declare=[mailbox.exchange],
+                                 headers={"clock": mailbox.clock.forward(), "expires": time.time() + REVOKE_EXPIRES},
+                                 serializer=mailbox.serializer, retry=True,
+                                 retry_policy=self.app.conf.task_publish_retry_policy)
+        except Exception as exc:  # the broker is lost: a worker running one of them, or taking it later, runs it
+            logger.warning("asyncsched: could not revoke %d Celery tasks through %s (%s): a worker that runs one of "
+                           "them now, or takes it once the broker is back, still runs it", len(ids),
+                           self._broker_name, _reason(exc))
         # A worker keeps the broadcast in memory, and only one that is up now hears it: the mark, in the result
         # backend, is what a worker that takes the task later checks before it runs it (see run_by_name). It is
         # what backend.mark_as_revoked() stores, less its publish, and with SET EX where Celery's Redis backend
