@@ -398,8 +398,9 @@ class Scheduler:
     its cluster) closes the scheduler again before the error is raised.
     Inside ``async with`` on the main thread, a SIGTERM (when nothing else
     handles it; turn off with ``handle_sigterm=False``) cancels the block, stops
-    every worker, and then ends the process as SIGTERM asks. Ctrl-C is
-    handled by ``asyncio.run`` the same way.
+    every worker, and then ends the process as SIGTERM asks (entered in a task
+    that has ended since, it closes the scheduler, then ends the process).
+    Ctrl-C is handled by ``asyncio.run`` the same way.
     """
 
     def __init__(
@@ -463,6 +464,7 @@ class Scheduler:
         self._handle_sigterm = handle_sigterm
         self._sigterm_installed = False
         self._sigterm_received = False
+        self._ending: asyncio.Future[None] | None = None  # the close that a SIGTERM began, held
 
     @property
     def window(self) -> int:
@@ -513,12 +515,21 @@ class Scheduler:
         def on_sigterm() -> None:
             self._sigterm_received = True
             self._remove_sigterm()  # a second SIGTERM ends the process at once
-            task.cancel("SIGTERM")
+            if not task.done():
+                task.cancel("SIGTERM")
+            else:  # it entered from a task that has ended (a fixture, a startup hook): no __aexit__ will end it
+                self._ending = asyncio.ensure_future(self._close_then_end())
 
         global _handling_sigterm
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, on_sigterm)
         self._sigterm_installed = True
         _handling_sigterm += 1
+
+    async def _close_then_end(self) -> None:
+        try:
+            await self.aclose()
+        finally:
+            os.kill(os.getpid(), signal.SIGTERM)  # as SIGTERM asks, once the workers are stopped
 
     def _remove_sigterm(self) -> None:
         global _handling_sigterm

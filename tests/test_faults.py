@@ -377,6 +377,33 @@ def test_sigint_and_sigterm_end_the_orchestrator_and_its_workers(signum: int) ->
     assert all(wait_gone(pid) for pid in pids)
 
 
+ENTERED_IN_A_TASK_THAT_ENDED = """
+import asyncio, json, os, signal
+from asyncsched import Scheduler, Task
+from tests import tasks
+
+async def main():
+    scheduler = Scheduler(workers=2)
+    async def setup():  # as an async fixture or a startup hook does
+        await scheduler.__aenter__()
+    await asyncio.create_task(setup())
+    await scheduler.run([Task(tasks.square, 2)])
+    print(json.dumps(scheduler.backend.pool.pids), flush=True)
+    os.kill(os.getpid(), signal.SIGTERM)
+    await asyncio.Event().wait()  # no __aexit__ comes: the handler must end it
+
+if __name__ == "__main__":
+    asyncio.run(main())
+"""
+
+
+def test_sigterm_ends_a_scheduler_entered_in_a_task_that_has_ended() -> None:
+    ended = subprocess.run([sys.executable, "-c", ENTERED_IN_A_TASK_THAT_ENDED], cwd=ROOT, capture_output=True,
+                           text=True, timeout=30)  # it ran on, the SIGTERM lost on a task that was done
+    assert ended.returncode == -signal.SIGTERM, ended.stderr
+    assert all(wait_gone(pid) for pid in json.loads(ended.stdout))
+
+
 @pytest.mark.parametrize("method", START_METHODS)
 def test_workers_die_with_a_sigkilled_orchestrator(method: str) -> None:
     process, pids = _start_orchestrator(method)
