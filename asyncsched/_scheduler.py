@@ -107,6 +107,11 @@ def _check_batch(batch: object) -> None:
         raise TaskDefinitionError(f"a batch is an iterable or async iterable of Task, got {type(batch).__name__}")
 
 
+def _room(window: int, run: _BatchRun) -> int:
+    """How many tasks ``run`` may hold: tasks waiting for a retry take no room, up to a window of them."""
+    return window + min(run.backing_off, window)
+
+
 def _source_raised(exc: Exception) -> str:
     return f"the batch's source raised {type(exc).__name__}: {exc}; the batch was cancelled"
 
@@ -759,8 +764,7 @@ class Scheduler:
                 run._wake()
                 return False
             index = self._admit(run, item, index, previous)
-            window = self.window
-            return len(run.records) + len(run.ready) < window + min(run.backing_off, window)
+            return len(run.records) + len(run.ready) < _room(self.window, run)
 
         try:
             if isinstance(batch, AsyncIterable):
@@ -772,25 +776,25 @@ class Scheduler:
                     await store.flush()
                 window = self.window
                 run.low_water = window // 2
-                room = window + min(run.backing_off, window)  # tasks waiting for a retry hold none, up to a window
+                room = _room(window, run)
                 if feed is not None:  # pulled beside the run, so that results go out while the source waits
                     if feed.error is not None:
                         why = feed.why or why
                         raise feed.error
                     if not exhausted and run.stopped is None and len(run.records) + len(run.ready) < room:
                         feed.ask()
-                while feed is None and not exhausted and run.stopped is None and \
-                        len(run.records) + len(run.ready) < room:
-                    try:
-                        item = next(items, _END)
-                    except Exception as exc:
-                        why = _source_raised(exc)
-                        raise
-                    if item is _END:
-                        exhausted = True
-                        run.total = index - run.skipped
-                        break
-                    index = self._admit(run, item, index, previous)
+                else:
+                    while not exhausted and run.stopped is None and len(run.records) + len(run.ready) < room:
+                        try:
+                            item = next(items, _END)
+                        except Exception as exc:
+                            why = _source_raised(exc)
+                            raise
+                        if item is _END:
+                            exhausted = True
+                            run.total = index - run.skipped
+                            break
+                        index = self._admit(run, item, index, previous)
                 if run.ready:
                     ready, run.ready = run.ready, []
                     yield ready
