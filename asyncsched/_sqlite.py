@@ -895,17 +895,8 @@ def _try_to_open(path: str, readonly: bool) -> None:
 
 
 def _readonly_uri(path: str) -> str:
-    """A URI that opens ``path`` for reading only, and never creates it.
-
-    SQLite reads a file in WAL mode through its -shm file, which it creates beside it: in a directory this
-    process cannot write, with no -wal or -shm file there (so no writer either, which would need them), the
-    file is opened as immutable instead, as it then is.
-    """
-    uri = f"file:{urllib.parse.quote(os.fsencode(os.path.abspath(path)))}?mode=ro"  # bytes: any file name
-    if not os.access(os.path.dirname(os.path.abspath(path)), os.W_OK) and not any(
-            os.path.exists(f"{path}{suffix}") for suffix in ("-wal", "-shm")):
-        uri += "&immutable=1"
-    return uri
+    """A URI that opens ``path`` for reading only, and never creates it."""
+    return f"file:{urllib.parse.quote(os.fsencode(os.path.abspath(path)))}?mode=ro"  # bytes: any file name
 
 
 async def _pragma(db: aiosqlite.Connection, name: str) -> int:

@@ -935,22 +935,6 @@ def test_a_read_only_file_is_told_apart_from_a_directory_that_is_not_writable(tm
     assert asyncsched._sqlite._advice(str(tmp_path), exc, 5.0, False) == "it is a directory: pass the path of a file"
 
 
-async def test_a_results_file_in_a_directory_this_process_cannot_write_is_read_where_it_is(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    path = tmp_path / "results.db"
-    async with SQLiteStore(path) as store:
-        await store.begin_batch("b")
-        store.add(_completed("k", 7))
-        await store.end_batch("b")
-    assert not (tmp_path / "results.db-shm").exists()  # a clean close removes it
-    access = os.access  # root may write any directory: the directory's own answer is faked
-    monkeypatch.setattr(os, "access", lambda p, mode: mode != os.W_OK and access(p, mode) if p == str(tmp_path)
-                        else access(p, mode))
-    async with SQLiteStore(path, readonly=True) as reader:  # SQLite could not create its -shm file there
-        assert [(r.key, r.value) for r in await reader.results()] == [("k", 7)]
-    assert not (tmp_path / "results.db-shm").exists()
-
-
 async def test_a_locked_database_fails_after_the_busy_timeout(tmp_path: Path) -> None:
     path = tmp_path / "results.db"
     async with SQLiteStore(path):
