@@ -112,7 +112,7 @@ def _room(window: int, run: _BatchRun) -> int:
     return window + min(run.backing_off, window)
 
 
-def _source_raised(exc: Exception) -> str:
+def _source_raised(exc: BaseException) -> str:
     return f"the batch's source raised {type(exc).__name__}: {exc}; the batch was cancelled"
 
 
@@ -129,7 +129,7 @@ class _Feed:
         self._take = take  # admits an item (or _END); whether the run has room for another
         self._wake = wake  # the run's stream
         self._asked: asyncio.Future[None] | None = None  # the puller waits on it for room
-        self.error: Exception | None = None  # what the source raised, or admitting an item; for the run to raise
+        self.error: BaseException | None = None  # what the source raised, or admitting an item: the run raises it
         self.why: str | None = None  # what to record the tasks in flight with, then
         self.task = asyncio.ensure_future(self._pull())
 
@@ -144,9 +144,13 @@ class _Feed:
             while True:
                 try:
                     item = await anext(self._source, _END)
-                except Exception as exc:
-                    self.why = _source_raised(exc)
-                    raise
+                except (Exception, asyncio.CancelledError) as exc:
+                    if isinstance(exc, asyncio.CancelledError) and self.task.cancelling():
+                        raise  # the run ends and stops the feed
+                    self.why = _source_raised(exc)  # a cancellation of its own too: the run would wait for ever
+                    self.error = exc
+                    self._wake()
+                    return
                 if not self._take(item):
                     if item is _END:
                         return

@@ -645,6 +645,17 @@ async def test_an_async_batch_that_does_not_wait_hands_over_the_room_it_has_in_o
     assert len(set(turn_of_item[:16])) == 1  # not a turn for each item: an async batch ran 7 times slower
 
 
+async def test_an_async_batch_whose_source_is_cancelled_ends_the_run_with_that(scheduler: Scheduler) -> None:
+    async def source() -> AsyncIterator[Task]:
+        yield Task(tasks.square, 2)
+        raise asyncio.CancelledError  # as from a future it awaits that something else cancelled
+
+    with pytest.raises(asyncio.CancelledError):
+        async with asyncio.timeout(30):  # it waited for ever
+            await scheduler.run(source(), batch_id="b")
+    assert scheduler.running() == {}
+
+
 @pytest.mark.parametrize("kind", ["sync", "async"])
 async def test_the_tasks_in_flight_when_the_batchs_source_raises_are_recorded_with_its_error(
         scheduler: Scheduler, gate: Callable[[], str], kind: str) -> None:
