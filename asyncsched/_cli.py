@@ -441,6 +441,9 @@ def _run_loop(coroutine: Coroutine[Any, Any, T], *, terminate: str | None = None
 
     async def run() -> T:
         main.append(asyncio.current_task())  # type: ignore[arg-type]
+        if terminated:  # before there was a task to cancel
+            coroutine.close()
+            raise asyncio.CancelledError
         return await coroutine
 
     ours = threading.current_thread() is threading.main_thread() and \
@@ -453,7 +456,10 @@ def _run_loop(coroutine: Coroutine[Any, Any, T], *, terminate: str | None = None
         signal.signal(signal.SIGTERM, on_sigterm)
     try:
         with asyncio.Runner(loop_factory=new_event_loop) as runner:
-            return runner.run(run())
+            result = runner.run(run())
+        if terminated:  # as it ended: it is done, but the process still ends as asked
+            _end_by_sigterm(f"asyncsched {terminate}")
+        return result
     except asyncio.CancelledError:
         if terminated:
             _end_by_sigterm(f"asyncsched {terminate}")

@@ -582,6 +582,26 @@ def test_sigterm_in_an_export_leaves_no_file_half_written(results_db: str, tmp_p
     assert os.listdir(out) == []  # its .partial file was left behind
 
 
+def test_a_sigterm_before_the_command_has_its_task_still_ends_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    ended: list[str] = []
+    monkeypatch.setattr(asyncsched._cli, "_end_by_sigterm", ended.append)  # not this process, in a test
+    new_event_loop = asyncsched._cli.new_event_loop
+
+    def sigterm_then_a_loop() -> asyncio.AbstractEventLoop:
+        os.kill(os.getpid(), signal.SIGTERM)  # as the loop is made: no task to cancel yet
+        return new_event_loop()
+
+    monkeypatch.setattr(asyncsched._cli, "new_event_loop", sigterm_then_a_loop)
+    ran: list[bool] = []
+
+    async def export() -> None:
+        ran.append(True)
+
+    with pytest.raises(asyncio.CancelledError):
+        asyncsched._cli._run_loop(export(), terminate="export")
+    assert (ended, ran) == (["asyncsched export"], [])  # it ran to its end, and the process exited 0
+
+
 def test_export_to_stdout_writes_where_the_shell_points_it(results_db: str, tmp_path: Path) -> None:
     out = tmp_path / "all.jsonl"
     out.write_text("an earlier line\n")
