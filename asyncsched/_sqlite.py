@@ -825,7 +825,7 @@ async def _insert_results(db: aiosqlite.Connection, results: Sequence[TaskResult
         batch_id: str | None = None
         batch = None
         for row_id, r in enumerate(results, last + 1):
-            encoded = None
+            encoded: tuple[str | None, bytes | None] | _Unstorable | None = None
             if (r.status is _COMPLETED and r.message is None and r.progress is None and r.error is None
                     and r.traceback is None and r.error_type is None
                     and not (full_keys and (r.batch_id, r.key) in full_keys)):
@@ -835,8 +835,8 @@ async def _insert_results(db: aiosqlite.Connection, results: Sequence[TaskResult
                 else:
                     try:
                         encoded = value, blob = _encode(value)
-                    except _Unstorable:
-                        blob = b""  # a full row, which says why
+                    except _Unstorable as exc:
+                        encoded, blob = exc, b""  # a full row, which says why
                 if blob is None:
                     if r.batch_id is not batch_id:
                         batch_id, batch = r.batch_id, _text(r.batch_id)
@@ -1050,14 +1050,16 @@ class _Stored(Mapping[str, TaskResult]):
 _STATUS_TEXT = {status: status.value for status in Status}  # Enum.value is a slow property
 
 
-def _row(r: TaskResult, encoded: tuple[str | None, bytes | None] | None = None) -> Row:
-    """The row of ``r``, in the order of ``_COLUMNS``; ``encoded`` is ``_encode(r.value)`` if already known.
+def _row(r: TaskResult, encoded: tuple[str | None, bytes | None] | _Unstorable | None = None) -> Row:
+    """The row of ``r``, in the order of ``_COLUMNS``; ``encoded`` is what ``_encode(r.value)`` gave, if known.
 
     A value the store cannot hold makes a ``failed`` row that says why: a commit that failed on it would fail
     again each time, and hold back every result after it.
     """
     status, error, error_type, tb = r.status, r.error, r.error_type, r.traceback
     try:
+        if isinstance(encoded, _Unstorable):
+            raise encoded  # not encoded again: a value of a gigabyte, say
         value, blob = encoded or _encode(r.value)
     except _Unstorable as exc:
         value = blob = None

@@ -970,6 +970,13 @@ async def test_what_is_over_sqlites_length_limit_fails_its_own_result_and_holds_
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(asyncsched._sqlite, "_VALUE_ROOM", 2**20)  # as SQLite's 1 GB, less room for the rest
     monkeypatch.setattr(asyncsched._sqlite, "_TEXT_ROOM", 2**16)
+    encode, encoded = asyncsched._sqlite._encode, Counter[str]()
+
+    def counted(value: Any) -> Any:
+        encoded[type(value).__name__] += 1
+        return encode(value)
+
+    monkeypatch.setattr(asyncsched._sqlite, "_encode", counted)
     async with SQLiteStore(tmp_path / "r.db") as store:
         db = store._db
         assert db is not None
@@ -984,6 +991,7 @@ async def test_what_is_over_sqlites_length_limit_fails_its_own_result_and_holds_
         stored = {r.key: r for r in await store.results()}
     assert (stored["good-1"].value, stored["good-2"].value, stored["said"].value) == (1, 2, 2)
     assert stored["said"].message == f"{'y' * 2**16}… (cut: {2**18:,} characters in all)"
+    assert (encoded["str"], encoded["bytes"]) == (1, 1)  # a value of a gigabyte is not pickled twice
     for key, what in ("text", "1,048,579 bytes of JSON"), ("bytes", "1,048,585 bytes pickled"):
         assert (stored[key].status, stored[key].value, stored[key].error_type) == (Status.FAILED, None, "StoreError")
         assert f"its value, {what}" in (stored[key].error or "") and "SQLite can hold in one row" in (
