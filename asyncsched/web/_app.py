@@ -301,7 +301,12 @@ class _Api:
         """The running batches, each with its size when known."""
         return {**self.scheduler.running(), **{batch_id: job.expected for batch_id, job in self.jobs.items()}}
 
-    def _summary(self, info: BatchInfo, running: dict[str, int | None]) -> dict[str, Any]:
+    def _summary(self, info: BatchInfo, running: dict[str, int | None],
+                 before: dict[str, int | None] | None = None) -> dict[str, Any]:
+        """``running``: the batches running now; ``before``: those running before ``info`` was read, so that a
+        batch that ended in between shows running, not "unfinished" (its row says no end yet)."""
+        if before is not None and not info.finished_at:
+            running = before | running
         state = "running" if info.batch_id in running else "finished" if info.finished_at else "unfinished"
         return batch_json(info, state, running.get(info.batch_id))
 
@@ -313,18 +318,18 @@ class _Api:
 
     async def list_batches(self, request: web.Request) -> web.Response:
         limit, offset = self._page(request)
-        running = self._running()  # before the rows as well: one read before its batch ended is not "unfinished"
+        before = self._running()
         batches, total = await self.scheduler.batch_page(limit, offset)  # newest first
-        running.update(self._running())
+        running = self._running()
         return web.json_response({
-            "batches": [self._summary(info, running) for info in batches],
+            "batches": [self._summary(info, running, before) for info in batches],
             "total": total, "limit": limit, "offset": offset,
         })
 
     async def get_batch(self, request: web.Request) -> web.Response:
-        running = self._running()  # before the row as well: one read before the batch ended is not "unfinished"
+        before = self._running()
         info = await self._batch(request.match_info["batch_id"])
-        return web.json_response(self._summary(info, running | self._running()))
+        return web.json_response(self._summary(info, self._running(), before))
 
     async def submit(self, request: web.Request) -> web.Response:
         if self.registry is None:
