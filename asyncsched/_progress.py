@@ -255,7 +255,9 @@ class ProgressMonitor:
             return
         try:
             draw()
-        except (OSError, SystemExit):  # rich's own Console answers a broken pipe with SystemExit(1)
+        except (OSError, SystemExit) as exc:
+            if isinstance(exc, SystemExit) and not self.console.quiet:
+                raise  # not rich's answer to a broken pipe, which first makes its Console quiet: sys.exit(), say
             self._gone = True
             if self._live is not None:
                 with contextlib.suppress(Exception, SystemExit):  # (an IndexError when it failed in its start)

@@ -193,7 +193,8 @@ class Gone(io.StringIO):
 
 class RichConsole(Console):
     def on_broken_pipe(self) -> None:
-        raise SystemExit(1)  # as rich's own does, without taking this process's stdout
+        self.quiet = True  # as rich's own does, without taking this process's stdout
+        raise SystemExit(1)
 
 
 @pytest.mark.parametrize("kind", [QuietConsole, RichConsole])
@@ -208,6 +209,18 @@ async def test_a_display_whose_output_is_gone_stops_drawing_and_the_batch_goes_o
         await asyncio.to_thread(Path(release).touch)
         summary = await running
     assert summary.completed == 2
+
+
+class Exits(io.StringIO):
+    def write(self, text: str) -> int:
+        raise SystemExit(3)  # a sys.exit() while it draws: a SIGTERM handler's, say
+
+
+async def test_a_sys_exit_while_the_display_draws_is_not_taken_for_a_reader_that_left(scheduler: Scheduler) -> None:
+    monitor = ProgressMonitor(scheduler, console=Console(file=Exits(), force_terminal=False))
+    monitor.start()
+    with pytest.raises(SystemExit, match="3"):
+        await monitor.aclose()  # its final report
 
 
 async def test_total_of_a_generator_is_unknown_until_it_is_exhausted(scheduler: Scheduler,
