@@ -446,12 +446,11 @@ def _run_loop(coroutine: Coroutine[Any, Any, T], *, terminate: str | None = None
             raise asyncio.CancelledError
         return await coroutine
 
-    ours = threading.current_thread() is threading.main_thread() and \
-        signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    main_thread = threading.current_thread() is threading.main_thread()  # where Python runs signal handlers
+    ours = main_thread and signal.getsignal(signal.SIGINT) is signal.default_int_handler
     if ours:
         signal.signal(signal.SIGINT, on_sigint)
-    sigterm = terminate is not None and threading.current_thread() is threading.main_thread() and \
-        signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    sigterm = terminate is not None and main_thread and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
     if sigterm:
         signal.signal(signal.SIGTERM, on_sigterm)
     try:
