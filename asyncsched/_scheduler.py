@@ -39,6 +39,7 @@ from collections.abc import (
     AsyncIterable,
     AsyncIterator,
     Callable,
+    Collection,
     Iterable,
     Iterator,
     Mapping,
@@ -67,7 +68,7 @@ from ._models import (
     is_int,
     is_seconds,
 )
-from ._store import MAX_BACKLOG, BatchInfo, Store, check_batch_id, check_status, open_store
+from ._store import MAX_BACKLOG, BatchInfo, Store, check_batch_id, check_status, open_store, stored_text
 
 if TYPE_CHECKING:
     from ._progress import ProgressMonitor
@@ -252,6 +253,7 @@ class _BatchRun:
         self.total: int | None = None  # tasks this run will finish, once known; known once it is over
         self.skipped = 0  # items of a resumed batch with a stored result, not run again
         self.resumed: list[TaskResult] | None = None  # their results, at their positions here, for run() to keep
+        self.stored: dict[str, TaskResult] = {}  # for run(): the stored results of the batch, by key as stored
         self.stopped: str | None = None  # why the batch was cancelled (Scheduler.cancel)
         self.begun = False  # the store has begun the batch
         self.ended: asyncio.Future[None] = self.loop.create_future()  # the run is over, the store has ended the batch
@@ -660,9 +662,9 @@ class Scheduler:
             self._ended(run)
 
     async def _begin(self, batch_id: str | None, name: str | None,
-                     resume: bool, read_all: bool = False) -> tuple[_BatchRun, Mapping[str, TaskResult]]:
-        """The run of a batch, known to cancel() from now on, and the results the store has of it (``read_all``:
-        each read now, as for run()'s summary, before any task runs)."""
+                     resume: bool, read_all: bool = False) -> tuple[_BatchRun, Collection[str]]:
+        """The run of a batch, known to cancel() from now on, and the keys of the results the store has of it
+        (``read_all``: the results too, in ``run.stored``, for run()'s summary, read before any task runs)."""
         self._check_open()
         if batch_id is None:
             if resume:
@@ -702,16 +704,15 @@ class Scheduler:
             raise
         return run, previous
 
-    async def _begin_batch(self, run: _BatchRun, name: str | None, resume: bool,
-                           read_all: bool) -> Mapping[str, TaskResult]:
+    async def _begin_batch(self, run: _BatchRun, name: str | None, resume: bool, read_all: bool) -> Collection[str]:
         previous = await self._store.begin_batch(run.batch_id, name=name, resume=resume)
         run.begun = True
         if self._closed:  # aclose() came while the store began it: end the batch, as aclose() ends the others
             with contextlib.suppress(Exception):  # unless the store is closing or closed already
                 await self._store.end_batch(run.batch_id)
-        if read_all:  # a store may read each result when it is asked for (a value that no longer unpickles fails)
-            for key in previous:
-                previous[key]
+        if read_all and previous:  # a value that no longer unpickles fails here, before any task runs
+            stored = await self._store.results(batch_id=run.batch_id)
+            run.stored = {r.key: r for r in stored if r.status is not Status.CANCELLED}
         return previous
 
     def _monitor(self, batch_id: str) -> contextlib.AbstractAsyncContextManager[object]:
@@ -742,7 +743,7 @@ class Scheduler:
                 await self._display_closing
 
     async def _stream(self, batch: Batch, run: _BatchRun,
-                      previous: Mapping[str, TaskResult]) -> AsyncGenerator[list[TaskResult], None]:
+                      previous: Collection[str]) -> AsyncGenerator[list[TaskResult], None]:
         """Yield the results as they come, a list of those ready at a time."""
         batch_id = run.batch_id
         if isinstance(batch, Sized) and not previous:
@@ -832,7 +833,7 @@ class Scheduler:
         if not self._closed:  # else aclose() ends the batch, and may have closed the store already
             await self._store.end_batch(run.batch_id)  # run() and stream() then tell wait_ended()
 
-    def _admit(self, run: _BatchRun, item: object, index: int, previous: Mapping[str, TaskResult]) -> int:
+    def _admit(self, run: _BatchRun, item: object, index: int, previous: Collection[str]) -> int:
         """Start one batch item; returns the next index."""
         key = item.key if isinstance(item, Task) else None  # _key(), inlined: this runs for every task
         if key is None:
@@ -840,7 +841,8 @@ class Scheduler:
         if key in previous:
             run.skipped += 1
             if run.resumed is not None:
-                run.resumed.append(dataclasses.replace(previous[key], index=index))
+                stored = run.stored.get(key) or run.stored[stored_text(key)]
+                run.resumed.append(dataclasses.replace(stored, index=index))
         elif not isinstance(item, Task):
             run.fail_item(index, key, f"TaskDefinitionError: batch item {index} is {type(item).__name__}, not a Task: "
                                       "wrap each call as Task(fn, *args)")

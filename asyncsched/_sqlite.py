@@ -45,7 +45,7 @@ import time
 import traceback
 import urllib.parse
 import weakref
-from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Collection, Iterable, Iterator, Sequence
 from datetime import UTC, datetime
 from typing import Any, overload
 
@@ -60,7 +60,7 @@ import aiosqlite
 
 from ._errors import ClosedError, ConfigurationError, StoreError
 from ._models import Stats, Status, TaskResult, finite, finite_json_float, is_seconds, no_json_constant
-from ._store import BatchInfo, Store, check_batch_id, check_page, check_status
+from ._store import BatchInfo, Store, check_batch_id, check_page, check_status, stored_text
 
 __all__ = ["SQLiteStore"]
 
@@ -360,7 +360,7 @@ class SQLiteStore(Store):
         await self._commit()
 
     async def begin_batch(self, batch_id: str, *, name: str | None = None,
-                          resume: bool = False) -> Mapping[str, TaskResult]:
+                          resume: bool = False) -> Collection[str]:
         batch_id = _text(batch_id)
         if self._db is None:  # not open, closed, or read-only: refused before the lock is touched
             raise self._unavailable()
@@ -377,7 +377,13 @@ class SQLiteStore(Store):
                 )
             await self._commit("UPDATE batches SET finished_at = NULL WHERE batch_id = ?", (batch_id,))
             cancelled = Status.CANCELLED.value  # a cancelled task never reached an outcome: the resumed batch runs it
-            return _Stored(await self._fetch(f"{_SELECT} WHERE batch_id = ? AND status != ?", (batch_id, cancelled)))
+            keys: set[str] = set()
+            with self._translate("read"):
+                async with self._read_connection().execute(
+                        "SELECT key FROM results WHERE batch_id = ? AND status != ?", (batch_id, cancelled)) as cursor:
+                    while rows := await cursor.fetchmany(_CHUNK * 20):
+                        keys.update(key for (key,) in rows)
+            return _Stored(keys)
         except BaseException:
             self._claim(batch_id, False)
             raise
@@ -996,55 +1002,28 @@ def _text(text: None) -> None: ...
 
 
 def _text(text: str | None) -> str | None:
-    """``text`` as SQLite can take it: a lone surrogate (from a file name, say) becomes a ``\\udc80`` escape.
-
-    Keys and batch ids are stored so, and looked up so (:class:`_Stored`).
-    """
-    if text is None or text.isascii():
-        return text
-    try:
-        text.encode()
-    except UnicodeEncodeError:
-        return text.encode("utf-8", "backslashreplace").decode()
-    return text
+    """``text`` as SQLite can take it (:func:`stored_text`): keys and batch ids are stored so, and looked up so."""
+    return None if text is None else stored_text(text)
 
 
-class _Stored(Mapping[str, TaskResult]):
-    """The stored results of a batch by key, each read from its row when first asked for.
+class _Stored(Collection[str]):
+    """The keys of a batch's stored results, as stored: a key with a lone surrogate is found in either form.
 
-    A resumed ``stream()`` asks only whether a key is there: a stored value
-    that no longer unpickles (its class was renamed) does not stop it. A key
-    with a lone surrogate is found as it was stored.
+    Only the keys: a resumed ``stream()`` asks no more, so it holds no stored
+    value in memory (nor reads one that no longer unpickles, its class renamed).
     """
 
-    def __init__(self, rows: Iterable[Row]) -> None:
-        self._rows: dict[str, Row | TaskResult] = {row[1]: row for row in rows}  # by key, as stored; read once
-
-    def _stored(self, key: object) -> str | None:
-        if not isinstance(key, str):
-            return None
-        if key in self._rows:
-            return key
-        escaped = _text(key)
-        return escaped if escaped in self._rows else None
+    def __init__(self, keys: set[str]) -> None:
+        self._keys = keys
 
     def __contains__(self, key: object) -> bool:
-        return self._stored(key) is not None
-
-    def __getitem__(self, key: str) -> TaskResult:
-        stored = self._stored(key)
-        if stored is None:
-            raise KeyError(key)
-        found = self._rows[stored]
-        if isinstance(found, tuple):  # its row, not read yet
-            found = self._rows[stored] = _result(found)
-        return found
+        return isinstance(key, str) and (key in self._keys or stored_text(key) in self._keys)
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self._rows)
+        return iter(self._keys)
 
     def __len__(self) -> int:
-        return len(self._rows)
+        return len(self._keys)
 
 
 _STATUS_TEXT = {status: status.value for status in Status}  # Enum.value is a slow property

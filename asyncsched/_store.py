@@ -13,7 +13,7 @@ import itertools
 import os
 import time
 from collections import Counter, deque
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 
 from ._errors import ConfigurationError
@@ -25,6 +25,18 @@ MAX_BACKLOG = 10_000
 """Results a store may hold unwritten before the scheduler stops pulling new tasks until it has caught up."""
 MAX_PAGE = 2**63 - 1
 """The largest ``limit`` or ``offset`` of a query: the most SQLite takes."""
+
+
+def stored_text(text: str) -> str:
+    """``text`` as a store that takes only UTF-8 keeps it (SQLite): a lone surrogate (from a file name, say)
+    becomes a ``\\udc80`` escape. A key so stored is looked up in either form."""
+    if text.isascii():
+        return text
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode()
+    return text
 
 
 def check_page(limit: int | None, offset: int) -> None:
@@ -81,10 +93,12 @@ class Store(abc.ABC):
     """Keeps final results. Every method runs on the scheduler's loop.
 
     * :meth:`begin_batch` records a batch and, with ``resume=True``, returns the
-      results it already holds for it, by key, so those tasks are not run again.
-      Cancelled results are left out: a cancelled task never reached an outcome,
-      so a resumed batch runs it. Without ``resume`` a batch id that exists is
-      an error.
+      keys of the results it already holds for it, so those tasks are not run
+      again (a mapping of those results by key does too). Cancelled results are
+      left out: a cancelled task never reached an outcome, so a resumed batch
+      runs it. Without ``resume`` a batch id that exists is an error. The keys
+      alone are what a resumed ``stream()`` needs; ``run()`` reads the stored
+      results themselves through :meth:`results`, for its summary.
     * :meth:`add` takes one final result. It does no I/O: a store buffers and
       writes in the background, and says in its docs how soon a result is durable.
     * :meth:`end_batch` marks the batch finished once all of its results are written.
@@ -110,7 +124,7 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def begin_batch(self, batch_id: str, *, name: str | None = None,
-                          resume: bool = False) -> Mapping[str, TaskResult]: ...
+                          resume: bool = False) -> Collection[str]: ...
 
     @abc.abstractmethod
     def add(self, result: TaskResult) -> None: ...

@@ -18,6 +18,7 @@ import subprocess
 import sys
 import threading
 import time
+import tracemalloc
 import types
 import warnings
 from collections import Counter
@@ -1181,14 +1182,31 @@ async def test_an_export_of_an_odd_number_imports_back(tmp_path: Path, progress:
     assert (result.finished_at, result.progress) == (None, back)
 
 
-async def test_the_stored_results_of_a_resumed_batch_find_a_key_by_either_form(tmp_path: Path) -> None:
+async def test_the_stored_keys_of_a_resumed_batch_find_a_key_by_either_form(tmp_path: Path) -> None:
     async with SQLiteStore(tmp_path / "r.db") as store:
         await store.begin_batch("b")
         store.add(_completed(UNDECODABLE, 7))
         await store.end_batch("b")
         stored = await store.begin_batch("b", resume=True)
-    assert UNDECODABLE in stored and stored[UNDECODABLE].value == 7 and stored.get(UNDECODABLE) is not None
-    assert stored.get("absent") is None and stored.get(5) is None  # type: ignore[call-overload]
+    assert UNDECODABLE in stored and "caf\\udce9" in stored and list(stored) == ["caf\\udce9"]
+    assert "absent" not in stored and 5 not in stored  # type: ignore[comparison-overlap]
+
+
+async def test_resuming_a_batch_reads_the_keys_of_its_stored_results_not_their_values(tmp_path: Path) -> None:
+    value = "x" * 100_000
+    async with SQLiteStore(tmp_path / "r.db") as store:
+        await store.begin_batch("b")
+        for i in range(200):  # 20 MB of values
+            store.add(_completed(f"k{i}", value))
+        await store.end_batch("b")
+        tracemalloc.start()
+        try:
+            stored = await store.begin_batch("b", resume=True)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+    assert len(stored) == 200 and "k199" in stored
+    assert peak < 2_000_000, f"resuming took {peak:,} bytes: it read the stored values"
 
 
 async def test_the_memory_store_filters_and_pages_its_results_and_reopens_a_resumed_batch() -> None:
