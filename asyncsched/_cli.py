@@ -320,8 +320,15 @@ async def read_lines(file: BinaryIO) -> AsyncIterator[bytes]:
         return
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader(limit=MAX_LINE)
-    blocking = os.get_blocking(file.fileno())  # shared with every copy of the fd, the terminal's stdin among them
-    transport, _ = await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), file)
+    fd = file.fileno()
+    blocking = os.get_blocking(fd)  # shared with every copy of the fd, the terminal's stdin among them
+    # a copy for the transport, which asyncio's closes at the end of the input (uvloop's does not): ours stays open
+    pipe = os.fdopen(os.dup(fd), "rb", buffering=0)
+    try:
+        transport, _ = await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), pipe)
+    except BaseException:
+        pipe.close()
+        raise
     try:
         for number in itertools.count(1):
             try:
@@ -333,7 +340,7 @@ async def read_lines(file: BinaryIO) -> AsyncIterator[bytes]:
                 break
             yield line
     finally:
-        os.set_blocking(file.fileno(), blocking)  # the reader made it non-blocking: as it was, for the shell after us
+        os.set_blocking(fd, blocking)  # the reader made it non-blocking: as it was, for the shell after us
         transport.close()
 
 

@@ -33,10 +33,18 @@ from asyncsched._cli import main
 from asyncsched._pool import ProcessPool
 
 from . import tasks
+from .conftest import LOOPS
 
 ROOT = Path(__file__).resolve().parent.parent
 CONSOLE_SCRIPT = Path(sys.executable).parent / "asyncsched"
 COMMANDS = ["demo", "run", "results", "stats", "batches", "export", "serve"]
+
+
+@pytest.fixture(autouse=True, params=sorted(LOOPS))
+def commands_loop(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every command in these tests runs on each loop: uvloop's, and asyncio's, which the commands use when uvloop
+    is not installed (it is an extra)."""
+    monkeypatch.setattr(asyncsched._cli, "new_event_loop", LOOPS[request.param])
 
 
 def write_lines(path: Path, *values: object) -> str:
