@@ -541,7 +541,7 @@ def _stats_command(args: argparse.Namespace) -> int:
     """
     stats = _run_loop(_read(args, lambda store: store.stats(args.batch)))
     if args.json:
-        print(json.dumps({**dataclasses.asdict(stats), "success_rate": stats.success_rate}))
+        print(json.dumps({**dataclasses.asdict(stats), "success_rate": stats.success_rate if stats.total else None}))
         return 0
     console = _console()
     console.print(f"{args.db}: {'every batch' if args.batch is None else 'batch ' + args.batch}", markup=False)
@@ -783,7 +783,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--batch-id", type=_batch_id, metavar="ID", help="the batch's id (default: a new random one)")
     run.add_argument("--resume", action="store_true",
                      help="continue batch --batch-id in --db: tasks whose line has a result are not run again")
-    run.add_argument("--no-progress", dest="progress", action="store_false", help="no live progress display")
+    run.add_argument("--no-progress", dest="progress", action="store_false",
+                     help="no live progress display, nor its final report: only the line of counts")
 
     results = command("results", _results_command)
     results.add_argument("db", type=_file, metavar="DB", help="a results file (SQLite)")

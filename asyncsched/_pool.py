@@ -453,9 +453,9 @@ class ProcessPool(concurrent.futures.Executor):
         self._max_memory = parse_size(max_memory_per_child)
         if self._max_memory is not None and self._max_memory < WORKER_MEMORY:
             raise ConfigurationError(
-                f"max_memory_per_child={max_memory_per_child!r} is less than a worker takes before it runs anything "
-                f"(over {WORKER_MEMORY >> 20} MiB): every task would be killed; set a limit above what your "
-                "largest task needs, such as \"1GB\"")
+                f"max_memory_per_child={max_memory_per_child!r} ({self._max_memory:,} bytes) is less than a worker "
+                f"takes before it runs anything (over {WORKER_MEMORY >> 20} MiB): every task would be killed; set a "
+                "limit above what your largest task needs, in bytes or as a string such as \"1GB\"")
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_says_its_thread = False  # an asyncio loop, which keeps the id of the thread that runs it
         self._starting = threading.Lock()

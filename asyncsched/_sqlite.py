@@ -710,8 +710,12 @@ def _advice(path: str, exc: sqlite3.Error, busy_timeout: float, readonly: bool) 
 def _file_errors(doing: str, path: str | os.PathLike[str]) -> Iterator[None]:
     try:
         yield
-    except OSError as exc:
-        raise StoreError(f"cannot {doing} {os.fspath(path)}: {exc}") from exc
+    except OSError as exc:  # its reason alone: the file it names may be the export's temporary one
+        why = exc.strerror or str(exc)
+        directory = os.path.dirname(os.path.abspath(path))
+        if exc.errno == errno.ENOENT and not os.path.isdir(directory):
+            why = f"directory {directory} does not exist: create it, or choose another path"
+        raise StoreError(f"cannot {doing} {os.fspath(path)}: {why}") from exc
     except UnicodeError as exc:
         raise StoreError(f"cannot {doing} {os.fspath(path)}: it is not UTF-8 text ({exc})") from exc
 

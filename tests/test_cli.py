@@ -554,6 +554,18 @@ def test_stats_batches_and_export(results_db: str, tmp_path: Path, capsys: pytes
     assert sorted(json.loads(line)["task_id"] for line in out.read_text().splitlines()) == ["1", "2", "3"]
 
 
+def test_stats_of_no_result_give_no_success_rate(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    db = os.fspath(tmp_path / "r.db")
+
+    async def create() -> None:
+        async with SQLiteStore(db):  # a file with the schema and no result
+            pass
+
+    asyncio.run(create())
+    assert "success rate -" in " ".join(read(["stats", db], capsys).split())
+    assert json.loads(read(["stats", db, "--json"], capsys))["success_rate"] is None  # not 0.0: nothing failed
+
+
 @pytest.mark.parametrize("out", ["/dev/stdout", "-"])
 def test_export_to_dev_stdout_writes_into_the_pipe_and_reports_on_stderr(results_db: str, out: str,
                                                                          tmp_path: Path) -> None:

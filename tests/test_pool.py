@@ -1205,8 +1205,10 @@ async def test_replacing_workers_leaves_no_file_descriptor_behind() -> None:
 
 
 def test_a_memory_limit_below_what_any_worker_takes_is_refused() -> None:
-    with pytest.raises(ConfigurationError, match=r"max_memory_per_child='1KB' is less than a worker takes"):
+    with pytest.raises(ConfigurationError, match=r"max_memory_per_child='1KB' \(1,000 bytes\) is less than a worker"):
         ProcessPool(1, max_memory_per_child="1KB")
+    with pytest.raises(ConfigurationError, match=r"=512 \(512 bytes\) .* in bytes or as a string such as \"1GB\""):
+        ProcessPool(1, max_memory_per_child=512)  # meant as MiB: the error says how it was read
 
 
 async def test_a_memory_limit_below_an_idle_workers_size_breaks_the_pool_with_the_reason() -> None:

@@ -618,8 +618,13 @@ async def test_import_reads_the_bare_format_and_rejects_bad_lines(tmp_path: Path
         with pytest.raises(StoreError, match=r"bad.jsonl, line 2: .*not final"):
             await store.import_jsonl(bad)
         assert await store.results() == []  # a bad line imports nothing
-        with pytest.raises(StoreError, match="cannot read"):
+        with pytest.raises(StoreError, match=r"cannot read .*missing\.jsonl: No such file or directory$"):
             await store.import_jsonl(tmp_path / "missing.jsonl")
+        missing = tmp_path / "no" / "out.jsonl"
+        with pytest.raises(StoreError) as raised:
+            await store.export_jsonl(missing)
+        assert str(raised.value) == (f"cannot write {missing}: directory {missing.parent} does not exist: create it, "
+                                     "or choose another path")  # not the name of the export's temporary file
         assert await store.import_jsonl(good, batch_id="legacy") == 1
         [result] = await store.results(batch_id="legacy")
     assert (result.key, result.status, result.value, result.pid, result.message) == ("t1", "completed", {"rows": 3},

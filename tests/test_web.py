@@ -296,6 +296,14 @@ async def test_a_store_error_is_answered_in_json(aiohttp_client: AiohttpClient) 
                                                 "cannot be unpickled here")
 
 
+async def test_a_batch_with_no_result_yet_has_no_success_rate(aiohttp_client: AiohttpClient) -> None:
+    store = MemoryStore()
+    client = await make_client(aiohttp_client, scheduler=Scheduler(workers=1, store=store))
+    await store.begin_batch("b")
+    summary = await get_json(client, "/batches/b")
+    assert (summary["total"], summary["success_rate"]) == (0, None)  # not 0.0, which says every task failed
+
+
 async def test_task_messages_reach_the_api_as_plain_text(client: Client) -> None:
     message = "<script>alert('x')</script> & \"quotes\""
     events = await run_batch(client, "msg", task="say", inputs=[[message]])

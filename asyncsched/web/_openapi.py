@@ -141,7 +141,7 @@ def openapi(prefix: str, limits: Limits, *, token: bool, cancel_wait: float) -> 
                 "total": {"type": "integer", "description": "tasks with a final result"},
                 "expected": {**_INT_OR_NULL, "description": "tasks in the batch, when submitted through this API"},
                 **{status: {"type": "integer"} for status in FINAL_STATUS_VALUES},
-                "success_rate": {"type": "number"},
+                "success_rate": {**_NUMBER_OR_NULL, "description": "completed over total; null while total is 0"},
                 "created_at": _NUMBER_OR_NULL, "finished_at": _NUMBER_OR_NULL, "elapsed": _NUMBER_OR_NULL}},
             "Result": {"type": "object", "properties": {
                 "batch_id": {"type": "string"}, "key": {"type": "string"}, "index": {"type": "integer"},
