@@ -131,7 +131,9 @@ class ExecutorBackend(Backend):
             raise
         except concurrent.futures.BrokenExecutor as exc:  # its worker died, as a pool worker can
             return backend_failure(exc)
-        except Exception as exc:  # the executor refused the call, e.g. an argument that does not pickle
+        except BaseException as exc:  # the executor refused the call: an argument, say, that does not pickle
+            if not isinstance(exc, Exception) and not (future.done() and future.exception() is exc):
+                raise  # not the call's SystemExit (a result's reducer raised it): a Ctrl-C landed here, say
             return Outcome.from_error(error_info(exc), retryable=False)
         for timestamp, message, progress, data in reports:
             relay.reported(pid, timestamp, message, progress, data)

@@ -178,12 +178,15 @@ def error_info(exc: BaseException) -> ErrorInfo:
     kind = type(exc)
     name = type_name(kind)
     try:
-        text = traceback.format_exception_only(kind, exc)[-1].strip()
-    except Exception:  # a broken __str__ must not lose the error
-        text = f"{name}: <unprintable {kind.__qualname__}>"
+        described = traceback.TracebackException(kind, exc, exc.__traceback__)
+        tb = "".join(described.format())
+        described.__notes__ = None  # its notes (add_note()) are in the traceback: the error is the exception's line
+        text = list(described.format_exception_only())[-1].strip()
+    except BaseException:  # whatever a hostile exception raises (a __getattr__ asked for __notes__) loses no error
+        text = f"{name}: {_message(exc)}"
+        tb = "".join(["Traceback (most recent call last):\n", *traceback.format_tb(exc.__traceback__), text, "\n"])
     if kind.__module__ == "__mp_main__":  # the main script, as a worker imports it: named as the parent knows it
         text = text.replace(f"__mp_main__.{kind.__qualname__}", name, 1)
-    tb = "".join(traceback.format_exception(kind, exc, exc.__traceback__))
     blob: bytes | None
     try:
         blob = pickle.dumps(exc, _PROTOCOL)
@@ -193,8 +196,15 @@ def error_info(exc: BaseException) -> ErrorInfo:
     return name, text, tb, blob
 
 
+def _message(exc: BaseException) -> str:
+    try:
+        return str(exc)
+    except BaseException:  # a broken __str__
+        return f"<unprintable {type(exc).__qualname__}>"
+
+
 def _pickling_error(what: str, exc: BaseException) -> pickle.PicklingError:
-    return pickle.PicklingError(f"{what} could not be pickled: {type(exc).__name__}: {exc}")
+    return pickle.PicklingError(f"{what} could not be pickled: {type(exc).__name__}: {_message(exc)}")
 
 
 class _Channel:
@@ -277,7 +287,7 @@ def _run_call(channel: _Channel, last_begun: Any, call_id: int, function: bytes 
         else:
             try:
                 message = (DONE, call_id, PICKLED, pickle.dumps(value, _PROTOCOL), started, finished)
-            except Exception as exc:
+            except BaseException as exc:  # whatever its reducer raises, SystemExit too, must not end this process
                 failure = error_info(_pickling_error(f"the result of type {type(value).__name__}", exc))
                 message = (DONE, call_id, ERROR, failure, started, finished)
     finally:

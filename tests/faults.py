@@ -443,3 +443,37 @@ def keep_a_multiprocessing_pool() -> int:
     pool.map(abs, range(4))
     _kept_pools.append(pool)
     return os.getpid()
+
+
+def raise_with_a_note(row: str) -> int:
+    try:
+        return int(row)
+    except ValueError as exc:
+        exc.add_note(f"while parsing row {row!r}")
+        raise
+
+
+class PayloadError(Exception):
+    """Its attributes come from its payload: asked for one it does not have (``__notes__``), it raises KeyError."""
+
+    def __init__(self, payload: dict[str, Any]) -> None:
+        super().__init__(payload["message"])
+        self.payload = payload
+
+    def __getattr__(self, name: str) -> Any:
+        return self.payload[name]
+
+
+def raise_payload_error() -> None:
+    raise PayloadError({"message": "quota exceeded", "code": 429})
+
+
+class ExitsOnPickle:
+    """Its reducer calls sys.exit(), as a handle that refuses to travel may."""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        sys.exit("this handle cannot be pickled")
+
+
+def return_exiting_on_pickle() -> Any:
+    return ExitsOnPickle()

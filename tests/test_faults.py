@@ -443,6 +443,34 @@ async def test_unpicklable_argument_result_and_exception_fail_alone(scheduler: S
     assert fine.value == 25
 
 
+@pytest.mark.parametrize("where", ["pool", "threads", "processes"])
+async def test_an_exception_with_notes_or_a_hostile_getattr_and_a_result_whose_reducer_exits_fail_alone(
+        where: str) -> None:
+    from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+
+    forkserver = multiprocessing.get_context("forkserver")
+    options: dict[str, Any] = {"pool": {"workers": 1},
+                               "threads": {"backend": ExecutorBackend(ThreadPoolExecutor(1))},
+                               "processes": {"backend": ExecutorBackend(ProcessPoolExecutor(1, mp_context=forkserver))}}
+    async with Scheduler(**options[where]) as scheduler:
+        summary = await scheduler.run([Task(faults.raise_with_a_note, "abc", key="noted"),
+                                       Task(faults.raise_payload_error, key="payload"),
+                                       Task(faults.return_exiting_on_pickle, key="exits"),
+                                       Task(tasks.square, 3, key="fine")])
+    noted, payload, exits, fine = summary.results
+    assert (noted.status, noted.error) == (Status.FAILED, "ValueError: invalid literal for int() with base 10: 'abc'")
+    assert "while parsing row 'abc'" in (noted.traceback or "")  # the note is in the traceback, not the error
+    assert (payload.status, payload.error) == (Status.FAILED, "tests.faults.PayloadError: quota exceeded")
+    assert "raise_payload_error" in (payload.traceback or "")
+    if where != "threads":  # a thread pool hands the value back as it is: nothing is pickled
+        assert exits.status is Status.FAILED and "SystemExit: this handle cannot be pickled" in (exits.error or "")
+    assert fine.value == 9
+    if where == "pool":
+        assert "the result of type ExitsOnPickle could not be pickled" in (exits.error or "")
+        pool: ProcessPool = scheduler.backend.pool  # type: ignore[attr-defined]
+        assert (pool.statistics().crashed, pool.statistics().killed) == (0, 0)  # each failed alone: no worker lost
+
+
 async def test_a_container_result_that_does_not_pickle_or_unpickle_fails_alone(scheduler: Scheduler) -> None:
     pool: ProcessPool = scheduler.backend.pool  # type: ignore[attr-defined]
     summary = await scheduler.run([Task(faults.return_unpicklable_in_a_list, key="lock"),
