@@ -392,14 +392,18 @@ class _Worker:
         return bool(self.calls) and self.last_begun.value == self.calls[0].call_id
 
     def signal(self, signum: int) -> None:
-        """Signal the worker's whole process group (the task's own children too)."""
-        try:
-            if self.ready:  # the worker has made itself a group leader
+        """Signal the worker's whole process group (the task's own children too), and the worker itself until it
+        is reaped: its task may have moved it to another group."""
+        if self.ready:  # the worker has made itself a group leader
+            with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(self.pid, signum)
-            else:
+        try:
+            alive = self.process.exitcode is None
+        except ValueError:  # closed once reaped: its pid may be another process's by now
+            return
+        if alive:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(self.pid, signum)
-        except (ProcessLookupError, PermissionError):
-            pass
 
 
 _live_pools: weakref.WeakSet[ProcessPool] = weakref.WeakSet()

@@ -477,3 +477,8 @@ class ExitsOnPickle:
 
 def return_exiting_on_pickle() -> Any:
     return ExitsOnPickle()
+
+
+def leave_the_workers_group_and_hang() -> None:
+    os.setpgid(0, os.getpgid(os.getppid()))  # the orchestrator's group: killing the worker's group misses it
+    time.sleep(3600)

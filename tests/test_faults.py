@@ -423,6 +423,15 @@ async def test_a_timed_out_task_takes_its_children_with_it(tmp_path: Path) -> No
     assert wait_gone(child)
 
 
+async def test_a_task_that_moved_its_worker_to_another_process_group_is_killed_all_the_same() -> None:
+    async with Scheduler(workers=1) as scheduler:
+        summary = await scheduler.run([Task(faults.leave_the_workers_group_and_hang, timeout=0.5),
+                                       Task(tasks.square, 3)])
+        moved, fine = summary.results
+        assert moved.status is Status.TIMED_OUT and moved.pid is not None
+        assert wait_gone(moved.pid) and fine.value == 9  # not left running, with a closing pool waiting for it
+
+
 # -- 6. bad input ---------------------------------------------------------------------------
 
 async def test_unpicklable_argument_result_and_exception_fail_alone(scheduler: Scheduler) -> None:
