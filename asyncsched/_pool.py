@@ -134,6 +134,9 @@ TAKE_BACK_AFTER = 2 * BATCH_SECONDS
 """Seconds a call may run before half the calls queued behind it are taken back for an idle worker."""
 MEMORY_CHECK_SECONDS = 0.1
 """How often busy workers' memory is sampled when ``max_memory_per_child`` is set."""
+RETIRE_GRACE = 5.0
+"""A retiring worker that has run every call it was sent is killed once it has not exited for this long: its exit
+is held up (an exit handler, a finalizer of a task's that never returns), and it would hold its descriptors."""
 SENDING_GRACE = 0.5
 """A message still being read at a call's deadline is checked this often; the worker is killed once none of it
 has come since the last check (see ``ProcessPool._still_sending``)."""
@@ -340,8 +343,9 @@ class _CallFuture(asyncio.Future[Outcome]):
 
 class _Worker:
     __slots__ = ("began", "begun", "calls", "calls_sent", "deadline", "deadline_at", "doorbell", "exit_fd", "fd",
-                 "inbuf", "inherited", "killed", "last_begun", "outbuf", "pid", "pidfd", "process", "ready", "received",
-                 "results", "retiring", "revokes", "revoking", "sending", "sock", "timer_at", "told")
+                 "idle_since", "inbuf", "inherited", "killed", "last_begun", "outbuf", "pid", "pidfd", "process",
+                 "ready", "received", "results", "retiring", "revokes", "revoking", "sending", "sock", "timer_at",
+                 "told")
 
     def __init__(self, process: Any, sock: socket.socket, doorbell: socket.socket, results: int,
                  last_begun: Any, revokes: Any, *, pidfd: int | None) -> None:
@@ -372,6 +376,7 @@ class _Worker:
         self.sending: tuple[int, int, int] | None = None  # see ProcessPool._still_sending
         self.outbuf = bytearray()
         self.inherited = 0  # under fork, the RSS it had when ready: the parent's pages, not counted as its own
+        self.idle_since: float | None = None  # retiring: when it was first seen with every call it was sent done
 
     def close(self) -> None:
         self.sock.close()
@@ -949,6 +954,21 @@ class ProcessPool(concurrent.futures.Executor):
             self._ready.remove(worker)
         self._send(worker, pickle.dumps(None))
         self._fill()
+        self._leave_or_kill(worker)
+
+    def _leave_or_kill(self, worker: _Worker) -> None:
+        """Kill a retiring worker that is still here ``RETIRE_GRACE`` after it was seen done with its calls."""
+        loop = self._loop
+        if loop is None or loop.is_closed() or worker.killed or worker not in self._workers:
+            return  # exited, killed, or the pool closed
+        if any(not call.done for call in worker.calls):
+            worker.idle_since = None
+        elif worker.idle_since is None:
+            worker.idle_since = loop.time()
+        elif loop.time() - worker.idle_since >= RETIRE_GRACE:
+            self._kill(worker)
+            return
+        loop.call_later(RETIRE_GRACE, self._leave_or_kill, worker)
 
     def _kill(self, worker: _Worker) -> None:
         """SIGKILL the worker's process group: the worker and its task's own children.

@@ -482,3 +482,11 @@ def return_exiting_on_pickle() -> Any:
 def leave_the_workers_group_and_hang() -> None:
     os.setpgid(0, os.getpgid(os.getppid()))  # the orchestrator's group: killing the worker's group misses it
     time.sleep(3600)
+
+
+def hold_up_the_exit() -> int:
+    """Register a finalizer that holds up this worker's exit for ever, as a task's own cleanup may."""
+    import multiprocessing.util
+
+    multiprocessing.util.Finalize(None, time.sleep, args=(3600,), exitpriority=10)
+    return os.getpid()

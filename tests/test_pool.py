@@ -709,6 +709,15 @@ async def test_a_retired_worker_exits_though_a_task_left_a_thread_or_a_process_r
         assert wait_gone(first.value)
 
 
+async def test_a_retired_worker_whose_exit_is_held_up_is_killed(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(asyncsched._pool, "RETIRE_GRACE", 0.2)
+    async with ProcessPool(1, mp_context="forkserver", max_tasks_per_child=1) as pool:
+        first = await pool.call(faults.hold_up_the_exit)
+        assert (await pool.call(tasks.double, (21,))).value == 42  # on the worker that replaced it
+        assert await asyncio.to_thread(wait_gone, first.value)  # not left until the pool closes, holding its fds
+        assert pool.statistics().crashed == 0
+
+
 @pytest.mark.parametrize("daemon_child", [False, True], ids=["alone", "with-a-daemon-child"])
 async def test_a_spawned_worker_that_retires_runs_its_exit_handlers(tmp_path: Path, daemon_child: bool) -> None:
     marker = tmp_path / "at-exit"
