@@ -90,6 +90,7 @@ import os
 import pickle
 import signal
 import socket
+import sys
 import threading
 import time
 import types
@@ -126,6 +127,11 @@ __all__ = ["CallListener", "PoolStatistics", "ProcessPool", "default_start_metho
 
 MAX_START_FAILURES = 3
 """Workers dying one after another before their READY break the pool."""
+MAX_SERVER_DEATHS = 10
+"""Times in a row a worker may fail to start, or die before its READY, for its fork server's death (see
+ProcessPool._server_died) before that counts against the pool."""
+SERVER_GRACE = 0.1
+"""Seconds before a pool with no worker tries again to start one, when it could not for its fork server's death."""
 BATCH_SECONDS = 0.005
 """Queue several calls on one worker only while that much work or less waits behind the running one."""
 MAX_DEPTH = 64
@@ -199,6 +205,21 @@ def default_start_method() -> str:
     """
     methods = multiprocessing.get_all_start_methods()
     return "forkserver" if "forkserver" in methods else "spawn"
+
+
+def _forkserver_gone() -> bool:
+    """Whether the fork server of this process has died (a task killed it, or it crashed out of descriptors). The
+    workers it forked die with it, and not for a fault of their own; the next start launches a new one."""
+    server = getattr(sys.modules.get("multiprocessing.forkserver"), "_forkserver", None)
+    pid = getattr(server, "_forkserver_pid", None)
+    if pid is None:
+        return False
+    try:
+        return psutil.Process(pid).status() in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD)
+    except psutil.NoSuchProcess:
+        return True
+    except psutil.Error:
+        return False
 
 
 def _context(mp_context: str | multiprocessing.context.BaseContext | None) -> Any:
@@ -484,6 +505,7 @@ class ProcessPool(concurrent.futures.Executor):
         self._stopping = False  # shutdown() has begun: submit() takes no more calls
         self._broken: BrokenPoolError | None = None
         self._start_failures = 0
+        self._server_deaths = 0  # see _server_died
         self._short = False  # a worker could not be started: it ran with fewer (warned once)
         self._all_exited: asyncio.Event | None = None
         self._started = self._crashed = self._killed = 0
@@ -894,13 +916,26 @@ class ProcessPool(concurrent.futures.Executor):
                           "the limits (ulimit -n, ulimit -u)") if exc.errno in _OUT_OF else \
                     "check that this interpreter can start a process here"
                 running = sum(1 for w in self._workers if not w.retiring)
-                if not running:  # the calls would wait for ever
+                if not running and self._server_died(refused=exc.errno == errno.ECONNREFUSED):
+                    assert self._loop is not None  # a new fork server is launched by the next start
+                    self._loop.call_later(SERVER_GRACE, self._fill)
+                elif not running:  # the calls would wait for ever
                     self._break(f"could not start a worker: {exc}; {advice}")
                 elif not self._short:
                     self._short = True
                     warnings.warn(f"could not start a worker: {exc}; the pool runs with {running} of its {self.size} "
                                   f"workers, and tries again as each exits; {advice}", RuntimeWarning, stacklevel=1)
                 return  # tried again when a worker exits
+
+    def _server_died(self, *, refused: bool = False) -> bool:
+        """Whether this pool's workers come from a fork server that has died (``refused``: it refused a start, as
+        it does while it exits): starting a worker launches a new server. Told MAX_SERVER_DEATHS times in a row
+        at most (until a worker is ready), so a server that dies as it starts breaks the pool instead of starting
+        workers for ever."""
+        if self._ctx.get_start_method() != "forkserver" or not (refused or _forkserver_gone()):
+            return False
+        self._server_deaths += 1
+        return self._server_deaths <= MAX_SERVER_DEATHS
 
     def _spawn(self) -> None:
         loop = self._loop
@@ -1032,12 +1067,14 @@ class ProcessPool(concurrent.futures.Executor):
             self._ready.remove(worker)
         if worker.deadline is not None:
             worker.deadline.cancel()
+        server_died = self._server_died()
         running = worker.call
         if running is None or running.done or running.given_back or worker.in_call:
-            self._crash_running_call(worker, f"worker {worker.pid} {_describe_exit(code)}")
+            died_with = " with the fork server that started it" if server_died else ""
+            self._crash_running_call(worker, f"worker {worker.pid} {_describe_exit(code)}{died_with}")
         else:  # the worker died before it began its running call: that goes back, once (see _requeue)
             running.given_back = True
-        if not worker.ready and not worker.retiring:
+        if not worker.ready and not worker.retiring and not server_died:  # else no fault of its own
             self._start_failures += 1
             if self._start_failures >= MAX_START_FAILURES:
                 self._break(f"{self._start_failures} workers in a row {_describe_exit(code)} before they were "
@@ -1184,7 +1221,7 @@ class ProcessPool(concurrent.futures.Executor):
                            (worker.pid, timestamp, text, progress, report_data(data)))
         elif kind == READY:
             worker.ready = True
-            self._start_failures = 0
+            self._start_failures = self._server_deaths = 0
             limit = self._max_memory
             rss = 0 if limit is None else _rss(worker.pid) or 0
             if self._ctx.get_start_method() == "fork":

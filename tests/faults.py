@@ -490,3 +490,8 @@ def hold_up_the_exit() -> int:
 
     multiprocessing.util.Finalize(None, time.sleep, args=(3600,), exitpriority=10)
     return os.getpid()
+
+
+def kill_the_fork_server() -> None:
+    os.kill(os.getppid(), signal.SIGKILL)  # a forkserver worker's parent is the fork server
+    time.sleep(3600)  # the worker dies with it

@@ -423,6 +423,15 @@ async def test_a_timed_out_task_takes_its_children_with_it(tmp_path: Path) -> No
     assert wait_gone(child)
 
 
+@pytest.mark.parametrize("round_", range(5))  # whether the pool sees the server dead, or refusing, is a race
+async def test_a_pool_whose_fork_server_died_starts_workers_from_a_new_one(round_: int) -> None:
+    async with Scheduler(workers=1, mp_context="forkserver") as scheduler:
+        first = await scheduler.run([Task(faults.kill_the_fork_server)])
+        assert first.results[0].status is Status.CRASHED
+        summary = await scheduler.run([Task(tasks.square, i) for i in range(4)])
+    assert [r.value for r in summary.results] == [0, 1, 4, 9], summary.results[0].error  # not a broken pool
+
+
 async def test_a_task_that_moved_its_worker_to_another_process_group_is_killed_all_the_same() -> None:
     async with Scheduler(workers=1) as scheduler:
         summary = await scheduler.run([Task(faults.leave_the_workers_group_and_hang, timeout=0.5),
