@@ -401,6 +401,11 @@ def worker_main(conn: Connection, doorbell: Connection, results: Connection, las
             _run_call(channel, last_begun, *call)
     except ConnectionError:  # the parent is gone (killed, say): there is no one left to tell
         _exit(1)
+    except OSError as exc:  # a task closed the pipe (os.closerange(3, ...)): the parent sees the exit alone
+        with contextlib.suppress(OSError):  # to fd 2 itself: the task may have closed what sys.stderr writes to
+            os.write(2, f"asyncsched worker {os.getpid()}: its pipe to the orchestrator is gone ({exc}); a task "
+                        "closed it, or replaced it\n".encode(errors="backslashreplace"))
+        _exit(1)
     _leave()  # retired (every result is written), or orphaned
 
 

@@ -495,3 +495,7 @@ def hold_up_the_exit() -> int:
 def kill_the_fork_server() -> None:
     os.kill(os.getppid(), signal.SIGKILL)  # a forkserver worker's parent is the fork server
     time.sleep(3600)  # the worker dies with it
+
+
+def close_every_descriptor() -> None:
+    os.closerange(3, 65536)  # the worker's pipes to the orchestrator too

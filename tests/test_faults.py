@@ -432,6 +432,17 @@ async def test_a_pool_whose_fork_server_died_starts_workers_from_a_new_one(round
     assert [r.value for r in summary.results] == [0, 1, 4, 9], summary.results[0].error  # not a broken pool
 
 
+async def test_a_task_that_closes_its_workers_pipes_crashes_alone_and_says_so(
+        capfd: pytest.CaptureFixture[str]) -> None:
+    async with Scheduler(workers=1, mp_context="fork") as scheduler:  # the worker writes to this test's stderr
+        summary = await scheduler.run([Task(faults.close_every_descriptor, key="closes"), Task(tasks.square, 3)])
+    closes, fine = summary.results
+    assert closes.status is Status.CRASHED and f"worker {closes.pid} exited with code 1" == closes.error
+    assert fine.value == 9
+    err = capfd.readouterr().err
+    assert f"asyncsched worker {closes.pid}: its pipe to the orchestrator is gone" in err and "Traceback" not in err
+
+
 async def test_a_task_that_moved_its_worker_to_another_process_group_is_killed_all_the_same() -> None:
     async with Scheduler(workers=1) as scheduler:
         summary = await scheduler.run([Task(faults.leave_the_workers_group_and_hang, timeout=0.5),
