@@ -207,13 +207,16 @@ def default_start_method() -> str:
     return "forkserver" if "forkserver" in methods else "spawn"
 
 
-def _forkserver_gone() -> bool:
-    """Whether the fork server of this process has died (a task killed it, or it crashed out of descriptors). The
-    workers it forked die with it, and not for a fault of their own; the next start launches a new one."""
-    server = getattr(sys.modules.get("multiprocessing.forkserver"), "_forkserver", None)
-    pid = getattr(server, "_forkserver_pid", None)
-    if pid is None:
-        return False
+def _forkserver_pid() -> int | None:
+    """The pid of this process's fork server, once one was started."""
+    return getattr(getattr(sys.modules.get("multiprocessing.forkserver"), "_forkserver", None), "_forkserver_pid", None)
+
+
+def _forkserver_gone(pid: int) -> bool:
+    """Whether fork server ``pid`` has died (a task killed it, or it crashed out of descriptors): the workers it
+    forked die with it, and not for a fault of their own. A start after its death launches a new one."""
+    if pid != _forkserver_pid():
+        return True  # replaced already
     try:
         return psutil.Process(pid).status() in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD)
     except psutil.NoSuchProcess:
@@ -363,13 +366,13 @@ class _CallFuture(asyncio.Future[Outcome]):
 
 
 class _Worker:
-    __slots__ = ("began", "begun", "calls", "calls_sent", "deadline", "deadline_at", "doorbell", "exit_fd", "fd",
-                 "idle_since", "inbuf", "inherited", "killed", "last_begun", "outbuf", "pid", "pidfd", "process",
-                 "ready", "received", "results", "retiring", "revokes", "revoking", "sending", "sock", "timer_at",
-                 "told")
+    __slots__ = ("began", "begun", "calls", "calls_sent", "closed", "deadline", "deadline_at", "doorbell", "exit_fd",
+                 "fd", "idle_since", "inbuf", "inherited", "killed", "last_begun", "outbuf", "pid", "pidfd", "process",
+                 "ready", "received", "results", "retiring", "revokes", "revoking", "sending", "server", "sock",
+                 "timer_at", "told")
 
     def __init__(self, process: Any, sock: socket.socket, doorbell: socket.socket, results: int,
-                 last_begun: Any, revokes: Any, *, pidfd: int | None) -> None:
+                 last_begun: Any, revokes: Any, *, pidfd: int | None, server: int | None) -> None:
         self.process = process
         self.pidfd = pidfd  # readable once the process has exited
         self.exit_fd: int = process.sentinel if pidfd is None else pidfd  # watched for the exit
@@ -398,6 +401,8 @@ class _Worker:
         self.outbuf = bytearray()
         self.inherited = 0  # under fork, the RSS it had when ready: the parent's pages, not counted as its own
         self.idle_since: float | None = None  # retiring: when it was first seen with every call it was sent done
+        self.server = server  # the pid of the fork server that started it, under forkserver
+        self.closed = False  # exited, reaped, and its descriptors closed
 
     def close(self) -> None:
         self.sock.close()
@@ -405,6 +410,7 @@ class _Worker:
         os.close(self.results)
         if self.pidfd is not None:
             os.close(self.pidfd)
+        self.closed = True
 
     @property
     def call(self) -> _Call | None:
@@ -423,11 +429,12 @@ class _Worker:
         if self.ready:  # the worker has made itself a group leader
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(self.pid, signum)
-        try:
-            alive = self.process.exitcode is None
-        except ValueError:  # closed once reaped: its pid may be another process's by now
+        if self.closed:  # reaped (by something else, maybe): its pid may be another process's by now
             return
-        if alive:
+        if self.pidfd is not None:  # Linux: it cannot reach another process, should something else reap this one
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(self.pidfd, signum)
+        elif self.process.exitcode is None:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(self.pid, signum)
 
@@ -505,7 +512,8 @@ class ProcessPool(concurrent.futures.Executor):
         self._stopping = False  # shutdown() has begun: submit() takes no more calls
         self._broken: BrokenPoolError | None = None
         self._start_failures = 0
-        self._server_deaths = 0  # see _server_died
+        self._dead_servers: set[int] = set()  # see _server_died
+        self._refusals = 0
         self._short = False  # a worker could not be started: it ran with fewer (warned once)
         self._all_exited: asyncio.Event | None = None
         self._started = self._crashed = self._killed = 0
@@ -911,15 +919,19 @@ class ProcessPool(concurrent.futures.Executor):
         for _ in range(self.size - sum(1 for w in self._workers if not w.retiring)):
             try:
                 self._spawn()
-            except OSError as exc:  # out of descriptors, processes or memory: the pool goes on with fewer
-                advice = ("each worker takes some six file descriptors of this process: use fewer workers, or raise "
-                          "the limits (ulimit -n, ulimit -u)") if exc.errno in _OUT_OF else \
-                    "check that this interpreter can start a process here"
+            except (OSError, EOFError) as exc:  # out of descriptors, processes or memory: it goes on with fewer
                 running = sum(1 for w in self._workers if not w.retiring)
-                if not running and self._server_died(refused=exc.errno == errno.ECONNREFUSED):
-                    assert self._loop is not None  # a new fork server is launched by the next start
-                    self._loop.call_later(SERVER_GRACE, self._fill)
-                elif not running:  # the calls would wait for ever
+                refused = self._ctx.get_start_method() == "forkserver" and (  # by a fork server as it dies
+                    isinstance(exc, EOFError) or exc.errno == errno.ECONNREFUSED)
+                if self._server_died(_forkserver_pid() if refused else None, refused=True):
+                    if not running:  # else the fill as its workers exit tries again
+                        assert self._loop is not None  # a new fork server is launched by the next start
+                        self._loop.call_later(SERVER_GRACE, self._fill)
+                    return
+                advice = ("each worker takes some six file descriptors of this process: use fewer workers, or raise "
+                          "the limits (ulimit -n, ulimit -u)") if getattr(exc, "errno", None) in _OUT_OF else \
+                    "check that this interpreter can start a process here"
+                if not running:  # the calls would wait for ever
                     self._break(f"could not start a worker: {exc}; {advice}")
                 elif not self._short:
                     self._short = True
@@ -927,15 +939,15 @@ class ProcessPool(concurrent.futures.Executor):
                                   f"workers, and tries again as each exits; {advice}", RuntimeWarning, stacklevel=1)
                 return  # tried again when a worker exits
 
-    def _server_died(self, *, refused: bool = False) -> bool:
-        """Whether this pool's workers come from a fork server that has died (``refused``: it refused a start, as
-        it does while it exits): starting a worker launches a new server. Told MAX_SERVER_DEATHS times in a row
-        at most (until a worker is ready), so a server that dies as it starts breaks the pool instead of starting
-        workers for ever."""
-        if self._ctx.get_start_method() != "forkserver" or not (refused or _forkserver_gone()):
+    def _server_died(self, server: int | None, *, refused: bool = False) -> bool:
+        """Whether fork server ``server`` (None: no fork server) has died, or ``refused`` a start, as it does as it
+        exits. Told MAX_SERVER_DEATHS times in a row at most, for deaths and refusals (until a worker is ready), so
+        a server that dies as it starts, or keeps refusing, breaks the pool instead of starting workers for ever."""
+        if server is None or not (refused or _forkserver_gone(server)):
             return False
-        self._server_deaths += 1
-        return self._server_deaths <= MAX_SERVER_DEATHS
+        self._dead_servers.add(server)
+        self._refusals += refused
+        return len(self._dead_servers) + self._refusals <= MAX_SERVER_DEATHS
 
     def _spawn(self) -> None:
         loop = self._loop
@@ -963,7 +975,8 @@ class ProcessPool(concurrent.futures.Executor):
         parent_sock.setblocking(False)
         doorbell.setblocking(False)
         os.set_blocking(results, False)
-        worker = _Worker(process, parent_sock, doorbell, results, *shared, pidfd=self._pidfd(process))
+        server = _forkserver_pid() if self._ctx.get_start_method() == "forkserver" else None
+        worker = _Worker(process, parent_sock, doorbell, results, *shared, pidfd=self._pidfd(process), server=server)
         self._workers.add(worker)
         self._started += 1
         assert self._all_exited is not None
@@ -1067,7 +1080,7 @@ class ProcessPool(concurrent.futures.Executor):
             self._ready.remove(worker)
         if worker.deadline is not None:
             worker.deadline.cancel()
-        server_died = self._server_died()
+        server_died = self._server_died(worker.server)
         running = worker.call
         if running is None or running.done or running.given_back or worker.in_call:
             died_with = " with the fork server that started it" if server_died else ""
@@ -1221,7 +1234,8 @@ class ProcessPool(concurrent.futures.Executor):
                            (worker.pid, timestamp, text, progress, report_data(data)))
         elif kind == READY:
             worker.ready = True
-            self._start_failures = self._server_deaths = 0
+            self._start_failures = self._refusals = 0
+            self._dead_servers.clear()
             limit = self._max_memory
             rss = 0 if limit is None else _rss(worker.pid) or 0
             if self._ctx.get_start_method() == "fork":

@@ -432,6 +432,18 @@ async def test_a_pool_whose_fork_server_died_starts_workers_from_a_new_one(round
     assert [r.value for r in summary.results] == [0, 1, 4, 9], summary.results[0].error  # not a broken pool
 
 
+@pytest.mark.parametrize("round_", range(3))
+async def test_a_pool_whose_fork_server_dies_as_its_workers_start_starts_them_from_a_new_one(round_: int) -> None:
+    import multiprocessing.forkserver
+
+    multiprocessing.forkserver.ensure_running()
+    async with ProcessPool(4, mp_context="forkserver") as pool:
+        calls = [asyncio.ensure_future(pool.call(tasks.square, (i,))) for i in range(8)]  # the workers start
+        os.kill(multiprocessing.forkserver._forkserver._forkserver_pid, signal.SIGKILL)  # type: ignore[attr-defined]
+        outcomes = await asyncio.gather(*calls)
+    assert [o.value for o in outcomes if o.status is Status.COMPLETED] == [i * i for i in range(8)], outcomes[0]
+
+
 async def test_a_task_that_closes_its_workers_pipes_crashes_alone_and_says_so(
         capfd: pytest.CaptureFixture[str]) -> None:
     async with Scheduler(workers=1, mp_context="fork") as scheduler:  # the worker writes to this test's stderr

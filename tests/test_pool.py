@@ -709,6 +709,23 @@ async def test_a_retired_worker_exits_though_a_task_left_a_thread_or_a_process_r
         assert wait_gone(first.value)
 
 
+async def test_a_worker_reaped_by_something_else_is_not_signalled_by_its_pid(monkeypatch: pytest.MonkeyPatch) -> None:
+    killed: list[int] = []
+    kill = os.kill
+
+    def recorded(pid: int, signum: int) -> None:
+        killed.append(pid)
+        kill(pid, signum)
+
+    monkeypatch.setattr(os, "kill", recorded)
+    async with ProcessPool(1, mp_context="fork") as pool:  # its workers are children of this process
+        pid = (await pool.call(tasks.whoami)).value
+        kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)  # noqa: ASYNC222 - reaped now, before the pool sees the exit: its pid is free
+        assert (await pool.call(tasks.double, (21,))).value == 42  # on the worker that replaced it
+    assert pid not in killed
+
+
 async def test_a_retired_worker_whose_exit_is_held_up_is_killed(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(asyncsched._pool, "RETIRE_GRACE", 0.2)
     async with ProcessPool(1, mp_context="forkserver", max_tasks_per_child=1) as pool:
