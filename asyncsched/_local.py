@@ -132,7 +132,8 @@ class ExecutorBackend(Backend):
         except concurrent.futures.BrokenExecutor as exc:  # its worker died, as a pool worker can
             return backend_failure(exc)
         except BaseException as exc:  # the executor refused the call: an argument, say, that does not pickle
-            if not isinstance(exc, Exception) and not (future.done() and future.exception() is exc):
+            if not isinstance(exc, Exception) and not (future.done() and not future.cancelled()
+                                                       and future.exception() is exc):
                 raise  # not the call's SystemExit (a result's reducer raised it): a Ctrl-C landed here, say
             return Outcome.from_error(error_info(exc), retryable=False)
         for timestamp, message, progress, data in reports:

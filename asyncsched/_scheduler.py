@@ -49,7 +49,7 @@ from collections.abc import (
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from ._backend import Backend, Cancellable, backend_failure, default_backend
-from ._errors import ClosedError, ConfigurationError, TaskDefinitionError
+from ._errors import ClosedError, ConfigurationError, StoreError, TaskDefinitionError
 from ._events import DEFAULT_EVENT_BUFFER, EventHub, EventStream
 from ._models import (
     Attempt,
@@ -710,9 +710,15 @@ class Scheduler:
         if self._closed:  # aclose() came while the store began it: end the batch, as aclose() ends the others
             with contextlib.suppress(Exception):  # unless the store is closing or closed already
                 await self._store.end_batch(run.batch_id)
-        if read_all and previous:  # a value that no longer unpickles fails here, before any task runs
+        if read_all and isinstance(previous, Mapping):
+            run.stored = dict(previous)
+        elif read_all and previous:  # a value that no longer unpickles fails here, before any task runs
             stored = await self._store.results(batch_id=run.batch_id)
             run.stored = {r.key: r for r in stored if r.status is not Status.CANCELLED}
+            if missing := next((key for key in previous if key not in run.stored), None):
+                raise StoreError(f"{type(self._store).__name__} has a result of task {missing!r} of batch "
+                                 f"{run.batch_id!r}, and its results(batch_id=...) does not return it: a store must "
+                                 "return every result of the batch, whose keys begin_batch() returns")
         return previous
 
     def _monitor(self, batch_id: str) -> contextlib.AbstractAsyncContextManager[object]:

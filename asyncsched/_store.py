@@ -13,7 +13,7 @@ import itertools
 import os
 import time
 from collections import Counter, deque
-from collections.abc import Collection, Mapping
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 from ._errors import ConfigurationError
@@ -191,7 +191,7 @@ class MemoryStore(Store):
         self._forgotten: dict[str, None] = {}  # the latest max_batches forgotten, oldest first: not to resume
 
     async def begin_batch(self, batch_id: str, *, name: str | None = None,
-                          resume: bool = False) -> Mapping[str, TaskResult]:
+                          resume: bool = False) -> Collection[str]:
         if batch_id in self._batches:
             if not resume:
                 raise ConfigurationError(

@@ -328,8 +328,12 @@ def test_the_workers_stdin_is_dev_null_not_the_input_run_reads(tmp_path: Path,
     assert stored["response_data"] == "/dev/null"  # not the pipe: a program the task starts cannot take run's input
 
 
-def test_python_m_asyncsched_reads_stdin_as_it_comes() -> None:
-    process = subprocess.Popen([sys.executable, "-m", "asyncsched", "run", "tests.tasks:square", "--workers", "1",
+@pytest.mark.parametrize("uvloop", ["installed", "not installed"])
+def test_python_m_asyncsched_reads_stdin_as_it_comes(uvloop: str) -> None:
+    # without uvloop (an extra), as a plain `pip install` has it: the commands run on asyncio's loop
+    hide = "sys.modules['uvloop'] = None; " if uvloop == "not installed" else ""
+    program = f"import sys; {hide}from asyncsched._cli import main; sys.exit(main())"
+    process = subprocess.Popen([sys.executable, "-c", program, "run", "tests.tasks:square", "--workers", "1",
                                 "--no-progress"], cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True)
     out, err = process.communicate("3\n[4]\n", timeout=30)

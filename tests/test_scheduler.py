@@ -12,7 +12,7 @@ import os
 import threading
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Collection, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,7 @@ from asyncsched import (
     Scheduler,
     SQLiteStore,
     Status,
+    StoreError,
     Task,
     TaskCancelledError,
     TaskCrashedError,
@@ -617,6 +618,38 @@ async def test_a_resumed_batch_records_an_item_that_is_not_a_task_once(tmp_path:
         again = await scheduler.run(batch, batch_id="b", resume=True)
     assert [r.key for r in again.results] == ["0", "1"]
     assert again.total == 2
+
+
+class _KeysOnly(MemoryStore):
+    """Hands back the keys of a resumed batch's results alone, as the SQLite store does; ``shown`` caps what its
+    results() returns, as a store that pages by default would."""
+
+    def __init__(self, shown: int | None = None) -> None:
+        super().__init__()
+        self.shown = shown
+
+    async def begin_batch(self, batch_id: str, *, name: str | None = None, resume: bool = False) -> Collection[str]:
+        return set(await super().begin_batch(batch_id, name=name, resume=resume))
+
+    async def results(self, *, batch_id: str | None = None, status: Status | str | None = None,
+                      limit: int | None = None, offset: int = 0) -> list[TaskResult]:
+        return await super().results(batch_id=batch_id, status=status, limit=limit or self.shown, offset=offset)
+
+
+@pytest.mark.parametrize("shown", [None, 2])
+async def test_a_resumed_run_reads_the_stored_results_of_a_store_that_hands_back_keys(shown: int | None) -> None:
+    store = _KeysOnly(shown)
+    async with Scheduler(workers=1, store=store) as scheduler:
+        first = await scheduler.run([Task(tasks.square, i) for i in range(3)], batch_id="b")
+        batch = [Task(tasks.square, i) for i in range(4)]
+        if shown is None:
+            again = await scheduler.run(batch, batch_id="b", resume=True)
+            assert again.results[:3] == first.results and again.results[3].value == 9  # one task ran
+        else:  # a store whose results() leaves out a stored result: said before any task runs
+            with pytest.raises(StoreError, match=r"_KeysOnly has a result of task '2' of batch 'b', and its "
+                                                 r"results\(batch_id=...\) does not return it"):
+                await scheduler.run(batch, batch_id="b", resume=True)
+            assert len(await store.results(batch_id="b", limit=10)) == 3
 
 
 async def test_an_async_batch_that_does_not_wait_hands_over_the_room_it_has_in_one_turn_of_the_loop() -> None:

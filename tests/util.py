@@ -7,11 +7,10 @@ import contextlib
 import dataclasses
 import os
 import select
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Collection
 
 import psutil
 
-from asyncsched import TaskResult
 from asyncsched._store import MemoryStore
 
 
@@ -86,7 +85,7 @@ class SlowToBegin(_Holding):
     """Begins a batch only once the test sets ``release``."""
 
     async def begin_batch(self, batch_id: str, *, name: str | None = None,
-                          resume: bool = False) -> Mapping[str, TaskResult]:
+                          resume: bool = False) -> Collection[str]:
         await self._hold()
         return await super().begin_batch(batch_id, name=name, resume=resume)
 
@@ -95,7 +94,7 @@ class SlowToAnswerBegin(_Holding):
     """Begins a batch at once, and returns only once the test sets ``release``."""
 
     async def begin_batch(self, batch_id: str, *, name: str | None = None,
-                          resume: bool = False) -> Mapping[str, TaskResult]:
+                          resume: bool = False) -> Collection[str]:
         previous = await super().begin_batch(batch_id, name=name, resume=resume)
         await self._hold()
         return previous
