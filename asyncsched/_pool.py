@@ -923,7 +923,7 @@ class ProcessPool(concurrent.futures.Executor):
                 running = sum(1 for w in self._workers if not w.retiring)
                 refused = self._ctx.get_start_method() == "forkserver" and (  # by a fork server as it dies
                     isinstance(exc, EOFError) or exc.errno == errno.ECONNREFUSED)
-                if self._server_died(_forkserver_pid() if refused else None, refused=True):
+                if refused and self._server_died(_forkserver_pid(), refused=True):
                     if not running:  # else the fill as its workers exit tries again
                         assert self._loop is not None  # a new fork server is launched by the next start
                         self._loop.call_later(SERVER_GRACE, self._fill)
@@ -1080,8 +1080,9 @@ class ProcessPool(concurrent.futures.Executor):
             self._ready.remove(worker)
         if worker.deadline is not None:
             worker.deadline.cancel()
-        server_died = self._server_died(worker.server)
         running = worker.call
+        unexpected = (running is not None and not running.done) or not (worker.ready or worker.retiring)
+        server_died = unexpected and self._server_died(worker.server)  # asked only then: a process lookup
         if running is None or running.done or running.given_back or worker.in_call:
             died_with = " with the fork server that started it" if server_died else ""
             self._crash_running_call(worker, f"worker {worker.pid} {_describe_exit(code)}{died_with}")

@@ -715,7 +715,7 @@ class Scheduler:
         elif read_all and previous:  # a value that no longer unpickles fails here, before any task runs
             stored = await self._store.results(batch_id=run.batch_id)
             run.stored = {r.key: r for r in stored if r.status is not Status.CANCELLED}
-            if missing := next((key for key in previous if key not in run.stored), None):
+            if (missing := next((key for key in previous if key not in run.stored), None)) is not None:
                 raise StoreError(f"{type(self._store).__name__} has a result of task {missing!r} of batch "
                                  f"{run.batch_id!r}, and its results(batch_id=...) does not return it: a store must "
                                  "return every result of the batch, whose keys begin_batch() returns")

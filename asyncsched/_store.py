@@ -98,7 +98,9 @@ class Store(abc.ABC):
       left out: a cancelled task never reached an outcome, so a resumed batch
       runs it. Without ``resume`` a batch id that exists is an error. The keys
       alone are what a resumed ``stream()`` needs; ``run()`` reads the stored
-      results themselves through :meth:`results`, for its summary.
+      results themselves, for its summary, from that mapping or else through
+      :meth:`results`, which must then return every one of them when given
+      the ``batch_id`` alone.
     * :meth:`add` takes one final result. It does no I/O: a store buffers and
       writes in the background, and says in its docs how soon a result is durable.
     * :meth:`end_batch` marks the batch finished once all of its results are written.
