@@ -541,7 +541,7 @@ def _stats_command(args: argparse.Namespace) -> int:
     """
     stats = _run_loop(_read(args, lambda store: store.stats(args.batch)))
     if args.json:
-        print(json.dumps({**dataclasses.asdict(stats), "success_rate": stats.success_rate if stats.total else None}))
+        print(json.dumps({**dataclasses.asdict(stats), "success_rate": stats.json_success_rate()}))
         return 0
     console = _console()
     console.print(f"{args.db}: {'every batch' if args.batch is None else 'batch ' + args.batch}", markup=False)

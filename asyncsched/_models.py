@@ -363,6 +363,10 @@ class Stats:
         """Completed over total, between 0 and 1 (0 for an empty batch)."""
         return self.completed / self.total if self.total else 0.0
 
+    def json_success_rate(self) -> float | None:
+        """The success rate as JSON gives it: null for an empty batch, where 0.0 would say every task failed."""
+        return self.success_rate if self.total else None
+
     @classmethod
     def of(cls, counts: dict[Status, int], batch_id: str | None = None) -> Stats:
         return cls(

@@ -253,7 +253,7 @@ class _BatchRun:
         self.total: int | None = None  # tasks this run will finish, once known; known once it is over
         self.skipped = 0  # items of a resumed batch with a stored result, not run again
         self.resumed: list[TaskResult] | None = None  # their results, at their positions here, for run() to keep
-        self.stored: dict[str, TaskResult] = {}  # for run(): the stored results of the batch, by key as stored
+        self.stored: Mapping[str, TaskResult] = {}  # for run(): the stored results of the batch, by key as stored
         self.stopped: str | None = None  # why the batch was cancelled (Scheduler.cancel)
         self.begun = False  # the store has begun the batch
         self.ended: asyncio.Future[None] = self.loop.create_future()  # the run is over, the store has ended the batch
@@ -711,7 +711,7 @@ class Scheduler:
             with contextlib.suppress(Exception):  # unless the store is closing or closed already
                 await self._store.end_batch(run.batch_id)
         if read_all and isinstance(previous, Mapping):
-            run.stored = dict(previous)
+            run.stored = previous
         elif read_all and previous:  # a value that no longer unpickles fails here, before any task runs
             stored = await self._store.results(batch_id=run.batch_id)
             run.stored = {r.key: r for r in stored if r.status is not Status.CANCELLED}

@@ -82,7 +82,7 @@ def batch_json(info: BatchInfo, state: str, expected: int | None) -> dict[str, A
         "timed_out": stats.timed_out,
         "crashed": stats.crashed,
         "cancelled": stats.cancelled,
-        "success_rate": stats.success_rate if stats.total else None,  # not 0.0: nothing failed
+        "success_rate": stats.json_success_rate(),
         "created_at": finite(info.created_at),
         "finished_at": finite(info.finished_at),
         "elapsed": None if info.finished_at is None else finite(info.finished_at - info.created_at),
