@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import csv
 import dataclasses
 import datetime
@@ -30,17 +31,19 @@ import inspect
 import io
 import itertools
 import json
+import operator
 import os
 import shlex
 import signal
 import stat
 import sys
 import threading
+import time
 import uuid
 import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from types import ModuleType
-from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
+from typing import TYPE_CHECKING, Any, BinaryIO, TextIO, TypeVar
 
 from rich import box
 from rich.cells import cell_len
@@ -52,7 +55,6 @@ from . import __version__, _demo
 from ._errors import AsyncschedError, ConfigurationError, StoreError
 from ._models import (
     FINAL_STATUS_VALUES,
-    Summary,
     Task,
     TaskResult,
     describe,
@@ -82,6 +84,8 @@ MIN_VALUE_WIDTH = 20
 """Columns the results table keeps for a batch id or a key, and for the value, on a narrow terminal."""
 MAX_LINE = 1 << 26
 """Longest input line read from a pipe, in bytes."""
+MAX_UNWRITTEN = 10_000
+"""Lines of ``run --output`` waiting for the write in progress, past which the run waits for it."""
 
 Command = Callable[[argparse.Namespace], int]
 T = TypeVar("T")
@@ -176,8 +180,7 @@ def _demo_command(args: argparse.Namespace) -> int:
     print(f"Simulating {args.tasks} requests on {args.workers} workers: each takes "
           f"{_demo.DELAY[0]}-{_demo.DELAY[1]}s and succeeds, fails with a server error, or hangs until "
           f"its {_demo.TIMEOUT}s timeout.")
-    summary = _run_loop(_schedule(batch, args))
-    _print_outcome(summary, args)
+    _print_outcome(_run_loop(_schedule(batch, args)), args)
     return 0
 
 
@@ -199,14 +202,13 @@ def _run_command(args: argparse.Namespace) -> int:
     examples:
       printf '[1, 2]\n[3, 4]\n' | asyncsched run operator:add --workers 2
       asyncsched run mypackage.jobs:process --input jobs.jsonl --db results.db --timeout 30
+      asyncsched run mypackage.jobs:process --input jobs.jsonl --output - | jq .response_data
     """
     fn = load_function(args.function)
     if args.resume and (args.batch_id is None or args.db is None):
         raise UsageError("--resume continues a stored batch: give its file with --db and its id with --batch-id")
-    if args.db is not None and args.batch_id is None:
-        args.batch_id = uuid.uuid4().hex[:12]  # as the scheduler makes one; known here, to tell how to resume
     bad: list[UsageError] = []
-    with _open_input(args.input) as file:
+    with _open_input(args.input) as file, _open_output(args, file) as args.output:
         batch: Any = _up_to_a_bad_line(tasks_from_lines(fn, read_lines(file)), bad)
         count = _count_lines(file)
         if count is not None:
@@ -218,6 +220,100 @@ def _run_command(args: argparse.Namespace) -> int:
                 f"continue with --batch-id={visible(shlex.quote(args.batch_id))} --resume")
         raise UsageError(f"{bad[0]}. The tasks of the lines before it ran{then}")
     return 0 if summary.completed == summary.total else 1
+
+
+def _open_output(args: argparse.Namespace, source: BinaryIO) -> TextIO | contextlib.nullcontext[None]:
+    """The file of ``--output``, emptied, if there is one: never the input, nor the results file."""
+    args.stdout_taken = args.output == "-" or (args.output is not None and _is_stdout(args.output))
+    if args.output is None:
+        return contextlib.nullcontext()
+    if args.output == "-":
+        return os.fdopen(os.dup(sys.stdout.fileno()), "w", encoding="utf-8")  # a copy: closing it leaves stdout
+    try:
+        fd = os.open(args.output, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o666)
+    except OSError as exc:
+        raise UsageError(f"cannot write --output {args.output}: {exc.strerror}") from None
+    file = os.fdopen(fd, "w", encoding="utf-8")
+    found = os.fstat(fd)
+    for option, path in (("--input", f"/dev/fd/{source.fileno()}"), ("--db", args.db)):
+        with contextlib.suppress(OSError, TypeError):  # (no such file yet; no --db)
+            if os.path.samestat(found, os.stat(path)):
+                file.close()
+                raise UsageError(f"--output {args.output} is the {option} file, which writing the results would "
+                                 "destroy: write them to another file")
+    if stat.S_ISREG(found.st_mode):
+        os.ftruncate(fd, 0)
+    return file
+
+
+class _ResultLines:
+    """Where ``run --output`` writes: a line of JSON for each result as its task ends, with the fields of
+    ``export``.
+
+    A thread writes them, as many at once as came while its last write ran:
+    a slow reader holds up no timer of the event loop. Past MAX_UNWRITTEN lines
+    waiting, the run waits for it. A write that fails (a reader that left, a
+    full disk) stops the run at once, with its error.
+    """
+
+    def __init__(self, file: TextIO, run: asyncio.Task[Any]) -> None:
+        from ._sqlite import result_line
+
+        self._file = file
+        self._run = run
+        self._line = result_line
+        self._lines: list[str] = []
+        self._writing: asyncio.Task[None] | None = None
+        self._failed = False
+
+    @classmethod
+    @contextlib.asynccontextmanager
+    async def writing(cls, file: TextIO | None) -> AsyncIterator[_ResultLines | None]:
+        """The lines written to ``file`` (None: nowhere), every one of them by the end of the block, which
+        closes ``file``."""
+        if file is None:
+            yield None
+            return
+        run = asyncio.current_task()
+        assert run is not None
+        lines = cls(file, run)
+        try:
+            yield lines
+        finally:
+            try:
+                if lines._failed:
+                    run.uncancel()  # its error ends the run, rather than the cancellation that stopped it
+                if lines._writing is not None:  # also when the run was stopped: what ended is written
+                    await lines._writing
+            finally:
+                file.close()
+
+    async def add(self, result: TaskResult) -> None:
+        writing = self._writing
+        if writing is not None and writing.done():
+            writing.result()  # what the last write raised: a reader that left raises BrokenPipeError
+        self._lines.append(self._line(result))
+        if writing is None:
+            self._writing = asyncio.ensure_future(self._write())
+            self._writing.add_done_callback(self._stop_if_failed)
+        elif len(self._lines) >= MAX_UNWRITTEN:
+            await asyncio.shield(writing)
+
+    async def _write(self) -> None:
+        while self._lines:
+            chunk = "".join(self._lines)
+            self._lines.clear()
+            await asyncio.to_thread(self._write_now, chunk)
+        self._writing = None
+
+    def _stop_if_failed(self, writing: asyncio.Task[None]) -> None:
+        if not writing.cancelled() and writing.exception() is not None:
+            self._failed = True
+            self._run.cancel()
+
+    def _write_now(self, chunk: str) -> None:
+        self._file.write(chunk)
+        self._file.flush()
 
 
 async def _up_to_a_bad_line(tasks: AsyncIterator[Task], bad: list[UsageError]) -> AsyncIterator[Task]:
@@ -381,24 +477,53 @@ def _as_options(exc: Exception) -> str:
     return text
 
 
-async def _schedule(batch: Any, args: argparse.Namespace) -> Summary:
+@dataclasses.dataclass
+class _Outcome:
+    """What a run of ``run`` or ``demo`` says at its end: the counts of its batch, and the first results that
+    were not ``completed`` (only those: a batch of millions of lines runs in flat memory)."""
+
+    batch_id: str
+    total: int
+    completed: int
+    elapsed: float
+    failures: list[TaskResult]
+
+
+async def _schedule(batch: Any, args: argparse.Namespace) -> _Outcome:
+    from ._progress import ProgressMonitor
     from ._scheduler import Scheduler
 
     ran = False
+    started = time.monotonic()
+    if args.batch_id is None:
+        args.batch_id = uuid.uuid4().hex[:12]  # as the scheduler makes one; known here, to tell how to resume
     try:
-        async with Scheduler(workers=args.workers, store=args.db, timeout=args.timeout, retries=args.retries,
-                             progress=args.progress) as scheduler:
+        async with Scheduler(workers=args.workers, store=args.db, timeout=args.timeout, retries=args.retries) \
+                as scheduler:
             # the file opens here: what is wrong with it is told before anything runs, with no advice to resume
             if args.batch_id is not None and await scheduler.batch(args.batch_id) is None and args.resume:
                 print(f"asyncsched {args.name}: {args.db} has no batch {args.batch_id!r} yet: starting it",
                       file=sys.stderr)  # a typo in the id would run it all again
+            failures: list[TaskResult] = []
+            display = ProgressMonitor(scheduler, batch_id=args.batch_id, console=_console(stderr=args.stdout_taken)) \
+                if args.progress else contextlib.nullcontext()
             try:
                 ran = True
-                return await scheduler.run(batch, batch_id=args.batch_id, resume=args.resume)
+                async with display, _ResultLines.writing(args.output) as output, \
+                        contextlib.aclosing(scheduler.stream(batch, batch_id=args.batch_id,
+                                                             resume=args.resume)) as results:
+                    async for result in results:
+                        if not result.ok and len(failures) < FAILURES_SHOWN:
+                            failures.append(result)
+                        if output is not None:
+                            await output.add(result)
             except asyncio.CancelledError:
                 if scheduler._sigterm_received:  # the scheduler stops its workers, then ends the process by SIGTERM
                     print(f"asyncsched {args.name}: terminated", file=sys.stderr)
                 raise
+            stats = await scheduler.stats(args.batch_id)  # with a resumed batch's stored results
+            return _Outcome(args.batch_id, stats.total, stats.completed, time.monotonic() - started,
+                            sorted(failures, key=operator.attrgetter("index")))
     except StoreError as exc:  # the results it has not written yet go with this process
         again = (f". Once the file can be written, the same command with --batch-id={shlex.quote(args.batch_id)} "
                  "--resume runs the tasks whose results it does not hold") if ran and args.batch_id else ""
@@ -486,18 +611,16 @@ def _end_by_sigterm(name: str) -> None:
     os.kill(os.getpid(), signal.SIGTERM)
 
 
-def _print_outcome(summary: Summary, args: argparse.Namespace) -> None:
-    console = _console()
-    failures = [r for r in summary.results if not r.ok]
-    if failures:
-        console.print(f"{len(failures)} of {summary.total} tasks did not complete:")
-        shown = failures[:FAILURES_SHOWN]
-        width = max(len(visible(result.key)) for result in shown)
-        for result in shown:
+def _print_outcome(summary: _Outcome, args: argparse.Namespace) -> None:
+    console = _console(stderr=args.stdout_taken)
+    if failed := summary.total - summary.completed:
+        console.print(f"{failed} of {summary.total} tasks did not complete:")
+        width = max((len(visible(result.key)) for result in summary.failures), default=0)
+        for result in summary.failures:
             console.print(f"  {visible(result.key):<{width}}  {result.status.value:<9}  {visible(result.error or '')}",
                           overflow="ellipsis", no_wrap=True, markup=False)
-        if len(failures) > FAILURES_SHOWN:
-            console.print(f"  ... and {len(failures) - FAILURES_SHOWN} more")
+        if failed > len(summary.failures):
+            console.print(f"  ... and {failed - len(summary.failures)} more")
     where = "" if args.db is None else \
         f"; see asyncsched results {shlex.quote(args.db)} --batch={shlex.quote(summary.batch_id)}"  # to paste
     console.print(visible(f"batch {summary.batch_id}: {summary.completed} of {summary.total} tasks completed "
@@ -682,9 +805,9 @@ def _shown(text: str) -> str:
     return escape(visible(text))
 
 
-def _console() -> Console:
+def _console(*, stderr: bool = False) -> Console:
     """Where commands print: the terminal's width, or lines up to OFF_TERMINAL_WIDTH into a file or a pipe."""
-    console = QuietConsole(highlight=False)  # a reader that left raises BrokenPipeError: main() answers 141
+    console = QuietConsole(highlight=False, stderr=stderr)  # a reader that left raises BrokenPipeError: main() -> 141
     if not console.is_terminal:
         console.width = max(console.width, OFF_TERMINAL_WIDTH)
     return console
@@ -769,7 +892,8 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--workers", type=_positive(int), default=10, metavar="W", help="worker processes (10)")
     demo.add_argument("--db", type=_file, default=DEFAULT_DB, metavar="PATH",
                       help=f"SQLite file for the results ({DEFAULT_DB})")
-    demo.set_defaults(timeout=_demo.TIMEOUT, retries=0, progress=True, batch_id=None, resume=False)
+    demo.set_defaults(timeout=_demo.TIMEOUT, retries=0, progress=True, batch_id=None, resume=False,
+                      output=None, stdout_taken=False)
 
     run = command("run", _run_command)
     run.add_argument("function", metavar="MODULE:FUNCTION", help="a module-level function, e.g. mypackage.jobs:process")
@@ -783,6 +907,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--batch-id", type=_batch_id, metavar="ID", help="the batch's id (default: a new random one)")
     run.add_argument("--resume", action="store_true",
                      help="continue batch --batch-id in --db: tasks whose line has a result are not run again")
+    run.add_argument("--output", metavar="FILE",
+                     help="write each result as a line of JSON as its task ends, with the fields of export; "
+                          "- is stdout (the display and the counts then go to stderr)")
     run.add_argument("--no-progress", dest="progress", action="store_false",
                      help="no live progress display, nor its final report: only the line of counts")
 

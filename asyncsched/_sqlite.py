@@ -1082,6 +1082,11 @@ def _line(row: Row) -> str:
     return json.dumps(_record(row)) + "\n"
 
 
+def result_line(result: TaskResult) -> str:
+    """``result`` as a line of :meth:`SQLiteStore.export_jsonl`, as it would be stored (``run --output``)."""
+    return _line(_row(result))
+
+
 def _record(row: Row) -> dict[str, Any]:
     (batch_id, key, index, status, value, blob, error, error_type, tb, attempts, pid, started_at, finished_at,
      message, progress) = row

@@ -712,6 +712,71 @@ def test_resume_runs_only_the_lines_without_a_result(results_db: str, tmp_path: 
     assert {json.loads(line)["task_id"]: json.loads(line)["response_data"] for line in lines}["4"] == 30
 
 
+def test_run_output_has_a_line_for_each_result_as_export_writes_it(results_db: str, tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "out.jsonl"
+    out.write_text("what was there before\n" * 100)  # emptied first
+    jobs = write_lines(tmp_path / "more.jsonl", [1, 2], ["x", 1], {"a": 3, "b": 4}, [10, 20])
+    assert main(["run", "tests.tasks:add", "--input", jobs, "--db", results_db, "--batch-id", "b2",
+                 "--output", os.fspath(out), "--no-progress"]) == 1
+    assert "1 of 4 tasks did not complete:" in capsys.readouterr().out
+    written = sorted((json.loads(line) for line in out.read_text().splitlines()), key=lambda r: r["index"])
+    read(["export", results_db, os.fspath(tmp_path / "exported.jsonl"), "--batch", "b2"], capsys)
+    exported = [json.loads(line) for line in (tmp_path / "exported.jsonl").read_text().splitlines()]
+    assert written == sorted(exported, key=lambda r: r["index"])
+    assert [(r["task_id"], r["status"], r["response_data"]) for r in written] == [
+        ("1", "completed", 3), ("2", "failed", None), ("3", "completed", 7), ("4", "completed", 30)]
+    assert "TypeError" in written[1]["error"] and "Traceback" in written[1]["traceback"]
+
+
+def test_run_output_to_stdout_leaves_it_to_the_lines(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    jobs = write_lines(tmp_path / "jobs.jsonl", *range(3))
+    assert main(["run", "tests.tasks:square", "--input", jobs, "--workers", "2", "--output", "-"]) == 0
+    out, err = capfd.readouterr()
+    assert sorted(json.loads(line)["response_data"] for line in out.splitlines()) == [0, 1, 4]
+    assert "finished 3 tasks in" in err and "3 of 3 tasks completed" in err  # the report and the counts
+
+
+@pytest.mark.parametrize("which", ["--input", "--db"])
+def test_run_output_is_never_the_input_nor_the_results_file(which: str, results_db: str, tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    jobs = write_lines(tmp_path / "more.jsonl", [1, 2])
+    before = {path: Path(path).read_bytes() for path in (jobs, results_db)}
+    target = jobs if which == "--input" else results_db
+    assert main(["run", "tests.tasks:add", "--input", jobs, "--db", results_db, "--output", target]) == 2
+    assert capsys.readouterr().err == (f"asyncsched run: error: --output {target} is the {which} file, which "
+                                       "writing the results would destroy: write them to another file\n")
+    assert {path: Path(path).read_bytes() for path in before} == before
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="no /dev/full (Linux has it)")
+def test_run_output_on_a_full_disk_stops_the_run_with_a_one_line_error(tmp_path: Path, gate: Callable[[], str],
+                                                                       capfd: pytest.CaptureFixture[str]) -> None:
+    jobs = write_lines(tmp_path / "jobs.jsonl", [os.fspath(tmp_path), 1], [gate(), 2])  # the second never ends
+    assert main(["run", "tests.tasks:wait_for_file", "--input", jobs, "--workers", "2", "--output", "/dev/full",
+                 "--no-progress"]) == 2
+    assert capfd.readouterr().err == "asyncsched run: error: cannot write the output: No space left on device\n"
+
+
+def test_run_output_whose_reader_left_stops_the_batch_quietly(tmp_path: Path, gate: Callable[[], str],
+                                                               monkeypatch: pytest.MonkeyPatch,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    db = os.fspath(tmp_path / "r.db")
+    jobs = write_lines(tmp_path / "jobs.jsonl", [db, 1], [gate(), 2], [gate(), 3])  # the first ends; the others wait
+    reader, writer = os.pipe()
+    os.close(reader)  # as `| head -1` does once it has its line
+    with os.fdopen(writer, "w") as pipe:
+        monkeypatch.setattr(sys, "stdout", pipe)
+        assert main(["run", "tests.tasks:wait_for_file", "--input", jobs, "--db", db, "--batch-id", "b",
+                     "--workers", "2", "--output", "-", "--no-progress"]) == 141  # not waiting for the gates
+        monkeypatch.undo()
+    assert capsys.readouterr().err == ""
+    assert main(["stats", db, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) | {"success_rate": None} == {
+        "total": 3, "completed": 1, "failed": 0, "timed_out": 0, "crashed": 0, "cancelled": 2, "batch_id": None,
+        "success_rate": None}
+
+
 def test_an_existing_batch_is_continued_with_the_resume_option(results_db: str, tmp_path: Path,
                                                                 capsys: pytest.CaptureFixture[str]) -> None:
     jobs = write_lines(tmp_path / "more.jsonl", [1, 2])
