@@ -20,7 +20,7 @@ Data flow (everything on the left runs on one event loop thread; no locks)::
          |           _on_exit  <-------- add_reader(pidfd or sentinel) <--- process exit -----+
          |
     the running call's deadline (loop.call_at), its cancel(), the worker over max_memory_per_child,
-    a message that cannot be read -> _kill(worker): SIGKILL to the worker's process group, and a new
+    a message that cannot be read -> _kill(worker): SIGKILL to the worker's process group and descendants, and a new
     worker takes the slot. _retire (max_tasks_per_child) sends None: the worker exits after its calls.
 
 Actors:
@@ -425,7 +425,10 @@ class _Worker:
 
     def signal(self, signum: int) -> None:
         """Signal the worker's whole process group (the task's own children too), and the worker itself until it
-        is reaped: its task may have moved it to another group."""
+        is reaped: its task may have moved it to another group. A SIGKILL also reaches the worker's descendants
+        in a group or session of their own, found as it is sent: it must be sent before the worker is dead, as
+        the children of a dead process are no longer its own."""
+        strays = _descendants(self.pid) if signum == signal.SIGKILL and not self.closed else []
         if self.ready:  # the worker has made itself a group leader
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(self.pid, signum)
@@ -437,6 +440,17 @@ class _Worker:
         elif self.process.exitcode is None:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(self.pid, signum)
+        for process in strays:
+            with contextlib.suppress(psutil.Error):
+                process.send_signal(signum)  # not to another process that took its pid: psutil checks
+
+
+def _descendants(pid: int) -> list[psutil.Process]:
+    """The live descendants of process ``pid`` (not reaped): the processes its task started, and theirs."""
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.Error:
+        return []
 
 
 _live_pools: weakref.WeakSet[ProcessPool] = weakref.WeakSet()

@@ -195,13 +195,21 @@ def exit_on_sigterm_and_hang() -> None:
     time.sleep(3600)
 
 
-def spawn_child_and_hang(pidfile: str) -> None:
+def spawn_child_and_hang(pidfile: str | None, apart: str | None = None) -> None:
+    """Start a child (``apart``: in a session or a process group of its own), write its pid (or report it, with
+    no ``pidfile``), and hang."""
     import subprocess
 
-    child = subprocess.Popen(["sleep", "3600"])
-    with open(pidfile + ".tmp", "w") as f:
-        f.write(str(child.pid))
-    os.rename(pidfile + ".tmp", pidfile)
+    from asyncsched import report
+
+    child = subprocess.Popen(["sleep", "3600"], start_new_session=apart == "session",
+                             process_group=0 if apart == "group" else None)
+    if pidfile is None:
+        report(str(child.pid))
+    else:
+        with open(pidfile + ".tmp", "w") as f:
+            f.write(str(child.pid))
+        os.rename(pidfile + ".tmp", pidfile)
     time.sleep(3600)
 
 

@@ -414,13 +414,26 @@ def test_workers_die_with_a_sigkilled_orchestrator(method: str) -> None:
 
 # -- 5. a task's own children ---------------------------------------------------------------
 
-async def test_a_timed_out_task_takes_its_children_with_it(tmp_path: Path) -> None:
+@pytest.mark.parametrize("apart", [None, "session", "group"])
+async def test_a_timed_out_task_takes_its_children_with_it(apart: str | None, tmp_path: Path) -> None:
     pidfile = os.fspath(tmp_path / "child.pid")
     async with Scheduler(workers=1) as scheduler:
-        summary = await scheduler.run([Task(faults.spawn_child_and_hang, pidfile, timeout=1.0)])
+        summary = await scheduler.run([Task(faults.spawn_child_and_hang, pidfile, apart, timeout=1.0)])
     assert summary.results[0].status is Status.TIMED_OUT
     child = int(await asyncio.to_thread(Path(pidfile).read_text))
-    assert wait_gone(child)
+    assert await asyncio.to_thread(wait_gone, child)
+
+
+@pytest.mark.parametrize("apart", [None, "session"])
+async def test_a_cancelled_task_takes_its_children_with_it(apart: str | None) -> None:
+    async with Scheduler(workers=1) as scheduler:
+        reports = scheduler.events(kinds=[TaskReported])
+        running = asyncio.ensure_future(scheduler.run([Task(faults.spawn_child_and_hang, None, apart)], batch_id="b"))
+        child = int((await anext(aiter(reports))).message or "")
+        scheduler.cancel("b")
+        summary = await running
+    assert summary.results[0].status is Status.CANCELLED
+    assert await asyncio.to_thread(wait_gone, child)
 
 
 @pytest.mark.parametrize("round_", range(5))  # whether the pool sees the server dead, or refusing, is a race
