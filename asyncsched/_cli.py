@@ -33,6 +33,7 @@ import itertools
 import json
 import operator
 import os
+import queue
 import shlex
 import signal
 import stat
@@ -55,6 +56,7 @@ from . import __version__, _demo
 from ._errors import AsyncschedError, ConfigurationError, StoreError
 from ._models import (
     FINAL_STATUS_VALUES,
+    FINAL_STATUSES,
     Task,
     TaskResult,
     describe,
@@ -66,6 +68,7 @@ from ._models import (
 from ._progress import QuietConsole, stats_table, success, visible
 
 if TYPE_CHECKING:
+    from ._progress import ProgressMonitor
     from ._sqlite import SQLiteStore
     from ._store import BatchInfo
 
@@ -84,8 +87,8 @@ MIN_VALUE_WIDTH = 20
 """Columns the results table keeps for a batch id or a key, and for the value, on a narrow terminal."""
 MAX_LINE = 1 << 26
 """Longest input line read from a pipe, in bytes."""
-MAX_UNWRITTEN = 10_000
-"""Lines of ``run --output`` waiting for the write in progress, past which the run waits for it."""
+MAX_UNWRITTEN = 1000
+"""Results of ``run --output`` waiting for their lines to be written, past which the run waits for them."""
 
 Command = Callable[[argparse.Namespace], int]
 T = TypeVar("T")
@@ -222,98 +225,167 @@ def _run_command(args: argparse.Namespace) -> int:
     return 0 if summary.completed == summary.total else 1
 
 
-def _open_output(args: argparse.Namespace, source: BinaryIO) -> TextIO | contextlib.nullcontext[None]:
+class _Output:
+    """The file of ``--output``, until the thread that writes it takes it over (:class:`_ResultLines`): closed at
+    the end of the block unless it was taken. Once taken, only that thread closes it: its write may hold the file's
+    lock for as long as the reader does not read, and the process must be able to end meanwhile."""
+
+    def __init__(self, file: TextIO) -> None:
+        self._file: TextIO | None = file
+
+    def take(self) -> TextIO:
+        file, self._file = self._file, None
+        assert file is not None
+        return file
+
+    def __enter__(self) -> _Output:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._file is not None:
+            self._file.close()
+
+
+def _open_output(args: argparse.Namespace, source: BinaryIO) -> _Output | contextlib.nullcontext[None]:
     """The file of ``--output``, emptied, if there is one: never the input, nor the results file."""
-    args.stdout_taken = args.output == "-" or (args.output is not None and _is_stdout(args.output))
-    if args.output is None:
+    path = args.output
+    args.stdout_taken = path == "-" or (path is not None and _is_stdout(path))
+    if path is None:
         return contextlib.nullcontext()
-    if args.output == "-":
-        return os.fdopen(os.dup(sys.stdout.fileno()), "w", encoding="utf-8")  # a copy: closing it leaves stdout
+    if args.stdout_taken:  # where it points, as it was opened (`>> log`: appended to)
+        return _Output(os.fdopen(os.dup(sys.stdout.fileno()), "w", encoding="utf-8"))  # closing it leaves stdout
+    from ._sqlite import is_own_file
+
     try:
-        fd = os.open(args.output, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o666)
+        if args.db is not None and is_own_file(args.db, path):
+            raise UsageError(f"--output {path} is a file of the --db results file, which writing to it would destroy: "
+                             "write the results to another file")
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o666)
     except OSError as exc:
-        raise UsageError(f"cannot write --output {args.output}: {exc.strerror}") from None
+        raise UsageError(f"cannot write --output {path}: {exc.strerror}") from None
     file = os.fdopen(fd, "w", encoding="utf-8")
     found = os.fstat(fd)
-    for option, path in (("--input", f"/dev/fd/{source.fileno()}"), ("--db", args.db)):
-        with contextlib.suppress(OSError, TypeError):  # (no such file yet; no --db)
-            if os.path.samestat(found, os.stat(path)):
-                file.close()
-                raise UsageError(f"--output {args.output} is the {option} file, which writing the results would "
-                                 "destroy: write them to another file")
+    if os.path.samestat(found, os.fstat(source.fileno())):
+        file.close()
+        raise UsageError(f"--output {path} is the --input file, which writing the results would destroy: write them "
+                         "to another file")
     if stat.S_ISREG(found.st_mode):
         os.ftruncate(fd, 0)
-    return file
+    return _Output(file)
 
 
 class _ResultLines:
     """Where ``run --output`` writes: a line of JSON for each result as its task ends, with the fields of
     ``export``.
 
-    A thread writes them, as many at once as came while its last write ran:
-    a slow reader holds up no timer of the event loop. Past MAX_UNWRITTEN lines
-    waiting, the run waits for it. A write that fails (a reader that left, a
-    full disk) stops the run at once, with its error.
+    A thread of its own makes the lines and writes them, as many at once as
+    came while its last write ran: neither a slow reader nor a large value holds
+    up the event loop's timers. Past MAX_UNWRITTEN results waiting, the run waits
+    for it. A write that fails (a reader that left, a full disk) stops the run
+    at once, with its error. At the end, also of a run that was stopped, every
+    result that came is written; a Ctrl-C meanwhile leaves the thread behind
+    (it does not hold up the exit).
     """
 
     def __init__(self, file: TextIO, run: asyncio.Task[Any]) -> None:
         from ._sqlite import result_line
 
-        self._file = file
+        self._loop = asyncio.get_running_loop()
         self._run = run
-        self._line = result_line
-        self._lines: list[str] = []
-        self._writing: asyncio.Task[None] | None = None
-        self._failed = False
+        self._queue: queue.SimpleQueue[TaskResult | None] = queue.SimpleQueue()
+        self._waiting = 0  # results put in the queue, not yet taken by the thread
+        self._room: asyncio.Future[None] | None = None
+        self._ended: asyncio.Future[BaseException | None] = self._loop.create_future()
+        self._closing = False
+        self._stopped = False  # the run was cancelled by a write that failed
+        threading.Thread(target=self._write_lines, args=(file, result_line), name="asyncsched-output",
+                         daemon=True).start()
 
     @classmethod
     @contextlib.asynccontextmanager
-    async def writing(cls, file: TextIO | None) -> AsyncIterator[_ResultLines | None]:
-        """The lines written to ``file`` (None: nowhere), every one of them by the end of the block, which
-        closes ``file``."""
-        if file is None:
+    async def writing(cls, output: _Output | None) -> AsyncIterator[_ResultLines | None]:
+        """The lines written to ``output`` (None: nowhere), all of them by the end of the block, which closes it."""
+        if output is None:
             yield None
             return
         run = asyncio.current_task()
         assert run is not None
-        lines = cls(file, run)
+        lines = cls(output.take(), run)
+        cancelled = False
         try:
             yield lines
+        except asyncio.CancelledError:
+            cancelled = True
+            raise
         finally:
-            try:
-                if lines._failed:
-                    run.uncancel()  # its error ends the run, rather than the cancellation that stopped it
-                if lines._writing is not None:  # also when the run was stopped: what ended is written
-                    await lines._writing
-            finally:
-                file.close()
+            lines._closing = True
+            lines._queue.put(None)
+            interrupted = False
+            while not lines._ended.done():
+                try:
+                    await asyncio.shield(lines._ended)
+                except asyncio.CancelledError:  # a Ctrl-C or SIGTERM as it ends: what came is written first, once
+                    if cancelled:
+                        raise  # asked again (asyncio's own, after a third Ctrl-C): the thread is left behind
+                    cancelled = interrupted = True
+            if lines._stopped:
+                run.uncancel()  # its error ends the run, rather than the cancellation that stopped it
+            if (error := lines._ended.result()) is not None:
+                raise error
+            if interrupted:
+                raise asyncio.CancelledError
 
     async def add(self, result: TaskResult) -> None:
-        writing = self._writing
-        if writing is not None and writing.done():
-            writing.result()  # what the last write raised: a reader that left raises BrokenPipeError
-        self._lines.append(self._line(result))
-        if writing is None:
-            self._writing = asyncio.ensure_future(self._write())
-            self._writing.add_done_callback(self._stop_if_failed)
-        elif len(self._lines) >= MAX_UNWRITTEN:
-            await asyncio.shield(writing)
+        if self._ended.done():
+            raise self._ended.result() or RuntimeError("the output is closed")
+        self._queue.put(result)
+        self._waiting += 1
+        if self._waiting >= MAX_UNWRITTEN:
+            self._room = self._loop.create_future()
+            await self._room
 
-    async def _write(self) -> None:
-        while self._lines:
-            chunk = "".join(self._lines)
-            self._lines.clear()
-            await asyncio.to_thread(self._write_now, chunk)
-        self._writing = None
+    def _write_lines(self, file: TextIO, line: Callable[[TaskResult], str]) -> None:
+        """The thread: write the lines of the results queued, until None comes, or a write fails."""
+        error: BaseException | None = None
+        try:
+            ending = False
+            while not ending:
+                results: list[TaskResult] = []
+                item = self._queue.get()
+                while item is not None:
+                    results.append(item)
+                    if len(results) == MAX_UNWRITTEN:
+                        break
+                    try:
+                        item = self._queue.get_nowait()
+                    except queue.Empty:
+                        break
+                ending = item is None
+                self._tell(self._took, len(results))
+                file.write("".join(map(line, results)))
+                file.flush()
+        except BaseException as exc:  # a reader that left, a full disk; or a value that cannot make a line
+            error = exc
+        finally:
+            with contextlib.suppress(OSError):  # what it holds is what failed to be written
+                file.close()
+            self._tell(self._end, error)
 
-    def _stop_if_failed(self, writing: asyncio.Task[None]) -> None:
-        if not writing.cancelled() and writing.exception() is not None:
-            self._failed = True
+    def _tell(self, callback: Callable[..., None], *args: Any) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop is closed: a Ctrl-C left this thread behind
+            self._loop.call_soon_threadsafe(callback, *args)
+
+    def _took(self, count: int) -> None:
+        self._waiting -= count
+        if self._room is not None and not self._room.done():
+            self._room.set_result(None)
+
+    def _end(self, error: BaseException | None) -> None:
+        self._ended.set_result(error)
+        self._took(0)
+        if error is not None and not self._closing:
+            self._stopped = True
             self._run.cancel()
-
-    def _write_now(self, chunk: str) -> None:
-        self._file.write(chunk)
-        self._file.flush()
 
 
 async def _up_to_a_bad_line(tasks: AsyncIterator[Task], bad: list[UsageError]) -> AsyncIterator[Task]:
@@ -386,6 +458,19 @@ def _count_lines(file: BinaryIO) -> int | None:
     count = sum(1 for line in file if not line.isspace())
     file.seek(start)
     return count
+
+
+def _shown_from_its_start(batch: Any, display: ProgressMonitor) -> Any:
+    """``batch``, whose first task pulled starts ``display``: the scheduler pulls it once the store has begun the
+    batch (a batch it refuses, one that exists already say, shows nothing)."""
+
+    async def tasks() -> AsyncIterator[Task]:
+        display.start()
+        async with contextlib.aclosing(aiter(batch)) as pulled:
+            async for task in pulled:
+                yield task
+
+    return _Counted(tasks(), len(batch)) if isinstance(batch, _Counted) else tasks()
 
 
 class _Counted:
@@ -494,7 +579,6 @@ async def _schedule(batch: Any, args: argparse.Namespace) -> _Outcome:
     from ._scheduler import Scheduler
 
     ran = False
-    started = time.monotonic()
     if args.batch_id is None:
         args.batch_id = uuid.uuid4().hex[:12]  # as the scheduler makes one; known here, to tell how to resume
     try:
@@ -505,11 +589,15 @@ async def _schedule(batch: Any, args: argparse.Namespace) -> _Outcome:
                 print(f"asyncsched {args.name}: {args.db} has no batch {args.batch_id!r} yet: starting it",
                       file=sys.stderr)  # a typo in the id would run it all again
             failures: list[TaskResult] = []
-            display = ProgressMonitor(scheduler, batch_id=args.batch_id, console=_console(stderr=args.stdout_taken)) \
-                if args.progress else contextlib.nullcontext()
+            display = None
+            if args.progress:  # on stderr when the results go to stdout: in plain lines if both are a terminal
+                display = ProgressMonitor(scheduler, batch_id=args.batch_id, console=_console(
+                    stderr=args.stdout_taken, plain=args.stdout_taken and sys.stdout.isatty()))
+                batch = _shown_from_its_start(batch, display)
+            started = time.monotonic()
             try:
                 ran = True
-                async with display, _ResultLines.writing(args.output) as output, \
+                async with _ResultLines.writing(args.output) as output, \
                         contextlib.aclosing(scheduler.stream(batch, batch_id=args.batch_id,
                                                              resume=args.resume)) as results:
                     async for result in results:
@@ -521,9 +609,19 @@ async def _schedule(batch: Any, args: argparse.Namespace) -> _Outcome:
                 if scheduler._sigterm_received:  # the scheduler stops its workers, then ends the process by SIGTERM
                     print(f"asyncsched {args.name}: terminated", file=sys.stderr)
                 raise
+            finally:
+                if display is not None:
+                    await display.aclose()  # the final report
+            elapsed = time.monotonic() - started
             stats = await scheduler.stats(args.batch_id)  # with a resumed batch's stored results
-            return _Outcome(args.batch_id, stats.total, stats.completed, time.monotonic() - started,
-                            sorted(failures, key=operator.attrgetter("index")))
+            if len(failures) < min(FAILURES_SHOWN, stats.total - stats.completed):  # a resumed batch's, stored
+                seen = {result.key for result in failures}
+                for status in FINAL_STATUSES[1:]:  # every one but completed
+                    failures += [result for result in await scheduler.results(args.batch_id, status,
+                                                                              limit=FAILURES_SHOWN)
+                                 if result.key not in seen]
+            return _Outcome(args.batch_id, stats.total, stats.completed, elapsed,
+                            sorted(failures, key=operator.attrgetter("index"))[:FAILURES_SHOWN])
     except StoreError as exc:  # the results it has not written yet go with this process
         again = (f". Once the file can be written, the same command with --batch-id={shlex.quote(args.batch_id)} "
                  "--resume runs the tasks whose results it does not hold") if ran and args.batch_id else ""
@@ -805,9 +903,11 @@ def _shown(text: str) -> str:
     return escape(visible(text))
 
 
-def _console(*, stderr: bool = False) -> Console:
-    """Where commands print: the terminal's width, or lines up to OFF_TERMINAL_WIDTH into a file or a pipe."""
-    console = QuietConsole(highlight=False, stderr=stderr)  # a reader that left raises BrokenPipeError: main() -> 141
+def _console(*, stderr: bool = False, plain: bool = False) -> Console:
+    """Where commands print: the terminal's width, or lines up to OFF_TERMINAL_WIDTH into a file or a pipe;
+    ``plain``: as into a file, also on a terminal."""
+    console = QuietConsole(highlight=False, stderr=stderr,  # a reader that left raises BrokenPipeError: main() -> 141
+                           force_terminal=False if plain else None)
     if not console.is_terminal:
         console.width = max(console.width, OFF_TERMINAL_WIDTH)
     return console

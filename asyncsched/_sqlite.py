@@ -596,7 +596,7 @@ class SQLiteStore(Store):
         that names a descriptor of this process (``/dev/stdout``,
         ``/dev/fd/3``) is written through it, where it points.
         """
-        if await asyncio.to_thread(self._is_own_file, path):
+        if await asyncio.to_thread(is_own_file, self.path, path):
             raise StoreError(f"cannot export to {os.fspath(path)}: it is the result store {self.path} itself (or "
                              "its -wal, -shm or -batches file), which the export would destroy; write to another path")
         where, parameters = _where(batch_id, None)
@@ -619,17 +619,6 @@ class SQLiteStore(Store):
         rows = await self._fetch(f"{_SELECT}{where} ORDER BY id LIMIT ? OFFSET ?",
                                  (*parameters, -1 if limit is None else limit, offset))
         return [_record(row) for row in rows]
-
-    def _is_own_file(self, path: str | os.PathLike[str]) -> bool:
-        """Whether ``path`` names the file of this store, or its -wal, -shm or -batches file (which may not exist
-        yet)."""
-        for own in (self.path, f"{self.path}-wal", f"{self.path}-shm", _claims_path(self.path)):
-            if os.path.realpath(path) == os.path.realpath(own):
-                return True
-            with contextlib.suppress(OSError):  # either one does not exist
-                if os.path.samefile(path, own):  # another name of it: a hard link, another mount
-                    return True
-        return False
 
     async def import_jsonl(self, path: str | os.PathLike[str], *, batch_id: str = "imported") -> int:
         """Add the results of a JSON Lines file, as :meth:`export_jsonl` writes them; returns how many.
@@ -867,6 +856,19 @@ async def _insert_results(db: aiosqlite.Connection, results: Sequence[TaskResult
     await _insert(db, full, ("id", *_COLUMNS))
 
 
+def is_own_file(store: str | os.PathLike[str], path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` names the results file ``store``, or its -wal, -shm or -batches file (which may not exist
+    yet): a file that writing to would destroy the results."""
+    store = os.fspath(store)
+    for own in (store, f"{store}-wal", f"{store}-shm", _claims_path(store)):
+        if os.path.realpath(path) == os.path.realpath(own):
+            return True
+        with contextlib.suppress(OSError):  # either one does not exist
+            if os.path.samefile(path, own):  # another name of it: a hard link, another mount
+                return True
+    return False
+
+
 def _claims_path(path: str) -> str:
     """The file of the locks of the batches of the results file ``path``: beside the file itself, links resolved
     as SQLite resolves them, so that every name of one file finds the same locks."""
@@ -1084,10 +1086,15 @@ def _line(row: Row) -> str:
 
 def result_line(result: TaskResult) -> str:
     """``result`` as a line of :meth:`SQLiteStore.export_jsonl`, as it would be stored (``run --output``)."""
-    return _line(_row(result))
+    row = _row(result)
+    return json.dumps(_record(row, result.value if row[4] is not None else None)) + "\n"  # not decoded again
 
 
-def _record(row: Row) -> dict[str, Any]:
+_DECODE = object()
+
+
+def _record(row: Row, data: Any = _DECODE) -> dict[str, Any]:
+    """The record of a stored ``row``; ``data``: its value, when known (else decoded from the row's JSON)."""
     (batch_id, key, index, status, value, blob, error, error_type, tb, attempts, pid, started_at, finished_at,
      message, progress) = row
     started_at, finished_at, progress = finite(started_at), finite(finished_at), finite(progress)  # JSON has no inf
@@ -1095,7 +1102,7 @@ def _record(row: Row) -> dict[str, Any]:
         "task_id": key,
         "status": status,
         "message": message,
-        "response_data": None if value is None else json.loads(value),
+        "response_data": (None if value is None else json.loads(value)) if data is _DECODE else data,
         "timestamp": _iso(finished_at),
         "process_id": pid,
         "batch_id": batch_id,

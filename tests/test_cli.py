@@ -411,7 +411,7 @@ def test_csv_writes_true_and_false_as_json_does(tmp_path: Path, capsys: pytest.C
     assert main(["run", "builtins:bool", "--input", jobs, "--db", db, "--no-progress"]) == 0
     capsys.readouterr()
     rows = csv.DictReader(io.StringIO(read(["results", db, "--format", "csv"], capsys)))
-    assert [row["response_data"] for row in rows] == ["true", "false"]  # as a nested value has them, not True
+    assert {row["task_id"]: row["response_data"] for row in rows} == {"1": "true", "2": "false"}  # not True
 
 
 def test_results_table_cuts_a_long_value_and_no_other_column(tmp_path: Path,
@@ -708,6 +708,7 @@ def test_resume_runs_only_the_lines_without_a_result(results_db: str, tmp_path: 
     assert main([*argv, "--resume"]) == 1  # line 2 still failed: its result is kept, not run again
     out = capsys.readouterr().out
     assert "finished 1 task in" in out and "3 of 4 tasks completed" in out
+    assert "1 of 4 tasks did not complete:\n  2  failed     TypeError: " in out  # the stored failure, listed
     lines = read(["results", results_db, "--format", "jsonl"], capsys).splitlines()
     assert {json.loads(line)["task_id"]: json.loads(line)["response_data"] for line in lines}["4"] == 30
 
@@ -737,16 +738,17 @@ def test_run_output_to_stdout_leaves_it_to_the_lines(tmp_path: Path, capfd: pyte
     assert "finished 3 tasks in" in err and "3 of 3 tasks completed" in err  # the report and the counts
 
 
-@pytest.mark.parametrize("which", ["--input", "--db"])
-def test_run_output_is_never_the_input_nor_the_results_file(which: str, results_db: str, tmp_path: Path,
-                                                           capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize("which", ["input", "db", "db-wal", "db-shm"])
+def test_run_output_is_never_the_input_nor_a_file_of_the_results(which: str, results_db: str, tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
     jobs = write_lines(tmp_path / "more.jsonl", [1, 2])
     before = {path: Path(path).read_bytes() for path in (jobs, results_db)}
-    target = jobs if which == "--input" else results_db
+    target = jobs if which == "input" else results_db + which[2:]
     assert main(["run", "tests.tasks:add", "--input", jobs, "--db", results_db, "--output", target]) == 2
-    assert capsys.readouterr().err == (f"asyncsched run: error: --output {target} is the {which} file, which "
-                                       "writing the results would destroy: write them to another file\n")
+    what = "the --input file" if which == "input" else "a file of the --db results file"
+    assert capsys.readouterr().err.startswith(f"asyncsched run: error: --output {target} is {what}, which ")
     assert {path: Path(path).read_bytes() for path in before} == before
+    assert not os.path.exists(results_db + "-shm")  # not made either (SQLite makes it when it opens the file)
 
 
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="no /dev/full (Linux has it)")
@@ -756,6 +758,140 @@ def test_run_output_on_a_full_disk_stops_the_run_with_a_one_line_error(tmp_path:
     assert main(["run", "tests.tasks:wait_for_file", "--input", jobs, "--workers", "2", "--output", "/dev/full",
                  "--no-progress"]) == 2
     assert capfd.readouterr().err == "asyncsched run: error: cannot write the output: No space left on device\n"
+
+
+class HeldFile(io.StringIO):
+    """An output file whose writes wait until ``release`` is set, then raise ``error`` if one is given."""
+
+    def __init__(self, error: OSError | None = None) -> None:
+        super().__init__()
+        self.entered, self.release, self.error = threading.Event(), threading.Event(), error
+        self.text = ""
+
+    def write(self, text: str) -> int:
+        self.entered.set()
+        assert self.release.wait(30)
+        if self.error is not None:
+            raise self.error
+        self.text += text
+        return len(text)
+
+    def close(self) -> None:
+        pass
+
+
+def a_result(key: int) -> TaskResult:
+    return TaskResult("b", str(key), Status.COMPLETED, value=key, attempts=1, index=key)
+
+
+@pytest.mark.parametrize("when", ["running", "ending"])
+async def test_output_lines_are_made_and_written_off_the_loop_and_a_stopped_run_writes_them_all(
+        when: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    made_in: set[str] = set()
+
+    def result_line(result: TaskResult) -> str:  # a value of many MB takes seconds: not on the loop
+        made_in.add(threading.current_thread().name)
+        return f"{result.key}\n"
+
+    monkeypatch.setattr(asyncsched._sqlite, "result_line", result_line)
+    file = HeldFile()
+
+    async def run() -> None:
+        async with asyncsched._cli._ResultLines.writing(asyncsched._cli._Output(file)) as lines:
+            assert lines is not None
+            for key in range(3):
+                await lines.add(a_result(key))
+            if when == "running":
+                await asyncio.Event().wait()  # until cancelled, as by Ctrl-C
+            # else it ends, and waits for the writes
+
+    running = asyncio.ensure_future(run())
+    await asyncio.to_thread(file.entered.wait, 30)  # a slow reader: the first write waits
+    running.cancel()
+    for _ in range(10):
+        await asyncio.sleep(0)  # (the cancellation reaches the block, which waits for the writes)
+    assert not running.done()
+    file.release.set()
+    with pytest.raises(asyncio.CancelledError):
+        await running
+    assert sorted(file.text.split()) == ["0", "1", "2"] and made_in == {"asyncsched-output"}
+
+
+async def test_a_second_cancellation_leaves_the_output_to_its_thread() -> None:
+    file = HeldFile()
+
+    async def run() -> None:
+        async with asyncsched._cli._ResultLines.writing(asyncsched._cli._Output(file)) as lines:
+            assert lines is not None
+            await lines.add(a_result(0))
+            await asyncio.Event().wait()
+
+    running = asyncio.ensure_future(run())
+    await asyncio.to_thread(file.entered.wait, 30)  # a reader that does not read
+    running.cancel()  # Ctrl-C: the run stops, and waits for the writes
+    for _ in range(10):
+        await asyncio.sleep(0)
+    running.cancel()  # as asyncio's runner does after a third Ctrl-C: the process may now end
+    with pytest.raises(asyncio.CancelledError):
+        await running
+    file.release.set()  # (the thread ends)
+
+
+@pytest.mark.parametrize("when", ["running", "closing"])
+async def test_a_write_that_fails_ends_the_run_with_its_error_also_as_the_block_ends(when: str) -> None:
+    file = HeldFile(BrokenPipeError(32, "Broken pipe"))
+    stopped = asyncio.Event()
+
+    async def run() -> None:
+        async with asyncsched._cli._ResultLines.writing(asyncsched._cli._Output(file)) as lines:
+            assert lines is not None
+            await lines.add(a_result(1))
+            await asyncio.to_thread(file.entered.wait, 30)
+            if when == "running":  # the run goes on: the failed write stops it
+                file.release.set()
+                try:
+                    await asyncio.Event().wait()
+                except asyncio.CancelledError:
+                    stopped.set()
+                    raise
+            # else the block ends as the write fails
+        file.release.set()
+
+    running = asyncio.ensure_future(run())
+    if when == "closing":
+        await asyncio.to_thread(file.entered.wait, 30)
+        file.release.set()
+    with pytest.raises(BrokenPipeError):
+        await running
+    assert stopped.is_set() == (when == "running")
+    assert running.cancelling() == 0  # not left with a cancellation that an outer timeout would take as its own
+
+
+async def test_output_waits_for_its_writer_past_max_unwritten_results(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(asyncsched._cli, "MAX_UNWRITTEN", 2)
+    file = HeldFile()
+    async with asyncsched._cli._ResultLines.writing(asyncsched._cli._Output(file)) as lines:
+        assert lines is not None
+        await lines.add(a_result(0))
+        await asyncio.to_thread(file.entered.wait, 30)  # the writer took it, and its write waits
+        await lines.add(a_result(1))
+        third = asyncio.ensure_future(lines.add(a_result(2)))
+        for _ in range(10):
+            await asyncio.sleep(0)
+        assert not third.done()  # two wait already: the run waits for the writer
+        file.release.set()
+        await third
+    assert file.text.count("\n") == 3
+
+
+def test_run_output_to_dev_stdout_appends_as_the_shell_opened_it(tmp_path: Path,
+                                                                  capfd: pytest.CaptureFixture[str]) -> None:
+    print("written before", flush=True)  # as in `>> log.jsonl`
+    jobs = write_lines(tmp_path / "jobs.jsonl", 1, 2)
+    assert main(["run", "tests.tasks:square", "--input", jobs, "--output", "/dev/stdout", "--no-progress"]) == 0
+    out, err = capfd.readouterr()
+    assert out.splitlines()[0] == "written before" and len(out.splitlines()) == 3
+    assert "2 of 2 tasks completed" in err
 
 
 def test_run_output_whose_reader_left_stops_the_batch_quietly(tmp_path: Path, gate: Callable[[], str],
@@ -781,8 +917,10 @@ def test_an_existing_batch_is_continued_with_the_resume_option(results_db: str, 
                                                                 capsys: pytest.CaptureFixture[str]) -> None:
     jobs = write_lines(tmp_path / "more.jsonl", [1, 2])
     assert main(["run", "tests.tasks:add", "--input", jobs, "--db", results_db, "--batch-id", "b1"]) == 2
-    assert capsys.readouterr().err == (f"asyncsched run: error: batch 'b1' already exists in {results_db}; "
-                                       "pass --resume to continue it, or use another --batch-id\n")
+    out, err = capsys.readouterr()
+    assert err == (f"asyncsched run: error: batch 'b1' already exists in {results_db}; "
+                   "pass --resume to continue it, or use another --batch-id\n")
+    assert out == ""  # no display, nor a report of a batch that did not run
 
 
 def test_read_commands_work_while_another_process_writes_and_change_nothing(
@@ -915,6 +1053,22 @@ def test_console_script_redraws_the_bar_in_place_on_a_terminal(tmp_path: Path, g
     assert b"\x1b[1A\x1b[2K" in half  # cursor up and erase line: each frame is drawn over the last one
     end = text(terminal.output[len(half):])
     assert "100.0% 4/4 " in end and "4 of 4 tasks completed" in end
+
+
+def test_run_output_to_a_terminal_shares_it_with_a_display_in_plain_lines(tmp_path: Path) -> None:
+    jobs = write_lines(tmp_path / "jobs.jsonl", *range(4))
+    terminal = Terminal([os.fspath(CONSOLE_SCRIPT), "run", "tests.tasks:square", "--input", jobs, "--workers", "2",
+                         "--output", "-"], cwd=ROOT)
+    try:
+        terminal.read_until(lambda out: "4 of 4 tasks completed" in text(out))
+    finally:
+        status = terminal.close()
+    assert status == 0
+    assert b"\x1b[?25l" not in terminal.output and b"\x1b[2K" not in terminal.output  # no live display over them
+    shown = text(terminal.output)
+    assert sorted(json.loads(line)["response_data"] for line in shown.splitlines() if line.startswith("{")) == [
+        0, 1, 4, 9]
+    assert "finished 4 tasks in" in shown
 
 
 def text(output: bytes) -> str:
