@@ -279,9 +279,9 @@ class _ResultLines:
     ``export``.
 
     A thread of its own makes the lines and writes them, as many at once as
-    came while its last write ran: neither a slow reader nor a large value holds
-    up the event loop's timers. Past MAX_UNWRITTEN results waiting, the run waits
-    for it. A write that fails (a reader that left, a full disk) stops the run
+    came while its last write ran: a slow reader holds up none of the event
+    loop's timers, and a large value only while the JSON encoder runs on it.
+    Past MAX_UNWRITTEN results waiting, the run waits for it. A write that fails (a reader that left, a full disk) stops the run
     at once, with its error. At the end, also of a run that was stopped, every
     result that came is written; a Ctrl-C meanwhile leaves the thread behind
     (it does not hold up the exit).
