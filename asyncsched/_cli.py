@@ -281,10 +281,11 @@ class _ResultLines:
     A thread of its own makes the lines and writes them, as many at once as
     came while its last write ran: a slow reader holds up none of the event
     loop's timers, and a large value only while the JSON encoder runs on it.
-    Past MAX_UNWRITTEN results waiting, the run waits for it. A write that fails (a reader that left, a full disk) stops the run
-    at once, with its error. At the end, also of a run that was stopped, every
-    result that came is written; a Ctrl-C meanwhile leaves the thread behind
-    (it does not hold up the exit).
+    Past MAX_UNWRITTEN results waiting, the run waits for it. A write that
+    fails (a reader that left, a full disk) stops the run at once, with its
+    error. At the end, also of a run that was stopped, every result that came is
+    written; a second cancellation meanwhile leaves the thread behind, which does
+    not hold up the exit.
     """
 
     def __init__(self, file: TextIO, run: asyncio.Task[Any]) -> None:

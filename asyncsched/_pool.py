@@ -140,6 +140,9 @@ TAKE_BACK_AFTER = 2 * BATCH_SECONDS
 """Seconds a call may run before half the calls queued behind it are taken back for an idle worker."""
 MEMORY_CHECK_SECONDS = 0.1
 """How often busy workers' memory is sampled when ``max_memory_per_child`` is set."""
+STOP_READINGS = 10
+"""Readings of a killed worker's tree at most, each after it stopped what the last one found (see
+:func:`_stop_descendants`)."""
 RETIRE_GRACE = 5.0
 """A retiring worker that has run every call it was sent is killed once it has not exited for this long: its exit
 is held up (an exit handler, a finalizer of a task's that never returns), and it would hold its descriptors."""
@@ -425,10 +428,24 @@ class _Worker:
 
     def signal(self, signum: int) -> None:
         """Signal the worker's whole process group (the task's own children too), and the worker itself until it
-        is reaped: its task may have moved it to another group. A SIGKILL also reaches the worker's descendants
-        in a group or session of their own, found as it is sent: it must be sent before the worker is dead, as
-        the children of a dead process are no longer its own."""
-        strays = _descendants(self.pid) if signum == signal.SIGKILL and not self.closed else []
+        is reaped: its task may have moved it to another group.
+
+        A SIGKILL also reaches the worker's descendants in a group or session
+        of their own. They are found while they are still its own (the children
+        of a dead process are init's): the worker and its group are stopped
+        first, and each descendant as it is found, so none forks once it has
+        been looked at, and none is reaped before its SIGKILL (its parent is
+        stopped), which goes to the deepest first: a pid signalled is never
+        another process's.
+        """
+        if signum == signal.SIGKILL and not self.closed:
+            self._send(signal.SIGSTOP)
+            for pid in reversed(_stop_descendants(self.pid)):
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, signum)
+        self._send(signum)
+
+    def _send(self, signum: int) -> None:
         if self.ready:  # the worker has made itself a group leader
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(self.pid, signum)
@@ -440,17 +457,52 @@ class _Worker:
         elif self.process.exitcode is None:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(self.pid, signum)
-        for process in strays:
-            with contextlib.suppress(psutil.Error):
-                process.send_signal(signum)  # not to another process that took its pid: psutil checks
 
 
-def _descendants(pid: int) -> list[psutil.Process]:
-    """The live descendants of process ``pid`` (not reaped): the processes its task started, and theirs."""
-    try:
-        return psutil.Process(pid).children(recursive=True)
-    except psutil.Error:
-        return []
+def _stop_descendants(pid: int) -> list[int]:
+    """SIGSTOP every descendant of process ``pid``, which is stopped and not reaped; their pids, parents first.
+
+    Read from ``/proc/<pid>/task/<tid>/children`` (Linux), so only the tree is
+    visited, not every process of the machine. A process found is stopped at
+    once; the tree is read again until a reading finds no new one, as a fork
+    that was under way when its parent was stopped may show only after.
+    Elsewhere (or a kernel without those files) the descendants are looked up
+    with psutil, and are not stopped.
+    """
+    if not _children_files(pid):
+        try:
+            return [child.pid for child in psutil.Process(pid).children(recursive=True)]
+        except psutil.Error:
+            return []
+    stopped: dict[int, None] = {}
+    for _ in range(STOP_READINGS):
+        found = False
+        for parent in (pid, *stopped):
+            for child in _children(parent):
+                if child not in stopped:
+                    try:
+                        os.kill(child, signal.SIGSTOP)
+                    except (ProcessLookupError, PermissionError):  # gone; or not ours to signal (setuid)
+                        continue
+                    stopped[child] = None
+                    found = True
+        if not found:
+            break
+    return list(stopped)
+
+
+def _children_files(pid: int) -> bool:
+    return os.path.exists(f"/proc/{pid}/task/{pid}/children")
+
+
+def _children(pid: int) -> list[int]:
+    """The pids of the children of process ``pid``: those of each of its threads."""
+    found: list[int] = []
+    with contextlib.suppress(OSError):
+        for thread in os.listdir(f"/proc/{pid}/task"):
+            with contextlib.suppress(OSError), open(f"/proc/{pid}/task/{thread}/children", "rb") as children:
+                found += map(int, children.read().split())
+    return found
 
 
 _live_pools: weakref.WeakSet[ProcessPool] = weakref.WeakSet()

@@ -213,6 +213,19 @@ def spawn_child_and_hang(pidfile: str | None, apart: str | None = None) -> None:
     time.sleep(3600)
 
 
+def fork_sessions_until_killed(log: str) -> None:
+    """Fork a child into a session of its own every 2 ms, logging its pid, until killed: forks that race the kill."""
+    with open(log, "a") as pids:
+        while True:
+            pid = os.fork()
+            if pid == 0:
+                os.setsid()
+                os.execvp("sleep", ["sleep", "3600"])
+            pids.write(f"{pid}\n")
+            pids.flush()
+            time.sleep(0.002)
+
+
 def announce_then_hang(fifo: str) -> None:
     """Tell the test (blocked reading the FIFO ``fifo``) that the task runs, then hang."""
     with open(fifo, "w") as f:

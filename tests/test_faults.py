@@ -424,6 +424,17 @@ async def test_a_timed_out_task_takes_its_children_with_it(apart: str | None, tm
     assert await asyncio.to_thread(wait_gone, child)
 
 
+async def test_a_timed_out_task_forking_as_it_is_killed_leaves_no_child(tmp_path: Path) -> None:
+    log = tmp_path / "pids"
+    async with Scheduler(workers=1) as scheduler:
+        summary = await scheduler.run([Task(faults.fork_sessions_until_killed, os.fspath(log), timeout=0.5)])
+    assert summary.results[0].status is Status.TIMED_OUT
+    pids = [int(pid) for pid in (await asyncio.to_thread(log.read_text)).split()]
+    assert len(pids) > 10  # (it forked while it ran)
+    left = [pid for pid in pids if not await asyncio.to_thread(wait_gone, pid, 2.0)]
+    assert not left
+
+
 @pytest.mark.parametrize("apart", [None, "session"])
 async def test_a_cancelled_task_takes_its_children_with_it(apart: str | None) -> None:
     async with Scheduler(workers=1) as scheduler:
