@@ -586,7 +586,7 @@ async def _schedule(batch: Any, args: argparse.Namespace) -> _Outcome:
         async with Scheduler(workers=args.workers, store=args.db, timeout=args.timeout, retries=args.retries) \
                 as scheduler:
             # the file opens here: what is wrong with it is told before anything runs, with no advice to resume
-            if args.batch_id is not None and await scheduler.batch(args.batch_id) is None and args.resume:
+            if args.resume and await scheduler.batch(args.batch_id) is None:
                 print(f"asyncsched {args.name}: {args.db} has no batch {args.batch_id!r} yet: starting it",
                       file=sys.stderr)  # a typo in the id would run it all again
             failures: list[TaskResult] = []
@@ -625,7 +625,7 @@ async def _schedule(batch: Any, args: argparse.Namespace) -> _Outcome:
                             sorted(failures, key=operator.attrgetter("index"))[:FAILURES_SHOWN])
     except StoreError as exc:  # the results it has not written yet go with this process
         again = (f". Once the file can be written, the same command with --batch-id={shlex.quote(args.batch_id)} "
-                 "--resume runs the tasks whose results it does not hold") if ran and args.batch_id else ""
+                 "--resume runs the tasks whose results it does not hold") if ran else ""
         raise StoreError(f"{exc}{again}") from exc
 
 
