@@ -469,7 +469,7 @@ def _stop_descendants(pid: int) -> list[int]:
     Elsewhere (or a kernel without those files) the descendants are looked up
     with psutil, and are not stopped.
     """
-    if not _children_files(pid):
+    if not os.path.exists(f"/proc/{pid}/task/{pid}/children"):
         try:
             return [child.pid for child in psutil.Process(pid).children(recursive=True)]
         except psutil.Error:
@@ -489,10 +489,6 @@ def _stop_descendants(pid: int) -> list[int]:
         if not found:
             break
     return list(stopped)
-
-
-def _children_files(pid: int) -> bool:
-    return os.path.exists(f"/proc/{pid}/task/{pid}/children")
 
 
 def _children(pid: int) -> list[int]:

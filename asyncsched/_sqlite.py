@@ -1080,17 +1080,17 @@ def _result(row: Row) -> TaskResult:
                       message, progress, error_type, index)
 
 
-def _line(row: Row) -> str:
-    return json.dumps(_record(row)) + "\n"
+_DECODE = object()
+
+
+def _line(row: Row, data: Any = _DECODE) -> str:
+    return json.dumps(_record(row, data)) + "\n"
 
 
 def result_line(result: TaskResult) -> str:
     """``result`` as a line of :meth:`SQLiteStore.export_jsonl`, as it would be stored (``run --output``)."""
     row = _row(result)
-    return json.dumps(_record(row, result.value if row[4] is not None else None)) + "\n"  # not decoded again
-
-
-_DECODE = object()
+    return _line(row, result.value if row[4] is not None else None)  # its JSON not decoded again
 
 
 def _record(row: Row, data: Any = _DECODE) -> dict[str, Any]:
