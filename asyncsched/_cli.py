@@ -68,7 +68,6 @@ from ._models import (
 from ._progress import QuietConsole, stats_table, success, visible
 
 if TYPE_CHECKING:
-    from ._progress import ProgressMonitor
     from ._sqlite import SQLiteStore
     from ._store import BatchInfo
 
@@ -230,13 +229,22 @@ class _Output:
     the end of the block unless it was taken. Once taken, only that thread closes it: its write may hold the file's
     lock for as long as the reader does not read, and the process must be able to end meanwhile."""
 
-    def __init__(self, file: TextIO) -> None:
+    def __init__(self, file: TextIO, *, empty: bool = False, terminal: bool = False, stdout: int | None = None) -> None:
         self._file: TextIO | None = file
+        self._empty = file.fileno() if empty else None  # emptied once the batch has begun: not for a run refused
+        self.terminal = terminal
+        self._stdout = stdout  # a copy of this process's stdout while its fd 1 is stderr's (see _open_output)
 
     def take(self) -> TextIO:
         file, self._file = self._file, None
         assert file is not None
         return file
+
+    def begun(self) -> None:
+        """The batch has begun (before its first result): empty the file, unless it is appended to."""
+        if self._empty is not None:
+            os.ftruncate(self._empty, 0)
+            self._empty = None
 
     def __enter__(self) -> _Output:
         return self
@@ -244,34 +252,48 @@ class _Output:
     def __exit__(self, *exc_info: object) -> None:
         if self._file is not None:
             self._file.close()
+        if self._stdout is not None:
+            sys.stdout.flush()
+            os.dup2(self._stdout, 1)
+            os.close(self._stdout)
 
 
 def _open_output(args: argparse.Namespace, source: BinaryIO) -> _Output | contextlib.nullcontext[None]:
-    """The file of ``--output``, emptied, if there is one: never the input, nor the results file."""
+    """The file of ``--output``, if there is one: never the input, nor a file of the results file.
+
+    A file given by name is emptied once the batch has begun, unless it is
+    resumed: a resumed run appends to what the runs before it wrote. Standard
+    output is written where it points, as it was opened (``>> log``: appended
+    to); this process's fd 1, which the workers inherit, then points to stderr,
+    so that what tasks print does not come among the lines.
+    """
+    from ._sqlite import is_own_file
+
     path = args.output
     args.stdout_taken = path == "-" or (path is not None and _is_stdout(path))
     if path is None:
         return contextlib.nullcontext()
-    if args.stdout_taken:  # where it points, as it was opened (`>> log`: appended to)
-        return _Output(os.fdopen(os.dup(sys.stdout.fileno()), "w", encoding="utf-8"))  # closing it leaves stdout
-    from ._sqlite import is_own_file
-
+    what = "stdout" if args.stdout_taken else path
+    if args.db is not None and is_own_file(args.db, f"/dev/fd/{sys.stdout.fileno()}" if args.stdout_taken else path):
+        raise UsageError(f"--output {what} is a file of the --db results file, which writing to it would destroy: "
+                         "write the results to another file")  # checked before it is opened, which would make it
     try:
-        if args.db is not None and is_own_file(args.db, path):
-            raise UsageError(f"--output {path} is a file of the --db results file, which writing to it would destroy: "
-                             "write the results to another file")
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o666)
+        fd = os.dup(sys.stdout.fileno()) if args.stdout_taken else \
+            os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | (os.O_APPEND if args.resume else 0), 0o666)
     except OSError as exc:
-        raise UsageError(f"cannot write --output {path}: {exc.strerror}") from None
-    file = os.fdopen(fd, "w", encoding="utf-8")
+        raise UsageError(f"cannot write --output {what}: {exc.strerror}") from None
     found = os.fstat(fd)
     if os.path.samestat(found, os.fstat(source.fileno())):
-        file.close()
-        raise UsageError(f"--output {path} is the --input file, which writing the results would destroy: write them "
-                         "to another file")
-    if stat.S_ISREG(found.st_mode):
-        os.ftruncate(fd, 0)
-    return _Output(file)
+        os.close(fd)
+        raise UsageError(f"--output {what} is the --input file, which writing the results would destroy: write "
+                         "them to another file")
+    file = os.fdopen(fd, "w", encoding="utf-8")
+    if not args.stdout_taken:
+        return _Output(file, empty=stat.S_ISREG(found.st_mode) and not args.resume)
+    sys.stdout.flush()
+    stdout = os.dup(1)
+    os.dup2(2, 1)
+    return _Output(file, terminal=os.isatty(fd), stdout=stdout)
 
 
 class _ResultLines:
@@ -335,6 +357,11 @@ class _ResultLines:
                 raise error
             if interrupted:
                 raise asyncio.CancelledError
+
+    @property
+    def error(self) -> BaseException | None:
+        """What the thread's write raised, once it has."""
+        return self._ended.result() if self._ended.done() else None
 
     async def add(self, result: TaskResult) -> None:
         if self._ended.done():
@@ -461,12 +488,12 @@ def _count_lines(file: BinaryIO) -> int | None:
     return count
 
 
-def _shown_from_its_start(batch: Any, display: ProgressMonitor) -> Any:
-    """``batch``, whose first task pulled starts ``display``: the scheduler pulls it once the store has begun the
-    batch (a batch it refuses, one that exists already say, shows nothing)."""
+def _when_begun(batch: Any, begun: Callable[[], None]) -> Any:
+    """``batch``, whose first task pulled calls ``begun``: the scheduler pulls it once the store has begun the
+    batch (not for a batch it refuses, one that exists already, say)."""
 
     async def tasks() -> AsyncIterator[Task]:
-        display.start()
+        begun()
         async with contextlib.aclosing(aiter(batch)) as pulled:
             async for task in pulled:
                 yield task
@@ -593,9 +620,17 @@ async def _schedule(batch: Any, args: argparse.Namespace) -> _Outcome:
             display = None
             if args.progress:  # on stderr when the results go to stdout: in plain lines if both are a terminal
                 display = ProgressMonitor(scheduler, batch_id=args.batch_id, console=_console(
-                    stderr=args.stdout_taken, plain=args.stdout_taken and sys.stdout.isatty()))
-                batch = _shown_from_its_start(batch, display)
+                    stderr=args.stdout_taken, plain=args.stdout_taken and args.output.terminal))
+
+            def begun() -> None:
+                if display is not None:
+                    display.start()
+                if args.output is not None:
+                    args.output.begun()
+
+            batch = _when_begun(batch, begun)
             started = time.monotonic()
+            output: _ResultLines | None = None
             try:
                 ran = True
                 async with _ResultLines.writing(args.output) as output, \
@@ -610,6 +645,13 @@ async def _schedule(batch: Any, args: argparse.Namespace) -> _Outcome:
                 if scheduler._sigterm_received:  # the scheduler stops its workers, then ends the process by SIGTERM
                     print(f"asyncsched {args.name}: terminated", file=sys.stderr)
                 raise
+            except OSError as exc:
+                if output is None or exc is not output.error or isinstance(exc, BrokenPipeError):
+                    raise
+                kept = (f"every result is in {args.db}, which `asyncsched export` writes, and the same command with "
+                        f"--batch-id={shlex.quote(args.batch_id)} --resume runs the tasks that did not end"
+                        ) if args.db else "the results of the tasks that ended after it are lost"
+                raise UsageError(f"cannot write --output: {exc.strerror or exc}; {kept}") from None
             finally:
                 if display is not None:
                     await display.aclose()  # the final report
@@ -617,12 +659,12 @@ async def _schedule(batch: Any, args: argparse.Namespace) -> _Outcome:
             stats = await scheduler.stats(args.batch_id)  # with a resumed batch's stored results
             if len(failures) < min(FAILURES_SHOWN, stats.total - stats.completed):  # a resumed batch's, stored
                 seen = {result.key for result in failures}
-                for status in FINAL_STATUSES[1:]:  # every one but completed
-                    failures += [result for result in await scheduler.results(args.batch_id, status,
-                                                                              limit=FAILURES_SHOWN)
-                                 if result.key not in seen]
+                stored = [result for status in FINAL_STATUSES[1:]  # every one but completed
+                          for result in await scheduler.results(args.batch_id, status, limit=FAILURES_SHOWN)
+                          if result.key not in seen]
+                failures += sorted(stored, key=operator.attrgetter("index"))[:FAILURES_SHOWN - len(failures)]
             return _Outcome(args.batch_id, stats.total, stats.completed, elapsed,
-                            sorted(failures, key=operator.attrgetter("index"))[:FAILURES_SHOWN])
+                            sorted(failures, key=operator.attrgetter("index")))
     except StoreError as exc:  # the results it has not written yet go with this process
         again = (f". Once the file can be written, the same command with --batch-id={shlex.quote(args.batch_id)} "
                  "--resume runs the tasks whose results it does not hold") if ran else ""
@@ -1001,7 +1043,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--input", default="-", metavar="FILE", help="JSON lines, one per task; - is stdin (default)")
     run.add_argument("--workers", type=_workers, default="cpu", metavar="cpu|io|N",
                      help="cpu: one worker per core (default); io: two per core; or a number")
-    run.add_argument("--timeout", type=_positive(float), metavar="S", help="seconds a task may run before it is killed")
+    run.add_argument("--timeout", type=_positive(float), metavar="S",
+                     help="seconds a task may run before it is killed (default: no limit)")
     run.add_argument("--retries", type=_positive(int, zero=True), default=0, metavar="N",
                      help="retries of a task that failed, crashed or timed out (0)")
     run.add_argument("--db", type=_file, metavar="PATH", help="SQLite file to keep the results in")
@@ -1009,8 +1052,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--resume", action="store_true",
                      help="continue batch --batch-id in --db: tasks whose line has a result are not run again")
     run.add_argument("--output", metavar="FILE",
-                     help="write each result as a line of JSON as its task ends, with the fields of export; "
-                          "- is stdout (the display and the counts then go to stderr)")
+                     help="write each result as a line of JSON as its task ends, with the fields of export (emptied "
+                          "first; appended to with --resume); - is stdout (the display, the counts and what tasks "
+                          "print then go to stderr)")
     run.add_argument("--no-progress", dest="progress", action="store_false",
                      help="no live progress display, nor its final report: only the line of counts")
 

@@ -92,6 +92,12 @@ def say(message: str, fail: bool = False) -> str:
     return message
 
 
+def print_it(text: str) -> str:
+    """Print ``text`` to the worker's stdout, and return it."""
+    print(f"printed: {text}", flush=True)
+    return text
+
+
 def report_progress(progress: float) -> None:
     report(progress=progress)
 

@@ -755,9 +755,13 @@ def test_run_output_is_never_the_input_nor_a_file_of_the_results(which: str, res
 def test_run_output_on_a_full_disk_stops_the_run_with_a_one_line_error(tmp_path: Path, gate: Callable[[], str],
                                                                        capfd: pytest.CaptureFixture[str]) -> None:
     jobs = write_lines(tmp_path / "jobs.jsonl", [os.fspath(tmp_path), 1], [gate(), 2])  # the second never ends
+    db = os.fspath(tmp_path / "r.db")
     assert main(["run", "tests.tasks:wait_for_file", "--input", jobs, "--workers", "2", "--output", "/dev/full",
-                 "--no-progress"]) == 2
-    assert capfd.readouterr().err == "asyncsched run: error: cannot write the output: No space left on device\n"
+                 "--no-progress", "--db", db, "--batch-id", "b"]) == 2
+    assert capfd.readouterr().err == (
+        f"asyncsched run: error: cannot write --output: No space left on device; every result is in {db}, which "
+        "`asyncsched export` writes, and the same command with --batch-id=b --resume runs the tasks that did not "
+        "end\n")
 
 
 class HeldFile(io.StringIO):
@@ -892,6 +896,51 @@ def test_run_output_to_dev_stdout_appends_as_the_shell_opened_it(tmp_path: Path,
     out, err = capfd.readouterr()
     assert out.splitlines()[0] == "written before" and len(out.splitlines()) == 3
     assert "2 of 2 tasks completed" in err
+
+
+def test_run_output_to_stdout_keeps_what_tasks_print_off_it(tmp_path: Path) -> None:
+    jobs = write_lines(tmp_path / "jobs.jsonl", "one", "two")
+    ran = subprocess.run([os.fspath(CONSOLE_SCRIPT), "run", "tests.tasks:print_it", "--input", jobs, "--output", "-",
+                          "--no-progress"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert ran.returncode == 0, ran.stderr
+    assert sorted(json.loads(line)["response_data"] for line in ran.stdout.splitlines()) == ["one", "two"]
+    assert "printed: one" in ran.stderr and "printed: two" in ran.stderr  # the workers' stdout is stderr
+
+
+def test_run_output_to_stdout_appended_to_the_input_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    jobs = write_lines(tmp_path / "jobs.jsonl", 1, 2)
+    with open(jobs, "a") as appended:  # `run --input jobs.jsonl --output - >> jobs.jsonl`: it would read its lines
+        monkeypatch.setattr(sys, "stdout", appended)
+        assert main(["run", "tests.tasks:square", "--input", jobs, "--output", "-"]) == 2
+        monkeypatch.undo()
+    assert capsys.readouterr().err.startswith("asyncsched run: error: --output stdout is the --input file, which ")
+    assert Path(jobs).read_text() == "1\n2\n"
+
+
+def test_run_output_is_emptied_once_the_batch_begins_and_appended_to_by_a_resume(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    db, out = os.fspath(tmp_path / "r.db"), tmp_path / "out.jsonl"
+    out.write_text("before\n")
+    argv = ["run", "tests.tasks:square", "--db", db, "--batch-id", "b", "--output", os.fspath(out), "--no-progress"]
+    assert main([*argv, "--input", write_lines(tmp_path / "jobs.jsonl", 1, 2)]) == 0
+    assert sorted(json.loads(line)["task_id"] for line in out.read_text().splitlines()) == ["1", "2"]
+    assert main([*argv, "--input", write_lines(tmp_path / "more.jsonl", 1, 2, 3)]) == 2  # b exists: refused
+    assert "already exists" in capsys.readouterr().err
+    assert len(out.read_text().splitlines()) == 2  # as it was
+    assert main([*argv, "--input", os.fspath(tmp_path / "more.jsonl"), "--resume"]) == 0
+    assert sorted(json.loads(line)["task_id"] for line in out.read_text().splitlines()) == ["1", "2", "3"]
+
+
+def test_after_a_resume_the_failures_of_the_run_come_first_then_stored_ones(
+        results_db: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["run", "tests.tasks:add", "--db", results_db, "--batch-id", "many", "--no-progress"]
+    assert main([*argv, "--input", write_lines(tmp_path / "bad.jsonl", *[["x", 1]] * 12)]) == 1
+    capsys.readouterr()
+    assert main([*argv, "--input", write_lines(tmp_path / "more.jsonl", *[["x", 1]] * 13), "--resume"]) == 1
+    out = capsys.readouterr().out
+    assert "13 of 13 tasks did not complete:" in out and "\n  13  failed " in out  # the one this run ran
+    assert "\n  1   failed " in out and "  ... and 3 more" in out  # then the stored ones, by line
 
 
 def test_run_output_whose_reader_left_stops_the_batch_quietly(tmp_path: Path, gate: Callable[[], str],
