@@ -13,7 +13,8 @@ Commands::
 
 Exit status: 0 when every task completed, 1 when any did not, 2 for a usage
 error or a results file that cannot be used (reported in one line on stderr,
-never with a traceback), 130 when interrupted.
+never with a traceback), 130 when interrupted, 141 when the reader of the
+output left; SIGTERM ends the process by that signal.
 """
 
 from __future__ import annotations
@@ -1018,7 +1019,9 @@ def _port(value: str) -> int:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="asyncsched", description="Run batches of Python tasks on a pool of worker processes.",
-        epilog="Exit status: 0 when every task completed, 1 when any did not, 2 for a usage error.")
+        epilog="Exit status: 0 when every task completed (the commands that read a results file: 0 whatever the "
+               "statuses in it), 1 when any did not, 2 for a usage error, 130 when interrupted, 141 when the reader "
+               "of the output left; SIGTERM ends it by that signal.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(title="commands", metavar="COMMAND")
 
