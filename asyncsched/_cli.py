@@ -354,7 +354,7 @@ class _ResultLines:
                     cancelled = interrupted = True
             if lines._stopped:
                 run.uncancel()  # its error ends the run, rather than the cancellation that stopped it
-            if (error := lines._ended.result()) is not None:
+            if (error := lines.error) is not None:
                 raise error
             if interrupted:
                 raise asyncio.CancelledError
@@ -629,7 +629,8 @@ async def _schedule(batch: Any, args: argparse.Namespace) -> _Outcome:
                 if args.output is not None:
                     args.output.begun()
 
-            batch = _when_begun(batch, begun)
+            if display is not None or args.output is not None:  # else no layer more for each task
+                batch = _when_begun(batch, begun)
             started = time.monotonic()
             output: _ResultLines | None = None
             try:
