@@ -15,6 +15,7 @@ Data flow (everything on the left runs on one event loop thread; no locks)::
            or taken back by _balance)                      doorbell rung, `revokes` += 1 (shared)
                                                                                               |
     listener.started / reported / finished <-- _read <-- add_reader(pipe) <-- READY / REPORT / DONE
+                                                     or _poll, while calls are fast
     _on_revoked: calls not begun -> pending deque <--------------------------- REVOKED [call_id, ...]
          ^                                                                                    |
          |           _on_exit  <-------- add_reader(pidfd or sentinel) <--- process exit -----+
@@ -52,10 +53,15 @@ Actors:
   calls queued behind it, and an idle worker takes back half of those already
   there (``_balance``): the worker answers with the ones it has not started.
   The worker writes each result before it starts the next call, and the loop
-  reads whatever has come in at once. A call's timeout starts when it reaches
-  the head of its worker.
+  reads whatever has come in at once (or at its next poll, below). A call's
+  timeout starts when the pool sees it reach the head of its worker.
 * The event loop watches every pipe and every process's exit (a pidfd on
-  Linux, else its sentinel) with ``add_reader``: nothing polls and nothing sleeps. Messages come back through
+  Linux, else its sentinel) with ``add_reader``. One exception: while calls
+  end every few milliseconds, each result would wake the loop on its own, and
+  the wake-ups would take more CPU from the workers than the results
+  themselves; so a worker with ``POLL_SECONDS`` of work queued is read on a
+  timer instead, every such worker in the same wake-up (``_poll``). A result
+  then waits for that timer, ``POLL_SECONDS`` at most. Messages come back through
   a pipe rather than the socket: the kernel packs a pipe's small writes into
   one buffer, where a socket keeps each in a buffer of its own, and reading
   forty results costs a third of the CPU. Reads and writes are
@@ -138,6 +144,10 @@ MAX_DEPTH = 64
 """The most calls queued on one worker."""
 TAKE_BACK_AFTER = 2 * BATCH_SECONDS
 """Seconds a call may run before half the calls queued behind it are taken back for an idle worker."""
+POLL_SECONDS = 0.002
+"""While calls take from a tenth of this to ``BATCH_SECONDS`` each, a worker with at least this much work queued
+is read this often, every such worker at once, rather than as each message comes: one wake-up of the loop reads
+several results (see ProcessPool._poll)."""
 MEMORY_CHECK_SECONDS = 0.1
 """How often busy workers' memory is sampled when ``max_memory_per_child`` is set."""
 STOP_READINGS = 10
@@ -370,9 +380,9 @@ class _CallFuture(asyncio.Future[Outcome]):
 
 class _Worker:
     __slots__ = ("began", "begun", "calls", "calls_sent", "closed", "deadline", "deadline_at", "doorbell", "exit_fd",
-                 "fd", "idle_since", "inbuf", "inherited", "killed", "last_begun", "outbuf", "pid", "pidfd", "process",
-                 "ready", "received", "results", "retiring", "revokes", "revoking", "sending", "server", "sock",
-                 "timer_at", "told")
+                 "fd", "idle_since", "inbuf", "inherited", "killed", "last_begun", "outbuf", "pid", "pidfd", "polled",
+                 "process", "ready", "received", "results", "retiring", "revokes", "revoking", "sending", "server",
+                 "sock", "timer_at", "told")
 
     def __init__(self, process: Any, sock: socket.socket, doorbell: socket.socket, results: int,
                  last_begun: Any, revokes: Any, *, pidfd: int | None, server: int | None) -> None:
@@ -400,6 +410,7 @@ class _Worker:
         self.revoking: deque[set[int]] = deque()  # the calls of each revoke sent here and not answered yet
         self.inbuf = bytearray()
         self.received = 0  # bytes read from its pipe so far
+        self.polled = False  # its pipe is read on the pool's timer, not watched (see ProcessPool._poll)
         self.sending: tuple[int, int, int] | None = None  # see ProcessPool._still_sending
         self.outbuf = bytearray()
         self.inherited = 0  # under fork, the RSS it had when ready: the parent's pages, not counted as its own
@@ -568,6 +579,7 @@ class ProcessPool(concurrent.futures.Executor):
         self._functions: dict[Callable[..., Any], bytes] = {}
         self._held: list[tuple[_Call, Callable[..., None], tuple[Any, ...]]] | None = None  # see _tell
         self._balancing: asyncio.Handle | None = None  # a _balance() to come
+        self._polling: asyncio.TimerHandle | None = None  # the next _poll(), while a worker is polled
         self._progress: asyncio.Future[None] | None = None  # set when a call ends, while _close() waits
         self._closing: asyncio.Task[None] | None = None  # the close that shutdown() began on the loop thread
         self._closed = False
@@ -705,6 +717,8 @@ class ProcessPool(concurrent.futures.Executor):
         in this thread."""
         self._closed = True
         loop = self._loop
+        if self._polling is not None:
+            self._polling.cancel()
         for worker in list(self._workers):
             worker.signal(signal.SIGKILL)
             if loop is not None and not loop.is_closed():  # stopped: it may run again, with none of these
@@ -1129,6 +1143,7 @@ class ProcessPool(concurrent.futures.Executor):
         loop.remove_reader(worker.exit_fd)
         self._read(worker)  # results sent just before the exit still count
         loop.remove_reader(worker.results)
+        worker.polled = False
         if worker.outbuf:
             loop.remove_writer(worker.fd)
         worker.process.join()
@@ -1174,9 +1189,43 @@ class ProcessPool(concurrent.futures.Executor):
     # -- the wire ----------------------------------------------------------------------------
 
     def _on_readable(self, worker: _Worker) -> None:
+        loop = self._loop
+        assert loop is not None
         if not self._read(worker):
-            assert self._loop is not None
-            self._loop.remove_reader(worker.results)  # EOF: the sentinel tells the rest
+            loop.remove_reader(worker.results)  # EOF: the sentinel tells the rest
+        elif self._worth_polling(worker):
+            loop.remove_reader(worker.results)
+            worker.polled = True
+            if self._polling is None:
+                self._polling = loop.call_later(POLL_SECONDS, self._poll)
+
+    def _worth_polling(self, worker: _Worker) -> bool:
+        """Whether the worker's calls end often enough for its pipe to be read on a timer (``POLL_SECONDS``), and
+        it has work queued for that long at least. Not while a message is half read: a large result is read as
+        it comes."""
+        average = self._average
+        return (POLL_SECONDS / 10 <= average < BATCH_SECONDS and len(worker.calls) * average >= POLL_SECONDS
+                and not worker.inbuf and not worker.killed)
+
+    def _poll(self) -> None:
+        """Read every polled worker. One no longer worth polling is watched again, and so is one that sent
+        nothing while its running call has run longer than ``BATCH_SECONDS``: that call's end is read as it
+        comes."""
+        self._polling = None
+        loop = self._loop
+        assert loop is not None
+        for worker in list(self._workers):
+            if not worker.polled:
+                continue  # or it exited meanwhile
+            received = worker.received
+            if not self._read(worker):
+                worker.polled = False  # EOF: the sentinel tells the rest
+            elif not self._worth_polling(worker) or (
+                    worker.received == received and loop.time() - worker.began > BATCH_SECONDS):
+                worker.polled = False
+                loop.add_reader(worker.results, self._on_readable, worker)
+            elif self._polling is None:
+                self._polling = loop.call_later(POLL_SECONDS, self._poll)
 
     def _read(self, worker: _Worker) -> bool:
         """Read what the worker has sent and handle each whole message; False at EOF.

@@ -250,6 +250,24 @@ def return_in_two_halves(size: int) -> bytes:
     return b"x" * size
 
 
+def return_in_two_halves_at(size: int, gate: str) -> bytes:
+    """Return ``size`` bytes; the worker writes the first half of its result at once, the rest once ``gate``
+    exists."""
+    from asyncsched import _worker
+
+    write = _worker._Channel._write
+
+    def in_halves(self: Any, frame: bytes) -> None:
+        _worker._Channel._write = write  # type: ignore[method-assign]
+        write(self, frame[:len(frame) // 2])
+        while not os.path.exists(gate):
+            time.sleep(0.005)
+        write(self, frame[len(frame) // 2:])
+
+    _worker._Channel._write = in_halves  # type: ignore[method-assign]
+    return b"x" * size
+
+
 def return_then_exit(value: Any) -> Any:
     """Return normally, and have the worker die the moment its result is written."""
     from asyncsched import _worker

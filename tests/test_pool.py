@@ -515,6 +515,105 @@ async def test_a_slow_call_does_not_hold_back_the_result_of_a_fast_one_sent_with
     assert log.read_text().split() == ["fast", "slow"]  # nothing killed, nothing run twice
 
 
+async def test_calls_read_on_the_poll_timer_end_as_they_would_watched(monkeypatch: pytest.MonkeyPatch,
+                                                                     tmp_path: Path) -> None:
+    """Every worker polled whenever it may be (not only while calls take milliseconds): values, errors,
+    crashes and timeouts all come out as they would, and nothing runs twice."""
+    reads = Counter[bool]()
+    read = ProcessPool._read
+
+    def counting(self: ProcessPool, worker: Any) -> bool:
+        reads[worker.polled] += 1
+        return read(self, worker)
+
+    monkeypatch.setattr(ProcessPool, "_worth_polling", lambda self, worker: not worker.inbuf and not worker.killed)
+    monkeypatch.setattr(ProcessPool, "_read", counting)
+    log = tmp_path / "runs"
+    faulty: dict[int, tuple[Callable[..., Any], Status]] = {
+        3: (faults.exit_hard, Status.CRASHED), 5: (faults.hang, Status.TIMED_OUT), 7: (faults.boom, Status.FAILED)}
+    async with ProcessPool(2) as pool:
+        calls = []
+        for i in range(60):
+            if i % 10 in faulty:
+                calls.append(pool.call(faulty[i % 10][0], (), timeout=0.3))
+            else:
+                calls.append(pool.call(tasks.log_run, (str(log), str(i))))
+        outcomes = await asyncio.gather(*calls)
+    assert [o.status for o in outcomes] == [faulty.get(i % 10, (None, Status.COMPLETED))[1] for i in range(60)]
+    completed = [str(i) for i in range(60) if i % 10 not in faulty]
+    assert [o.value for o in outcomes if o.status is Status.COMPLETED] == completed
+    assert sorted(log.read_text().split(), key=int) == completed
+    assert reads[True] > 0  # the timer read some of them
+
+
+async def until_polled(pool: ProcessPool, gate: Callable[[], str]) -> tuple[Any, asyncio.Future[Outcome], str]:
+    """Run calls of 1 ms until the worker is polled just as a call that waits for a gate begins, calls of 1 ms
+    queued behind it. Returns the worker, that call and its gate."""
+    (worker,) = pool._workers
+    while True:
+        release = gate()
+        before = [pool.call(tasks.sleep_then, (0.001, i)) for i in range(20)]
+        blocker = pool.call(tasks.wait_for_file, (release,))
+        after = [pool.call(tasks.sleep_then, (0.001, i)) for i in range(4)]
+        await asyncio.gather(*before)
+        if worker.polled and len(worker.calls) >= 3:  # worth polling for, but for how long its call runs
+            return worker, blocker, release
+        await asyncio.to_thread(Path(release).touch)
+        await asyncio.gather(blocker, *after)
+
+
+async def test_a_polled_worker_whose_call_runs_long_is_watched_again(monkeypatch: pytest.MonkeyPatch,
+                                                                    gate: Callable[[], str]) -> None:
+    """With calls queued behind it, a call that runs long is not polled for until it ends: its worker's pipe is
+    watched again, so the loop sleeps meanwhile and reads its result as it comes."""
+    watched = asyncio.Event()
+    poll = ProcessPool._poll
+
+    def noting(self: ProcessPool) -> None:
+        poll(self)
+        if not any(worker.polled for worker in self._workers):
+            watched.set()
+
+    monkeypatch.setattr(ProcessPool, "_poll", noting)
+    async with ProcessPool(1) as pool:
+        worker, blocker, release = await until_polled(pool, gate)
+        watched.clear()
+        await watched.wait()
+        assert len(worker.calls) >= 3 and not blocker.done()
+        await asyncio.to_thread(Path(release).touch)
+        assert (await blocker).status is Status.COMPLETED
+
+
+async def test_a_result_half_read_is_read_as_it_comes_not_at_the_next_poll(monkeypatch: pytest.MonkeyPatch,
+                                                                          gate: Callable[[], str]) -> None:
+    """A large result is not left half read until the next poll, and the one after that: its worker's pipe is
+    watched until all of it has come."""
+    half_read = asyncio.Event()
+    polled: list[bool] = []
+
+    def noting(method: Callable[..., None]) -> Callable[..., None]:
+        def noted(self: ProcessPool, *args: Any) -> None:
+            method(self, *args)
+            for worker in self._workers:
+                if worker.inbuf:
+                    polled.append(worker.polled)
+                    half_read.set()
+        return noted
+
+    monkeypatch.setattr(ProcessPool, "_poll", noting(ProcessPool._poll))
+    monkeypatch.setattr(ProcessPool, "_on_readable", noting(ProcessPool._on_readable))
+    async with ProcessPool(1) as pool:
+        calls = [pool.call(tasks.sleep_then, (0.001, i)) for i in range(20)]  # the worker polled by now
+        release = gate()
+        halves = pool.call(faults.return_in_two_halves_at, (2**20, release))  # the rest of its result on release
+        calls += [pool.call(tasks.sleep_then, (0.001, i)) for i in range(20)]  # worth polling for, but for it
+        await half_read.wait()
+        await asyncio.to_thread(Path(release).touch)
+        assert (await halves).value == b"x" * 2**20
+        await asyncio.gather(*calls)
+    assert polled and not any(polled)
+
+
 async def test_a_crash_costs_its_own_call_not_the_finished_one_before_it(tmp_path: Path) -> None:
     log = tmp_path / "runs"
     async with ProcessPool(1) as pool:
