@@ -146,8 +146,8 @@ TAKE_BACK_AFTER = 2 * BATCH_SECONDS
 """Seconds a call may run before half the calls queued behind it are taken back for an idle worker."""
 POLL_SECONDS = 0.002
 """While calls take from a tenth of this to ``BATCH_SECONDS`` each, a worker with at least this much work queued
-is read this often, every such worker at once, rather than as each message comes: one wake-up of the loop reads
-several results (see ProcessPool._poll)."""
+behind its running call is read this often, every such worker at once, rather than as each message comes: one
+wake-up of the loop reads several results (see ProcessPool._poll)."""
 MEMORY_CHECK_SECONDS = 0.1
 """How often busy workers' memory is sampled when ``max_memory_per_child`` is set."""
 STOP_READINGS = 10
@@ -719,6 +719,7 @@ class ProcessPool(concurrent.futures.Executor):
         loop = self._loop
         if self._polling is not None:
             self._polling.cancel()
+            self._polling = None
         for worker in list(self._workers):
             worker.signal(signal.SIGKILL)
             if loop is not None and not loop.is_closed():  # stopped: it may run again, with none of these
@@ -762,11 +763,14 @@ class ProcessPool(concurrent.futures.Executor):
     def _call_listener(self, method: Callable[..., None], args: tuple[Any, ...]) -> None:
         try:
             method(*args)
-        except Exception as exc:
+        except (SystemExit, KeyboardInterrupt):
+            raise
+        except BaseException as exc:
             self._listener_failed(exc)
 
-    def _listener_failed(self, exc: Exception) -> None:
-        """As the loop treats a failing callback: reported, never fatal to the pool."""
+    def _listener_failed(self, exc: BaseException) -> None:
+        """As the loop treats a failing callback: reported, never fatal to the pool (nor to the other calls whose
+        listeners are told after it); only SystemExit and KeyboardInterrupt go through."""
         assert self._loop is not None
         self._loop.call_exception_handler({"message": "a ProcessPool call listener failed", "exception": exc})
 
@@ -1201,10 +1205,10 @@ class ProcessPool(concurrent.futures.Executor):
 
     def _worth_polling(self, worker: _Worker) -> bool:
         """Whether the worker's calls end often enough for its pipe to be read on a timer (``POLL_SECONDS``), and
-        it has work queued for that long at least. Not while a message is half read: a large result is read as
-        it comes."""
+        it has calls queued behind its running one for that long at least: it never waits for the timer with
+        nothing to run. Not while a message is half read: a large result is read as it comes."""
         average = self._average
-        return (POLL_SECONDS / 10 <= average < BATCH_SECONDS and len(worker.calls) * average >= POLL_SECONDS
+        return (POLL_SECONDS / 10 <= average < BATCH_SECONDS and (len(worker.calls) - 1) * average >= POLL_SECONDS
                 and not worker.inbuf and not worker.killed)
 
     def _poll(self) -> None:
@@ -1214,17 +1218,19 @@ class ProcessPool(concurrent.futures.Executor):
         self._polling = None
         loop = self._loop
         assert loop is not None
-        for worker in list(self._workers):
-            if not worker.polled:
-                continue  # or it exited meanwhile
-            received = worker.received
-            if not self._read(worker):
-                worker.polled = False  # EOF: the sentinel tells the rest
-            elif not self._worth_polling(worker) or (
-                    worker.received == received and loop.time() - worker.began > BATCH_SECONDS):
-                worker.polled = False
-                loop.add_reader(worker.results, self._on_readable, worker)
-            elif self._polling is None:
+        try:
+            for worker in list(self._workers):
+                if not worker.polled:
+                    continue  # or it exited meanwhile
+                received = worker.received
+                if not self._read(worker):
+                    worker.polled = False  # EOF: the sentinel tells the rest
+                elif not self._worth_polling(worker) or (
+                        worker.received == received and loop.time() - worker.began > BATCH_SECONDS):
+                    worker.polled = False
+                    loop.add_reader(worker.results, self._on_readable, worker)
+        finally:  # whatever a read raised, the workers left polled are read again
+            if any(worker.polled for worker in self._workers):
                 self._polling = loop.call_later(POLL_SECONDS, self._poll)
 
     def _read(self, worker: _Worker) -> bool:
@@ -1310,7 +1316,9 @@ class ProcessPool(concurrent.futures.Executor):
                 if not call.cancelled:  # else a listener cancelled it meanwhile: nothing more about it
                     try:
                         method(*args)
-                    except Exception as exc:  # as in _call_listener(), inlined: this runs twice for every call
+                    except (SystemExit, KeyboardInterrupt):
+                        raise
+                    except BaseException as exc:  # as in _call_listener(), inlined: this runs twice for every call
                         self._listener_failed(exc)
         if not worker.calls and not self._pending and self._balancing is None and worker in self._ready:
             assert self._loop is not None  # after the listeners' new calls are dispatched (call_soon, too)
@@ -1440,12 +1448,15 @@ class ProcessPool(concurrent.futures.Executor):
         if not pending or not self._ready:
             return
         depth = self.depth
+        # Refill a worker once half of its calls are done: fewer, larger frames. Calls slow enough to be polled
+        # for are kept topped up instead, so that a poll's worth of them stays queued (see _worth_polling).
+        refill_at = depth // 2 if self._average < POLL_SECONDS / 10 else depth - 1
         share = -(-len(pending) // self.size)  # a few calls go to several workers (one still starting included)
         assert self._loop is not None
         slow_since = self._loop.time() - TAKE_BACK_AFTER
         for worker in sorted(self._ready, key=lambda w: len(w.calls)):  # a copy: the loop may remove some
-            if len(worker.calls) > depth // 2:
-                break  # refill a worker only once half of its calls are done: fewer, larger frames
+            if len(worker.calls) > refill_at:
+                break
             if worker.calls and worker.began < slow_since:
                 continue  # nothing more waits behind a call that runs long: it goes to whichever worker frees first
             room = min(depth - len(worker.calls), share)

@@ -550,7 +550,7 @@ async def until_polled(pool: ProcessPool, gate: Callable[[], str]) -> tuple[Any,
     """Run calls of 1 ms until the worker is polled just as a call that waits for a gate begins, calls of 1 ms
     queued behind it. Returns the worker, that call and its gate."""
     (worker,) = pool._workers
-    while True:
+    for _ in range(20):
         release = gate()
         before = [pool.call(tasks.sleep_then, (0.001, i)) for i in range(20)]
         blocker = pool.call(tasks.wait_for_file, (release,))
@@ -560,6 +560,7 @@ async def until_polled(pool: ProcessPool, gate: Callable[[], str]) -> tuple[Any,
             return worker, blocker, release
         await asyncio.to_thread(Path(release).touch)
         await asyncio.gather(blocker, *after)
+    pytest.fail("calls of 1 ms were never read on the timer")
 
 
 async def test_a_polled_worker_whose_call_runs_long_is_watched_again(monkeypatch: pytest.MonkeyPatch,
@@ -590,9 +591,12 @@ async def test_a_result_half_read_is_read_as_it_comes_not_at_the_next_poll(monke
     watched until all of it has come."""
     half_read = asyncio.Event()
     polled: list[bool] = []
+    polls_before = 0
 
     def noting(method: Callable[..., None]) -> Callable[..., None]:
         def noted(self: ProcessPool, *args: Any) -> None:
+            nonlocal polls_before
+            polls_before += method.__name__ == "_poll" and not half_read.is_set()
             method(self, *args)
             for worker in self._workers:
                 if worker.inbuf:
@@ -611,7 +615,46 @@ async def test_a_result_half_read_is_read_as_it_comes_not_at_the_next_poll(monke
         await asyncio.to_thread(Path(release).touch)
         assert (await halves).value == b"x" * 2**20
         await asyncio.gather(*calls)
+    assert polls_before  # the worker was polled before
     assert polled and not any(polled)
+
+
+async def test_a_worker_with_no_call_queued_behind_its_running_one_is_not_polled(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Calls of 3 ms go one at a time: polled for, each result would wait for the timer, and its worker with it."""
+    polled = Counter[bool]()
+    read = ProcessPool._read
+
+    def counting(self: ProcessPool, worker: Any) -> bool:
+        polled[worker.polled] += 1
+        return read(self, worker)
+
+    monkeypatch.setattr(ProcessPool, "_read", counting)
+    async with ProcessPool(1) as pool:
+        await asyncio.gather(*(pool.call(tasks.sleep_then, (0.003, i)) for i in range(40)))
+        assert pool.depth == 1
+    assert polled[False] and not polled[True]
+
+
+async def test_a_listener_raising_a_base_exception_loses_no_other_call(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ProcessPool, "_worth_polling", lambda self, worker: not worker.inbuf and not worker.killed)
+    loop = asyncio.get_running_loop()
+    raised: list[BaseException | None] = []
+    loop.set_exception_handler(lambda _, context: raised.append(context.get("exception")))
+
+    def cancelled(pid: int, timestamp: float) -> None:
+        raise asyncio.CancelledError
+
+    try:
+        async with ProcessPool(1) as pool:
+            calls = [pool.call(tasks.sleep_then, (0.001, i), on_start=cancelled if i == 30 else None)
+                     for i in range(100)]
+            outcomes = await asyncio.gather(*calls)
+    finally:
+        loop.set_exception_handler(None)
+    assert [o.value for o in outcomes] == list(range(100))
+    assert len(raised) == 1 and isinstance(raised[0], asyncio.CancelledError)
 
 
 async def test_a_crash_costs_its_own_call_not_the_finished_one_before_it(tmp_path: Path) -> None:
