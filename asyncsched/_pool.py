@@ -59,9 +59,10 @@ Actors:
   Linux, else its sentinel) with ``add_reader``. One exception: while calls
   end every few milliseconds, each result would wake the loop on its own, and
   the wake-ups would take more CPU from the workers than the results
-  themselves; so a worker with ``POLL_SECONDS`` of work queued is read on a
-  timer instead, every such worker in the same wake-up (``_poll``). A result
-  then waits for that timer, ``POLL_SECONDS`` at most. Messages come back through
+  themselves; so a worker with ``POLL_SECONDS`` of calls queued behind its
+  running one is read on a timer instead, every such worker in the same
+  wake-up (``_poll``), and its queue is topped up each time. A result then
+  waits for that timer, ``POLL_SECONDS`` at most. Messages come back through
   a pipe rather than the socket: the kernel packs a pipe's small writes into
   one buffer, where a socket keeps each in a buffer of its own, and reading
   forty results costs a third of the CPU. Reads and writes are
