@@ -146,9 +146,12 @@ MAX_DEPTH = 64
 TAKE_BACK_AFTER = 2 * BATCH_SECONDS
 """Seconds a call may run before half the calls queued behind it are taken back for an idle worker."""
 POLL_SECONDS = 0.002
-"""While calls take from a tenth of this to ``BATCH_SECONDS`` each, a worker with at least this much work queued
+"""While calls take from ``POLL_FROM`` to ``BATCH_SECONDS`` each, a worker with at least this much work queued
 behind its running call is read this often, every such worker at once, rather than as each message comes: one
 wake-up of the loop reads several results (see ProcessPool._poll)."""
+POLL_FROM = POLL_SECONDS / 10
+"""Calls shorter than this on average are never polled for: their results come faster than a timer would read
+them."""
 MEMORY_CHECK_SECONDS = 0.1
 """How often busy workers' memory is sampled when ``max_memory_per_child`` is set."""
 STOP_READINGS = 10
@@ -1209,7 +1212,7 @@ class ProcessPool(concurrent.futures.Executor):
         it has calls queued behind its running one for that long at least: it never waits for the timer with
         nothing to run. Not while a message is half read: a large result is read as it comes."""
         average = self._average
-        return (POLL_SECONDS / 10 <= average < BATCH_SECONDS and (len(worker.calls) - 1) * average >= POLL_SECONDS
+        return (POLL_FROM <= average < BATCH_SECONDS and (len(worker.calls) - 1) * average >= POLL_SECONDS
                 and not worker.inbuf and not worker.killed)
 
     def _poll(self) -> None:
@@ -1451,7 +1454,7 @@ class ProcessPool(concurrent.futures.Executor):
         depth = self.depth
         # Refill a worker once half of its calls are done: fewer, larger frames. Calls slow enough to be polled
         # for are kept topped up instead, so that a poll's worth of them stays queued (see _worth_polling).
-        refill_at = depth // 2 if self._average < POLL_SECONDS / 10 else depth - 1
+        refill_at = depth // 2 if self._average < POLL_FROM else depth - 1
         share = -(-len(pending) // self.size)  # a few calls go to several workers (one still starting included)
         assert self._loop is not None
         slow_since = self._loop.time() - TAKE_BACK_AFTER

@@ -515,19 +515,25 @@ async def test_a_slow_call_does_not_hold_back_the_result_of_a_fast_one_sent_with
     assert log.read_text().split() == ["fast", "slow"]  # nothing killed, nothing run twice
 
 
-async def test_calls_read_on_the_poll_timer_end_as_they_would_watched(monkeypatch: pytest.MonkeyPatch,
-                                                                     tmp_path: Path) -> None:
-    """Every worker polled whenever it may be (not only while calls take milliseconds): values, errors,
-    crashes and timeouts all come out as they would, and nothing runs twice."""
-    reads = Counter[bool]()
+@pytest.fixture
+def reads(monkeypatch: pytest.MonkeyPatch) -> Counter[bool]:
+    """How many reads of a worker's pipe found it polled (True) and watched (False)."""
+    counted = Counter[bool]()
     read = ProcessPool._read
 
     def counting(self: ProcessPool, worker: Any) -> bool:
-        reads[worker.polled] += 1
+        counted[worker.polled] += 1
         return read(self, worker)
 
-    monkeypatch.setattr(ProcessPool, "_worth_polling", lambda self, worker: not worker.inbuf and not worker.killed)
     monkeypatch.setattr(ProcessPool, "_read", counting)
+    return counted
+
+
+async def test_calls_read_on_the_poll_timer_end_as_they_would_watched(monkeypatch: pytest.MonkeyPatch,
+                                                                     reads: Counter[bool], tmp_path: Path) -> None:
+    """Every worker polled whenever it may be (not only while calls take milliseconds): values, errors,
+    crashes and timeouts all come out as they would, and nothing runs twice."""
+    monkeypatch.setattr(ProcessPool, "_worth_polling", lambda self, worker: not worker.inbuf and not worker.killed)
     log = tmp_path / "runs"
     faulty: dict[int, tuple[Callable[..., Any], Status]] = {
         3: (faults.exit_hard, Status.CRASHED), 5: (faults.hang, Status.TIMED_OUT), 7: (faults.boom, Status.FAILED)}
@@ -619,21 +625,12 @@ async def test_a_result_half_read_is_read_as_it_comes_not_at_the_next_poll(monke
     assert polled and not any(polled)
 
 
-async def test_a_worker_with_no_call_queued_behind_its_running_one_is_not_polled(
-        monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_a_worker_with_no_call_queued_behind_its_running_one_is_not_polled(reads: Counter[bool]) -> None:
     """Calls of 3 ms go one at a time: polled for, each result would wait for the timer, and its worker with it."""
-    polled = Counter[bool]()
-    read = ProcessPool._read
-
-    def counting(self: ProcessPool, worker: Any) -> bool:
-        polled[worker.polled] += 1
-        return read(self, worker)
-
-    monkeypatch.setattr(ProcessPool, "_read", counting)
     async with ProcessPool(1) as pool:
         await asyncio.gather(*(pool.call(tasks.sleep_then, (0.003, i)) for i in range(40)))
         assert pool.depth == 1
-    assert polled[False] and not polled[True]
+    assert reads[False] and not reads[True]
 
 
 async def test_a_listener_raising_a_base_exception_loses_no_other_call(
