@@ -170,6 +170,7 @@ WORKER_MEMORY = 12 * 2**20
 worker is refused, rather than left to run the machine out of memory as it starts."""
 
 _OUT_OF = (errno.EMFILE, errno.ENFILE, errno.EAGAIN, errno.ENOMEM)  # descriptors, processes, memory
+_SERVER_GONE = (errno.ECONNREFUSED, errno.EPIPE, errno.ECONNRESET)  # a start refused or cut by a dying fork server
 _PLAIN_FUNCTIONS = (types.FunctionType, types.BuiltinFunctionType)
 _get_ident = threading.get_ident
 _COMPLETED = Status.COMPLETED  # for _read: an enum member costs a lookup each time (Python 3.11)
@@ -1006,7 +1007,7 @@ class ProcessPool(concurrent.futures.Executor):
             except (OSError, EOFError) as exc:  # out of descriptors, processes or memory: it goes on with fewer
                 running = sum(1 for w in self._workers if not w.retiring)
                 refused = self._ctx.get_start_method() == "forkserver" and (  # by a fork server as it dies
-                    isinstance(exc, EOFError) or exc.errno == errno.ECONNREFUSED)
+                    isinstance(exc, EOFError) or exc.errno in _SERVER_GONE)
                 if refused and self._server_died(_forkserver_pid(), refused=True):
                     if not running:  # else the fill as its workers exit tries again
                         assert self._loop is not None  # a new fork server is launched by the next start

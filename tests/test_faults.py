@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import errno
 import functools
 import json
 import multiprocessing
@@ -14,6 +15,7 @@ import subprocess
 import sys
 import threading
 import types
+import warnings
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -454,6 +456,31 @@ async def test_a_pool_whose_fork_server_died_starts_workers_from_a_new_one(round
         assert first.results[0].status is Status.CRASHED
         summary = await scheduler.run([Task(tasks.square, i) for i in range(4)])
     assert [r.value for r in summary.results] == [0, 1, 4, 9], summary.results[0].error  # not a broken pool
+
+
+@pytest.mark.parametrize("error", [BrokenPipeError(errno.EPIPE, "Broken pipe"),
+                                   ConnectionResetError(errno.ECONNRESET, "Connection reset by peer")])
+async def test_a_fork_server_that_breaks_a_start_as_it_dies_is_no_short_pool(monkeypatch: pytest.MonkeyPatch,
+                                                                              error: OSError) -> None:
+    """A fork server that dies with its process group (SIGTERM to a shell's job, say) can break the connection
+    of a start in flight: that is the server's death, as a refused start is, not a pool short of a worker."""
+    failed: list[OSError] = []
+    spawn = ProcessPool._spawn
+
+    def broken_once(self: ProcessPool) -> None:
+        if not failed:
+            failed.append(error)
+            raise error
+        spawn(self)
+
+    async with ProcessPool(2, mp_context="forkserver") as pool:
+        await asyncio.gather(*(pool.call(tasks.square, (i,)) for i in range(4)))
+        monkeypatch.setattr(ProcessPool, "_spawn", broken_once)
+        with warnings.catch_warnings(record=True) as warned:
+            warnings.simplefilter("always")
+            assert (await pool.call(faults.hang, (), timeout=0.2)).status is Status.TIMED_OUT  # its replacement fails
+            assert (await pool.call(tasks.square, (3,))).value == 9
+    assert failed and not [str(w.message) for w in warned]
 
 
 @pytest.mark.parametrize("round_", range(3))
