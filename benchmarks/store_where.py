@@ -14,6 +14,7 @@ replaces how the store commits a group of results, for its own rounds only:
 - ``no-insert``: each group is a transaction that inserts nothing;
 - ``rows-on-loop``: each group's rows are built on the loop's thread, and nothing is inserted;
 - ``process``: the store's inserts, made by a writer process of its own (no GIL shared), the rows sent as marshal;
+- ``process-idle``: as ``process``, the writer process run under ``SCHED_IDLE`` (only on a core nothing else wants);
 - ``one-call``: the store's inserts in one aiosqlite call per group, 1,024 rows per statement;
 - ``json``: one statement per group, which reads the group's rows from one JSON parameter (``json_each``).
 
@@ -123,8 +124,10 @@ async def json_each(store: SQLiteStore, results: list[TaskResult]) -> None:
     await in_connection_thread(store, write)
 
 
-def writer_process(conn: Connection, path: str) -> None:
+def writer_process(conn: Connection, path: str, idle: bool) -> None:
     """Insert each group of rows that comes, and answer once it is committed; stop at an empty message."""
+    if idle:
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
     db = sqlite3.connect(path, isolation_level=None)
     db.execute("PRAGMA synchronous = FULL")
     db.execute("PRAGMA busy_timeout = 5000")
@@ -138,15 +141,18 @@ def writer_process(conn: Connection, path: str) -> None:
 
 
 class WriterProcesses:
-    """The ``process`` variant: a writer process per store file, stopped at the end of its round."""
+    """The ``process`` variants: a writer process per store file (``idle``: under ``SCHED_IDLE``), stopped at the
+    end of its round."""
 
-    def __init__(self) -> None:
+    def __init__(self, idle: bool = False) -> None:
+        self.idle = idle
         self.writers: dict[str, tuple[multiprocessing.process.BaseProcess, Connection]] = {}
 
     async def __call__(self, store: SQLiteStore, results: list[TaskResult]) -> None:
         if store.path not in self.writers:
             ours, theirs = multiprocessing.Pipe()
-            process = multiprocessing.get_context("spawn").Process(target=writer_process, args=(theirs, store.path))
+            process = multiprocessing.get_context("spawn").Process(target=writer_process,
+                                                                   args=(theirs, store.path, self.idle))
             process.start()
             self.writers[store.path] = process, ours
         conn = self.writers[store.path][1]
@@ -215,10 +221,10 @@ def writing_groups_with(group: Group | None) -> Iterator[None]:
 
 
 async def compare(variants: Sequence[str], rounds: int, tasks: int) -> None:
-    processes = WriterProcesses()
+    processes, idle = WriterProcesses(), WriterProcesses(idle=True)
     groups: dict[str, Group | None] = {"real": None, "no-key-index": None, "no-insert": no_insert,
-                                       "rows-on-loop": rows_on_loop, "process": processes, "one-call": one_call,
-                                       "json": json_each}
+                                       "rows-on-loop": rows_on_loop, "process": processes, "process-idle": idle,
+                                       "one-call": one_call, "json": json_each}
     unknown = set(variants) - set(groups)
     if unknown:
         raise SystemExit(f"unknown variants {sorted(unknown)}; choose among {list(groups)}")
@@ -236,6 +242,7 @@ async def compare(variants: Sequence[str], rounds: int, tasks: int) -> None:
                                                            stores=name not in ("no-insert", "rows-on-loop")))
                     finally:
                         processes.stop()
+                        idle.stop()
             print(f"round {round_ + 1}: " + "   ".join(f"{name} {rate[-1]:6.0f}" for name, rate in rates.items()),
                   flush=True)
     off = statistics.median(rates["off"])
@@ -289,7 +296,7 @@ def per_row_table() -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("variants", nargs="*", default=["real", "no-key-index", "no-insert", "rows-on-loop", "process",
-                                                        "one-call", "json"])
+                                                        "process-idle", "one-call", "json"])
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--tasks", type=int, default=20_000)
     parser.add_argument("--per-row", action="store_true", help="SQLite's CPU per row alone, in schema variants")
