@@ -856,7 +856,10 @@ def _export_command(args: argparse.Namespace) -> int:
         if isinstance(exc.__cause__, BrokenPipeError):  # OUT is a pipe whose reader left (`| head`): quietly
             raise exc.__cause__ from None
         raise
-    print(f"exported {count} results to {args.out}", file=sys.stderr if _is_stdout(args.out) else sys.stdout)
+    if _is_stdout(args.out):  # the results fill stdout: the count goes to stderr
+        print(f"exported {count} results to stdout", file=sys.stderr)
+    else:
+        print(f"exported {count} results to {args.out}")
     return 0
 
 
@@ -1095,5 +1098,5 @@ def _parser() -> argparse.ArgumentParser:
 
     # Listed for --help only: main() hands its arguments to the Celery worker's own parser.
     commands.add_parser("celery-worker", add_help=False,
-                        help="start a Celery worker for CeleryBackend (--broker URL --backend URL [--concurrency N])")
+                        help="Start a Celery worker for CeleryBackend (--broker URL --backend URL [--concurrency N])")
     return parser

@@ -577,7 +577,7 @@ def test_export_to_dev_stdout_writes_into_the_pipe_and_reports_on_stderr(results
                               text=True, timeout=60, cwd=tmp_path)
     assert exported.returncode == 0, exported.stderr
     assert sorted(json.loads(line)["task_id"] for line in exported.stdout.splitlines()) == ["1", "2", "3"]
-    assert exported.stderr == "exported 3 results to /dev/stdout\n"
+    assert exported.stderr == "exported 3 results to stdout\n"
     assert not (tmp_path / "-").exists()
 
 
