@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from typing import Any
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -48,6 +50,29 @@ def in_fresh_process(script: str, *args: str, checkout: str = os.path.dirname(HE
                          capture_output=True, text=True, env=env)
     result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
     return result
+
+
+def checkouts(parser: argparse.ArgumentParser, against: str | None) -> dict[str, str]:
+    """This checkout, and the other checkout of asyncsched that ``--against`` names, if it does."""
+    sides = {"this": os.path.dirname(HERE)}
+    if against:
+        sides["against"] = os.path.abspath(against)
+        if not os.path.isfile(os.path.join(sides["against"], "asyncsched", "__init__.py")):
+            parser.error(f"{against} is not a checkout of asyncsched (it has no asyncsched/__init__.py)")
+    return sides
+
+
+def alternate(script: str, sides: dict[str, str], rounds: int, *args: str) -> Iterator[tuple[int, str, dict[str, Any]]]:
+    """``script --one args`` in a fresh interpreter for each of ``sides`` (see :func:`checkouts`) in each round,
+    which side goes first alternating: ``(round, side, result)`` as each comes. The result's ``"asyncsched"``, the
+    directory its interpreter imported asyncsched from, is checked to be in that side's checkout, and dropped."""
+    for round_ in range(rounds):
+        for side in sides if round_ % 2 == 0 else reversed(sides):
+            result = in_fresh_process(script, *args, checkout=sides[side])
+            imported = os.path.realpath(result.pop("asyncsched"))
+            if not imported.startswith(os.path.realpath(sides[side]) + os.sep):
+                raise SystemExit(f"the round meant for {sides[side]} imported asyncsched from {imported}")
+            yield round_, side, result
 
 
 def peak_rss_mb() -> float:

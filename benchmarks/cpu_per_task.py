@@ -31,7 +31,7 @@ import time
 from typing import Any
 
 import psutil
-from _common import HERE, crunch, double, in_fresh_process, iterations_for
+from _common import alternate, checkouts, crunch, double, iterations_for
 
 import asyncsched
 from asyncsched import Scheduler, Task
@@ -64,14 +64,6 @@ async def measure(n: int, ms: float) -> dict[str, Any]:
             "workers_us": (after[1] - before[1]) / n * 1e6, "asyncsched": os.path.dirname(asyncsched.__file__)}
 
 
-def one_round(checkout: str, n: int, ms: float) -> dict[str, Any]:
-    result = in_fresh_process("cpu_per_task.py", json.dumps([n, ms]), checkout=checkout)
-    imported = os.path.realpath(result.pop("asyncsched"))
-    if not imported.startswith(os.path.realpath(checkout) + os.sep):
-        raise SystemExit(f"the round meant for {checkout} imported asyncsched from {imported}")
-    return result
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", type=int, default=20_000)
@@ -83,18 +75,12 @@ def main() -> None:
     if args.one:
         print(json.dumps(asyncio.run(measure(*json.loads(args.one)))))
         return
-    sides = {"this": os.path.dirname(HERE)}
-    if args.against:
-        sides["against"] = os.path.abspath(args.against)
-        if not os.path.isfile(os.path.join(sides["against"], "asyncsched", "__init__.py")):
-            parser.error(f"{args.against} is not a checkout of asyncsched (it has no asyncsched/__init__.py)")
+    sides = checkouts(parser, args.against)
     results: dict[str, list[dict[str, Any]]] = {side: [] for side in sides}
-    for round_ in range(args.rounds):
-        for side in sides if round_ % 2 == 0 else reversed(sides):
-            result = one_round(sides[side], args.tasks, args.ms)
-            results[side].append(result)
-            print(f"round {round_ + 1} {side:8} {result['tasks_per_s']:9,.0f} tasks/s   orchestrator "
-                  f"{result['orchestrator_us']:5.2f} µs/task   workers {result['workers_us']:5.2f} µs/task")
+    for round_, side, result in alternate("cpu_per_task.py", sides, args.rounds, json.dumps([args.tasks, args.ms])):
+        results[side].append(result)
+        print(f"round {round_ + 1} {side:8} {result['tasks_per_s']:9,.0f} tasks/s   orchestrator "
+              f"{result['orchestrator_us']:5.2f} µs/task   workers {result['workers_us']:5.2f} µs/task")
     medians = {side: {key: statistics.median(r[key] for r in rounds) for key in rounds[0]}
                for side, rounds in results.items()}
     for side, median in medians.items():
