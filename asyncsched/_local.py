@@ -42,7 +42,7 @@ class ProcessBackend(Backend):
         return max(Backend.prefetch, self.pool.depth)
 
     async def start(self) -> None:
-        self.pool.start()
+        await self.pool.astart()
 
     def submit(self, attempt: Attempt, emit: Emit) -> asyncio.Future[Outcome]:
         relay = _Relay(attempt, emit)

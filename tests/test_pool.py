@@ -1153,9 +1153,12 @@ def test_a_with_block_in_a_coroutine_that_ends_at_once_leaves_no_worker_and_no_p
     (OSError(24, "Too many open files"), "[Errno 24] Too many open files; each worker takes some six file "
                                          "descriptors of this process: use fewer workers, or raise the limits "
                                          "(ulimit -n, ulimit -u)"),
-    (OSError(111, "Connection refused"), "[Errno 111] Connection refused; check that this interpreter can start a "
-                                         "process here"),  # the fork server could not be reached, say
-], ids=["out-of-descriptors", "other"])
+    (OSError(111, "Connection refused"), "[Errno 111] Connection refused; the fork server died or refused 10 times "
+                                         "in a row; check that the program's main module imports cleanly in a "
+                                         "fresh process (the fork server imports it)"),
+    (OSError(13, "Permission denied"), "[Errno 13] Permission denied; check that this interpreter can start a "
+                                       "process here"),
+], ids=["out-of-descriptors", "refused", "other"])
 async def test_a_worker_that_cannot_be_started_breaks_the_pool_once_none_is_left(
         monkeypatch: pytest.MonkeyPatch, error: OSError, advice: str) -> None:
     def descriptors() -> int:
