@@ -92,7 +92,9 @@ def launch_server(gone: Callable[[int], bool] | None = None) -> None:
                 del os.environ[_TOLD]
             pid = server_pid()
             if gone is not None and pid is not None and pid != before:  # launched here: not running already
-                while not select.select([ready], [], [], 0.05)[0] and not gone(pid):
+                poll = select.poll()  # not select(): this process may have more than FD_SETSIZE descriptors open
+                poll.register(ready, select.POLLIN)
+                while not poll.poll(50) and not gone(pid):
                     pass
         finally:
             if ready >= 0:
