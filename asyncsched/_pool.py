@@ -114,7 +114,7 @@ import psutil
 
 from ._backend import report_data, unreadable_result
 from ._errors import BrokenPoolError, ClosedError, ConfigurationError, TaskDefinitionError
-from ._forkserver import launch_server, server_pid
+from ._forkserver import launch_server, launching, server_pid
 from ._models import Outcome, Status, is_int, is_seconds, task_error
 from ._worker import (
     BIG_HEADER,
@@ -646,7 +646,7 @@ class ProcessPool(concurrent.futures.Executor):
         """:meth:`start`, on the running loop, having launched the fork server (under ``forkserver``, where none
         runs) in a thread: the loop goes on meanwhile, while the server imports the program's main module (see
         ``_forkserver``), where a worker's start in :meth:`start` would wait for it."""
-        if self._loop is None and self._ctx.get_start_method() == "forkserver" and _no_forkserver():
+        if self._loop is None and self._ctx.get_start_method() == "forkserver" and (_no_forkserver() or launching()):
             await asyncio.to_thread(launch_server, _forkserver_gone)
         self.start()
 
@@ -1027,8 +1027,8 @@ class ProcessPool(concurrent.futures.Executor):
                     advice = ("each worker takes some six file descriptors of this process: use fewer workers, or "
                               "raise the limits (ulimit -n, ulimit -u)")
                 elif refused:
-                    advice = (f"the fork server died or refused {MAX_SERVER_DEATHS} times in a row; check that the "
-                              "program's main module imports cleanly in a fresh process (the fork server imports it)")
+                    advice = ("the fork server kept dying, or refusing starts; check that the program's main module "
+                              "imports cleanly in a fresh process (the fork server imports it)")
                 else:
                     advice = "check that this interpreter can start a process here"
                 if not running:  # the calls would wait for ever

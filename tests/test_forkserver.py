@@ -6,6 +6,7 @@ Each test runs a program of its own, so that its pool launches a fork server of 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,15 +14,17 @@ from pathlib import Path
 import pytest
 
 PROGRAM = """
-import os, sys, time
+import asyncio, multiprocessing, multiprocessing.spawn, os, sys, time
 
 import helper  # beside this file, which is not the working directory: found through the sys.path it ran with
+from asyncsched import ProcessPool, Status  # as the main module is imported: in the server, before the preloads
 
-if os.environ.get("RAISE_IN_THE_SERVER") and os.getppid() == int(os.environ.get("ORCHESTRATOR", 0)):
+IN_THE_SERVER = os.getppid() == int(os.environ.get("ORCHESTRATOR", 0))
+if os.environ.get("RAISE_IN_THE_SERVER") and IN_THE_SERVER:
     with open(os.environ["IMPORTS"], "a") as log:
         log.write(f"raised {os.getpid()}\\n")
     raise RuntimeError("only in the fork server")
-if os.environ.get("GATE") and os.getppid() == int(os.environ.get("ORCHESTRATOR", 0)):
+if os.environ.get("GATE") and IN_THE_SERVER:
     open(os.environ["GATE"] + ".waiting", "w").close()
     while not os.path.exists(os.environ["GATE"]):  # the program's event loop creates it as its pool starts
         time.sleep(0.01)
@@ -40,17 +43,23 @@ def hang():
 
 
 async def open_gate():
-    import asyncio
-
     while not os.path.exists(os.environ["GATE"] + ".waiting"):  # the fork server is importing this module
         await asyncio.sleep(0.01)
+    second = None
+    if os.environ.get("SECOND_POOL"):  # starts while the first pool's fork server is being launched
+        second = asyncio.ensure_future(second_pool())
+        await asyncio.sleep(0)  # one loop turn: its start begins
     open(os.environ["GATE"], "w").close()
+    if second is not None:
+        await second
+
+
+async def second_pool():
+    async with ProcessPool(1, mp_context="forkserver") as pool:
+        assert (await pool.call(divmod, (7, 2))).value == (3, 1)
 
 
 async def main():
-    import asyncio
-    from asyncsched import ProcessPool, Status
-
     gate = asyncio.ensure_future(open_gate()) if os.environ.get("GATE") else None
     async with ProcessPool(2, mp_context="forkserver") as pool:
         before = [await pool.call(where, ()) for _ in range(4)]
@@ -64,26 +73,37 @@ async def main():
         await gate
 
 
-if __name__ == "__main__":
-    import asyncio
-    import multiprocessing
+def with_main_path(name):
+    \"\"\"Preparation data as Python 3.13.8 and later read it for the fork server: with the main module's path,
+    which it imports before its preloads.\"\"\"
+    data = prepared(name)
+    if "init_main_from_path" in data:
+        data["main_path"] = data["init_main_from_path"]
+    return data
 
+
+prepared = multiprocessing.spawn.get_preparation_data
+if __name__ == "__main__":
     os.environ["ORCHESTRATOR"] = str(os.getpid())
     if "--fresh-main" in sys.argv:
         multiprocessing.set_forkserver_preload([])
+    if "--as-python-3.13.8" in sys.argv:
+        multiprocessing.spawn.get_preparation_data = with_main_path
     asyncio.run(main())
 """
 
 
-def run_program(tmp_path: Path, *args: str, **env: str) -> tuple[list[list[str]], list[str]]:
-    """Run PROGRAM with ``args``, from another directory than its own; its imports' log lines and its output."""
+def run_program(tmp_path: Path, *args: str, beside: bool = False, **env: str) -> tuple[list[list[str]], list[str]]:
+    """Run PROGRAM with ``args``, from another directory than its own (unless ``beside``); its imports' log lines
+    and its output."""
     program = tmp_path / "program" / "main.py"
     program.parent.mkdir()
     program.write_text(PROGRAM)
     (program.parent / "helper.py").write_text("")
     imports = tmp_path / "imports"
     done = subprocess.run([sys.executable, os.fspath(program), *args], capture_output=True, text=True, timeout=45,
-                          cwd=tmp_path, env={**os.environ, "IMPORTS": os.fspath(imports), **env})
+                          cwd=program.parent if beside else tmp_path,
+                          env={**os.environ, "IMPORTS": os.fspath(imports), **env})
     assert done.returncode == 0, done.stderr
     return [line.split(" ", 3) for line in imports.read_text().splitlines()], done.stdout.splitlines()
 
@@ -102,6 +122,21 @@ def test_the_event_loop_goes_on_while_the_fork_server_imports_the_main_module(tm
     """The server's import waits for a file that the program's event loop creates as the pool starts: were the
     loop to wait for the server in that start, neither would ever go on."""
     (main, server), output = run_program(tmp_path, GATE=os.fspath(tmp_path / "gate"))
+    assert server[0] == "__mp_main__" and server[2] == main[1]
+    assert output[-1] == "workers 4"
+
+
+def test_a_pool_that_starts_while_another_s_fork_server_is_launched_leaves_the_event_loop_going(
+        tmp_path: Path) -> None:
+    (main, server), output = run_program(tmp_path, GATE=os.fspath(tmp_path / "gate"), SECOND_POOL="1")
+    assert server[0] == "__mp_main__" and server[2] == main[1]
+    assert output[-1] == "workers 4"
+
+
+def test_where_python_imports_the_main_module_in_the_fork_server_it_is_imported_once(tmp_path: Path) -> None:
+    """Python 3.13.8 and later import it before the preloads: the server then has it, and asyncsched with it.
+    (Run beside its helper module, which 3.11's server, told the main module's path, would not find.)"""
+    (main, server), output = run_program(tmp_path, "--as-python-3.13.8", beside=True)
     assert server[0] == "__mp_main__" and server[2] == main[1]
     assert output[-1] == "workers 4"
 
@@ -182,5 +217,59 @@ def test_a_fork_server_that_dies_as_it_imports_the_main_module_breaks_the_pool_r
                        "    asyncio.run(main())\n")
     done = subprocess.run([sys.executable, os.fspath(program)], capture_output=True, text=True, timeout=45)
     assert done.stdout.startswith("broken: could not start a worker: "), (done.stdout, done.stderr)
-    assert "the fork server died or refused 10 times in a row; check that the program's main module imports " \
+    assert "the fork server kept dying, or refusing starts; check that the program's main module imports " \
            "cleanly in a fresh process (the fork server imports it)" in done.stdout
+
+
+WHICH_COPY = """
+import asyncio, os, sys
+sys.path[:0] = PATHS
+import asyncsched
+from asyncsched import ProcessPool
+
+def which():
+    return sys.modules["asyncsched"].__file__
+
+async def main():
+    async with ProcessPool(1, mp_context="forkserver") as pool:
+        print(asyncsched.__file__)
+        print((await pool.call(which, ())).value)
+
+if __name__ == "__main__":
+    asyncio.run(main())
+"""
+
+
+def installed() -> list[str]:
+    """Where this interpreter finds the packages asyncsched needs."""
+    return [path for path in sys.path if path.endswith("site-packages")]
+
+
+def test_a_program_that_runs_another_copy_of_asyncsched_than_the_installed_one_runs_it_in_its_workers(
+        tmp_path: Path) -> None:
+    """The fork server, a fresh interpreter, finds the installed copy: the workers have the program's all the same."""
+    import asyncsched
+
+    shutil.copytree(Path(asyncsched.__file__).parent, tmp_path / "vendored" / "asyncsched",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    program = tmp_path / "main.py"
+    program.write_text(WHICH_COPY.replace("PATHS", repr([os.fspath(tmp_path / "vendored")])))
+    done = subprocess.run([sys.executable, os.fspath(program)], capture_output=True, text=True, timeout=45,
+                          cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [os.fspath(tmp_path / "vendored" / "asyncsched" / "__init__.py")] * 2
+
+
+def test_a_fork_server_that_cannot_import_asyncsched_is_not_waited_for(tmp_path: Path) -> None:
+    """Run without site and without PYTHONPATH (-S -E, which the fork server inherits), asyncsched found only on a
+    path the program adds: the server cannot import the module that would tell when it is done, and the pool goes
+    on without it, once the server has not begun to tell within STARTED_WITHIN seconds."""
+    import asyncsched
+
+    paths = [os.fspath(Path(asyncsched.__file__).parent.parent), *installed()]
+    program = tmp_path / "main.py"
+    program.write_text(WHICH_COPY.replace("PATHS", repr(paths)))
+    done = subprocess.run([sys.executable, "-S", "-E", os.fspath(program)], capture_output=True, text=True,
+                          timeout=45, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [asyncsched.__file__] * 2
