@@ -1232,7 +1232,7 @@ def test_bad_pool_arguments() -> None:
 
 def test_worker_side_imports_no_asyncio_or_aiosqlite() -> None:
     code = (
-        "import sys, asyncsched, asyncsched._worker\n"
+        "import sys, asyncsched, asyncsched._worker, asyncsched._preload  # what the fork server imports\n"
         "from asyncsched import report, Task, Status\n"
         "bad = [m for m in ('asyncio', 'aiosqlite') if m in sys.modules]\n"
         "print(bad)\n"
