@@ -42,7 +42,7 @@ class ProcessBackend(Backend):
         return max(Backend.prefetch, self.pool.depth)
 
     async def start(self) -> None:
-        await self.pool.astart()
+        self.pool.start()
 
     def submit(self, attempt: Attempt, emit: Emit) -> asyncio.Future[Outcome]:
         relay = _Relay(attempt, emit)

@@ -67,8 +67,6 @@ Actors:
   one buffer, where a socket keeps each in a buffer of its own, and reading
   forty results costs a third of the CPU. Reads and writes are
   non-blocking, so a large argument or result never blocks the loop.
-* Under ``forkserver``, the fork server imports the program's main module
-  once, and every worker is forked with it imported (see ``_forkserver``).
 * Before a worker is declared crashed or timed out, what it already sent is
   read, so a result that raced with a kill or an exit is not lost.
 * A result that does not unpickle in the parent fails its own call only.
@@ -99,6 +97,7 @@ import os
 import pickle
 import signal
 import socket
+import sys
 import threading
 import time
 import types
@@ -114,7 +113,6 @@ import psutil
 
 from ._backend import report_data, unreadable_result
 from ._errors import BrokenPoolError, ClosedError, ConfigurationError, TaskDefinitionError
-from ._forkserver import launch_server, launching, server_pid
 from ._models import Outcome, Status, is_int, is_seconds, task_error
 from ._worker import (
     BIG_HEADER,
@@ -227,10 +225,15 @@ def default_start_method() -> str:
     return "forkserver" if "forkserver" in methods else "spawn"
 
 
+def _forkserver_pid() -> int | None:
+    """The pid of this process's fork server, once one was started."""
+    return getattr(getattr(sys.modules.get("multiprocessing.forkserver"), "_forkserver", None), "_forkserver_pid", None)
+
+
 def _forkserver_gone(pid: int) -> bool:
     """Whether fork server ``pid`` has died (a task killed it, or it crashed out of descriptors): the workers it
     forked die with it, and not for a fault of their own. A start after its death launches a new one."""
-    if pid != server_pid():
+    if pid != _forkserver_pid():
         return True  # replaced already
     try:
         return psutil.Process(pid).status() in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD)
@@ -238,11 +241,6 @@ def _forkserver_gone(pid: int) -> bool:
         return True
     except psutil.Error:
         return False
-
-
-def _no_forkserver() -> bool:
-    """Whether no fork server runs: none was launched yet, or the last one died."""
-    return (server := server_pid()) is None or _forkserver_gone(server)
 
 
 def _context(mp_context: str | multiprocessing.context.BaseContext | None) -> Any:
@@ -642,16 +640,8 @@ class ProcessPool(concurrent.futures.Executor):
         started.wait()
         _call_on(loop, functools.partial(self._bind, loop))
 
-    async def astart(self) -> None:
-        """:meth:`start`, on the running loop, having launched the fork server (under ``forkserver``, where none
-        runs) in a thread: the loop goes on meanwhile, while the server imports the program's main module (see
-        ``_forkserver``), where a worker's start in :meth:`start` would wait for it."""
-        if self._loop is None and self._ctx.get_start_method() == "forkserver" and (_no_forkserver() or launching()):
-            await asyncio.to_thread(launch_server, _forkserver_gone)
-        self.start()
-
     async def __aenter__(self) -> ProcessPool:
-        await self.astart()
+        self.start()
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
@@ -1018,19 +1008,14 @@ class ProcessPool(concurrent.futures.Executor):
                 running = sum(1 for w in self._workers if not w.retiring)
                 refused = self._ctx.get_start_method() == "forkserver" and (  # by a fork server as it dies
                     isinstance(exc, EOFError) or exc.errno in _SERVER_GONE)
-                if refused and self._server_died(server_pid(), refused=True):
+                if refused and self._server_died(_forkserver_pid(), refused=True):
                     if not running:  # else the fill as its workers exit tries again
                         assert self._loop is not None  # a new fork server is launched by the next start
                         self._loop.call_later(SERVER_GRACE, self._fill)
                     return
-                if getattr(exc, "errno", None) in _OUT_OF:
-                    advice = ("each worker takes some six file descriptors of this process: use fewer workers, or "
-                              "raise the limits (ulimit -n, ulimit -u)")
-                elif refused:
-                    advice = ("the fork server kept dying, or refusing starts; check that the program's main module "
-                              "imports cleanly in a fresh process (the fork server imports it)")
-                else:
-                    advice = "check that this interpreter can start a process here"
+                advice = ("each worker takes some six file descriptors of this process: use fewer workers, or raise "
+                          "the limits (ulimit -n, ulimit -u)") if getattr(exc, "errno", None) in _OUT_OF else \
+                    "check that this interpreter can start a process here"
                 if not running:  # the calls would wait for ever
                     self._break(f"could not start a worker: {exc}; {advice}")
                 elif not self._short:
@@ -1064,8 +1049,6 @@ class ProcessPool(concurrent.futures.Executor):
             child_conns = (Connection(child_sock.detach()), Connection(child_doorbell.detach()),
                            Connection(child_results))
             try:
-                if self._ctx.get_start_method() == "forkserver" and _no_forkserver():
-                    launch_server()  # preloading what each worker would import
                 shared = self._ctx.RawValue("q", -1), self._ctx.RawValue("q", 0)  # last_begun, revokes
                 process = self._ctx.Process(target=worker_main, args=(*child_conns, *shared),
                                             name="asyncsched-worker")
@@ -1077,7 +1060,7 @@ class ProcessPool(concurrent.futures.Executor):
         parent_sock.setblocking(False)
         doorbell.setblocking(False)
         os.set_blocking(results, False)
-        server = server_pid() if self._ctx.get_start_method() == "forkserver" else None
+        server = _forkserver_pid() if self._ctx.get_start_method() == "forkserver" else None
         worker = _Worker(process, parent_sock, doorbell, results, *shared, pidfd=self._pidfd(process), server=server)
         self._workers.add(worker)
         self._started += 1
