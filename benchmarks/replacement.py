@@ -8,8 +8,9 @@ one: the gap between the killed task's end (``finished_at``, the kill) and the
 tiny task's start (``started_at``, in the new worker) is what the kill costs
 the batch beyond the timeout itself. Each round runs in a fresh interpreter,
 which launches a fork server of its own (the default start method, where there
-is one): that server imports this script, the program's main module, as the
-workers it forks would otherwise each do again.
+is one). Most of the gap is the new worker importing this script, the
+program's main module, and all it imports, again: Python before 3.13.8 never
+has its fork server import the main module once for all its workers.
 
 ``--against`` names another checkout of asyncsched (``git worktree add
 /tmp/before <commit>``, say): rounds then alternate between it and this one,
