@@ -524,7 +524,12 @@ _live_pools: weakref.WeakSet[ProcessPool] = weakref.WeakSet()
 def _kill_leftover_workers() -> None:
     # Registered after multiprocessing's own exit handler, so it runs first:
     # a pool nobody closed cannot make the interpreter wait for its workers.
+    # One shut down without waiting, on its own thread, first ends the calls it
+    # took, as a concurrent.futures executor does before the interpreter exits.
     for pool in list(_live_pools):
+        thread = pool._thread
+        if pool._stopping and thread is not None:
+            thread.join()
         for worker in list(pool._workers):
             worker.signal(signal.SIGKILL)
 

@@ -1033,6 +1033,33 @@ def test_shutdown_without_waiting_ends_the_pools_own_thread() -> None:
     assert not thread.is_alive()
 
 
+SHUT_DOWN_WITHOUT_WAITING = """
+import sys, time
+from asyncsched import ProcessPool
+
+def note(path, i):
+    time.sleep(0.05)  # work not done yet as the program ends
+    with open(path, "a") as out:
+        out.write(f"{i}\\n")
+
+if __name__ == "__main__":
+    pool = ProcessPool(1)
+    calls = [pool.submit(note, sys.argv[1], i) for i in range(8)]
+    pool.shutdown(wait=False)
+"""
+
+
+def test_calls_submitted_before_a_shutdown_without_waiting_end_before_the_program_does(tmp_path: Path) -> None:
+    """As with a concurrent.futures executor: shutdown(wait=False) returns at once, and the interpreter waits, as it
+    exits, for the calls the pool took."""
+    program, log = tmp_path / "main.py", tmp_path / "log"
+    program.write_text(SHUT_DOWN_WITHOUT_WAITING)
+    done = subprocess.run([sys.executable, os.fspath(program), os.fspath(log)], capture_output=True, text=True,
+                          timeout=45, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert sorted(log.read_text().split(), key=int) == [str(i) for i in range(8)]
+
+
 async def test_aclose_from_a_loop_closes_a_pool_started_from_a_plain_thread_and_ends_its_thread(
         tmp_path: Path) -> None:
     fifo = tmp_path / "started"
