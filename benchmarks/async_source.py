@@ -16,12 +16,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import statistics
 import time
 from collections.abc import AsyncIterator
 
-from _common import double, in_fresh_process
+from _common import checkouts, double, in_fresh_process
 
 from asyncsched import Scheduler, Task
 
@@ -52,11 +51,7 @@ def main() -> None:
         n, kind = json.loads(args.one)
         print(json.dumps({"tasks_per_s": asyncio.run(measure(n, kind))}))
         return
-    sides = {"this": os.path.dirname(os.path.dirname(os.path.abspath(__file__)))}
-    if args.against:
-        sides["against"] = os.path.abspath(args.against)
-        if not os.path.isfile(os.path.join(sides["against"], "asyncsched", "__init__.py")):
-            parser.error(f"{args.against} is not a checkout of asyncsched (it has no asyncsched/__init__.py)")
+    sides = checkouts(parser, args.against)
     rates: dict[tuple[str, str], list[float]] = {(side, kind): [] for side in sides for kind in ("sync", "async")}
     for round_number in range(1, args.rounds + 1):
         for side, checkout in sides.items():

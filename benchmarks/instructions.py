@@ -31,7 +31,7 @@ import subprocess
 import sys
 import tempfile
 
-from _common import HERE, double
+from _common import HERE, checkouts, double
 
 from asyncsched import Scheduler, Task
 
@@ -70,11 +70,7 @@ def main() -> None:
         return
     if shutil.which("valgrind") is None:
         raise SystemExit("valgrind is not installed: apt install valgrind (or your system's equivalent)")
-    sides = {"this": os.path.dirname(HERE)}
-    if args.against:
-        sides["against"] = os.path.abspath(args.against)
-        if not os.path.isfile(os.path.join(sides["against"], "asyncsched", "__init__.py")):
-            parser.error(f"{args.against} is not a checkout of asyncsched (it has no asyncsched/__init__.py)")
+    sides = checkouts(parser, args.against)
     n = args.tasks
     per_task = {}
     for side, checkout in sides.items():
